@@ -1,0 +1,223 @@
+//! The HTTP API on the internal listener: `POST /api/<method>` and
+//! `POST /api/batch`, plus `/metrics` and the health endpoints.
+
+pub mod error;
+pub mod methods;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use subtle::ConstantTimeEq;
+use tracing::Instrument;
+
+use crate::gateway::Gateway;
+use crate::metrics::ApiLabels;
+use error::ApiError;
+
+/// Every API call answers within this time: a slow or unreachable Redis
+/// gives a 503, never a hanging request.
+pub const API_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Most commands one batch may carry.
+pub const MAX_BATCH: usize = 1000;
+
+/// The internal listener's routes.
+pub fn router(gw: Arc<Gateway>) -> Router {
+    let body_limit = gw.config.api_max_body_bytes;
+    Router::new()
+        .route("/api/{method}", post(api_call))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(gw)
+}
+
+/// `/healthz`: the process runs.
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// `/readyz`: the engine is usable and the node is not draining.
+pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    if gw.is_ready() {
+        "ready\n".into_response()
+    } else if gw.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "engine not ready\n").into_response()
+    }
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        gw.metrics.render(),
+    )
+        .into_response()
+}
+
+/// Unknown paths answer with the API's JSON error.
+pub async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "API methods are called with POST",
+    )
+}
+
+async fn api_call(
+    State(gw): State<Arc<Gateway>>,
+    Path(method): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let label = methods::label(&method);
+    let span = tracing::debug_span!("api", method = label);
+    let result = handle(&gw, &method, &headers, body).instrument(span).await;
+    let response = match result {
+        Ok(value) => Json(value).into_response(),
+        Err(e) => {
+            if e.status.is_server_error() {
+                tracing::warn!(code = e.code, message = %e.message, "API call failed");
+            }
+            e.into_response()
+        }
+    };
+    gw.metrics
+        .api_requests
+        .get_or_create(&ApiLabels {
+            method: label,
+            status: response.status().as_u16(),
+        })
+        .inc();
+    response
+}
+
+async fn handle(
+    gw: &Gateway,
+    method: &str,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Value, ApiError> {
+    authorize(gw, headers)?;
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!(
+                    "request body is above --api-max-body-bytes ({})",
+                    gw.config.api_max_body_bytes
+                ),
+            )
+        } else {
+            ApiError::invalid_params(e.body_text())
+        }
+    })?;
+    let params: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid_json", e.to_string()))?
+    };
+    if method == "batch" {
+        return batch(gw, params).await;
+    }
+    // Check the name before parsing anything so an unknown method is a 404.
+    if methods::label(method) == "unknown" {
+        return Err(ApiError::unknown_method(method));
+    }
+    with_deadline(methods::call(gw, method, params))
+        .await
+        .map(|result| json!({ "result": result }))
+}
+
+async fn with_deadline<T>(
+    call: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout(API_DEADLINE, call)
+        .await
+        .unwrap_or_else(|_| Err(ApiError::unavailable("the engine did not answer in time")))
+}
+
+/// `--api-key`: a bearer token compared in constant time.
+fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(key) = &gw.config.api_key else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))?;
+    if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("wrong API key"))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Batch {
+    commands: Vec<Command>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Command {
+    method: String,
+    #[serde(default)]
+    params: Value,
+}
+
+/// Runs commands in order; each gets its own result or error. The whole
+/// batch shares one deadline.
+async fn batch(gw: &Gateway, params: Value) -> Result<Value, ApiError> {
+    let batch: Batch =
+        serde_json::from_value(params).map_err(|e| ApiError::invalid_params(e.to_string()))?;
+    if batch.commands.len() > MAX_BATCH {
+        return Err(ApiError::invalid_params(format!(
+            "a batch carries at most {MAX_BATCH} commands"
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + API_DEADLINE;
+    let mut replies = Vec::with_capacity(batch.commands.len());
+    for command in batch.commands {
+        let reply = if command.method == "batch" {
+            Err(ApiError::invalid_params("a batch cannot contain a batch"))
+        } else {
+            match tokio::time::timeout_at(
+                deadline,
+                methods::call(gw, &command.method, command.params),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(ApiError::unavailable("the engine did not answer in time")),
+            }
+        };
+        replies.push(match reply {
+            Ok(result) => json!({ "result": result }),
+            Err(e) => e.body(),
+        });
+    }
+    Ok(json!({ "replies": replies }))
+}

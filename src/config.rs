@@ -1,0 +1,188 @@
+//! Command-line options. Every option is also a `GATECAST_<NAME>` environment
+//! variable; `gatecast --help` lists them with their defaults.
+
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// gatecast: a WebSocket push gateway with GatewayWorker's API over HTTP.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "gatecast", version, about, long_about = None)]
+pub struct Config {
+    /// Public listener: WebSocket at /ws, /healthz and /readyz.
+    #[arg(long, env = "GATECAST_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    /// Internal listener: the HTTP API under /api/, /metrics, /healthz, /readyz.
+    #[arg(long, env = "GATECAST_API_LISTEN", default_value = "127.0.0.1:8081")]
+    pub api_listen: SocketAddr,
+
+    /// Inner listener (GatewayWorker's gateway protocol). Its port is part of
+    /// every client_id; port 0 lets the system choose one.
+    #[arg(long, env = "GATECAST_INNER_LISTEN", default_value = "0.0.0.0:2900")]
+    pub inner_listen: SocketAddr,
+
+    /// IPv4 address other nodes and tools reach this node at; part of every
+    /// client_id. Default: the address of the default-route interface, else
+    /// 127.0.0.1. On Kubernetes, the pod IP.
+    #[arg(long, env = "GATECAST_ADVERTISE_IP")]
+    pub advertise_ip: Option<Ipv4Addr>,
+
+    /// Redis to form a cluster through (redis://, rediss://, redis-sentinel://,
+    /// redis-cluster://). Unset: a single node with the in-process engine.
+    #[arg(long, env = "GATECAST_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and channel gatecast uses.
+    #[arg(long, env = "GATECAST_REDIS_PREFIX", default_value = "gatecast")]
+    pub redis_prefix: String,
+
+    /// When set, every /api/ request must carry `Authorization: Bearer <key>`.
+    #[arg(long, env = "GATECAST_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// HS256 secret: WebSocket clients must present a valid JWT as ?token=.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_SECRET", hide_env_values = true)]
+    pub client_jwt_secret: Option<String>,
+
+    /// PEM public key file (RSA for RS256, EC P-256 for ES256): WebSocket
+    /// clients must present a JWT signed with its private key as ?token=.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_PUBLIC_KEY")]
+    pub client_jwt_public_key: Option<PathBuf>,
+
+    /// Origins allowed to open a WebSocket (comma-separated, e.g.
+    /// `https://app.example.com`). Empty: any origin.
+    #[arg(long, env = "GATECAST_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Largest WebSocket message, both ways, in bytes. A larger client frame
+    /// closes the connection with 1009; a larger push is refused with 413.
+    #[arg(long, env = "GATECAST_MAX_MESSAGE_BYTES", default_value_t = 65536)]
+    pub max_message_bytes: usize,
+
+    /// Frames queued for one client before it counts as too slow and is
+    /// closed with 1013.
+    #[arg(long, env = "GATECAST_CLIENT_QUEUE", default_value_t = 1024)]
+    pub client_queue: usize,
+
+    /// Interval between the server's WebSocket pings.
+    #[arg(long, env = "GATECAST_PING_INTERVAL", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub ping_interval: Duration,
+
+    /// A connection that sent nothing for this long is closed.
+    #[arg(long, env = "GATECAST_PING_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub ping_timeout: Duration,
+
+    /// Time allowed for a graceful shutdown after SIGTERM/SIGINT.
+    #[arg(long, env = "GATECAST_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Interval of this node's heartbeat in Redis; a node silent for three
+    /// intervals is purged by the others.
+    #[arg(long, env = "GATECAST_NODE_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub node_heartbeat: Duration,
+
+    /// Largest HTTP API request body, in bytes (413 above it).
+    #[arg(long, env = "GATECAST_API_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    pub api_max_body_bytes: usize,
+
+    /// Forward connect, message and close events to backends.
+    #[arg(long, env = "GATECAST_EVENTS", default_value_t = false)]
+    pub events: bool,
+
+    /// Log format.
+    #[arg(long, env = "GATECAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing's EnvFilter syntax, e.g. `info,gatecast=debug`).
+    #[arg(long, env = "GATECAST_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// How log lines are written.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl Config {
+    /// Checks what clap cannot: relations between options.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.client_queue == 0 {
+            return Err("--client-queue must be at least 1".into());
+        }
+        if self.max_message_bytes == 0 {
+            return Err("--max-message-bytes must be at least 1".into());
+        }
+        if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
+            return Err("--ping-interval and --ping-timeout must be above zero".into());
+        }
+        if self.node_heartbeat.is_zero() {
+            return Err("--node-heartbeat must be above zero".into());
+        }
+        if self.client_jwt_secret.is_some() && self.client_jwt_public_key.is_some() {
+            return Err("set --client-jwt-secret or --client-jwt-public-key, not both".into());
+        }
+        if self.redis_prefix.is_empty() {
+            return Err("--redis-prefix must not be empty".into());
+        }
+        Ok(())
+    }
+
+    /// The advertised IPv4 address: the flag, else the default-route
+    /// interface's address, else loopback.
+    pub fn advertised_ip(&self) -> Ipv4Addr {
+        self.advertise_ip
+            .or_else(default_route_ipv4)
+            .unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+}
+
+/// The local address the kernel would use for the default route. A UDP
+/// "connect" only consults the routing table; no packet is sent.
+fn default_route_ipv4() -> Option<Ipv4Addr> {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    socket.connect((Ipv4Addr::new(192, 0, 2, 1), 9)).ok()?;
+    match socket.local_addr().ok()?.ip() {
+        std::net::IpAddr::V4(ip) if !ip.is_unspecified() => Some(ip),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = Config::try_parse_from(["gatecast"]).unwrap();
+        assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.api_listen, "127.0.0.1:8081".parse().unwrap());
+        assert_eq!(c.inner_listen, "0.0.0.0:2900".parse().unwrap());
+        assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.ping_timeout, Duration::from_secs(60));
+        assert_eq!(c.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(c.node_heartbeat, Duration::from_secs(5));
+        assert!(c.redis_url.is_none());
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn parses_lists_and_durations() {
+        let c = Config::try_parse_from([
+            "gatecast",
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+            "--ping-interval",
+            "1500ms",
+        ])
+        .unwrap();
+        assert_eq!(c.allowed_origins.len(), 2);
+        assert_eq!(c.ping_interval, Duration::from_millis(1500));
+    }
+}

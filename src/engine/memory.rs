@@ -1,0 +1,149 @@
+//! The in-process engine: one node, everything answered from the hub.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::{Engine, EngineResult};
+use crate::hub::{Hub, Membership};
+use crate::ids::ClientId;
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::push::{Message, Push};
+use crate::session::Session;
+use crate::ws::frame::close_code;
+
+/// A single node's engine: the hub is the whole state.
+#[derive(Debug)]
+pub struct MemoryEngine {
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+}
+
+impl MemoryEngine {
+    /// An engine over `hub`.
+    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>) -> Self {
+        MemoryEngine { hub, metrics }
+    }
+}
+
+fn count(n: usize) -> u64 {
+    n as u64
+}
+
+#[async_trait]
+impl Engine for MemoryEngine {
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    async fn connect(&self, id: ClientId, outbox: Arc<Outbox>, m: Membership) -> EngineResult<()> {
+        self.hub.insert(id, outbox, m);
+        Ok(())
+    }
+
+    async fn disconnect(&self, id: ClientId) {
+        self.hub.remove(id);
+    }
+
+    async fn publish(&self, push: Push) -> EngineResult<()> {
+        let delivered = self.hub.deliver(&push);
+        self.metrics.delivered(push.target.kind(), delivered);
+        Ok(())
+    }
+
+    async fn close_client(&self, id: ClientId, last: Option<Message>) -> EngineResult<()> {
+        let frame = last.map(|m| m.frame());
+        self.hub
+            .close_client(id, frame, close_code::NORMAL, "closed by server");
+        Ok(())
+    }
+
+    async fn bind_uid(&self, id: ClientId, uid: String) -> EngineResult<()> {
+        self.hub.bind_uid(id, &uid);
+        Ok(())
+    }
+
+    async fn unbind_uid(&self, id: ClientId, uid: String) -> EngineResult<()> {
+        self.hub.unbind_uid(id, &uid);
+        Ok(())
+    }
+
+    async fn join_group(&self, id: ClientId, group: String) -> EngineResult<()> {
+        self.hub.join_group(id, &group);
+        Ok(())
+    }
+
+    async fn leave_group(&self, id: ClientId, group: String) -> EngineResult<()> {
+        self.hub.leave_group(id, &group);
+        Ok(())
+    }
+
+    async fn ungroup(&self, group: String) -> EngineResult<()> {
+        self.hub.ungroup(&group);
+        Ok(())
+    }
+
+    async fn set_session(&self, id: ClientId, session: Session, merge: bool) -> EngineResult<()> {
+        self.hub.set_session(id, session, merge);
+        Ok(())
+    }
+
+    async fn is_online(&self, id: ClientId) -> EngineResult<bool> {
+        Ok(self.hub.contains(id))
+    }
+
+    async fn uid_of(&self, id: ClientId) -> EngineResult<Option<String>> {
+        Ok(self.hub.uid_of(id).flatten())
+    }
+
+    async fn session_of(&self, id: ClientId) -> EngineResult<Option<Session>> {
+        Ok(self.hub.session_of(id))
+    }
+
+    async fn client_ids_by_uid(&self, uid: String) -> EngineResult<Vec<ClientId>> {
+        Ok(self.hub.client_ids_by_uid(&uid))
+    }
+
+    async fn group_client_ids(&self, group: String) -> EngineResult<Vec<ClientId>> {
+        Ok(self.hub.group_client_ids(&group))
+    }
+
+    async fn group_client_count(&self, group: String) -> EngineResult<u64> {
+        Ok(count(self.hub.group_client_count(&group)))
+    }
+
+    async fn group_sessions(&self, group: String) -> EngineResult<Vec<(ClientId, Session)>> {
+        Ok(self.hub.group_sessions(&group))
+    }
+
+    async fn group_uids(&self, group: String) -> EngineResult<Vec<String>> {
+        Ok(self.hub.group_uids(&group))
+    }
+
+    async fn client_count(&self) -> EngineResult<u64> {
+        Ok(count(self.hub.client_count()))
+    }
+
+    async fn client_ids(&self) -> EngineResult<Vec<ClientId>> {
+        Ok(self.hub.client_ids())
+    }
+
+    async fn sessions(&self) -> EngineResult<Vec<(ClientId, Session)>> {
+        Ok(self.hub.sessions())
+    }
+
+    async fn uids(&self) -> EngineResult<Vec<String>> {
+        Ok(self.hub.uids())
+    }
+
+    async fn uid_count(&self) -> EngineResult<u64> {
+        Ok(count(self.hub.uid_count()))
+    }
+
+    async fn groups(&self) -> EngineResult<Vec<String>> {
+        Ok(self.hub.groups())
+    }
+
+    async fn shutdown(&self) {}
+}

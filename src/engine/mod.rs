@@ -1,0 +1,105 @@
+//! The engine: where membership lives and how a push reaches the node that
+//! holds each recipient.
+//!
+//! Two engines implement [`Engine`] and pass the same behaviour tests: the
+//! in-process [`memory::MemoryEngine`] (one node) and the Redis engine (a
+//! cluster of stateless replicas). Both keep this node's own connections in
+//! the [`Hub`](crate::hub::Hub), which is the source of truth for them.
+
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::hub::Membership;
+use crate::ids::ClientId;
+use crate::outbox::Outbox;
+use crate::push::{Message, Push};
+use crate::session::Session;
+
+/// Why an engine could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The backing store (Redis) is not reachable or did not answer in time.
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Result of engine operations.
+pub type EngineResult<T> = Result<T, EngineError>;
+
+/// Membership, sessions, queries and delivery across the whole gateway.
+///
+/// Operations on a client_id that is not online succeed as no-ops and
+/// queries answer empty, as GatewayWorker does.
+#[async_trait]
+pub trait Engine: Send + Sync + 'static {
+    /// Whether the engine can serve requests (Redis connected and
+    /// subscribed).
+    fn is_ready(&self) -> bool;
+
+    /// Registers a connection of this node with its initial membership.
+    async fn connect(
+        &self,
+        id: ClientId,
+        outbox: Arc<Outbox>,
+        membership: Membership,
+    ) -> EngineResult<()>;
+
+    /// Forgets a connection of this node: it leaves its uid and groups and
+    /// its session is deleted. Calling it twice is harmless.
+    async fn disconnect(&self, id: ClientId);
+
+    /// Delivers a push to every targeted connection, wherever it is held.
+    async fn publish(&self, push: Push) -> EngineResult<()>;
+
+    /// Closes a connection (code 1000), after sending `last` if given.
+    async fn close_client(&self, id: ClientId, last: Option<Message>) -> EngineResult<()>;
+
+    /// Binds `uid` to `id`, replacing the uid it had.
+    async fn bind_uid(&self, id: ClientId, uid: String) -> EngineResult<()>;
+    /// Unbinds `uid` from `id` if it is the uid `id` has.
+    async fn unbind_uid(&self, id: ClientId, uid: String) -> EngineResult<()>;
+    /// Adds `id` to `group`.
+    async fn join_group(&self, id: ClientId, group: String) -> EngineResult<()>;
+    /// Removes `id` from `group`.
+    async fn leave_group(&self, id: ClientId, group: String) -> EngineResult<()>;
+    /// Removes every member from `group`.
+    async fn ungroup(&self, group: String) -> EngineResult<()>;
+    /// Replaces the session of `id` (or merges into it with `merge`).
+    async fn set_session(&self, id: ClientId, session: Session, merge: bool) -> EngineResult<()>;
+
+    /// Whether `id` is connected to any node.
+    async fn is_online(&self, id: ClientId) -> EngineResult<bool>;
+    /// The uid bound to `id`.
+    async fn uid_of(&self, id: ClientId) -> EngineResult<Option<String>>;
+    /// The session of `id`; `None` when it is not online.
+    async fn session_of(&self, id: ClientId) -> EngineResult<Option<Session>>;
+    /// The connections bound to `uid`.
+    async fn client_ids_by_uid(&self, uid: String) -> EngineResult<Vec<ClientId>>;
+    /// The members of `group`.
+    async fn group_client_ids(&self, group: String) -> EngineResult<Vec<ClientId>>;
+    /// How many members `group` has.
+    async fn group_client_count(&self, group: String) -> EngineResult<u64>;
+    /// The members of `group` with their sessions.
+    async fn group_sessions(&self, group: String) -> EngineResult<Vec<(ClientId, Session)>>;
+    /// The distinct uids bound to members of `group`.
+    async fn group_uids(&self, group: String) -> EngineResult<Vec<String>>;
+    /// How many connections the gateway holds.
+    async fn client_count(&self) -> EngineResult<u64>;
+    /// Every connection.
+    async fn client_ids(&self) -> EngineResult<Vec<ClientId>>;
+    /// Every connection with its session.
+    async fn sessions(&self) -> EngineResult<Vec<(ClientId, Session)>>;
+    /// Every uid bound to a connection.
+    async fn uids(&self) -> EngineResult<Vec<String>>;
+    /// How many distinct uids are bound.
+    async fn uid_count(&self) -> EngineResult<u64>;
+    /// Every group with at least one member.
+    async fn groups(&self) -> EngineResult<Vec<String>>;
+
+    /// Leaves the cluster: removes this node's entries from storage. Called
+    /// once at shutdown after every connection was asked to close.
+    async fn shutdown(&self);
+}

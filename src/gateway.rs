@@ -1,0 +1,71 @@
+//! The node's shared state: configuration, the local hub, the engine and
+//! what both transports (WebSocket and HTTP API) need.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::hub::Hub;
+use crate::ids::IdMinter;
+use crate::metrics::Metrics;
+use crate::ws::auth::ClientAuth;
+
+/// Everything a request or a connection task needs, behind one `Arc`.
+pub struct Gateway {
+    /// The node's configuration.
+    pub config: Config,
+    /// This node's connections.
+    pub hub: Arc<Hub>,
+    /// Membership, queries and delivery across the gateway.
+    pub engine: Arc<dyn Engine>,
+    /// Mints client_ids for new connections.
+    pub minter: IdMinter,
+    /// Exported metrics.
+    pub metrics: Arc<Metrics>,
+    /// Client token verifier, when client auth is on.
+    pub client_auth: Option<ClientAuth>,
+    /// Connection tasks, so shutdown can wait for them.
+    pub connections: TaskTracker,
+    draining: AtomicBool,
+}
+
+impl Gateway {
+    /// Assembles a node's state.
+    pub fn new(
+        config: Config,
+        hub: Arc<Hub>,
+        engine: Arc<dyn Engine>,
+        minter: IdMinter,
+        metrics: Arc<Metrics>,
+        client_auth: Option<ClientAuth>,
+    ) -> Self {
+        Gateway {
+            config,
+            hub,
+            engine,
+            minter,
+            metrics,
+            client_auth,
+            connections: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether the node is shutting down.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Marks the node as shutting down: not ready, no new connections.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Whether the node should receive traffic.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.engine.is_ready()
+    }
+}

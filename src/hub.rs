@@ -1,0 +1,553 @@
+//! The connections this node holds, indexed by uid and group, and local
+//! fan-out.
+//!
+//! The hub is the source of truth for this node's own connections whatever
+//! the engine: the in-process engine answers every query from it, and the
+//! Redis engine mirrors it to Redis (and re-registers it after Redis lost
+//! its data). Its lock is a plain `RwLock` held for short, synchronous
+//! sections only, never across an `.await`: a push collects nothing, it
+//! enqueues onto each recipient's outbox under the read lock.
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+
+use crate::ids::ClientId;
+use crate::outbox::Outbox;
+use crate::push::{Push, Target};
+use crate::session::{self, Session};
+
+/// One local connection's state.
+#[derive(Debug)]
+pub struct Local {
+    /// Its outgoing queue.
+    pub outbox: Arc<Outbox>,
+    /// The uid bound to it.
+    pub uid: Option<String>,
+    /// The groups it is in.
+    pub groups: Vec<String>,
+    /// Its session (empty until set).
+    pub session: Session,
+}
+
+/// A snapshot of one connection's membership, for mirroring to storage.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Membership {
+    /// The uid bound to it.
+    pub uid: Option<String>,
+    /// The groups it is in.
+    pub groups: Vec<String>,
+    /// Its session.
+    pub session: Session,
+}
+
+#[derive(Debug, Default)]
+struct Index {
+    conns: HashMap<ClientId, Local>,
+    uids: HashMap<String, Vec<ClientId>>,
+    groups: HashMap<String, HashSet<ClientId>>,
+}
+
+/// What a push did on this node.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Connections whose queue took the message.
+    pub queued: usize,
+    /// Connections closed because their queue was full.
+    pub overflowed: usize,
+}
+
+/// The local connection registry.
+#[derive(Debug)]
+pub struct Hub {
+    index: RwLock<Index>,
+    clock: Instant,
+    queue_cap: usize,
+}
+
+impl Hub {
+    /// An empty hub whose connections queue at most `queue_cap` frames.
+    pub fn new(queue_cap: usize) -> Self {
+        Hub {
+            index: RwLock::new(Index::default()),
+            clock: Instant::now(),
+            queue_cap,
+        }
+    }
+
+    /// Milliseconds since the hub started: the clock of `Outbox::touch`.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Adds a connection with its initial membership.
+    pub fn insert(&self, id: ClientId, outbox: Arc<Outbox>, membership: Membership) {
+        outbox.touch(self.now_ms());
+        let mut index = self.index.write();
+        let Membership {
+            uid,
+            groups,
+            session,
+        } = membership;
+        if let Some(uid) = &uid {
+            index.uids.entry(uid.clone()).or_default().push(id);
+        }
+        for group in &groups {
+            index.groups.entry(group.clone()).or_default().insert(id);
+        }
+        index.conns.insert(
+            id,
+            Local {
+                outbox,
+                uid,
+                groups,
+                session,
+            },
+        );
+    }
+
+    /// Removes a connection from every index; returns what it was in.
+    pub fn remove(&self, id: ClientId) -> Option<Membership> {
+        let mut index = self.index.write();
+        let local = index.conns.remove(&id)?;
+        if let Some(uid) = &local.uid {
+            index.unlink_uid(uid, id);
+        }
+        for group in &local.groups {
+            index.unlink_group(group, id);
+        }
+        Some(Membership {
+            uid: local.uid,
+            groups: local.groups,
+            session: local.session,
+        })
+    }
+
+    /// Whether this node holds `id`.
+    pub fn contains(&self, id: ClientId) -> bool {
+        self.index.read().conns.contains_key(&id)
+    }
+
+    /// Binds `uid` to `id`, replacing any other uid. Returns `None` when the
+    /// connection is not here, else the uid it had before.
+    pub fn bind_uid(&self, id: ClientId, uid: &str) -> Option<Option<String>> {
+        let mut index = self.index.write();
+        let local = index.conns.get_mut(&id)?;
+        if local.uid.as_deref() == Some(uid) {
+            return Some(Some(uid.to_owned()));
+        }
+        let previous = local.uid.replace(uid.to_owned());
+        if let Some(previous) = &previous {
+            index.unlink_uid(previous, id);
+        }
+        index.uids.entry(uid.to_owned()).or_default().push(id);
+        Some(previous)
+    }
+
+    /// Unbinds `uid` from `id` if that is the uid it has. Returns whether it
+    /// was unbound.
+    pub fn unbind_uid(&self, id: ClientId, uid: &str) -> bool {
+        let mut index = self.index.write();
+        let Some(local) = index.conns.get_mut(&id) else {
+            return false;
+        };
+        if local.uid.as_deref() != Some(uid) {
+            return false;
+        }
+        local.uid = None;
+        index.unlink_uid(uid, id);
+        true
+    }
+
+    /// Adds `id` to `group`. Returns `None` when the connection is not here,
+    /// else whether it was newly added.
+    pub fn join_group(&self, id: ClientId, group: &str) -> Option<bool> {
+        let mut index = self.index.write();
+        let local = index.conns.get_mut(&id)?;
+        if local.groups.iter().any(|g| g == group) {
+            return Some(false);
+        }
+        local.groups.push(group.to_owned());
+        index.groups.entry(group.to_owned()).or_default().insert(id);
+        Some(true)
+    }
+
+    /// Removes `id` from `group`. Returns whether it was a member.
+    pub fn leave_group(&self, id: ClientId, group: &str) -> bool {
+        let mut index = self.index.write();
+        let Some(local) = index.conns.get_mut(&id) else {
+            return false;
+        };
+        let Some(pos) = local.groups.iter().position(|g| g == group) else {
+            return false;
+        };
+        local.groups.swap_remove(pos);
+        index.unlink_group(group, id);
+        true
+    }
+
+    /// Removes every local member from `group`; returns who was in it.
+    pub fn ungroup(&self, group: &str) -> Vec<ClientId> {
+        let mut index = self.index.write();
+        let Some(members) = index.groups.remove(group) else {
+            return Vec::new();
+        };
+        for id in &members {
+            if let Some(local) = index.conns.get_mut(id) {
+                local.groups.retain(|g| g != group);
+            }
+        }
+        members.into_iter().collect()
+    }
+
+    /// Replaces (or with `merge`, merges into) the session of `id`. Returns
+    /// the resulting session, or `None` when the connection is not here.
+    pub fn set_session(&self, id: ClientId, update: Session, merge: bool) -> Option<Session> {
+        let mut index = self.index.write();
+        let local = index.conns.get_mut(&id)?;
+        if merge {
+            session::merge(&mut local.session, update);
+        } else {
+            local.session = update;
+        }
+        Some(local.session.clone())
+    }
+
+    /// Enqueues `push` to every local connection it targets. The frame is
+    /// encoded once; each queue gets a reference to the same bytes.
+    pub fn deliver(&self, push: &Push) -> Delivered {
+        let frame = push.message.frame();
+        self.deliver_frame(&push.target, &push.exclude, &frame)
+    }
+
+    /// Enqueues an encoded frame to the local connections `target` names,
+    /// except those in `exclude`.
+    pub fn deliver_frame(&self, target: &Target, exclude: &[ClientId], frame: &Bytes) -> Delivered {
+        let excluded = Exclusion::new(exclude);
+        let index = self.index.read();
+        let mut out = Delivered::default();
+        let mut send = |id: &ClientId, local: &Local| {
+            if excluded.contains(id) {
+                return;
+            }
+            match local.outbox.push(frame.clone(), self.queue_cap) {
+                Ok(()) => out.queued += 1,
+                Err(_) => out.overflowed += 1,
+            }
+        };
+        match target {
+            Target::All => index.conns.iter().for_each(|(id, l)| send(id, l)),
+            Target::Client(id) => {
+                if let Some(local) = index.conns.get(id) {
+                    send(id, local);
+                }
+            }
+            Target::Clients(ids) => {
+                for id in dedup(ids) {
+                    if let Some(local) = index.conns.get(id) {
+                        send(id, local);
+                    }
+                }
+            }
+            Target::Uids(uids) => {
+                // A connection has one uid, so distinct uids never overlap.
+                for uid in dedup(uids) {
+                    for id in index.uids.get(uid.as_str()).into_iter().flatten() {
+                        send(id, &index.conns[id]);
+                    }
+                }
+            }
+            Target::Groups(groups) => {
+                let mut seen = HashSet::new();
+                for group in dedup(groups) {
+                    for id in index.groups.get(group.as_str()).into_iter().flatten() {
+                        if groups.len() == 1 || seen.insert(*id) {
+                            send(id, &index.conns[id]);
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Asks `id` to close, after `last` (if any) and what is already
+    /// queued. Returns whether the connection is here.
+    pub fn close_client(&self, id: ClientId, last: Option<Bytes>, code: u16, reason: &str) -> bool {
+        let index = self.index.read();
+        let Some(local) = index.conns.get(&id) else {
+            return false;
+        };
+        if let Some(frame) = last {
+            // Room is made for the last message even in a full queue.
+            let _ = local.outbox.push(frame, self.queue_cap.saturating_add(1));
+        }
+        local.outbox.close(code, reason, false);
+        true
+    }
+
+    /// Asks every connection to close (shutdown).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for local in self.index.read().conns.values() {
+            local.outbox.close(code, reason, false);
+        }
+    }
+
+    /// Sends `ping` to every connection and closes those silent for longer
+    /// than `timeout_ms` (with `timeout_frame`'s code).
+    pub fn sweep(&self, ping: Option<&Bytes>, timeout_ms: u64, timeout_code: u16) {
+        let now = self.now_ms();
+        for local in self.index.read().conns.values() {
+            if now.saturating_sub(local.outbox.last_seen()) > timeout_ms {
+                local.outbox.close(timeout_code, "ping timeout", true);
+            } else if let Some(ping) = ping {
+                let _ = local.outbox.push(ping.clone(), self.queue_cap);
+            }
+        }
+    }
+
+    /// A snapshot of every local connection's membership (for re-registering
+    /// them in storage).
+    pub fn snapshot(&self) -> Vec<(ClientId, Membership)> {
+        self.index
+            .read()
+            .conns
+            .iter()
+            .map(|(id, l)| {
+                let m = Membership {
+                    uid: l.uid.clone(),
+                    groups: l.groups.clone(),
+                    session: l.session.clone(),
+                };
+                (*id, m)
+            })
+            .collect()
+    }
+
+    /// The groups that have at least one local member.
+    pub fn groups(&self) -> Vec<String> {
+        self.index.read().groups.keys().cloned().collect()
+    }
+
+    /// Whether `group` has a local member.
+    pub fn has_group(&self, group: &str) -> bool {
+        self.index.read().groups.contains_key(group)
+    }
+
+    /// The uid bound to `id`: `None` when not here, `Some(None)` when unbound.
+    pub fn uid_of(&self, id: ClientId) -> Option<Option<String>> {
+        self.index.read().conns.get(&id).map(|l| l.uid.clone())
+    }
+
+    /// The session of `id`, when here.
+    pub fn session_of(&self, id: ClientId) -> Option<Session> {
+        self.index.read().conns.get(&id).map(|l| l.session.clone())
+    }
+
+    /// Local connections bound to `uid`.
+    pub fn client_ids_by_uid(&self, uid: &str) -> Vec<ClientId> {
+        self.index.read().uids.get(uid).cloned().unwrap_or_default()
+    }
+
+    /// Local members of `group`.
+    pub fn group_client_ids(&self, group: &str) -> Vec<ClientId> {
+        let index = self.index.read();
+        index
+            .groups
+            .get(group)
+            .map(|m| m.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    /// How many local members `group` has.
+    pub fn group_client_count(&self, group: &str) -> usize {
+        self.index.read().groups.get(group).map_or(0, HashSet::len)
+    }
+
+    /// Local members of `group` with their sessions.
+    pub fn group_sessions(&self, group: &str) -> Vec<(ClientId, Session)> {
+        let index = self.index.read();
+        index
+            .groups
+            .get(group)
+            .into_iter()
+            .flatten()
+            .map(|id| (*id, index.conns[id].session.clone()))
+            .collect()
+    }
+
+    /// Distinct uids bound to local members of `group`.
+    pub fn group_uids(&self, group: &str) -> Vec<String> {
+        let index = self.index.read();
+        let uids: HashSet<&String> = index
+            .groups
+            .get(group)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| index.conns[id].uid.as_ref())
+            .collect();
+        uids.into_iter().cloned().collect()
+    }
+
+    /// How many connections this node holds.
+    pub fn client_count(&self) -> usize {
+        self.index.read().conns.len()
+    }
+
+    /// Every local connection.
+    pub fn client_ids(&self) -> Vec<ClientId> {
+        self.index.read().conns.keys().copied().collect()
+    }
+
+    /// Every local connection with its session.
+    pub fn sessions(&self) -> Vec<(ClientId, Session)> {
+        let index = self.index.read();
+        index
+            .conns
+            .iter()
+            .map(|(id, l)| (*id, l.session.clone()))
+            .collect()
+    }
+
+    /// Every uid bound to a local connection.
+    pub fn uids(&self) -> Vec<String> {
+        self.index.read().uids.keys().cloned().collect()
+    }
+
+    /// How many distinct uids are bound to local connections.
+    pub fn uid_count(&self) -> usize {
+        self.index.read().uids.len()
+    }
+}
+
+impl Index {
+    fn unlink_uid(&mut self, uid: &str, id: ClientId) {
+        if let Entry::Occupied(mut e) = self.uids.entry(uid.to_owned()) {
+            e.get_mut().retain(|c| *c != id);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+    }
+
+    fn unlink_group(&mut self, group: &str, id: ClientId) {
+        if let Some(members) = self.groups.get_mut(group) {
+            members.remove(&id);
+            if members.is_empty() {
+                self.groups.remove(group);
+            }
+        }
+    }
+}
+
+/// Connections a push skips; a set only when the list is long.
+enum Exclusion<'a> {
+    Few(&'a [ClientId]),
+    Many(HashSet<ClientId>),
+}
+
+impl<'a> Exclusion<'a> {
+    fn new(ids: &'a [ClientId]) -> Self {
+        if ids.len() <= 8 {
+            Exclusion::Few(ids)
+        } else {
+            Exclusion::Many(ids.iter().copied().collect())
+        }
+    }
+
+    fn contains(&self, id: &ClientId) -> bool {
+        match self {
+            Exclusion::Few(ids) => ids.contains(id),
+            Exclusion::Many(set) => set.contains(id),
+        }
+    }
+}
+
+/// The distinct items of `items`, in order (lists are short: callers name a
+/// handful of uids or groups).
+fn dedup<T: PartialEq>(items: &[T]) -> impl Iterator<Item = &T> {
+    items
+        .iter()
+        .enumerate()
+        .filter(move |(i, item)| !items[..*i].contains(item))
+        .map(|(_, item)| item)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::{IdMinter, NodeId};
+    use crate::push::Message;
+    use std::collections::VecDeque;
+
+    fn hub_with(n: usize) -> (Hub, Vec<(ClientId, Arc<Outbox>)>) {
+        let hub = Hub::new(16);
+        let minter = IdMinter::new(NodeId::new(std::net::Ipv4Addr::LOCALHOST, 1));
+        let conns = (0..n)
+            .map(|_| {
+                let id = minter.mint();
+                let outbox = Arc::new(Outbox::default());
+                hub.insert(id, outbox.clone(), Membership::default());
+                (id, outbox)
+            })
+            .collect();
+        (hub, conns)
+    }
+
+    #[test]
+    fn group_push_reaches_each_member_once_sharing_one_frame() {
+        let (hub, conns) = hub_with(3);
+        let (a, b, c) = (conns[0].0, conns[1].0, conns[2].0);
+        hub.join_group(a, "g1");
+        hub.join_group(a, "g2");
+        hub.join_group(b, "g2");
+        hub.join_group(c, "g2");
+        let push = Push {
+            target: Target::Groups(vec!["g1".into(), "g2".into()]),
+            exclude: vec![c],
+            message: Message::text("hi"),
+        };
+        assert_eq!(hub.deliver(&push).queued, 2);
+        let mut frames = Vec::new();
+        for (_, outbox) in &conns {
+            let mut batch = VecDeque::new();
+            outbox.take(&mut batch);
+            frames.push(batch);
+        }
+        assert_eq!(frames[0].len(), 1);
+        assert_eq!(frames[1].len(), 1);
+        assert!(frames[2].is_empty());
+        // The same allocation, not a copy per recipient.
+        assert_eq!(frames[0][0].as_ptr(), frames[1][0].as_ptr());
+    }
+
+    #[test]
+    fn remove_leaves_uid_and_groups() {
+        let (hub, conns) = hub_with(2);
+        let (a, b) = (conns[0].0, conns[1].0);
+        hub.bind_uid(a, "u");
+        hub.bind_uid(b, "u");
+        hub.join_group(a, "g");
+        let m = hub.remove(a).unwrap();
+        assert_eq!(m.uid.as_deref(), Some("u"));
+        assert_eq!(hub.client_ids_by_uid("u"), vec![b]);
+        assert!(!hub.has_group("g"));
+        assert_eq!(hub.client_count(), 1);
+    }
+
+    #[test]
+    fn binding_another_uid_replaces_the_first() {
+        let (hub, conns) = hub_with(1);
+        let a = conns[0].0;
+        hub.bind_uid(a, "u1");
+        assert_eq!(hub.bind_uid(a, "u2"), Some(Some("u1".into())));
+        assert!(hub.client_ids_by_uid("u1").is_empty());
+        assert!(!hub.unbind_uid(a, "u1"));
+        assert!(hub.unbind_uid(a, "u2"));
+        assert_eq!(hub.uid_count(), 0);
+    }
+}

@@ -1,0 +1,26 @@
+//! gatecast: a WebSocket push gateway.
+//!
+//! Browsers and apps hold a WebSocket to any node; backends push to a
+//! connection, a uid, a group or everyone through the HTTP API of any node.
+//! See `SPEC.md`-derived docs in `docs/` for the contract.
+//!
+//! Layout: [`ws`] is the client transport, [`api`] the HTTP transport,
+//! [`hub`] this node's connections and local fan-out, [`engine`] where
+//! membership lives and how pushes cross nodes, [`server`] start and stop.
+
+pub mod api;
+pub mod config;
+pub mod engine;
+pub mod gateway;
+pub mod hub;
+pub mod ids;
+pub mod metrics;
+pub mod name;
+pub mod outbox;
+pub mod push;
+pub mod server;
+pub mod session;
+pub mod ws;
+
+pub use config::Config;
+pub use server::run;

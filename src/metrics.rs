@@ -1,0 +1,171 @@
+//! Every metric gatecast exports, registered in one place.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::hub::Delivered;
+
+/// Label: the kind of target of a push (`client`, `uid`, `group`, `all`...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    /// Target kind.
+    pub kind: &'static str,
+}
+
+/// Labels of an API request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabels {
+    /// API method (`unknown` for names that are not methods).
+    pub method: &'static str,
+    /// HTTP status answered.
+    pub status: u16,
+}
+
+/// The node's metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections on this node.
+    pub connections: Gauge,
+    /// WebSocket connections accepted since start.
+    pub connections_opened: Counter,
+    /// Messages received from clients.
+    pub messages_in: Counter,
+    /// Messages queued to local clients, by target kind.
+    pub messages_out: Family<KindLabel, Counter>,
+    /// Pushes accepted (API or Redis), by target kind.
+    pub pushes: Family<KindLabel, Counter>,
+    /// Messages not delivered because the recipient's queue overflowed.
+    pub messages_overflowed: Counter,
+    /// Connections closed with 1013 because they read too slowly.
+    pub slow_clients_closed: Counter,
+    /// API requests by method and status.
+    pub api_requests: Family<ApiLabels, Counter>,
+    /// Redis round-trip time of commands, in seconds.
+    pub redis_rtt: Histogram,
+    /// Reconnections to Redis.
+    pub redis_reconnects: Counter,
+    /// Pub/sub messages received from Redis.
+    pub pubsub_received: Counter,
+    /// Pub/sub messages that could not be decoded and were skipped.
+    pub pubsub_malformed: Counter,
+    /// Gateway nodes seen alive (this one included).
+    pub nodes_alive: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("gatecast");
+        let m = Metrics {
+            connections: Gauge::default(),
+            connections_opened: Counter::default(),
+            messages_in: Counter::default(),
+            messages_out: Family::default(),
+            pushes: Family::default(),
+            messages_overflowed: Counter::default(),
+            slow_clients_closed: Counter::default(),
+            api_requests: Family::default(),
+            redis_rtt: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
+            redis_reconnects: Counter::default(),
+            pubsub_received: Counter::default(),
+            pubsub_malformed: Counter::default(),
+            nodes_alive: Gauge::default(),
+            registry: Registry::default(),
+        };
+        let r = &mut registry;
+        r.register(
+            "connections",
+            "Open WebSocket connections",
+            m.connections.clone(),
+        );
+        r.register(
+            "connections_opened",
+            "WebSocket connections accepted",
+            m.connections_opened.clone(),
+        );
+        r.register(
+            "messages_in",
+            "Messages received from clients",
+            m.messages_in.clone(),
+        );
+        r.register(
+            "messages_out",
+            "Messages queued to local clients by target kind",
+            m.messages_out.clone(),
+        );
+        r.register("pushes", "Pushes accepted by target kind", m.pushes.clone());
+        r.register(
+            "messages_overflowed",
+            "Messages lost to a full client queue",
+            m.messages_overflowed.clone(),
+        );
+        r.register(
+            "slow_clients_closed",
+            "Connections closed with 1013 for reading too slowly",
+            m.slow_clients_closed.clone(),
+        );
+        r.register(
+            "api_requests",
+            "HTTP API requests by method and status",
+            m.api_requests.clone(),
+        );
+        r.register(
+            "redis_rtt_seconds",
+            "Redis command round-trip time",
+            m.redis_rtt.clone(),
+        );
+        r.register(
+            "redis_reconnects",
+            "Reconnections to Redis",
+            m.redis_reconnects.clone(),
+        );
+        r.register(
+            "pubsub_received",
+            "Pub/sub messages received from Redis",
+            m.pubsub_received.clone(),
+        );
+        r.register(
+            "pubsub_malformed",
+            "Pub/sub messages that failed to decode and were skipped",
+            m.pubsub_malformed.clone(),
+        );
+        r.register(
+            "nodes_alive",
+            "Gateway nodes seen alive",
+            m.nodes_alive.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+
+    /// Counts what one push did on this node.
+    pub fn delivered(&self, kind: &'static str, d: Delivered) {
+        if d.queued > 0 {
+            self.messages_out
+                .get_or_create(&KindLabel { kind })
+                .inc_by(d.queued as u64);
+        }
+        if d.overflowed > 0 {
+            self.messages_overflowed.inc_by(d.overflowed as u64);
+            self.slow_clients_closed.inc_by(d.overflowed as u64);
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,193 @@
+//! One connection's bounded outgoing queue, shared between everyone who
+//! pushes to the connection and the connection's single writer task.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use crate::ws::frame::{self, close_code};
+
+/// Most frames a writer takes in one go, to write with one vectored write.
+pub const BATCH: usize = 64;
+
+/// The bounded queue of pre-encoded frames for one connection.
+///
+/// A `VecDeque` under a short lock rather than a channel: a channel allocates
+/// its first block of slots up front, while an empty `VecDeque` owns no
+/// memory, and idle connections are the common case.
+#[derive(Debug, Default)]
+pub struct Outbox {
+    state: Mutex<State>,
+    wake: Notify,
+    /// Milliseconds (on the hub's clock) of the last frame from the client.
+    last_seen: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    frames: VecDeque<Bytes>,
+    close: Option<Close>,
+}
+
+/// A close the connection must perform.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// The close frame, already encoded.
+    pub frame: Bytes,
+    /// The code in that frame.
+    pub code: u16,
+    /// Drop frames still queued instead of sending them first.
+    pub discard_queued: bool,
+}
+
+/// The queue was full: the connection is now being closed with 1013.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Overflow;
+
+/// What a writer took from the outbox.
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// Set once the queue holds nothing more to send before the close.
+    pub close: Option<Close>,
+}
+
+impl Outbox {
+    /// Queues a frame unless the queue already holds `cap` frames, in which
+    /// case the connection is closed with 1013 and its queue dropped.
+    pub fn push(&self, frame: Bytes, cap: usize) -> Result<(), Overflow> {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            // Closing: what is pushed now would never be read.
+            return Ok(());
+        }
+        if state.frames.len() >= cap {
+            state.frames = VecDeque::new();
+            state.close = Some(Close {
+                frame: frame::encode_close(close_code::TRY_AGAIN_LATER, "client too slow"),
+                code: close_code::TRY_AGAIN_LATER,
+                discard_queued: true,
+            });
+            drop(state);
+            self.wake.notify_one();
+            return Err(Overflow);
+        }
+        let was_empty = state.frames.is_empty();
+        state.frames.push_back(frame);
+        drop(state);
+        // The writer drains until empty before it waits again, so only the
+        // empty -> non-empty transition needs a wake-up.
+        if was_empty {
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+
+    /// Asks the writer to close the connection, after the frames already
+    /// queued unless `discard_queued`. The first close asked for wins.
+    pub fn close(&self, code: u16, reason: &str, discard_queued: bool) {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return;
+        }
+        if discard_queued {
+            state.frames = VecDeque::new();
+        }
+        state.close = Some(Close {
+            frame: frame::encode_close(code, reason),
+            code,
+            discard_queued,
+        });
+        drop(state);
+        self.wake.notify_one();
+    }
+
+    /// Whether a close was asked for.
+    pub fn is_closing(&self) -> bool {
+        self.state.lock().close.is_some()
+    }
+
+    /// Moves up to [`BATCH`] queued frames into `batch`; reports the close
+    /// once nothing more is to be sent before it.
+    pub fn take(&self, batch: &mut VecDeque<Bytes>) -> Taken {
+        let mut state = self.state.lock();
+        let n = state.frames.len().min(BATCH);
+        batch.extend(state.frames.drain(..n));
+        if state.frames.is_empty() && state.frames.capacity() > BATCH {
+            // Give back what a burst grew, so an idle connection stays small.
+            state.frames = VecDeque::new();
+        }
+        let close = if state.frames.is_empty() {
+            state.close.clone()
+        } else {
+            None
+        };
+        Taken { close }
+    }
+
+    /// Waits until something was pushed or a close was asked for.
+    pub async fn wait(&self) {
+        self.wake.notified().await
+    }
+
+    /// Records activity from the client at `now_ms` on the hub's clock.
+    pub fn touch(&self, now_ms: u64) {
+        self.last_seen.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the client last sent anything, in ms on the hub's clock.
+    pub fn last_seen(&self) -> u64 {
+        self.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Frames waiting to be written.
+    pub fn len(&self) -> usize {
+        self.state.lock().frames.len()
+    }
+
+    /// Whether no frame is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflow_closes_with_1013_and_drops_the_queue() {
+        let outbox = Outbox::default();
+        for _ in 0..3 {
+            outbox.push(Bytes::from_static(b"x"), 3).unwrap();
+        }
+        assert_eq!(outbox.push(Bytes::from_static(b"x"), 3), Err(Overflow));
+        let mut batch = VecDeque::new();
+        let taken = outbox.take(&mut batch);
+        assert!(batch.is_empty());
+        let close = taken.close.unwrap();
+        assert_eq!(close.code, 1013);
+        assert!(close.discard_queued);
+        // Later pushes are dropped silently, never queued.
+        outbox.push(Bytes::from_static(b"x"), 3).unwrap();
+        assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn graceful_close_comes_after_queued_frames() {
+        let outbox = Outbox::default();
+        for _ in 0..(BATCH + 1) {
+            outbox.push(Bytes::from_static(b"x"), 1000).unwrap();
+        }
+        outbox.close(1001, "bye", false);
+        let mut batch = VecDeque::new();
+        assert!(outbox.take(&mut batch).close.is_none());
+        assert_eq!(batch.len(), BATCH);
+        batch.clear();
+        let close = outbox.take(&mut batch).close.unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(close.code, 1001);
+    }
+}

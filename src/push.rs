@@ -1,0 +1,84 @@
+//! What a push is: a message and the connections it goes to.
+
+use bytes::Bytes;
+
+use crate::ids::ClientId;
+use crate::ws::frame::{self, Opcode};
+
+/// A message exactly as pushed: its bytes reach the client unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Sent as a binary frame (pushed as `data_base64`) rather than text.
+    pub binary: bool,
+    /// The payload.
+    pub data: Bytes,
+}
+
+impl Message {
+    /// A text message.
+    pub fn text(data: impl Into<Bytes>) -> Self {
+        Message {
+            binary: false,
+            data: data.into(),
+        }
+    }
+
+    /// A binary message.
+    pub fn binary(data: impl Into<Bytes>) -> Self {
+        Message {
+            binary: true,
+            data: data.into(),
+        }
+    }
+
+    /// The complete WebSocket frame, encoded once and shared by every
+    /// recipient.
+    pub fn frame(&self) -> Bytes {
+        let opcode = if self.binary {
+            Opcode::Binary
+        } else {
+            Opcode::Text
+        };
+        frame::encode(opcode, &self.data)
+    }
+}
+
+/// Who a push goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One connection.
+    Client(ClientId),
+    /// These connections (send_to_all with `client_ids`).
+    Clients(Vec<ClientId>),
+    /// Every connection bound to one of these uids.
+    Uids(Vec<String>),
+    /// Every member of one of these groups; a connection in several of them
+    /// receives the message once.
+    Groups(Vec<String>),
+    /// Every connection.
+    All,
+}
+
+impl Target {
+    /// The metric label of this kind of target.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Client(_) => "client",
+            Target::Clients(_) => "clients",
+            Target::Uids(_) => "uid",
+            Target::Groups(_) => "group",
+            Target::All => "all",
+        }
+    }
+}
+
+/// A message, its target and the connections left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push {
+    /// Who receives it.
+    pub target: Target,
+    /// Connections that do not receive it even when targeted.
+    pub exclude: Vec<ClientId>,
+    /// What they receive.
+    pub message: Message,
+}

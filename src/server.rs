@@ -1,0 +1,274 @@
+//! Starting and stopping a node: bind the listeners, build the engine, serve
+//! until the shutdown signal, then drain.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api;
+use crate::config::Config;
+use crate::engine::memory::MemoryEngine;
+use crate::engine::Engine;
+use crate::gateway::Gateway;
+use crate::hub::Hub;
+use crate::ids::{IdMinter, NodeId};
+use crate::metrics::Metrics;
+use crate::ws::{self, auth::ClientAuth, frame};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound (address in use, permission...).
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// The three listeners, bound before anything else so a node that cannot
+/// own its address fails fast.
+pub struct Listeners {
+    public: TcpListener,
+    api: TcpListener,
+    inner: TcpListener,
+}
+
+impl Listeners {
+    /// Binds the public, API and inner listeners.
+    pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        let bind = |what, addr| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { what, addr, source })
+        };
+        Ok(Listeners {
+            public: bind("public", config.listen).await?,
+            api: bind("api", config.api_listen).await?,
+            // Bound even before section 7 is served: its port is part of
+            // every client_id, so two nodes must never share it.
+            inner: bind("inner", config.inner_listen).await?,
+        })
+    }
+}
+
+/// A client that has not sent its request headers by then is dropped.
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs a node until `shutdown` resolves, then drains it (SPEC section 1):
+/// not ready, no new connections, clients closed with 1001, entries removed
+/// from the engine, all within `--shutdown-grace`.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    config.validate().map_err(StartError::Config)?;
+    let client_auth = ClientAuth::from_config(&config).map_err(StartError::Config)?;
+    let listeners = Listeners::bind(&config).await?;
+    let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+    let (public_addr, api_addr, inner_addr) = (
+        local(&listeners.public),
+        local(&listeners.api),
+        local(&listeners.inner),
+    );
+    let node = NodeId::new(config.advertised_ip(), inner_addr.port());
+
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new(config.client_queue));
+    let engine: Arc<dyn Engine> = match &config.redis_url {
+        None => Arc::new(MemoryEngine::new(hub.clone(), metrics.clone())),
+        Some(_) => {
+            return Err(StartError::Config(
+                "the Redis engine is not built yet: run without --redis-url".into(),
+            ))
+        }
+    };
+    let gw = Arc::new(Gateway::new(
+        config,
+        hub,
+        engine,
+        IdMinter::new(node),
+        metrics,
+        client_auth,
+    ));
+    tracing::info!(
+        public = %public_addr,
+        api = %api_addr,
+        inner = %inner_addr,
+        node = %node,
+        advertised = %node.addr(),
+        engine = if gw.config.redis_url.is_some() { "redis" } else { "memory" },
+        "listening"
+    );
+
+    let stop_public = CancellationToken::new();
+    let stop_internal = CancellationToken::new();
+    let background = tokio_util::task::TaskTracker::new();
+    background.spawn(ping_sweeper(gw.clone(), stop_internal.clone()));
+    background.spawn(inner_listener(listeners.inner, stop_internal.clone()));
+    let public = tokio::spawn(serve_public(
+        listeners.public,
+        public_router(gw.clone()),
+        stop_public.clone(),
+    ));
+    let internal = tokio::spawn(serve(
+        listeners.api,
+        api::router(gw.clone()),
+        stop_internal.clone(),
+    ));
+
+    shutdown.await;
+    tracing::info!("shutting down: draining");
+    let grace = gw.config.shutdown_grace;
+    let drain = async {
+        gw.start_draining();
+        stop_public.cancel();
+        gw.hub
+            .close_all(frame::close_code::GOING_AWAY, "server shutting down");
+        gw.connections.close();
+        gw.connections.wait().await;
+        gw.engine.shutdown().await;
+        let _ = public.await;
+    };
+    if tokio::time::timeout(grace, drain).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "shutdown grace period over: exiting with connections still open"
+        );
+        gw.engine.shutdown().await;
+    }
+    stop_internal.cancel();
+    background.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        let _ = internal.await;
+        background.wait().await;
+    })
+    .await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn public_router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/ws", get(ws::upgrade))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .fallback(api::not_found)
+        .with_state(gw)
+}
+
+async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        // Pushes are small and latency matters more than packet count.
+        let _ = tcp.set_nodelay(true);
+    });
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move { stop.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "listener failed");
+    }
+}
+
+/// The public listener. Served with hyper's HTTP/1 connection directly
+/// rather than `axum::serve`, whose protocol detection wraps the socket in a
+/// private type: the WebSocket task needs the `TcpStream` itself back after
+/// the upgrade (see `ws::connection`).
+async fn serve_public(listener: TcpListener, router: Router, stop: CancellationToken) {
+    let service = hyper_util::service::TowerToHyperService::new(router);
+    let connections = tokio_util::task::TaskTracker::new();
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly
+                    // instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let stop = stop.clone();
+        connections.spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+        });
+    }
+    connections.close();
+    connections.wait().await;
+}
+
+/// Sends WebSocket pings every `--ping-interval` and closes connections
+/// silent for `--ping-timeout`. One task for the node, not a timer per
+/// connection: timers are the largest part of an idle connection otherwise.
+async fn ping_sweeper(gw: Arc<Gateway>, stop: CancellationToken) {
+    let interval = gw.config.ping_interval;
+    let timeout = gw.config.ping_timeout;
+    // Check timeouts often enough to honour them within a quarter of their
+    // length, and ping on every `interval`.
+    let tick = interval
+        .min(timeout / 4)
+        .max(std::time::Duration::from_millis(10));
+    let ping = frame::encode(frame::Opcode::Ping, b"");
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut next_ping = tokio::time::Instant::now() + interval;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let now = tokio::time::Instant::now();
+        let send_ping = now >= next_ping;
+        if send_ping {
+            next_ping = now + interval;
+        }
+        gw.hub.sweep(
+            send_ping.then_some(&ping),
+            timeout.as_millis() as u64,
+            frame::close_code::NORMAL,
+        );
+    }
+}
+
+/// The inner listener. GatewayWorker's gateway protocol (SPEC section 7) is
+/// not served yet: connections are accepted and closed at once.
+async fn inner_listener(listener: TcpListener, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                if let Ok((socket, peer)) = accepted {
+                    tracing::debug!(%peer, "inner connection refused: protocol not served yet");
+                    drop(socket);
+                }
+            }
+            () = stop.cancelled() => return,
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! One WebSocket connection: a single task that reads client frames and is
+//! the only writer to the socket.
+//!
+//! Memory is the design constraint (100k connections a node, ≤ 2 KiB each):
+//! the task owns no read or write buffer while the connection is idle. Reads
+//! go through a stack buffer inside a synchronous function, so it is not part
+//! of the task's state; bytes are kept only while a frame is incomplete.
+//! Writes take up to 64 queued frames, already encoded and shared with the
+//! other recipients, and write them with one vectored write.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSlice};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::frame::{self, close_code, Incoming, Opcode, Reader};
+use crate::gateway::Gateway;
+use crate::hub::Membership;
+use crate::ids::ClientId;
+use crate::outbox::{Close, Outbox, BATCH};
+
+/// How long a closing connection gets to take its last frames and answer the
+/// close frame before the socket is dropped.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes read per `read` call; lives on the stack only during the call.
+const READ_CHUNK: usize = 8192;
+
+/// Reads per wake-up before the task yields, so a client that floods cannot
+/// starve the others on its worker thread.
+const READS_PER_WAKE: usize = 16;
+
+/// Serves an upgraded connection until it closes, then forgets it.
+pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, membership: Membership) {
+    let id = gw.minter.mint();
+    let outbox = Arc::new(Outbox::default());
+    let _ = outbox.push(welcome(id), usize::MAX);
+    let span = tracing::info_span!("conn", client_id = %id);
+    async {
+        if let Err(e) = gw.engine.connect(id, outbox.clone(), membership).await {
+            tracing::warn!(error = %e, "could not register connection");
+            outbox.close(close_code::INTERNAL_ERROR, "try again later", true);
+        }
+        gw.metrics.connections.inc();
+        gw.metrics.connections_opened.inc();
+        let mut conn = Connection {
+            gw: &gw,
+            id,
+            stream: &stream,
+            outbox: &outbox,
+            reader: Reader::default(),
+            batch: VecDeque::new(),
+            offset: 0,
+            closing: None,
+        };
+        match conn.run(&early).await {
+            Ok(()) => tracing::debug!("closed"),
+            Err(e) => tracing::debug!(error = %e, "connection ended"),
+        }
+        gw.engine.disconnect(id).await;
+        gw.metrics.connections.dec();
+    }
+    .instrument(span)
+    .await
+}
+
+fn welcome(id: ClientId) -> Bytes {
+    let text = format!(r#"{{"type":"welcome","client_id":"{id}"}}"#);
+    frame::encode(Opcode::Text, text.as_bytes())
+}
+
+struct Connection<'a> {
+    gw: &'a Gateway,
+    id: ClientId,
+    stream: &'a TcpStream,
+    outbox: &'a Outbox,
+    reader: Reader,
+    /// Frames taken from the outbox and not yet fully written.
+    batch: VecDeque<Bytes>,
+    /// Bytes of `batch[0]` already written.
+    offset: usize,
+    /// Set once the close frame is in `batch`: when it must be done by.
+    closing: Option<Instant>,
+}
+
+/// What reading found.
+enum ReadOutcome {
+    /// Nothing more to read now.
+    Pending,
+    /// The client closed (close frame answered, or EOF).
+    Closed,
+}
+
+impl Connection<'_> {
+    async fn run(&mut self, early: &[u8]) -> io::Result<()> {
+        if !early.is_empty() {
+            if let ReadOutcome::Closed = self.handle_bytes(early)? {
+                return Ok(());
+            }
+        }
+        loop {
+            self.refill().await;
+            self.write_ready()?;
+            if let Some(deadline) = self.closing {
+                if self.batch.is_empty() {
+                    return self.linger(deadline).await;
+                }
+            }
+            tokio::select! {
+                ready = self.stream.readable() => {
+                    ready?;
+                    if let ReadOutcome::Closed = self.read_ready()? {
+                        return Ok(());
+                    }
+                }
+                ready = self.stream.writable(), if !self.batch.is_empty() => {
+                    ready?;
+                }
+                () = self.outbox.wait() => {}
+                () = sleep_until(self.closing) => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "close timed out"));
+                }
+            }
+        }
+    }
+
+    /// Takes queued frames when the batch is empty, and notices a close.
+    async fn refill(&mut self) {
+        if self.closing.is_some() {
+            return;
+        }
+        let close = if self.batch.is_empty() {
+            self.outbox.take(&mut self.batch).close
+        } else if self.outbox.is_closing() {
+            // An overflow close discards what is queued, but a frame already
+            // half written must be finished or the stream is corrupt.
+            self.outbox
+                .take(&mut VecDeque::new())
+                .close
+                .filter(|c| c.discard_queued)
+        } else {
+            None
+        };
+        if let Some(close) = close {
+            self.start_close(close).await;
+        }
+    }
+
+    async fn start_close(&mut self, close: Close) {
+        if close.discard_queued {
+            self.batch.truncate(usize::from(self.offset > 0));
+        }
+        // Leave the uid and groups before the last bytes go out: a slow
+        // client may take up to CLOSE_TIMEOUT to read them.
+        self.gw.engine.disconnect(self.id).await;
+        self.batch.push_back(close.frame);
+        self.closing = Some(Instant::now() + CLOSE_TIMEOUT);
+        tracing::debug!(code = close.code, "closing");
+    }
+
+    /// After our close frame went out: wait (bounded) for the client's close
+    /// frame or EOF, then drop the socket.
+    async fn linger(&mut self, deadline: Instant) -> io::Result<()> {
+        loop {
+            tokio::select! {
+                ready = self.stream.readable() => {
+                    ready?;
+                    if let ReadOutcome::Closed = self.read_ready()? {
+                        return Ok(());
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return Ok(()),
+            }
+        }
+    }
+
+    /// Writes from the batch until it is empty or the socket is full.
+    fn write_ready(&mut self) -> io::Result<()> {
+        while !self.batch.is_empty() {
+            let mut slices = [IoSlice::new(&[]); BATCH];
+            let mut n = 0;
+            for (i, frame) in self.batch.iter().take(BATCH).enumerate() {
+                let start = if i == 0 { self.offset } else { 0 };
+                slices[i] = IoSlice::new(&frame[start..]);
+                n += 1;
+            }
+            let mut written = match self.stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            while written > 0 {
+                let left = self.batch[0].len() - self.offset;
+                if written >= left {
+                    written -= left;
+                    self.offset = 0;
+                    self.batch.pop_front();
+                } else {
+                    self.offset += written;
+                    written = 0;
+                }
+            }
+        }
+        if self.batch.capacity() > BATCH {
+            self.batch = VecDeque::new();
+        }
+        Ok(())
+    }
+
+    /// Reads what the socket has, through a buffer on this call's stack.
+    fn read_ready(&mut self) -> io::Result<ReadOutcome> {
+        let mut buf = [0u8; READ_CHUNK];
+        for _ in 0..READS_PER_WAKE {
+            match self.stream.try_read(&mut buf) {
+                Ok(0) => return Ok(ReadOutcome::Closed),
+                Ok(n) => {
+                    if let ReadOutcome::Closed = self.handle_bytes(&buf[..n])? {
+                        return Ok(ReadOutcome::Closed);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(ReadOutcome::Pending)
+    }
+
+    fn handle_bytes(&mut self, data: &[u8]) -> io::Result<ReadOutcome> {
+        let gw = self.gw;
+        self.outbox.touch(gw.hub.now_ms());
+        let mut client_closed = false;
+        let outbox = self.outbox;
+        let cap = gw.config.client_queue;
+        let closing = self.closing.is_some();
+        let result = self
+            .reader
+            .feed(data, gw.config.max_message_bytes, &mut |message| {
+                match message {
+                    Incoming::Ping(payload) => {
+                        let _ = outbox.push(frame::encode(Opcode::Pong, &payload), cap);
+                    }
+                    Incoming::Pong => {}
+                    Incoming::Close(code) => {
+                        client_closed = true;
+                        if !closing {
+                            // Echo the client's code, as RFC 6455 asks.
+                            let code = code.unwrap_or(close_code::NORMAL);
+                            outbox.close(code, "", true);
+                        }
+                    }
+                    Incoming::Text(text) => {
+                        gw.metrics.messages_in.inc();
+                        if is_ping(&text) {
+                            let _ = outbox.push(pong_frame(), cap);
+                        }
+                    }
+                    Incoming::Binary(_) => {
+                        gw.metrics.messages_in.inc();
+                    }
+                }
+            });
+        if let Err(violation) = result {
+            tracing::debug!(
+                code = violation.code,
+                reason = violation.reason,
+                "protocol violation"
+            );
+            self.outbox.close(violation.code, violation.reason, true);
+            return Ok(ReadOutcome::Pending);
+        }
+        if client_closed && closing {
+            return Ok(ReadOutcome::Closed);
+        }
+        Ok(ReadOutcome::Pending)
+    }
+}
+
+/// `{"type":"ping"}` (any JSON spacing) asks for `{"type":"pong"}`.
+fn is_ping(text: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Typed<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    text.len() <= 64
+        && text.first() == Some(&b'{')
+        && serde_json::from_slice::<Typed>(text).is_ok_and(|t| t.kind.as_deref() == Some("ping"))
+}
+
+fn pong_frame() -> Bytes {
+    static PONG: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
+    PONG.get_or_init(|| frame::encode(Opcode::Text, br#"{"type":"pong"}"#))
+        .clone()
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_text_pings() {
+        assert!(is_ping(br#"{"type":"ping"}"#));
+        assert!(is_ping(br#"{ "type" : "ping" , "x": 1 }"#));
+        assert!(!is_ping(br#"{"type":"hello"}"#));
+        assert!(!is_ping(b"ping"));
+    }
+}

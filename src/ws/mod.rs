@@ -1,0 +1,172 @@
+//! The client transport: the WebSocket handshake on `GET /ws` and one task
+//! per connection.
+
+pub mod auth;
+pub mod connection;
+pub mod frame;
+
+use std::sync::Arc;
+
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use sha1::{Digest, Sha1};
+use tokio::net::TcpStream;
+
+use crate::api::error::ApiError;
+use crate::gateway::Gateway;
+use crate::hub::Membership;
+
+/// Query parameters of `/ws`.
+#[derive(Debug, Deserialize)]
+pub struct WsQuery {
+    /// The client's JWT, when client auth is on.
+    token: Option<String>,
+}
+
+/// `GET /ws`: checks origin and token, answers 101 and hands the socket to a
+/// connection task.
+pub async fn upgrade(
+    State(gw): State<Arc<Gateway>>,
+    Query(query): Query<WsQuery>,
+    headers: HeaderMap,
+    mut request: Request,
+) -> Response {
+    if gw.is_draining() {
+        return ApiError::unavailable("the node is shutting down").into_response();
+    }
+    let key = match handshake_key(&headers) {
+        Ok(key) => key,
+        Err(response) => return *response,
+    };
+    if !origin_allowed(&gw.config.allowed_origins, &headers) {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden_origin",
+            "origin not allowed",
+        )
+        .into_response();
+    }
+    let membership = match &gw.client_auth {
+        None => Membership::default(),
+        Some(auth) => match query.token.as_deref().map(|t| auth.verify(t)) {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return ApiError::unauthorized(e).into_response(),
+            None => return ApiError::unauthorized("missing ?token=").into_response(),
+        },
+    };
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    let task_gw = gw.clone();
+    gw.connections.spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => {
+                tracing::debug!(error = %e, "upgrade failed");
+                return;
+            }
+        };
+        // The socket itself, so that reads and writes need no buffer of
+        // their own while the connection is idle (see `connection`).
+        match upgraded.downcast::<TokioIo<TcpStream>>() {
+            Ok(parts) => {
+                connection::serve(task_gw, parts.io.into_inner(), parts.read_buf, membership).await
+            }
+            Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::UPGRADE, "websocket")
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
+        .body(axum::body::Body::empty())
+        .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Checks the upgrade headers (RFC 6455 section 4.2.1); returns the key.
+fn handshake_key(headers: &HeaderMap) -> Result<HeaderValue, Box<Response>> {
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+                .unwrap_or(false)
+        })
+    };
+    let bad = |message: &str| {
+        Box::new(ApiError::new(StatusCode::BAD_REQUEST, "not_websocket", message).into_response())
+    };
+    if !has_token(header::CONNECTION, "upgrade") || !has_token(header::UPGRADE, "websocket") {
+        return Err(bad("expected a WebSocket upgrade request"));
+    }
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(|v| v.as_bytes())
+        != Some(b"13")
+    {
+        let mut response = ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_version",
+            "only WebSocket version 13 is supported",
+        )
+        .into_response();
+        response.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
+        return Err(Box::new(response));
+    }
+    headers
+        .get(header::SEC_WEBSOCKET_KEY)
+        .cloned()
+        .ok_or_else(|| bad("missing Sec-WebSocket-Key"))
+}
+
+/// `Sec-WebSocket-Accept` for a client's key.
+fn accept_key(key: &[u8]) -> String {
+    let mut sha1 = Sha1::new();
+    sha1.update(key);
+    sha1.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+    base64::engine::general_purpose::STANDARD.encode(sha1.finalize())
+}
+
+/// Browsers always send `Origin`; other clients may not, and are not
+/// restricted by it.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) {
+        None => true,
+        Some(origin) => allowed
+            .iter()
+            .any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_key_matches_rfc_example() {
+        assert_eq!(
+            accept_key(b"dGhlIHNhbXBsZSBub25jZQ=="),
+            "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+        );
+    }
+
+    #[test]
+    fn origins_are_checked_only_when_configured() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://app.example"),
+        );
+        assert!(origin_allowed(&[], &headers));
+        assert!(origin_allowed(&["https://app.example/".into()], &headers));
+        assert!(!origin_allowed(&["https://other.example".into()], &headers));
+    }
+}
