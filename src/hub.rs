@@ -275,6 +275,37 @@ impl Hub {
         out
     }
 
+    /// Delivers a push received on the channel of `group`, one of the
+    /// push's `groups`: to the members of `group` that are in none of the
+    /// groups listed before it. Each of those groups' channels brought the
+    /// push to this node too (it holds their members), so every connection
+    /// gets the push exactly once, from the first of its groups.
+    pub fn deliver_group_part(
+        &self,
+        groups: &[String],
+        group: &str,
+        exclude: &[ClientId],
+        frame: &Bytes,
+    ) -> Delivered {
+        let earlier = match groups.iter().position(|g| g == group) {
+            Some(pos) => &groups[..pos],
+            None => &[],
+        };
+        if earlier.is_empty() {
+            return self.deliver_frame(&Target::Groups(vec![group.to_owned()]), exclude, frame);
+        }
+        let mut skip: Vec<ClientId> = exclude.to_vec();
+        {
+            let index = self.index.read();
+            let members = index.groups.get(group).into_iter().flatten();
+            skip.extend(members.filter(|id| {
+                let groups = &index.conns[*id].groups;
+                earlier.iter().any(|g| groups.contains(g))
+            }));
+        }
+        self.deliver_frame(&Target::Groups(vec![group.to_owned()]), &skip, frame)
+    }
+
     /// Asks `id` to close, after `last` (if any) and what is already
     /// queued. Returns whether the connection is here.
     pub fn close_client(&self, id: ClientId, last: Option<Bytes>, code: u16, reason: &str) -> bool {
@@ -331,6 +362,11 @@ impl Hub {
     /// The groups that have at least one local member.
     pub fn groups(&self) -> Vec<String> {
         self.index.read().groups.keys().cloned().collect()
+    }
+
+    /// Whether a local connection is bound to `uid`.
+    pub fn has_uid(&self, uid: &str) -> bool {
+        self.index.read().uids.contains_key(uid)
     }
 
     /// Whether `group` has a local member.

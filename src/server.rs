@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api;
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
+use crate::engine::redis::{RedisEngine, RedisSettings};
 use crate::engine::Engine;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
@@ -86,10 +87,21 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let hub = Arc::new(Hub::new(config.client_queue));
     let engine: Arc<dyn Engine> = match &config.redis_url {
         None => Arc::new(MemoryEngine::new(hub.clone(), metrics.clone())),
-        Some(_) => {
-            return Err(StartError::Config(
-                "the Redis engine is not built yet: run without --redis-url".into(),
-            ))
+        Some(url) => {
+            let settings = RedisSettings {
+                url: url.clone(),
+                prefix: config.redis_prefix.clone(),
+                heartbeat: config.node_heartbeat,
+                info: serde_json::json!({
+                    "inner": node.addr().to_string(),
+                    "public": public_addr.to_string(),
+                    "version": env!("CARGO_PKG_VERSION"),
+                }),
+            };
+            let engine = RedisEngine::start(settings, node, hub.clone(), metrics.clone())
+                .await
+                .map_err(StartError::Config)?;
+            Arc::new(engine)
         }
     };
     let gw = Arc::new(Gateway::new(

@@ -7,6 +7,7 @@
 //! the [`Hub`](crate::hub::Hub), which is the source of truth for them.
 
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 

@@ -15,6 +15,8 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod redis;
+
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 
@@ -86,6 +88,14 @@ impl Node {
             api_key,
             http: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
         }
+    }
+
+    /// Waits (bounded) until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        eventually("node ready", || async {
+            self.get_status(false, "/readyz").await == 200
+        })
+        .await;
     }
 
     /// The process id.
@@ -189,12 +199,16 @@ impl Drop for Node {
 pub enum Engine {
     /// One node, in-process engine.
     Memory,
+    /// Three nodes sharing one real Redis.
+    Redis,
 }
 
 /// The gateway under test: one or more nodes.
 pub struct Cluster {
     /// Its nodes.
     pub nodes: Vec<Node>,
+    /// The Redis they share (Redis engine only).
+    pub redis: Option<redis::RedisServer>,
 }
 
 impl Cluster {
@@ -203,7 +217,22 @@ impl Cluster {
         match engine {
             Engine::Memory => Cluster {
                 nodes: vec![Node::start(args)],
+                redis: None,
             },
+            Engine::Redis => {
+                let server = redis::RedisServer::start();
+                let url = server.url();
+                let mut node_args = vec!["--redis-url", url.as_str(), "--node-heartbeat", "1s"];
+                node_args.extend_from_slice(args);
+                let nodes: Vec<Node> = (0..3).map(|_| Node::start(&node_args)).collect();
+                for node in &nodes {
+                    node.wait_ready().await;
+                }
+                Cluster {
+                    nodes,
+                    redis: Some(server),
+                }
+            }
         }
     }
 
@@ -382,8 +411,295 @@ macro_rules! engine_suite {
                 }
             )*
         }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Engine::Redis).await
+                }
+            )*
+        }
     };
 }
 
 /// A client_id that no node holds.
 pub const OFFLINE_ID: &str = "7f000001ffff00000001";
+
+// ---------------------------------------------------------------------------
+// Helpers for the error, WebSocket, slow-client and shutdown suites.
+
+impl Node {
+    /// GETs a path on the internal or public listener; returns status and
+    /// body text.
+    pub async fn get_raw(&self, public: bool, path: &str) -> (u16, String) {
+        let addr = if public { self.public } else { self.api };
+        let resp = self
+            .http
+            .get(format!("http://{addr}{path}"))
+            .send()
+            .await
+            .expect("listener answers");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    }
+}
+
+/// Asserts an API failure: `status` and a body that is exactly
+/// `{"error":{"code":code,"message":<non-empty string>}}`.
+pub fn assert_api_error(what: &str, got: &(u16, Value), status: u16, code: &str) {
+    let got_code = assert_error_body(what, got, status);
+    assert_eq!(got_code, code, "{what}: code in {}", got.1);
+}
+
+/// Asserts a failure with `status` whose body is exactly
+/// `{"error":{"code":<non-empty string>,"message":<non-empty string>}}`;
+/// returns the code.
+pub fn assert_error_body(what: &str, got: &(u16, Value), status: u16) -> String {
+    let (got_status, body) = got;
+    assert_eq!(*got_status, status, "{what}: status of {body}");
+    let outer = body
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: error body is an object: {body}"));
+    assert_eq!(outer.len(), 1, "{what}: only \"error\" in {body}");
+    let error = body["error"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{what}: \"error\" is an object: {body}"));
+    assert_eq!(error.len(), 2, "{what}: only code and message in {body}");
+    for field in ["code", "message"] {
+        let text = body["error"][field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{what}: {field} is a string: {body}"));
+        assert!(!text.is_empty(), "{what}: {field} is not empty: {body}");
+    }
+    body["error"]["code"].as_str().unwrap().to_owned()
+}
+
+/// Why a WebSocket handshake did not give a connection.
+#[derive(Debug, PartialEq)]
+pub enum Refused {
+    /// The server answered with this HTTP status instead of 101.
+    Status(u16),
+    /// The TCP connection failed or broke (refused, reset).
+    Io,
+}
+
+impl Client {
+    /// Connects with extra request headers (bounded wait); on success reads
+    /// the welcome frame.
+    pub async fn try_connect(url: &str, headers: &[(&str, &str)]) -> Result<Client, Refused> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+        use tokio_tungstenite::tungstenite::Error;
+        let mut request = url.into_client_request().unwrap();
+        for (k, v) in headers {
+            request.headers_mut().insert(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        let result = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("the handshake ends in time");
+        match result {
+            Ok((ws, _)) => {
+                let mut client = Client {
+                    ws,
+                    id: String::new(),
+                };
+                let welcome = client.next().await;
+                let Seen::Text(text) = welcome else {
+                    panic!("expected a welcome frame, got {welcome:?}")
+                };
+                let v: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(v["type"], "welcome");
+                client.id = v["client_id"].as_str().unwrap().to_owned();
+                Ok(client)
+            }
+            Err(Error::Http(response)) => Err(Refused::Status(response.status().as_u16())),
+            Err(_) => Err(Refused::Io),
+        }
+    }
+
+    /// The next raw message, pings, pongs and close frames included
+    /// (bounded wait); `None` when the connection ended.
+    pub async fn next_raw(&mut self) -> Option<Message> {
+        let item = tokio::time::timeout(WAIT, self.ws.next())
+            .await
+            .expect("client got something in time");
+        match item {
+            Some(Ok(message)) => Some(message),
+            None | Some(Err(_)) => None,
+        }
+    }
+}
+
+/// A WebSocket client written by hand over a TCP stream: it answers nothing
+/// by itself (no automatic pongs or close replies) and can send frames a
+/// well-behaved library refuses to send (invalid UTF-8 text).
+pub struct RawClient {
+    stream: TcpStream,
+    /// Bytes read and not yet parsed.
+    buf: Vec<u8>,
+}
+
+/// A frame the server sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RawFrame {
+    /// FIN bit.
+    pub fin: bool,
+    /// Opcode (1 text, 2 binary, 8 close, 9 ping, 10 pong).
+    pub opcode: u8,
+    /// Payload.
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The status code of a close frame.
+    pub fn close_code(&self) -> Option<u16> {
+        (self.opcode == 8 && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+impl RawClient {
+    /// Sends an HTTP/1.1 upgrade request for `path` with `headers` added;
+    /// on 101 returns the client, else the status and the body.
+    pub async fn connect(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<RawClient, (u16, String)> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("TCP connect in time")
+            .expect("TCP connect");
+        let mut request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\n\
+             Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+             Sec-WebSocket-Version: 13\r\n"
+        );
+        for (k, v) in headers {
+            request.push_str(&format!("{k}: {v}\r\n"));
+        }
+        request.push_str("\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut client = RawClient {
+            stream,
+            buf: Vec::new(),
+        };
+        let head_end = loop {
+            if let Some(i) = client.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            assert!(client.fill().await, "server closed during the handshake");
+        };
+        let head = String::from_utf8(client.buf[..head_end].to_vec()).unwrap();
+        client.buf.drain(..head_end);
+        let status: u16 = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line in {head:?}"));
+        if status == 101 {
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+                "accept key in {head:?}"
+            );
+            return Ok(client);
+        }
+        let len: usize = head
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("content-length")
+                    .then(|| v.trim().parse().ok())?
+            })
+            .unwrap_or(0);
+        while client.buf.len() < len {
+            if !client.fill().await {
+                break;
+            }
+        }
+        Err((status, String::from_utf8_lossy(&client.buf).into_owned()))
+    }
+
+    /// Reads more bytes (bounded wait); false at end of stream.
+    async fn fill(&mut self) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 8192];
+        let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
+            .await
+            .expect("server sent something in time")
+            .unwrap_or(0);
+        self.buf.extend_from_slice(&chunk[..n]);
+        n > 0
+    }
+
+    /// The next frame from the server (bounded wait); `None` at end of
+    /// stream.
+    pub async fn read_frame(&mut self) -> Option<RawFrame> {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            if !self.fill().await {
+                return None;
+            }
+        }
+    }
+
+    /// Sends raw bytes.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.unwrap();
+    }
+
+    /// Sends one masked frame.
+    pub async fn send_frame(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        let mask = [0x37, 0xfa, 0x21, 0x3d];
+        let mut out = vec![(if fin { 0x80 } else { 0 }) | opcode];
+        let len = payload.len();
+        if len < 126 {
+            out.push(0x80 | len as u8);
+        } else if len <= 0xFFFF {
+            out.push(0x80 | 126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        } else {
+            out.push(0x80 | 127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+        out.extend_from_slice(&mask);
+        out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        self.stream.write_all(&out).await.unwrap();
+    }
+}
+
+/// Parses one unmasked server frame at the start of `buf`.
+fn parse_server_frame(buf: &[u8]) -> Option<(RawFrame, usize)> {
+    let [b0, b1, rest @ ..] = buf else {
+        return None;
+    };
+    assert_eq!(b1 & 0x80, 0, "server frames are not masked");
+    let (len, header) = match b1 & 0x7F {
+        126 => (
+            u16::from_be_bytes(rest.get(..2)?.try_into().ok()?) as usize,
+            4,
+        ),
+        127 => (
+            u64::from_be_bytes(rest.get(..8)?.try_into().ok()?) as usize,
+            10,
+        ),
+        n => (n as usize, 2),
+    };
+    let payload = buf.get(header..header + len)?.to_vec();
+    let frame = RawFrame {
+        fin: b0 & 0x80 != 0,
+        opcode: b0 & 0x0F,
+        payload,
+    };
+    Some((frame, header + len))
+}

@@ -1,0 +1,122 @@
+//! Every Redis key and channel name gatecast uses, in one place.
+//!
+//! State is partitioned by node: each node writes only the keys of its own
+//! connections, all under the hash tag `{<node id>}`, so that every
+//! membership change is one atomic script on one slot, even on Redis
+//! Cluster, and a dead node's state is removed by one script. Channels are
+//! global: one per node, per group, per uid, and one for everyone.
+
+use crate::ids::NodeId;
+
+/// Key and channel names under one prefix.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Names under `prefix` (default `gatecast`).
+    pub fn new(prefix: &str) -> Self {
+        Keys {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The partition of `node`: `<prefix>:{<node>}`. Scripts take it as
+    /// `KEYS[1]` and derive the partition's keys from it (same hash tag, so
+    /// same slot):
+    ///
+    /// - `…:alive` string, TTL 2 heartbeats: the node's liveness and info;
+    /// - `…:clients` hash client_id → session (JSON text);
+    /// - `…:uid` hash client_id → uid;
+    /// - `…:u:<uid>` set of client_ids bound to uid;
+    /// - `…:uids` set of uids bound on the node;
+    /// - `…:g:<group>` set of client_ids in group;
+    /// - `…:groups` set of groups with members on the node.
+    pub fn partition(&self, node: NodeId) -> String {
+        format!("{}:{{{node}}}", self.prefix)
+    }
+
+    /// The set of registered node ids.
+    pub fn nodes(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    /// Channel of one node: pushes to its clients and commands for it.
+    pub fn node_channel(&self, node: NodeId) -> String {
+        format!("{}:node:{node}", self.prefix)
+    }
+
+    /// Channel of a group, subscribed by nodes that hold a member.
+    pub fn group_channel(&self, group: &str) -> String {
+        format!("{}:group:{group}", self.prefix)
+    }
+
+    /// Channel of a uid, subscribed by nodes that hold a connection bound
+    /// to it.
+    pub fn uid_channel(&self, uid: &str) -> String {
+        format!("{}:uid:{uid}", self.prefix)
+    }
+
+    /// Channel every node subscribes to: send_to_all.
+    pub fn all_channel(&self) -> String {
+        format!("{}:all", self.prefix)
+    }
+
+    /// What a received channel name addresses.
+    pub fn parse_channel<'a>(&self, channel: &'a str) -> Option<Channel<'a>> {
+        let rest = channel
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(':')?;
+        if rest == "all" {
+            return Some(Channel::All);
+        }
+        if let Some(group) = rest.strip_prefix("group:") {
+            return Some(Channel::Group(group));
+        }
+        if let Some(uid) = rest.strip_prefix("uid:") {
+            return Some(Channel::Uid(uid));
+        }
+        rest.strip_prefix("node:")
+            .and_then(|n| n.parse().ok())
+            .map(Channel::Node)
+    }
+}
+
+/// A channel gatecast listens on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel<'a> {
+    /// Everyone.
+    All,
+    /// A node.
+    Node(NodeId),
+    /// A group.
+    Group(&'a str),
+    /// A uid.
+    Uid(&'a str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    #[test]
+    fn channels_round_trip() {
+        let keys = Keys::new("gc");
+        let node = NodeId::new(Ipv4Addr::new(10, 1, 2, 3), 2900);
+        assert_eq!(keys.partition(node), "gc:{0a0102030b54}");
+        assert_eq!(
+            keys.parse_channel(&keys.node_channel(node)),
+            Some(Channel::Node(node))
+        );
+        assert_eq!(
+            keys.parse_channel("gc:group:a:b"),
+            Some(Channel::Group("a:b"))
+        );
+        assert_eq!(keys.parse_channel("gc:uid:42"), Some(Channel::Uid("42")));
+        assert_eq!(keys.parse_channel("gc:all"), Some(Channel::All));
+        assert_eq!(keys.parse_channel("other:all"), None);
+        assert_eq!(keys.parse_channel("gc:node:zz"), None);
+    }
+}

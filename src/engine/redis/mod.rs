@@ -1,0 +1,1205 @@
+//! The Redis engine: any number of stateless nodes pointed at one Redis
+//! behave as one gateway.
+//!
+//! - State: each node mirrors its own connections (uid, groups, session)
+//!   into its partition of keys (see [`keys`]), with atomic scripts. Queries
+//!   about other nodes' connections read their partitions; queries about
+//!   this node's are answered from the hub without a round trip.
+//! - Delivery: pub/sub. A push to a group goes to the group's channel, which
+//!   only nodes holding a member subscribe to; likewise for uids; a push to
+//!   a client goes to its node's channel (the client_id names the node);
+//!   send_to_all to one channel every node subscribes to. Each push crosses
+//!   Redis once per node that needs it, and its envelope is encoded once.
+//! - Ownership: a node is the only writer of its partition. A membership
+//!   change for a client on another node is sent to that node as a command
+//!   and answered once applied, so when the API call returns, the owner has
+//!   subscribed to the channels the change needs: a push sent next reaches
+//!   the client.
+//! - Liveness: nodes heartbeat a key with a TTL; survivors delete the
+//!   partition of a node whose key expired. After any reconnection (Redis
+//!   restarted, failover) a node re-registers its partition from its hub.
+
+pub mod envelope;
+pub mod keys;
+mod scripts;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::clients::{Client, SubscriberClient};
+use fred::prelude::*;
+use fred::types::config::{Config as RedisConfig, ReconnectPolicy};
+use futures_util::future::try_join_all;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use self::envelope::{Envelope, Op};
+use self::keys::{Channel, Keys};
+use self::scripts::Scripts;
+use super::{Engine, EngineError, EngineResult};
+use crate::hub::{Hub, Membership};
+use crate::ids::{ClientId, NodeId};
+use crate::metrics::Metrics;
+use crate::outbox::Outbox;
+use crate::push::{Message, Push, Target};
+use crate::session::Session;
+use crate::ws::frame::close_code;
+
+/// Longest a Redis command may take before the call fails (the API answers
+/// 503 within its 2 s deadline).
+const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Longest a node waits for another node to apply a command.
+const RPC_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Commands from other nodes waiting to be applied, in order.
+const COMMAND_QUEUE: usize = 4096;
+
+/// Pub/sub messages buffered between the Redis connection and this node's
+/// dispatcher before the oldest are dropped.
+const PUBSUB_BUFFER: usize = 1 << 16;
+
+/// Connections registered per round of a re-registration.
+const REGISTER_CHUNK: usize = 256;
+
+/// Settings of the Redis engine.
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    /// `--redis-url`.
+    pub url: String,
+    /// `--redis-prefix`.
+    pub prefix: String,
+    /// `--node-heartbeat`.
+    pub heartbeat: Duration,
+    /// What this node publishes about itself in its liveness key.
+    pub info: serde_json::Value,
+}
+
+/// The Redis engine. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisEngine {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    node: NodeId,
+    node_name: String,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    keys: Keys,
+    partition: String,
+    client: Client,
+    subscriber: SubscriberClient,
+    scripts: Scripts,
+    settings: RedisSettings,
+    /// Commands sent to other nodes, waiting for their reply.
+    pending: Mutex<HashMap<u64, oneshot::Sender<Option<String>>>>,
+    next_req: AtomicU64,
+    /// Channels subscribed beyond the node's own and `all`; changes are
+    /// serialized so a subscribe and an unsubscribe never cross.
+    subscribed: tokio::sync::Mutex<HashSet<String>>,
+    /// The partition was written since the last (re)connection.
+    registered: AtomicBool,
+    /// Shutting down: the partition is being removed as a whole.
+    leaving: AtomicBool,
+    commands: mpsc::Sender<Applied>,
+    stop: CancellationToken,
+}
+
+/// A change already made in the hub, to mirror into Redis.
+#[derive(Debug)]
+enum Change {
+    BindUid {
+        id: ClientId,
+        uid: String,
+        previous: Option<String>,
+    },
+    UnbindUid {
+        id: ClientId,
+        uid: String,
+    },
+    JoinGroup {
+        id: ClientId,
+        group: String,
+    },
+    LeaveGroup {
+        id: ClientId,
+        group: String,
+    },
+    SetSession {
+        id: ClientId,
+        session: Session,
+    },
+    Ungroup {
+        group: String,
+    },
+}
+
+/// A command from another node (or a backend), applied to the hub, waiting
+/// to be mirrored into Redis and answered.
+struct Applied {
+    change: Option<Change>,
+    reply: Option<(NodeId, u64)>,
+}
+
+/// A channel whose subscription follows the hub's membership.
+enum Follow<'a> {
+    Group(&'a str),
+    Uid(&'a str),
+}
+
+fn unavailable(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Unavailable(format!("redis: {e}"))
+}
+
+impl RedisEngine {
+    /// Connects to Redis and starts the node's background tasks. Does not
+    /// wait for Redis to be reachable: the node starts not ready and becomes
+    /// ready once connected and registered.
+    pub async fn start(
+        settings: RedisSettings,
+        node: NodeId,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let config = RedisConfig::from_url(&settings.url)
+            .map_err(|e| format!("invalid --redis-url: {e}"))?;
+        let mut builder = fred::types::Builder::from_config(config);
+        builder
+            .with_config(|c| c.fail_fast = false)
+            .with_performance_config(|p| {
+                p.default_command_timeout = COMMAND_TIMEOUT;
+                p.broadcast_channel_capacity = PUBSUB_BUFFER;
+            })
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(1);
+                c.internal_command_timeout = Duration::from_secs(1);
+                c.max_command_attempts = 2;
+            })
+            // Retry forever: a node outlives any Redis outage.
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 1000, 2));
+        let client = builder.build().map_err(|e| e.to_string())?;
+        let subscriber = builder
+            .build_subscriber_client()
+            .map_err(|e| e.to_string())?;
+
+        let keys = Keys::new(&settings.prefix);
+        let (commands, command_rx) = mpsc::channel(COMMAND_QUEUE);
+        let inner = Arc::new(Inner {
+            node,
+            node_name: node.to_string(),
+            partition: keys.partition(node),
+            keys,
+            hub,
+            metrics,
+            client,
+            subscriber,
+            scripts: Scripts::default(),
+            settings,
+            pending: Mutex::new(HashMap::new()),
+            next_req: AtomicU64::new(1),
+            subscribed: tokio::sync::Mutex::new(HashSet::new()),
+            registered: AtomicBool::new(false),
+            leaving: AtomicBool::new(false),
+            commands,
+            stop: CancellationToken::new(),
+        });
+
+        // Listen before connecting, so the first connection's events are
+        // seen too.
+        tokio::spawn(inner.clone().receive_loop());
+        tokio::spawn(inner.clone().command_loop(command_rx));
+        tokio::spawn(inner.clone().reconnect_loop());
+        inner.client.connect();
+        inner.subscriber.connect();
+        inner.subscriber.manage_subscriptions();
+        tokio::spawn(inner.clone().liveness_loop());
+        Ok(RedisEngine { inner })
+    }
+}
+
+impl Inner {
+    fn check(&self) -> EngineResult<()> {
+        if self.client.is_connected() {
+            Ok(())
+        } else {
+            Err(EngineError::Unavailable("redis is not connected".into()))
+        }
+    }
+
+    fn is_local(&self, id: ClientId) -> bool {
+        id.node() == self.node
+    }
+
+    // ----- registration, heartbeat, purge -------------------------------
+
+    /// On every (re)connection, including the first: subscribe and write
+    /// the whole partition again from the hub.
+    async fn reconnect_loop(self: Arc<Self>) {
+        let mut reconnects = self.client.reconnect_rx();
+        let mut first = true;
+        loop {
+            tokio::select! {
+                event = reconnects.recv() => {
+                    if event.is_err() && !matches!(event, Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) {
+                        return;
+                    }
+                }
+                () = self.stop.cancelled() => return,
+            }
+            if !first {
+                self.metrics.redis_reconnects.inc();
+            }
+            first = false;
+            self.register_until_done().await;
+        }
+    }
+
+    async fn register_until_done(&self) {
+        while !self.stop.is_cancelled() && !self.leaving.load(Ordering::Acquire) {
+            match self.register().await {
+                Ok(n) => {
+                    tracing::info!(connections = n, "registered in redis");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registration in redis failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    /// Writes this node's partition from the hub. Returns how many
+    /// connections were registered.
+    async fn register(&self) -> Result<usize, fred::error::Error> {
+        self.registered.store(false, Ordering::Release);
+        for script in self.scripts.all() {
+            script.load(&self.client).await?;
+        }
+        self.subscriber
+            .subscribe(vec![
+                self.keys.node_channel(self.node),
+                self.keys.all_channel(),
+            ])
+            .await?;
+        for group in self.hub.groups() {
+            self.follow(Follow::Group(&group)).await?;
+        }
+        for uid in self.hub.uids() {
+            self.follow(Follow::Uid(&uid)).await?;
+        }
+        self.scripts
+            .clear
+            .evalsha::<i64, _, _, _>(&self.client, self.partition.clone(), "all")
+            .await?;
+        let snapshot = self.hub.snapshot();
+        for chunk in snapshot.chunks(REGISTER_CHUNK) {
+            try_join_all(chunk.iter().map(|(id, m)| self.write_client(*id, m))).await?;
+        }
+        self.beat().await?;
+        self.registered.store(true, Ordering::Release);
+        Ok(snapshot.len())
+    }
+
+    async fn write_client(&self, id: ClientId, m: &Membership) -> Result<(), fred::error::Error> {
+        let mut args = vec![
+            id.to_string(),
+            serde_json::to_string(&m.session).unwrap_or_else(|_| "{}".into()),
+            m.uid.clone().unwrap_or_default(),
+        ];
+        args.extend(m.groups.iter().cloned());
+        self.scripts
+            .add_client
+            .evalsha::<i64, _, _, _>(&self.client, self.partition.clone(), args)
+            .await?;
+        Ok(())
+    }
+
+    /// Refreshes the liveness key and the node's entry in the node set.
+    /// Returns whether the liveness key had survived since the last beat.
+    async fn beat(&self) -> Result<bool, fred::error::Error> {
+        let ttl = (self.settings.heartbeat * 2).as_millis().to_string();
+        let existed: i64 = self
+            .scripts
+            .heartbeat
+            .evalsha(
+                &self.client,
+                self.partition.clone(),
+                vec![self.settings.info.to_string(), ttl],
+            )
+            .await?;
+        self.client
+            .sadd::<i64, _, _>(self.keys.nodes(), self.node_name.clone())
+            .await?;
+        Ok(existed == 1)
+    }
+
+    /// Every half heartbeat: refresh liveness (re-register if Redis lost
+    /// it) and purge nodes whose liveness expired. A node that dies is gone
+    /// within 2.5 heartbeats: its key lives 2, and others look every half.
+    async fn liveness_loop(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.settings.heartbeat / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = self.stop.cancelled() => return,
+            }
+            if !self.client.is_connected() || !self.registered.load(Ordering::Acquire) {
+                continue;
+            }
+            match self.beat().await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::warn!("liveness key was gone (Redis restarted or this node was purged): registering again");
+                    self.register_until_done().await;
+                }
+                Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+            }
+            if let Err(e) = self.purge_dead().await {
+                tracing::debug!(error = %e, "purge failed");
+            }
+        }
+    }
+
+    async fn purge_dead(&self) -> Result<(), fred::error::Error> {
+        let nodes: Vec<String> = self.client.smembers(self.keys.nodes()).await?;
+        let mut alive = 1;
+        for name in nodes {
+            let Ok(node) = name.parse::<NodeId>() else {
+                continue;
+            };
+            if node == self.node {
+                continue;
+            }
+            let removed: i64 = self
+                .scripts
+                .clear
+                .evalsha(&self.client, self.keys.partition(node), "dead")
+                .await?;
+            if removed < 0 {
+                alive += 1;
+                continue;
+            }
+            // Several nodes may get here for the same dead node; only the
+            // first one's script found entries to delete.
+            self.client
+                .srem::<i64, _, _>(self.keys.nodes(), name)
+                .await?;
+            if removed > 0 {
+                tracing::info!(node = %node, addr = %node.addr(), connections = removed, "purged a dead node");
+            }
+        }
+        self.metrics.nodes_alive.set(alive);
+        Ok(())
+    }
+
+    // ----- subscriptions --------------------------------------------------
+
+    /// Subscribes to or unsubscribes from a group's or uid's channel so that
+    /// it is subscribed exactly while the hub holds a member.
+    async fn follow(&self, what: Follow<'_>) -> Result<(), fred::error::Error> {
+        let channel = match what {
+            Follow::Group(g) => self.keys.group_channel(g),
+            Follow::Uid(u) => self.keys.uid_channel(u),
+        };
+        let mut subscribed = self.subscribed.lock().await;
+        // Read the hub under the lock: whatever the order of concurrent
+        // changes, the last one to get here leaves the subscription right.
+        let wanted = match what {
+            Follow::Group(g) => self.hub.has_group(g),
+            Follow::Uid(u) => self.hub.has_uid(u),
+        };
+        match (wanted, subscribed.contains(&channel)) {
+            (true, false) => {
+                self.subscriber.subscribe(channel.clone()).await?;
+                subscribed.insert(channel);
+            }
+            (false, true) => {
+                subscribed.remove(&channel);
+                self.subscriber.unsubscribe(channel).await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ----- receiving --------------------------------------------------------
+
+    async fn receive_loop(self: Arc<Self>) {
+        use tokio::sync::broadcast::error::RecvError;
+        let mut messages = self.subscriber.message_rx();
+        loop {
+            let message = tokio::select! {
+                m = messages.recv() => m,
+                () = self.stop.cancelled() => return,
+            };
+            match message {
+                Ok(message) => self.on_message(&message.channel, &message.value),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::warn!(
+                        dropped = n,
+                        "pub/sub messages dropped: this node falls behind"
+                    );
+                    self.metrics.messages_overflowed.inc_by(n);
+                }
+                Err(RecvError::Closed) => return,
+            }
+        }
+    }
+
+    fn on_message(&self, channel: &str, value: &fred::types::Value) {
+        self.metrics.pubsub_received.inc();
+        let Some(channel) = self.keys.parse_channel(channel) else {
+            return;
+        };
+        let envelope = match value.as_bytes().map(Envelope::decode) {
+            Some(Ok(envelope)) => envelope,
+            Some(Err(e)) => return self.malformed(channel, &e.to_string()),
+            None => return self.malformed(channel, "not a byte string"),
+        };
+        if envelope.origin.as_deref() == Some(self.node_name.as_str()) {
+            // Pushed (or ungrouped) through this node: already applied here.
+            return;
+        }
+        if let Err(reason) = self.dispatch(channel, envelope) {
+            self.malformed(channel, reason);
+        }
+    }
+
+    fn malformed(&self, channel: Channel<'_>, reason: &str) {
+        self.metrics.pubsub_malformed.inc();
+        tracing::warn!(?channel, reason, "skipped a malformed message from redis");
+    }
+
+    fn dispatch(&self, channel: Channel<'_>, e: Envelope) -> Result<(), &'static str> {
+        match (channel, e.op) {
+            (_, Op::Push) => {
+                let data = e.data.ok_or("push without data")?;
+                let message = Message {
+                    binary: e.binary,
+                    data,
+                };
+                let exclude = parse_ids(&e.exclude);
+                let frame = message.frame();
+                let (kind, delivered) = match channel {
+                    Channel::All => (
+                        "all",
+                        self.hub.deliver_frame(&Target::All, &exclude, &frame),
+                    ),
+                    Channel::Group(group) => (
+                        "group",
+                        self.hub
+                            .deliver_group_part(&e.groups, group, &exclude, &frame),
+                    ),
+                    Channel::Uid(uid) => (
+                        "uid",
+                        self.hub.deliver_frame(
+                            &Target::Uids(vec![uid.to_owned()]),
+                            &exclude,
+                            &frame,
+                        ),
+                    ),
+                    Channel::Node(_) => {
+                        let target = Target::Clients(parse_ids(&e.client_ids));
+                        ("client", self.hub.deliver_frame(&target, &exclude, &frame))
+                    }
+                };
+                self.metrics.delivered(kind, delivered);
+            }
+            (Channel::Node(_), Op::Reply) => {
+                let req = e.req.ok_or("reply without req")?;
+                if let Some(waiter) = self.pending.lock().remove(&req) {
+                    let _ = waiter.send(e.error);
+                }
+            }
+            (Channel::Node(_), Op::Close) => {
+                let id = parse_id(e.client_id.as_deref()).ok_or("close without client_id")?;
+                let last = e.data.map(|data| {
+                    Message {
+                        binary: e.binary,
+                        data,
+                    }
+                    .frame()
+                });
+                self.hub
+                    .close_client(id, last, close_code::NORMAL, "closed by server");
+            }
+            (Channel::Group(group), Op::Ungroup) => {
+                self.hub.ungroup(group);
+                self.queue(Applied {
+                    change: Some(Change::Ungroup {
+                        group: group.to_owned(),
+                    }),
+                    reply: None,
+                });
+            }
+            (Channel::Node(_), op) => {
+                let id = parse_id(e.client_id.as_deref()).ok_or("command without client_id")?;
+                let change = self.change_hub(op, id, e.uid, e.group, e.session)?;
+                let reply = match (e.req, e.reply_to.as_deref().map(str::parse::<NodeId>)) {
+                    (Some(req), Some(Ok(node))) => Some((node, req)),
+                    _ => None,
+                };
+                self.queue(Applied { change, reply });
+            }
+            _ => return Err("operation not valid on this channel"),
+        }
+        Ok(())
+    }
+
+    fn queue(&self, applied: Applied) {
+        if self.commands.try_send(applied).is_err() {
+            tracing::warn!("command queue full: a membership change was not mirrored to redis");
+        }
+    }
+
+    /// Applies commands' Redis side in the order they arrived, then answers.
+    async fn command_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Applied>) {
+        while let Some(applied) = rx.recv().await {
+            let result = match applied.change {
+                Some(change) => self.persist(change).await,
+                None => Ok(()),
+            };
+            if let Some((node, req)) = applied.reply {
+                let mut reply = Envelope::new(Op::Reply);
+                reply.req = Some(req);
+                reply.error = result.err().map(|e| e.to_string());
+                let channel = self.keys.node_channel(node);
+                if let Err(e) = self
+                    .client
+                    .publish::<i64, _, _>(channel, reply.encode())
+                    .await
+                {
+                    tracing::debug!(error = %e, "could not answer a command");
+                }
+            }
+        }
+    }
+
+    // ----- changes ----------------------------------------------------------
+
+    /// Makes a membership change in the hub. `Ok(None)`: nothing to do (the
+    /// client is not here, or nothing changed).
+    fn change_hub(
+        &self,
+        op: Op,
+        id: ClientId,
+        uid: Option<String>,
+        group: Option<String>,
+        session: Option<Session>,
+    ) -> Result<Option<Change>, &'static str> {
+        let hub = &self.hub;
+        Ok(match op {
+            Op::BindUid => {
+                let uid = uid.ok_or("bind_uid without uid")?;
+                match hub.bind_uid(id, &uid) {
+                    Some(previous) if previous.as_deref() != Some(uid.as_str()) => {
+                        Some(Change::BindUid { id, uid, previous })
+                    }
+                    _ => None,
+                }
+            }
+            Op::UnbindUid => {
+                let uid = uid.ok_or("unbind_uid without uid")?;
+                hub.unbind_uid(id, &uid)
+                    .then_some(Change::UnbindUid { id, uid })
+            }
+            Op::JoinGroup => {
+                let group = group.ok_or("join_group without group")?;
+                (hub.join_group(id, &group) == Some(true))
+                    .then_some(Change::JoinGroup { id, group })
+            }
+            Op::LeaveGroup => {
+                let group = group.ok_or("leave_group without group")?;
+                hub.leave_group(id, &group)
+                    .then_some(Change::LeaveGroup { id, group })
+            }
+            Op::SetSession | Op::UpdateSession => {
+                let session = session.ok_or("session command without session")?;
+                hub.set_session(id, session, op == Op::UpdateSession)
+                    .map(|session| Change::SetSession { id, session })
+            }
+            _ => return Err("not a membership command"),
+        })
+    }
+
+    /// Mirrors a hub change into Redis, after subscribing to what it needs.
+    async fn persist(&self, change: Change) -> EngineResult<()> {
+        let (op, id, value, previous) = match change {
+            Change::BindUid { id, uid, previous } => {
+                self.follow(Follow::Uid(&uid)).await.map_err(unavailable)?;
+                if let Some(previous) = &previous {
+                    self.follow(Follow::Uid(previous))
+                        .await
+                        .map_err(unavailable)?;
+                }
+                ("bind_uid", id, uid, previous.unwrap_or_default())
+            }
+            Change::UnbindUid { id, uid } => {
+                self.follow(Follow::Uid(&uid)).await.map_err(unavailable)?;
+                ("unbind_uid", id, uid, String::new())
+            }
+            Change::JoinGroup { id, group } => {
+                self.follow(Follow::Group(&group))
+                    .await
+                    .map_err(unavailable)?;
+                ("join_group", id, group, String::new())
+            }
+            Change::LeaveGroup { id, group } => {
+                self.follow(Follow::Group(&group))
+                    .await
+                    .map_err(unavailable)?;
+                ("leave_group", id, group, String::new())
+            }
+            Change::SetSession { id, session } => {
+                let json = serde_json::to_string(&session).unwrap_or_else(|_| "{}".into());
+                ("set_session", id, json, String::new())
+            }
+            Change::Ungroup { group } => {
+                self.follow(Follow::Group(&group))
+                    .await
+                    .map_err(unavailable)?;
+                self.scripts
+                    .ungroup
+                    .evalsha::<Vec<String>, _, _, _>(&self.client, self.partition.clone(), group)
+                    .await
+                    .map_err(unavailable)?;
+                return Ok(());
+            }
+        };
+        self.scripts
+            .membership
+            .evalsha::<i64, _, _, _>(
+                &self.client,
+                self.partition.clone(),
+                vec![op.to_owned(), id.to_string(), value, previous],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    /// Runs a membership command where the client lives: here, or on its
+    /// node (and waits for that node's answer).
+    async fn command(
+        &self,
+        op: Op,
+        id: ClientId,
+        uid: Option<String>,
+        group: Option<String>,
+        session: Option<Session>,
+    ) -> EngineResult<()> {
+        self.check()?;
+        if self.is_local(id) {
+            let change = self
+                .change_hub(op, id, uid, group, session)
+                .map_err(|e| EngineError::Unavailable(e.into()))?;
+            return match change {
+                Some(change) => self.persist(change).await,
+                None => Ok(()),
+            };
+        }
+        let mut e = Envelope::new(op);
+        e.client_id = Some(id.to_string());
+        e.uid = uid;
+        e.group = group;
+        e.session = session;
+        self.rpc(id.node(), e).await
+    }
+
+    async fn rpc(&self, node: NodeId, mut e: Envelope) -> EngineResult<()> {
+        let req = self.next_req.fetch_add(1, Ordering::Relaxed);
+        e.req = Some(req);
+        e.reply_to = Some(self.node_name.clone());
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().insert(req, tx);
+        let receivers: Result<i64, _> = self
+            .client
+            .publish(self.keys.node_channel(node), e.encode())
+            .await;
+        let answer = match receivers {
+            // Nobody listens on the node's channel: the node is gone, and
+            // its clients with it. Not exact on Redis Cluster, where PUBLISH
+            // counts one shard's subscribers: there the timeout decides.
+            Ok(0) if !self.client.is_clustered() => Ok(None),
+            Ok(_) => match tokio::time::timeout(RPC_TIMEOUT, rx).await {
+                Ok(Ok(answer)) => Ok(answer),
+                _ => {
+                    if self.node_alive(node).await? {
+                        Err(EngineError::Unavailable(format!(
+                            "node {node} did not answer"
+                        )))
+                    } else {
+                        Ok(None)
+                    }
+                }
+            },
+            Err(e) => Err(unavailable(e)),
+        };
+        self.pending.lock().remove(&req);
+        match answer? {
+            None => Ok(()),
+            Some(error) => Err(EngineError::Unavailable(error)),
+        }
+    }
+
+    async fn node_alive(&self, node: NodeId) -> EngineResult<bool> {
+        let key = format!("{}:alive", self.keys.partition(node));
+        let n: i64 = self.client.exists(key).await.map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    // ----- queries ----------------------------------------------------------
+
+    /// The other registered nodes.
+    async fn other_nodes(&self) -> EngineResult<Vec<NodeId>> {
+        self.check()?;
+        let names: Vec<String> = self
+            .client
+            .smembers(self.keys.nodes())
+            .await
+            .map_err(unavailable)?;
+        Ok(names
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .filter(|n| *n != self.node)
+            .collect())
+    }
+
+    /// Runs `query` on every other node's partition, concurrently.
+    async fn per_node<T, F, Fut>(&self, query: F) -> EngineResult<Vec<T>>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
+    {
+        let nodes = self.other_nodes().await?;
+        try_join_all(nodes.into_iter().map(|n| query(self.keys.partition(n))))
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn members_with(
+        &self,
+        set: String,
+        hash: &'static str,
+    ) -> EngineResult<Vec<(String, Option<String>)>> {
+        let lists = self
+            .per_node(|p| {
+                self.scripts
+                    .members_with
+                    .evalsha::<Vec<Option<String>>, _, _, _>(
+                        &self.client,
+                        p,
+                        vec![set.clone(), hash.to_owned()],
+                    )
+            })
+            .await?;
+        Ok(lists
+            .into_iter()
+            .flat_map(|flat| {
+                let mut pairs = Vec::with_capacity(flat.len() / 2);
+                let mut it = flat.into_iter();
+                while let (Some(Some(member)), Some(value)) = (it.next(), it.next()) {
+                    pairs.push((member, value));
+                }
+                pairs
+            })
+            .collect())
+    }
+}
+
+fn parse_id(s: Option<&str>) -> Option<ClientId> {
+    s.and_then(|s| s.parse().ok())
+}
+
+fn parse_ids(ids: &[String]) -> Vec<ClientId> {
+    ids.iter().filter_map(|s| s.parse().ok()).collect()
+}
+
+fn ids_to_strings(ids: &[ClientId]) -> Vec<String> {
+    ids.iter().map(ClientId::to_string).collect()
+}
+
+fn parse_session(json: Option<String>) -> Session {
+    json.and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn distinct(mut items: Vec<String>) -> Vec<String> {
+    items.sort_unstable();
+    items.dedup();
+    items
+}
+
+#[async_trait]
+impl Engine for RedisEngine {
+    fn is_ready(&self) -> bool {
+        let i = &self.inner;
+        i.client.is_connected()
+            && i.subscriber.is_connected()
+            && i.registered.load(Ordering::Acquire)
+    }
+
+    async fn connect(&self, id: ClientId, outbox: Arc<Outbox>, m: Membership) -> EngineResult<()> {
+        let i = &self.inner;
+        i.hub.insert(id, outbox, m.clone());
+        let registered = async {
+            if let Some(uid) = &m.uid {
+                i.follow(Follow::Uid(uid)).await?;
+            }
+            for group in &m.groups {
+                i.follow(Follow::Group(group)).await?;
+            }
+            i.write_client(id, &m).await
+        };
+        // Redis being down does not refuse clients: the node registers them
+        // all again when it reconnects.
+        if let Err(e) = registered.await {
+            tracing::warn!(error = %e, "connection not registered in redis yet");
+        }
+        Ok(())
+    }
+
+    async fn disconnect(&self, id: ClientId) {
+        let i = &self.inner;
+        let Some(m) = i.hub.remove(id) else {
+            return;
+        };
+        if i.leaving.load(Ordering::Acquire) {
+            return;
+        }
+        let mut args = vec![id.to_string(), m.uid.clone().unwrap_or_default()];
+        args.extend(m.groups.iter().cloned());
+        let removed = async {
+            i.scripts
+                .remove_client
+                .evalsha::<i64, _, _, _>(&i.client, i.partition.clone(), args)
+                .await?;
+            if let Some(uid) = &m.uid {
+                i.follow(Follow::Uid(uid)).await?;
+            }
+            for group in &m.groups {
+                i.follow(Follow::Group(group)).await?;
+            }
+            Ok::<_, fred::error::Error>(())
+        };
+        if let Err(e) = removed.await {
+            tracing::warn!(error = %e, "connection not removed from redis yet");
+        }
+    }
+
+    async fn publish(&self, push: Push) -> EngineResult<()> {
+        let i = &self.inner;
+        i.check()?;
+        let mut e = Envelope::new(Op::Push);
+        e.data = Some(push.message.data.clone());
+        e.binary = push.message.binary;
+        e.exclude = ids_to_strings(&push.exclude);
+        let mut channels = Vec::new();
+        match &push.target {
+            Target::Client(id) if i.is_local(*id) => {}
+            Target::Client(id) => {
+                e.client_ids = vec![id.to_string()];
+                let channel = i.keys.node_channel(id.node());
+                return publish_one(i, channel, e.encode()).await;
+            }
+            Target::Clients(ids) => {
+                let mut by_node: HashMap<NodeId, Vec<String>> = HashMap::new();
+                for id in ids.iter().filter(|id| !i.is_local(**id)) {
+                    by_node.entry(id.node()).or_default().push(id.to_string());
+                }
+                let mut sends = Vec::new();
+                for (node, ids) in by_node {
+                    e.client_ids = ids;
+                    sends.push((i.keys.node_channel(node), e.encode()));
+                }
+                let delivered = i.hub.deliver(&push);
+                i.metrics.delivered(push.target.kind(), delivered);
+                return publish_many(i, sends).await;
+            }
+            Target::Uids(uids) => channels.extend(uids.iter().map(|u| i.keys.uid_channel(u))),
+            Target::Groups(groups) => {
+                if groups.len() > 1 {
+                    e.groups = groups.clone();
+                }
+                channels.extend(groups.iter().map(|g| i.keys.group_channel(g)));
+            }
+            Target::All => channels.push(i.keys.all_channel()),
+        }
+        // This node delivers to its own connections at once and tells the
+        // others; it skips its own message when Redis echoes it back.
+        let delivered = i.hub.deliver(&push);
+        i.metrics.delivered(push.target.kind(), delivered);
+        if channels.is_empty() {
+            return Ok(());
+        }
+        e.origin = Some(i.node_name.clone());
+        let bytes = e.encode();
+        publish_many(
+            i,
+            channels.into_iter().map(|c| (c, bytes.clone())).collect(),
+        )
+        .await
+    }
+
+    async fn close_client(&self, id: ClientId, last: Option<Message>) -> EngineResult<()> {
+        let i = &self.inner;
+        if i.is_local(id) {
+            let frame = last.map(|m| m.frame());
+            i.hub
+                .close_client(id, frame, close_code::NORMAL, "closed by server");
+            return Ok(());
+        }
+        i.check()?;
+        let mut e = Envelope::new(Op::Close);
+        e.client_id = Some(id.to_string());
+        if let Some(last) = last {
+            e.binary = last.binary;
+            e.data = Some(last.data);
+        }
+        publish_one(i, i.keys.node_channel(id.node()), e.encode()).await
+    }
+
+    async fn bind_uid(&self, id: ClientId, uid: String) -> EngineResult<()> {
+        self.inner
+            .command(Op::BindUid, id, Some(uid), None, None)
+            .await
+    }
+
+    async fn unbind_uid(&self, id: ClientId, uid: String) -> EngineResult<()> {
+        self.inner
+            .command(Op::UnbindUid, id, Some(uid), None, None)
+            .await
+    }
+
+    async fn join_group(&self, id: ClientId, group: String) -> EngineResult<()> {
+        self.inner
+            .command(Op::JoinGroup, id, None, Some(group), None)
+            .await
+    }
+
+    async fn leave_group(&self, id: ClientId, group: String) -> EngineResult<()> {
+        self.inner
+            .command(Op::LeaveGroup, id, None, Some(group), None)
+            .await
+    }
+
+    async fn ungroup(&self, group: String) -> EngineResult<()> {
+        let i = &self.inner;
+        i.check()?;
+        // Other nodes drop their members when the command arrives on the
+        // group's channel (in order with pushes to the group); their
+        // partitions are cleared here so queries agree at once.
+        i.hub.ungroup(&group);
+        let mut e = Envelope::new(Op::Ungroup);
+        e.origin = Some(i.node_name.clone());
+        publish_one(i, i.keys.group_channel(&group), e.encode()).await?;
+        i.persist(Change::Ungroup {
+            group: group.clone(),
+        })
+        .await?;
+        i.per_node(|p| {
+            i.scripts
+                .ungroup
+                .evalsha::<Vec<String>, _, _, _>(&i.client, p, group.clone())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn set_session(&self, id: ClientId, session: Session, merge: bool) -> EngineResult<()> {
+        let op = if merge {
+            Op::UpdateSession
+        } else {
+            Op::SetSession
+        };
+        self.inner.command(op, id, None, None, Some(session)).await
+    }
+
+    async fn is_online(&self, id: ClientId) -> EngineResult<bool> {
+        let i = &self.inner;
+        if i.is_local(id) {
+            return Ok(i.hub.contains(id));
+        }
+        i.check()?;
+        let key = format!("{}:clients", i.keys.partition(id.node()));
+        i.client
+            .hexists(key, id.to_string())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn uid_of(&self, id: ClientId) -> EngineResult<Option<String>> {
+        let i = &self.inner;
+        if i.is_local(id) {
+            return Ok(i.hub.uid_of(id).flatten());
+        }
+        i.check()?;
+        let key = format!("{}:uid", i.keys.partition(id.node()));
+        i.client
+            .hget(key, id.to_string())
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn session_of(&self, id: ClientId) -> EngineResult<Option<Session>> {
+        let i = &self.inner;
+        if i.is_local(id) {
+            return Ok(i.hub.session_of(id));
+        }
+        i.check()?;
+        let key = format!("{}:clients", i.keys.partition(id.node()));
+        let json: Option<String> = i
+            .client
+            .hget(key, id.to_string())
+            .await
+            .map_err(unavailable)?;
+        Ok(json.map(|j| parse_session(Some(j))))
+    }
+
+    async fn client_ids_by_uid(&self, uid: String) -> EngineResult<Vec<ClientId>> {
+        let i = &self.inner;
+        let mut ids = i.hub.client_ids_by_uid(&uid);
+        let key = format!(":u:{uid}");
+        let remote: Vec<Vec<String>> = i.per_node(|p| i.client.smembers(p + &key)).await?;
+        ids.extend(remote.iter().flat_map(|l| parse_ids(l)));
+        Ok(ids)
+    }
+
+    async fn group_client_ids(&self, group: String) -> EngineResult<Vec<ClientId>> {
+        let i = &self.inner;
+        let mut ids = i.hub.group_client_ids(&group);
+        let key = format!(":g:{group}");
+        let remote: Vec<Vec<String>> = i.per_node(|p| i.client.smembers(p + &key)).await?;
+        ids.extend(remote.iter().flat_map(|l| parse_ids(l)));
+        Ok(ids)
+    }
+
+    async fn group_client_count(&self, group: String) -> EngineResult<u64> {
+        let i = &self.inner;
+        let key = format!(":g:{group}");
+        let counts: Vec<u64> = i.per_node(|p| i.client.scard(p + &key)).await?;
+        Ok(i.hub.group_client_count(&group) as u64 + counts.iter().sum::<u64>())
+    }
+
+    async fn group_sessions(&self, group: String) -> EngineResult<Vec<(ClientId, Session)>> {
+        let i = &self.inner;
+        let mut sessions = i.hub.group_sessions(&group);
+        for (id, json) in i.members_with(format!(":g:{group}"), ":clients").await? {
+            if let Ok(id) = id.parse() {
+                sessions.push((id, parse_session(json)));
+            }
+        }
+        Ok(sessions)
+    }
+
+    async fn group_uids(&self, group: String) -> EngineResult<Vec<String>> {
+        let i = &self.inner;
+        let mut uids = i.hub.group_uids(&group);
+        let remote = i.members_with(format!(":g:{group}"), ":uid").await?;
+        uids.extend(remote.into_iter().filter_map(|(_, uid)| uid));
+        Ok(distinct(uids))
+    }
+
+    async fn client_count(&self) -> EngineResult<u64> {
+        let i = &self.inner;
+        let counts: Vec<u64> = i.per_node(|p| i.client.hlen(p + ":clients")).await?;
+        Ok(i.hub.client_count() as u64 + counts.iter().sum::<u64>())
+    }
+
+    async fn client_ids(&self) -> EngineResult<Vec<ClientId>> {
+        let i = &self.inner;
+        let mut ids = i.hub.client_ids();
+        let remote: Vec<Vec<String>> = i.per_node(|p| i.client.hkeys(p + ":clients")).await?;
+        ids.extend(remote.iter().flat_map(|l| parse_ids(l)));
+        Ok(ids)
+    }
+
+    async fn sessions(&self) -> EngineResult<Vec<(ClientId, Session)>> {
+        let i = &self.inner;
+        let mut sessions = i.hub.sessions();
+        let remote: Vec<HashMap<String, String>> =
+            i.per_node(|p| i.client.hgetall(p + ":clients")).await?;
+        for (id, json) in remote.into_iter().flatten() {
+            if let Ok(id) = id.parse() {
+                sessions.push((id, parse_session(Some(json))));
+            }
+        }
+        Ok(sessions)
+    }
+
+    async fn uids(&self) -> EngineResult<Vec<String>> {
+        let i = &self.inner;
+        let mut uids = i.hub.uids();
+        let remote: Vec<Vec<String>> = i.per_node(|p| i.client.smembers(p + ":uids")).await?;
+        uids.extend(remote.into_iter().flatten());
+        Ok(distinct(uids))
+    }
+
+    async fn uid_count(&self) -> EngineResult<u64> {
+        Ok(self.uids().await?.len() as u64)
+    }
+
+    async fn groups(&self) -> EngineResult<Vec<String>> {
+        let i = &self.inner;
+        let mut groups = i.hub.groups();
+        let remote: Vec<Vec<String>> = i.per_node(|p| i.client.smembers(p + ":groups")).await?;
+        groups.extend(remote.into_iter().flatten());
+        Ok(distinct(groups))
+    }
+
+    async fn shutdown(&self) {
+        let i = &self.inner;
+        i.leaving.store(true, Ordering::Release);
+        i.registered.store(false, Ordering::Release);
+        let leave = async {
+            i.scripts
+                .clear
+                .evalsha::<i64, _, _, _>(&i.client, i.partition.clone(), "all")
+                .await?;
+            i.client
+                .del::<i64, _>(format!("{}:alive", i.partition))
+                .await?;
+            i.client
+                .srem::<i64, _, _>(i.keys.nodes(), i.node_name.clone())
+                .await?;
+            Ok::<_, fred::error::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(3), leave).await {
+            Ok(Ok(())) => tracing::info!("left the cluster: entries removed from redis"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "could not remove this node's entries from redis")
+            }
+            Err(_) => tracing::warn!("redis did not answer while leaving the cluster"),
+        }
+        i.stop.cancel();
+        let _ = i.subscriber.quit().await;
+        let _ = i.client.quit().await;
+    }
+}
+
+async fn publish_one(i: &Inner, channel: String, bytes: Bytes) -> EngineResult<()> {
+    i.client
+        .publish::<i64, _, _>(channel, bytes)
+        .await
+        .map(|_| ())
+        .map_err(unavailable)
+}
+
+async fn publish_many(i: &Inner, sends: Vec<(String, Bytes)>) -> EngineResult<()> {
+    try_join_all(
+        sends
+            .into_iter()
+            .map(|(channel, bytes)| i.client.publish::<i64, _, _>(channel, bytes)),
+    )
+    .await
+    .map(|_| ())
+    .map_err(unavailable)
+}
