@@ -146,9 +146,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_public.cancel();
         gw.hub
             .close_all(frame::close_code::GOING_AWAY, "server shutting down");
+        // Leave the cluster now, not after the last client said goodbye:
+        // other nodes must stop routing to this one at once.
+        gw.engine.shutdown().await;
         gw.connections.close();
         gw.connections.wait().await;
-        gw.engine.shutdown().await;
         let _ = public.await;
     };
     if tokio::time::timeout(grace, drain).await.is_err() {
@@ -156,7 +158,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             ?grace,
             "shutdown grace period over: exiting with connections still open"
         );
-        gw.engine.shutdown().await;
     }
     stop_internal.cancel();
     background.close();

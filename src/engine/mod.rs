@@ -100,7 +100,8 @@ pub trait Engine: Send + Sync + 'static {
     /// Every group with at least one member.
     async fn groups(&self) -> EngineResult<Vec<String>>;
 
-    /// Leaves the cluster: removes this node's entries from storage. Called
-    /// once at shutdown after every connection was asked to close.
+    /// Leaves the cluster: removes this node's entries from storage at once.
+    /// Called once at shutdown, right after every connection was asked to
+    /// close; later disconnects only update the hub.
     async fn shutdown(&self);
 }

@@ -1,0 +1,218 @@
+//! What only a cluster of nodes sharing Redis does: nodes dying and
+//! leaving, Redis restarting or going away, and bad messages on Redis.
+
+mod common;
+
+use common::redis::RedisServer;
+use common::{eventually, sorted, strs, Client, Cluster, Engine, Node, Seen};
+use serde_json::json;
+
+async fn three_nodes() -> Cluster {
+    Cluster::start(Engine::Redis, &[]).await
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_cross_redis_to_the_node_holding_the_client() {
+    let c = three_nodes().await;
+    let mut a = Client::connect(&c.nodes[0].ws_url("")).await;
+    let mut b = Client::connect(&c.nodes[1].ws_url("")).await;
+    let api = &c.nodes[2];
+    api.ok("join_group", json!({"client_id": a.id, "group": "g"}))
+        .await;
+    api.ok("join_group", json!({"client_id": b.id, "group": "g"}))
+        .await;
+    let before = metric(
+        &c.nodes[0].get_text("/metrics").await,
+        "gatecast_pubsub_received_total",
+    );
+    api.ok("send_to_group", json!({"group": "g", "data": "via redis"}))
+        .await;
+    a.expect_text("via redis").await;
+    b.expect_text("via redis").await;
+    // Node 0 got it from Redis: nothing else connects node 2 to node 0.
+    let after = metric(
+        &c.nodes[0].get_text("/metrics").await,
+        "gatecast_pubsub_received_total",
+    );
+    assert!(
+        after > before,
+        "node 0 received pub/sub messages ({before} -> {after})"
+    );
+    // Every node answers the same cluster-wide queries.
+    for node in &c.nodes {
+        assert_eq!(
+            sorted(
+                node.ok("get_client_id_list_by_group", json!({"group": "g"}))
+                    .await
+            ),
+            strs(&[&a.id, &b.id])
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_is_purged_and_the_others_keep_delivering() {
+    let mut c = three_nodes().await;
+    let doomed = Client::connect(&c.nodes[0].ws_url("")).await;
+    let mut survivor = Client::connect(&c.nodes[1].ws_url("")).await;
+    c.nodes[2]
+        .ok("bind_uid", json!({"client_id": doomed.id, "uid": "u"}))
+        .await;
+    c.nodes[2]
+        .ok("join_group", json!({"client_id": doomed.id, "group": "g"}))
+        .await;
+    c.nodes[2]
+        .ok(
+            "join_group",
+            json!({"client_id": survivor.id, "group": "g"}),
+        )
+        .await;
+    c.nodes[0].signal("KILL");
+    let _ = c.nodes[0].wait_exit(common::WAIT).await;
+    let api = &c.nodes[2];
+    // Heartbeat is 1s: the dead node's entries go within 3 heartbeats; the
+    // bounded wait here is the harness's generic one.
+    eventually("dead node's client purged", || async {
+        api.ok("get_client_count_by_group", json!({"group": "g"}))
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(api.ok("is_uid_online", json!({"uid": "u"})).await, false);
+    assert_eq!(
+        api.ok("is_online", json!({"client_id": doomed.id})).await,
+        false
+    );
+    assert_eq!(api.ok("get_all_client_count", json!({})).await, 1);
+    api.ok("send_to_group", json!({"group": "g", "data": "still here"}))
+        .await;
+    survivor.expect_text("still here").await;
+    // Commands for the dead node's clients are no-ops, not errors.
+    api.ok("join_group", json!({"client_id": doomed.id, "group": "h"}))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_node_closes_its_clients_with_1001_and_leaves() {
+    let mut c = three_nodes().await;
+    let mut leaving = Client::connect(&c.nodes[0].ws_url("")).await;
+    let staying = Client::connect(&c.nodes[1].ws_url("")).await;
+    c.nodes[2]
+        .ok("join_group", json!({"client_id": leaving.id, "group": "g"}))
+        .await;
+    c.nodes[2]
+        .ok("join_group", json!({"client_id": staying.id, "group": "g"}))
+        .await;
+    c.nodes[0].signal("TERM");
+    let api = &c.nodes[2];
+    leaving.expect_close(1001).await;
+    eventually("the terminated node's entries are gone", || async {
+        api.ok("get_client_id_list_by_group", json!({"group": "g"}))
+            .await
+            == json!([staying.id])
+    })
+    .await;
+    let status = c.nodes[0].wait_exit(common::WAIT).await;
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_empty_gets_every_connection_back() {
+    let mut c = three_nodes().await;
+    let mut a = Client::connect(&c.nodes[0].ws_url("")).await;
+    let api = &c.nodes[2];
+    api.ok("bind_uid", json!({"client_id": a.id, "uid": "alice"}))
+        .await;
+    api.ok("join_group", json!({"client_id": a.id, "group": "g"}))
+        .await;
+    api.ok(
+        "set_session",
+        json!({"client_id": a.id, "session": {"k": 1}}),
+    )
+    .await;
+
+    let redis = c.redis.as_mut().unwrap();
+    let port = redis.port;
+    redis.stop();
+    for node in &c.nodes {
+        eventually("node not ready without redis", || async {
+            node.get_status(false, "/readyz").await == 503
+        })
+        .await;
+    }
+    // Without Redis the API refuses (503), it does not hang.
+    let (status, body) = api.call("get_all_client_count", json!({})).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+
+    c.redis = Some(RedisServer::start_on(port));
+    for node in &c.nodes {
+        node.wait_ready().await;
+    }
+    eventually("state re-registered", || async {
+        api.ok("get_client_id_list_by_group", json!({"group": "g"}))
+            .await
+            == json!([a.id])
+    })
+    .await;
+    assert_eq!(
+        api.ok("get_client_id_by_uid", json!({"uid": "alice"}))
+            .await,
+        json!([a.id])
+    );
+    assert_eq!(
+        api.ok("get_session", json!({"client_id": a.id})).await,
+        json!({"k": 1})
+    );
+    // The WebSocket stayed open throughout, and pushes flow again.
+    api.ok("send_to_group", json!({"group": "g", "data": "back"}))
+        .await;
+    api.ok("send_to_uid", json!({"uid": "alice", "data": "uid back"}))
+        .await;
+    a.expect_text("back").await;
+    a.expect_text("uid back").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_message_on_redis_is_counted_and_skipped() {
+    let c = three_nodes().await;
+    let mut a = Client::connect(&c.nodes[0].ws_url("")).await;
+    let redis = c.redis.as_ref().unwrap();
+    redis.cli(&["PUBLISH", "gatecast:all", "this is not msgpack"]);
+    c.nodes[2]
+        .ok("send_to_all", json!({"data": "next one"}))
+        .await;
+    a.expect_text("next one").await;
+    let node = &c.nodes[0];
+    eventually("malformed message counted", || async {
+        metric(
+            &node.get_text("/metrics").await,
+            "gatecast_pubsub_malformed_total",
+        ) >= 1.0
+    })
+    .await;
+    assert_eq!(node.get_status(false, "/readyz").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_before_redis_becomes_ready_when_redis_comes() {
+    let port = common::redis::free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    let node = Node::start(&["--redis-url", &url, "--node-heartbeat", "1s"]);
+    assert_eq!(node.get_status(false, "/readyz").await, 503);
+    assert_eq!(node.get_status(false, "/healthz").await, 200);
+    let _redis = RedisServer::start_on(port);
+    node.wait_ready().await;
+    let mut a = Client::connect(&node.ws_url("")).await;
+    node.ok("send_to_client", json!({"client_id": a.id, "data": "hi"}))
+        .await;
+    assert_eq!(a.next().await, Seen::Text("hi".into()));
+}
