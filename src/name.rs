@@ -55,11 +55,7 @@ impl<'de> Deserialize<'de> for Name {
             }
 
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Name, E> {
-                Ok(Name(
-                    serde_json::Number::from_f64(v)
-                        .map(|n| n.to_string())
-                        .ok_or_else(|| E::custom("not a finite number"))?,
-                ))
+                Name::from_f64(v).map_err(E::custom)
             }
         }
 
@@ -67,15 +63,71 @@ impl<'de> Deserialize<'de> for Name {
     }
 }
 
+impl Name {
+    /// A number's decimal string: `1e3` is "1000", as PHP would print it.
+    fn from_f64(v: f64) -> Result<Name, String> {
+        if !v.is_finite() {
+            return Err("not a finite number".into());
+        }
+        if v.fract() == 0.0 && v.abs() < 1e15 {
+            return Ok(Name((v as i64).to_string()));
+        }
+        Ok(Name(v.to_string()))
+    }
+}
+
 /// One name or a list of them (GatewayWorker accepts both for uids and
 /// groups).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone)]
 pub enum OneOrMany {
     /// A list.
     Many(Vec<Name>),
     /// A single name.
     One(Name),
+}
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // By hand rather than `untagged`, so that a bad name reports what is
+        // wrong with it instead of "did not match any variant".
+        struct OneOrManyVisitor;
+
+        impl<'de> Visitor<'de> for OneOrManyVisitor {
+            type Value = OneOrMany;
+
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a name (string or number) or a list of names")
+            }
+
+            fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut names = Vec::new();
+                while let Some(name) = seq.next_element::<Name>()? {
+                    names.push(name);
+                }
+                Ok(OneOrMany::Many(names))
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Name::new(v.to_owned())
+                    .map(OneOrMany::One)
+                    .map_err(E::custom)
+            }
+
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(Name(v.to_string())))
+            }
+
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<OneOrMany, E> {
+                Ok(OneOrMany::One(Name(v.to_string())))
+            }
+
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<OneOrMany, E> {
+                Name::from_f64(v).map(OneOrMany::One).map_err(E::custom)
+            }
+        }
+
+        d.deserialize_any(OneOrManyVisitor)
+    }
 }
 
 impl OneOrMany {
@@ -100,6 +152,8 @@ mod tests {
         assert_eq!(n.0, "42");
         let n: Name = serde_json::from_str("-7").unwrap();
         assert_eq!(n.0, "-7");
+        let n: Name = serde_json::from_str("1e3").unwrap();
+        assert_eq!(n.0, "1000");
     }
 
     #[test]
@@ -109,5 +163,13 @@ mod tests {
         assert!(serde_json::from_str::<Name>(&long).is_err());
         assert!(serde_json::from_str::<Name>("true").is_err());
         assert!(serde_json::from_str::<Name>("{}").is_err());
+    }
+
+    #[test]
+    fn one_or_many_explains_a_bad_name() {
+        let many: OneOrMany = serde_json::from_str(r#"["a", 2]"#).unwrap();
+        assert_eq!(many.into_strings(), vec!["a", "2"]);
+        let err = serde_json::from_str::<OneOrMany>(r#"["a", ""]"#).unwrap_err();
+        assert!(err.to_string().contains("must not be empty"), "{err}");
     }
 }

@@ -176,6 +176,7 @@ fn public_router(gw: Arc<Gateway>) -> Router {
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
         .with_state(gw)
 }
 

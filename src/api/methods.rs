@@ -102,7 +102,7 @@ fn decode_base64(s: &str) -> Result<Bytes, ApiError> {
 struct SendToAll {
     #[serde(flatten)]
     data: Data,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     exclude_client_ids: Vec<ClientId>,
     client_ids: Option<Vec<ClientId>>,
 }
@@ -126,7 +126,7 @@ struct SendToUid {
 struct SendToGroup {
     group: Option<OneOrMany>,
     groups: Option<OneOrMany>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_as_empty")]
     exclude_client_ids: Vec<ClientId>,
     #[serde(flatten)]
     data: Data,
@@ -170,6 +170,15 @@ struct ClientGroup {
 struct ClientSession {
     client_id: ClientId,
     session: Session,
+}
+
+/// `null` reads as an empty list: PHP backends send `null` for "none".
+fn null_as_empty<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Ok(Option::<Vec<T>>::deserialize(d)?.unwrap_or_default())
 }
 
 fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {

@@ -76,11 +76,12 @@ pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such path")
 }
 
-async fn method_not_allowed() -> ApiError {
+/// A known path with the wrong HTTP method answers with the JSON error.
+pub async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        "API methods are called with POST",
+        "wrong HTTP method for this path (API methods are called with POST)",
     )
 }
 
@@ -167,7 +168,12 @@ fn authorize(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| {
+            let (scheme, token) = v.split_once(' ')?;
+            scheme
+                .eq_ignore_ascii_case("bearer")
+                .then_some(token.trim())
+        })
         .ok_or_else(|| ApiError::unauthorized("missing Authorization: Bearer <api key>"))?;
     if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
         Ok(())

@@ -246,7 +246,13 @@ fn parse_close(payload: &[u8]) -> Result<Option<u16>, ProtocolViolation> {
             if std::str::from_utf8(reason).is_err() {
                 return Err(violation(close_code::INVALID_PAYLOAD, "bad close reason"));
             }
-            Ok(Some(u16::from_be_bytes([*a, *b])))
+            let code = u16::from_be_bytes([*a, *b]);
+            // Codes an endpoint may send (RFC 6455 section 7.4); 1005, 1006
+            // and 1015 only ever describe a close, they are never sent.
+            match code {
+                1000..=1003 | 1007..=1014 | 3000..=4999 => Ok(Some(code)),
+                _ => Err(violation(close_code::PROTOCOL_ERROR, "invalid close code")),
+            }
         }
     }
 }
@@ -444,5 +450,10 @@ mod tests {
         payload.extend_from_slice(b"bye");
         let got = feed_all(&mut Reader::default(), &client_frame(true, 8, &payload)).unwrap();
         assert_eq!(got, vec![Incoming::Close(Some(1000))]);
+        for invalid in [999u16, 1005, 1006, 1015, 2000, 5000] {
+            let frame = client_frame(true, 8, &invalid.to_be_bytes());
+            let err = feed_all(&mut Reader::default(), &frame).unwrap_err();
+            assert_eq!(err.code, close_code::PROTOCOL_ERROR, "code {invalid}");
+        }
     }
 }
