@@ -95,6 +95,8 @@ struct Inner {
     partition: String,
     client: Client,
     subscriber: SubscriberClient,
+    /// Redis Cluster: sharded pub/sub (SPUBLISH/SSUBSCRIBE).
+    sharded: bool,
     scripts: Scripts,
     settings: RedisSettings,
     /// Commands sent to other nodes, waiting for their reply.
@@ -169,6 +171,7 @@ impl RedisEngine {
     ) -> Result<Self, String> {
         let config = RedisConfig::from_url(&settings.url)
             .map_err(|e| format!("invalid --redis-url: {e}"))?;
+        let sharded = config.server.is_clustered();
         let mut builder = fred::types::Builder::from_config(config);
         builder
             .with_config(|c| c.fail_fast = false)
@@ -199,6 +202,7 @@ impl RedisEngine {
             metrics,
             client,
             subscriber,
+            sharded,
             scripts: Scripts::default(),
             settings,
             pending: Mutex::new(HashMap::new()),
@@ -282,12 +286,8 @@ impl Inner {
         for script in self.scripts.all() {
             script.load(&self.client).await?;
         }
-        self.subscriber
-            .subscribe(vec![
-                self.keys.node_channel(self.node),
-                self.keys.all_channel(),
-            ])
-            .await?;
+        self.subscribe(self.keys.node_channel(self.node)).await?;
+        self.subscribe(self.keys.all_channel()).await?;
         for group in self.hub.groups() {
             self.follow(Follow::Group(&group)).await?;
         }
@@ -418,12 +418,16 @@ impl Inner {
         };
         match (wanted, subscribed.contains(&channel)) {
             (true, false) => {
-                self.subscriber.subscribe(channel.clone()).await?;
+                self.subscribe(channel.clone()).await?;
                 subscribed.insert(channel);
             }
             (false, true) => {
                 subscribed.remove(&channel);
-                self.subscriber.unsubscribe(channel).await?;
+                if self.sharded {
+                    self.subscriber.sunsubscribe(channel).await?;
+                } else {
+                    self.subscriber.unsubscribe(channel).await?;
+                }
             }
             _ => {}
         }
@@ -572,11 +576,7 @@ impl Inner {
                 reply.req = Some(req);
                 reply.error = result.err().map(|e| e.to_string());
                 let channel = self.keys.node_channel(node);
-                if let Err(e) = self
-                    .client
-                    .publish::<i64, _, _>(channel, reply.encode())
-                    .await
-                {
+                if let Err(e) = self.publish(channel, reply.encode()).await {
                     tracing::debug!(error = %e, "could not answer a command");
                 }
             }
@@ -720,15 +720,11 @@ impl Inner {
         e.reply_to = Some(self.node_name.clone());
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(req, tx);
-        let receivers: Result<i64, _> = self
-            .client
-            .publish(self.keys.node_channel(node), e.encode())
-            .await;
+        let receivers = self.publish(self.keys.node_channel(node), e.encode()).await;
         let answer = match receivers {
             // Nobody listens on the node's channel: the node is gone, and
-            // its clients with it. Not exact on Redis Cluster, where PUBLISH
-            // counts one shard's subscribers: there the timeout decides.
-            Ok(0) if !self.client.is_clustered() => Ok(None),
+            // its clients with it.
+            Ok(0) => Ok(None),
             Ok(_) => match tokio::time::timeout(RPC_TIMEOUT, rx).await {
                 Ok(Ok(answer)) => Ok(answer),
                 _ => {
@@ -747,6 +743,26 @@ impl Inner {
         match answer? {
             None => Ok(()),
             Some(error) => Err(EngineError::Unavailable(error)),
+        }
+    }
+
+    /// Subscribes to a channel: sharded (SSUBSCRIBE) on Redis Cluster.
+    async fn subscribe(&self, channel: String) -> Result<(), fred::error::Error> {
+        if self.sharded {
+            self.subscriber.ssubscribe(channel).await
+        } else {
+            self.subscriber.subscribe(channel).await
+        }
+    }
+
+    /// Publishes to a channel: sharded (SPUBLISH) on Redis Cluster, so a
+    /// message goes only to the shard that owns the channel instead of
+    /// crossing the whole cluster bus. Returns the number of receivers.
+    async fn publish(&self, channel: String, bytes: Bytes) -> Result<i64, fred::error::Error> {
+        if self.sharded {
+            self.client.spublish(channel, bytes).await
+        } else {
+            self.client.publish(channel, bytes).await
         }
     }
 
@@ -1186,8 +1202,7 @@ impl Engine for RedisEngine {
 }
 
 async fn publish_one(i: &Inner, channel: String, bytes: Bytes) -> EngineResult<()> {
-    i.client
-        .publish::<i64, _, _>(channel, bytes)
+    i.publish(channel, bytes)
         .await
         .map(|_| ())
         .map_err(unavailable)
@@ -1197,7 +1212,7 @@ async fn publish_many(i: &Inner, sends: Vec<(String, Bytes)>) -> EngineResult<()
     try_join_all(
         sends
             .into_iter()
-            .map(|(channel, bytes)| i.client.publish::<i64, _, _>(channel, bytes)),
+            .map(|(channel, bytes)| i.publish(channel, bytes)),
     )
     .await
     .map(|_| ())
