@@ -1,10 +1,9 @@
 //! Per-connection sessions: a JSON object, replaced by set_session and merged
 //! by update_session.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-/// A connection's session.
-pub type Session = Map<String, Value>;
+pub use gatecast_emitter::Session;
 
 /// Merges `update` into `session` as GatewayWorker's updateSession does
 /// (PHP's `array_replace_recursive`): nested objects merge key by key, any

@@ -19,9 +19,9 @@
 //!   partition of a node whose key expired. After any reconnection (Redis
 //!   restarted, failover) a node re-registers its partition from its hub.
 
-pub mod envelope;
-pub mod keys;
 mod scripts;
+
+pub use gatecast_emitter::{envelope, keys};
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -9,7 +9,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-use crate::session::Session;
+use crate::Session;
 
 /// The envelope version this node writes and reads.
 pub const VERSION: u32 = 1;
