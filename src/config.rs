@@ -88,9 +88,18 @@ pub struct Config {
     #[arg(long, env = "GATECAST_API_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub api_max_body_bytes: usize,
 
-    /// Forward connect, message and close events to backends.
+    /// Forward connect, message and close events to backends: to the Redis
+    /// stream `<prefix>:events` with --redis-url, else to --events-webhook.
     #[arg(long, env = "GATECAST_EVENTS", default_value_t = false)]
     pub events: bool,
+
+    /// Approximate length the events stream is trimmed to (XADD MAXLEN ~).
+    #[arg(long, env = "GATECAST_EVENTS_MAX_LEN", default_value_t = 100_000)]
+    pub events_max_len: i64,
+
+    /// Without Redis: URL each event is POSTed to as JSON (http:// only).
+    #[arg(long, env = "GATECAST_EVENTS_WEBHOOK")]
+    pub events_webhook: Option<String>,
 
     /// Log format.
     #[arg(long, env = "GATECAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -127,6 +136,12 @@ impl Config {
         }
         if self.client_jwt_secret.is_some() && self.client_jwt_public_key.is_some() {
             return Err("set --client-jwt-secret or --client-jwt-public-key, not both".into());
+        }
+        if self.events && self.redis_url.is_none() && self.events_webhook.is_none() {
+            return Err("--events needs --redis-url (events stream) or --events-webhook".into());
+        }
+        if self.events_max_len < 1 {
+            return Err("--events-max-len must be at least 1".into());
         }
         if self.redis_prefix.is_empty() {
             return Err("--redis-prefix must not be empty".into());

@@ -8,7 +8,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::engine::Engine;
+use crate::events::{Detail, Event, Events};
 use crate::hub::Hub;
+use crate::ids::ClientId;
 use crate::ids::IdMinter;
 use crate::metrics::Metrics;
 use crate::ws::auth::ClientAuth;
@@ -27,6 +29,8 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     /// Client token verifier, when client auth is on.
     pub client_auth: Option<ClientAuth>,
+    /// Where connect/message/close events go, when `--events` is on.
+    pub events: Option<Events>,
     /// Connection tasks, so shutdown can wait for them.
     pub connections: TaskTracker,
     draining: AtomicBool,
@@ -41,6 +45,7 @@ impl Gateway {
         minter: IdMinter,
         metrics: Arc<Metrics>,
         client_auth: Option<ClientAuth>,
+        events: Option<Events>,
     ) -> Self {
         Gateway {
             config,
@@ -49,6 +54,7 @@ impl Gateway {
             minter,
             metrics,
             client_auth,
+            events,
             connections: TaskTracker::new(),
             draining: AtomicBool::new(false),
         }
@@ -62,6 +68,17 @@ impl Gateway {
     /// Marks the node as shutting down: not ready, no new connections.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::Release);
+    }
+
+    /// Emits an event about a local connection with its current uid and
+    /// session (a no-op unless `--events` is on).
+    pub fn event(&self, id: ClientId, detail: Detail) {
+        let Some(events) = &self.events else {
+            return;
+        };
+        let uid = self.hub.uid_of(id).flatten();
+        let session = self.hub.session_of(id).unwrap_or_default();
+        events.emit(Event::new(id, uid, session, detail), &self.metrics);
     }
 
     /// Whether the node should receive traffic.

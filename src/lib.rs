@@ -11,6 +11,7 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod events;
 pub mod gateway;
 pub mod hub;
 pub mod ids;

@@ -53,8 +53,14 @@ pub struct Metrics {
     pub pubsub_received: Counter,
     /// Pub/sub messages that could not be decoded and were skipped.
     pub pubsub_malformed: Counter,
+    /// Pub/sub messages dropped because this node fell behind Redis.
+    pub pubsub_dropped: Counter,
     /// Gateway nodes seen alive (this one included).
     pub nodes_alive: Gauge,
+    /// Events handed to the stream or webhook.
+    pub events_sent: Counter,
+    /// Events lost: queue full, Redis down or webhook failing.
+    pub events_dropped: Counter,
 }
 
 impl Default for Metrics {
@@ -80,7 +86,10 @@ impl Metrics {
             redis_reconnects: Counter::default(),
             pubsub_received: Counter::default(),
             pubsub_malformed: Counter::default(),
+            pubsub_dropped: Counter::default(),
             nodes_alive: Gauge::default(),
+            events_sent: Counter::default(),
+            events_dropped: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -141,9 +150,24 @@ impl Metrics {
             m.pubsub_malformed.clone(),
         );
         r.register(
+            "pubsub_dropped",
+            "Pub/sub messages dropped because this node fell behind",
+            m.pubsub_dropped.clone(),
+        );
+        r.register(
             "nodes_alive",
             "Gateway nodes seen alive",
             m.nodes_alive.clone(),
+        );
+        r.register(
+            "events_sent",
+            "Events handed to the stream or webhook",
+            m.events_sent.clone(),
+        );
+        r.register(
+            "events_dropped",
+            "Events lost (queue full, Redis down, webhook failing)",
+            m.events_dropped.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
 use crate::engine::redis::{RedisEngine, RedisSettings};
 use crate::engine::Engine;
+use crate::events::{Events, Sink};
 use crate::gateway::Gateway;
 use crate::hub::Hub;
 use crate::ids::{IdMinter, NodeId};
@@ -97,6 +98,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                     "public": public_addr.to_string(),
                     "version": env!("CARGO_PKG_VERSION"),
                 }),
+                max_message_bytes: config.max_message_bytes,
             };
             let engine = RedisEngine::start(settings, node, hub.clone(), metrics.clone())
                 .await
@@ -104,6 +106,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Arc::new(engine)
         }
     };
+    let events = start_events(&config, node, &metrics).await?;
     let gw = Arc::new(Gateway::new(
         config,
         hub,
@@ -111,6 +114,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         IdMinter::new(node),
         metrics,
         client_auth,
+        events,
     ));
     tracing::info!(
         public = %public_addr,
@@ -151,6 +155,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         gw.engine.shutdown().await;
         gw.connections.close();
         gw.connections.wait().await;
+        if let Some(events) = &gw.events {
+            events.flush(std::time::Duration::from_secs(2)).await;
+        }
         let _ = public.await;
     };
     if tokio::time::timeout(grace, drain).await.is_err() {
@@ -168,6 +175,48 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     .await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The events sink `--events` asks for: the Redis stream (with a Redis
+/// client of its own) or the webhook.
+async fn start_events(
+    config: &Config,
+    node: NodeId,
+    metrics: &Arc<Metrics>,
+) -> Result<Option<Events>, StartError> {
+    use fred::interfaces::ClientLike;
+    if !config.events {
+        return Ok(None);
+    }
+    let sink = match (&config.redis_url, &config.events_webhook) {
+        (Some(url), _) => {
+            let redis = fred::types::config::Config::from_url(url)
+                .map_err(|e| StartError::Config(format!("invalid --redis-url: {e}")))?;
+            let client = fred::types::Builder::from_config(redis)
+                .with_config(|c| c.fail_fast = false)
+                .with_performance_config(|p| {
+                    p.default_command_timeout = std::time::Duration::from_secs(2)
+                })
+                .set_policy(fred::types::config::ReconnectPolicy::new_exponential(
+                    0, 100, 1000, 2,
+                ))
+                .build()
+                .map_err(|e| StartError::Config(e.to_string()))?;
+            client.connect();
+            Sink::Stream {
+                client,
+                key: format!("{}:events", config.redis_prefix),
+                max_len: config.events_max_len,
+            }
+        }
+        (None, Some(url)) => Sink::Webhook { url: url.clone() },
+        (None, None) => {
+            return Err(StartError::Config(
+                "--events needs --redis-url or --events-webhook".into(),
+            ))
+        }
+    };
+    Ok(Some(Events::start(sink, node, metrics.clone())))
 }
 
 fn public_router(gw: Arc<Gateway>) -> Router {

@@ -191,12 +191,17 @@ fn names(
     many: Option<OneOrMany>,
     what: &str,
 ) -> Result<Vec<String>, ApiError> {
-    let mut all: Vec<String> = one
+    let mut all: Vec<String> = Vec::new();
+    for name in one
         .into_iter()
         .chain(many)
         .flat_map(OneOrMany::into_strings)
-        .collect();
-    all.dedup();
+    {
+        // Each channel once: a repeated name would publish twice.
+        if !all.contains(&name) {
+            all.push(name);
+        }
+    }
     if all.is_empty() {
         return Err(ApiError::invalid_params(format!(
             "missing {what} or {what}s"

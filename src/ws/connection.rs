@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::frame::{self, close_code, Incoming, Opcode, Reader};
+use crate::events::Detail;
 use crate::gateway::Gateway;
 use crate::hub::Membership;
 use crate::ids::ClientId;
@@ -37,7 +38,13 @@ const READ_CHUNK: usize = 8192;
 const READS_PER_WAKE: usize = 16;
 
 /// Serves an upgraded connection until it closes, then forgets it.
-pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, membership: Membership) {
+pub async fn serve(
+    gw: Arc<Gateway>,
+    stream: TcpStream,
+    early: Bytes,
+    membership: Membership,
+    request: Option<super::RequestInfo>,
+) {
     let id = gw.minter.mint();
     let outbox = Arc::new(Outbox::default());
     let _ = outbox.push(welcome(id), usize::MAX);
@@ -49,11 +56,26 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, membership
         }
         gw.metrics.connections.inc();
         gw.metrics.connections_opened.inc();
+        if let Some(request) = request {
+            let remote_addr = stream
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            gw.event(
+                id,
+                Detail::Connect {
+                    remote_addr,
+                    query: request.query,
+                    headers: request.headers,
+                },
+            );
+        }
         let mut conn = Connection {
             gw: &gw,
             id,
             stream: &stream,
             outbox: &outbox,
+            left: false,
             reader: Reader::default(),
             batch: VecDeque::new(),
             offset: 0,
@@ -63,7 +85,7 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, membership
             Ok(()) => tracing::debug!("closed"),
             Err(e) => tracing::debug!(error = %e, "connection ended"),
         }
-        gw.engine.disconnect(id).await;
+        conn.leave().await;
         gw.metrics.connections.dec();
     }
     .instrument(span)
@@ -80,6 +102,8 @@ struct Connection<'a> {
     id: ClientId,
     stream: &'a TcpStream,
     outbox: &'a Outbox,
+    /// Already unregistered (and the close event sent).
+    left: bool,
     reader: Reader,
     /// Frames taken from the outbox and not yet fully written.
     batch: VecDeque<Bytes>,
@@ -158,10 +182,20 @@ impl Connection<'_> {
         }
         // Leave the uid and groups before the last bytes go out: a slow
         // client may take up to CLOSE_TIMEOUT to read them.
-        self.gw.engine.disconnect(self.id).await;
+        self.leave().await;
         self.batch.push_back(close.frame);
         self.closing = Some(Instant::now() + CLOSE_TIMEOUT);
         tracing::debug!(code = close.code, "closing");
+    }
+
+    /// Unregisters the connection once: it leaves its uid and groups, its
+    /// session goes, and backends get the close event.
+    async fn leave(&mut self) {
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
+        self.gw.event(self.id, Detail::Close);
+        self.gw.engine.disconnect(self.id).await;
     }
 
     /// After our close frame went out: wait (bounded) for the client's close
@@ -239,6 +273,7 @@ impl Connection<'_> {
         let outbox = self.outbox;
         let cap = gw.config.client_queue;
         let closing = self.closing.is_some();
+        let id = self.id;
         let result = self
             .reader
             .feed(data, gw.config.max_message_bytes, &mut |message| {
@@ -259,10 +294,21 @@ impl Connection<'_> {
                         gw.metrics.messages_in.inc();
                         if is_ping(&text) {
                             let _ = outbox.push(pong_frame(), cap);
+                        } else {
+                            let data = Bytes::from(text);
+                            gw.event(
+                                id,
+                                Detail::Message {
+                                    data,
+                                    binary: false,
+                                },
+                            );
                         }
                     }
-                    Incoming::Binary(_) => {
+                    Incoming::Binary(data) => {
                         gw.metrics.messages_in.inc();
+                        let data = Bytes::from(data);
+                        gw.event(id, Detail::Message { data, binary: true });
                     }
                 }
             });

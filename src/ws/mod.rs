@@ -20,6 +20,15 @@ use crate::api::error::ApiError;
 use crate::gateway::Gateway;
 use crate::hub::Membership;
 
+/// The parts of the upgrade request that connect events carry.
+#[derive(Debug)]
+pub struct RequestInfo {
+    /// The raw query string.
+    pub query: String,
+    /// Headers that matter to backends.
+    pub headers: serde_json::Map<String, serde_json::Value>,
+}
+
 /// Query parameters of `/ws`.
 #[derive(Debug, Deserialize)]
 pub struct WsQuery {
@@ -58,6 +67,11 @@ pub async fn upgrade(
             None => return ApiError::unauthorized("missing ?token=").into_response(),
         },
     };
+    // What connect events tell backends, captured only when they are on.
+    let request_info = gw.events.is_some().then(|| RequestInfo {
+        query: request.uri().query().unwrap_or_default().to_owned(),
+        headers: crate::events::forwarded_headers(&headers),
+    });
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_gw = gw.clone();
     gw.connections.spawn(async move {
@@ -72,7 +86,8 @@ pub async fn upgrade(
         // their own while the connection is idle (see `connection`).
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
-                connection::serve(task_gw, parts.io.into_inner(), parts.read_buf, membership).await
+                let stream = parts.io.into_inner();
+                connection::serve(task_gw, stream, parts.read_buf, membership, request_info).await
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }

@@ -78,6 +78,8 @@ pub struct RedisSettings {
     pub heartbeat: Duration,
     /// What this node publishes about itself in its liveness key.
     pub info: serde_json::Value,
+    /// `--max-message-bytes`: larger pushes from Redis are refused too.
+    pub max_message_bytes: usize,
 }
 
 /// The Redis engine. Cheap to clone.
@@ -256,6 +258,10 @@ impl Inner {
                 }
                 () = self.stop.cancelled() => return,
             }
+            // On Cluster every shard connection reports its own reconnect:
+            // let them arrive, then register once.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            while reconnects.try_recv().is_ok() {}
             if !first {
                 self.metrics.redis_reconnects.inc();
             }
@@ -294,6 +300,9 @@ impl Inner {
         for uid in self.hub.uids() {
             self.follow(Follow::Uid(&uid)).await?;
         }
+        // Alive first: a node that purges dead partitions must not take
+        // this one for dead while it is being rewritten.
+        self.beat().await?;
         self.scripts
             .clear
             .evalsha::<i64, _, _, _>(&self.client, self.partition.clone(), "all")
@@ -302,9 +311,41 @@ impl Inner {
         for chunk in snapshot.chunks(REGISTER_CHUNK) {
             try_join_all(chunk.iter().map(|(id, m)| self.write_client(*id, m))).await?;
         }
-        self.beat().await?;
+        self.reconcile(snapshot).await?;
         self.registered.store(true, Ordering::Release);
-        Ok(snapshot.len())
+        Ok(self.hub.client_count())
+    }
+
+    /// Connections may close or change while a snapshot is written: their
+    /// own writes can land before the snapshot's and be overwritten. Compare
+    /// with the hub now and fix what moved.
+    async fn reconcile(
+        &self,
+        written: Vec<(ClientId, Membership)>,
+    ) -> Result<(), fred::error::Error> {
+        let now: HashMap<ClientId, Membership> = self.hub.snapshot().into_iter().collect();
+        for (id, old) in &written {
+            match now.get(id) {
+                Some(current) if current == old => {}
+                current => {
+                    self.remove_client(*id, old).await?;
+                    if let Some(current) = current {
+                        self.write_client(*id, current).await?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn remove_client(&self, id: ClientId, m: &Membership) -> Result<(), fred::error::Error> {
+        let mut args = vec![id.to_string(), m.uid.clone().unwrap_or_default()];
+        args.extend(m.groups.iter().cloned());
+        self.scripts
+            .remove_client
+            .evalsha::<i64, _, _, _>(&self.client, self.partition.clone(), args)
+            .await?;
+        Ok(())
     }
 
     async fn write_client(&self, id: ClientId, m: &Membership) -> Result<(), fred::error::Error> {
@@ -325,6 +366,7 @@ impl Inner {
     /// Returns whether the liveness key had survived since the last beat.
     async fn beat(&self) -> Result<bool, fred::error::Error> {
         let ttl = (self.settings.heartbeat * 2).as_millis().to_string();
+        let started = std::time::Instant::now();
         let existed: i64 = self
             .scripts
             .heartbeat
@@ -334,6 +376,9 @@ impl Inner {
                 vec![self.settings.info.to_string(), ttl],
             )
             .await?;
+        self.metrics
+            .redis_rtt
+            .observe(started.elapsed().as_secs_f64());
         self.client
             .sadd::<i64, _, _>(self.keys.nodes(), self.node_name.clone())
             .await?;
@@ -451,7 +496,7 @@ impl Inner {
                         dropped = n,
                         "pub/sub messages dropped: this node falls behind"
                     );
-                    self.metrics.messages_overflowed.inc_by(n);
+                    self.metrics.pubsub_dropped.inc_by(n);
                 }
                 Err(RecvError::Closed) => return,
             }
@@ -486,6 +531,9 @@ impl Inner {
         match (channel, e.op) {
             (_, Op::Push) => {
                 let data = e.data.ok_or("push without data")?;
+                if data.len() > self.settings.max_message_bytes {
+                    return Err("push above --max-message-bytes");
+                }
                 let message = Message {
                     binary: e.binary,
                     data,
@@ -866,6 +914,11 @@ impl Engine for RedisEngine {
     async fn connect(&self, id: ClientId, outbox: Arc<Outbox>, m: Membership) -> EngineResult<()> {
         let i = &self.inner;
         i.hub.insert(id, outbox, m.clone());
+        if !i.client.is_connected() {
+            // Redis is down: serve the client now; the node registers every
+            // connection again when it reconnects.
+            return Ok(());
+        }
         let registered = async {
             if let Some(uid) = &m.uid {
                 i.follow(Follow::Uid(uid)).await?;
@@ -891,13 +944,8 @@ impl Engine for RedisEngine {
         if i.leaving.load(Ordering::Acquire) {
             return;
         }
-        let mut args = vec![id.to_string(), m.uid.clone().unwrap_or_default()];
-        args.extend(m.groups.iter().cloned());
         let removed = async {
-            i.scripts
-                .remove_client
-                .evalsha::<i64, _, _, _>(&i.client, i.partition.clone(), args)
-                .await?;
+            i.remove_client(id, &m).await?;
             if let Some(uid) = &m.uid {
                 i.follow(Follow::Uid(uid)).await?;
             }
@@ -913,7 +961,6 @@ impl Engine for RedisEngine {
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
         let i = &self.inner;
-        i.check()?;
         let mut e = Envelope::new(Op::Push);
         e.data = Some(push.message.data.clone());
         e.binary = push.message.binary;
@@ -922,6 +969,7 @@ impl Engine for RedisEngine {
         match &push.target {
             Target::Client(id) if i.is_local(*id) => {}
             Target::Client(id) => {
+                i.check()?;
                 e.client_ids = vec![id.to_string()];
                 let channel = i.keys.node_channel(id.node());
                 return publish_one(i, channel, e.encode()).await;
@@ -938,6 +986,10 @@ impl Engine for RedisEngine {
                 }
                 let delivered = i.hub.deliver(&push);
                 i.metrics.delivered(push.target.kind(), delivered);
+                if sends.is_empty() {
+                    return Ok(());
+                }
+                i.check()?;
                 return publish_many(i, sends).await;
             }
             Target::Uids(uids) => channels.extend(uids.iter().map(|u| i.keys.uid_channel(u))),
@@ -956,6 +1008,9 @@ impl Engine for RedisEngine {
         if channels.is_empty() {
             return Ok(());
         }
+        // Without Redis this node's own clients got the push; the others
+        // cannot, and the caller learns it.
+        i.check()?;
         e.origin = Some(i.node_name.clone());
         let bytes = e.encode();
         publish_many(

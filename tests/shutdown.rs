@@ -1,0 +1,158 @@
+//! Graceful shutdown of one process (SPEC section 1): on SIGTERM the node
+//! reports not ready, refuses new connections, closes its clients with 1001
+//! and exits 0 within `--shutdown-grace`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Client, Node, Refused, Seen};
+use tokio::time::Instant;
+
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Room for the process to stop and be reaped once the grace period is over.
+const EXIT_SLACK: Duration = Duration::from_secs(3);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_clients_with_1001_and_exits_0_within_grace() {
+    let mut node = Node::start(&["--shutdown-grace", "5s"]);
+    let mut first = Client::connect(&node.ws_url("")).await;
+    // The second client never answers the close frame, so the node keeps
+    // draining (it waits for the answer) while the checks below run.
+    let mut second = Client::connect(&node.ws_url("")).await;
+    assert_eq!(node.get_status(false, "/readyz").await, 200);
+
+    let term = Instant::now();
+    node.signal("TERM");
+    assert_eq!(first.next().await, Seen::Close(Some(1001)), "first client");
+    // Draining: not ready on the API listener, still alive.
+    assert_eq!(node.get_status(false, "/readyz").await, 503);
+    assert_eq!(node.get_status(false, "/healthz").await, 200);
+    // New WebSocket connections are refused (no listener, or not a 101).
+    let url = node.ws_url("");
+    match Client::try_connect(&url, &[]).await {
+        Err(Refused::Io) => {}
+        Err(Refused::Status(status)) => assert_ne!(status, 101),
+        Ok(client) => panic!("a new client connected while draining: {}", client.id),
+    }
+
+    let status = node
+        .wait_exit((GRACE + EXIT_SLACK).saturating_sub(term.elapsed()))
+        .await;
+    assert!(status.success(), "exit status {status}");
+    // The second client got its close frame too, before the node went.
+    assert_eq!(
+        second.next().await,
+        Seen::Close(Some(1001)),
+        "second client"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_clients_that_answer_exits_0() {
+    let mut node = Node::start(&["--shutdown-grace", "5s"]);
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(Client::connect(&node.ws_url("")).await);
+    }
+    let term = Instant::now();
+    node.signal("TERM");
+    for mut client in clients {
+        // Reading on after the close frame answers it (tungstenite replies)
+        // and sees the server end the connection.
+        assert_eq!(client.next().await, Seen::Close(Some(1001)));
+        assert_eq!(client.next().await, Seen::Ended);
+    }
+    let status = node
+        .wait_exit((GRACE + EXIT_SLACK).saturating_sub(term.elapsed()))
+        .await;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_also_drains_and_exits_0() {
+    let mut node = Node::start(&["--shutdown-grace", "5s"]);
+    let mut client = Client::connect(&node.ws_url("")).await;
+    let term = Instant::now();
+    node.signal("INT");
+    assert_eq!(client.next().await, Seen::Close(Some(1001)));
+    assert_eq!(client.next().await, Seen::Ended);
+    let status = node
+        .wait_exit((GRACE + EXIT_SLACK).saturating_sub(term.elapsed()))
+        .await;
+    assert!(status.success(), "exit status {status}");
+}
+
+/// Starts `gatecast` on loopback ports and sends it `sig` the moment it logs
+/// that it listens; returns how it exited.
+fn signal_as_soon_as_listening(sig: &str) -> std::process::ExitStatus {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gatecast"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--inner-listen",
+            "127.0.0.1:0",
+            "--advertise-ip",
+            "127.0.0.1",
+            "--log-format",
+            "json",
+            "--shutdown-grace",
+            "5s",
+        ])
+        .env_remove("GATECAST_API_KEY")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("gatecast starts");
+    // A shell waiting to run its builtin `kill`, so the signal goes out
+    // microseconds after the line, not after a fork and exec.
+    let mut killer = Command::new("sh")
+        .arg("-c")
+        .arg(format!("read _ && kill -{sig} {}", child.id()))
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("sh starts");
+    let mut trigger = killer.stdin.take().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut signalled = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if !signalled && line.contains(r#""message":"listening""#) {
+            trigger.write_all(b"\n").unwrap();
+            trigger.flush().unwrap();
+            signalled = true;
+        }
+        eprintln!("[node] {line}");
+    }
+    assert!(killer.wait().unwrap().success(), "kill -{sig} worked");
+    // stdout closed: the process is gone or going.
+    assert!(signalled, "the node never logged that it listens");
+    let deadline = std::time::Instant::now() + GRACE + EXIT_SLACK;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "node did not exit");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_right_after_listening_still_exits_0() {
+    // Once the node says it listens, a SIGTERM or SIGINT must take the
+    // graceful path (exit 0), not the signal's default action (killed).
+    // The window right after start-up is short: try it a few times.
+    for round in 0..5 {
+        for sig in ["TERM", "INT"] {
+            let status = signal_as_soon_as_listening(sig);
+            assert!(
+                status.success(),
+                "SIG{sig}, round {round}: exit status {status}"
+            );
+        }
+    }
+}

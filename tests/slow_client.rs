@@ -1,0 +1,101 @@
+//! A client that stops reading (SPEC section 2): its bounded queue overflows,
+//! it is closed with 1013, and nobody else is slowed or loses a message.
+//! Every suite runs against each engine.
+
+mod common;
+
+use common::{Cluster, Engine, Seen};
+use serde_json::json;
+
+engine_suite!(slow_client_is_closed_with_1013_and_others_get_everything);
+
+/// Pushes are this large: the default --max-message-bytes.
+const SIZE: usize = 64 * 1024;
+
+/// Push number `n`: its number, then padding up to SIZE bytes.
+fn message(n: usize) -> String {
+    let mut s = format!("{n:08}:");
+    s.push_str(&"x".repeat(SIZE - s.len()));
+    s
+}
+
+/// The number of a message built by `message`, checking its size.
+fn number(text: &str) -> usize {
+    assert_eq!(text.len(), SIZE, "message length");
+    text[..8].parse().expect("numbered message")
+}
+
+async fn slow_client_is_closed_with_1013_and_others_get_everything(engine: Engine) {
+    let c = Cluster::start(engine, &["--client-queue", "16"]).await;
+    let api = c.api();
+    let mut slow = c.client().await;
+    let mut fast = c.client().await;
+    let slow_id = slow.id.clone();
+    // The fast client reads all the time, on its own task.
+    let reader = tokio::spawn(async move {
+        let mut got = Vec::new();
+        loop {
+            match fast.next().await {
+                Seen::Text(t) if t == "end" => return (got, fast),
+                Seen::Text(t) => got.push(number(&t)),
+                other => panic!("fast client got {other:?} after {} messages", got.len()),
+            }
+        }
+    });
+    // The slow client reads nothing from here on.
+    let mut pushed = 0;
+    loop {
+        assert!(
+            pushed < 2000,
+            "the slow client was never closed ({pushed} pushes of {SIZE} bytes)"
+        );
+        api.ok("send_to_all", json!({ "data": message(pushed) }))
+            .await;
+        pushed += 1;
+        if api.ok("is_online", json!({"client_id": slow_id})).await == false {
+            break;
+        }
+    }
+    // The slow client now reads: some of the first messages, in order and
+    // without a gap, then a close frame with 1013.
+    let mut next = 0;
+    loop {
+        match slow.next().await {
+            Seen::Text(t) => {
+                assert_eq!(number(&t), next, "slow client's messages in order");
+                next += 1;
+            }
+            Seen::Close(code) => {
+                assert_eq!(code, Some(1013), "slow client's close code");
+                break;
+            }
+            Seen::Binary(_) | Seen::Ended => panic!("slow client: no close frame"),
+        }
+    }
+    eprintln!("slow client closed after {pushed} pushes; it had read {next}");
+    assert!(
+        next < pushed,
+        "the slow client was closed yet got all {pushed}"
+    );
+    // The fast client got every message, in order.
+    api.ok("send_to_all", json!({"data": "end"})).await;
+    let (got, mut fast) = reader.await.unwrap();
+    assert_eq!(
+        got,
+        (0..pushed).collect::<Vec<_>>(),
+        "fast client's messages"
+    );
+    // The node is still healthy: the fast client and a new one get pushes.
+    assert_eq!(
+        api.ok("is_online", json!({"client_id": fast.id})).await,
+        true
+    );
+    let mut fresh = c.client().await;
+    api.ok("send_to_all", json!({"data": "after"})).await;
+    fast.expect_text("after").await;
+    fresh.expect_text("after").await;
+    assert_eq!(api.ok("get_all_client_count", json!({})).await, 2);
+    for node in &c.nodes {
+        assert_eq!(node.get_status(false, "/readyz").await, 200);
+    }
+}

@@ -1,0 +1,578 @@
+//! The client WebSocket (SPEC section 2): keep-alive both ways, frame limits,
+//! protocol errors, origin checks, client JWTs and the health endpoints.
+//! Every suite runs against each engine.
+
+mod common;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use common::{
+    assert_api_error, assert_error_body, eventually, sorted, Client, Cluster, Engine, RawClient,
+    Refused,
+};
+use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+engine_suite!(
+    text_ping_is_answered_with_text_pong,
+    websocket_ping_is_answered_with_pong_carrying_its_payload,
+    server_sends_websocket_pings_every_interval,
+    silent_client_is_closed_after_ping_timeout_and_active_one_is_not,
+    frame_above_max_message_bytes_closes_with_1009,
+    invalid_utf8_text_closes_with_1007,
+    allowed_origins_restricts_the_origin_header,
+    non_upgrade_get_on_ws_is_400_json,
+    health_and_readiness_on_both_listeners,
+    jwt_is_required_and_checked_when_a_secret_is_set,
+    jwt_claims_bind_uid_groups_and_session,
+    rs256_and_es256_tokens_with_a_public_key,
+);
+
+/// Seconds since the Unix epoch.
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// An HS256 token for `claims` signed with `secret`.
+fn hs256(secret: &str, claims: &Value) -> String {
+    encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+async fn text_ping_is_answered_with_text_pong(engine: Engine) {
+    let c = Cluster::start(engine, &[]).await;
+    let mut a = c.client().await;
+    a.send_text(r#"{"type":"ping"}"#).await;
+    match a.next_raw().await {
+        Some(Message::Text(t)) => assert_eq!(t.as_str(), r#"{"type":"pong"}"#),
+        other => panic!("expected a text pong, got {other:?}"),
+    }
+    // Other text is a business message: no answer, and the connection
+    // stays up.
+    a.send_text(r#"{"type":"hello"}"#).await;
+    a.send_text("ping").await;
+    a.send(Message::binary(vec![1, 2, 3])).await;
+    a.send_text(r#"{ "type" : "ping" }"#).await;
+    a.expect_text(r#"{"type":"pong"}"#).await;
+    c.api()
+        .ok(
+            "send_to_client",
+            json!({"client_id": a.id, "data": "marker"}),
+        )
+        .await;
+    a.expect_text("marker").await;
+}
+
+async fn websocket_ping_is_answered_with_pong_carrying_its_payload(engine: Engine) {
+    let c = Cluster::start(engine, &[]).await;
+    let mut a = c.client().await;
+    for payload in [&b"abc"[..], b"", &[0xff, 0, 7]] {
+        a.send(Message::Ping(payload.to_vec().into())).await;
+        loop {
+            match a.next_raw().await {
+                Some(Message::Pong(p)) => {
+                    assert_eq!(&p[..], payload);
+                    break;
+                }
+                // A server ping may come first; tungstenite answers it.
+                Some(Message::Ping(_)) => continue,
+                other => panic!("expected a pong, got {other:?}"),
+            }
+        }
+    }
+}
+
+async fn server_sends_websocket_pings_every_interval(engine: Engine) {
+    let c = Cluster::start(engine, &["--ping-interval", "100ms"]).await;
+    let mut a = c.client().await;
+    for _ in 0..3 {
+        match a.next_raw().await {
+            Some(Message::Ping(_)) => {}
+            other => panic!("expected a server ping, got {other:?}"),
+        }
+    }
+}
+
+async fn silent_client_is_closed_after_ping_timeout_and_active_one_is_not(engine: Engine) {
+    let c = Cluster::start(
+        engine,
+        &["--ping-interval", "200ms", "--ping-timeout", "600ms"],
+    )
+    .await;
+    let node = c.client_node();
+    let api = c.api();
+    // The silent client: a hand-made connection that reads nothing and so
+    // answers no ping.
+    let mut silent = RawClient::connect(node.public, "/ws", &[])
+        .await
+        .expect("101");
+    let welcome = silent.read_frame().await.expect("welcome frame");
+    let welcome: Value = serde_json::from_slice(&welcome.payload).unwrap();
+    let silent_id = welcome["client_id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        api.ok("is_online", json!({"client_id": silent_id})).await,
+        true
+    );
+    // The active client answers pings (tungstenite pongs as it reads) and
+    // sends its own text pings.
+    let mut active = c.client().await;
+    let mut pings = 0;
+    // Each ping is 200ms after the previous one: 6 pings span at least a
+    // second, well past the 600ms timeout.
+    while pings < 6 {
+        match active.next_raw().await {
+            Some(Message::Ping(_)) => {
+                pings += 1;
+                active.send_text(r#"{"type":"ping"}"#).await;
+            }
+            Some(Message::Text(t)) => assert_eq!(t.as_str(), r#"{"type":"pong"}"#),
+            other => panic!("active client got {other:?}"),
+        }
+    }
+    eventually("the silent client is offline", || async {
+        api.ok("is_online", json!({"client_id": silent_id})).await == false
+    })
+    .await;
+    assert_eq!(
+        api.ok("is_online", json!({"client_id": active.id})).await,
+        true
+    );
+    // The silent client was told: after pings, a close frame.
+    loop {
+        let frame = silent
+            .read_frame()
+            .await
+            .expect("a close frame before the end");
+        match frame.opcode {
+            9 => continue,
+            8 => break,
+            other => panic!("silent client got opcode {other}"),
+        }
+    }
+    // The active one still gets pushes.
+    api.ok(
+        "send_to_client",
+        json!({"client_id": active.id, "data": "still here"}),
+    )
+    .await;
+    loop {
+        match active.next_raw().await {
+            Some(Message::Ping(_)) => {}
+            Some(Message::Text(t)) if t.as_str() == r#"{"type":"pong"}"# => {}
+            Some(Message::Text(t)) => {
+                assert_eq!(t.as_str(), "still here");
+                break;
+            }
+            other => panic!("active client got {other:?}"),
+        }
+    }
+    assert_eq!(api.ok("get_all_client_count", json!({})).await, 1);
+}
+
+async fn frame_above_max_message_bytes_closes_with_1009(engine: Engine) {
+    let c = Cluster::start(engine, &["--max-message-bytes", "16"]).await;
+    let api = c.api();
+    let mut a = c.client().await;
+    // 16 bytes is fine, text and binary.
+    a.send_text(&"a".repeat(16)).await;
+    a.send(Message::binary(vec![0u8; 16])).await;
+    api.ok(
+        "send_to_client",
+        json!({"client_id": a.id, "data": "marker"}),
+    )
+    .await;
+    a.expect_text("marker").await;
+    // 17 bytes closes with 1009.
+    a.send_text(&"b".repeat(17)).await;
+    a.expect_close(1009).await;
+    let id = a.id.clone();
+    eventually("the closed client is offline", || async {
+        api.ok("is_online", json!({"client_id": id})).await == false
+    })
+    .await;
+    // A binary frame too, and a message fragmented into small frames.
+    let mut b = c.client().await;
+    b.send(Message::binary(vec![0u8; 17])).await;
+    b.expect_close(1009).await;
+    let mut raw = RawClient::connect(c.client_node().public, "/ws", &[])
+        .await
+        .expect("101");
+    assert_eq!(raw.read_frame().await.unwrap().opcode, 1, "welcome");
+    raw.send_frame(false, 1, &[b'c'; 10]).await;
+    raw.send_frame(true, 0, &[b'c'; 10]).await;
+    let close = raw.read_frame().await.expect("a close frame");
+    assert_eq!(close.close_code(), Some(1009), "{close:?}");
+    // A frame header announcing 1 TiB is refused at once, before any of its
+    // payload arrives.
+    let mut raw = RawClient::connect(c.client_node().public, "/ws", &[])
+        .await
+        .expect("101");
+    assert_eq!(raw.read_frame().await.unwrap().opcode, 1, "welcome");
+    let mut header = vec![0x82, 0x80 | 127];
+    header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    header.extend_from_slice(&[1, 2, 3, 4]);
+    raw.send_bytes(&header).await;
+    let close = raw.read_frame().await.expect("a close frame");
+    assert_eq!(close.close_code(), Some(1009), "{close:?}");
+}
+
+async fn invalid_utf8_text_closes_with_1007(engine: Engine) {
+    let c = Cluster::start(engine, &[]).await;
+    let api = c.api();
+    let mut raw = RawClient::connect(c.client_node().public, "/ws", &[])
+        .await
+        .expect("101");
+    let welcome = raw.read_frame().await.expect("welcome frame");
+    let welcome: Value = serde_json::from_slice(&welcome.payload).unwrap();
+    let id = welcome["client_id"].as_str().unwrap().to_owned();
+    // Valid UTF-8, multi-byte and split across fragments, is accepted: the
+    // text ping after it is answered.
+    raw.send_frame(true, 1, "héllo \u{1F600}".as_bytes()).await;
+    let smiley = "\u{1F600}".as_bytes();
+    raw.send_frame(false, 1, &smiley[..2]).await;
+    raw.send_frame(true, 0, &smiley[2..]).await;
+    raw.send_frame(true, 1, br#"{"type":"ping"}"#).await;
+    let pong = raw.read_frame().await.expect("a pong");
+    assert_eq!(
+        (pong.opcode, &pong.payload[..]),
+        (1, &br#"{"type":"pong"}"#[..])
+    );
+    raw.send_frame(true, 1, &[b'o', b'k', 0xff, 0xfe]).await;
+    let close = raw.read_frame().await.expect("a close frame");
+    assert_eq!(close.close_code(), Some(1007), "{close:?}");
+    eventually("the closed client is offline", || async {
+        api.ok("is_online", json!({"client_id": id})).await == false
+    })
+    .await;
+}
+
+async fn allowed_origins_restricts_the_origin_header(engine: Engine) {
+    let c = Cluster::start(engine, &["--allowed-origins", "https://good.example"]).await;
+    let url = c.client_node().ws_url("");
+    let api = c.api();
+    let good = Client::try_connect(&url, &[("Origin", "https://good.example")])
+        .await
+        .expect("an allowed origin connects");
+    for evil in [
+        "https://evil.example",
+        "https://good.example.evil.example",
+        "null",
+    ] {
+        let got = Client::try_connect(&url, &[("Origin", evil)]).await;
+        assert_eq!(got.err(), Some(Refused::Status(403)), "origin {evil}");
+    }
+    // The refusal is the API's JSON error.
+    let refused = RawClient::connect(
+        c.client_node().public,
+        "/ws",
+        &[("Origin", "https://evil.example")],
+    )
+    .await;
+    let Err((status, body)) = refused else {
+        panic!("evil origin upgraded")
+    };
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_error_body("evil origin", &(status, body), 403);
+    // Clients that send no Origin (not browsers) are not restricted by it.
+    let no_origin = c.client().await;
+    assert_eq!(
+        sorted(api.ok("get_all_client_id_list", json!({})).await),
+        {
+            let mut ids = vec![good.id.clone(), no_origin.id.clone()];
+            ids.sort();
+            ids
+        },
+        "only the allowed connections exist"
+    );
+}
+
+async fn non_upgrade_get_on_ws_is_400_json(engine: Engine) {
+    let c = Cluster::start(engine, &[]).await;
+    let (status, text) = c.client_node().get_raw(true, "/ws").await;
+    let body: Value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("400 body is JSON: {text:?}"));
+    assert_error_body("GET /ws", &(status, body), 400);
+    assert_eq!(c.api().ok("get_all_client_count", json!({})).await, 0);
+}
+
+async fn health_and_readiness_on_both_listeners(engine: Engine) {
+    let c = Cluster::start(engine, &[]).await;
+    for node in &c.nodes {
+        for public in [true, false] {
+            for path in ["/healthz", "/readyz"] {
+                assert_eq!(
+                    node.get_status(public, path).await,
+                    200,
+                    "{path} on the {} listener",
+                    if public { "public" } else { "API" }
+                );
+            }
+        }
+    }
+}
+
+async fn jwt_is_required_and_checked_when_a_secret_is_set(engine: Engine) {
+    let c = Cluster::start(engine, &["--client-jwt-secret", "s3cret"]).await;
+    let node = c.client_node();
+    let api = c.api();
+    let valid = json!({"sub": "alice", "exp": now() + 3600});
+    let cases = [
+        ("no token", String::new()),
+        ("empty token", "?token=".to_owned()),
+        ("garbage", "?token=not.a.jwt".to_owned()),
+        (
+            "bad signature",
+            format!("?token={}", hs256("other secret", &valid)),
+        ),
+        (
+            "expired",
+            format!(
+                "?token={}",
+                hs256("s3cret", &json!({"sub": "alice", "exp": now() - 3600}))
+            ),
+        ),
+        ("alg none", format!("?token={}", alg_none(&valid))),
+    ];
+    for (what, query) in &cases {
+        let got = Client::try_connect(&node.ws_url(query), &[]).await;
+        assert_eq!(got.err(), Some(Refused::Status(401)), "{what}");
+        // Refused before the upgrade, with the API's JSON error.
+        let refused = RawClient::connect(node.public, &format!("/ws{query}"), &[]).await;
+        let Err((status, body)) = refused else {
+            panic!("{what}: upgraded")
+        };
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_api_error(what, &(status, body), 401, "unauthorized");
+    }
+    assert_eq!(api.ok("get_all_client_count", json!({})).await, 0);
+    assert_eq!(
+        api.ok("is_uid_online", json!({"uid": "alice"})).await,
+        false
+    );
+    // A valid token connects; one without exp too (exp is honoured, not
+    // required).
+    let a = Client::try_connect(
+        &node.ws_url(&format!("?token={}", hs256("s3cret", &valid))),
+        &[],
+    )
+    .await
+    .expect("a valid token connects");
+    let b = Client::try_connect(
+        &node.ws_url(&format!(
+            "?token={}",
+            hs256("s3cret", &json!({"sub": "bob"}))
+        )),
+        &[],
+    )
+    .await
+    .expect("a token without exp connects");
+    assert_eq!(
+        api.ok("get_uid_by_client_id", json!({"client_id": a.id}))
+            .await,
+        "alice"
+    );
+    assert_eq!(
+        api.ok("get_uid_by_client_id", json!({"client_id": b.id}))
+            .await,
+        "bob"
+    );
+}
+
+/// An unsigned token (`alg: none`), which must never be accepted.
+fn alg_none(claims: &Value) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    format!(
+        "{}.{}.",
+        b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        b64.encode(claims.to_string())
+    )
+}
+
+async fn jwt_claims_bind_uid_groups_and_session(engine: Engine) {
+    let c = Cluster::start(engine, &["--client-jwt-secret", "s3cret"]).await;
+    let api = c.api();
+    let token = hs256(
+        "s3cret",
+        &json!({
+            "sub": "alice",
+            "groups": ["g1", "g2"],
+            "session": {"role": "admin"},
+            "exp": now() + 3600,
+        }),
+    );
+    let mut a = Client::try_connect(&c.client_node().ws_url(&format!("?token={token}")), &[])
+        .await
+        .expect("a valid token connects");
+    assert_eq!(
+        api.ok("get_uid_by_client_id", json!({"client_id": a.id}))
+            .await,
+        "alice"
+    );
+    assert_eq!(
+        api.ok("get_client_id_by_uid", json!({"uid": "alice"}))
+            .await,
+        json!([a.id])
+    );
+    for group in ["g1", "g2"] {
+        assert_eq!(
+            api.ok("get_client_id_list_by_group", json!({"group": group}))
+                .await,
+            json!([a.id]),
+            "{group}"
+        );
+    }
+    assert_eq!(
+        api.ok("get_session", json!({"client_id": a.id})).await,
+        json!({"role": "admin"})
+    );
+    // What the claims set up is live: pushes by uid and group reach it.
+    api.ok("send_to_uid", json!({"uid": "alice", "data": "to alice"}))
+        .await;
+    api.ok("send_to_group", json!({"group": "g2", "data": "to g2"}))
+        .await;
+    a.expect_text("to alice").await;
+    a.expect_text("to g2").await;
+    // Numeric sub and groups are names too.
+    let token = hs256("s3cret", &json!({"sub": 42, "groups": [7]}));
+    let b = Client::try_connect(&c.client_node().ws_url(&format!("?token={token}")), &[])
+        .await
+        .expect("a valid token connects");
+    assert_eq!(
+        api.ok("get_uid_by_client_id", json!({"client_id": b.id}))
+            .await,
+        "42"
+    );
+    assert_eq!(
+        sorted(api.ok("get_all_group_id_list", json!({})).await),
+        vec!["7", "g1", "g2"]
+    );
+}
+
+/// Runs `openssl` with `args`; panics with its stderr on failure.
+fn openssl(args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A fresh temporary directory for key files.
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "gatecast-test-{name}-{}-{nanos}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn rs256_and_es256_tokens_with_a_public_key(engine: Engine) {
+    let dir = temp_dir("jwt-keys");
+    let path = |f: &str| dir.join(f).to_str().unwrap().to_owned();
+    openssl(&["genrsa", "-out", &path("rsa.pem"), "2048"]);
+    openssl(&[
+        "rsa",
+        "-in",
+        &path("rsa.pem"),
+        "-pubout",
+        "-out",
+        &path("rsa.pub"),
+    ]);
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "EC",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-out",
+        &path("ec.pem"),
+    ]);
+    openssl(&[
+        "pkey",
+        "-in",
+        &path("ec.pem"),
+        "-pubout",
+        "-out",
+        &path("ec.pub"),
+    ]);
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap();
+    let claims = json!({"sub": "carol", "groups": ["pk"], "exp": now() + 3600});
+
+    // RS256.
+    let rsa = EncodingKey::from_rsa_pem(&read("rsa.pem")).unwrap();
+    let c = Cluster::start(engine, &["--client-jwt-public-key", &path("rsa.pub")]).await;
+    let node = c.client_node();
+    let good = encode(&Header::new(Algorithm::RS256), &claims, &rsa).unwrap();
+    let a = Client::try_connect(&node.ws_url(&format!("?token={good}")), &[])
+        .await
+        .expect("an RS256 token connects");
+    assert_eq!(
+        c.api()
+            .ok("get_uid_by_client_id", json!({"client_id": a.id}))
+            .await,
+        "carol"
+    );
+    // Refused: HS256 keyed with the public key itself (algorithm
+    // confusion), a token signed with the EC key, an expired token.
+    let confused = encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(&read("rsa.pub")),
+    )
+    .unwrap();
+    let ec = EncodingKey::from_ec_pem(&read("ec.pem")).unwrap();
+    let other_key = encode(&Header::new(Algorithm::ES256), &claims, &ec).unwrap();
+    let expired = encode(
+        &Header::new(Algorithm::RS256),
+        &json!({"sub": "carol", "exp": now() - 3600}),
+        &rsa,
+    )
+    .unwrap();
+    for (what, token) in [
+        ("HS256 with the public key", &confused),
+        ("ES256", &other_key),
+        ("expired", &expired),
+    ] {
+        let got = Client::try_connect(&node.ws_url(&format!("?token={token}")), &[]).await;
+        assert_eq!(got.err(), Some(Refused::Status(401)), "{what}");
+    }
+    drop(c);
+
+    // ES256.
+    let c = Cluster::start(engine, &["--client-jwt-public-key", &path("ec.pub")]).await;
+    let node = c.client_node();
+    let a = Client::try_connect(&node.ws_url(&format!("?token={other_key}")), &[])
+        .await
+        .expect("an ES256 token connects");
+    assert_eq!(
+        c.api()
+            .ok("get_client_id_list_by_group", json!({"group": "pk"}))
+            .await,
+        json!([a.id])
+    );
+    let got = Client::try_connect(&node.ws_url(&format!("?token={good}")), &[]).await;
+    assert_eq!(
+        got.err(),
+        Some(Refused::Status(401)),
+        "RS256 token on an EC key"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
