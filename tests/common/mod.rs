@@ -278,7 +278,16 @@ pub enum Seen {
 impl Client {
     /// Connects and reads the welcome frame.
     pub async fn connect(url: &str) -> Client {
-        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        Self::connect_request(url.into_client_request().unwrap()).await
+    }
+
+    /// Connects with a prepared request (extra headers) and reads the
+    /// welcome frame.
+    pub async fn connect_request(
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Client {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
             .await
             .expect("connect in time")
             .expect("WebSocket handshake");

@@ -1,0 +1,167 @@
+//! `--events`: connect, message and close events reach backends, through a
+//! Redis stream (Redis engine) or a webhook (in-process engine).
+
+mod common;
+
+use std::collections::HashMap;
+
+use axum::routing::post;
+use axum::{Json, Router};
+use common::{eventually, Client, Cluster, Engine, Node};
+use fred::prelude::*;
+use fred::types::Value as RedisValue;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+async fn connect_with_headers(url: &str) -> Client {
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("origin", "https://app.example".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("user-agent", "events-test/1".parse().unwrap());
+    Client::connect_request(request).await
+}
+
+type Entry = (String, HashMap<String, RedisValue>);
+
+fn field(entry: &Entry, name: &str) -> String {
+    entry
+        .1
+        .get(name)
+        .and_then(|v| v.as_string())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_are_appended_to_the_redis_stream_in_order() {
+    let c = Cluster::start(Engine::Redis, &["--events"]).await;
+    let redis = Builder::from_config(Config::from_url(&c.redis.as_ref().unwrap().url()).unwrap())
+        .build()
+        .unwrap();
+    redis.init().await.unwrap();
+
+    let mut a = connect_with_headers(&c.nodes[0].ws_url("?room=7&lang=en")).await;
+    c.nodes[2]
+        .ok("bind_uid", json!({"client_id": a.id, "uid": "alice"}))
+        .await;
+    c.nodes[2]
+        .ok(
+            "set_session",
+            json!({"client_id": a.id, "session": {"role": "admin"}}),
+        )
+        .await;
+    a.send_text("hello backend").await;
+    a.send(Message::binary(vec![0u8, 255])).await;
+    a.send_text(r#"{"type":"ping"}"#).await; // answered by the gateway, not an event
+    a.expect_text(r#"{"type":"pong"}"#).await;
+    let id = a.id.clone();
+    a.close().await;
+
+    let read = || async {
+        let entries: Vec<Entry> = redis
+            .xrange("gatecast:events", "-", "+", None)
+            .await
+            .unwrap();
+        entries
+    };
+    eventually("four events in the stream", || async {
+        read().await.len() >= 4
+    })
+    .await;
+    let entries = read().await;
+    assert_eq!(entries.len(), 4, "{entries:?}");
+    let kinds: Vec<String> = entries.iter().map(|e| field(e, "type")).collect();
+    assert_eq!(kinds, ["connect", "message", "message", "close"]);
+    for e in &entries {
+        assert_eq!(field(e, "client_id"), id);
+        assert_eq!(field(e, "node"), &id[..12]);
+    }
+    let connect = &entries[0];
+    assert_eq!(field(connect, "query"), "room=7&lang=en");
+    assert!(field(connect, "remote_addr").starts_with("127.0.0.1:"));
+    let headers: Value = serde_json::from_str(&field(connect, "headers")).unwrap();
+    assert_eq!(headers["origin"], "https://app.example");
+    assert_eq!(headers["user-agent"], "events-test/1");
+
+    let text = &entries[1];
+    assert_eq!(text.1["data"].as_bytes(), Some(&b"hello backend"[..]));
+    assert_eq!(field(text, "binary"), "0");
+    assert_eq!(field(text, "uid"), "alice");
+    assert_eq!(
+        serde_json::from_str::<Value>(&field(text, "session")).unwrap(),
+        json!({"role": "admin"})
+    );
+    let binary = &entries[2];
+    assert_eq!(binary.1["data"].as_bytes(), Some(&[0u8, 255][..]));
+    assert_eq!(field(binary, "binary"), "1");
+    // The close event still knows who it was.
+    assert_eq!(field(&entries[3], "uid"), "alice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_events_are_posted_to_the_webhook() {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
+    let app = Router::new().route(
+        "/hook",
+        post(move |Json(body): Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let node = Node::start(&["--events", "--events-webhook", &hook]);
+    let mut a = connect_with_headers(&node.ws_url("?x=1")).await;
+    node.ok("bind_uid", json!({"client_id": a.id, "uid": 42}))
+        .await;
+    a.send_text("hi").await;
+    a.send(Message::binary(vec![1u8, 2, 3])).await;
+    let id = a.id.clone();
+    a.close().await;
+
+    let mut events = Vec::new();
+    while events.len() < 4 {
+        let event = tokio::time::timeout(common::WAIT, rx.recv())
+            .await
+            .expect("webhook called in time")
+            .unwrap();
+        events.push(event);
+    }
+    assert_eq!(events[0]["type"], "connect");
+    assert_eq!(events[0]["query"], "x=1");
+    assert_eq!(events[0]["headers"]["origin"], "https://app.example");
+    assert_eq!(events[1]["type"], "message");
+    assert_eq!(events[1]["data"], "hi");
+    assert_eq!(events[1]["uid"], "42");
+    assert_eq!(events[2]["data_base64"], "AQID");
+    assert_eq!(events[3]["type"], "close");
+    for e in &events {
+        assert_eq!(e["client_id"], id.as_str());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_without_a_sink_are_refused_at_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatecast"))
+        .args([
+            "--events",
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+        ])
+        .args(["--inner-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--events needs"));
+}
