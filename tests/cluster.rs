@@ -101,7 +101,7 @@ async fn a_killed_node_is_purged_and_the_others_keep_delivering() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_terminated_node_closes_its_clients_with_1001_and_leaves() {
+async fn a_terminated_node_turns_unready_closes_its_clients_with_1001_and_leaves() {
     let mut c = three_nodes().await;
     let mut leaving = Client::connect(&c.nodes[0].ws_url("")).await;
     let staying = Client::connect(&c.nodes[1].ws_url("")).await;
@@ -114,6 +114,11 @@ async fn a_terminated_node_closes_its_clients_with_1001_and_leaves() {
     c.nodes[0].signal("TERM");
     let api = &c.nodes[2];
     leaving.expect_close(1001).await;
+    // Readiness flipped before the clients were told to go, so a load
+    // balancer stops sending new clients here first. (`leaving` does not
+    // answer the close: the node is still draining while this is asked.)
+    assert_eq!(c.nodes[0].get_status(false, "/readyz").await, 503);
+    assert_eq!(c.nodes[0].get_status(false, "/healthz").await, 200);
     eventually("the terminated node's entries are gone", || async {
         api.ok("get_client_id_list_by_group", json!({"group": "g"}))
             .await
