@@ -1,0 +1,71 @@
+//! The command line: every option documented, every option also an
+//! environment variable.
+
+use std::process::Command;
+
+fn gatecast() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gatecast"))
+}
+
+#[test]
+fn help_lists_every_option_with_its_environment_variable() {
+    let out = gatecast().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for (flag, env) in [
+        ("--listen", "GATECAST_LISTEN"),
+        ("--api-listen", "GATECAST_API_LISTEN"),
+        ("--inner-listen", "GATECAST_INNER_LISTEN"),
+        ("--advertise-ip", "GATECAST_ADVERTISE_IP"),
+        ("--redis-url", "GATECAST_REDIS_URL"),
+        ("--redis-prefix", "GATECAST_REDIS_PREFIX"),
+        ("--api-key", "GATECAST_API_KEY"),
+        ("--client-jwt-secret", "GATECAST_CLIENT_JWT_SECRET"),
+        ("--client-jwt-public-key", "GATECAST_CLIENT_JWT_PUBLIC_KEY"),
+        ("--allowed-origins", "GATECAST_ALLOWED_ORIGINS"),
+        ("--max-message-bytes", "GATECAST_MAX_MESSAGE_BYTES"),
+        ("--client-queue", "GATECAST_CLIENT_QUEUE"),
+        ("--ping-interval", "GATECAST_PING_INTERVAL"),
+        ("--ping-timeout", "GATECAST_PING_TIMEOUT"),
+        ("--shutdown-grace", "GATECAST_SHUTDOWN_GRACE"),
+        ("--node-heartbeat", "GATECAST_NODE_HEARTBEAT"),
+        ("--api-max-body-bytes", "GATECAST_API_MAX_BODY_BYTES"),
+        ("--events", "GATECAST_EVENTS"),
+        ("--events-max-len", "GATECAST_EVENTS_MAX_LEN"),
+        ("--events-webhook", "GATECAST_EVENTS_WEBHOOK"),
+        ("--log-format", "GATECAST_LOG_FORMAT"),
+        ("--log-level", "GATECAST_LOG_LEVEL"),
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+        assert!(help.contains(&format!("[env: {env}")), "--help lacks {env}");
+    }
+    // Defaults are shown.
+    assert!(help.contains("[default: 0.0.0.0:8080]"));
+    assert!(help.contains("[default: 127.0.0.1:8081]"));
+    assert!(help.contains("[default: 20s]"));
+}
+
+#[test]
+fn options_come_from_the_environment_and_bad_values_are_refused() {
+    let out = gatecast()
+        .env("GATECAST_CLIENT_QUEUE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--client-queue"));
+
+    let out = gatecast().args(["--ping-interval", "soon"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--ping-interval"));
+
+    // Two nodes cannot share an inner port: the second fails fast.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let out = gatecast()
+        .env("GATECAST_INNER_LISTEN", format!("127.0.0.1:{port}"))
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("inner"));
+}
