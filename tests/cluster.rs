@@ -133,7 +133,10 @@ async fn a_terminated_node_turns_unready_closes_its_clients_with_1001_and_leaves
 async fn redis_restarted_empty_gets_every_connection_back() {
     let mut c = three_nodes().await;
     let mut a = Client::connect(&c.nodes[0].ws_url("")).await;
+    let gone = Client::connect(&c.nodes[0].ws_url("")).await;
     let api = &c.nodes[2];
+    api.ok("join_group", json!({"client_id": gone.id, "group": "g"}))
+        .await;
     api.ok("bind_uid", json!({"client_id": a.id, "uid": "alice"}))
         .await;
     api.ok("join_group", json!({"client_id": a.id, "group": "g"}))
@@ -153,6 +156,8 @@ async fn redis_restarted_empty_gets_every_connection_back() {
         })
         .await;
     }
+    // A client that leaves during the outage must not come back with Redis.
+    gone.close().await;
     // Without Redis the API refuses (503), it does not hang.
     let (status, body) = api.call("get_all_client_count", json!({})).await;
     assert_eq!(status, 503, "{body}");

@@ -300,6 +300,15 @@ impl Inner {
         for uid in self.hub.uids() {
             self.follow(Follow::Uid(&uid)).await?;
         }
+        // And drop what was left subscribed while Redis was away.
+        let stale: Vec<String> = self.subscribed.lock().await.iter().cloned().collect();
+        for channel in &stale {
+            match self.keys.parse_channel(channel) {
+                Some(Channel::Group(g)) => self.follow(Follow::Group(g)).await?,
+                Some(Channel::Uid(u)) => self.follow(Follow::Uid(u)).await?,
+                _ => {}
+            }
+        }
         // Alive first: a node that purges dead partitions must not take
         // this one for dead while it is being rewritten.
         self.beat().await?;
@@ -941,7 +950,9 @@ impl Engine for RedisEngine {
         let Some(m) = i.hub.remove(id) else {
             return;
         };
-        if i.leaving.load(Ordering::Acquire) {
+        if i.leaving.load(Ordering::Acquire) || !i.client.is_connected() {
+            // Leaving: the partition goes as a whole. Redis down: the
+            // partition is rewritten (and channels reconciled) on reconnect.
             return;
         }
         let removed = async {
