@@ -54,6 +54,10 @@ pub async fn serve(
             tracing::warn!(error = %e, "could not register connection");
             outbox.close(close_code::INTERNAL_ERROR, "try again later", true);
         }
+        if gw.is_draining() {
+            // Upgraded while the drain began: close_all did not see it.
+            outbox.close(close_code::GOING_AWAY, "server shutting down", false);
+        }
         gw.metrics.connections.inc();
         gw.metrics.connections_opened.inc();
         if let Some(request) = request {

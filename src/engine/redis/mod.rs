@@ -61,8 +61,11 @@ const RPC_TIMEOUT: Duration = Duration::from_millis(1500);
 const COMMAND_QUEUE: usize = 4096;
 
 /// Pub/sub messages buffered between the Redis connection and this node's
-/// dispatcher before the oldest are dropped.
-const PUBSUB_BUFFER: usize = 1 << 16;
+/// dispatcher before the oldest are dropped. fred sizes every event channel
+/// of a client with it (preallocated), so it is set on the subscriber only:
+/// 65536 cost ~100 MB of RSS, 4096 a few MB. The dispatcher does no I/O, so
+/// it drains far faster than one Redis connection delivers.
+const PUBSUB_BUFFER: usize = 4096;
 
 /// Connections registered per round of a re-registration.
 const REGISTER_CHUNK: usize = 256;
@@ -179,7 +182,6 @@ impl RedisEngine {
             .with_config(|c| c.fail_fast = false)
             .with_performance_config(|p| {
                 p.default_command_timeout = COMMAND_TIMEOUT;
-                p.broadcast_channel_capacity = PUBSUB_BUFFER;
             })
             .with_connection_config(|c| {
                 c.connection_timeout = Duration::from_secs(1);
@@ -190,6 +192,7 @@ impl RedisEngine {
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 1000, 2));
         let client = builder.build().map_err(|e| e.to_string())?;
         let subscriber = builder
+            .with_performance_config(|p| p.broadcast_channel_capacity = PUBSUB_BUFFER)
             .build_subscriber_client()
             .map_err(|e| e.to_string())?;
 
