@@ -5,8 +5,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
+use std::sync::atomic::AtomicBool;
+use std::task::{Context, Poll};
 
 use crate::ws::frame::{self, close_code};
 
@@ -21,7 +23,10 @@ pub const BATCH: usize = 64;
 #[derive(Debug, Default)]
 pub struct Outbox {
     state: Mutex<State>,
-    wake: Notify,
+    /// The writer's waker, and whether it was woken since it last looked:
+    /// smaller than a `Notify`, and waited on without a waiter node.
+    waker: AtomicWaker,
+    woken: AtomicBool,
     /// Milliseconds (on the hub's clock) of the last frame from the client.
     last_seen: AtomicU64,
 }
@@ -71,7 +76,7 @@ impl Outbox {
                 discard_queued: true,
             });
             drop(state);
-            self.wake.notify_one();
+            self.wake();
             return Err(Overflow);
         }
         let was_empty = state.frames.is_empty();
@@ -80,7 +85,7 @@ impl Outbox {
         // The writer drains until empty before it waits again, so only the
         // empty -> non-empty transition needs a wake-up.
         if was_empty {
-            self.wake.notify_one();
+            self.wake();
         }
         Ok(())
     }
@@ -101,7 +106,7 @@ impl Outbox {
             discard_queued,
         });
         drop(state);
-        self.wake.notify_one();
+        self.wake();
     }
 
     /// Whether a close was asked for.
@@ -127,9 +132,28 @@ impl Outbox {
         Taken { close }
     }
 
+    fn wake(&self) {
+        self.woken.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once something was pushed or a close was asked for since the
+    /// last time it was ready.
+    pub fn poll_wake(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        if self.woken.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     /// Waits until something was pushed or a close was asked for.
     pub async fn wait(&self) {
-        self.wake.notified().await
+        std::future::poll_fn(|cx| self.poll_wake(cx)).await
     }
 
     /// Records activity from the client at `now_ms` on the hub's clock.

@@ -20,6 +20,7 @@ engine_suite!(
     closed_connection_leaves_uid_groups_and_session,
     offline_client_ids_are_no_ops,
     batch_runs_commands_in_order,
+    a_burst_of_many_pushes_arrives_whole_and_in_order,
 );
 
 async fn welcome_frame_carries_a_gatewayworker_client_id(engine: Engine) {
@@ -483,4 +484,18 @@ async fn batch_runs_commands_in_order(engine: Engine) {
     assert_eq!(replies[3]["error"]["code"], "unknown_method");
     assert_eq!(replies[4]["error"]["code"], "invalid_params");
     a.expect_text("hi").await;
+}
+
+async fn a_burst_of_many_pushes_arrives_whole_and_in_order(engine: Engine) {
+    // Far more than one write batch (64 frames) queued at once.
+    let c = Cluster::start(engine, &[]).await;
+    let mut a = c.client().await;
+    let commands: Vec<_> = (0..500)
+        .map(|n| json!({"method": "send_to_client", "params": {"client_id": a.id, "data": n.to_string()}}))
+        .collect();
+    let (status, _) = c.api().call("batch", json!({ "commands": commands })).await;
+    assert_eq!(status, 200);
+    for n in 0..500 {
+        a.expect_text(&n.to_string()).await;
+    }
 }

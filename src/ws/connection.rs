@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,47 +34,32 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes read per `read` call; lives on the stack only during the call.
 const READ_CHUNK: usize = 8192;
 
+/// Batches written per wake-up before the task yields.
+const WRITES_PER_WAKE: usize = 16;
+
 /// Reads per wake-up before the task yields, so a client that floods cannot
 /// starve the others on its worker thread.
 const READS_PER_WAKE: usize = 16;
 
+/// What a new connection starts with, boxed: it is needed only until the
+/// connection is registered, and an async fn keeps its arguments in the
+/// task's state for the task's whole life.
+#[derive(Debug)]
+pub struct Setup {
+    /// Initial uid, groups and session (from the client's token).
+    pub membership: Membership,
+    /// Request details for the connect event, when events are on.
+    pub request: Option<super::RequestInfo>,
+}
+
 /// Serves an upgraded connection until it closes, then forgets it.
-pub async fn serve(
-    gw: Arc<Gateway>,
-    stream: TcpStream,
-    early: Bytes,
-    membership: Membership,
-    request: Option<super::RequestInfo>,
-) {
+pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box<Setup>) {
     let id = gw.minter.mint();
     let outbox = Arc::new(Outbox::default());
     let _ = outbox.push(welcome(id), usize::MAX);
     let span = tracing::info_span!("conn", client_id = %id);
     async {
-        if let Err(e) = gw.engine.connect(id, outbox.clone(), membership).await {
-            tracing::warn!(error = %e, "could not register connection");
-            outbox.close(close_code::INTERNAL_ERROR, "try again later", true);
-        }
-        if gw.is_draining() {
-            // Upgraded while the drain began: close_all did not see it.
-            outbox.close(close_code::GOING_AWAY, "server shutting down", false);
-        }
-        gw.metrics.connections.inc();
-        gw.metrics.connections_opened.inc();
-        if let Some(request) = request {
-            let remote_addr = stream
-                .peer_addr()
-                .map(|a| a.to_string())
-                .unwrap_or_default();
-            gw.event(
-                id,
-                Detail::Connect {
-                    remote_addr,
-                    query: request.query,
-                    headers: request.headers,
-                },
-            );
-        }
+        Box::pin(register(&gw, id, &outbox, &stream, *setup)).await;
         let mut conn = Connection {
             gw: &gw,
             id,
@@ -85,7 +71,7 @@ pub async fn serve(
             offset: 0,
             closing: None,
         };
-        match conn.run(&early).await {
+        match conn.run(early).await {
             Ok(()) => tracing::debug!("closed"),
             Err(e) => tracing::debug!(error = %e, "connection ended"),
         }
@@ -94,6 +80,44 @@ pub async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// Registers the connection with the engine and tells backends.
+async fn register(
+    gw: &Gateway,
+    id: ClientId,
+    outbox: &Arc<Outbox>,
+    stream: &TcpStream,
+    setup: Setup,
+) {
+    if let Err(e) = gw
+        .engine
+        .connect(id, outbox.clone(), setup.membership)
+        .await
+    {
+        tracing::warn!(error = %e, "could not register connection");
+        outbox.close(close_code::INTERNAL_ERROR, "try again later", true);
+    }
+    if gw.is_draining() {
+        // Upgraded while the drain began: close_all did not see it.
+        outbox.close(close_code::GOING_AWAY, "server shutting down", false);
+    }
+    gw.metrics.connections.inc();
+    gw.metrics.connections_opened.inc();
+    if let Some(request) = setup.request {
+        let remote_addr = stream
+            .peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        gw.event(
+            id,
+            Detail::Connect {
+                remote_addr,
+                query: request.query,
+                headers: request.headers,
+            },
+        );
+    }
 }
 
 fn welcome(id: ClientId) -> Bytes {
@@ -117,6 +141,16 @@ struct Connection<'a> {
     closing: Option<Instant>,
 }
 
+/// Why the connection task woke up.
+enum Wake {
+    /// The socket has bytes (or EOF) to read.
+    Read,
+    /// The socket can take more of the batch.
+    Write,
+    /// Frames were queued or a close was asked for.
+    Queued,
+}
+
 /// What reading found.
 enum ReadOutcome {
     /// Nothing more to read now.
@@ -126,70 +160,120 @@ enum ReadOutcome {
 }
 
 impl Connection<'_> {
-    async fn run(&mut self, early: &[u8]) -> io::Result<()> {
-        if !early.is_empty() {
-            if let ReadOutcome::Closed = self.handle_bytes(early)? {
-                return Ok(());
-            }
+    async fn run(&mut self, early: Bytes) -> io::Result<()> {
+        // Bytes the HTTP layer read past the handshake. Dropped before the
+        // loop: they may be a slice of its whole read buffer, which would
+        // otherwise stay allocated for the connection's life.
+        let early_closed =
+            !early.is_empty() && matches!(self.handle_bytes(&early)?, ReadOutcome::Closed);
+        drop(early);
+        if early_closed {
+            return Ok(());
         }
         loop {
-            self.refill().await;
-            self.write_ready()?;
-            if let Some(deadline) = self.closing {
+            // Write until the socket is full or nothing is left queued (a
+            // burst may queue many batches), yielding now and then so one
+            // busy connection cannot hold its worker thread.
+            let mut rounds = 0;
+            loop {
+                if let Some(close) = self.take_queued() {
+                    // Cold path, boxed so its state does not weigh on every
+                    // idle connection's task.
+                    return Box::pin(self.close(close)).await;
+                }
                 if self.batch.is_empty() {
-                    return self.linger(deadline).await;
+                    break;
+                }
+                self.write_ready()?;
+                if !self.batch.is_empty() {
+                    break;
+                }
+                rounds += 1;
+                if rounds == WRITES_PER_WAKE {
+                    tokio::task::yield_now().await;
+                    rounds = 0;
                 }
             }
-            tokio::select! {
-                ready = self.stream.readable() => {
-                    ready?;
+            match self.ready().await? {
+                Wake::Read => {
                     if let ReadOutcome::Closed = self.read_ready()? {
                         return Ok(());
                     }
                 }
-                ready = self.stream.writable(), if !self.batch.is_empty() => {
-                    ready?;
-                }
-                () = self.outbox.wait() => {}
-                () = sleep_until(self.closing) => {
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "close timed out"));
-                }
+                Wake::Write | Wake::Queued => {}
             }
         }
     }
 
-    /// Takes queued frames when the batch is empty, and notices a close.
-    async fn refill(&mut self) {
-        if self.closing.is_some() {
-            return;
-        }
-        let close = if self.batch.is_empty() {
+    /// Waits until the socket can be read, or written while frames wait,
+    /// or frames were queued. A `poll_fn` over the socket's and the
+    /// outbox's wakers keeps nothing in the task's state, where `select!`
+    /// over `readable()`, `writable()` and `Notify` futures would hold a few
+    /// hundred bytes per connection.
+    fn ready(&self) -> impl std::future::Future<Output = io::Result<Wake>> + '_ {
+        std::future::poll_fn(move |cx| {
+            if let Poll::Ready(r) = self.stream.poll_read_ready(cx) {
+                return Poll::Ready(r.map(|()| Wake::Read));
+            }
+            if !self.batch.is_empty() {
+                if let Poll::Ready(r) = self.stream.poll_write_ready(cx) {
+                    return Poll::Ready(r.map(|()| Wake::Write));
+                }
+            }
+            self.outbox.poll_wake(cx).map(|()| Ok(Wake::Queued))
+        })
+    }
+
+    /// Takes queued frames when the batch is empty; returns a close that
+    /// must happen now.
+    fn take_queued(&mut self) -> Option<Close> {
+        if self.batch.is_empty() {
             self.outbox.take(&mut self.batch).close
         } else if self.outbox.is_closing() {
-            // An overflow close discards what is queued, but a frame already
-            // half written must be finished or the stream is corrupt.
+            // An overflow close discards what is queued at once, even while
+            // a batch is being written.
             self.outbox
                 .take(&mut VecDeque::new())
                 .close
                 .filter(|c| c.discard_queued)
         } else {
             None
-        };
-        if let Some(close) = close {
-            self.start_close(close).await;
         }
     }
 
-    async fn start_close(&mut self, close: Close) {
+    /// Closes: leaves the gateway, sends what must still go and the close
+    /// frame, waits for the client's answer; all within CLOSE_TIMEOUT.
+    async fn close(&mut self, close: Close) -> io::Result<()> {
         if close.discard_queued {
+            // A frame already half written must be finished, or the stream
+            // is corrupt.
             self.batch.truncate(usize::from(self.offset > 0));
         }
         // Leave the uid and groups before the last bytes go out: a slow
         // client may take up to CLOSE_TIMEOUT to read them.
         self.leave().await;
         self.batch.push_back(close.frame);
-        self.closing = Some(Instant::now() + CLOSE_TIMEOUT);
+        let deadline = Instant::now() + CLOSE_TIMEOUT;
+        self.closing = Some(deadline);
         tracing::debug!(code = close.code, "closing");
+        loop {
+            self.write_ready()?;
+            if self.batch.is_empty() {
+                return self.linger(deadline).await;
+            }
+            tokio::select! {
+                ready = self.stream.writable() => ready?,
+                ready = self.stream.readable() => {
+                    ready?;
+                    if let ReadOutcome::Closed = self.read_ready()? {
+                        return Ok(());
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => {
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "close timed out"));
+                }
+            }
+        }
     }
 
     /// Unregisters the connection once: it leaves its uid and groups, its
@@ -348,13 +432,6 @@ fn pong_frame() -> Bytes {
     static PONG: std::sync::OnceLock<Bytes> = std::sync::OnceLock::new();
     PONG.get_or_init(|| frame::encode(Opcode::Text, br#"{"type":"pong"}"#))
         .clone()
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

@@ -72,9 +72,13 @@ pub async fn upgrade(
         query: request.uri().query().unwrap_or_default().to_owned(),
         headers: crate::events::forwarded_headers(&headers),
     });
+    let setup = Box::new(connection::Setup {
+        membership,
+        request: request_info,
+    });
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_gw = gw.clone();
-    gw.connections.spawn(async move {
+    let task = async move {
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -87,11 +91,15 @@ pub async fn upgrade(
         match upgraded.downcast::<TokioIo<TcpStream>>() {
             Ok(parts) => {
                 let stream = parts.io.into_inner();
-                connection::serve(task_gw, stream, parts.read_buf, membership, request_info).await
+                connection::serve(task_gw, stream, parts.read_buf, setup).await
             }
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }
-    });
+    };
+    if std::env::var_os("GATECAST_DEBUG_TASK_SIZE").is_some() {
+        eprintln!("SIZE {}", std::mem::size_of_val(&task));
+    }
+    gw.connections.spawn(task);
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header(header::UPGRADE, "websocket")
