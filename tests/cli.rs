@@ -54,7 +54,10 @@ fn options_come_from_the_environment_and_bad_values_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--client-queue"));
 
-    let out = gatecast().args(["--ping-interval", "soon"]).output().unwrap();
+    let out = gatecast()
+        .args(["--ping-interval", "soon"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ping-interval"));
 
