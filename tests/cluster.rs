@@ -5,6 +5,8 @@ mod common;
 
 use common::redis::RedisServer;
 use common::{eventually, sorted, strs, Client, Cluster, Engine, Node, Seen};
+use fred::prelude::*;
+use gatecast_emitter::{Envelope, Op};
 use serde_json::json;
 
 async fn three_nodes() -> Cluster {
@@ -197,6 +199,23 @@ async fn a_malformed_message_on_redis_is_counted_and_skipped() {
     let mut a = Client::connect(&c.nodes[0].ws_url("")).await;
     let redis = c.redis.as_ref().unwrap();
     redis.cli(&["PUBLISH", "gatecast:all", "this is not msgpack"]);
+    // Well-formed, but text that is not UTF-8 (it would kill the client's
+    // connection) and an empty group name: refused like the API refuses.
+    let mut bad_text = Envelope::new(Op::Push);
+    bad_text.data = Some(vec![0xff, 0xfe].into());
+    let mut bad_join = Envelope::new(Op::JoinGroup);
+    bad_join.client_id = Some(a.id.clone());
+    bad_join.group = Some(String::new());
+    let fred = Builder::from_config(Config::from_url(&redis.url()).unwrap())
+        .build()
+        .unwrap();
+    fred.init().await.unwrap();
+    let _: i64 = fred
+        .publish("gatecast:all", bad_text.encode())
+        .await
+        .unwrap();
+    let node_channel = format!("gatecast:node:{}", &a.id[..12]);
+    let _: i64 = fred.publish(node_channel, bad_join.encode()).await.unwrap();
     c.nodes[2]
         .ok("send_to_all", json!({"data": "next one"}))
         .await;
@@ -206,10 +225,14 @@ async fn a_malformed_message_on_redis_is_counted_and_skipped() {
         metric(
             &node.get_text("/metrics").await,
             "gatecast_pubsub_malformed_total",
-        ) >= 1.0
+        ) >= 3.0
     })
     .await;
     assert_eq!(node.get_status(false, "/readyz").await, 200);
+    assert_eq!(
+        c.nodes[2].ok("get_all_group_id_list", json!({})).await,
+        json!([])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

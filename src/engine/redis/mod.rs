@@ -543,13 +543,7 @@ impl Inner {
         match (channel, e.op) {
             (_, Op::Push) => {
                 let data = e.data.ok_or("push without data")?;
-                if data.len() > self.settings.max_message_bytes {
-                    return Err("push above --max-message-bytes");
-                }
-                let message = Message {
-                    binary: e.binary,
-                    data,
-                };
+                let message = self.checked_message(e.binary, data)?;
                 let exclude = parse_ids(&e.exclude);
                 let frame = message.frame();
                 let (kind, delivered) = match channel {
@@ -585,13 +579,10 @@ impl Inner {
             }
             (Channel::Node(_), Op::Close) => {
                 let id = parse_id(e.client_id.as_deref()).ok_or("close without client_id")?;
-                let last = e.data.map(|data| {
-                    Message {
-                        binary: e.binary,
-                        data,
-                    }
-                    .frame()
-                });
+                let last = match e.data {
+                    Some(data) => Some(self.checked_message(e.binary, data)?.frame()),
+                    None => None,
+                };
                 self.hub
                     .close_client(id, last, close_code::NORMAL, "closed by server");
             }
@@ -616,6 +607,19 @@ impl Inner {
             _ => return Err("operation not valid on this channel"),
         }
         Ok(())
+    }
+
+    /// A message from Redis held to the API's rules: at most
+    /// `--max-message-bytes`, and text must be UTF-8 (an invalid text frame
+    /// would make the client drop its connection).
+    fn checked_message(&self, binary: bool, data: Bytes) -> Result<Message, &'static str> {
+        if data.len() > self.settings.max_message_bytes {
+            return Err("message above --max-message-bytes");
+        }
+        if !binary && std::str::from_utf8(&data).is_err() {
+            return Err("text message is not UTF-8");
+        }
+        Ok(Message { binary, data })
     }
 
     fn queue(&self, applied: Applied) {
@@ -658,7 +662,7 @@ impl Inner {
         let hub = &self.hub;
         Ok(match op {
             Op::BindUid => {
-                let uid = uid.ok_or("bind_uid without uid")?;
+                let uid = valid_name(uid).ok_or("bind_uid without a valid uid")?;
                 match hub.bind_uid(id, &uid) {
                     Some(previous) if previous.as_deref() != Some(uid.as_str()) => {
                         Some(Change::BindUid { id, uid, previous })
@@ -667,17 +671,17 @@ impl Inner {
                 }
             }
             Op::UnbindUid => {
-                let uid = uid.ok_or("unbind_uid without uid")?;
+                let uid = valid_name(uid).ok_or("unbind_uid without a valid uid")?;
                 hub.unbind_uid(id, &uid)
                     .then_some(Change::UnbindUid { id, uid })
             }
             Op::JoinGroup => {
-                let group = group.ok_or("join_group without group")?;
+                let group = valid_name(group).ok_or("join_group without a valid group")?;
                 (hub.join_group(id, &group) == Some(true))
                     .then_some(Change::JoinGroup { id, group })
             }
             Op::LeaveGroup => {
-                let group = group.ok_or("leave_group without group")?;
+                let group = valid_name(group).ok_or("leave_group without a valid group")?;
                 hub.leave_group(id, &group)
                     .then_some(Change::LeaveGroup { id, group })
             }
@@ -889,6 +893,13 @@ impl Inner {
             })
             .collect())
     }
+}
+
+/// A uid or group from Redis, held to the API's rules (non-empty, at most
+/// 256 bytes).
+fn valid_name(name: Option<String>) -> Option<String> {
+    name.and_then(|n| crate::name::Name::new(n).ok())
+        .map(|n| n.0)
 }
 
 fn parse_id(s: Option<&str>) -> Option<ClientId> {
