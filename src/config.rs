@@ -140,6 +140,12 @@ impl Config {
         if self.events && self.redis_url.is_none() && self.events_webhook.is_none() {
             return Err("--events needs --redis-url (events stream) or --events-webhook".into());
         }
+        if self.events_webhook.is_some() && self.redis_url.is_some() {
+            return Err(
+                "--events-webhook is for a single node: with --redis-url events go to the stream"
+                    .into(),
+            );
+        }
         if self.events_max_len < 1 {
             return Err("--events-max-len must be at least 1".into());
         }

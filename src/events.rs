@@ -169,6 +169,16 @@ impl Event {
     }
 }
 
+/// The query string of `/ws` as connect events carry it: without `token`,
+/// so client credentials do not end up in the stream.
+pub fn forwarded_query(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("token"))
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
 /// The headers of an upgrade request that connect events carry.
 pub fn forwarded_headers(headers: &axum::http::HeaderMap) -> Map<String, Value> {
     FORWARDED_HEADERS
@@ -323,8 +333,22 @@ async fn post_all(http: &reqwest::Client, url: &str, node: NodeId, batch: &[Even
                 Ok(r) => tracing::warn!(status = %r.status(), "event webhook refused an event"),
                 Err(e) => tracing::warn!(error = %e, "event webhook unreachable"),
             }
-            tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            if attempt < 2 {
+                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
+            }
         }
     }
     sent
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connect_events_never_carry_the_token() {
+        assert_eq!(forwarded_query("room=7&token=abc.def&x=1"), "room=7&x=1");
+        assert_eq!(forwarded_query("token=abc"), "");
+        assert_eq!(forwarded_query("tokens=1"), "tokens=1");
+    }
 }

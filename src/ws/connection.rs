@@ -66,6 +66,7 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
             stream: &stream,
             outbox: &outbox,
             left: false,
+            peer_closed: false,
             reader: Reader::default(),
             batch: VecDeque::new(),
             offset: 0,
@@ -132,6 +133,8 @@ struct Connection<'a> {
     outbox: &'a Outbox,
     /// Already unregistered (and the close event sent).
     left: bool,
+    /// The client sent its close frame.
+    peer_closed: bool,
     reader: Reader,
     /// Frames taken from the outbox and not yet fully written.
     batch: VecDeque<Bytes>,
@@ -259,6 +262,11 @@ impl Connection<'_> {
         loop {
             self.write_ready()?;
             if self.batch.is_empty() {
+                if self.peer_closed {
+                    // The client closed first and has our answer: the
+                    // handshake is complete, drop the connection now.
+                    return Ok(());
+                }
                 return self.linger(deadline).await;
             }
             tokio::select! {
@@ -409,8 +417,11 @@ impl Connection<'_> {
             self.outbox.close(violation.code, violation.reason, true);
             return Ok(ReadOutcome::Pending);
         }
-        if client_closed && closing {
-            return Ok(ReadOutcome::Closed);
+        if client_closed {
+            self.peer_closed = true;
+            if closing {
+                return Ok(ReadOutcome::Closed);
+            }
         }
         Ok(ReadOutcome::Pending)
     }
