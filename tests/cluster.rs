@@ -249,3 +249,28 @@ async fn a_node_started_before_redis_becomes_ready_when_redis_comes() {
         .await;
     assert_eq!(a.next().await, Seen::Text("hi".into()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_through_the_clients_own_node_keep_order_with_later_changes() {
+    let c = three_nodes().await;
+    let mut a = Client::connect(&c.nodes[0].ws_url("")).await;
+    let own = &c.nodes[0];
+    own.ok("join_group", json!({"client_id": a.id, "group": "g"}))
+        .await;
+    for n in 0..20 {
+        own.ok(
+            "send_to_group",
+            json!({"group": "g", "data": n.to_string()}),
+        )
+        .await;
+    }
+    own.ok("leave_group", json!({"client_id": a.id, "group": "g"}))
+        .await;
+    own.ok("send_to_all", json!({"data": "last"})).await;
+    own.ok("close_client", json!({"client_id": a.id})).await;
+    for n in 0..20 {
+        a.expect_text(&n.to_string()).await;
+    }
+    a.expect_text("last").await;
+    a.expect_close(1000).await;
+}

@@ -1030,18 +1030,15 @@ impl Engine for RedisEngine {
             }
             Target::All => channels.push(i.keys.all_channel()),
         }
-        if !i.client.is_connected() {
-            // Without Redis only this node's own clients can get the push;
-            // they do, and the caller learns the others did not.
-            let delivered = i.hub.deliver(&push);
-            i.metrics.delivered(push.target.kind(), delivered);
-            return Err(EngineError::Unavailable("redis is not connected".into()));
-        }
-        // This node's own clients get the push when Redis echoes it back,
-        // like every other node's: all recipients see pushes in the same
-        // (Redis) order, and under load the echoes arrive in bursts that
-        // each connection writes with one syscall, where delivering here,
-        // between two Redis round trips, costs a write per push per client.
+        // This node delivers to its own connections at once and tells the
+        // others; it skips its own message when Redis echoes it back. (Were
+        // its clients served by the echo instead, a push followed by a local
+        // leave_group or close_client could reach them after the change.)
+        let delivered = i.hub.deliver(&push);
+        i.metrics.delivered(push.target.kind(), delivered);
+        // Without Redis the others cannot get it, and the caller learns it.
+        i.check()?;
+        e.origin = Some(i.node_name.clone());
         let bytes = e.encode();
         publish_many(
             i,
