@@ -87,7 +87,11 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let metrics = Arc::new(Metrics::new());
     let hub = Arc::new(Hub::new(config.client_queue));
     let engine: Arc<dyn Engine> = match &config.redis_url {
-        None => Arc::new(MemoryEngine::new(hub.clone(), metrics.clone())),
+        None => {
+            // A single node is the whole gateway.
+            metrics.nodes_alive.set(1);
+            Arc::new(MemoryEngine::new(hub.clone(), metrics.clone()))
+        }
         Some(url) => {
             let settings = RedisSettings {
                 url: url.clone(),
