@@ -91,11 +91,15 @@ impl Outbox {
     }
 
     /// Asks the writer to close the connection, after the frames already
-    /// queued unless `discard_queued`. The first close asked for wins.
+    /// queued unless `discard_queued`. The first close asked for wins, except
+    /// that a discarding close (ping timeout, overflow, protocol error)
+    /// replaces a graceful one: a client that stopped reading would never
+    /// take the frames queued before a graceful close.
     pub fn close(&self, code: u16, reason: &str, discard_queued: bool) {
         let mut state = self.state.lock();
-        if state.close.is_some() {
-            return;
+        match &state.close {
+            Some(existing) if existing.discard_queued || !discard_queued => return,
+            _ => {}
         }
         if discard_queued {
             state.frames = VecDeque::new();
@@ -114,13 +118,19 @@ impl Outbox {
         self.state.lock().close.is_some()
     }
 
+    /// A close that must happen now, without sending what is queued (a
+    /// graceful close waits for the queue to drain instead).
+    pub fn discarding_close(&self) -> Option<Close> {
+        self.state.lock().close.clone().filter(|c| c.discard_queued)
+    }
+
     /// Moves up to [`BATCH`] queued frames into `batch`; reports the close
     /// once nothing more is to be sent before it.
     pub fn take(&self, batch: &mut VecDeque<Bytes>) -> Taken {
         let mut state = self.state.lock();
         let n = state.frames.len().min(BATCH);
         batch.extend(state.frames.drain(..n));
-        if state.frames.is_empty() && state.frames.capacity() > BATCH {
+        if state.frames.is_empty() && state.frames.capacity() > 8 {
             // Give back what a burst grew, so an idle connection stays small.
             state.frames = VecDeque::new();
         }
@@ -197,6 +207,19 @@ mod tests {
         // Later pushes are dropped silently, never queued.
         outbox.push(Bytes::from_static(b"x"), 3).unwrap();
         assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn a_discarding_close_replaces_a_graceful_one() {
+        let outbox = Outbox::default();
+        outbox.push(Bytes::from_static(b"x"), 10).unwrap();
+        outbox.close(1000, "bye", false);
+        assert_eq!(outbox.discarding_close(), None);
+        outbox.close(1000, "ping timeout", true);
+        assert!(outbox.discarding_close().is_some());
+        // And not the other way round.
+        outbox.close(1001, "later", false);
+        assert!(outbox.discarding_close().is_some());
     }
 
     #[test]

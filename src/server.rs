@@ -158,9 +158,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         // other nodes must stop routing to this one at once.
         gw.engine.shutdown().await;
         gw.connections.close();
-        gw.connections.wait().await;
+        // Leave time to flush the close events even if some connections
+        // outlast the grace.
+        let flush_time = std::time::Duration::from_secs(2).min(grace / 4);
+        let _ = tokio::time::timeout(grace - flush_time, gw.connections.wait()).await;
         if let Some(events) = &gw.events {
-            events.flush(std::time::Duration::from_secs(2)).await;
+            events.flush(flush_time).await;
         }
         let _ = public.await;
     };

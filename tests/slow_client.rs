@@ -7,7 +7,10 @@ mod common;
 use common::{Cluster, Engine, Seen};
 use serde_json::json;
 
-engine_suite!(slow_client_is_closed_with_1013_and_others_get_everything);
+engine_suite!(
+    slow_client_is_closed_with_1013_and_others_get_everything,
+    a_stuck_client_asked_to_close_is_still_let_go,
+);
 
 /// Pushes are this large: the default --max-message-bytes.
 const SIZE: usize = 64 * 1024;
@@ -98,4 +101,39 @@ async fn slow_client_is_closed_with_1013_and_others_get_everything(engine: Engin
     for node in &c.nodes {
         assert_eq!(node.get_status(false, "/readyz").await, 200);
     }
+}
+
+/// close_client is graceful (queued messages first), but a client that
+/// stopped reading never takes them: the ping timeout must still end it.
+async fn a_stuck_client_asked_to_close_is_still_let_go(engine: Engine) {
+    let c = Cluster::start(
+        engine,
+        &[
+            "--client-queue",
+            "100000",
+            "--ping-interval",
+            "200ms",
+            "--ping-timeout",
+            "1s",
+        ],
+    )
+    .await;
+    let api = c.api();
+    let stuck = c.client().await;
+    let id = stuck.id.clone();
+    // Fill the socket buffers; nothing overflows the large queue.
+    for n in 0..300 {
+        api.ok(
+            "send_to_client",
+            json!({"client_id": id, "data": message(n)}),
+        )
+        .await;
+    }
+    api.ok("close_client", json!({"client_id": id, "data": "bye"}))
+        .await;
+    common::eventually("the stuck client is let go", || async {
+        api.ok("is_online", json!({"client_id": id})).await == false
+    })
+    .await;
+    drop(stuck);
 }

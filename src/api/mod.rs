@@ -120,6 +120,10 @@ async fn handle(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Value, ApiError> {
     authorize(gw, headers)?;
+    // The method first: an unknown one is a 404 whatever the body.
+    if methods::label(method) == "unknown" {
+        return Err(ApiError::unknown_method(method));
+    }
     let body = body.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(
@@ -142,10 +146,6 @@ async fn handle(
     };
     if method == "batch" {
         return batch(gw, params).await;
-    }
-    // Check the name before parsing anything so an unknown method is a 404.
-    if methods::label(method) == "unknown" {
-        return Err(ApiError::unknown_method(method));
     }
     with_deadline(methods::call(gw, method, params))
         .await

@@ -232,15 +232,11 @@ impl Connection<'_> {
     fn take_queued(&mut self) -> Option<Close> {
         if self.batch.is_empty() {
             self.outbox.take(&mut self.batch).close
-        } else if self.outbox.is_closing() {
-            // An overflow close discards what is queued at once, even while
-            // a batch is being written.
-            self.outbox
-                .take(&mut VecDeque::new())
-                .close
-                .filter(|c| c.discard_queued)
         } else {
-            None
+            // An overflow (or ping timeout) close happens at once, even
+            // while a batch is being written; a graceful one waits for the
+            // queue.
+            self.outbox.discarding_close()
         }
     }
 
@@ -338,7 +334,7 @@ impl Connection<'_> {
                 }
             }
         }
-        if self.batch.capacity() > BATCH {
+        if self.batch.capacity() > 8 {
             self.batch = VecDeque::new();
         }
         Ok(())
@@ -370,6 +366,13 @@ impl Connection<'_> {
         let cap = gw.config.client_queue;
         let closing = self.closing.is_some();
         let id = self.id;
+        // Once the close event is out, nothing more is reported about it.
+        let report = !closing && !self.left;
+        let emit = |detail: Detail| {
+            if report {
+                gw.event(id, detail);
+            }
+        };
         let result = self
             .reader
             .feed(data, gw.config.max_message_bytes, &mut |message| {
@@ -392,19 +395,16 @@ impl Connection<'_> {
                             let _ = outbox.push(pong_frame(), cap);
                         } else {
                             let data = Bytes::from(text);
-                            gw.event(
-                                id,
-                                Detail::Message {
-                                    data,
-                                    binary: false,
-                                },
-                            );
+                            emit(Detail::Message {
+                                data,
+                                binary: false,
+                            });
                         }
                     }
                     Incoming::Binary(data) => {
                         gw.metrics.messages_in.inc();
                         let data = Bytes::from(data);
-                        gw.event(id, Detail::Message { data, binary: true });
+                        emit(Detail::Message { data, binary: true });
                     }
                 }
             });

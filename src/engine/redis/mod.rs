@@ -55,7 +55,7 @@ use crate::ws::frame::close_code;
 const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// Longest a node waits for another node to apply a command.
-const RPC_TIMEOUT: Duration = Duration::from_millis(1500);
+const RPC_TIMEOUT: Duration = Duration::from_millis(1200);
 
 /// Commands from other nodes waiting to be applied, in order.
 const COMMAND_QUEUE: usize = 4096;
@@ -114,6 +114,8 @@ struct Inner {
     registered: AtomicBool,
     /// Shutting down: the partition is being removed as a whole.
     leaving: AtomicBool,
+    /// Held while the partition is being (re)written.
+    registering: tokio::sync::Mutex<()>,
     commands: mpsc::Sender<Applied>,
     stop: CancellationToken,
 }
@@ -215,6 +217,7 @@ impl RedisEngine {
             subscribed: tokio::sync::Mutex::new(HashSet::new()),
             registered: AtomicBool::new(false),
             leaving: AtomicBool::new(false),
+            registering: tokio::sync::Mutex::new(()),
             commands,
             stop: CancellationToken::new(),
         });
@@ -250,14 +253,26 @@ impl Inner {
     /// On every (re)connection, including the first: subscribe and write
     /// the whole partition again from the hub.
     async fn reconnect_loop(self: Arc<Self>) {
+        use tokio::sync::broadcast::error::RecvError;
         let mut reconnects = self.client.reconnect_rx();
+        let mut errors = self.client.error_rx();
         let mut first = true;
         loop {
             tokio::select! {
                 event = reconnects.recv() => {
-                    if event.is_err() && !matches!(event, Err(tokio::sync::broadcast::error::RecvError::Lagged(_))) {
+                    if matches!(event, Err(RecvError::Closed)) {
                         return;
                     }
+                }
+                error = errors.recv() => {
+                    // A lost connection: not ready until the partition is
+                    // written again after the reconnect (Redis may have
+                    // restarted empty or failed over meanwhile).
+                    if matches!(error, Err(RecvError::Closed)) {
+                        return;
+                    }
+                    self.registered.store(false, Ordering::Release);
+                    continue;
                 }
                 () = self.stop.cancelled() => return,
             }
@@ -269,11 +284,19 @@ impl Inner {
                 self.metrics.redis_reconnects.inc();
             }
             first = false;
+            self.registered.store(false, Ordering::Release);
             self.register_until_done().await;
         }
     }
 
     async fn register_until_done(&self) {
+        // One registration at a time (a reconnect and a lost liveness key
+        // can ask at once); the second one runs after, on fresh state.
+        let _single = self.registering.lock().await;
+        if self.registered.load(Ordering::Acquire) {
+            // Done by whoever held the lock before.
+            return;
+        }
         while !self.stop.is_cancelled() && !self.leaving.load(Ordering::Acquire) {
             match self.register().await {
                 Ok(n) => {
@@ -320,8 +343,15 @@ impl Inner {
             .evalsha::<i64, _, _, _>(&self.client, self.partition.clone(), "all")
             .await?;
         let snapshot = self.hub.snapshot();
+        let mut last_beat = std::time::Instant::now();
         for chunk in snapshot.chunks(REGISTER_CHUNK) {
             try_join_all(chunk.iter().map(|(id, m)| self.write_client(*id, m))).await?;
+            // A big partition takes a while: stay alive meanwhile, or
+            // another node purges it halfway.
+            if last_beat.elapsed() > self.settings.heartbeat / 2 {
+                self.beat().await?;
+                last_beat = std::time::Instant::now();
+            }
         }
         self.reconcile(snapshot).await?;
         self.registered.store(true, Ordering::Release);
@@ -408,13 +438,20 @@ impl Inner {
                 _ = tick.tick() => {}
                 () = self.stop.cancelled() => return,
             }
-            if !self.client.is_connected() || !self.registered.load(Ordering::Acquire) {
+            if !self.client.is_connected() {
+                continue;
+            }
+            if !self.registered.load(Ordering::Acquire) {
+                // A registration that no reconnect event asked for (or that
+                // one is already doing: then this waits and skips).
+                self.register_until_done().await;
                 continue;
             }
             match self.beat().await {
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!("liveness key was gone (Redis restarted or this node was purged): registering again");
+                    self.registered.store(false, Ordering::Release);
                     self.register_until_done().await;
                 }
                 Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
@@ -784,26 +821,32 @@ impl Inner {
         e.reply_to = Some(self.node_name.clone());
         let (tx, rx) = oneshot::channel();
         self.pending.lock().insert(req, tx);
-        let receivers = self.publish(self.keys.node_channel(node), e.encode()).await;
-        let answer = match receivers {
-            // Nobody listens on the node's channel: the node is gone, and
-            // its clients with it.
-            Ok(0) => Ok(None),
-            Ok(_) => match tokio::time::timeout(RPC_TIMEOUT, rx).await {
-                Ok(Ok(answer)) => Ok(answer),
-                _ => {
-                    if self.node_alive(node).await? {
-                        Err(EngineError::Unavailable(format!(
-                            "node {node} did not answer"
-                        )))
-                    } else {
-                        Ok(None)
-                    }
-                }
-            },
-            Err(e) => Err(unavailable(e)),
+        // Removes the waiter however this ends, the API deadline included.
+        let _pending = PendingGuard {
+            pending: &self.pending,
+            req,
         };
-        self.pending.lock().remove(&req);
+        let receivers = self.publish(self.keys.node_channel(node), e.encode()).await;
+        let reply = match receivers {
+            Ok(n) if n > 0 => tokio::time::timeout(RPC_TIMEOUT, rx)
+                .await
+                .ok()
+                .and_then(Result::ok),
+            Ok(_) => None,
+            Err(e) => return Err(unavailable(e)),
+        };
+        let answer = if let Some(reply) = reply {
+            Ok(reply)
+        } else if self.node_alive(node).await? {
+            // Alive but not listening or not answering (its subscriber may
+            // be reconnecting): the change may not be applied.
+            Err(EngineError::Unavailable(format!(
+                "node {node} did not answer"
+            )))
+        } else {
+            // The node is gone, and its clients with it: a no-op.
+            Ok(None)
+        };
         match answer? {
             None => Ok(()),
             Some(error) => Err(EngineError::Unavailable(error)),
@@ -900,6 +943,18 @@ impl Inner {
 fn valid_name(name: Option<String>) -> Option<String> {
     name.and_then(|n| crate::name::Name::new(n).ok())
         .map(|n| n.0)
+}
+
+/// Forgets an RPC's waiter when the call ends or is dropped.
+struct PendingGuard<'a> {
+    pending: &'a Mutex<HashMap<u64, oneshot::Sender<Option<String>>>>,
+    req: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().remove(&self.req);
+    }
 }
 
 fn parse_id(s: Option<&str>) -> Option<ClientId> {
