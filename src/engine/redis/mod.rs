@@ -244,6 +244,15 @@ impl Inner {
         }
     }
 
+    /// A write to this node's partition failed: Redis and the hub may now
+    /// disagree. The liveness loop writes the partition again (and the node
+    /// reports not ready until it has).
+    fn mark_dirty(&self) {
+        if self.client.is_connected() && self.registered.swap(false, Ordering::AcqRel) {
+            tracing::warn!("a write to redis failed: registering this node's connections again");
+        }
+    }
+
     fn is_local(&self, id: ClientId) -> bool {
         id.node() == self.node
     }
@@ -669,7 +678,10 @@ impl Inner {
     async fn command_loop(self: Arc<Self>, mut rx: mpsc::Receiver<Applied>) {
         while let Some(applied) = rx.recv().await {
             let result = match applied.change {
-                Some(change) => self.persist(change).await,
+                Some(change) => self
+                    .persist(change)
+                    .await
+                    .inspect_err(|_| self.mark_dirty()),
                 None => Ok(()),
             };
             if let Some((node, req)) = applied.reply {
@@ -687,7 +699,7 @@ impl Inner {
     // ----- changes ----------------------------------------------------------
 
     /// Makes a membership change in the hub. `Ok(None)`: nothing to do (the
-    /// client is not here, or nothing changed).
+    /// client is not here, or an unbind of a uid it does not have).
     fn change_hub(
         &self,
         op: Op,
@@ -700,12 +712,12 @@ impl Inner {
         Ok(match op {
             Op::BindUid => {
                 let uid = valid_name(uid).ok_or("bind_uid without a valid uid")?;
-                match hub.bind_uid(id, &uid) {
-                    Some(previous) if previous.as_deref() != Some(uid.as_str()) => {
-                        Some(Change::BindUid { id, uid, previous })
-                    }
-                    _ => None,
-                }
+                // Mirrored even when the hub had it already: the scripts are
+                // idempotent, and a retry after a failed write must repair it.
+                hub.bind_uid(id, &uid).map(|previous| {
+                    let previous = previous.filter(|p| *p != uid);
+                    Change::BindUid { id, uid, previous }
+                })
             }
             Op::UnbindUid => {
                 let uid = valid_name(uid).ok_or("unbind_uid without a valid uid")?;
@@ -714,13 +726,13 @@ impl Inner {
             }
             Op::JoinGroup => {
                 let group = valid_name(group).ok_or("join_group without a valid group")?;
-                (hub.join_group(id, &group) == Some(true))
-                    .then_some(Change::JoinGroup { id, group })
+                hub.join_group(id, &group)
+                    .map(|_| Change::JoinGroup { id, group })
             }
             Op::LeaveGroup => {
                 let group = valid_name(group).ok_or("leave_group without a valid group")?;
-                hub.leave_group(id, &group)
-                    .then_some(Change::LeaveGroup { id, group })
+                hub.leave_group(id, &group);
+                hub.contains(id).then_some(Change::LeaveGroup { id, group })
             }
             Op::SetSession | Op::UpdateSession => {
                 let session = session.ok_or("session command without session")?;
@@ -803,7 +815,10 @@ impl Inner {
                 .change_hub(op, id, uid, group, session)
                 .map_err(|e| EngineError::Unavailable(e.into()))?;
             return match change {
-                Some(change) => self.persist(change).await,
+                Some(change) => self
+                    .persist(change)
+                    .await
+                    .inspect_err(|_| self.mark_dirty()),
                 None => Ok(()),
             };
         }
@@ -1010,6 +1025,7 @@ impl Engine for RedisEngine {
         // all again when it reconnects.
         if let Err(e) = registered.await {
             tracing::warn!(error = %e, "connection not registered in redis yet");
+            i.mark_dirty();
         }
         Ok(())
     }
@@ -1036,6 +1052,7 @@ impl Engine for RedisEngine {
         };
         if let Err(e) = removed.await {
             tracing::warn!(error = %e, "connection not removed from redis yet");
+            i.mark_dirty();
         }
     }
 
