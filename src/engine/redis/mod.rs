@@ -896,6 +896,17 @@ impl Inner {
 
     // ----- queries ----------------------------------------------------------
 
+    /// A field of another node's client, read from that node's partition
+    /// (`hash` is `:clients`, the session, or `:uid`).
+    async fn remote_field(&self, id: ClientId, hash: &str) -> EngineResult<Option<String>> {
+        self.check()?;
+        let key = format!("{}{hash}", self.keys.partition(id.node()));
+        self.client
+            .hget(key, id.to_string())
+            .await
+            .map_err(unavailable)
+    }
+
     /// The other registered nodes.
     async fn other_nodes(&self) -> EngineResult<Vec<NodeId>> {
         self.check()?;
@@ -1198,12 +1209,7 @@ impl Engine for RedisEngine {
         if i.is_local(id) {
             return Ok(i.hub.contains(id));
         }
-        i.check()?;
-        let key = format!("{}:clients", i.keys.partition(id.node()));
-        i.client
-            .hexists(key, id.to_string())
-            .await
-            .map_err(unavailable)
+        Ok(i.remote_field(id, ":clients").await?.is_some())
     }
 
     async fn uid_of(&self, id: ClientId) -> EngineResult<Option<String>> {
@@ -1211,12 +1217,7 @@ impl Engine for RedisEngine {
         if i.is_local(id) {
             return Ok(i.hub.uid_of(id).flatten());
         }
-        i.check()?;
-        let key = format!("{}:uid", i.keys.partition(id.node()));
-        i.client
-            .hget(key, id.to_string())
-            .await
-            .map_err(unavailable)
+        i.remote_field(id, ":uid").await
     }
 
     async fn session_of(&self, id: ClientId) -> EngineResult<Option<Session>> {
@@ -1224,13 +1225,7 @@ impl Engine for RedisEngine {
         if i.is_local(id) {
             return Ok(i.hub.session_of(id));
         }
-        i.check()?;
-        let key = format!("{}:clients", i.keys.partition(id.node()));
-        let json: Option<String> = i
-            .client
-            .hget(key, id.to_string())
-            .await
-            .map_err(unavailable)?;
+        let json = i.remote_field(id, ":clients").await?;
         Ok(json.map(|j| parse_session(Some(j))))
     }
 
