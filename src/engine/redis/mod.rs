@@ -1051,20 +1051,26 @@ impl Engine for RedisEngine {
             // partition is rewritten (and channels reconciled) on reconnect.
             return;
         }
-        let removed = async {
-            i.remove_client(id, &m).await?;
-            if let Some(uid) = &m.uid {
-                i.follow(Follow::Uid(uid)).await?;
+        // In the background: the connection is already out of the hub (so
+        // out of every push), and its close frame should not wait for Redis.
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let i = &inner;
+            let removed = async {
+                i.remove_client(id, &m).await?;
+                if let Some(uid) = &m.uid {
+                    i.follow(Follow::Uid(uid)).await?;
+                }
+                for group in &m.groups {
+                    i.follow(Follow::Group(group)).await?;
+                }
+                Ok::<_, fred::error::Error>(())
+            };
+            if let Err(e) = removed.await {
+                tracing::warn!(error = %e, "connection not removed from redis yet");
+                i.mark_dirty();
             }
-            for group in &m.groups {
-                i.follow(Follow::Group(group)).await?;
-            }
-            Ok::<_, fred::error::Error>(())
-        };
-        if let Err(e) = removed.await {
-            tracing::warn!(error = %e, "connection not removed from redis yet");
-            i.mark_dirty();
-        }
+        });
     }
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
