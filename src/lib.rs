@@ -2,11 +2,14 @@
 //!
 //! Browsers and apps hold a WebSocket to any node; backends push to a
 //! connection, a uid, a group or everyone through the HTTP API of any node.
-//! See `SPEC.md`-derived docs in `docs/` for the contract.
+//! The repository's `docs/` describe the API, the Redis layout and the wire
+//! format.
 //!
 //! Layout: [`ws`] is the client transport, [`api`] the HTTP transport,
 //! [`hub`] this node's connections and local fan-out, [`engine`] where
 //! membership lives and how pushes cross nodes, [`server`] start and stop.
+
+#![warn(missing_docs)]
 
 pub mod api;
 pub mod config;

@@ -21,6 +21,8 @@
 //!
 //! docs/publishing.md describes the format for other languages.
 
+#![warn(missing_docs)]
+
 pub mod emitter;
 pub mod envelope;
 pub mod ids;
