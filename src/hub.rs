@@ -220,13 +220,20 @@ impl Hub {
     /// Enqueues `push` to every local connection it targets. The frame is
     /// encoded once; each queue gets a reference to the same bytes.
     pub fn deliver(&self, push: &Push) -> Delivered {
-        let frame = push.message.frame();
-        self.deliver_frame(&push.target, &push.exclude, &frame)
+        self.deliver_with(&push.target, &push.exclude, &|| push.message.frame())
     }
 
-    /// Enqueues an encoded frame to the local connections `target` names,
-    /// except those in `exclude`.
-    pub fn deliver_frame(&self, target: &Target, exclude: &[ClientId], frame: &Bytes) -> Delivered {
+    /// Enqueues to the local connections `target` names, except those in
+    /// `exclude`, the frame `encode` makes: called once, at the first
+    /// recipient, so a push with no recipient here costs no copy of its
+    /// payload (the Redis engine hears of many of those).
+    pub fn deliver_with(
+        &self,
+        target: &Target,
+        exclude: &[ClientId],
+        encode: &dyn Fn() -> Bytes,
+    ) -> Delivered {
+        let frame = std::cell::OnceCell::new();
         let excluded = Exclusion::new(exclude);
         let index = self.index.read();
         let mut out = Delivered::default();
@@ -234,7 +241,8 @@ impl Hub {
             if excluded.contains(id) {
                 return;
             }
-            match local.outbox.push(frame.clone(), self.queue_cap) {
+            let frame = frame.get_or_init(encode).clone();
+            match local.outbox.push(frame, self.queue_cap) {
                 Ok(()) => out.queued += 1,
                 Err(_) => out.overflowed += 1,
             }
@@ -285,14 +293,14 @@ impl Hub {
         groups: &[String],
         group: &str,
         exclude: &[ClientId],
-        frame: &Bytes,
+        encode: &dyn Fn() -> Bytes,
     ) -> Delivered {
         let earlier = match groups.iter().position(|g| g == group) {
             Some(pos) => &groups[..pos],
             None => &[],
         };
         if earlier.is_empty() {
-            return self.deliver_frame(&Target::Groups(vec![group.to_owned()]), exclude, frame);
+            return self.deliver_with(&Target::Groups(vec![group.to_owned()]), exclude, encode);
         }
         let mut skip: Vec<ClientId> = exclude.to_vec();
         {
@@ -303,7 +311,7 @@ impl Hub {
                 earlier.iter().any(|g| groups.contains(g))
             }));
         }
-        self.deliver_frame(&Target::Groups(vec![group.to_owned()]), &skip, frame)
+        self.deliver_with(&Target::Groups(vec![group.to_owned()]), &skip, encode)
     }
 
     /// Asks `id` to close, after `last` (if any) and what is already

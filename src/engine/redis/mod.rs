@@ -591,28 +591,28 @@ impl Inner {
                 let data = e.data.ok_or("push without data")?;
                 let message = self.checked_message(e.binary, data)?;
                 let exclude = parse_ids(&e.exclude);
-                let frame = message.frame();
+                let encode = || message.frame();
                 let (kind, delivered) = match channel {
                     Channel::All => (
                         "all",
-                        self.hub.deliver_frame(&Target::All, &exclude, &frame),
+                        self.hub.deliver_with(&Target::All, &exclude, &encode),
                     ),
                     Channel::Group(group) => (
                         "group",
                         self.hub
-                            .deliver_group_part(&e.groups, group, &exclude, &frame),
+                            .deliver_group_part(&e.groups, group, &exclude, &encode),
                     ),
                     Channel::Uid(uid) => (
                         "uid",
-                        self.hub.deliver_frame(
+                        self.hub.deliver_with(
                             &Target::Uids(vec![uid.to_owned()]),
                             &exclude,
-                            &frame,
+                            &encode,
                         ),
                     ),
                     Channel::Node(_) => {
                         let target = Target::Clients(parse_ids(&e.client_ids));
-                        ("client", self.hub.deliver_frame(&target, &exclude, &frame))
+                        ("client", self.hub.deliver_with(&target, &exclude, &encode))
                     }
                 };
                 self.metrics.delivered(kind, delivered);
