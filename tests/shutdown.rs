@@ -89,22 +89,8 @@ async fn sigint_also_drains_and_exits_0() {
 fn signal_as_soon_as_listening(sig: &str) -> std::process::ExitStatus {
     use std::io::{BufRead, BufReader, Write};
     use std::process::{Command, Stdio};
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gatecast"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--api-listen",
-            "127.0.0.1:0",
-            "--inner-listen",
-            "127.0.0.1:0",
-            "--advertise-ip",
-            "127.0.0.1",
-            "--log-format",
-            "json",
-            "--shutdown-grace",
-            "5s",
-        ])
-        .env_remove("GATECAST_API_KEY")
+    let mut child = common::gatecast_command()
+        .args(["--shutdown-grace", "5s"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("gatecast starts");

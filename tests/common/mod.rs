@@ -33,26 +33,29 @@ pub struct Node {
     http: reqwest::Client,
 }
 
+/// The `gatecast` binary on free loopback ports (chosen by the system),
+/// logging JSON, with no API key from the environment.
+pub fn gatecast_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_gatecast"));
+    command
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .args([
+            "--inner-listen",
+            "127.0.0.1:0",
+            "--advertise-ip",
+            "127.0.0.1",
+        ])
+        .args(["--log-format", "json"])
+        .env_remove("GATECAST_API_KEY");
+    command
+}
+
 impl Node {
     /// Starts a node on free loopback ports with `args` added.
     pub fn start(args: &[&str]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gatecast"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--api-listen",
-                "127.0.0.1:0",
-                "--inner-listen",
-                "127.0.0.1:0",
-                "--advertise-ip",
-                "127.0.0.1",
-                "--log-format",
-                "json",
-                "--log-level",
-                "info,gatecast=debug",
-            ])
+        let mut child = gatecast_command()
+            .args(["--log-level", "info,gatecast=debug"])
             .args(args)
-            .env_remove("GATECAST_API_KEY")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -291,6 +294,11 @@ impl Client {
             .await
             .expect("connect in time")
             .expect("WebSocket handshake");
+        Self::welcomed(ws).await
+    }
+
+    /// Reads the welcome frame of a fresh connection; the client's id.
+    async fn welcomed(ws: Ws) -> Client {
         let mut client = Client {
             ws,
             id: String::new(),
@@ -510,20 +518,7 @@ impl Client {
             .await
             .expect("the handshake ends in time");
         match result {
-            Ok((ws, _)) => {
-                let mut client = Client {
-                    ws,
-                    id: String::new(),
-                };
-                let welcome = client.next().await;
-                let Seen::Text(text) = welcome else {
-                    panic!("expected a welcome frame, got {welcome:?}")
-                };
-                let v: Value = serde_json::from_str(&text).unwrap();
-                assert_eq!(v["type"], "welcome");
-                client.id = v["client_id"].as_str().unwrap().to_owned();
-                Ok(client)
-            }
+            Ok((ws, _)) => Ok(Self::welcomed(ws).await),
             Err(Error::Http(response)) => Err(Refused::Status(response.status().as_u16())),
             Err(_) => Err(Refused::Io),
         }

@@ -46,6 +46,10 @@ impl RedisServer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("redis-server starts (scripts/test installs it)");
+        Self::until_up(child, port, dir)
+    }
+
+    fn until_up(child: Child, port: u16, dir: PathBuf) -> RedisServer {
         let server = RedisServer {
             child: Some(child),
             port,
@@ -78,13 +82,7 @@ impl RedisServer {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("redis-server --sentinel starts");
-        let server = RedisServer {
-            child: Some(child),
-            port,
-            dir,
-        };
-        server.wait_until_up();
-        server
+        Self::until_up(child, port, dir)
     }
 
     fn dir_for(port: u16) -> PathBuf {
