@@ -67,6 +67,11 @@ pub struct Config {
     #[arg(long, env = "GATECAST_CLIENT_QUEUE", default_value_t = 1024)]
     pub client_queue: usize,
 
+    /// Bytes queued for one client before it counts as too slow and is
+    /// closed with 1013 (bounds memory when messages are large).
+    #[arg(long, env = "GATECAST_CLIENT_QUEUE_BYTES", default_value_t = 1 << 20)]
+    pub client_queue_bytes: usize,
+
     /// Interval between the server's WebSocket pings.
     #[arg(long, env = "GATECAST_PING_INTERVAL", default_value = "25s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
@@ -124,6 +129,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.client_queue == 0 {
             return Err("--client-queue must be at least 1".into());
+        }
+        if self.client_queue_bytes == 0 {
+            return Err("--client-queue-bytes must be at least 1".into());
         }
         if self.max_message_bytes == 0 {
             return Err("--max-message-bytes must be at least 1".into());

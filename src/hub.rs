@@ -17,8 +17,8 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 
 use crate::ids::ClientId;
-use crate::outbox::Outbox;
-use crate::push::{Push, Target};
+use crate::outbox::{Limits, Outbox};
+use crate::push::{Delivered, Push, Target};
 use crate::session::{self, Session};
 
 /// One local connection's state.
@@ -52,31 +52,27 @@ struct Index {
     groups: HashMap<String, HashSet<ClientId>>,
 }
 
-/// What a push did on this node.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Delivered {
-    /// Connections whose queue took the message.
-    pub queued: usize,
-    /// Connections closed because their queue was full.
-    pub overflowed: usize,
-}
-
 /// The local connection registry.
 #[derive(Debug)]
 pub struct Hub {
     index: RwLock<Index>,
     clock: Instant,
-    queue_cap: usize,
+    limits: Limits,
 }
 
 impl Hub {
-    /// An empty hub whose connections queue at most `queue_cap` frames.
-    pub fn new(queue_cap: usize) -> Self {
+    /// An empty hub whose connections queue at most `limits`.
+    pub fn new(limits: Limits) -> Self {
         Hub {
             index: RwLock::new(Index::default()),
             clock: Instant::now(),
-            queue_cap,
+            limits,
         }
+    }
+
+    /// What each connection's queue may hold.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Milliseconds since the hub started: the clock of `Outbox::touch`.
@@ -242,7 +238,7 @@ impl Hub {
                 return;
             }
             let frame = frame.get_or_init(encode).clone();
-            match local.outbox.push(frame, self.queue_cap) {
+            match local.outbox.push(frame, &self.limits) {
                 Ok(()) => out.queued += 1,
                 Err(_) => out.overflowed += 1,
             }
@@ -323,7 +319,7 @@ impl Hub {
         };
         if let Some(frame) = last {
             // Room is made for the last message even in a full queue.
-            let _ = local.outbox.push(frame, self.queue_cap.saturating_add(1));
+            let _ = local.outbox.push(frame, &self.limits.one_more());
         }
         local.outbox.close(code, reason, false);
         true
@@ -344,7 +340,7 @@ impl Hub {
             if now.saturating_sub(local.outbox.last_seen()) > timeout_ms {
                 local.outbox.close(timeout_code, "ping timeout", true);
             } else if let Some(ping) = ping {
-                let _ = local.outbox.push(ping.clone(), self.queue_cap);
+                let _ = local.outbox.push(ping.clone(), &self.limits);
             }
         }
     }
@@ -529,7 +525,10 @@ mod tests {
     use std::collections::VecDeque;
 
     fn hub_with(n: usize) -> (Hub, Vec<(ClientId, Arc<Outbox>)>) {
-        let hub = Hub::new(16);
+        let hub = Hub::new(Limits {
+            frames: 16,
+            bytes: 1 << 20,
+        });
         let minter = IdMinter::new(NodeId::new(std::net::Ipv4Addr::LOCALHOST, 1));
         let conns = (0..n)
             .map(|_| {

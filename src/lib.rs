@@ -14,7 +14,9 @@
 pub mod api;
 pub mod config;
 pub mod engine;
+pub mod error;
 pub mod events;
+pub mod frame;
 pub mod gateway;
 pub mod hub;
 pub mod ids;

@@ -7,7 +7,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::hub::Delivered;
+use crate::push::Delivered;
 
 /// Label: the kind of target of a push (`client`, `uid`, `group`, `all`...).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -10,10 +10,33 @@ use parking_lot::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::task::{Context, Poll};
 
-use crate::ws::frame::{self, close_code};
+use crate::frame::{self, close_code};
 
 /// Most frames a writer takes in one go, to write with one vectored write.
 pub const BATCH: usize = 64;
+
+/// How much one connection's queue may hold before the connection counts
+/// as too slow: a count of frames and a count of bytes, so a few large
+/// messages are bounded as tightly as many small ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Most frames queued (`--client-queue`).
+    pub frames: usize,
+    /// Most bytes queued (`--client-queue-bytes`). One frame is always
+    /// accepted into an empty queue, whatever its size.
+    pub bytes: usize,
+}
+
+impl Limits {
+    /// The same limits with room for one more frame of any size: the last
+    /// message of `close_client` is sent even to a full queue.
+    pub fn one_more(self) -> Self {
+        Limits {
+            frames: self.frames.saturating_add(1),
+            bytes: usize::MAX,
+        }
+    }
+}
 
 /// The bounded queue of pre-encoded frames for one connection.
 ///
@@ -34,6 +57,8 @@ pub struct Outbox {
 #[derive(Debug, Default)]
 struct State {
     frames: VecDeque<Bytes>,
+    /// Bytes in `frames`.
+    bytes: usize,
     close: Option<Close>,
 }
 
@@ -60,16 +85,20 @@ pub struct Taken {
 }
 
 impl Outbox {
-    /// Queues a frame unless the queue already holds `cap` frames, in which
+    /// Queues a frame unless the queue would go past `limits`, in which
     /// case the connection is closed with 1013 and its queue dropped.
-    pub fn push(&self, frame: Bytes, cap: usize) -> Result<(), Overflow> {
+    pub fn push(&self, frame: Bytes, limits: &Limits) -> Result<(), Overflow> {
         let mut state = self.state.lock();
         if state.close.is_some() {
             // Closing: what is pushed now would never be read.
             return Ok(());
         }
-        if state.frames.len() >= cap {
+        let too_many = state.frames.len() >= limits.frames;
+        let too_big =
+            !state.frames.is_empty() && state.bytes.saturating_add(frame.len()) > limits.bytes;
+        if too_many || too_big {
             state.frames = VecDeque::new();
+            state.bytes = 0;
             state.close = Some(Close {
                 frame: frame::encode_close(close_code::TRY_AGAIN_LATER, "client too slow"),
                 code: close_code::TRY_AGAIN_LATER,
@@ -80,6 +109,7 @@ impl Outbox {
             return Err(Overflow);
         }
         let was_empty = state.frames.is_empty();
+        state.bytes += frame.len();
         state.frames.push_back(frame);
         drop(state);
         // The writer drains until empty before it waits again, so only the
@@ -103,6 +133,7 @@ impl Outbox {
         }
         if discard_queued {
             state.frames = VecDeque::new();
+            state.bytes = 0;
         }
         state.close = Some(Close {
             frame: frame::encode_close(code, reason),
@@ -129,7 +160,10 @@ impl Outbox {
     pub fn take(&self, batch: &mut VecDeque<Bytes>) -> Taken {
         let mut state = self.state.lock();
         let n = state.frames.len().min(BATCH);
+        let before = batch.len();
         batch.extend(state.frames.drain(..n));
+        let taken: usize = batch.iter().skip(before).map(Bytes::len).sum();
+        state.bytes -= taken;
         if state.frames.is_empty() && state.frames.capacity() > 8 {
             // Give back what a burst grew, so an idle connection stays small.
             state.frames = VecDeque::new();
@@ -191,13 +225,23 @@ impl Outbox {
 mod tests {
     use super::*;
 
+    fn frames(n: usize) -> Limits {
+        Limits {
+            frames: n,
+            bytes: usize::MAX,
+        }
+    }
+
     #[test]
     fn overflow_closes_with_1013_and_drops_the_queue() {
         let outbox = Outbox::default();
         for _ in 0..3 {
-            outbox.push(Bytes::from_static(b"x"), 3).unwrap();
+            outbox.push(Bytes::from_static(b"x"), &frames(3)).unwrap();
         }
-        assert_eq!(outbox.push(Bytes::from_static(b"x"), 3), Err(Overflow));
+        assert_eq!(
+            outbox.push(Bytes::from_static(b"x"), &frames(3)),
+            Err(Overflow)
+        );
         let mut batch = VecDeque::new();
         let taken = outbox.take(&mut batch);
         assert!(batch.is_empty());
@@ -205,14 +249,14 @@ mod tests {
         assert_eq!(close.code, 1013);
         assert!(close.discard_queued);
         // Later pushes are dropped silently, never queued.
-        outbox.push(Bytes::from_static(b"x"), 3).unwrap();
+        outbox.push(Bytes::from_static(b"x"), &frames(3)).unwrap();
         assert!(outbox.is_empty());
     }
 
     #[test]
     fn a_discarding_close_replaces_a_graceful_one() {
         let outbox = Outbox::default();
-        outbox.push(Bytes::from_static(b"x"), 10).unwrap();
+        outbox.push(Bytes::from_static(b"x"), &frames(10)).unwrap();
         outbox.close(1000, "bye", false);
         assert_eq!(outbox.discarding_close(), None);
         outbox.close(1000, "ping timeout", true);
@@ -226,7 +270,9 @@ mod tests {
     fn graceful_close_comes_after_queued_frames() {
         let outbox = Outbox::default();
         for _ in 0..(BATCH + 1) {
-            outbox.push(Bytes::from_static(b"x"), 1000).unwrap();
+            outbox
+                .push(Bytes::from_static(b"x"), &frames(1000))
+                .unwrap();
         }
         outbox.close(1001, "bye", false);
         let mut batch = VecDeque::new();
@@ -236,5 +282,22 @@ mod tests {
         let close = outbox.take(&mut batch).close.unwrap();
         assert_eq!(batch.len(), 1);
         assert_eq!(close.code, 1001);
+    }
+
+    #[test]
+    fn bytes_bound_the_queue_as_well_as_frames() {
+        let outbox = Outbox::default();
+        let limits = Limits {
+            frames: 100,
+            bytes: 10,
+        };
+        // One frame larger than the bound is taken into an empty queue.
+        outbox.push(Bytes::from(vec![0; 64]), &limits).unwrap();
+        let mut batch = VecDeque::new();
+        outbox.take(&mut batch);
+        outbox.push(Bytes::from(vec![0; 6]), &limits).unwrap();
+        outbox.push(Bytes::from(vec![0; 4]), &limits).unwrap();
+        assert_eq!(outbox.push(Bytes::from(vec![0; 1]), &limits), Err(Overflow));
+        assert_eq!(outbox.discarding_close().unwrap().code, 1013);
     }
 }

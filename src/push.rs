@@ -2,8 +2,8 @@
 
 use bytes::Bytes;
 
+use crate::frame::{self, Opcode};
 use crate::ids::ClientId;
-use crate::ws::frame::{self, Opcode};
 
 /// A message exactly as pushed: its bytes reach the client unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,4 +81,13 @@ pub struct Push {
     pub exclude: Vec<ClientId>,
     /// What they receive.
     pub message: Message,
+}
+
+/// What a push did on this node.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// Connections whose queue took the message.
+    pub queued: usize,
+    /// Connections closed because their queue was full.
+    pub overflowed: usize,
 }

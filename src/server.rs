@@ -16,11 +16,13 @@ use crate::engine::memory::MemoryEngine;
 use crate::engine::redis::{RedisEngine, RedisSettings};
 use crate::engine::Engine;
 use crate::events::{Events, Sink};
+use crate::frame;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
 use crate::ids::{IdMinter, NodeId};
 use crate::metrics::Metrics;
-use crate::ws::{self, auth::ClientAuth, frame};
+use crate::outbox::Limits;
+use crate::ws::{self, auth::ClientAuth};
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +87,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let node = NodeId::new(config.advertised_ip(), inner_addr.port());
 
     let metrics = Arc::new(Metrics::new());
-    let hub = Arc::new(Hub::new(config.client_queue));
+    let hub = Arc::new(Hub::new(Limits {
+        frames: config.client_queue,
+        bytes: config.client_queue_bytes,
+    }));
     let engine: Arc<dyn Engine> = match &config.redis_url {
         None => {
             // A single node is the whole gateway.

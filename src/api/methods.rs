@@ -7,7 +7,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
-use super::error::ApiError;
+use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::ids::ClientId;
 use crate::name::{Name, OneOrMany};

@@ -1,7 +1,6 @@
 //! The HTTP API on the internal listener: `POST /api/<method>` and
 //! `POST /api/batch`, plus `/metrics` and the health endpoints.
 
-pub mod error;
 pub mod methods;
 
 use std::sync::Arc;
@@ -19,9 +18,9 @@ use serde_json::{json, Value};
 use subtle::ConstantTimeEq;
 use tracing::Instrument;
 
+use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::metrics::ApiLabels;
-use error::ApiError;
 
 /// Every API call answers within this time: a slow or unreachable Redis
 /// gives a 503, never a hanging request.

@@ -5,13 +5,13 @@ use std::sync::Arc;
 use async_trait::async_trait;
 
 use super::{Engine, EngineResult};
+use crate::frame::close_code;
 use crate::hub::{Hub, Membership};
 use crate::ids::ClientId;
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::push::{Message, Push};
 use crate::session::Session;
-use crate::ws::frame::close_code;
 
 /// A single node's engine: the hub is the whole state.
 #[derive(Debug)]

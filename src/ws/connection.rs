@@ -20,12 +20,12 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use super::frame::{self, close_code, Incoming, Opcode, Reader};
 use crate::events::Detail;
+use crate::frame::{self, close_code, Incoming, Opcode, Reader};
 use crate::gateway::Gateway;
 use crate::hub::Membership;
 use crate::ids::ClientId;
-use crate::outbox::{Close, Outbox, BATCH};
+use crate::outbox::{Close, Limits, Outbox, BATCH};
 
 /// How long a closing connection gets to take its last frames and answer the
 /// close frame before the socket is dropped.
@@ -56,7 +56,13 @@ pub struct Setup {
 pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box<Setup>) {
     let id = gw.minter.mint();
     let outbox = Arc::new(Outbox::default());
-    let _ = outbox.push(welcome(id), usize::MAX);
+    let _ = outbox.push(
+        welcome(id),
+        &Limits {
+            frames: usize::MAX,
+            bytes: usize::MAX,
+        },
+    );
     let span = tracing::info_span!("conn", client_id = %id);
     async {
         Box::pin(register(&gw, id, &outbox, &stream, *setup)).await;
@@ -363,7 +369,7 @@ impl Connection<'_> {
         self.outbox.touch(gw.hub.now_ms());
         let mut client_closed = false;
         let outbox = self.outbox;
-        let cap = gw.config.client_queue;
+        let limits = gw.hub.limits();
         let closing = self.closing.is_some();
         let id = self.id;
         // Once the close event is out, nothing more is reported about it.
@@ -378,7 +384,7 @@ impl Connection<'_> {
             .feed(data, gw.config.max_message_bytes, &mut |message| {
                 match message {
                     Incoming::Ping(payload) => {
-                        let _ = outbox.push(frame::encode(Opcode::Pong, &payload), cap);
+                        let _ = outbox.push(frame::encode(Opcode::Pong, &payload), limits);
                     }
                     Incoming::Pong => {}
                     Incoming::Close(code) => {
@@ -392,7 +398,7 @@ impl Connection<'_> {
                     Incoming::Text(text) => {
                         gw.metrics.messages_in.inc();
                         if is_ping(&text) {
-                            let _ = outbox.push(pong_frame(), cap);
+                            let _ = outbox.push(pong_frame(), limits);
                         } else {
                             let data = Bytes::from(text);
                             emit(Detail::Message {

@@ -3,7 +3,6 @@
 
 pub mod auth;
 pub mod connection;
-pub mod frame;
 
 use std::sync::Arc;
 
@@ -16,7 +15,7 @@ use serde::Deserialize;
 use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
 
-use crate::api::error::ApiError;
+use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::hub::Membership;
 
@@ -96,9 +95,6 @@ pub async fn upgrade(
             Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
         }
     };
-    if std::env::var_os("GATECAST_DEBUG_TASK_SIZE").is_some() {
-        eprintln!("SIZE {}", std::mem::size_of_val(&task));
-    }
     gw.connections.spawn(task);
     Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)

@@ -42,13 +42,13 @@ use self::envelope::{Envelope, Op};
 use self::keys::{Channel, Keys};
 use self::scripts::Scripts;
 use super::{Engine, EngineError, EngineResult};
+use crate::frame::close_code;
 use crate::hub::{Hub, Membership};
 use crate::ids::{ClientId, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::push::{Message, Push, Target};
 use crate::session::Session;
-use crate::ws::frame::close_code;
 
 /// Longest a Redis command may take before the call fails (the API answers
 /// 503 within its 2 s deadline).
