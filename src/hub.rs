@@ -4,10 +4,16 @@
 //! The hub is the source of truth for this node's own connections whatever
 //! the engine: the in-process engine answers every query from it, and the
 //! Redis engine mirrors it to Redis (and re-registers it after Redis lost
-//! its data). Its lock is a plain `RwLock` held for short, synchronous
-//! sections only, never across an `.await`: a push collects nothing, it
-//! enqueues onto each recipient's outbox under the read lock.
+//! its data).
+//!
+//! The index is sharded by client_id, each shard under its own `RwLock`
+//! held for short, synchronous sections only, never across an `.await`: a
+//! push collects nothing, it enqueues onto each recipient's outbox under a
+//! shard's read lock, one shard at a time. So a `send_to_all` to 100k
+//! connections never holds one lock over all of them, and connects,
+//! disconnects and membership changes in other shards go on meanwhile.
 
+use std::cell::OnceCell;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -52,10 +58,14 @@ struct Index {
     groups: HashMap<String, HashSet<ClientId>>,
 }
 
+/// Shards of the index. A power of two well above the core count, so two
+/// threads rarely want the same shard.
+const SHARDS: usize = 16;
+
 /// The local connection registry.
 #[derive(Debug)]
 pub struct Hub {
-    index: RwLock<Index>,
+    shards: Box<[RwLock<Index>]>,
     clock: Instant,
     limits: Limits,
 }
@@ -64,10 +74,16 @@ impl Hub {
     /// An empty hub whose connections queue at most `limits`.
     pub fn new(limits: Limits) -> Self {
         Hub {
-            index: RwLock::new(Index::default()),
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             clock: Instant::now(),
             limits,
         }
+    }
+
+    /// The shard that holds `id`. Connection numbers are consecutive, so
+    /// their low bits spread connections evenly.
+    fn shard(&self, id: ClientId) -> &RwLock<Index> {
+        &self.shards[id.number() as usize % SHARDS]
     }
 
     /// What each connection's queue may hold.
@@ -83,7 +99,7 @@ impl Hub {
     /// Adds a connection with its initial membership.
     pub fn insert(&self, id: ClientId, outbox: Arc<Outbox>, membership: Membership) {
         outbox.touch(self.now_ms());
-        let mut index = self.index.write();
+        let mut index = self.shard(id).write();
         let Membership {
             uid,
             groups,
@@ -108,7 +124,7 @@ impl Hub {
 
     /// Removes a connection from every index; returns what it was in.
     pub fn remove(&self, id: ClientId) -> Option<Membership> {
-        let mut index = self.index.write();
+        let mut index = self.shard(id).write();
         let local = index.conns.remove(&id)?;
         if let Some(uid) = &local.uid {
             index.unlink_uid(uid, id);
@@ -125,13 +141,18 @@ impl Hub {
 
     /// Whether this node holds `id`.
     pub fn contains(&self, id: ClientId) -> bool {
-        self.index.read().conns.contains_key(&id)
+        self.shard(id).read().conns.contains_key(&id)
+    }
+
+    /// The membership of `id`, when here.
+    pub fn membership(&self, id: ClientId) -> Option<Membership> {
+        self.shard(id).read().conns.get(&id).map(Local::membership)
     }
 
     /// Binds `uid` to `id`, replacing any other uid. Returns `None` when the
     /// connection is not here, else the uid it had before.
     pub fn bind_uid(&self, id: ClientId, uid: &str) -> Option<Option<String>> {
-        let mut index = self.index.write();
+        let mut index = self.shard(id).write();
         let local = index.conns.get_mut(&id)?;
         if local.uid.as_deref() == Some(uid) {
             return Some(Some(uid.to_owned()));
@@ -147,7 +168,7 @@ impl Hub {
     /// Unbinds `uid` from `id` if that is the uid it has. Returns whether it
     /// was unbound.
     pub fn unbind_uid(&self, id: ClientId, uid: &str) -> bool {
-        let mut index = self.index.write();
+        let mut index = self.shard(id).write();
         let Some(local) = index.conns.get_mut(&id) else {
             return false;
         };
@@ -162,7 +183,7 @@ impl Hub {
     /// Adds `id` to `group`. Returns `None` when the connection is not here,
     /// else whether it was newly added.
     pub fn join_group(&self, id: ClientId, group: &str) -> Option<bool> {
-        let mut index = self.index.write();
+        let mut index = self.shard(id).write();
         let local = index.conns.get_mut(&id)?;
         if local.groups.iter().any(|g| g == group) {
             return Some(false);
@@ -174,7 +195,7 @@ impl Hub {
 
     /// Removes `id` from `group`. Returns whether it was a member.
     pub fn leave_group(&self, id: ClientId, group: &str) -> bool {
-        let mut index = self.index.write();
+        let mut index = self.shard(id).write();
         let Some(local) = index.conns.get_mut(&id) else {
             return false;
         };
@@ -188,22 +209,26 @@ impl Hub {
 
     /// Removes every local member from `group`; returns who was in it.
     pub fn ungroup(&self, group: &str) -> Vec<ClientId> {
-        let mut index = self.index.write();
-        let Some(members) = index.groups.remove(group) else {
-            return Vec::new();
-        };
-        for id in &members {
-            if let Some(local) = index.conns.get_mut(id) {
-                local.groups.retain(|g| g != group);
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let mut index = shard.write();
+            let Some(members) = index.groups.remove(group) else {
+                continue;
+            };
+            for id in &members {
+                if let Some(local) = index.conns.get_mut(id) {
+                    local.groups.retain(|g| g != group);
+                }
             }
+            out.extend(members);
         }
-        members.into_iter().collect()
+        out
     }
 
     /// Replaces (or with `merge`, merges into) the session of `id`. Returns
     /// the resulting session, or `None` when the connection is not here.
     pub fn set_session(&self, id: ClientId, update: Session, merge: bool) -> Option<Session> {
-        let mut index = self.index.write();
+        let mut index = self.shard(id).write();
         let local = index.conns.get_mut(&id)?;
         if merge {
             session::merge(&mut local.session, update);
@@ -229,54 +254,63 @@ impl Hub {
         exclude: &[ClientId],
         encode: &dyn Fn() -> Bytes,
     ) -> Delivered {
-        let frame = std::cell::OnceCell::new();
         let excluded = Exclusion::new(exclude);
-        let index = self.index.read();
-        let mut out = Delivered::default();
-        let mut send = |id: &ClientId, local: &Local| {
-            if excluded.contains(id) {
-                return;
-            }
-            let frame = frame.get_or_init(encode).clone();
-            match local.outbox.push(frame, &self.limits) {
-                Ok(()) => out.queued += 1,
-                Err(_) => out.overflowed += 1,
-            }
+        let mut sender = Sender {
+            frame: OnceCell::new(),
+            encode,
+            excluded: &excluded,
+            limits: &self.limits,
+            out: Delivered::default(),
         };
         match target {
-            Target::All => index.conns.iter().for_each(|(id, l)| send(id, l)),
+            Target::All => {
+                for shard in self.shards.iter() {
+                    let index = shard.read();
+                    index.conns.iter().for_each(|(id, l)| sender.send(id, l));
+                }
+            }
             Target::Client(id) => {
-                if let Some(local) = index.conns.get(id) {
-                    send(id, local);
+                if let Some(local) = self.shard(*id).read().conns.get(id) {
+                    sender.send(id, local);
                 }
             }
             Target::Clients(ids) => {
-                for id in dedup(ids) {
-                    if let Some(local) = index.conns.get(id) {
-                        send(id, local);
+                for id in distinct(ids) {
+                    if let Some(local) = self.shard(*id).read().conns.get(id) {
+                        sender.send(id, local);
                     }
                 }
             }
             Target::Uids(uids) => {
-                // A connection has one uid, so distinct uids never overlap.
-                for uid in dedup(uids) {
-                    for id in index.uids.get(uid.as_str()).into_iter().flatten() {
-                        send(id, &index.conns[id]);
+                let uids: Vec<&String> = distinct(uids).collect();
+                for shard in self.shards.iter() {
+                    let index = shard.read();
+                    // A connection has one uid, so distinct uids never overlap.
+                    for uid in &uids {
+                        for id in index.uids.get(uid.as_str()).into_iter().flatten() {
+                            sender.send(id, &index.conns[id]);
+                        }
                     }
                 }
             }
             Target::Groups(groups) => {
-                let mut seen = HashSet::new();
-                for group in dedup(groups) {
-                    for id in index.groups.get(group.as_str()).into_iter().flatten() {
-                        if groups.len() == 1 || seen.insert(*id) {
-                            send(id, &index.conns[id]);
+                let groups: Vec<&String> = distinct(groups).collect();
+                for shard in self.shards.iter() {
+                    let index = shard.read();
+                    // A connection lives in one shard: per-shard dedup is
+                    // enough for a connection in several of the groups.
+                    let mut seen = HashSet::new();
+                    for group in &groups {
+                        for id in index.groups.get(group.as_str()).into_iter().flatten() {
+                            if groups.len() == 1 || seen.insert(*id) {
+                                sender.send(id, &index.conns[id]);
+                            }
                         }
                     }
                 }
             }
         }
-        out
+        sender.out
     }
 
     /// Delivers a push received on the channel of `group`, one of the
@@ -286,34 +320,39 @@ impl Hub {
     /// gets the push exactly once, from the first of its groups.
     pub fn deliver_group_part(
         &self,
-        groups: &[String],
+        groups: &[&str],
         group: &str,
         exclude: &[ClientId],
         encode: &dyn Fn() -> Bytes,
     ) -> Delivered {
-        let earlier = match groups.iter().position(|g| g == group) {
+        let earlier = match groups.iter().position(|g| *g == group) {
             Some(pos) => &groups[..pos],
             None => &[],
         };
-        if earlier.is_empty() {
-            return self.deliver_with(&Target::Groups(vec![group.to_owned()]), exclude, encode);
+        let excluded = Exclusion::new(exclude);
+        let mut sender = Sender {
+            frame: OnceCell::new(),
+            encode,
+            excluded: &excluded,
+            limits: &self.limits,
+            out: Delivered::default(),
+        };
+        for shard in self.shards.iter() {
+            let index = shard.read();
+            for id in index.groups.get(group).into_iter().flatten() {
+                let local = &index.conns[id];
+                if !earlier.iter().any(|g| local.groups.iter().any(|m| m == g)) {
+                    sender.send(id, local);
+                }
+            }
         }
-        let mut skip: Vec<ClientId> = exclude.to_vec();
-        {
-            let index = self.index.read();
-            let members = index.groups.get(group).into_iter().flatten();
-            skip.extend(members.filter(|id| {
-                let groups = &index.conns[*id].groups;
-                earlier.iter().any(|g| groups.contains(g))
-            }));
-        }
-        self.deliver_with(&Target::Groups(vec![group.to_owned()]), &skip, encode)
+        sender.out
     }
 
     /// Asks `id` to close, after `last` (if any) and what is already
     /// queued. Returns whether the connection is here.
     pub fn close_client(&self, id: ClientId, last: Option<Bytes>, code: u16, reason: &str) -> bool {
-        let index = self.index.read();
+        let index = self.shard(id).read();
         let Some(local) = index.conns.get(&id) else {
             return false;
         };
@@ -327,8 +366,10 @@ impl Hub {
 
     /// Asks every connection to close (shutdown).
     pub fn close_all(&self, code: u16, reason: &str) {
-        for local in self.index.read().conns.values() {
-            local.outbox.close(code, reason, false);
+        for shard in self.shards.iter() {
+            for local in shard.read().conns.values() {
+                local.outbox.close(code, reason, false);
+            }
         }
     }
 
@@ -336,131 +377,188 @@ impl Hub {
     /// than `timeout_ms` (with `timeout_frame`'s code).
     pub fn sweep(&self, ping: Option<&Bytes>, timeout_ms: u64, timeout_code: u16) {
         let now = self.now_ms();
-        for local in self.index.read().conns.values() {
-            if now.saturating_sub(local.outbox.last_seen()) > timeout_ms {
-                local.outbox.close(timeout_code, "ping timeout", true);
-            } else if let Some(ping) = ping {
-                let _ = local.outbox.push(ping.clone(), &self.limits);
+        for shard in self.shards.iter() {
+            for local in shard.read().conns.values() {
+                if now.saturating_sub(local.outbox.last_seen()) > timeout_ms {
+                    local.outbox.close(timeout_code, "ping timeout", true);
+                } else if let Some(ping) = ping {
+                    let _ = local.outbox.push(ping.clone(), &self.limits);
+                }
             }
         }
     }
 
-    /// A snapshot of every local connection's membership (for re-registering
-    /// them in storage).
+    /// A snapshot of every local connection's membership.
     pub fn snapshot(&self) -> Vec<(ClientId, Membership)> {
-        self.index
-            .read()
-            .conns
-            .iter()
-            .map(|(id, l)| {
-                let m = Membership {
-                    uid: l.uid.clone(),
-                    groups: l.groups.clone(),
-                    session: l.session.clone(),
-                };
-                (*id, m)
-            })
-            .collect()
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let index = shard.read();
+            out.extend(index.conns.iter().map(|(id, l)| (*id, l.membership())));
+        }
+        out
     }
 
     /// The groups that have at least one local member.
     pub fn groups(&self) -> Vec<String> {
-        self.index.read().groups.keys().cloned().collect()
+        self.distinct_keys(|index, out| out.extend(index.groups.keys().cloned()))
     }
 
     /// Whether a local connection is bound to `uid`.
     pub fn has_uid(&self, uid: &str) -> bool {
-        self.index.read().uids.contains_key(uid)
+        self.shards.iter().any(|s| s.read().uids.contains_key(uid))
     }
 
     /// Whether `group` has a local member.
     pub fn has_group(&self, group: &str) -> bool {
-        self.index.read().groups.contains_key(group)
+        self.shards
+            .iter()
+            .any(|s| s.read().groups.contains_key(group))
     }
 
     /// The uid bound to `id`: `None` when not here, `Some(None)` when unbound.
     pub fn uid_of(&self, id: ClientId) -> Option<Option<String>> {
-        self.index.read().conns.get(&id).map(|l| l.uid.clone())
+        self.shard(id).read().conns.get(&id).map(|l| l.uid.clone())
     }
 
     /// The session of `id`, when here.
     pub fn session_of(&self, id: ClientId) -> Option<Session> {
-        self.index.read().conns.get(&id).map(|l| l.session.clone())
+        self.shard(id)
+            .read()
+            .conns
+            .get(&id)
+            .map(|l| l.session.clone())
     }
 
     /// Local connections bound to `uid`.
     pub fn client_ids_by_uid(&self, uid: &str) -> Vec<ClientId> {
-        self.index.read().uids.get(uid).cloned().unwrap_or_default()
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            out.extend(shard.read().uids.get(uid).into_iter().flatten().copied());
+        }
+        out
     }
 
     /// Local members of `group`.
     pub fn group_client_ids(&self, group: &str) -> Vec<ClientId> {
-        let index = self.index.read();
-        index
-            .groups
-            .get(group)
-            .map(|m| m.iter().copied().collect())
-            .unwrap_or_default()
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            out.extend(
+                shard
+                    .read()
+                    .groups
+                    .get(group)
+                    .into_iter()
+                    .flatten()
+                    .copied(),
+            );
+        }
+        out
     }
 
     /// How many local members `group` has.
     pub fn group_client_count(&self, group: &str) -> usize {
-        self.index.read().groups.get(group).map_or(0, HashSet::len)
+        self.shards
+            .iter()
+            .map(|s| s.read().groups.get(group).map_or(0, HashSet::len))
+            .sum()
     }
 
     /// Local members of `group` with their sessions.
     pub fn group_sessions(&self, group: &str) -> Vec<(ClientId, Session)> {
-        let index = self.index.read();
-        index
-            .groups
-            .get(group)
-            .into_iter()
-            .flatten()
-            .map(|id| (*id, index.conns[id].session.clone()))
-            .collect()
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let index = shard.read();
+            let members = index.groups.get(group).into_iter().flatten();
+            out.extend(members.map(|id| (*id, index.conns[id].session.clone())));
+        }
+        out
     }
 
     /// Distinct uids bound to local members of `group`.
     pub fn group_uids(&self, group: &str) -> Vec<String> {
-        let index = self.index.read();
-        let uids: HashSet<&String> = index
-            .groups
-            .get(group)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| index.conns[id].uid.as_ref())
-            .collect();
-        uids.into_iter().cloned().collect()
+        let mut uids = HashSet::new();
+        for shard in self.shards.iter() {
+            let index = shard.read();
+            let members = index.groups.get(group).into_iter().flatten();
+            uids.extend(members.filter_map(|id| index.conns[id].uid.clone()));
+        }
+        uids.into_iter().collect()
     }
 
     /// How many connections this node holds.
     pub fn client_count(&self) -> usize {
-        self.index.read().conns.len()
+        self.shards.iter().map(|s| s.read().conns.len()).sum()
     }
 
     /// Every local connection.
     pub fn client_ids(&self) -> Vec<ClientId> {
-        self.index.read().conns.keys().copied().collect()
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            out.extend(shard.read().conns.keys().copied());
+        }
+        out
     }
 
     /// Every local connection with its session.
     pub fn sessions(&self) -> Vec<(ClientId, Session)> {
-        let index = self.index.read();
-        index
-            .conns
-            .iter()
-            .map(|(id, l)| (*id, l.session.clone()))
-            .collect()
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let index = shard.read();
+            out.extend(index.conns.iter().map(|(id, l)| (*id, l.session.clone())));
+        }
+        out
     }
 
     /// Every uid bound to a local connection.
     pub fn uids(&self) -> Vec<String> {
-        self.index.read().uids.keys().cloned().collect()
+        self.distinct_keys(|index, out| out.extend(index.uids.keys().cloned()))
     }
 
     /// How many distinct uids are bound to local connections.
     pub fn uid_count(&self) -> usize {
-        self.index.read().uids.len()
+        self.uids().len()
+    }
+
+    /// The distinct names `names` gives in every shard (a uid or group may
+    /// have members in several shards).
+    fn distinct_keys(&self, names: impl Fn(&Index, &mut HashSet<String>)) -> Vec<String> {
+        let mut out = HashSet::new();
+        for shard in self.shards.iter() {
+            names(&shard.read(), &mut out);
+        }
+        out.into_iter().collect()
+    }
+}
+
+impl Local {
+    fn membership(&self) -> Membership {
+        Membership {
+            uid: self.uid.clone(),
+            groups: self.groups.clone(),
+            session: self.session.clone(),
+        }
+    }
+}
+
+/// Enqueues one push's frame, encoded at the first recipient.
+struct Sender<'a> {
+    frame: OnceCell<Bytes>,
+    encode: &'a dyn Fn() -> Bytes,
+    excluded: &'a Exclusion<'a>,
+    limits: &'a Limits,
+    out: Delivered,
+}
+
+impl Sender<'_> {
+    fn send(&mut self, id: &ClientId, local: &Local) {
+        if self.excluded.contains(id) {
+            return;
+        }
+        let frame = self.frame.get_or_init(self.encode).clone();
+        match local.outbox.push(frame, self.limits) {
+            Ok(()) => self.out.queued += 1,
+            Err(_) => self.out.overflowed += 1,
+        }
     }
 }
 
@@ -507,13 +605,21 @@ impl<'a> Exclusion<'a> {
     }
 }
 
-/// The distinct items of `items`, in order (lists are short: callers name a
-/// handful of uids or groups).
-fn dedup<T: PartialEq>(items: &[T]) -> impl Iterator<Item = &T> {
+/// The distinct items of `items`, in order: a set past a handful, so a
+/// list of 80k client_ids costs O(n), not O(n²).
+fn distinct<T: Eq + std::hash::Hash>(items: &[T]) -> impl Iterator<Item = &T> {
+    let mut seen: HashSet<&T> = HashSet::new();
+    let few = items.len() <= 8;
     items
         .iter()
         .enumerate()
-        .filter(move |(i, item)| !items[..*i].contains(item))
+        .filter(move |(i, item)| {
+            if few {
+                !items[..*i].contains(item)
+            } else {
+                seen.insert(*item)
+            }
+        })
         .map(|(_, item)| item)
 }
 

@@ -26,6 +26,7 @@ pub mod outbox;
 pub mod push;
 pub mod server;
 pub mod session;
+pub mod task;
 pub mod ws;
 
 pub use config::Config;

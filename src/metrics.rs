@@ -55,6 +55,8 @@ pub struct Metrics {
     pub pubsub_malformed: Counter,
     /// Pub/sub messages dropped because this node fell behind Redis.
     pub pubsub_dropped: Counter,
+    /// Channels this node is subscribed to in Redis.
+    pub redis_subscriptions: Gauge,
     /// Gateway nodes seen alive (this one included).
     pub nodes_alive: Gauge,
     /// Events handed to the stream or webhook.
@@ -87,6 +89,7 @@ impl Metrics {
             pubsub_received: Counter::default(),
             pubsub_malformed: Counter::default(),
             pubsub_dropped: Counter::default(),
+            redis_subscriptions: Gauge::default(),
             nodes_alive: Gauge::default(),
             events_sent: Counter::default(),
             events_dropped: Counter::default(),
@@ -153,6 +156,11 @@ impl Metrics {
             "pubsub_dropped",
             "Pub/sub messages dropped because this node fell behind",
             m.pubsub_dropped.clone(),
+        );
+        r.register(
+            "redis_subscriptions",
+            "Channels this node is subscribed to in Redis",
+            m.redis_subscriptions.clone(),
         );
         r.register(
             "nodes_alive",

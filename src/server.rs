@@ -22,6 +22,7 @@ use crate::hub::Hub;
 use crate::ids::{IdMinter, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Limits;
+use crate::task::Fatal;
 use crate::ws::{self, auth::ClientAuth};
 
 /// Why a node could not start.
@@ -87,6 +88,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let node = NodeId::new(config.advertised_ip(), inner_addr.port());
 
     let metrics = Arc::new(Metrics::new());
+    let fatal = Fatal::new();
     let hub = Arc::new(Hub::new(Limits {
         frames: config.client_queue,
         bytes: config.client_queue_bytes,
@@ -109,9 +111,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
                 }),
                 max_message_bytes: config.max_message_bytes,
             };
-            let engine = RedisEngine::start(settings, node, hub.clone(), metrics.clone())
-                .await
-                .map_err(StartError::Config)?;
+            let engine =
+                RedisEngine::start(settings, node, hub.clone(), metrics.clone(), fatal.clone())
+                    .await
+                    .map_err(StartError::Config)?;
             Arc::new(engine)
         }
     };
@@ -151,7 +154,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         stop_internal.clone(),
     ));
 
-    shutdown.await;
+    tokio::select! {
+        () = shutdown => {}
+        () = fatal.tripped() => {}
+    }
     tracing::info!("shutting down: draining");
     let grace = gw.config.shutdown_grace;
     let drain = async {
@@ -186,7 +192,10 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     })
     .await;
     tracing::info!("stopped");
-    Ok(())
+    match fatal.reason() {
+        Some(reason) => Err(StartError::Config(reason)),
+        None => Ok(()),
+    }
 }
 
 /// The events sink `--events` asks for: the Redis stream (with a Redis

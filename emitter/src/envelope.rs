@@ -6,6 +6,8 @@
 //! operation does not use are left out. `data` may be MessagePack `bin` or
 //! `str` (PHP's msgpack writes strings as `str` whatever their bytes).
 
+use std::borrow::Cow;
+
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
@@ -41,53 +43,106 @@ pub enum Op {
     Reply,
 }
 
-/// One message on a gatecast channel.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// One message on a gatecast channel, as written.
+///
+/// `origin` is written first when set, so a node drops the echo of its own
+/// pushes after reading one map key ([`peek_origin`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Envelope {
+    /// The node that already delivered this push to its own connections.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub origin: Option<String>,
     /// Format version; this node reads version 1.
     pub v: u32,
     /// The operation.
     pub op: Op,
     /// Push on a node channel: the node's connections to deliver to.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub client_ids: Vec<String>,
     /// The connection a command is about.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub client_id: Option<String>,
     /// bind_uid / unbind_uid: the uid.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
     /// join_group / leave_group: the group.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
     /// Push on group channels: every group of the push, in order, so that
     /// a connection in several of them receives it once.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
     /// Push: connections that must not receive it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub exclude: Vec<String>,
     /// Push / close: the message bytes.
-    #[serde(default, with = "raw_bytes", skip_serializing_if = "Option::is_none")]
+    #[serde(with = "raw_bytes", skip_serializing_if = "Option::is_none")]
     pub data: Option<Bytes>,
     /// Push / close: send as a binary frame (else text).
-    #[serde(default, skip_serializing_if = "is_false")]
+    #[serde(skip_serializing_if = "is_false")]
     pub binary: bool,
     /// set_session / update_session: the session (a map).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub session: Option<Session>,
-    /// The node that already delivered this push to its own connections.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub origin: Option<String>,
     /// A command's number, when the sender waits for a reply.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub req: Option<u64>,
     /// The node to reply to.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
     /// Reply: what went wrong.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// An envelope read in place: strings and the payload borrow from the
+/// received bytes, so decoding copies no payload (the node copies it once,
+/// into the WebSocket frame).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EnvelopeRef<'a> {
+    /// See [`Envelope::origin`].
+    #[serde(default, borrow)]
+    pub origin: Option<&'a str>,
+    /// See [`Envelope::v`].
+    pub v: u32,
+    /// See [`Envelope::op`].
+    pub op: Op,
+    /// See [`Envelope::client_ids`].
+    #[serde(default, borrow)]
+    pub client_ids: Vec<&'a str>,
+    /// See [`Envelope::client_id`].
+    #[serde(default, borrow)]
+    pub client_id: Option<&'a str>,
+    /// See [`Envelope::uid`].
+    #[serde(default, borrow)]
+    pub uid: Option<&'a str>,
+    /// See [`Envelope::group`].
+    #[serde(default, borrow)]
+    pub group: Option<&'a str>,
+    /// See [`Envelope::groups`].
+    #[serde(default, borrow)]
+    pub groups: Vec<&'a str>,
+    /// See [`Envelope::exclude`].
+    #[serde(default, borrow)]
+    pub exclude: Vec<&'a str>,
+    /// See [`Envelope::data`].
+    #[serde(default, borrow, deserialize_with = "raw_bytes::deserialize_ref")]
+    pub data: Option<Cow<'a, [u8]>>,
+    /// See [`Envelope::binary`].
+    #[serde(default)]
+    pub binary: bool,
+    /// See [`Envelope::session`].
+    #[serde(default)]
+    pub session: Option<Session>,
+    /// See [`Envelope::req`].
+    #[serde(default)]
+    pub req: Option<u64>,
+    /// See [`Envelope::reply_to`].
+    #[serde(default, borrow)]
+    pub reply_to: Option<&'a str>,
+    /// See [`Envelope::error`].
+    #[serde(default, borrow)]
+    pub error: Option<&'a str>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -109,6 +164,7 @@ impl Envelope {
     /// An envelope of `op` with every optional field empty.
     pub fn new(op: Op) -> Self {
         Envelope {
+            origin: None,
             v: VERSION,
             op,
             client_ids: Vec::new(),
@@ -120,7 +176,6 @@ impl Envelope {
             data: None,
             binary: false,
             session: None,
-            origin: None,
             req: None,
             reply_to: None,
             error: None,
@@ -133,23 +188,77 @@ impl Envelope {
         Bytes::from(rmp_serde::to_vec_named(self).expect("envelope serializes"))
     }
 
-    /// Reads an envelope; refuses versions this node does not know.
+    /// Reads an envelope into owned fields; refuses versions this node does
+    /// not know.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        // The version first: a later version may change the other fields.
-        #[derive(Deserialize)]
-        struct Versioned {
-            v: u32,
-        }
-        let Versioned { v } = rmp_serde::from_slice(bytes)?;
-        if v != VERSION {
-            return Err(DecodeError::Version(v));
-        }
-        Ok(rmp_serde::from_slice(bytes)?)
+        EnvelopeRef::decode(bytes).map(|e| e.to_owned())
     }
 }
 
-/// `data` as MessagePack `bin`; reads `bin` or `str`.
+impl<'a> EnvelopeRef<'a> {
+    /// Reads an envelope in place, in one pass; refuses versions this node
+    /// does not know.
+    pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        match rmp_serde::from_slice::<EnvelopeRef>(bytes) {
+            Ok(e) if e.v == VERSION => Ok(e),
+            Ok(e) => Err(DecodeError::Version(e.v)),
+            Err(e) => {
+                // A later version may change the other fields: say so
+                // rather than "malformed" when the version is readable.
+                #[derive(Deserialize)]
+                struct Versioned {
+                    v: u32,
+                }
+                match rmp_serde::from_slice::<Versioned>(bytes) {
+                    Ok(Versioned { v }) if v != VERSION => Err(DecodeError::Version(v)),
+                    _ => Err(e.into()),
+                }
+            }
+        }
+    }
+
+    /// The owned envelope.
+    pub fn to_owned(&self) -> Envelope {
+        let strings = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect();
+        let string = |s: Option<&str>| s.map(str::to_owned);
+        Envelope {
+            origin: string(self.origin),
+            v: self.v,
+            op: self.op,
+            client_ids: strings(&self.client_ids),
+            client_id: string(self.client_id),
+            uid: string(self.uid),
+            group: string(self.group),
+            groups: strings(&self.groups),
+            exclude: strings(&self.exclude),
+            data: self.data.as_deref().map(Bytes::copy_from_slice),
+            binary: self.binary,
+            session: self.session.clone(),
+            req: self.req,
+            reply_to: string(self.reply_to),
+            error: string(self.error),
+        }
+    }
+}
+
+/// The `origin` of an envelope when it is the map's first key, as
+/// [`Envelope::encode`] writes it; `None` otherwise. Reads a few bytes, so a
+/// node skips the echo of its own pushes without decoding them.
+pub fn peek_origin(bytes: &[u8]) -> Option<&str> {
+    let mut rest = bytes;
+    rmp::decode::read_map_len(&mut rest).ok()?;
+    let (key, rest) = rmp::decode::read_str_from_slice(rest).ok()?;
+    if key != "origin" {
+        return None;
+    }
+    let (origin, _) = rmp::decode::read_str_from_slice(rest).ok()?;
+    Some(origin)
+}
+
+/// `data` is written as MessagePack `bin` and read from `bin` or `str`.
 mod raw_bytes {
+    use std::borrow::Cow;
+
     use bytes::Bytes;
     use serde::de::{self, Deserializer, Visitor};
     use serde::Serializer;
@@ -162,24 +271,27 @@ mod raw_bytes {
         }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Bytes>, D::Error> {
+    /// Reads `bin` or `str`, borrowed from the input where it can be.
+    pub fn deserialize_ref<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Cow<'de, [u8]>>, D::Error> {
         struct Raw;
         impl<'de> Visitor<'de> for Raw {
-            type Value = Option<Bytes>;
+            type Value = Option<Cow<'de, [u8]>>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("bytes or a string")
             }
-            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
-                Ok(Some(Bytes::copy_from_slice(v)))
+            fn visit_borrowed_bytes<E: de::Error>(self, v: &'de [u8]) -> Result<Self::Value, E> {
+                Ok(Some(Cow::Borrowed(v)))
             }
-            fn visit_byte_buf<E: de::Error>(self, v: Vec<u8>) -> Result<Self::Value, E> {
-                Ok(Some(Bytes::from(v)))
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Some(Cow::Borrowed(v.as_bytes())))
+            }
+            fn visit_bytes<E: de::Error>(self, v: &[u8]) -> Result<Self::Value, E> {
+                Ok(Some(Cow::Owned(v.to_vec())))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Some(Bytes::copy_from_slice(v.as_bytes())))
-            }
-            fn visit_string<E: de::Error>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Some(Bytes::from(v)))
+                Ok(Some(Cow::Owned(v.as_bytes().to_vec())))
             }
             fn visit_none<E: de::Error>(self) -> Result<Self::Value, E> {
                 Ok(None)
@@ -258,5 +370,20 @@ mod tests {
         })
         .unwrap();
         assert!(Envelope::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn own_origin_is_read_from_the_first_key_and_data_is_borrowed() {
+        let mut e = Envelope::new(Op::Push);
+        e.origin = Some("7f0000010b54".into());
+        e.data = Some(Bytes::from_static(b"payload"));
+        let bytes = e.encode();
+        assert_eq!(peek_origin(&bytes), Some("7f0000010b54"));
+        let r = EnvelopeRef::decode(&bytes).unwrap();
+        assert!(matches!(r.data, Some(Cow::Borrowed(b"payload"))));
+        assert_eq!(r.to_owned(), e);
+        // Without origin, or with another first key, nothing is peeked.
+        assert_eq!(peek_origin(&Envelope::new(Op::Push).encode()), None);
+        assert_eq!(peek_origin(b"\xc1"), None);
     }
 }

@@ -59,6 +59,11 @@ impl ClientId {
     pub fn node(self) -> NodeId {
         NodeId((self.0 >> 32) as u64)
     }
+
+    /// The connection number on its node.
+    pub fn number(self) -> u32 {
+        self.0 as u32
+    }
 }
 
 impl fmt::Display for ClientId {

@@ -8,6 +8,40 @@
 
 use crate::ids::NodeId;
 
+/// The keys of one partition: the partition name followed by one of these.
+/// The Lua scripts derive the same keys from the partition they are given
+/// (`KEYS[1] .. ':clients'`); a test checks they use no other suffix.
+pub mod suffix {
+    /// String with TTL: the node's liveness and info (JSON).
+    pub const ALIVE: &str = ":alive";
+    /// Hash client_id -> session (JSON text).
+    pub const CLIENTS: &str = ":clients";
+    /// Hash client_id -> uid.
+    pub const UID: &str = ":uid";
+    /// Hash client_id -> its groups (JSON array), so a rewrite knows what
+    /// to remove.
+    pub const CLIENT_GROUPS: &str = ":cg";
+    /// Set of the uids bound on the node.
+    pub const UIDS: &str = ":uids";
+    /// Set of the groups with members on the node.
+    pub const GROUPS: &str = ":groups";
+    /// Followed by a uid: set of the client_ids bound to it.
+    pub const UID_MEMBERS: &str = ":u:";
+    /// Followed by a group: set of its client_ids.
+    pub const GROUP_MEMBERS: &str = ":g:";
+    /// Every suffix, for checks.
+    pub const ALL: [&str; 8] = [
+        ALIVE,
+        CLIENTS,
+        UID,
+        CLIENT_GROUPS,
+        UIDS,
+        GROUPS,
+        UID_MEMBERS,
+        GROUP_MEMBERS,
+    ];
+}
+
 /// Key and channel names under one prefix.
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -22,6 +56,11 @@ impl Keys {
         }
     }
 
+    /// The prefix of every name.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     /// The partition of `node`: `<prefix>:{<node>}`. Scripts take it as
     /// `KEYS[1]` and derive the partition's keys from it (same hash tag, so
     /// same slot):
@@ -29,12 +68,28 @@ impl Keys {
     /// - `…:alive` string, TTL 2 heartbeats: the node's liveness and info;
     /// - `…:clients` hash client_id → session (JSON text);
     /// - `…:uid` hash client_id → uid;
+    /// - `…:cg` hash client_id → its groups (JSON array);
     /// - `…:u:<uid>` set of client_ids bound to uid;
     /// - `…:uids` set of uids bound on the node;
     /// - `…:g:<group>` set of client_ids in group;
     /// - `…:groups` set of groups with members on the node.
+    ///
+    /// See [`suffix`].
     pub fn partition(&self, node: NodeId) -> String {
         format!("{}:{{{node}}}", self.prefix)
+    }
+
+    /// A key of `node`'s partition: `suffix` is one of [`suffix`]'s, followed
+    /// by a uid or group for the member sets.
+    pub fn partition_key(&self, node: NodeId, suffix: &str, name: &str) -> String {
+        format!("{}:{{{node}}}{suffix}{name}", self.prefix)
+    }
+
+    /// The node a partition key belongs to (`<prefix>:{<node>}…`).
+    pub fn partition_node(&self, key: &str) -> Option<NodeId> {
+        let rest = key.strip_prefix(self.prefix.as_str())?.strip_prefix(":{")?;
+        let (node, _) = rest.split_once('}')?;
+        node.parse().ok()
     }
 
     /// The set of registered node ids.
@@ -106,6 +161,10 @@ mod tests {
         let keys = Keys::new("gc");
         let node = NodeId::new(Ipv4Addr::new(10, 1, 2, 3), 2900);
         assert_eq!(keys.partition(node), "gc:{0a0102030b54}");
+        let key = keys.partition_key(node, suffix::GROUP_MEMBERS, "room");
+        assert_eq!(key, "gc:{0a0102030b54}:g:room");
+        assert_eq!(keys.partition_node(&key), Some(node));
+        assert_eq!(keys.partition_node("gc:nodes"), None);
         assert_eq!(
             keys.parse_channel(&keys.node_channel(node)),
             Some(Channel::Node(node))

@@ -29,7 +29,7 @@ pub mod ids;
 pub mod keys;
 
 pub use emitter::{EmitError, Emitter, Message};
-pub use envelope::{Envelope, Op};
+pub use envelope::{Envelope, EnvelopeRef, Op};
 pub use ids::{ClientId, NodeId};
 
 /// A connection's session: a JSON object.

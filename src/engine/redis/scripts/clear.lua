@@ -1,7 +1,8 @@
 -- Deletes a node's whole partition. With ARGV[1] = 'dead' it does so only
 -- if the node's liveness key has expired, and answers -1 otherwise: several
 -- surviving nodes may race to purge a dead one, and only the first finds
--- anything to delete. Returns how many connections were removed.
+-- anything to delete. With 'leave' (a node shutting down) the liveness key
+-- goes too, in the same step. Returns how many connections were removed.
 local p = KEYS[1]
 if ARGV[1] == 'dead' and redis.call('EXISTS', p .. ':alive') == 1 then return -1 end
 for _, group in ipairs(redis.call('SMEMBERS', p .. ':groups')) do
@@ -11,5 +12,6 @@ for _, uid in ipairs(redis.call('SMEMBERS', p .. ':uids')) do
   redis.call('DEL', p .. ':u:' .. uid)
 end
 local removed = redis.call('HLEN', p .. ':clients')
-redis.call('DEL', p .. ':groups', p .. ':uids', p .. ':clients', p .. ':uid')
+redis.call('DEL', p .. ':groups', p .. ':uids', p .. ':clients', p .. ':uid', p .. ':cg')
+if ARGV[1] == 'leave' then redis.call('DEL', p .. ':alive') end
 return removed

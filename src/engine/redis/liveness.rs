@@ -1,0 +1,153 @@
+//! Liveness: this node's heartbeat, and the purge of nodes that died
+//! without leaving.
+//!
+//! Every half heartbeat a node refreshes its `:alive` key (TTL two
+//! heartbeats) and checks every other node in the node set: a node whose
+//! key expired is dead, and its partition is deleted by one atomic script
+//! (several survivors may race; one deletes, the others find nothing). A
+//! dead node is gone from every query within 2.5 heartbeats. Less often,
+//! partitions that belong to no node in the set (left by a crash at the
+//! wrong moment) are swept the same way.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use fred::prelude::*;
+use futures_util::TryStreamExt;
+
+use super::keys::suffix;
+use super::Shared;
+use crate::ids::NodeId;
+
+/// Purge rounds between two sweeps for orphaned partitions (a SCAN).
+const SWEEP_EVERY: u32 = 20;
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Beat {
+    /// The key was there: nothing was lost.
+    Kept,
+    /// The key was gone (Redis restarted or this node was purged): the
+    /// partition must be written again.
+    Fresh,
+    /// Another live process holds this node id.
+    Conflict,
+}
+
+/// Refreshes this node's liveness key and its entry in the node set.
+pub async fn beat(s: &Shared) -> Result<Beat, fred::error::Error> {
+    let ttl = (s.settings.heartbeat * 2).as_millis().to_string();
+    let started = std::time::Instant::now();
+    let found: i64 = s
+        .scripts
+        .heartbeat
+        .evalsha(
+            &s.redis.client,
+            s.keys.partition(s.node),
+            vec![s.settings.info.to_string(), ttl, s.instance.clone()],
+        )
+        .await?;
+    s.metrics.redis_rtt.observe(started.elapsed().as_secs_f64());
+    if found < 0 {
+        return Ok(Beat::Conflict);
+    }
+    s.redis
+        .client
+        .sadd::<i64, _, _>(s.keys.nodes(), s.node_name.clone())
+        .await?;
+    Ok(if found == 1 { Beat::Kept } else { Beat::Fresh })
+}
+
+/// The purge task.
+pub async fn run(s: Arc<Shared>) {
+    let mut tick = tokio::time::interval(s.settings.heartbeat / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round = 0u32;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = s.stop.cancelled() => return,
+        }
+        if !s.redis.client.is_connected() {
+            continue;
+        }
+        match purge_dead(&s).await {
+            Ok(nodes) => {
+                round += 1;
+                if round % SWEEP_EVERY == 0 {
+                    if let Err(e) = sweep_orphans(&s, &nodes).await {
+                        tracing::debug!(error = %e, "sweep for orphaned partitions failed");
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "purge failed"),
+        }
+    }
+}
+
+/// Purges the nodes of the node set whose liveness expired; returns the
+/// node set as it was.
+async fn purge_dead(s: &Shared) -> Result<HashSet<NodeId>, fred::error::Error> {
+    let names: Vec<String> = s.redis.client.smembers(s.keys.nodes()).await?;
+    let mut nodes = HashSet::new();
+    let mut alive = 1;
+    for name in names {
+        let Ok(node) = name.parse::<NodeId>() else {
+            continue;
+        };
+        nodes.insert(node);
+        if node == s.node {
+            continue;
+        }
+        if purge(s, node).await? {
+            s.redis
+                .client
+                .srem::<i64, _, _>(s.keys.nodes(), name)
+                .await?;
+        } else {
+            alive += 1;
+        }
+    }
+    s.metrics.nodes_alive.set(alive);
+    Ok(nodes)
+}
+
+/// Deletes `node`'s partition if its liveness key expired. Returns whether
+/// the node is dead.
+async fn purge(s: &Shared, node: NodeId) -> Result<bool, fred::error::Error> {
+    let removed: i64 = s
+        .scripts
+        .clear
+        .evalsha(&s.redis.client, s.keys.partition(node), "dead")
+        .await?;
+    if removed > 0 {
+        tracing::info!(node = %node, addr = %node.addr(), connections = removed, "purged a dead node");
+    }
+    Ok(removed >= 0)
+}
+
+/// Finds partitions of nodes missing from the node set and purges those
+/// whose liveness expired.
+async fn sweep_orphans(s: &Shared, nodes: &HashSet<NodeId>) -> Result<(), fred::error::Error> {
+    let pattern = format!("{}:{{*}}{}", s.keys.prefix(), suffix::CLIENTS);
+    let mut keys = if s.redis.sharded {
+        Box::pin(
+            s.redis
+                .client
+                .scan_cluster_buffered(pattern, Some(1000), None),
+        ) as std::pin::Pin<Box<dyn futures_util::Stream<Item = _> + Send>>
+    } else {
+        Box::pin(s.redis.client.scan_buffered(pattern, Some(1000), None))
+    };
+    let mut found = HashSet::new();
+    while let Some(key) = keys.try_next().await? {
+        let node = key.as_str().and_then(|k| s.keys.partition_node(k));
+        if let Some(node) = node.filter(|n| *n != s.node && !nodes.contains(n)) {
+            found.insert(node);
+        }
+    }
+    for node in found {
+        purge(s, node).await?;
+    }
+    Ok(())
+}

@@ -1,0 +1,146 @@
+//! Membership changes: applied to the hub where the connection lives, then
+//! mirrored. A change for this node's connection is applied at once and
+//! answered once its batch is written; one for another node's connection
+//! is a command to that node ([`super::rpc`]).
+
+use super::envelope::{Envelope, EnvelopeRef, Op};
+use super::mirror::Follow;
+use super::Shared;
+use crate::engine::{EngineError, EngineResult};
+use crate::ids::ClientId;
+use crate::session::Session;
+
+/// One change of one connection's membership or session.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Change {
+    /// Bind this uid, replacing the one it had.
+    BindUid(String),
+    /// Unbind this uid if it is the connection's.
+    UnbindUid(String),
+    /// Join this group.
+    JoinGroup(String),
+    /// Leave this group.
+    LeaveGroup(String),
+    /// Replace the session, or merge into it.
+    Session {
+        /// The new session, or the keys to merge.
+        session: Session,
+        /// Merge (update_session) rather than replace (set_session).
+        merge: bool,
+    },
+}
+
+impl Change {
+    /// The change a command envelope asks for.
+    pub fn from_envelope(e: &EnvelopeRef<'_>) -> Result<Change, &'static str> {
+        let name = |n: Option<&str>, what: &'static str| {
+            n.map(str::to_owned)
+                .and_then(|n| crate::name::Name::new(n).ok())
+                .map(|n| n.0)
+                .ok_or(what)
+        };
+        Ok(match e.op {
+            Op::BindUid => Change::BindUid(name(e.uid, "bind_uid without a valid uid")?),
+            Op::UnbindUid => Change::UnbindUid(name(e.uid, "unbind_uid without a valid uid")?),
+            Op::JoinGroup => Change::JoinGroup(name(e.group, "join_group without a valid group")?),
+            Op::LeaveGroup => {
+                Change::LeaveGroup(name(e.group, "leave_group without a valid group")?)
+            }
+            Op::SetSession | Op::UpdateSession => Change::Session {
+                session: e.session.clone().ok_or("session command without session")?,
+                merge: e.op == Op::UpdateSession,
+            },
+            _ => return Err("not a membership command"),
+        })
+    }
+
+    /// The command envelope for connection `id`.
+    fn into_envelope(self, id: ClientId) -> Envelope {
+        let (op, uid, group, session) = match self {
+            Change::BindUid(uid) => (Op::BindUid, Some(uid), None, None),
+            Change::UnbindUid(uid) => (Op::UnbindUid, Some(uid), None, None),
+            Change::JoinGroup(group) => (Op::JoinGroup, None, Some(group), None),
+            Change::LeaveGroup(group) => (Op::LeaveGroup, None, Some(group), None),
+            Change::Session { session, merge } => {
+                let op = if merge {
+                    Op::UpdateSession
+                } else {
+                    Op::SetSession
+                };
+                (op, None, None, Some(session))
+            }
+        };
+        let mut e = Envelope::new(op);
+        e.client_id = Some(id.to_string());
+        e.uid = uid;
+        e.group = group;
+        e.session = session;
+        e
+    }
+}
+
+impl Shared {
+    /// Applies a change to a connection of this node. Returns the channels
+    /// whose subscription may change, or `None` when there is nothing to
+    /// mirror (the connection is not here, or the change changed nothing).
+    /// Changes that changed nothing are mirrored anyway where cheap: the
+    /// writes are idempotent, and a retry repairs what a failure left.
+    pub(super) fn apply(&self, id: ClientId, change: Change) -> Option<Vec<Follow>> {
+        let hub = &self.hub;
+        match change {
+            Change::BindUid(uid) => {
+                let previous = hub.bind_uid(id, &uid)?;
+                let mut follows = vec![Follow::Uid(uid.clone())];
+                follows.extend(previous.filter(|p| *p != uid).map(Follow::Uid));
+                Some(follows)
+            }
+            Change::UnbindUid(uid) => hub.unbind_uid(id, &uid).then(|| vec![Follow::Uid(uid)]),
+            Change::JoinGroup(group) => {
+                hub.join_group(id, &group)?;
+                Some(vec![Follow::Group(group)])
+            }
+            Change::LeaveGroup(group) => {
+                hub.leave_group(id, &group);
+                hub.contains(id).then(|| vec![Follow::Group(group)])
+            }
+            Change::Session { session, merge } => {
+                hub.set_session(id, session, merge)?;
+                Some(Vec::new())
+            }
+        }
+    }
+
+    /// Runs a change where the connection lives and waits until it is
+    /// mirrored: when this returns, the owner follows the channels the
+    /// change needs, so a push sent next reaches the connection.
+    pub(super) async fn command(&self, id: ClientId, change: Change) -> EngineResult<()> {
+        // Refused before anything changes when Redis is away.
+        self.check()?;
+        if !self.is_local(id) {
+            return self.rpc(id.node(), change.into_envelope(id)).await;
+        }
+        match self.apply(id, change) {
+            Some(follows) => self
+                .mirror
+                .flush([id], follows)
+                .await
+                .map_err(EngineError::Unavailable),
+            None => Ok(()),
+        }
+    }
+
+    /// Removes every member from `group` on every node: published on the
+    /// group's channel (in order with pushes to it), applied by every node
+    /// holding members, this one included, and answered once mirrored.
+    pub(super) async fn ungroup(&self, group: String) -> EngineResult<()> {
+        self.check()?;
+        let channel = self.keys.group_channel(&group);
+        self.rpc_all(channel, Envelope::new(Op::Ungroup)).await
+    }
+
+    /// Removes this node's members from `group` (an `ungroup` arrived).
+    pub(super) fn ungroup_here(&self, group: &str) {
+        let members = self.hub.ungroup(group);
+        self.mirror.mark(members, [Follow::Group(group.to_owned())]);
+    }
+}

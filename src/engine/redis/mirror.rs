@@ -1,0 +1,354 @@
+//! The mirror: the only writer of this node's partition, and the only task
+//! that subscribes and unsubscribes.
+//!
+//! Changes never wait in a queue of operations that could fill up. They
+//! mark what is dirty (connections, and group or uid channels whose
+//! subscription may have to change) in sets bounded by what the node
+//! holds, and wake the mirror. The mirror takes everything marked so far
+//! as one batch: it follows the channels the hub needs now, then rewrites
+//! the dirty connections from the hub's current state with pipelined
+//! scripts, then answers the commands and callers that waited for the
+//! batch. A flood of 20,000 commands for 500 connections is a few batches
+//! of at most 500 rewrites, whatever the flood's size. A failed batch is
+//! marked dirty again and retried: the writes are idempotent.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fred::prelude::*;
+use parking_lot::Mutex;
+use tokio::sync::{oneshot, Notify};
+
+use super::client::COMMAND_TIMEOUT;
+use super::keys::Keys;
+use super::liveness::{self, Beat};
+use super::subscriptions::Subscriptions;
+use super::{partition, Shared};
+use crate::hub::{Hub, Membership};
+use crate::ids::{ClientId, NodeId};
+
+/// Pause before a failed batch is tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(250);
+
+/// Replies to other nodes' commands waiting for a batch. Each is a few
+/// bytes and every batch sends them all; past this, something is badly
+/// wrong and a reply is dropped (its caller times out with a 503).
+const MAX_REPLIES: usize = 1 << 20;
+
+/// A channel whose subscription follows the hub's membership.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Follow {
+    /// A group's channel: subscribed while the hub holds a member.
+    Group(String),
+    /// A uid's channel: subscribed while a local connection is bound to it.
+    Uid(String),
+}
+
+impl Follow {
+    /// The channel's name.
+    pub fn channel(&self, keys: &Keys) -> String {
+        match self {
+            Follow::Group(g) => keys.group_channel(g),
+            Follow::Uid(u) => keys.uid_channel(u),
+        }
+    }
+
+    /// Whether the hub needs the channel now.
+    pub fn wanted(&self, hub: &Hub) -> bool {
+        match self {
+            Follow::Group(g) => hub.has_group(g),
+            Follow::Uid(u) => hub.has_uid(u),
+        }
+    }
+}
+
+/// The channels a connection with membership `m` needs.
+pub fn follows_of(m: &Membership) -> Vec<Follow> {
+    let uid = m.uid.iter().map(|u| Follow::Uid(u.clone()));
+    uid.chain(m.groups.iter().map(|g| Follow::Group(g.clone())))
+        .collect()
+}
+
+/// What a batch did, for whoever waits on it.
+pub type Outcome = Result<(), String>;
+
+/// What is waiting to be mirrored.
+#[derive(Default)]
+pub struct Mirror {
+    pending: Mutex<Batch>,
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct Batch {
+    clients: HashSet<ClientId>,
+    follows: HashSet<Follow>,
+    /// Commands from other nodes to answer once the batch is written.
+    replies: Vec<(NodeId, u64)>,
+    waiters: Vec<oneshot::Sender<Outcome>>,
+    /// Write everything again (after a reconnection).
+    resync: bool,
+    /// Delete the partition and stop.
+    leave: Option<oneshot::Sender<Outcome>>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.clients.is_empty()
+            && self.follows.is_empty()
+            && self.replies.is_empty()
+            && self.waiters.is_empty()
+            && !self.resync
+            && self.leave.is_none()
+    }
+
+    fn finish(&mut self, outcome: &Outcome) {
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(outcome.clone());
+        }
+    }
+}
+
+impl Mirror {
+    /// Marks connections and channels to mirror in the next batch.
+    pub fn mark(
+        &self,
+        clients: impl IntoIterator<Item = ClientId>,
+        follows: impl IntoIterator<Item = Follow>,
+    ) {
+        let mut pending = self.pending.lock();
+        pending.clients.extend(clients);
+        pending.follows.extend(follows);
+        drop(pending);
+        self.wake.notify_one();
+    }
+
+    /// Answers a command of `node` after the next batch.
+    pub fn reply(&self, node: NodeId, req: u64) {
+        let mut pending = self.pending.lock();
+        if pending.replies.len() >= MAX_REPLIES {
+            tracing::warn!(%node, req, "too many replies waiting: one dropped");
+            return;
+        }
+        pending.replies.push((node, req));
+        drop(pending);
+        self.wake.notify_one();
+    }
+
+    /// Marks and waits until the batch that carries the marks is written
+    /// (bounded by the Redis command timeout).
+    pub async fn flush(
+        &self,
+        clients: impl IntoIterator<Item = ClientId>,
+        follows: impl IntoIterator<Item = Follow>,
+    ) -> Outcome {
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut pending = self.pending.lock();
+            pending.clients.extend(clients);
+            pending.follows.extend(follows);
+            pending.waiters.push(tx);
+        }
+        self.wake.notify_one();
+        match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
+            Ok(Ok(outcome)) => outcome,
+            Ok(Err(_)) => Err("the node is leaving the cluster".into()),
+            Err(_) => Err("redis did not answer in time".into()),
+        }
+    }
+
+    /// Asks for the whole partition and every subscription to be written
+    /// again.
+    pub fn resync(&self) {
+        self.pending.lock().resync = true;
+        self.wake.notify_one();
+    }
+
+    /// Deletes the partition after the batch being written, then stops the
+    /// mirror: nothing is written after the delete.
+    pub async fn leave(&self) -> Outcome {
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().leave = Some(tx);
+        self.wake.notify_one();
+        rx.await
+            .unwrap_or_else(|_| Err("the mirror had stopped".into()))
+    }
+
+    fn take(&self) -> Batch {
+        std::mem::take(&mut *self.pending.lock())
+    }
+
+    /// Puts back what a failed batch did not write.
+    fn restore(&self, batch: Batch) {
+        let mut pending = self.pending.lock();
+        pending.clients.extend(batch.clients);
+        pending.follows.extend(batch.follows);
+        pending.resync |= batch.resync;
+    }
+}
+
+/// Why a batch failed.
+enum Failure {
+    Redis(fred::error::Error),
+    /// Another live process holds this node id.
+    Conflict,
+}
+
+impl From<fred::error::Error> for Failure {
+    fn from(e: fred::error::Error) -> Self {
+        Failure::Redis(e)
+    }
+}
+
+/// The mirror task: batches until the node leaves.
+pub async fn run(s: Arc<Shared>) {
+    let mut subs = Subscriptions::default();
+    let mut tick = tokio::time::interval(s.settings.heartbeat / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_beat = Instant::now();
+    let mut conflict_since: Option<Instant> = None;
+    let mut ever_registered = false;
+    loop {
+        let mut due = false;
+        tokio::select! {
+            () = s.mirror.wake.notified() => {}
+            _ = tick.tick() => due = true,
+            () = s.stop.cancelled() => return,
+        }
+        if due && s.redis.client.is_connected() {
+            if s.registered.load(Ordering::Acquire) {
+                match liveness::beat(&s).await {
+                    Ok(Beat::Kept) => {}
+                    Ok(Beat::Fresh) => {
+                        tracing::warn!("liveness key was gone (Redis restarted or this node was purged): registering again");
+                        s.registered.store(false, Ordering::Release);
+                        s.mirror.resync();
+                    }
+                    Ok(Beat::Conflict) => return conflict(&s),
+                    Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+                }
+                last_beat = Instant::now();
+            } else {
+                // A registration no reconnection asked for (a lost event).
+                s.mirror.pending.lock().resync = true;
+            }
+        }
+        loop {
+            let mut batch = s.mirror.take();
+            if let Some(done) = batch.leave.take() {
+                let outcome = partition::leave(&s).await.map_err(|e| e.to_string());
+                batch.finish(&outcome);
+                let _ = done.send(outcome);
+                // Nothing more is written; the engine stops the tasks next.
+                s.stop.cancelled().await;
+                return;
+            }
+            if batch.is_empty() {
+                break;
+            }
+            if !s.redis.is_connected() {
+                // The reconnection asks for a resync that writes it all.
+                batch.finish(&Err("redis is not connected".into()));
+                s.mirror.restore(batch);
+                break;
+            }
+            match write(&s, &mut subs, &mut batch, &mut last_beat).await {
+                Ok(()) => {
+                    if batch.resync {
+                        s.registered.store(true, Ordering::Release);
+                        ever_registered = true;
+                        conflict_since = None;
+                        tracing::info!(connections = s.hub.client_count(), "registered in redis");
+                    }
+                    answer(&s, &mut batch, Ok(())).await;
+                }
+                Err(failure) => {
+                    let reason = match failure {
+                        Failure::Conflict => {
+                            let since = *conflict_since.get_or_insert_with(Instant::now);
+                            // A previous life of this node (killed, same
+                            // address) leaves its key for up to 2
+                            // heartbeats; a live one keeps it fresh.
+                            if ever_registered || since.elapsed() > s.settings.heartbeat * 5 / 2 {
+                                return conflict(&s);
+                            }
+                            "another instance holds this node id; waiting for its key to expire"
+                                .to_owned()
+                        }
+                        Failure::Redis(e) => e.to_string(),
+                    };
+                    tracing::warn!(error = %reason, "writing to redis failed; retrying");
+                    answer(&s, &mut batch, Err(reason)).await;
+                    s.mirror.restore(batch);
+                    tokio::select! {
+                        () = tokio::time::sleep(RETRY_AFTER) => {}
+                        () = s.stop.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn conflict(s: &Shared) {
+    s.registered.store(false, Ordering::Release);
+    s.fatal.trip(format!(
+        "another live gatecast process uses node id {} (advertised address {}): give every node its own --advertise-ip or --inner-listen port",
+        s.node,
+        s.node.addr()
+    ));
+}
+
+/// Writes one batch: subscriptions first (so a push sent once the batch is
+/// answered reaches the connection), then the partition.
+async fn write(
+    s: &Shared,
+    subs: &mut Subscriptions,
+    batch: &mut Batch,
+    last_beat: &mut Instant,
+) -> Result<(), Failure> {
+    if batch.resync {
+        for script in s.scripts.all() {
+            script.load(&s.redis.client).await?;
+        }
+        // Alive first: a node that purges dead partitions must not take
+        // this one for dead while it is being rewritten.
+        if liveness::beat(s).await? == Beat::Conflict {
+            return Err(Failure::Conflict);
+        }
+        *last_beat = Instant::now();
+        subs.resync(s).await?;
+        // Every connection the hub holds, and whatever the partition holds
+        // that the hub does not (closed while Redis was away). Nothing is
+        // cleared first: other nodes go on seeing this node's connections.
+        batch.clients.extend(s.hub.client_ids());
+        batch.clients.extend(partition::stale(s).await?);
+        // What the resync followed covers the marked channels too.
+        batch.follows.clear();
+    } else {
+        subs.follow(s, &batch.follows).await?;
+    }
+    let clients: Vec<ClientId> = batch.clients.iter().copied().collect();
+    partition::put(s, &clients, last_beat).await?;
+    Ok(())
+}
+
+/// Answers the commands and callers that waited for a batch.
+async fn answer(s: &Shared, batch: &mut Batch, outcome: Outcome) {
+    batch.finish(&outcome);
+    if batch.replies.is_empty() {
+        return;
+    }
+    let error = outcome.err();
+    let replies = batch.replies.drain(..).map(|(node, req)| {
+        let bytes = super::rpc::reply(req, error.clone());
+        s.redis.publish(s.keys.node_channel(node), bytes)
+    });
+    for result in futures_util::future::join_all(replies).await {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "could not answer a command");
+        }
+    }
+}

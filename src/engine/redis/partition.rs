@@ -1,0 +1,104 @@
+//! This node's partition in Redis: its connections' uids, groups and
+//! sessions, written only by the mirror (see [`super::mirror`]).
+
+use std::time::Instant;
+
+use fred::prelude::*;
+use futures_util::future::try_join_all;
+
+use super::keys::suffix;
+use super::liveness;
+use super::Shared;
+use crate::ids::ClientId;
+
+/// Connections per script call, and payload bytes (sessions) per call.
+const CHUNK_RECORDS: usize = 128;
+const CHUNK_BYTES: usize = 256 * 1024;
+
+/// Script calls in flight at once (fred pipelines them on one connection).
+const IN_FLIGHT: usize = 16;
+
+/// Rewrites `clients` in the partition from the hub's current state: a
+/// connection the hub no longer holds is removed. Refreshes the node's
+/// liveness between rounds of a long rewrite, so no other node takes it
+/// for dead halfway.
+pub async fn put(
+    s: &Shared,
+    clients: &[ClientId],
+    last_beat: &mut Instant,
+) -> Result<(), fred::error::Error> {
+    let calls = records(s, clients);
+    for round in calls.chunks(IN_FLIGHT) {
+        try_join_all(round.iter().map(|args| {
+            s.scripts.put_clients.evalsha::<i64, _, _, _>(
+                &s.redis.client,
+                s.keys.partition(s.node),
+                args.clone(),
+            )
+        }))
+        .await?;
+        if last_beat.elapsed() > s.settings.heartbeat / 2 {
+            liveness::beat(s).await?;
+            *last_beat = Instant::now();
+        }
+    }
+    Ok(())
+}
+
+/// The put_clients script's arguments, chunked.
+fn records(s: &Shared, clients: &[ClientId]) -> Vec<Vec<String>> {
+    let mut calls = Vec::new();
+    let mut args: Vec<String> = Vec::new();
+    let (mut records, mut bytes) = (0, 0);
+    for id in clients {
+        match s.hub.membership(*id) {
+            Some(m) => {
+                let session = serde_json::to_string(&m.session).unwrap_or_else(|_| "{}".into());
+                bytes += session.len();
+                args.extend([id.to_string(), "1".into(), session]);
+                args.push(m.uid.unwrap_or_default());
+                args.push(m.groups.len().to_string());
+                args.extend(m.groups);
+            }
+            None => {
+                args.extend([id.to_string(), "0".into(), String::new(), String::new()]);
+                args.push("0".into());
+            }
+        }
+        records += 1;
+        if records == CHUNK_RECORDS || bytes >= CHUNK_BYTES {
+            calls.push(std::mem::take(&mut args));
+            (records, bytes) = (0, 0);
+        }
+    }
+    if !args.is_empty() {
+        calls.push(args);
+    }
+    calls
+}
+
+/// Connections in the partition that the hub no longer holds (they closed
+/// while Redis was away, or Redis came back with old data).
+pub async fn stale(s: &Shared) -> Result<Vec<ClientId>, fred::error::Error> {
+    let key = s.keys.partition_key(s.node, suffix::CLIENTS, "");
+    let ids: Vec<String> = s.redis.client.hkeys(key).await?;
+    Ok(ids
+        .iter()
+        .filter_map(|id| id.parse().ok())
+        .filter(|id| !s.hub.contains(*id))
+        .collect())
+}
+
+/// Deletes the partition and the liveness key in one step, then leaves the
+/// node set.
+pub async fn leave(s: &Shared) -> Result<(), fred::error::Error> {
+    s.scripts
+        .clear
+        .evalsha::<i64, _, _, _>(&s.redis.client, s.keys.partition(s.node), "leave")
+        .await?;
+    s.redis
+        .client
+        .srem::<i64, _, _>(s.keys.nodes(), s.node_name.clone())
+        .await?;
+    Ok(())
+}

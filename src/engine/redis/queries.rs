@@ -1,0 +1,244 @@
+//! Queries across the gateway: this node's connections are answered from
+//! the hub, other nodes' from their partitions, read concurrently.
+
+use std::collections::HashMap;
+
+use fred::prelude::*;
+use futures_util::future::try_join_all;
+
+use super::client::unavailable;
+use super::keys::suffix;
+use super::Shared;
+use crate::engine::EngineResult;
+use crate::ids::{ClientId, NodeId};
+use crate::session::Session;
+
+impl Shared {
+    /// A field of another node's client, read from that node's partition.
+    async fn remote_field(&self, id: ClientId, hash: &str) -> EngineResult<Option<String>> {
+        self.check()?;
+        let key = self.keys.partition_key(id.node(), hash, "");
+        self.redis
+            .client
+            .hget(key, id.to_string())
+            .await
+            .map_err(unavailable)
+    }
+
+    /// The other registered nodes.
+    async fn other_nodes(&self) -> EngineResult<Vec<NodeId>> {
+        self.check()?;
+        let names: Vec<String> = self
+            .redis
+            .client
+            .smembers(self.keys.nodes())
+            .await
+            .map_err(unavailable)?;
+        Ok(names
+            .iter()
+            .filter_map(|n| n.parse().ok())
+            .filter(|n| *n != self.node)
+            .collect())
+    }
+
+    /// Runs `query` on one key of every other node's partition,
+    /// concurrently.
+    async fn per_node<T, F, Fut>(&self, suffix: &str, name: &str, query: F) -> EngineResult<Vec<T>>
+    where
+        F: Fn(String) -> Fut,
+        Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
+    {
+        let nodes = self.other_nodes().await?;
+        let keys = nodes
+            .into_iter()
+            .map(|n| self.keys.partition_key(n, suffix, name));
+        try_join_all(keys.map(query)).await.map_err(unavailable)
+    }
+
+    /// The members of a set of every other node's partition, each with one
+    /// field of a hash of the same partition, in one round trip per node.
+    async fn members_with(
+        &self,
+        set: String,
+        hash: &'static str,
+    ) -> EngineResult<Vec<(String, Option<String>)>> {
+        let nodes = self.other_nodes().await?;
+        let lists = try_join_all(nodes.into_iter().map(|n| {
+            self.scripts
+                .members_with
+                .evalsha::<Vec<Option<String>>, _, _, _>(
+                    &self.redis.client,
+                    self.keys.partition(n),
+                    vec![set.clone(), hash.to_owned()],
+                )
+        }))
+        .await
+        .map_err(unavailable)?;
+        Ok(lists
+            .into_iter()
+            .flat_map(|flat| {
+                let mut pairs = Vec::with_capacity(flat.len() / 2);
+                let mut it = flat.into_iter();
+                while let (Some(Some(member)), Some(value)) = (it.next(), it.next()) {
+                    pairs.push((member, value));
+                }
+                pairs
+            })
+            .collect())
+    }
+
+    pub(super) async fn is_online(&self, id: ClientId) -> EngineResult<bool> {
+        if self.is_local(id) {
+            return Ok(self.hub.contains(id));
+        }
+        Ok(self.remote_field(id, suffix::CLIENTS).await?.is_some())
+    }
+
+    pub(super) async fn uid_of(&self, id: ClientId) -> EngineResult<Option<String>> {
+        if self.is_local(id) {
+            return Ok(self.hub.uid_of(id).flatten());
+        }
+        self.remote_field(id, suffix::UID).await
+    }
+
+    pub(super) async fn session_of(&self, id: ClientId) -> EngineResult<Option<Session>> {
+        if self.is_local(id) {
+            return Ok(self.hub.session_of(id));
+        }
+        let json = self.remote_field(id, suffix::CLIENTS).await?;
+        Ok(json.map(|j| parse_session(Some(j))))
+    }
+
+    pub(super) async fn client_ids_by_uid(&self, uid: &str) -> EngineResult<Vec<ClientId>> {
+        let mut ids = self.hub.client_ids_by_uid(uid);
+        let c = &self.redis.client;
+        let remote: Vec<Vec<String>> = self
+            .per_node(suffix::UID_MEMBERS, uid, |k| c.smembers(k))
+            .await?;
+        ids.extend(remote.iter().flat_map(|l| parse_ids(l)));
+        Ok(ids)
+    }
+
+    pub(super) async fn group_client_ids(&self, group: &str) -> EngineResult<Vec<ClientId>> {
+        let mut ids = self.hub.group_client_ids(group);
+        let c = &self.redis.client;
+        let remote: Vec<Vec<String>> = self
+            .per_node(suffix::GROUP_MEMBERS, group, |k| c.smembers(k))
+            .await?;
+        ids.extend(remote.iter().flat_map(|l| parse_ids(l)));
+        Ok(ids)
+    }
+
+    pub(super) async fn group_client_count(&self, group: &str) -> EngineResult<u64> {
+        let c = &self.redis.client;
+        let counts: Vec<u64> = self
+            .per_node(suffix::GROUP_MEMBERS, group, |k| c.scard(k))
+            .await?;
+        Ok(self.hub.group_client_count(group) as u64 + counts.iter().sum::<u64>())
+    }
+
+    pub(super) async fn group_sessions(
+        &self,
+        group: &str,
+    ) -> EngineResult<Vec<(ClientId, Session)>> {
+        let mut sessions = self.hub.group_sessions(group);
+        let set = format!("{}{group}", suffix::GROUP_MEMBERS);
+        for (id, json) in self.members_with(set, suffix::CLIENTS).await? {
+            if let Ok(id) = id.parse() {
+                sessions.push((id, parse_session(json)));
+            }
+        }
+        Ok(sessions)
+    }
+
+    pub(super) async fn group_uids(&self, group: &str) -> EngineResult<Vec<String>> {
+        let mut uids = self.hub.group_uids(group);
+        let set = format!("{}{group}", suffix::GROUP_MEMBERS);
+        let remote = self.members_with(set, suffix::UID).await?;
+        uids.extend(remote.into_iter().filter_map(|(_, uid)| uid));
+        Ok(distinct(uids))
+    }
+
+    pub(super) async fn client_count(&self) -> EngineResult<u64> {
+        let c = &self.redis.client;
+        let counts: Vec<u64> = self.per_node(suffix::CLIENTS, "", |k| c.hlen(k)).await?;
+        Ok(self.hub.client_count() as u64 + counts.iter().sum::<u64>())
+    }
+
+    pub(super) async fn client_ids(&self) -> EngineResult<Vec<ClientId>> {
+        let mut ids = self.hub.client_ids();
+        let c = &self.redis.client;
+        let remote: Vec<Vec<String>> = self.per_node(suffix::CLIENTS, "", |k| c.hkeys(k)).await?;
+        ids.extend(remote.iter().flat_map(|l| parse_ids(l)));
+        Ok(ids)
+    }
+
+    pub(super) async fn sessions(&self) -> EngineResult<Vec<(ClientId, Session)>> {
+        let mut sessions = self.hub.sessions();
+        let c = &self.redis.client;
+        let remote: Vec<HashMap<String, String>> =
+            self.per_node(suffix::CLIENTS, "", |k| c.hgetall(k)).await?;
+        for (id, json) in remote.into_iter().flatten() {
+            if let Ok(id) = id.parse() {
+                sessions.push((id, parse_session(Some(json))));
+            }
+        }
+        Ok(sessions)
+    }
+
+    pub(super) async fn uids(&self) -> EngineResult<Vec<String>> {
+        let mut uids = self.hub.uids();
+        let c = &self.redis.client;
+        let remote: Vec<Vec<String>> = self.per_node(suffix::UIDS, "", |k| c.smembers(k)).await?;
+        uids.extend(remote.into_iter().flatten());
+        Ok(distinct(uids))
+    }
+
+    /// Distinct uids across nodes. A uid bound on several nodes is in each
+    /// of their `:uids` sets, so the count needs the union. Alone, the node
+    /// counts from the hub; otherwise the union is taken (and only its size
+    /// returned) in Redis when every set lives on one server.
+    pub(super) async fn uid_count(&self) -> EngineResult<u64> {
+        let nodes = self.other_nodes().await?;
+        if nodes.is_empty() {
+            return Ok(self.hub.uid_count() as u64);
+        }
+        if self.redis.sharded {
+            // Sets on several shards: no server-side union.
+            return Ok(self.uids().await?.len() as u64);
+        }
+        let keys: Vec<String> = nodes
+            .into_iter()
+            .chain([self.node])
+            .map(|n| self.keys.partition_key(n, suffix::UIDS, ""))
+            .collect();
+        self.scripts
+            .count_union
+            .evalsha::<u64, _, _, _>(&self.redis.client, keys, ())
+            .await
+            .map_err(unavailable)
+    }
+
+    pub(super) async fn groups(&self) -> EngineResult<Vec<String>> {
+        let mut groups = self.hub.groups();
+        let c = &self.redis.client;
+        let remote: Vec<Vec<String>> = self.per_node(suffix::GROUPS, "", |k| c.smembers(k)).await?;
+        groups.extend(remote.into_iter().flatten());
+        Ok(distinct(groups))
+    }
+}
+
+fn parse_ids(ids: &[String]) -> Vec<ClientId> {
+    ids.iter().filter_map(|s| s.parse().ok()).collect()
+}
+
+fn parse_session(json: Option<String>) -> Session {
+    json.and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_default()
+}
+
+fn distinct(mut items: Vec<String>) -> Vec<String> {
+    items.sort_unstable();
+    items.dedup();
+    items
+}

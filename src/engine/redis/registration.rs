@@ -1,0 +1,54 @@
+//! Registration after every (re)connection: Redis may have restarted empty,
+//! failed over, or dropped only the subscriber connection (and with it
+//! every subscription). Either way the node is not ready until the mirror
+//! has written its partition and subscriptions again from the hub.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::prelude::*;
+use tokio::sync::broadcast::error::RecvError;
+
+use super::Shared;
+
+/// Watches both connections and asks the mirror for a resync after each
+/// reconnection.
+pub async fn run(s: Arc<Shared>) {
+    let mut client_up = s.redis.client.reconnect_rx();
+    let mut subscriber_up = s.redis.subscriber.reconnect_rx();
+    let mut client_down = s.redis.client.error_rx();
+    let mut subscriber_down = s.redis.subscriber.error_rx();
+    let mut first = true;
+    loop {
+        let event = tokio::select! {
+            e = client_up.recv() => Event::Up(e.map(|_| ())),
+            e = subscriber_up.recv() => Event::Up(e.map(|_| ())),
+            e = client_down.recv() => Event::Down(e.map(|_| ())),
+            e = subscriber_down.recv() => Event::Down(e.map(|_| ())),
+            () = s.stop.cancelled() => return,
+        };
+        // Not ready from the moment a connection is lost or comes back
+        // until the resync is written.
+        s.registered.store(false, Ordering::Release);
+        match event {
+            Event::Up(Err(RecvError::Closed)) | Event::Down(Err(RecvError::Closed)) => return,
+            Event::Down(_) => continue,
+            Event::Up(_) => {}
+        }
+        // Both connections, and on Cluster every shard connection, report
+        // their own reconnect: let them arrive, then register once.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        while client_up.try_recv().is_ok() || subscriber_up.try_recv().is_ok() {}
+        if !first {
+            s.metrics.redis_reconnects.inc();
+        }
+        first = false;
+        s.mirror.resync();
+    }
+}
+
+enum Event {
+    Up(Result<(), RecvError>),
+    Down(Result<(), RecvError>),
+}

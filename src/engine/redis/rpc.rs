@@ -1,0 +1,135 @@
+//! Commands to the node that owns a connection, and their replies.
+//!
+//! A membership change for another node's connection is published on that
+//! node's channel with a request number and this node's id; the owner
+//! applies it, mirrors it, then publishes a reply on this node's channel.
+//! `ungroup` goes on the group's channel and is answered by every node
+//! that holds a member.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fred::prelude::*;
+use parking_lot::Mutex;
+use tokio::sync::mpsc;
+
+use super::client::unavailable;
+use super::envelope::{Envelope, Op};
+use super::Shared;
+use crate::engine::{EngineError, EngineResult};
+use crate::ids::NodeId;
+
+/// Longest a node waits for other nodes to apply a command.
+const RPC_TIMEOUT: Duration = Duration::from_millis(1200);
+
+/// Commands sent, waiting for replies.
+#[derive(Default)]
+pub struct Rpc {
+    pending: Mutex<HashMap<u64, mpsc::Sender<Option<String>>>>,
+    next: AtomicU64,
+}
+
+impl Rpc {
+    /// Hands a reply to the command waiting for it (if it still waits).
+    pub fn resolve(&self, req: u64, error: Option<&str>) {
+        if let Some(waiter) = self.pending.lock().get(&req) {
+            let _ = waiter.try_send(error.map(str::to_owned));
+        }
+    }
+
+    fn open(&self, replies: usize) -> (Pending<'_>, mpsc::Receiver<Option<String>>) {
+        let req = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let (tx, rx) = mpsc::channel(replies.max(1));
+        self.pending.lock().insert(req, tx);
+        (Pending { rpc: self, req }, rx)
+    }
+}
+
+/// Forgets a command's waiter when the call ends or is dropped (the API
+/// deadline included).
+struct Pending<'a> {
+    rpc: &'a Rpc,
+    req: u64,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.rpc.pending.lock().remove(&self.req);
+    }
+}
+
+/// A reply to command `req`.
+pub fn reply(req: u64, error: Option<String>) -> Bytes {
+    let mut e = Envelope::new(Op::Reply);
+    e.req = Some(req);
+    e.error = error;
+    e.encode()
+}
+
+impl Shared {
+    /// Runs a command on `node` and waits for its reply. A node that is
+    /// gone took its connections with it: the command is then a no-op.
+    pub(super) async fn rpc(&self, node: NodeId, mut e: Envelope) -> EngineResult<()> {
+        let (pending, mut rx) = self.rpc.open(1);
+        e.req = Some(pending.req);
+        e.reply_to = Some(self.node_name.clone());
+        let receivers = self
+            .publish_one(self.keys.node_channel(node), e.encode())
+            .await?;
+        let reply = if receivers > 0 {
+            tokio::time::timeout(RPC_TIMEOUT, rx.recv())
+                .await
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
+        match reply {
+            Some(None) => Ok(()),
+            Some(Some(error)) => Err(EngineError::Unavailable(error)),
+            None if self.node_alive(node).await? => {
+                // Alive but not listening or not answering (its subscriber
+                // may be reconnecting): the change may not be applied.
+                Err(EngineError::Unavailable(format!(
+                    "node {node} did not answer"
+                )))
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes a command on `channel` and waits for a reply from every
+    /// node that received it.
+    pub(super) async fn rpc_all(&self, channel: String, mut e: Envelope) -> EngineResult<()> {
+        // Each node has one subscriber connection: receivers are nodes.
+        let (pending, mut rx) = self.rpc.open(1024);
+        e.req = Some(pending.req);
+        e.reply_to = Some(self.node_name.clone());
+        let receivers = self.publish_one(channel, e.encode()).await?;
+        let mut answered = 0;
+        let deadline = tokio::time::Instant::now() + RPC_TIMEOUT;
+        while answered < receivers {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(None)) => answered += 1,
+                Ok(Some(Some(error))) => return Err(EngineError::Unavailable(error)),
+                Ok(None) | Err(_) => {
+                    return Err(EngineError::Unavailable(format!(
+                        "{} of {receivers} nodes did not answer",
+                        receivers - answered
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn node_alive(&self, node: NodeId) -> EngineResult<bool> {
+        let key = self
+            .keys
+            .partition_key(node, super::keys::suffix::ALIVE, "");
+        let n: i64 = self.redis.client.exists(key).await.map_err(unavailable)?;
+        Ok(n == 1)
+    }
+}

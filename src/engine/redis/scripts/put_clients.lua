@@ -1,0 +1,64 @@
+-- Rewrites connections in their node's partition from the node's memory:
+-- each record says what the connection is now, the script removes what the
+-- partition held before (the uid in ':uid', the groups in ':cg') and writes
+-- the rest. Idempotent, so a batch that failed is simply written again.
+-- KEYS[1] partition
+-- ARGV: records, each: client_id, present ('1' or '0' = gone),
+--       session JSON, uid ('' = none), group count n, then n groups
+local p = KEYS[1]
+
+local function leave(set, index, name, id)
+  redis.call('SREM', set, id)
+  if redis.call('SCARD', set) == 0 then redis.call('SREM', index, name) end
+end
+
+local i = 1
+while i <= #ARGV do
+  local id, present, session, uid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local n = tonumber(ARGV[i + 4])
+  local groups, wanted = {}, {}
+  if present == '1' then
+    for j = 1, n do
+      local g = ARGV[i + 4 + j]
+      groups[#groups + 1] = g
+      wanted[g] = true
+    end
+  else
+    uid = ''
+  end
+  i = i + 5 + n
+
+  local old_uid = redis.call('HGET', p .. ':uid', id)
+  if old_uid and old_uid ~= uid then leave(p .. ':u:' .. old_uid, p .. ':uids', old_uid, id) end
+  local old_groups = redis.call('HGET', p .. ':cg', id)
+  if old_groups then
+    for _, g in ipairs(cjson.decode(old_groups)) do
+      if not wanted[g] then leave(p .. ':g:' .. g, p .. ':groups', g, id) end
+    end
+  end
+
+  if present == '1' then
+    redis.call('HSET', p .. ':clients', id, session)
+    if uid ~= '' then
+      redis.call('HSET', p .. ':uid', id, uid)
+      redis.call('SADD', p .. ':u:' .. uid, id)
+      redis.call('SADD', p .. ':uids', uid)
+    else
+      redis.call('HDEL', p .. ':uid', id)
+    end
+    for _, g in ipairs(groups) do
+      redis.call('SADD', p .. ':g:' .. g, id)
+      redis.call('SADD', p .. ':groups', g)
+    end
+    if #groups > 0 then
+      redis.call('HSET', p .. ':cg', id, cjson.encode(groups))
+    else
+      redis.call('HDEL', p .. ':cg', id)
+    end
+  else
+    redis.call('HDEL', p .. ':clients', id)
+    redis.call('HDEL', p .. ':uid', id)
+    redis.call('HDEL', p .. ':cg', id)
+  end
+end
+return 1

@@ -1,0 +1,78 @@
+//! Which channels this node follows: its own node channel and `all`
+//! always, a group's or uid's channel exactly while the hub holds a member.
+//! Only the mirror changes subscriptions, one batch at a time, so a
+//! subscribe and an unsubscribe of one channel never cross, and a batch of
+//! 5,000 new uids is a few SUBSCRIBE commands, not 5,000 round trips in
+//! series.
+
+use std::collections::HashSet;
+
+use super::mirror::Follow;
+use super::Shared;
+
+/// The channels subscribed, as far as this node knows.
+#[derive(Debug, Default)]
+pub struct Subscriptions {
+    channels: HashSet<String>,
+}
+
+impl Subscriptions {
+    /// Subscribes or unsubscribes `follows` to match the hub now.
+    pub async fn follow(
+        &mut self,
+        s: &Shared,
+        follows: &HashSet<Follow>,
+    ) -> Result<(), fred::error::Error> {
+        let mut subscribe = Vec::new();
+        let mut unsubscribe = Vec::new();
+        for follow in follows {
+            let channel = follow.channel(&s.keys);
+            match (follow.wanted(&s.hub), self.channels.contains(&channel)) {
+                (true, false) => subscribe.push(channel),
+                (false, true) => unsubscribe.push(channel),
+                _ => {}
+            }
+        }
+        self.apply(s, subscribe, unsubscribe).await
+    }
+
+    /// After a reconnection: subscribes to every channel the node needs
+    /// (the subscriber connection may have lost them all) and drops those
+    /// it no longer needs.
+    pub async fn resync(&mut self, s: &Shared) -> Result<(), fred::error::Error> {
+        let mut wanted: HashSet<String> = HashSet::new();
+        wanted.insert(s.keys.node_channel(s.node));
+        wanted.insert(s.keys.all_channel());
+        wanted.extend(s.hub.groups().iter().map(|g| s.keys.group_channel(g)));
+        wanted.extend(s.hub.uids().iter().map(|u| s.keys.uid_channel(u)));
+        let stale: Vec<String> = self.channels.difference(&wanted).cloned().collect();
+        // Known as subscribed only once Redis confirmed it.
+        self.channels.retain(|c| !wanted.contains(c));
+        self.apply(s, wanted.into_iter().collect(), stale).await
+    }
+
+    /// Subscribes first, then unsubscribes. A channel stays known as
+    /// subscribed until Redis confirmed the UNSUBSCRIBE: a failed one is
+    /// tried again (the batch is retried), never forgotten while live.
+    async fn apply(
+        &mut self,
+        s: &Shared,
+        subscribe: Vec<String>,
+        unsubscribe: Vec<String>,
+    ) -> Result<(), fred::error::Error> {
+        if !subscribe.is_empty() {
+            s.redis.subscribe(subscribe.clone()).await?;
+            self.channels.extend(subscribe);
+        }
+        if !unsubscribe.is_empty() {
+            s.redis.unsubscribe(unsubscribe.clone()).await?;
+            for channel in &unsubscribe {
+                self.channels.remove(channel);
+            }
+        }
+        s.metrics
+            .redis_subscriptions
+            .set(self.channels.len() as i64);
+        Ok(())
+    }
+}
