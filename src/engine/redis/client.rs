@@ -22,6 +22,9 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
 /// of its own that does no I/O, so it drains as fast as fred fills.
 const PUBSUB_BUFFER: usize = 4096;
 
+/// Commands waiting to be written to one connection.
+const COMMAND_BUFFER: usize = 1 << 16;
+
 /// Channels per SUBSCRIBE command (centrifuge batches up to 512 as well).
 const SUBSCRIBE_CHUNK: usize = 512;
 
@@ -54,6 +57,9 @@ impl Redis {
                 // Idempotent commands (scripts that set state, reads) may
                 // be retried once after a lost connection; PUBLISH is not.
                 c.max_command_attempts = 2;
+                // fred's queue of commands not yet written is unbounded by
+                // default; past this a command fails at once (a 503).
+                c.max_command_buffer_len = COMMAND_BUFFER;
             })
             // Retry forever: a node outlives any Redis outage.
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 1000, 2));

@@ -57,7 +57,7 @@ use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::push::{Message, Push, Target};
 use crate::session::Session;
-use crate::task::{spawn_critical, spawn_critical_thread, Fatal};
+use crate::task::{spawn_critical, Fatal};
 
 /// Settings of the Redis engine.
 #[derive(Debug, Clone)]
@@ -141,11 +141,8 @@ impl RedisEngine {
         // Listen before connecting, so the first connection's events are
         // seen too.
         let messages = shared.redis.subscriber.message_rx();
-        let s = shared.clone();
-        spawn_critical_thread("gatecast-dispatch", &shared.fatal, move || {
-            dispatch::run(&s, messages)
-        })
-        .map_err(|e| format!("cannot start the dispatcher thread: {e}"))?;
+        dispatch::start(&shared, messages)
+            .map_err(|e| format!("cannot start the dispatcher threads: {e}"))?;
         let (fatal, stop) = (&shared.fatal, &shared.stop);
         spawn_critical(
             "registration",
