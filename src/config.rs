@@ -172,8 +172,8 @@ impl Config {
         at_least("--ping-timeout", self.ping_timeout, MIN_PING_TIMEOUT)?;
         if self.ping_timeout <= self.ping_interval {
             return Err(format!(
-                "--ping-timeout ({}) must be longer than --ping-interval ({}): \
-                 a client is only asked to answer once per interval",
+                "--ping-timeout must be longer than --ping-interval, the time a \
+                 client has to answer a ping (got {} and {})",
                 humantime::format_duration(self.ping_timeout),
                 humantime::format_duration(self.ping_interval)
             ));
