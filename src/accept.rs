@@ -64,7 +64,7 @@ impl Acceptor {
                 listener = self.what,
                 error = %error,
                 suppressed,
-                "accept failed (at most one line a second; `suppressed` failures since the last line)"
+                "accept failed (logged at most once a second, `suppressed` since the last line)"
             );
         }
         if !is_about_one_connection(&error) {
