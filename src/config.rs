@@ -72,20 +72,21 @@ pub struct Config {
     #[arg(long, env = "GATECAST_CLIENT_QUEUE_BYTES", default_value_t = 1 << 20)]
     pub client_queue_bytes: usize,
 
-    /// Interval between the server's WebSocket pings.
+    /// Interval between the server's WebSocket pings (at least 100ms).
     #[arg(long, env = "GATECAST_PING_INTERVAL", default_value = "25s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,
 
-    /// A connection that sent nothing for this long is closed.
+    /// A connection that sent nothing for this long is closed (at least
+    /// 500ms, and longer than --ping-interval).
     #[arg(long, env = "GATECAST_PING_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub ping_timeout: Duration,
 
-    /// Time allowed for a graceful shutdown after SIGTERM/SIGINT.
+    /// Time allowed for a graceful shutdown after SIGTERM/SIGINT (at least 1s).
     #[arg(long, env = "GATECAST_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
     /// Interval of this node's heartbeat in Redis; a node silent for three
-    /// intervals is purged by the others.
+    /// intervals is purged by the others (at least 100ms).
     #[arg(long, env = "GATECAST_NODE_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub node_heartbeat: Duration,
 
@@ -101,6 +102,11 @@ pub struct Config {
     /// Approximate length the events stream is trimmed to (XADD MAXLEN ~).
     #[arg(long, env = "GATECAST_EVENTS_MAX_LEN", default_value_t = 100_000)]
     pub events_max_len: i64,
+
+    /// Bytes of events (payload and session, about) waiting for the stream
+    /// or webhook; past it new events are dropped and counted.
+    #[arg(long, env = "GATECAST_EVENTS_QUEUE_BYTES", default_value_t = 64 << 20)]
+    pub events_queue_bytes: usize,
 
     /// Without Redis: URL each event is POSTed to as JSON (http:// only).
     #[arg(long, env = "GATECAST_EVENTS_WEBHOOK")]
@@ -124,8 +130,34 @@ pub enum LogFormat {
     Json,
 }
 
+/// Shortest `--node-heartbeat`: below it the heartbeat alone keeps Redis
+/// busy, and a zero interval panics the heartbeat task.
+pub const MIN_NODE_HEARTBEAT: Duration = Duration::from_millis(100);
+/// Shortest `--ping-interval`: one sweep of every connection per interval.
+pub const MIN_PING_INTERVAL: Duration = Duration::from_millis(100);
+/// Shortest `--ping-timeout`. Below a second only for tests: a browser on a
+/// slow network needs far longer.
+pub const MIN_PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// Shortest `--shutdown-grace`: closing clients and leaving the cluster
+/// takes a few Redis round trips, and events need time to flush.
+pub const MIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// `Err` naming `flag` when `value` is below `min`.
+fn at_least(flag: &str, value: Duration, min: Duration) -> Result<(), String> {
+    if value < min {
+        return Err(format!(
+            "{flag} must be at least {} (got {})",
+            humantime::format_duration(min),
+            humantime::format_duration(value)
+        ));
+    }
+    Ok(())
+}
+
 impl Config {
-    /// Checks what clap cannot: relations between options.
+    /// Checks what clap cannot: relations between options, and durations
+    /// too short to work (a zero interval panics the task that ticks on
+    /// it).
     pub fn validate(&self) -> Result<(), String> {
         if self.client_queue == 0 {
             return Err("--client-queue must be at least 1".into());
@@ -136,12 +168,18 @@ impl Config {
         if self.max_message_bytes == 0 {
             return Err("--max-message-bytes must be at least 1".into());
         }
-        if self.ping_interval.is_zero() || self.ping_timeout.is_zero() {
-            return Err("--ping-interval and --ping-timeout must be above zero".into());
+        at_least("--ping-interval", self.ping_interval, MIN_PING_INTERVAL)?;
+        at_least("--ping-timeout", self.ping_timeout, MIN_PING_TIMEOUT)?;
+        if self.ping_timeout <= self.ping_interval {
+            return Err(format!(
+                "--ping-timeout must be longer than --ping-interval, the time a \
+                 client has to answer a ping (got {} and {})",
+                humantime::format_duration(self.ping_timeout),
+                humantime::format_duration(self.ping_interval)
+            ));
         }
-        if self.node_heartbeat.is_zero() {
-            return Err("--node-heartbeat must be above zero".into());
-        }
+        at_least("--node-heartbeat", self.node_heartbeat, MIN_NODE_HEARTBEAT)?;
+        at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
         if self.client_jwt_secret.is_some() && self.client_jwt_public_key.is_some() {
             return Err("set --client-jwt-secret or --client-jwt-public-key, not both".into());
         }
@@ -153,6 +191,9 @@ impl Config {
                 "--events-webhook is for a single node: with --redis-url events go to the stream"
                     .into(),
             );
+        }
+        if self.events_queue_bytes == 0 {
+            return Err("--events-queue-bytes must be at least 1".into());
         }
         if self.events_max_len < 1 {
             return Err("--events-max-len must be at least 1".into());
@@ -198,7 +239,44 @@ mod tests {
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
         assert_eq!(c.node_heartbeat, Duration::from_secs(5));
         assert!(c.redis_url.is_none());
+        assert_eq!(c.events_queue_bytes, 64 << 20);
         c.validate().unwrap();
+    }
+
+    fn validate(args: &[&str]) -> Result<(), String> {
+        let mut argv = vec!["gatecast"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).unwrap().validate()
+    }
+
+    #[test]
+    fn durations_too_short_to_work_are_refused_naming_the_flag() {
+        for (args, flag) in [
+            (&["--node-heartbeat", "1ns"][..], "--node-heartbeat"),
+            (&["--node-heartbeat", "99ms"], "--node-heartbeat"),
+            (&["--ping-interval", "0s"], "--ping-interval"),
+            (&["--ping-timeout", "100ms"], "--ping-timeout"),
+            (&["--shutdown-grace", "500ms"], "--shutdown-grace"),
+            (
+                &["--ping-interval", "30s", "--ping-timeout", "30s"],
+                "--ping-timeout",
+            ),
+        ] {
+            let error = validate(args).expect_err(&format!("{args:?} refused"));
+            assert!(error.starts_with(flag), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_shortest_durations_tests_use_are_accepted() {
+        for args in [
+            &["--node-heartbeat", "100ms"][..],
+            &["--ping-interval", "100ms"],
+            &["--ping-interval", "200ms", "--ping-timeout", "600ms"],
+            &["--shutdown-grace", "1s"],
+        ] {
+            validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
     }
 
     #[test]

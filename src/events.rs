@@ -5,9 +5,13 @@
 //! With Redis, events are appended to a Stream that backends read with a
 //! consumer group (at-least-once from the stream on). Without Redis, each
 //! event is POSTed as JSON to `--events-webhook`. Either way the connection
-//! never waits: events go through a bounded queue, and when the sink falls
-//! that far behind, new events are dropped and counted.
+//! never waits: events go through a queue bounded both by count and by bytes
+//! (`--events-queue-bytes`: 64 KiB messages would otherwise make the 10,000
+//! events ~640 MiB), and when the sink falls that far behind, new events are
+//! dropped and counted.
 
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -24,7 +28,8 @@ use crate::ids::{ClientId, NodeId};
 use crate::metrics::Metrics;
 use crate::session::Session;
 
-/// Events waiting for the sink.
+/// Most events waiting for the sink (their bytes are bounded too, by
+/// `--events-queue-bytes`).
 const QUEUE: usize = 10_000;
 
 /// Events written to the stream in one pipeline.
@@ -93,6 +98,25 @@ impl Event {
             time_ms,
             detail,
         }
+    }
+
+    /// About how much memory the event holds: what counts against
+    /// `--events-queue-bytes`. The payload and the session dominate; the
+    /// rest is a fixed overhead.
+    fn approx_size(&self) -> usize {
+        let detail = match &self.detail {
+            Detail::Connect {
+                remote_addr,
+                query,
+                headers,
+            } => remote_addr.len() + query.len() + json_object_size(headers),
+            Detail::Message { data, .. } => data.len(),
+            Detail::Close => 0,
+        };
+        std::mem::size_of::<Event>()
+            + self.uid.as_ref().map_or(0, String::len)
+            + json_object_size(&self.session)
+            + detail
     }
 
     fn kind(&self) -> &'static str {
@@ -169,6 +193,24 @@ impl Event {
     }
 }
 
+/// About the length of `object` as JSON text, without writing it.
+fn json_object_size(object: &Map<String, Value>) -> usize {
+    2 + object
+        .iter()
+        .map(|(key, value)| key.len() + 4 + json_size(value))
+        .sum::<usize>()
+}
+
+fn json_size(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(items) => 2 + items.iter().map(|v| json_size(v) + 1).sum::<usize>(),
+        Value::Object(object) => json_object_size(object),
+    }
+}
+
 /// The query string of `/ws` as connect events carry it: without `token`,
 /// so client credentials do not end up in the stream.
 pub fn forwarded_query(query: &str) -> String {
@@ -212,25 +254,79 @@ pub enum Sink {
 #[derive(Debug, Clone)]
 pub struct Events {
     tx: mpsc::Sender<Item>,
+    bytes: Arc<QueueBytes>,
 }
 
 enum Item {
-    Event(Box<Event>),
+    /// An event and the bytes it counts for in [`QueueBytes`].
+    Event(Box<Event>, usize),
     /// Answered once every event queued before it was handed to the sink.
     Flush(oneshot::Sender<()>),
 }
 
-impl Events {
-    /// Starts the task that drains events into `sink`.
-    pub fn start(sink: Sink, node: NodeId, metrics: Arc<Metrics>) -> Self {
-        let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(drain(sink, node, rx, metrics));
-        Events { tx }
+/// The bytes of the events queued and not yet handed to the sink, bounded.
+#[derive(Debug)]
+struct QueueBytes {
+    used: AtomicUsize,
+    limit: usize,
+}
+
+impl QueueBytes {
+    /// Counts `n` more bytes unless that would pass the limit. An event
+    /// always fits an empty queue, whatever its size, so a limit below
+    /// the largest message does not silence every message.
+    fn take(&self, n: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                let total = used.checked_add(n)?;
+                (used == 0 || total <= self.limit).then_some(total)
+            })
+            .is_ok()
     }
 
-    /// Queues an event; drops it (counted) when the sink is too far behind.
+    fn release(&self, n: usize) {
+        self.used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
+impl Events {
+    /// The handle, and the task that drains events into `sink` (for the
+    /// caller to spawn, as a critical task). At most `queue_bytes` of
+    /// events wait for the sink at once.
+    pub fn new(
+        sink: Sink,
+        node: NodeId,
+        metrics: Arc<Metrics>,
+        queue_bytes: usize,
+    ) -> (Self, impl Future<Output = ()> + Send + 'static) {
+        let (events, rx) = Self::queue(queue_bytes);
+        let drained = drain(sink, node, rx, events.bytes.clone(), metrics);
+        (events, drained)
+    }
+
+    fn queue(queue_bytes: usize) -> (Self, mpsc::Receiver<Item>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let bytes = Arc::new(QueueBytes {
+            used: AtomicUsize::new(0),
+            limit: queue_bytes,
+        });
+        (Events { tx, bytes }, rx)
+    }
+
+    /// Queues an event; drops it (counted) when the sink is too far behind,
+    /// by count or by bytes.
     pub fn emit(&self, event: Event, metrics: &Metrics) {
-        if self.tx.try_send(Item::Event(Box::new(event))).is_err() {
+        let size = event.approx_size();
+        if !self.bytes.take(size) {
+            metrics.events_dropped.inc();
+            return;
+        }
+        if self
+            .tx
+            .try_send(Item::Event(Box::new(event), size))
+            .is_err()
+        {
+            self.bytes.release(size);
             metrics.events_dropped.inc();
         }
     }
@@ -248,7 +344,13 @@ impl Events {
     }
 }
 
-async fn drain(sink: Sink, node: NodeId, mut rx: mpsc::Receiver<Item>, metrics: Arc<Metrics>) {
+async fn drain(
+    sink: Sink,
+    node: NodeId,
+    mut rx: mpsc::Receiver<Item>,
+    bytes: Arc<QueueBytes>,
+    metrics: Arc<Metrics>,
+) {
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
@@ -257,9 +359,13 @@ async fn drain(sink: Sink, node: NodeId, mut rx: mpsc::Receiver<Item>, metrics: 
     while rx.recv_many(&mut items, BATCH).await > 0 {
         let mut flushes = Vec::new();
         let mut batch = Vec::with_capacity(items.len());
+        let mut batch_bytes = 0;
         for item in items.drain(..) {
             match item {
-                Item::Event(event) => batch.push(*event),
+                Item::Event(event, size) => {
+                    batch.push(*event);
+                    batch_bytes += size;
+                }
                 Item::Flush(done) => flushes.push(done),
             }
         }
@@ -278,6 +384,10 @@ async fn drain(sink: Sink, node: NodeId, mut rx: mpsc::Receiver<Item>, metrics: 
             metrics.events_sent.inc_by(sent as u64);
             metrics.events_dropped.inc_by((batch.len() - sent) as u64);
         }
+        // Given back once the batch is done with, not when it was taken:
+        // until then its events are still in memory.
+        drop(batch);
+        bytes.release(batch_bytes);
         for done in flushes {
             let _ = done.send(());
         }
@@ -350,5 +460,89 @@ mod tests {
         assert_eq!(forwarded_query("room=7&token=abc.def&x=1"), "room=7&x=1");
         assert_eq!(forwarded_query("token=abc"), "");
         assert_eq!(forwarded_query("tokens=1"), "tokens=1");
+    }
+
+    /// A message event carrying `len` bytes.
+    fn message(len: usize) -> Event {
+        let id = ClientId::new(NodeId::new(std::net::Ipv4Addr::LOCALHOST, 2900), 1);
+        let session = json!({"room": "lobby"}).as_object().cloned().unwrap();
+        let data = Bytes::from(vec![b'x'; len]);
+        Event::new(
+            id,
+            Some("u1".into()),
+            session,
+            Detail::Message { data, binary: true },
+        )
+    }
+
+    #[test]
+    fn the_size_counts_payload_and_session() {
+        let small = message(10);
+        let large = message(64 * 1024);
+        assert_eq!(large.approx_size() - small.approx_size(), 64 * 1024 - 10);
+        let mut with_session = message(10);
+        with_session
+            .session
+            .insert("profile".into(), json!("p".repeat(1000)));
+        assert!(with_session.approx_size() >= small.approx_size() + 1000);
+    }
+
+    #[test]
+    fn events_past_the_byte_bound_are_dropped_and_counted() {
+        let metrics = Metrics::new();
+        let size = message(64 * 1024).approx_size();
+        // Room for two 64 KiB messages, not three.
+        let (events, mut rx) = Events::queue(2 * size + size / 2);
+        for _ in 0..3 {
+            events.emit(message(64 * 1024), &metrics);
+        }
+        assert_eq!(metrics.events_dropped.get(), 1);
+        // Small events still fit in what is left.
+        events.emit(message(10), &metrics);
+        assert_eq!(metrics.events_dropped.get(), 1);
+        // Once the sink has taken one, there is room again.
+        let Ok(Item::Event(_, taken)) = rx.try_recv() else {
+            panic!("an event is queued")
+        };
+        events.bytes.release(taken);
+        events.emit(message(64 * 1024), &metrics);
+        assert_eq!(metrics.events_dropped.get(), 1);
+    }
+
+    #[test]
+    fn an_event_larger_than_the_bound_fits_an_empty_queue() {
+        let metrics = Metrics::new();
+        let (events, _rx) = Events::queue(1024);
+        events.emit(message(64 * 1024), &metrics);
+        assert_eq!(metrics.events_dropped.get(), 0);
+        events.emit(message(10), &metrics);
+        assert_eq!(metrics.events_dropped.get(), 1);
+    }
+
+    /// The real drain gives the bytes back: with Redis unreachable, events
+    /// are dropped by the sink, and the queue is empty again after a flush.
+    #[tokio::test]
+    async fn the_drain_gives_the_bytes_back() {
+        let metrics = Arc::new(Metrics::new());
+        let client = fred::types::Builder::default_centralized()
+            .build()
+            .expect("a client, never connected");
+        let sink = Sink::Stream {
+            client,
+            key: "events".into(),
+            max_len: 10,
+        };
+        let node = NodeId::new(std::net::Ipv4Addr::LOCALHOST, 2900);
+        let size = message(64 * 1024).approx_size();
+        let (events, drained) = Events::new(sink, node, metrics.clone(), size);
+        tokio::spawn(drained);
+        for _ in 0..3 {
+            events.emit(message(64 * 1024), &metrics);
+            events.flush(Duration::from_secs(5)).await;
+            assert_eq!(events.bytes.used.load(Ordering::Acquire), 0);
+        }
+        // Each was taken by the queue and then dropped by the sink.
+        assert_eq!(metrics.events_dropped.get(), 3);
+        assert_eq!(metrics.events_sent.get(), 0);
     }
 }

@@ -13,6 +13,7 @@ use crate::hub::Hub;
 use crate::ids::ClientId;
 use crate::ids::IdMinter;
 use crate::metrics::Metrics;
+use crate::task::Fatal;
 use crate::ws::auth::ClientAuth;
 
 /// Everything a request or a connection task needs, behind one `Arc`.
@@ -33,11 +34,16 @@ pub struct Gateway {
     pub events: Option<Events>,
     /// Connection tasks, so shutdown can wait for them.
     pub connections: TaskTracker,
+    /// Tripped by a critical background task that failed: the node stops.
+    /// Parts that spawn such tasks (the engine) take a clone.
+    pub fatal: Fatal,
     draining: AtomicBool,
 }
 
 impl Gateway {
-    /// Assembles a node's state.
+    /// Assembles a node's state. Each part is built on its own in
+    /// `server::run`; a struct of parts would only rename them.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Config,
         hub: Arc<Hub>,
@@ -46,6 +52,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         client_auth: Option<ClientAuth>,
         events: Option<Events>,
+        fatal: Fatal,
     ) -> Self {
         Gateway {
             config,
@@ -56,6 +63,7 @@ impl Gateway {
             client_auth,
             events,
             connections: TaskTracker::new(),
+            fatal,
             draining: AtomicBool::new(false),
         }
     }

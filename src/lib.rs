@@ -7,15 +7,18 @@
 //!
 //! Layout: [`ws`] is the client transport, [`api`] the HTTP transport,
 //! [`hub`] this node's connections and local fan-out, [`engine`] where
-//! membership lives and how pushes cross nodes, [`server`] start and stop.
+//! membership lives and how pushes cross nodes, [`server`] start and stop,
+//! [`task`] the background tasks whose failure stops the node.
 
 #![warn(missing_docs)]
 
+pub mod accept;
 pub mod api;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod events;
+pub mod fd_limit;
 pub mod frame;
 pub mod gateway;
 pub mod hub;

@@ -1,5 +1,6 @@
 //! The `gatecast` binary: parse options, set up logging, run the node until
-//! SIGTERM or SIGINT.
+//! SIGTERM or SIGINT (exit 0), or until it cannot start or a critical task
+//! fails (exit 1).
 
 use clap::Parser;
 use gatecast::config::{Config, LogFormat};
@@ -23,7 +24,12 @@ async fn main() -> std::process::ExitCode {
     match gatecast::run(config, shutdown_signal()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = %e, "gatecast could not start");
+            match &e {
+                gatecast::server::StartError::Fatal(_) => {
+                    tracing::error!(error = %e, "gatecast stopped")
+                }
+                _ => tracing::error!(error = %e, "gatecast could not start"),
+            }
             eprintln!("gatecast: {e}");
             std::process::ExitCode::FAILURE
         }

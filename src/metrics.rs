@@ -63,6 +63,11 @@ pub struct Metrics {
     pub events_sent: Counter,
     /// Events lost: queue full, Redis down or webhook failing.
     pub events_dropped: Counter,
+    /// Failed `accept` calls on any listener (mostly: out of descriptors).
+    pub accept_errors: Counter,
+    /// The soft file-descriptor limit in force after start: the ceiling on
+    /// connections, worth an alert when it is low.
+    pub open_files_limit: Gauge,
 }
 
 impl Default for Metrics {
@@ -93,6 +98,8 @@ impl Metrics {
             nodes_alive: Gauge::default(),
             events_sent: Counter::default(),
             events_dropped: Counter::default(),
+            accept_errors: Counter::default(),
+            open_files_limit: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -176,6 +183,16 @@ impl Metrics {
             "events_dropped",
             "Events lost (queue full, Redis down, webhook failing)",
             m.events_dropped.clone(),
+        );
+        r.register(
+            "accept_errors",
+            "Failed accepts on any listener (mostly: out of file descriptors)",
+            m.accept_errors.clone(),
+        );
+        r.register(
+            "open_files_limit",
+            "Soft file descriptor limit of the process after start",
+            m.open_files_limit.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -1,5 +1,6 @@
-//! Starting and stopping a node: bind the listeners, build the engine, serve
-//! until the shutdown signal, then drain.
+//! Starting and stopping a node: raise the descriptor limit, bind the
+//! listeners, build the engine, serve until the shutdown signal or a failed
+//! critical task, then drain.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -10,22 +11,24 @@ use axum::Router;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::accept::Acceptor;
 use crate::api;
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
 use crate::engine::redis::{RedisEngine, RedisSettings};
 use crate::engine::Engine;
 use crate::events::{Events, Sink};
+use crate::fd_limit;
 use crate::frame;
 use crate::gateway::Gateway;
 use crate::hub::Hub;
 use crate::ids::{IdMinter, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Limits;
-use crate::task::Fatal;
+use crate::task::{spawn_critical, Fatal};
 use crate::ws::{self, auth::ClientAuth};
 
-/// Why a node could not start.
+/// Why a node could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener could not be bound (address in use, permission...).
@@ -41,6 +44,10 @@ pub enum StartError {
     /// The configuration is inconsistent.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// A critical background task failed (see [`Fatal`]): the node drained
+    /// and stopped rather than run half-alive.
+    #[error("stopped after a critical failure: {0}")]
+    Fatal(String),
 }
 
 /// The three listeners, bound before anything else so a node that cannot
@@ -74,10 +81,29 @@ const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 /// Runs a node until `shutdown` resolves, then drains it (SPEC section 1):
 /// not ready, no new connections, clients closed with 1001, entries removed
-/// from the engine, all within `--shutdown-grace`.
+/// from the engine, all within `--shutdown-grace`. A critical background
+/// task that fails drains the node the same way, and then `run` returns
+/// [`StartError::Fatal`].
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    run_with(config, shutdown, Fatal::new()).await
+}
+
+/// [`run`] with a [`Fatal`] the caller keeps: tripping it stops the node as
+/// a failed critical task would (for tests and for embedding the node).
+pub async fn run_with(
+    config: Config,
+    shutdown: impl Future<Output = ()>,
+    fatal: Fatal,
+) -> Result<(), StartError> {
     config.validate().map_err(StartError::Config)?;
     let client_auth = ClientAuth::from_config(&config).map_err(StartError::Config)?;
+    let metrics = Arc::new(Metrics::new());
+    // Before binding, so the limit holds from the first connection on.
+    if let Some(limit) = fd_limit::raise_to_hard_limit() {
+        metrics
+            .open_files_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
     let listeners = Listeners::bind(&config).await?;
     let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
     let (public_addr, api_addr, inner_addr) = (
@@ -87,8 +113,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     );
     let node = NodeId::new(config.advertised_ip(), inner_addr.port());
 
-    let metrics = Arc::new(Metrics::new());
-    let fatal = Fatal::new();
     let hub = Arc::new(Hub::new(Limits {
         frames: config.client_queue,
         bytes: config.client_queue_bytes,
@@ -118,7 +142,17 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             Arc::new(engine)
         }
     };
-    let events = start_events(&config, node, &metrics).await?;
+    let stop_public = CancellationToken::new();
+    let stop_internal = CancellationToken::new();
+    let events = match start_events(&config, node, &metrics).await? {
+        Some((events, drain)) => {
+            // Not tracked with the other background tasks: it ends when
+            // the last `Events` handle drops, after `run` returns.
+            spawn_critical("events queue", &fatal, &stop_internal, drain);
+            Some(events)
+        }
+        None => None,
+    };
     let gw = Arc::new(Gateway::new(
         config,
         hub,
@@ -127,6 +161,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         metrics,
         client_auth,
         events,
+        fatal.clone(),
     ));
     tracing::info!(
         public = %public_addr,
@@ -138,27 +173,55 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         "listening"
     );
 
-    let stop_public = CancellationToken::new();
-    let stop_internal = CancellationToken::new();
+    // Every task here must live as long as the node: one that panics or
+    // ends early trips `fatal`. The trackers let the drain wait for them.
     let background = tokio_util::task::TaskTracker::new();
-    background.spawn(ping_sweeper(gw.clone(), stop_internal.clone()));
-    background.spawn(inner_listener(listeners.inner, stop_internal.clone()));
-    let public = tokio::spawn(serve_public(
-        listeners.public,
-        public_router(gw.clone()),
-        stop_public.clone(),
-    ));
-    let internal = tokio::spawn(serve(
-        listeners.api,
-        api::router(gw.clone()),
-        stop_internal.clone(),
-    ));
+    let public = tokio_util::task::TaskTracker::new();
+    let acceptor = |listener, what| Acceptor::new(listener, what, gw.metrics.clone());
+    spawn_critical(
+        "ping sweeper",
+        &fatal,
+        &stop_internal,
+        background.track_future(ping_sweeper(gw.clone(), stop_internal.clone())),
+    );
+    spawn_critical(
+        "inner listener",
+        &fatal,
+        &stop_internal,
+        background.track_future(inner_listener(
+            acceptor(listeners.inner, "inner"),
+            stop_internal.clone(),
+        )),
+    );
+    spawn_critical(
+        "api listener",
+        &fatal,
+        &stop_internal,
+        background.track_future(serve(
+            acceptor(listeners.api, "api"),
+            api::router(gw.clone()),
+            stop_internal.clone(),
+        )),
+    );
+    spawn_critical(
+        "public listener",
+        &fatal,
+        &stop_public,
+        public.track_future(serve_public(
+            acceptor(listeners.public, "public"),
+            public_router(gw.clone()),
+            stop_public.clone(),
+        )),
+    );
+    public.close();
 
-    tokio::select! {
-        () = shutdown => {}
-        () = fatal.tripped() => {}
-    }
-    tracing::info!("shutting down: draining");
+    // Whichever comes first; a failure during the drain below is logged
+    // (by `Fatal::trip`) but no longer changes how the node exits.
+    let failure = tokio::select! {
+        () = shutdown => None,
+        () = fatal.tripped() => Some(fatal.reason().unwrap_or_default()),
+    };
+    tracing::info!(failed = failure.is_some(), "shutting down: draining");
     let grace = gw.config.shutdown_grace;
     let drain = async {
         gw.start_draining();
@@ -176,7 +239,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         if let Some(events) = &gw.events {
             events.flush(flush_time).await;
         }
-        let _ = public.await;
+        public.wait().await;
     };
     if tokio::time::timeout(grace, drain).await.is_err() {
         tracing::warn!(
@@ -186,25 +249,22 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     stop_internal.cancel();
     background.close();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
-        let _ = internal.await;
-        background.wait().await;
-    })
-    .await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), background.wait()).await;
     tracing::info!("stopped");
-    match fatal.reason() {
-        Some(reason) => Err(StartError::Config(reason)),
+    match failure {
         None => Ok(()),
+        Some(reason) => Err(StartError::Fatal(reason)),
     }
 }
 
 /// The events sink `--events` asks for: the Redis stream (with a Redis
-/// client of its own) or the webhook.
+/// client of its own) or the webhook; the handle and the task that drains
+/// the queue into the sink, for the caller to spawn.
 async fn start_events(
     config: &Config,
     node: NodeId,
     metrics: &Arc<Metrics>,
-) -> Result<Option<Events>, StartError> {
+) -> Result<Option<(Events, impl Future<Output = ()> + Send + 'static)>, StartError> {
     use fred::interfaces::ClientLike;
     if !config.events {
         return Ok(None);
@@ -237,7 +297,12 @@ async fn start_events(
             ))
         }
     };
-    Ok(Some(Events::start(sink, node, metrics.clone())))
+    Ok(Some(Events::new(
+        sink,
+        node,
+        metrics.clone(),
+        config.events_queue_bytes,
+    )))
 }
 
 fn public_router(gw: Arc<Gateway>) -> Router {
@@ -250,12 +315,7 @@ fn public_router(gw: Arc<Gateway>) -> Router {
         .with_state(gw)
 }
 
-async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        // Pushes are small and latency matters more than packet count.
-        let _ = tcp.set_nodelay(true);
-    });
+async fn serve(listener: Acceptor, router: Router, stop: CancellationToken) {
     let result = axum::serve(listener, router)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await;
@@ -268,24 +328,16 @@ async fn serve(listener: TcpListener, router: Router, stop: CancellationToken) {
 /// rather than `axum::serve`, whose protocol detection wraps the socket in a
 /// private type: the WebSocket task needs the `TcpStream` itself back after
 /// the upgrade (see `ws::connection`).
-async fn serve_public(listener: TcpListener, router: Router, stop: CancellationToken) {
+async fn serve_public(mut listener: Acceptor, router: Router, stop: CancellationToken) {
     let service = hyper_util::service::TowerToHyperService::new(router);
     let connections = tokio_util::task::TaskTracker::new();
     loop {
+        // Failed accepts (out of descriptors...) are counted, logged and
+        // retried inside `Acceptor`.
         let (stream, _peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly
-                    // instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        let _ = stream.set_nodelay(true);
         let service = service.clone();
         let stop = stop.clone();
         connections.spawn(async move {
@@ -343,14 +395,12 @@ async fn ping_sweeper(gw: Arc<Gateway>, stop: CancellationToken) {
 
 /// The inner listener. GatewayWorker's gateway protocol (SPEC section 7) is
 /// not served yet: connections are accepted and closed at once.
-async fn inner_listener(listener: TcpListener, stop: CancellationToken) {
+async fn inner_listener(mut listener: Acceptor, stop: CancellationToken) {
     loop {
         tokio::select! {
-            accepted = listener.accept() => {
-                if let Ok((socket, peer)) = accepted {
-                    tracing::debug!(%peer, "inner connection refused: protocol not served yet");
-                    drop(socket);
-                }
+            (socket, peer) = listener.accept() => {
+                tracing::debug!(%peer, "inner connection refused: protocol not served yet");
+                drop(socket);
             }
             () = stop.cancelled() => return,
         }

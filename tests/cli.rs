@@ -25,6 +25,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--allowed-origins", "GATECAST_ALLOWED_ORIGINS"),
         ("--max-message-bytes", "GATECAST_MAX_MESSAGE_BYTES"),
         ("--client-queue", "GATECAST_CLIENT_QUEUE"),
+        ("--client-queue-bytes", "GATECAST_CLIENT_QUEUE_BYTES"),
         ("--ping-interval", "GATECAST_PING_INTERVAL"),
         ("--ping-timeout", "GATECAST_PING_TIMEOUT"),
         ("--shutdown-grace", "GATECAST_SHUTDOWN_GRACE"),
@@ -32,6 +33,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--api-max-body-bytes", "GATECAST_API_MAX_BODY_BYTES"),
         ("--events", "GATECAST_EVENTS"),
         ("--events-max-len", "GATECAST_EVENTS_MAX_LEN"),
+        ("--events-queue-bytes", "GATECAST_EVENTS_QUEUE_BYTES"),
         ("--events-webhook", "GATECAST_EVENTS_WEBHOOK"),
         ("--log-format", "GATECAST_LOG_FORMAT"),
         ("--log-level", "GATECAST_LOG_LEVEL"),
@@ -71,4 +73,41 @@ fn options_come_from_the_environment_and_bad_values_are_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("inner"));
+}
+
+/// Durations too short to work (a zero or near-zero interval used to panic
+/// the task ticking on it and leave the node running without it) are
+/// refused at start, naming the flag, from the command line and from the
+/// environment alike.
+#[test]
+fn durations_too_short_to_work_are_refused_at_start() {
+    for (args, env, flag) in [
+        (&["--node-heartbeat", "1ns"][..], None, "--node-heartbeat"),
+        (
+            &[],
+            Some(("GATECAST_NODE_HEARTBEAT", "50ms")),
+            "--node-heartbeat",
+        ),
+        (&["--ping-interval", "10ms"], None, "--ping-interval"),
+        (&["--ping-timeout", "100ms"], None, "--ping-timeout"),
+        (
+            &["--ping-interval", "10s", "--ping-timeout", "5s"],
+            None,
+            "--ping-timeout",
+        ),
+        (&["--shutdown-grace", "0s"], None, "--shutdown-grace"),
+    ] {
+        let mut command = gatecast();
+        command.args(args);
+        if let Some((key, value)) = env {
+            command.env(key, value);
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{flag} must be")),
+            "{args:?} {env:?}: {stderr}"
+        );
+    }
 }

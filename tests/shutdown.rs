@@ -142,3 +142,41 @@ fn sigterm_right_after_listening_still_exits_0() {
         }
     }
 }
+
+/// A critical background task that fails (see `gatecast::task`) stops the
+/// node as a signal does, and `run` returns why, so the binary exits 1
+/// with the reason. Run in-process: no input makes a task of the binary
+/// fail, so the test trips the node's `Fatal` itself once the node runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_critical_task_drains_the_node_and_run_returns_the_reason() {
+    use clap::Parser;
+    use gatecast::server::{run_with, StartError};
+    use gatecast::task::Fatal;
+    let config = gatecast::Config::try_parse_from([
+        "gatecast",
+        "--listen",
+        "127.0.0.1:0",
+        "--api-listen",
+        "127.0.0.1:0",
+        "--inner-listen",
+        "127.0.0.1:0",
+        "--advertise-ip",
+        "127.0.0.1",
+        "--shutdown-grace",
+        "2s",
+    ])
+    .unwrap();
+    let fatal = Fatal::new();
+    let node = run_with(config, std::future::pending(), fatal.clone());
+    let trip = async {
+        tokio::task::yield_now().await;
+        fatal.trip("the test failed a task".into());
+    };
+    let (result, ()) = tokio::time::timeout(GRACE + EXIT_SLACK, async { tokio::join!(node, trip) })
+        .await
+        .expect("the node stops within its grace");
+    match result {
+        Err(StartError::Fatal(reason)) => assert_eq!(reason, "the test failed a task"),
+        other => panic!("expected StartError::Fatal, got {other:?}"),
+    }
+}

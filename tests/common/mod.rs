@@ -50,7 +50,13 @@ pub fn gatecast_command() -> Command {
 impl Node {
     /// Starts a node on free loopback ports with `args` added.
     pub fn start(args: &[&str]) -> Node {
-        let mut child = gatecast_command()
+        Node::start_command(gatecast_command(), args)
+    }
+
+    /// Starts a node from `command` (built on [`gatecast_command`], e.g.
+    /// run under `prlimit`) with `args` added.
+    pub fn start_command(mut command: Command, args: &[&str]) -> Node {
+        let mut child = command
             .args(["--log-level", "info,gatecast=debug"])
             .args(args)
             .stdout(Stdio::piped())

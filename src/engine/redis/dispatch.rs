@@ -61,11 +61,11 @@ fn cost(message: &RedisMessage) -> usize {
 pub fn start(s: &Arc<Shared>, messages: broadcast::Receiver<RedisMessage>) -> std::io::Result<()> {
     let inbox = Arc::new(Inbox::default());
     let (relay_inbox, relay_shared) = (inbox.clone(), s.clone());
-    spawn_critical_thread("gatecast-relay", &s.fatal, move || {
+    spawn_critical_thread("gatecast-relay", &s.fatal, &s.stop, move || {
         relay(&relay_shared, messages, &relay_inbox)
     })?;
     let shared = s.clone();
-    spawn_critical_thread("gatecast-dispatch", &s.fatal, move || {
+    spawn_critical_thread("gatecast-dispatch", &s.fatal, &s.stop, move || {
         dispatch_all(&shared, &inbox)
     })
 }

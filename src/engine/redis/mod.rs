@@ -405,6 +405,7 @@ impl Engine for RedisEngine {
             }
             Err(_) => tracing::warn!("redis did not answer while leaving the cluster"),
         }
+        // Stopped first: the threads end when the subscriber quits.
         s.stop.cancel();
         let _ = s.redis.subscriber.quit().await;
         let _ = s.redis.client.quit().await;
