@@ -85,8 +85,8 @@ pub struct Config {
     #[arg(long, env = "GATECAST_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
-    /// Interval of this node's heartbeat in Redis; a node silent for three
-    /// intervals is purged by the others (at least 100ms).
+    /// Interval of this node's heartbeat in Redis; a node that stops beating
+    /// is purged by the others within three intervals (at least 100ms).
     #[arg(long, env = "GATECAST_NODE_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub node_heartbeat: Duration,
 

@@ -34,13 +34,14 @@ impl Message {
     /// The complete WebSocket frame, encoded once and shared by every
     /// recipient.
     pub fn frame(&self) -> Bytes {
-        let opcode = if self.binary {
-            Opcode::Binary
-        } else {
-            Opcode::Text
-        };
-        frame::encode(opcode, &self.data)
+        encode_frame(self.binary, &self.data)
     }
+}
+
+/// The complete WebSocket frame of a message's bytes: binary or text.
+pub fn encode_frame(binary: bool, data: &[u8]) -> Bytes {
+    let opcode = if binary { Opcode::Binary } else { Opcode::Text };
+    frame::encode(opcode, data)
 }
 
 /// Who a push goes to.

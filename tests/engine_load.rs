@@ -16,6 +16,11 @@ use gatecast_emitter::{Envelope, Op};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+/// One test at a time: each loads the machine on its own (thousands of
+/// clients, two nodes and Redis on two cores), and together they would
+/// measure the machine rather than gatecast.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Nodes on one Redis, heartbeat 1 s.
 fn nodes(redis: &RedisServer, n: usize, extra: &[&str]) -> Vec<Node> {
     let url = redis.url();
@@ -54,13 +59,14 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// Runs `commands` through one node's batch API, 1,000 per call, all
-/// calls at once; every reply must be a success.
+/// Runs `commands` through one node's batch API, 1,000 per call, two
+/// calls at a time; every reply must be a success.
 async fn batch_all(node: &Node, commands: Vec<Value>) {
     let calls = commands
         .chunks(1000)
         .map(|chunk| node.call("batch", json!({ "commands": chunk })));
-    for (status, body) in futures_util::future::join_all(calls).await {
+    let answers: Vec<(u16, Value)> = stream::iter(calls).buffer_unordered(2).collect().await;
+    for (status, body) in answers {
         assert_eq!(status, 200, "{body}");
         for reply in body["replies"].as_array().unwrap() {
             assert_eq!(reply, &json!({"result": null}), "a command failed");
@@ -121,6 +127,7 @@ fn groups(n: usize) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_commands_published_to_redis_is_applied_whole() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let n = nodes(&redis, 2, &[]);
     ready(&n).await;
@@ -164,6 +171,7 @@ async fn a_flood_of_commands_published_to_redis_is_applied_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_joins_through_another_node_is_applied_whole() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let n = nodes(&redis, 2, &[]);
     ready(&n).await;
@@ -196,6 +204,7 @@ async fn a_burst_of_joins_through_another_node_is_applied_whole() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reconnect_storm_of_uids_is_followed_before_the_welcome() {
+    let _serial = SERIAL.lock().await;
     use jsonwebtoken::{encode, EncodingKey, Header};
     let redis = RedisServer::start();
     let secret = "a-test-secret-of-some-length";
@@ -227,6 +236,7 @@ async fn a_reconnect_storm_of_uids_is_followed_before_the_welcome() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pushes_as_fast_as_redis_takes_them_arrive_or_are_counted() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let n = nodes(&redis, 2, &[]);
     ready(&n).await;
@@ -284,6 +294,7 @@ async fn pushes_as_fast_as_redis_takes_them_arrive_or_are_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_restarted_empty_gets_thousands_of_connections_back_within_5s() {
+    let _serial = SERIAL.lock().await;
     let mut redis = RedisServer::start();
     let n = nodes(&redis, 2, &[]);
     ready(&n).await;
@@ -349,6 +360,7 @@ async fn redis_restarted_empty_gets_thousands_of_connections_back_within_5s() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_with_the_same_node_id_refuses_to_serve() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let url = redis.url();
     let port = common::redis::free_port().to_string();
@@ -392,6 +404,7 @@ async fn a_second_process_with_the_same_node_id_refuses_to_serve() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_leaving_while_it_writes_leaves_no_key_behind() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     // A long heartbeat: no other node's purge can do the cleanup for it.
     let url = redis.url();
@@ -421,6 +434,7 @@ async fn a_node_leaving_while_it_writes_leaves_no_key_behind() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_to_all_with_80k_client_ids_answers_in_time() {
+    let _serial = SERIAL.lock().await;
     let node = Node::start(&["--api-max-body-bytes", "8388608"]);
     let mut a = Client::connect(&node.ws_url("")).await;
     let mut b = Client::connect(&node.ws_url("")).await;

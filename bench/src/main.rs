@@ -34,6 +34,24 @@ enum Cmd {
         #[arg(long, default_value_t = 10_000)]
         count: usize,
     },
+    /// A reconnect storm: clients, each with a uid of its own (JWT `sub`),
+    /// connect at once; reports connects per second (until the last
+    /// welcome). With the Redis engine each welcome waits until the node
+    /// follows the uid's channel.
+    Storm {
+        /// The node's public address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        addr: SocketAddr,
+        /// Clients.
+        #[arg(long, default_value_t = 5000)]
+        count: usize,
+        /// Connections opened at once.
+        #[arg(long, default_value_t = 500)]
+        concurrency: usize,
+        /// The node's `--client-jwt-secret`.
+        #[arg(long)]
+        jwt_secret: String,
+    },
     /// Group fan-out throughput.
     Fanout {
         /// The node's process id (CPU time).
@@ -88,6 +106,11 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 /// Connects from 127.0.0.<2 + i / 10000> so one source address never runs
 /// out of ports; returns the stream and its client_id.
 async fn connect(addr: SocketAddr, i: usize) -> (Ws, String) {
+    connect_with(addr, i, "").await
+}
+
+/// [`connect`] with a query string (`?token=...`).
+async fn connect_with(addr: SocketAddr, i: usize, query: &str) -> (Ws, String) {
     let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / 10_000) as u8));
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(source, 0)).unwrap();
@@ -95,7 +118,7 @@ async fn connect(addr: SocketAddr, i: usize) -> (Ws, String) {
     let mut config = WebSocketConfig::default();
     config.read_buffer_size = 4096;
     config.write_buffer_size = 0;
-    let url = format!("ws://{addr}/ws");
+    let url = format!("ws://{addr}/ws{query}");
     let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
         .await
         .unwrap();
@@ -108,6 +131,12 @@ async fn connect(addr: SocketAddr, i: usize) -> (Ws, String) {
 async fn main() {
     match Args::parse().command {
         Cmd::Idle { pid, addr, count } => idle(pid, addr, count).await,
+        Cmd::Storm {
+            addr,
+            count,
+            concurrency,
+            jwt_secret,
+        } => storm(addr, count, concurrency, &jwt_secret).await,
         Cmd::Fanout {
             pid,
             addr,
@@ -135,6 +164,29 @@ async fn idle(pid: u32, addr: SocketAddr, count: usize) {
         "idle connections={count} rss_before_kib={before} rss_after_kib={after} bytes_per_connection={per:.0}"
     );
     drop(conns);
+}
+
+async fn storm(addr: SocketAddr, count: usize, concurrency: usize, secret: &str) {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let key = EncodingKey::from_secret(secret.as_bytes());
+    let queries: Vec<String> = (0..count)
+        .map(|i| {
+            let claims = serde_json::json!({"sub": format!("storm-{i}"), "exp": 4_000_000_000u64});
+            let token = encode(&Header::default(), &claims, &key).unwrap();
+            format!("?token={token}")
+        })
+        .collect();
+    let started = Instant::now();
+    let conns: Vec<(Ws, String)> = futures_util::stream::iter(queries.iter().enumerate())
+        .map(|(i, q)| connect_with(addr, i, q))
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "storm clients={count} concurrency={concurrency} seconds={elapsed:.2} connects_per_s={:.0}",
+        conns.len() as f64 / elapsed
+    );
 }
 
 async fn fanout(

@@ -22,7 +22,8 @@ pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
 /// of its own that does no I/O, so it drains as fast as fred fills.
 const PUBSUB_BUFFER: usize = 4096;
 
-/// Commands waiting to be written to one connection.
+/// Commands waiting to be written, per client (all of its connections:
+/// one, or one per shard on Cluster).
 const COMMAND_BUFFER: usize = 1 << 16;
 
 /// Channels per SUBSCRIBE command (centrifuge batches up to 512 as well).

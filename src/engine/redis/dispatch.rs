@@ -27,9 +27,9 @@ use super::envelope::{peek_origin, EnvelopeRef, Op};
 use super::keys::Channel;
 use super::membership::Change;
 use super::Shared;
-use crate::frame::{self, close_code, Opcode};
+use crate::frame::close_code;
 use crate::ids::{ClientId, NodeId};
-use crate::push::Target;
+use crate::push::{encode_frame, Target};
 use crate::task::spawn_critical_thread;
 
 /// Most bytes (payloads plus a fixed overhead each) the inbox holds.
@@ -242,14 +242,9 @@ impl Shared {
     fn deliver(&self, channel: Channel<'_>, e: &EnvelopeRef<'_>) -> Result<(), &'static str> {
         let data = e.data.as_deref().ok_or("push without data")?;
         self.check_message(e.binary, data)?;
-        let opcode = if e.binary {
-            Opcode::Binary
-        } else {
-            Opcode::Text
-        };
         // The payload is copied once, into the frame, at the first
         // recipient on this node.
-        let encode = || frame::encode(opcode, data);
+        let encode = || encode_frame(e.binary, data);
         let exclude: Vec<ClientId> = e.exclude.iter().filter_map(|s| s.parse().ok()).collect();
         let hub = &self.hub;
         let (kind, delivered) = match channel {
@@ -287,8 +282,7 @@ impl Shared {
 
     fn checked_frame(&self, binary: bool, data: &[u8]) -> Result<bytes::Bytes, &'static str> {
         self.check_message(binary, data)?;
-        let opcode = if binary { Opcode::Binary } else { Opcode::Text };
-        Ok(frame::encode(opcode, data))
+        Ok(encode_frame(binary, data))
     }
 }
 

@@ -180,12 +180,15 @@ impl Mirror {
         std::mem::take(&mut *self.pending.lock())
     }
 
-    /// Puts back what a failed batch did not write.
+    /// Puts back what a failed batch did not write (and the replies it
+    /// could not send).
     fn restore(&self, batch: Batch) {
         let mut pending = self.pending.lock();
         pending.clients.extend(batch.clients);
         pending.follows.extend(batch.follows);
         pending.resync |= batch.resync;
+        let room = MAX_REPLIES.saturating_sub(pending.replies.len());
+        pending.replies.extend(batch.replies.into_iter().take(room));
     }
 }
 
@@ -202,43 +205,49 @@ impl From<fred::error::Error> for Failure {
     }
 }
 
+/// What the mirror task keeps between batches.
+struct Task {
+    subs: Subscriptions,
+    last_beat: Instant,
+    conflict_since: Option<Instant>,
+    ever_registered: bool,
+    /// Another live process holds this node id: nothing is written any
+    /// more, and the node is stopping.
+    conflicted: bool,
+}
+
 /// The mirror task: batches until the node leaves.
 pub async fn run(s: Arc<Shared>) {
-    let mut subs = Subscriptions::default();
+    let mut task = Task {
+        subs: Subscriptions::default(),
+        last_beat: Instant::now(),
+        conflict_since: None,
+        ever_registered: false,
+        conflicted: false,
+    };
     let mut tick = tokio::time::interval(s.settings.heartbeat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_beat = Instant::now();
-    let mut conflict_since: Option<Instant> = None;
-    let mut ever_registered = false;
     loop {
-        let mut due = false;
         tokio::select! {
             () = s.mirror.wake.notified() => {}
-            _ = tick.tick() => due = true,
+            _ = tick.tick() => {}
             () = s.stop.cancelled() => return,
         }
-        if due && s.redis.client.is_connected() {
-            if s.registered.load(Ordering::Acquire) {
-                match liveness::beat(&s).await {
-                    Ok(Beat::Kept) => {}
-                    Ok(Beat::Fresh) => {
-                        tracing::warn!("liveness key was gone (Redis restarted or this node was purged): registering again");
-                        s.registered.store(false, Ordering::Release);
-                        s.mirror.resync();
-                    }
-                    Ok(Beat::Conflict) => return conflict(&s),
-                    Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
-                }
-                last_beat = Instant::now();
-            } else {
-                // A registration no reconnection asked for (a lost event).
-                s.mirror.pending.lock().resync = true;
-            }
-        }
         loop {
+            // Between batches too: a node busy with a stream of batches,
+            // or retrying one that fails, must not be taken for dead.
+            if task.last_beat.elapsed() >= s.settings.heartbeat / 2 {
+                task.heartbeat(&s).await;
+            }
             let mut batch = s.mirror.take();
             if let Some(done) = batch.leave.take() {
-                let outcome = partition::leave(&s).await.map_err(|e| e.to_string());
+                // A node that never registered, or whose id another
+                // process holds, has nothing of its own to delete.
+                let outcome = if task.ever_registered && !task.conflicted {
+                    partition::leave(&s).await.map_err(|e| e.to_string())
+                } else {
+                    Ok(())
+                };
                 batch.finish(&outcome);
                 let _ = done.send(outcome);
                 // Nothing more is written; the engine stops the tasks next.
@@ -248,35 +257,38 @@ pub async fn run(s: Arc<Shared>) {
             if batch.is_empty() {
                 break;
             }
+            if task.conflicted {
+                batch.finish(&Err("another process holds this node id".into()));
+                break;
+            }
             if !s.redis.is_connected() {
                 // The reconnection asks for a resync that writes it all.
                 batch.finish(&Err("redis is not connected".into()));
                 s.mirror.restore(batch);
                 break;
             }
-            match write(&s, &mut subs, &mut batch, &mut last_beat).await {
+            if !s.registered.load(Ordering::Acquire) {
+                // Not registered (yet, or since a reconnection): whatever is
+                // written goes through a resync, which checks the node id
+                // first and writes everything anyway.
+                batch.resync = true;
+            }
+            match write(&s, &mut task.subs, &mut batch, &mut task.last_beat).await {
                 Ok(()) => {
                     if batch.resync {
-                        s.registered.store(true, Ordering::Release);
-                        ever_registered = true;
-                        conflict_since = None;
-                        tracing::info!(connections = s.hub.client_count(), "registered in redis");
+                        task.registered(&s);
                     }
                     answer(&s, &mut batch, Ok(())).await;
                 }
                 Err(failure) => {
                     let reason = match failure {
-                        Failure::Conflict => {
-                            let since = *conflict_since.get_or_insert_with(Instant::now);
-                            // A previous life of this node (killed, same
-                            // address) leaves its key for up to 2
-                            // heartbeats; a live one keeps it fresh.
-                            if ever_registered || since.elapsed() > s.settings.heartbeat * 5 / 2 {
-                                return conflict(&s);
+                        Failure::Conflict => match task.conflict(&s) {
+                            Some(reason) => reason,
+                            None => {
+                                batch.finish(&Err("another process holds this node id".into()));
+                                break;
                             }
-                            "another instance holds this node id; waiting for its key to expire"
-                                .to_owned()
-                        }
+                        },
                         Failure::Redis(e) => e.to_string(),
                     };
                     tracing::warn!(error = %reason, "writing to redis failed; retrying");
@@ -289,6 +301,59 @@ pub async fn run(s: Arc<Shared>) {
                 }
             }
         }
+    }
+}
+
+impl Task {
+    /// Refreshes liveness when registered; asks for a registration when
+    /// not (a reconnection whose event was missed).
+    async fn heartbeat(&mut self, s: &Shared) {
+        self.last_beat = Instant::now();
+        if self.conflicted || !s.redis.client.is_connected() {
+            return;
+        }
+        if !s.registered.load(Ordering::Acquire) {
+            s.mirror.pending.lock().resync = true;
+            return;
+        }
+        match liveness::beat(s).await {
+            Ok(Beat::Kept) => {}
+            Ok(Beat::Fresh) => {
+                tracing::warn!("liveness key was gone (Redis restarted or this node was purged): registering again");
+                s.mirror.resync();
+                s.registered.store(false, Ordering::Release);
+            }
+            Ok(Beat::Conflict) => {
+                self.conflicted = true;
+                conflict(s);
+            }
+            Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+        }
+    }
+
+    /// A resync was written: ready, unless another one was asked for
+    /// meanwhile (a reconnection while this one ran).
+    fn registered(&mut self, s: &Shared) {
+        self.ever_registered = true;
+        self.conflict_since = None;
+        if !s.mirror.pending.lock().resync {
+            s.registered.store(true, Ordering::Release);
+            tracing::info!(connections = s.hub.client_count(), "registered in redis");
+        }
+    }
+
+    /// Another instance's key is alive under this node id. Returns the
+    /// reason to retry with, or `None` once the node must stop.
+    fn conflict(&mut self, s: &Shared) -> Option<String> {
+        let since = *self.conflict_since.get_or_insert_with(Instant::now);
+        // A previous life of this node (killed, same address) leaves its
+        // key for up to 2 heartbeats; a live one keeps it fresh.
+        if self.ever_registered || since.elapsed() > s.settings.heartbeat * 5 / 2 {
+            self.conflicted = true;
+            conflict(s);
+            return None;
+        }
+        Some("another instance holds this node id; waiting for its key to expire".into())
     }
 }
 

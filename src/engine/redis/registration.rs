@@ -5,7 +5,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use fred::prelude::*;
 use tokio::sync::broadcast::error::RecvError;
@@ -28,23 +27,27 @@ pub async fn run(s: Arc<Shared>) {
             e = subscriber_down.recv() => Event::Down(e.map(|_| ())),
             () = s.stop.cancelled() => return,
         };
-        // Not ready from the moment a connection is lost or comes back
-        // until the resync is written.
-        s.registered.store(false, Ordering::Release);
         match event {
             Event::Up(Err(RecvError::Closed)) | Event::Down(Err(RecvError::Closed)) => return,
-            Event::Down(_) => continue,
+            Event::Down(_) => {
+                // Not ready from the moment a connection is lost until the
+                // resync after it came back is written.
+                s.registered.store(false, Ordering::Release);
+                continue;
+            }
             Event::Up(_) => {}
         }
         // Both connections, and on Cluster every shard connection, report
-        // their own reconnect: let them arrive, then register once.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        // their own reconnect: those already queued need one resync.
         while client_up.try_recv().is_ok() || subscriber_up.try_recv().is_ok() {}
         if !first {
             s.metrics.redis_reconnects.inc();
         }
         first = false;
+        // The resync first, so a resync finishing right now does not
+        // report the node ready.
         s.mirror.resync();
+        s.registered.store(false, Ordering::Release);
     }
 }
 
