@@ -4,21 +4,13 @@
 mod common;
 
 use common::redis::RedisServer;
-use common::{eventually, sorted, strs, Client, Cluster, Engine, Node, Seen};
+use common::{eventually, metric, sorted, strs, Client, Cluster, Engine, Node, Seen};
 use fred::prelude::*;
 use gatecast_emitter::{Envelope, Op};
 use serde_json::json;
 
 async fn three_nodes() -> Cluster {
     Cluster::start(Engine::Redis, &[]).await
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

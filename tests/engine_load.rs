@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::{eventually, sorted, Client, Node};
+use common::{eventually, metric, sorted, Client, Node};
 use fred::prelude::*;
 use futures_util::stream::{self, StreamExt};
 use gatecast_emitter::{Envelope, Op};
@@ -49,14 +49,6 @@ async fn fred(redis: &RedisServer) -> fred::clients::Client {
     let client = fred::types::Builder::from_config(config).build().unwrap();
     client.init().await.unwrap();
     client
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Runs `commands` through one node's batch API, 1,000 per call, two

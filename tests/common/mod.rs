@@ -17,6 +17,14 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 pub mod redis;
 
+/// The value of metric `name` in a `/metrics` page (0 when absent).
+pub fn metric(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
 

@@ -13,7 +13,6 @@
 //! connections never holds one lock over all of them, and connects,
 //! disconnects and membership changes in other shards go on meanwhile.
 
-use std::cell::OnceCell;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -24,8 +23,9 @@ use parking_lot::RwLock;
 
 use crate::ids::ClientId;
 use crate::outbox::{Limits, Outbox};
-use crate::push::{Delivered, Push, Target};
 use crate::session::{self, Session};
+
+mod fanout;
 
 /// One local connection's state.
 #[derive(Debug)]
@@ -238,117 +238,6 @@ impl Hub {
         Some(local.session.clone())
     }
 
-    /// Enqueues `push` to every local connection it targets. The frame is
-    /// encoded once; each queue gets a reference to the same bytes.
-    pub fn deliver(&self, push: &Push) -> Delivered {
-        self.deliver_with(&push.target, &push.exclude, &|| push.message.frame())
-    }
-
-    /// Enqueues to the local connections `target` names, except those in
-    /// `exclude`, the frame `encode` makes: called once, at the first
-    /// recipient, so a push with no recipient here costs no copy of its
-    /// payload (the Redis engine hears of many of those).
-    pub fn deliver_with(
-        &self,
-        target: &Target,
-        exclude: &[ClientId],
-        encode: &dyn Fn() -> Bytes,
-    ) -> Delivered {
-        let excluded = Exclusion::new(exclude);
-        let mut sender = Sender {
-            frame: OnceCell::new(),
-            encode,
-            excluded: &excluded,
-            limits: &self.limits,
-            out: Delivered::default(),
-        };
-        match target {
-            Target::All => {
-                for shard in self.shards.iter() {
-                    let index = shard.read();
-                    index.conns.iter().for_each(|(id, l)| sender.send(id, l));
-                }
-            }
-            Target::Client(id) => {
-                if let Some(local) = self.shard(*id).read().conns.get(id) {
-                    sender.send(id, local);
-                }
-            }
-            Target::Clients(ids) => {
-                for id in distinct(ids) {
-                    if let Some(local) = self.shard(*id).read().conns.get(id) {
-                        sender.send(id, local);
-                    }
-                }
-            }
-            Target::Uids(uids) => {
-                let uids: Vec<&String> = distinct(uids).collect();
-                for shard in self.shards.iter() {
-                    let index = shard.read();
-                    // A connection has one uid, so distinct uids never overlap.
-                    for uid in &uids {
-                        for id in index.uids.get(uid.as_str()).into_iter().flatten() {
-                            sender.send(id, &index.conns[id]);
-                        }
-                    }
-                }
-            }
-            Target::Groups(groups) => {
-                let groups: Vec<&String> = distinct(groups).collect();
-                for shard in self.shards.iter() {
-                    let index = shard.read();
-                    // A connection lives in one shard: per-shard dedup is
-                    // enough for a connection in several of the groups.
-                    let mut seen = HashSet::new();
-                    for group in &groups {
-                        for id in index.groups.get(group.as_str()).into_iter().flatten() {
-                            if groups.len() == 1 || seen.insert(*id) {
-                                sender.send(id, &index.conns[id]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        sender.out
-    }
-
-    /// Delivers a push received on the channel of `group`, one of the
-    /// push's `groups`: to the members of `group` that are in none of the
-    /// groups listed before it. Each of those groups' channels brought the
-    /// push to this node too (it holds their members), so every connection
-    /// gets the push exactly once, from the first of its groups.
-    pub fn deliver_group_part(
-        &self,
-        groups: &[&str],
-        group: &str,
-        exclude: &[ClientId],
-        encode: &dyn Fn() -> Bytes,
-    ) -> Delivered {
-        let earlier = match groups.iter().position(|g| *g == group) {
-            Some(pos) => &groups[..pos],
-            None => &[],
-        };
-        let excluded = Exclusion::new(exclude);
-        let mut sender = Sender {
-            frame: OnceCell::new(),
-            encode,
-            excluded: &excluded,
-            limits: &self.limits,
-            out: Delivered::default(),
-        };
-        for shard in self.shards.iter() {
-            let index = shard.read();
-            for id in index.groups.get(group).into_iter().flatten() {
-                let local = &index.conns[id];
-                if !earlier.iter().any(|g| local.groups.iter().any(|m| m == g)) {
-                    sender.send(id, local);
-                }
-            }
-        }
-        sender.out
-    }
-
     /// Asks `id` to close, after `last` (if any) and what is already
     /// queued. Returns whether the connection is here.
     pub fn close_client(&self, id: ClientId, last: Option<Bytes>, code: u16, reason: &str) -> bool {
@@ -540,28 +429,6 @@ impl Local {
     }
 }
 
-/// Enqueues one push's frame, encoded at the first recipient.
-struct Sender<'a> {
-    frame: OnceCell<Bytes>,
-    encode: &'a dyn Fn() -> Bytes,
-    excluded: &'a Exclusion<'a>,
-    limits: &'a Limits,
-    out: Delivered,
-}
-
-impl Sender<'_> {
-    fn send(&mut self, id: &ClientId, local: &Local) {
-        if self.excluded.contains(id) {
-            return;
-        }
-        let frame = self.frame.get_or_init(self.encode).clone();
-        match local.outbox.push(frame, self.limits) {
-            Ok(()) => self.out.queued += 1,
-            Err(_) => self.out.overflowed += 1,
-        }
-    }
-}
-
 impl Index {
     fn unlink_uid(&mut self, uid: &str, id: ClientId) {
         if let Entry::Occupied(mut e) = self.uids.entry(uid.to_owned()) {
@@ -582,52 +449,11 @@ impl Index {
     }
 }
 
-/// Connections a push skips; a set only when the list is long.
-enum Exclusion<'a> {
-    Few(&'a [ClientId]),
-    Many(HashSet<ClientId>),
-}
-
-impl<'a> Exclusion<'a> {
-    fn new(ids: &'a [ClientId]) -> Self {
-        if ids.len() <= 8 {
-            Exclusion::Few(ids)
-        } else {
-            Exclusion::Many(ids.iter().copied().collect())
-        }
-    }
-
-    fn contains(&self, id: &ClientId) -> bool {
-        match self {
-            Exclusion::Few(ids) => ids.contains(id),
-            Exclusion::Many(set) => set.contains(id),
-        }
-    }
-}
-
-/// The distinct items of `items`, in order: a set past a handful, so a
-/// list of 80k client_ids costs O(n), not O(n²).
-fn distinct<T: Eq + std::hash::Hash>(items: &[T]) -> impl Iterator<Item = &T> {
-    let mut seen: HashSet<&T> = HashSet::new();
-    let few = items.len() <= 8;
-    items
-        .iter()
-        .enumerate()
-        .filter(move |(i, item)| {
-            if few {
-                !items[..*i].contains(item)
-            } else {
-                seen.insert(*item)
-            }
-        })
-        .map(|(_, item)| item)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::ids::{IdMinter, NodeId};
-    use crate::push::Message;
+    use crate::push::{Message, Push, Target};
     use std::collections::VecDeque;
 
     fn hub_with(n: usize) -> (Hub, Vec<(ClientId, Arc<Outbox>)>) {
