@@ -16,9 +16,17 @@ use tokio_tungstenite::tungstenite::Message;
 
 #[derive(Parser)]
 struct Args {
+    /// Third octet of the client source addresses (127.0.<this>.2, .3, …):
+    /// give runs that follow each other different ones, so ports left in
+    /// TIME_WAIT by the last run do not slow the next.
+    #[arg(long, global = true, default_value_t = 0)]
+    source_net: u8,
     #[command(subcommand)]
     command: Cmd,
 }
+
+/// `--source-net`, read by [`connect_with`].
+static SOURCE_NET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 #[derive(Subcommand)]
 enum Cmd {
@@ -111,7 +119,8 @@ async fn connect(addr: SocketAddr, i: usize) -> (Ws, String) {
 
 /// [`connect`] with a query string (`?token=...`).
 async fn connect_with(addr: SocketAddr, i: usize, query: &str) -> (Ws, String) {
-    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i / 10_000) as u8));
+    let net = SOURCE_NET.load(std::sync::atomic::Ordering::Relaxed);
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, net, 2 + (i / 10_000) as u8));
     let socket = TcpSocket::new_v4().unwrap();
     socket.bind(SocketAddr::new(source, 0)).unwrap();
     let stream = socket.connect(addr).await.unwrap();
@@ -129,7 +138,9 @@ async fn connect_with(addr: SocketAddr, i: usize, query: &str) -> (Ws, String) {
 
 #[tokio::main]
 async fn main() {
-    match Args::parse().command {
+    let args = Args::parse();
+    SOURCE_NET.store(args.source_net, std::sync::atomic::Ordering::Relaxed);
+    match args.command {
         Cmd::Idle { pid, addr, count } => idle(pid, addr, count).await,
         Cmd::Storm {
             addr,
