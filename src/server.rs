@@ -121,7 +121,7 @@ pub async fn run_with(
         None => {
             // A single node is the whole gateway.
             metrics.nodes_alive.set(1);
-            Arc::new(MemoryEngine::new(hub.clone(), metrics.clone()))
+            Arc::new(MemoryEngine::new(hub.clone(), metrics.clone(), node))
         }
         Some(url) => {
             let settings = RedisSettings {

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use super::{Engine, EngineResult};
 use crate::frame::close_code;
 use crate::hub::{Hub, Membership};
-use crate::ids::ClientId;
+use crate::ids::{ClientId, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::push::{Message, Push};
@@ -18,12 +18,13 @@ use crate::session::Session;
 pub struct MemoryEngine {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
+    node: NodeId,
 }
 
 impl MemoryEngine {
-    /// An engine over `hub`.
-    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>) -> Self {
-        MemoryEngine { hub, metrics }
+    /// An engine over `hub`, for node `node`.
+    pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, node: NodeId) -> Self {
+        MemoryEngine { hub, metrics, node }
     }
 }
 
@@ -143,6 +144,10 @@ impl Engine for MemoryEngine {
 
     async fn groups(&self) -> EngineResult<Vec<String>> {
         Ok(self.hub.groups())
+    }
+
+    async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>> {
+        Ok(vec![self.node.addr()])
     }
 
     async fn shutdown(&self) {}

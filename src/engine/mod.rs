@@ -100,6 +100,11 @@ pub trait Engine: Send + Sync + 'static {
     /// Every group with at least one member.
     async fn groups(&self) -> EngineResult<Vec<String>>;
 
+    /// The inner addresses (advertised IPv4 and inner port) of every live
+    /// node of the gateway, this one included: what GatewayWorker's
+    /// Register lists.
+    async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>>;
+
     /// Leaves the cluster: removes this node's entries from storage at once.
     /// Called once at shutdown, right after every connection was asked to
     /// close; later disconnects only update the hub.

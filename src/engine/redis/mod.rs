@@ -393,6 +393,10 @@ impl Engine for RedisEngine {
         self.shared.groups().await
     }
 
+    async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>> {
+        self.shared.node_addresses().await
+    }
+
     async fn shutdown(&self) {
         let s = &self.shared;
         s.registered.store(false, Ordering::Release);

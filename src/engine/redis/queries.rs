@@ -219,6 +219,25 @@ impl Shared {
             .map_err(unavailable)
     }
 
+    /// This node and every other registered node whose liveness key is
+    /// alive (a dead node stays in the node set until purged).
+    pub(super) async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>> {
+        let nodes = self.other_nodes().await?;
+        let c = &self.redis.client;
+        let alive: Vec<i64> = try_join_all(
+            nodes
+                .iter()
+                .map(|n| c.exists(self.keys.partition_key(*n, suffix::ALIVE, ""))),
+        )
+        .await
+        .map_err(unavailable)?;
+        let live = nodes.iter().zip(alive).filter(|(_, a)| *a == 1);
+        let mut addrs: Vec<_> = live.map(|(n, _)| n.addr()).collect();
+        addrs.push(self.node.addr());
+        addrs.sort();
+        Ok(addrs)
+    }
+
     pub(super) async fn groups(&self) -> EngineResult<Vec<String>> {
         let mut groups = self.hub.groups();
         let c = &self.redis.client;
