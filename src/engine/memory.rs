@@ -85,6 +85,10 @@ impl Engine for MemoryEngine {
         Ok(())
     }
 
+    async fn ungroup_local(&self, group: String) -> EngineResult<()> {
+        self.ungroup(group).await
+    }
+
     async fn set_session(&self, id: ClientId, session: Session, merge: bool) -> EngineResult<()> {
         self.hub.set_session(id, session, merge);
         Ok(())

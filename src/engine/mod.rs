@@ -68,6 +68,9 @@ pub trait Engine: Send + Sync + 'static {
     async fn leave_group(&self, id: ClientId, group: String) -> EngineResult<()>;
     /// Removes every member from `group`.
     async fn ungroup(&self, group: String) -> EngineResult<()>;
+    /// Removes this node's members from `group` (GatewayWorker's UNGROUP,
+    /// which a GatewayClient sends to every node itself).
+    async fn ungroup_local(&self, group: String) -> EngineResult<()>;
     /// Replaces the session of `id` (or merges into it with `merge`).
     async fn set_session(&self, id: ClientId, session: Session, merge: bool) -> EngineResult<()>;
 

@@ -253,6 +253,17 @@ impl Hub {
         true
     }
 
+    /// Closes `id` at once, dropping what is queued for it (GatewayWorker's
+    /// `destroyClient`). Returns whether the connection is here.
+    pub fn destroy_client(&self, id: ClientId, code: u16, reason: &str) -> bool {
+        let index = self.shard(id).read();
+        let Some(local) = index.conns.get(&id) else {
+            return false;
+        };
+        local.outbox.close(code, reason, true);
+        true
+    }
+
     /// Asks every connection to close (shutdown).
     pub fn close_all(&self, code: u16, reason: &str) {
         for shard in self.shards.iter() {

@@ -143,4 +143,14 @@ impl Shared {
         let members = self.hub.ungroup(group);
         self.mirror.mark(members, [Follow::Group(group.to_owned())]);
     }
+
+    /// Removes this node's members from `group` and waits until mirrored.
+    pub(super) async fn ungroup_local(&self, group: &str) -> EngineResult<()> {
+        self.check()?;
+        let members = self.hub.ungroup(group);
+        self.mirror
+            .flush(members, [Follow::Group(group.to_owned())])
+            .await
+            .map_err(EngineError::Unavailable)
+    }
 }

@@ -332,6 +332,10 @@ impl Engine for RedisEngine {
         self.shared.ungroup(group).await
     }
 
+    async fn ungroup_local(&self, group: String) -> EngineResult<()> {
+        self.shared.ungroup_local(&group).await
+    }
+
     async fn set_session(&self, id: ClientId, session: Session, merge: bool) -> EngineResult<()> {
         let change = membership::Change::Session { session, merge };
         self.shared.command(id, change).await
