@@ -19,12 +19,15 @@
 //!
 //! This module holds the pure codecs, with no I/O:
 //! - [`php`]: PHP `serialize()` / `unserialize()` for the values GatewayWorker
-//!   exchanges, their mapping to and from JSON, and `array_replace_recursive`.
+//!   exchanges, their mapping to and from JSON, and `array_replace_recursive`;
+//! - [`protocol`]: the binary gateway packet, its command codes and flags, and
+//!   the length-prefixed replies GatewayClient reads.
 //!
 //! The listeners built on them (the Register, the inner port) live beside
 //! these modules.
 
 pub mod php;
+pub mod protocol;
 
 #[cfg(test)]
 mod php_cli;
