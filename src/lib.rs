@@ -21,6 +21,7 @@ pub mod events;
 pub mod fd_limit;
 pub mod frame;
 pub mod gateway;
+pub mod gatewayworker;
 pub mod hub;
 pub mod ids;
 pub mod metrics;

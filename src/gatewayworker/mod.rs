@@ -1,0 +1,33 @@
+//! GatewayWorker compatibility: PHP backends that talk to a GatewayWorker
+//! cluster through GatewayClient work unchanged against gatecast.
+//!
+//! GatewayClient finds the gateways through a Register (JSON lines: it asks
+//! with `worker_connect` and gets the list of gateway inner addresses), then
+//! speaks GatewayWorker's binary gateway protocol to those addresses: one
+//! packet per call, straight to the address inside a client_id for calls about
+//! one connection, to every address for broadcasts and queries. It credits
+//! each answer to the address it asked, rebuilding client_ids from that
+//! address.
+//!
+//! So every gatecast node serves the Register's text protocol (the Register
+//! stops being a single point of failure: `registerAddress` can point at a
+//! Service in front of the replicas) and GatewayWorker's binary gateway
+//! protocol on its inner port (the address inside its client_ids), answering
+//! queries and local sends for its *own* connections only, as one GatewayWorker
+//! gateway does. Sessions cross that protocol as PHP `serialize()` strings and
+//! are merged with PHP's `array_replace_recursive`.
+//!
+//! This module holds the pure codecs, with no I/O:
+//! - [`php`]: PHP `serialize()` / `unserialize()` for the values GatewayWorker
+//!   exchanges, their mapping to and from JSON, and `array_replace_recursive`;
+//! - [`protocol`]: the binary gateway packet, its command codes and flags, and
+//!   the length-prefixed replies GatewayClient reads.
+//!
+//! The listeners built on them (the Register, the inner port) live beside
+//! these modules.
+
+pub mod php;
+pub mod protocol;
+
+#[cfg(test)]
+mod php_cli;
