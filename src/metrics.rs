@@ -57,6 +57,9 @@ pub struct Metrics {
     pub pubsub_dropped: Counter,
     /// Channels this node is subscribed to in Redis.
     pub redis_subscriptions: Gauge,
+    /// Inner-port (GatewayWorker protocol) connections closed on an error:
+    /// a malformed packet, a wrong secret key, an unknown command.
+    pub inner_errors: Counter,
     /// Gateway nodes seen alive (this one included).
     pub nodes_alive: Gauge,
     /// Events handed to the stream or webhook.
@@ -95,6 +98,7 @@ impl Metrics {
             pubsub_malformed: Counter::default(),
             pubsub_dropped: Counter::default(),
             redis_subscriptions: Gauge::default(),
+            inner_errors: Counter::default(),
             nodes_alive: Gauge::default(),
             events_sent: Counter::default(),
             events_dropped: Counter::default(),
@@ -168,6 +172,11 @@ impl Metrics {
             "redis_subscriptions",
             "Channels this node is subscribed to in Redis",
             m.redis_subscriptions.clone(),
+        );
+        r.register(
+            "inner_errors",
+            "GatewayWorker-protocol connections closed on an error",
+            m.inner_errors.clone(),
         );
         r.register(
             "nodes_alive",

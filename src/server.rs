@@ -188,7 +188,8 @@ pub async fn run_with(
         "inner listener",
         &fatal,
         &stop_internal,
-        background.track_future(inner_listener(
+        background.track_future(crate::gatewayworker::inner::serve(
+            gw.clone(),
             acceptor(listeners.inner, "inner"),
             stop_internal.clone(),
         )),
@@ -390,19 +391,5 @@ async fn ping_sweeper(gw: Arc<Gateway>, stop: CancellationToken) {
             timeout.as_millis() as u64,
             frame::close_code::NORMAL,
         );
-    }
-}
-
-/// The inner listener. GatewayWorker's gateway protocol (SPEC section 7) is
-/// not served yet: connections are accepted and closed at once.
-async fn inner_listener(mut listener: Acceptor, stop: CancellationToken) {
-    loop {
-        tokio::select! {
-            (socket, peer) = listener.accept() => {
-                tracing::debug!(%peer, "inner connection refused: protocol not served yet");
-                drop(socket);
-            }
-            () = stop.cancelled() => return,
-        }
     }
 }

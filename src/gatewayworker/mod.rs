@@ -17,15 +17,15 @@
 //! gateway does. Sessions cross that protocol as PHP `serialize()` strings and
 //! are merged with PHP's `array_replace_recursive`.
 //!
-//! This module holds the pure codecs, with no I/O:
+//! Its parts: the pure codecs, with no I/O,
 //! - [`php`]: PHP `serialize()` / `unserialize()` for the values GatewayWorker
 //!   exchanges, their mapping to and from JSON, and `array_replace_recursive`;
 //! - [`protocol`]: the binary gateway packet, its command codes and flags, and
 //!   the length-prefixed replies GatewayClient reads.
 //!
-//! The listeners built on them (the Register, the inner port) live beside
-//! these modules.
+//! - [`inner`]: the gateway protocol served on the inner port.
 
+pub mod inner;
 pub mod php;
 pub mod protocol;
 

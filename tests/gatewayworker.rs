@@ -1,0 +1,248 @@
+//! GatewayWorker's gateway protocol on the inner port, spoken by a client in
+//! this suite the way GatewayClient speaks it: one TCP connection per call,
+//! to the node a client_id names or to every node, replies as a length and
+//! PHP `serialize()`. On the in-process engine and on two nodes over Redis.
+
+mod common;
+
+use std::net::SocketAddr;
+
+use bytes::{Bytes, BytesMut};
+use common::redis::RedisServer;
+use common::{eventually, Client, Node};
+use gatecast::gatewayworker::php::{self, Value};
+use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The connection number inside a client_id (its last 8 hex digits).
+fn number(client_id: &str) -> u32 {
+    u32::from_str_radix(&client_id[12..], 16).unwrap()
+}
+
+fn packet(command: u8, conn: u32, body: &[u8], ext: &[u8]) -> Packet {
+    let mut p = Packet::new(command);
+    p.connection_id = conn;
+    p.flag = flag::BODY_IS_SCALAR;
+    p.body = Bytes::copy_from_slice(body);
+    p.ext_data = Bytes::copy_from_slice(ext);
+    p
+}
+
+/// Sends packets on one connection and closes it, as GatewayClient does for
+/// calls without an answer.
+async fn send(inner: SocketAddr, packets: &[Packet]) {
+    let mut s = TcpStream::connect(inner).await.unwrap();
+    for p in packets {
+        s.write_all(&protocol::encode(p)).await.unwrap();
+    }
+    s.shutdown().await.unwrap();
+    // Wait for the node to close its side: everything sent was handled.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(common::WAIT, s.read_to_end(&mut rest)).await;
+}
+
+/// Sends a query and reads its answer.
+async fn ask(inner: SocketAddr, p: Packet) -> Value {
+    let mut s = TcpStream::connect(inner).await.unwrap();
+    s.write_all(&protocol::encode(&p)).await.unwrap();
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(reply) = protocol::decode_reply(&mut buf, 1 << 20).unwrap() {
+            return php::unserialize(&reply).unwrap();
+        }
+        let n = tokio::time::timeout(common::WAIT, s.read_buf(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        assert!(n > 0, "closed before answering");
+    }
+}
+
+fn ints(v: &Value) -> Vec<i64> {
+    match v {
+        Value::Array(a) => a
+            .values()
+            .map(|v| match v {
+                Value::Int(i) => *i,
+                other => panic!("not an int: {other:?}"),
+            })
+            .collect(),
+        other => panic!("not an array: {other:?}"),
+    }
+}
+
+/// Every call of GatewayClient against one node's own connections.
+async fn gateway_protocol_on(nodes: &[Node]) {
+    let node = &nodes[0];
+    let inner = node.inner;
+    let mut a = Client::connect(&node.ws_url("")).await;
+    let mut b = Client::connect(&node.ws_url("")).await;
+    let (na, nb) = (number(&a.id), number(&b.id));
+
+    // Membership and session through the protocol...
+    let session = php::serialize(&Value::from(&json!({"name": "ann", "tags": ["x", "y"]})));
+    send(
+        inner,
+        &[
+            packet(cmd::BIND_UID, na, b"", b"u1"),
+            packet(cmd::JOIN_GROUP, na, b"", b"g"),
+            packet(cmd::JOIN_GROUP, nb, b"", b"g"),
+            packet(cmd::SET_SESSION, na, b"", &session),
+            packet(
+                cmd::UPDATE_SESSION,
+                na,
+                b"",
+                &php::serialize(&Value::from(&json!({"tags": ["z"]}))),
+            ),
+        ],
+    )
+    .await;
+    // ...is the gateway's state: the HTTP API of every node sees it.
+    for n in nodes {
+        eventually("membership from the protocol seen by the API", || async {
+            n.ok("get_uid_by_client_id", json!({"client_id": a.id}))
+                .await
+                == json!("u1")
+                && n.ok("get_client_count_by_group", json!({"group": "g"}))
+                    .await
+                    == json!(2)
+        })
+        .await;
+    }
+    // updateSession merges as PHP's array_replace_recursive: lists by index.
+    assert_eq!(
+        node.ok("get_session", json!({"client_id": a.id})).await,
+        json!({"name": "ann", "tags": ["z", "y"]})
+    );
+
+    // Queries answer for this node's connections, by connection number.
+    assert_eq!(
+        ask(inner, packet(cmd::IS_ONLINE, na, b"", b"")).await,
+        Value::Int(1)
+    );
+    assert_eq!(
+        ints(&ask(inner, packet(cmd::GET_CLIENT_ID_BY_UID, 0, b"", b"u1")).await),
+        vec![i64::from(na)]
+    );
+    assert_eq!(
+        ask(inner, packet(cmd::GET_CLIENT_COUNT_BY_GROUP, 0, b"", b"g")).await,
+        Value::Int(2)
+    );
+    // GET_SESSION answers the serialized session itself.
+    let stored = ask(inner, packet(cmd::GET_SESSION_BY_CLIENT_ID, na, b"", b"")).await;
+    assert_eq!(stored.to_json(), json!({"name": "ann", "tags": ["z", "y"]}));
+    let select = ask(
+        inner,
+        packet(
+            cmd::SELECT,
+            0,
+            b"",
+            br#"{"fields":["uid","groups"],"where":{"groups":["g"]}}"#,
+        ),
+    )
+    .await;
+    let rows = select.to_json();
+    assert_eq!(rows[na.to_string()]["uid"], json!("u1"));
+    assert_eq!(rows[nb.to_string()]["groups"], json!({"g": "g"}));
+
+    // Sends reach this node's connections, with GatewayWorker's exclusions:
+    // the keys of `exclude`.
+    let exclude = format!(r#"{{"group":["g"],"exclude":{{"{nb}":{nb}}}}}"#);
+    send(
+        inner,
+        &[packet(
+            cmd::SEND_TO_GROUP,
+            0,
+            b"to g but b",
+            exclude.as_bytes(),
+        )],
+    )
+    .await;
+    a.expect_text("to g but b").await;
+    send(
+        inner,
+        &[packet(cmd::SEND_TO_UID, 0, b"to u1", br#"["u1"]"#)],
+    )
+    .await;
+    a.expect_text("to u1").await;
+    // The values of `connections`: only those.
+    let only = format!(r#"{{"connections":{{"{nb}":{nb}}}}}"#);
+    send(
+        inner,
+        &[packet(cmd::SEND_TO_ALL, 0, b"only b", only.as_bytes())],
+    )
+    .await;
+    b.expect_text("only b").await;
+    send(inner, &[packet(cmd::SEND_TO_ONE, na, b"one", b"")]).await;
+    a.expect_text("one").await;
+
+    // Kick: the message, then the close.
+    send(inner, &[packet(cmd::KICK, nb, b"bye", b"")]).await;
+    b.expect_text("bye").await;
+    b.expect_close(1000).await;
+    assert_eq!(
+        ask(inner, packet(cmd::IS_ONLINE, nb, b"", b"")).await,
+        Value::Int(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gatewayclient_calls_on_the_in_process_engine() {
+    let node = Node::start(&[]);
+    gateway_protocol_on(&[node]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gatewayclient_calls_on_two_nodes_over_redis() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = ["--redis-url", url.as_str(), "--node-heartbeat", "1s"];
+    let nodes = vec![Node::start(&args), Node::start(&args)];
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    gateway_protocol_on(&nodes).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_key_or_garbage_closes_only_that_connection() {
+    let node = Node::start(&["--gateway-secret-key", "s3cret-key"]);
+    let mut a = Client::connect(&node.ws_url("")).await;
+    let na = number(&a.id);
+    let auth = |key: &str| {
+        packet(
+            cmd::GATEWAY_CLIENT_CONNECT,
+            0,
+            json!({"secret_key": key}).to_string().as_bytes(),
+            b"",
+        )
+    };
+    // No key, a wrong key, garbage: closed, nothing delivered.
+    send(node.inner, &[packet(cmd::SEND_TO_ONE, na, b"no key", b"")]).await;
+    send(
+        node.inner,
+        &[
+            auth("wrong"),
+            packet(cmd::SEND_TO_ONE, na, b"wrong key", b""),
+        ],
+    )
+    .await;
+    let mut s = TcpStream::connect(node.inner).await.unwrap();
+    s.write_all(b"\x00\x00\x00\x05garbage").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(common::WAIT, s.read_to_end(&mut rest)).await;
+    // The right key works, on the same node, at once.
+    send(
+        node.inner,
+        &[
+            auth("s3cret-key"),
+            packet(cmd::SEND_TO_ONE, na, b"right key", b""),
+        ],
+    )
+    .await;
+    a.expect_text("right key").await;
+    let metrics = node.get_text("/metrics").await;
+    assert_eq!(common::metric(&metrics, "gatecast_inner_errors_total"), 3.0);
+}
