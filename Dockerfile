@@ -45,7 +45,8 @@ ENV GATECAST_LISTEN=0.0.0.0:8080 \
     GATECAST_LOG_FORMAT=json
 
 # 8080 public (/ws, /healthz, /readyz), 8081 internal (/api/*, /metrics),
-# 2900 inner (GatewayWorker gateway and Register protocols).
+# 2900 inner (GatewayWorker's gateway protocol). GatewayWorker's Register is
+# off unless GATECAST_REGISTER_LISTEN is set (usually 0.0.0.0:1236).
 EXPOSE 8080 8081 2900
 
 # Numeric user so that Kubernetes' runAsNonRoot can verify it.

@@ -14,6 +14,8 @@ k8s/). Besides what a schema can check, it verifies that:
     on the public port, a preStop sleep, terminationGracePeriodSeconds above
     preStop + GATECAST_SHUTDOWN_GRACE, GATECAST_ADVERTISE_IP from
     status.podIP, and the restricted security context;
+  - with GATECAST_REGISTER_LISTEN (GatewayWorker's Register), a named port
+    `register` that matches it, kept inside the cluster like api and inner;
   - every object has a namespace other than "default".
 
 ServiceMonitor (monitoring.coreos.com/v1) is a CRD that kubernetes-validate
@@ -30,6 +32,9 @@ import sys
 from typing import Any
 
 import yaml
+
+# Named container ports that must stay inside the cluster.
+INTERNAL_PORTS = ("api", "inner", "register")
 
 CRD_GROUPS = ("monitoring.coreos.com/",)
 errors: list[str] = []
@@ -128,6 +133,17 @@ def main() -> int:
         elif port in port_names and int(val.rsplit(":", 1)[1]) != port_names[port]:
             err(f"{listen}={val} does not match containerPort {port}={port_names[port]}")
 
+    register = env.get("GATECAST_REGISTER_LISTEN")
+    if register is not None:
+        if not isinstance(register, str) or not register.startswith("0.0.0.0:"):
+            err(f"GATECAST_REGISTER_LISTEN must listen on 0.0.0.0 in a pod, got {register!r}")
+        elif "register" not in port_names:
+            err("GATECAST_REGISTER_LISTEN is set but the container lacks the named port 'register'")
+        elif int(register.rsplit(":", 1)[1]) != port_names["register"]:
+            err(f"GATECAST_REGISTER_LISTEN={register} does not match containerPort register={port_names['register']}")
+    elif "register" in port_names:
+        err("the container has a 'register' port but GATECAST_REGISTER_LISTEN is not set")
+
     adv = env.get("GATECAST_ADVERTISE_IP")
     if not (isinstance(adv, dict) and adv.get("fieldRef", {}).get("fieldPath") == "status.podIP"):
         err("GATECAST_ADVERTISE_IP must come from the downward API (status.podIP)")
@@ -186,9 +202,9 @@ def main() -> int:
                 err(f"{ident(s)} targets unknown port name {tp!r}")
             served.add(tp if isinstance(tp, str) else next((n for n, v in port_names.items() if v == tp), tp))
         if s["spec"].get("type") in ("LoadBalancer", "NodePort") and any(
-            p.get("targetPort") in ("api", "inner") for p in s["spec"]["ports"]
+            p.get("targetPort") in INTERNAL_PORTS for p in s["spec"]["ports"]
         ):
-            err(f"{ident(s)} exposes the internal API or inner port outside the cluster")
+            err(f"{ident(s)} exposes the internal API, inner or Register port outside the cluster")
     for need in ("http", "api"):
         if need not in served:
             err(f"no Service serves the gateway port {need!r}")
@@ -217,7 +233,7 @@ def main() -> int:
         sel = n["spec"]["podSelector"].get("matchLabels")
         if matches(sel, pod_labels):
             allowed = {p.get("port") for rule in n["spec"].get("ingress", []) for p in rule.get("ports", [])}
-            for name in ("http", "api", "inner"):
+            for name in ("http", *INTERNAL_PORTS):
                 if name in port_names and port_names[name] not in allowed and name not in allowed:
                     err(f"{ident(n)} blocks the {name} port")
         elif not any(matches(sel, d["spec"]["template"]["metadata"]["labels"]) for d in by_kind.get("Deployment", [])):
@@ -232,7 +248,7 @@ def main() -> int:
                     err(f"{ident(i)} routes to {svc['name']!r}, not a gateway Service")
                 elif svc["port"].get("name") not in {p.get("name") for p in target["spec"]["ports"]} and svc["port"].get("number") not in {p["port"] for p in target["spec"]["ports"]}:
                     err(f"{ident(i)} routes to a port {svc['port']} that {svc['name']} lacks")
-                elif any(p.get("targetPort") in ("api", "inner") for p in target["spec"]["ports"]):
+                elif any(p.get("targetPort") in INTERNAL_PORTS for p in target["spec"]["ports"]):
                     err(f"{ident(i)} exposes the internal API")
 
     for sm in by_kind.get("ServiceMonitor", []):

@@ -99,7 +99,7 @@ fn is_about_one_connection(error: &io::Error) -> bool {
 
 /// Lets one log line through per [`LOG_EVERY`] and counts the others.
 #[derive(Debug, Default)]
-struct Throttle {
+pub(crate) struct Throttle {
     last: Option<Instant>,
     suppressed: u64,
 }
@@ -107,7 +107,7 @@ struct Throttle {
 impl Throttle {
     /// `Some(failures not logged since the last line)` when a line may be
     /// logged at `now`, else `None` (and this failure is counted).
-    fn allow(&mut self, now: Instant) -> Option<u64> {
+    pub(crate) fn allow(&mut self, now: Instant) -> Option<u64> {
         match self.last {
             Some(last) if now.saturating_duration_since(last) < LOG_EVERY => {
                 self.suppressed += 1;

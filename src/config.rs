@@ -24,6 +24,23 @@ pub struct Config {
     #[arg(long, env = "GATECAST_INNER_LISTEN", default_value = "0.0.0.0:2900")]
     pub inner_listen: SocketAddr,
 
+    /// Serve GatewayWorker's Register (JSON lines) on this address, e.g.
+    /// 0.0.0.0:1236, so GatewayClient's `registerAddress` can point at any
+    /// node. Unset: not served.
+    #[arg(long, env = "GATECAST_REGISTER_LISTEN")]
+    pub register_listen: Option<SocketAddr>,
+
+    /// GatewayWorker's `secretKey`: what Register and gateway-protocol
+    /// clients must present. Empty: no key.
+    #[arg(
+        long,
+        env = "GATECAST_GATEWAY_SECRET_KEY",
+        hide_env_values = true,
+        default_value = "",
+        hide_default_value = true
+    )]
+    pub gateway_secret_key: String,
+
     /// IPv4 address other nodes and tools reach this node at; part of every
     /// client_id. Default: the address of the default-route interface, else
     /// 127.0.0.1. On Kubernetes, the pod IP.
@@ -56,6 +73,12 @@ pub struct Config {
     /// `https://app.example.com`). Empty: any origin.
     #[arg(long, env = "GATECAST_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+
+    /// The first frame a WebSocket client gets (text): `{client_id}` is
+    /// replaced with its id. GatewayWorker front ends often expect
+    /// `{"type":"init","client_id":"{client_id}"}`.
+    #[arg(long, env = "GATECAST_WELCOME_FRAME", default_value = WelcomeFrame::DEFAULT, value_parser = WelcomeFrame::parse)]
+    pub welcome_frame: WelcomeFrame,
 
     /// Largest WebSocket message, both ways, in bytes. A larger client frame
     /// closes the connection with 1009; a larger push is refused with 413.
@@ -138,6 +161,55 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log collectors.
     Json,
+}
+
+/// The `--welcome-frame` template, cut once at its `{client_id}`
+/// placeholders so that each connect only concatenates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WelcomeFrame {
+    /// The text between placeholders: one more piece than placeholders,
+    /// so at least two.
+    pieces: Vec<String>,
+}
+
+impl WelcomeFrame {
+    /// The placeholder replaced with the client_id.
+    pub const PLACEHOLDER: &'static str = "{client_id}";
+    /// gatecast's own welcome (SPEC section 2).
+    pub const DEFAULT: &'static str = r#"{"type":"welcome","client_id":"{client_id}"}"#;
+
+    /// A template with at least one `{client_id}`; every occurrence is
+    /// replaced.
+    pub fn parse(template: &str) -> Result<Self, String> {
+        if !template.contains(Self::PLACEHOLDER) {
+            return Err(format!(
+                "the template must contain {} (e.g. {})",
+                Self::PLACEHOLDER,
+                r#"{"type":"init","client_id":"{client_id}"}"#
+            ));
+        }
+        Ok(WelcomeFrame {
+            pieces: template
+                .split(Self::PLACEHOLDER)
+                .map(str::to_owned)
+                .collect(),
+        })
+    }
+
+    /// The welcome text for `client_id`.
+    pub fn render(&self, client_id: impl std::fmt::Display) -> String {
+        use std::fmt::Write;
+        let fixed: usize = self.pieces.iter().map(String::len).sum();
+        // A client_id is 20 hex characters.
+        let mut text = String::with_capacity(fixed + 20 * (self.pieces.len() - 1));
+        let (first, rest) = self.pieces.split_first().expect("at least two pieces");
+        text.push_str(first);
+        for piece in rest {
+            let _ = write!(text, "{client_id}");
+            text.push_str(piece);
+        }
+        text
+    }
 }
 
 /// Shortest `--node-heartbeat`: below it the heartbeat alone keeps Redis
@@ -287,6 +359,22 @@ mod tests {
         ] {
             validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }
+    }
+
+    #[test]
+    fn welcome_frame_replaces_every_placeholder() {
+        let c = Config::try_parse_from(["gatecast"]).unwrap();
+        assert_eq!(
+            c.welcome_frame.render("7f0000010b5400000001"),
+            r#"{"type":"welcome","client_id":"7f0000010b5400000001"}"#
+        );
+        let twice = WelcomeFrame::parse("{client_id}:{client_id}").unwrap();
+        assert_eq!(twice.render("ab"), "ab:ab");
+        let error = Config::try_parse_from(["gatecast", "--welcome-frame", r#"{"type":"init"}"#])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("--welcome-frame"), "{error}");
+        assert!(error.contains("{client_id}"), "{error}");
     }
 
     #[test]

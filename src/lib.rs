@@ -8,7 +8,8 @@
 //! Layout: [`ws`] is the client transport, [`api`] the HTTP transport,
 //! [`hub`] this node's connections and local fan-out, [`engine`] where
 //! membership lives and how pushes cross nodes, [`server`] start and stop,
-//! [`task`] the background tasks whose failure stops the node.
+//! [`task`] the background tasks whose failure stops the node, [`register`]
+//! GatewayWorker's Register.
 
 #![warn(missing_docs)]
 
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod name;
 pub mod outbox;
 pub mod push;
+pub mod register;
 pub mod server;
 pub mod session;
 pub mod task;

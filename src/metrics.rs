@@ -16,6 +16,13 @@ pub struct KindLabel {
     pub kind: &'static str,
 }
 
+/// Label: why something was refused or closed.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// A short snake_case reason (`malformed`, `secret_key`...).
+    pub reason: &'static str,
+}
+
 /// Labels of an API request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -71,6 +78,10 @@ pub struct Metrics {
     /// The soft file-descriptor limit in force after start: the ceiling on
     /// connections, worth an alert when it is low.
     pub open_files_limit: Gauge,
+    /// Open connections to the Register listener (`--register-listen`).
+    pub register_connections: Gauge,
+    /// Register connections closed or refused by the node, by reason.
+    pub register_errors: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -104,6 +115,8 @@ impl Metrics {
             events_dropped: Counter::default(),
             accept_errors: Counter::default(),
             open_files_limit: Gauge::default(),
+            register_connections: Gauge::default(),
+            register_errors: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -202,6 +215,16 @@ impl Metrics {
             "open_files_limit",
             "Soft file descriptor limit of the process after start",
             m.open_files_limit.clone(),
+        );
+        r.register(
+            "register_connections",
+            "Open connections to the Register listener",
+            m.register_connections.clone(),
+        );
+        r.register(
+            "register_errors",
+            "Register connections closed or refused by the node, by reason",
+            m.register_errors.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -25,6 +25,7 @@ use crate::hub::Hub;
 use crate::ids::{IdMinter, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Limits;
+use crate::register;
 use crate::task::{spawn_critical, Fatal};
 use crate::ws::{self, auth::ClientAuth};
 
@@ -50,16 +51,19 @@ pub enum StartError {
     Fatal(String),
 }
 
-/// The three listeners, bound before anything else so a node that cannot
-/// own its address fails fast.
+/// The listeners, bound before anything else so a node that cannot own its
+/// address fails fast.
 pub struct Listeners {
     public: TcpListener,
     api: TcpListener,
     inner: TcpListener,
+    /// GatewayWorker's Register, with `--register-listen`.
+    register: Option<TcpListener>,
 }
 
 impl Listeners {
-    /// Binds the public, API and inner listeners.
+    /// Binds the public, API and inner listeners, and the Register's when
+    /// it is asked for.
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
         let bind = |what, addr| async move {
             TcpListener::bind(addr)
@@ -72,6 +76,10 @@ impl Listeners {
             // Bound even before section 7 is served: its port is part of
             // every client_id, so two nodes must never share it.
             inner: bind("inner", config.inner_listen).await?,
+            register: match config.register_listen {
+                Some(addr) => Some(bind("register", addr).await?),
+                None => None,
+            },
         })
     }
 }
@@ -111,6 +119,7 @@ pub async fn run_with(
         local(&listeners.api),
         local(&listeners.inner),
     );
+    let register_addr = listeners.register.as_ref().map(local);
     let node = NodeId::new(config.advertised_ip(), inner_addr.port());
 
     let hub = Arc::new(Hub::new(Limits {
@@ -167,6 +176,7 @@ pub async fn run_with(
         public = %public_addr,
         api = %api_addr,
         inner = %inner_addr,
+        register = register_addr.map(tracing::field::display),
         node = %node,
         advertised = %node.addr(),
         engine = if gw.config.redis_url.is_some() { "redis" } else { "memory" },
@@ -214,6 +224,21 @@ pub async fn run_with(
             stop_public.clone(),
         )),
     );
+    if let Some(listener) = listeners.register {
+        // Stops with the public listener: a draining node no longer
+        // speaks for the cluster, and the workers that followed it
+        // reconnect to another replica (through the Service).
+        spawn_critical(
+            "register listener",
+            &fatal,
+            &stop_public,
+            public.track_future(register::serve(
+                acceptor(listener, "register"),
+                gw.clone(),
+                stop_public.clone(),
+            )),
+        );
+    }
     public.close();
 
     // Whichever comes first; a failure during the drain below is logged

@@ -16,6 +16,8 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--listen", "GATECAST_LISTEN"),
         ("--api-listen", "GATECAST_API_LISTEN"),
         ("--inner-listen", "GATECAST_INNER_LISTEN"),
+        ("--register-listen", "GATECAST_REGISTER_LISTEN"),
+        ("--gateway-secret-key", "GATECAST_GATEWAY_SECRET_KEY"),
         ("--advertise-ip", "GATECAST_ADVERTISE_IP"),
         ("--redis-url", "GATECAST_REDIS_URL"),
         ("--redis-prefix", "GATECAST_REDIS_PREFIX"),
@@ -23,6 +25,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--client-jwt-secret", "GATECAST_CLIENT_JWT_SECRET"),
         ("--client-jwt-public-key", "GATECAST_CLIENT_JWT_PUBLIC_KEY"),
         ("--allowed-origins", "GATECAST_ALLOWED_ORIGINS"),
+        ("--welcome-frame", "GATECAST_WELCOME_FRAME"),
         ("--max-message-bytes", "GATECAST_MAX_MESSAGE_BYTES"),
         ("--client-queue", "GATECAST_CLIENT_QUEUE"),
         ("--client-queue-bytes", "GATECAST_CLIENT_QUEUE_BYTES"),
@@ -45,6 +48,7 @@ fn help_lists_every_option_with_its_environment_variable() {
     assert!(help.contains("[default: 0.0.0.0:8080]"));
     assert!(help.contains("[default: 127.0.0.1:8081]"));
     assert!(help.contains("[default: 20s]"));
+    assert!(help.contains(r#"[default: {"type":"welcome","client_id":"{client_id}"}]"#));
 }
 
 #[test]
@@ -73,6 +77,17 @@ fn options_come_from_the_environment_and_bad_values_are_refused() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("inner"));
+
+    // So does a node whose Register port is taken.
+    let out = gatecast()
+        .env("GATECAST_INNER_LISTEN", "127.0.0.1:0")
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .args(["--register-listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("register"), "{stderr}");
 }
 
 /// Durations too short to work (a zero or near-zero interval used to panic

@@ -576,3 +576,51 @@ async fn rs256_and_es256_tokens_with_a_public_key(engine: Engine) {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--welcome-frame` replaces the welcome's shape (SPEC section 2): the
+/// first frame is exactly the template with the connection's real id, the
+/// one pushes reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_frame_template_shapes_the_first_frame() {
+    let node = common::Node::start(&[
+        "--welcome-frame",
+        r#"{"type":"init","client_id":"{client_id}"}"#,
+    ]);
+    let mut raw = RawClient::connect(node.public, "/ws", &[])
+        .await
+        .expect("101");
+    let first = raw.read_frame().await.expect("a first frame");
+    assert_eq!(first.opcode, 1, "text: {first:?}");
+    let text = String::from_utf8(first.payload).unwrap();
+    let id = text
+        .strip_prefix(r#"{"type":"init","client_id":""#)
+        .and_then(|rest| rest.strip_suffix(r#""}"#))
+        .unwrap_or_else(|| panic!("the template with an id: {text}"));
+    assert_eq!(id.len(), 20, "{text}");
+    node.ok("send_to_client", json!({"client_id": id, "data": "hi"}))
+        .await;
+    let pushed = raw.read_frame().await.expect("the push");
+    assert_eq!((pushed.opcode, &pushed.payload[..]), (1, &b"hi"[..]));
+}
+
+/// A template without `{client_id}` would hide the id from every client:
+/// refused at start, naming the flag, from the command line or the
+/// environment.
+#[test]
+fn welcome_frame_without_the_placeholder_is_refused_at_start() {
+    for (args, env) in [
+        (&["--welcome-frame", r#"{"type":"init"}"#][..], None),
+        (&[][..], Some(r#"{"type":"init","id":"{id}"}"#)),
+    ] {
+        let mut command = common::gatecast_command();
+        command.args(args);
+        if let Some(template) = env {
+            command.env("GATECAST_WELCOME_FRAME", template);
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains("--welcome-frame"), "{stderr}");
+        assert!(stderr.contains("{client_id}"), "{stderr}");
+    }
+}

@@ -57,7 +57,7 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
     let id = gw.minter.mint();
     let outbox = Arc::new(Outbox::default());
     let _ = outbox.push(
-        welcome(id),
+        welcome(&gw, id),
         &Limits {
             frames: usize::MAX,
             bytes: usize::MAX,
@@ -127,8 +127,9 @@ async fn register(
     }
 }
 
-fn welcome(id: ClientId) -> Bytes {
-    let text = format!(r#"{{"type":"welcome","client_id":"{id}"}}"#);
+/// The first frame: `--welcome-frame` with the client's id.
+fn welcome(gw: &Gateway, id: ClientId) -> Bytes {
+    let text = gw.config.welcome_frame.render(id);
     frame::encode(Opcode::Text, text.as_bytes())
 }
 

@@ -37,6 +37,8 @@ pub struct Node {
     pub api: SocketAddr,
     /// Inner listener.
     pub inner: SocketAddr,
+    /// GatewayWorker's Register, with `--register-listen`.
+    pub register: Option<SocketAddr>,
     api_key: Option<String>,
     http: reqwest::Client,
 }
@@ -98,6 +100,7 @@ impl Node {
             public: addr("public"),
             api: addr("api"),
             inner: addr("inner"),
+            register: fields["register"].as_str().map(|a| a.parse().unwrap()),
             child,
             api_key,
             http: reqwest::Client::builder().timeout(WAIT).build().unwrap(),

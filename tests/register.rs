@@ -1,0 +1,300 @@
+//! GatewayWorker's Register on every node (`--register-listen`, SPEC
+//! section 7), spoken to as GatewayClient and BusinessWorker do: JSON lines
+//! over TCP.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::redis::RedisServer;
+use common::{eventually, metric, Node, WAIT};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+const WORKER_CONNECT: &str = r#"{"event":"worker_connect","secret_key":""}"#;
+
+/// A Register client: writes lines, reads JSON lines.
+struct RegisterClient {
+    stream: BufReader<TcpStream>,
+}
+
+/// What the Register did next.
+#[derive(Debug, PartialEq)]
+enum Heard {
+    /// A JSON line.
+    Line(Value),
+    /// The connection ended (closed or reset) with nothing more.
+    Closed,
+}
+
+impl RegisterClient {
+    async fn connect(addr: SocketAddr) -> RegisterClient {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+            .await
+            .expect("TCP connect in time")
+            .expect("the Register accepts");
+        RegisterClient {
+            stream: BufReader::new(stream),
+        }
+    }
+
+    /// Sends `text` and a `\n`.
+    async fn send_line(&mut self, text: &str) {
+        self.send_bytes(format!("{text}\n").as_bytes()).await;
+    }
+
+    /// Sends bytes as they are. A node that already closed the connection
+    /// may reset it under a long write: not an error here, the next read
+    /// tells.
+    async fn send_bytes(&mut self, bytes: &[u8]) {
+        let _ = self.stream.get_mut().write_all(bytes).await;
+    }
+
+    /// The next line or the end of the connection, within `limit`.
+    async fn next_within(&mut self, limit: Duration) -> Heard {
+        let mut line = String::new();
+        let read = tokio::time::timeout(limit, self.stream.read_line(&mut line))
+            .await
+            .unwrap_or_else(|_| panic!("the Register said something within {limit:?}"));
+        match read {
+            Ok(0) | Err(_) => Heard::Closed,
+            Ok(_) => {
+                assert!(line.ends_with('\n'), "a whole line: {line:?}");
+                Heard::Line(
+                    serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("a JSON line: {line:?}: {e}")),
+                )
+            }
+        }
+    }
+
+    async fn next(&mut self) -> Heard {
+        self.next_within(WAIT).await
+    }
+
+    /// The next line must be a `broadcast_addresses`; its addresses.
+    async fn addresses(&mut self) -> BTreeSet<String> {
+        let heard = self.next().await;
+        let Heard::Line(message) = &heard else {
+            panic!("expected broadcast_addresses, got {heard:?}")
+        };
+        assert_eq!(message["event"], "broadcast_addresses", "{message}");
+        assert_eq!(
+            message.as_object().unwrap().len(),
+            2,
+            "event and addresses only: {message}"
+        );
+        let list = message["addresses"].as_array().expect("a list");
+        let set: BTreeSet<String> = list
+            .iter()
+            .map(|a| a.as_str().expect("a string").to_owned())
+            .collect();
+        assert_eq!(set.len(), list.len(), "no duplicates: {message}");
+        set
+    }
+
+    /// Reads `broadcast_addresses` lines until one lists exactly `want`
+    /// (bounded).
+    async fn addresses_until(&mut self, want: &BTreeSet<String>) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let got = tokio::time::timeout(left, self.addresses())
+                .await
+                .unwrap_or_else(|_| panic!("no list of {want:?} within {WAIT:?}"));
+            if &got == want {
+                return;
+            }
+        }
+    }
+}
+
+/// A node's inner address as the Register lists it.
+fn inner(node: &Node) -> String {
+    node.inner.to_string()
+}
+
+fn register_addr(node: &Node) -> SocketAddr {
+    node.register.expect("the node serves the Register")
+}
+
+/// `gatecast_register_errors_total` for `reason` on `node`.
+async fn register_errors(node: &Node, reason: &str) -> f64 {
+    let page = node.get_text("/metrics").await;
+    metric(
+        &page,
+        &format!("gatecast_register_errors_total{{reason=\"{reason}\"}}"),
+    )
+}
+
+/// With the in-process engine the node is the whole gateway: a worker gets
+/// its inner address, exactly, as GatewayClient reads it (one JSON line).
+/// A ping before it is accepted without an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_connect_gets_this_nodes_inner_address() {
+    let node = Node::start(&["--register-listen", "127.0.0.1:0"]);
+    let mut worker = RegisterClient::connect(register_addr(&node)).await;
+    worker.send_line(r#"{"event":"ping"}"#).await;
+    worker.send_line(WORKER_CONNECT).await;
+    assert_eq!(
+        worker.next().await,
+        Heard::Line(json!({
+            "event": "broadcast_addresses",
+            "addresses": [inner(&node)],
+        }))
+    );
+    // As GatewayClient sends it: no key at all when none is set, and a
+    // second worker_connect on the same connection is answered again.
+    let mut client = RegisterClient::connect(register_addr(&node)).await;
+    client.send_line(r#"{"event":"worker_connect"}"#).await;
+    assert_eq!(client.addresses().await, BTreeSet::from([inner(&node)]));
+    client.send_line(WORKER_CONNECT).await;
+    assert_eq!(client.addresses().await, BTreeSet::from([inner(&node)]));
+}
+
+/// Two nodes on Redis: each lists both, and a connection kept open (a
+/// BusinessWorker's) hears when one leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_connection_follows_nodes_leaving_the_cluster() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--node-heartbeat",
+        "1s",
+        "--register-listen",
+        "127.0.0.1:0",
+    ];
+    let a = Node::start(&args);
+    let mut b = Node::start(&args);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let both = BTreeSet::from([inner(&a), inner(&b)]);
+
+    let mut worker = RegisterClient::connect(register_addr(&a)).await;
+    worker.send_line(WORKER_CONNECT).await;
+    worker.addresses_until(&both).await;
+    // Every replica answers the same.
+    let mut other = RegisterClient::connect(register_addr(&b)).await;
+    other.send_line(WORKER_CONNECT).await;
+    other.addresses_until(&both).await;
+
+    b.signal("TERM");
+    worker.addresses_until(&BTreeSet::from([inner(&a)])).await;
+    assert!(b.wait_exit(WAIT).await.success());
+    // The replica that left closed its Register connections.
+    assert_eq!(other.next().await, Heard::Closed);
+}
+
+/// With `--gateway-secret-key`, a worker_connect must carry that key: a
+/// wrong or missing one is closed without an answer, as the Register does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_secret_key_is_refused() {
+    let node = Node::start(&[
+        "--register-listen",
+        "127.0.0.1:0",
+        "--gateway-secret-key",
+        "s3cret",
+    ]);
+    for request in [
+        r#"{"event":"worker_connect","secret_key":"wrong"}"#,
+        r#"{"event":"worker_connect","secret_key":""}"#,
+        r#"{"event":"worker_connect"}"#,
+        r#"{"event":"worker_connect","secret_key":null}"#,
+        r#"{"event":"worker_connect","secret_key":["s3cret"]}"#,
+    ] {
+        let mut worker = RegisterClient::connect(register_addr(&node)).await;
+        worker.send_line(request).await;
+        assert_eq!(worker.next().await, Heard::Closed, "{request}");
+    }
+    assert_eq!(register_errors(&node, "secret_key").await, 5.0);
+    let mut worker = RegisterClient::connect(register_addr(&node)).await;
+    worker
+        .send_line(r#"{"event":"worker_connect","secret_key":"s3cret"}"#)
+        .await;
+    assert_eq!(worker.addresses().await, BTreeSet::from([inner(&node)]));
+}
+
+/// A GatewayWorker Gateway process cannot join: the nodes are the gateways.
+/// It gets no answer and the connection is closed (and logged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_connect_is_refused_and_closed() {
+    let node = Node::start(&["--register-listen", "127.0.0.1:0"]);
+    let mut gateway = RegisterClient::connect(register_addr(&node)).await;
+    gateway
+        .send_line(r#"{"event":"gateway_connect","address":"127.0.0.1:2901","secret_key":""}"#)
+        .await;
+    assert_eq!(gateway.next().await, Heard::Closed);
+    assert_eq!(register_errors(&node, "gateway_connect").await, 1.0);
+}
+
+/// A connection that never sends a good worker_connect is closed after the
+/// Register's 10 s; pings do not keep it open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_never_authenticates_is_closed() {
+    let node = Node::start(&["--register-listen", "127.0.0.1:0"]);
+    let mut silent = RegisterClient::connect(register_addr(&node)).await;
+    let mut pinging = RegisterClient::connect(register_addr(&node)).await;
+    pinging.send_line(r#"{"event":"ping"}"#).await;
+    // 10 s and a margin for a loaded machine.
+    let limit = Duration::from_secs(25);
+    assert_eq!(silent.next_within(limit).await, Heard::Closed);
+    assert_eq!(pinging.next_within(limit).await, Heard::Closed);
+    assert_eq!(register_errors(&node, "auth_timeout").await, 2.0);
+}
+
+/// Garbage, an unknown event and an over-long line each close only their
+/// own connection; a worker connected before still gets answers, and so
+/// does a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_lines_close_only_their_connection() {
+    let node = Node::start(&["--register-listen", "127.0.0.1:0"]);
+    let addr = register_addr(&node);
+    let me = BTreeSet::from([inner(&node)]);
+    let mut worker = RegisterClient::connect(addr).await;
+    worker.send_line(WORKER_CONNECT).await;
+    assert_eq!(worker.addresses().await, me);
+
+    for (bad, reason) in [
+        (&b"not json\n"[..], "malformed"),
+        (b"{\"secret_key\":\"\"}\n", "malformed"),
+        (b"{\"event\":\"\"}\n", "malformed"),
+        (b"\xff\xfe\n", "malformed"),
+        (b"{\"event\":\"steal\"}\n", "unknown_event"),
+    ] {
+        let mut client = RegisterClient::connect(addr).await;
+        client.send_bytes(bad).await;
+        assert_eq!(client.next().await, Heard::Closed, "{bad:?} ({reason})");
+    }
+    assert_eq!(register_errors(&node, "malformed").await, 4.0);
+    assert_eq!(register_errors(&node, "unknown_event").await, 1.0);
+    // 64 KiB without a newline is enough to be refused: the node does not
+    // wait for the rest.
+    let mut long = RegisterClient::connect(addr).await;
+    long.send_bytes(&vec![b' '; 70 * 1024]).await;
+    assert_eq!(long.next().await, Heard::Closed);
+    assert_eq!(register_errors(&node, "too_long").await, 1.0);
+    // A worker_connect after a line just short of the bound is fine: blank
+    // lines are skipped.
+    let mut padded = RegisterClient::connect(addr).await;
+    padded.send_bytes(&vec![b' '; 60 * 1024]).await;
+    padded.send_line(&format!("\n{WORKER_CONNECT}")).await;
+    assert_eq!(padded.addresses().await, me);
+
+    worker.send_line(WORKER_CONNECT).await;
+    assert_eq!(worker.addresses().await, me);
+    let mut fresh = RegisterClient::connect(addr).await;
+    fresh.send_line(WORKER_CONNECT).await;
+    assert_eq!(fresh.addresses().await, me);
+    drop(padded);
+    drop(fresh);
+    eventually("only the worker's connection is left open", || async {
+        let page = node.get_text("/metrics").await;
+        metric(&page, "gatecast_register_connections") == 1.0
+    })
+    .await;
+}
