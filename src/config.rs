@@ -117,16 +117,6 @@ pub struct Config {
     #[arg(long, env = "GATECAST_API_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub api_max_body_bytes: usize,
 
-    /// GatewayWorker's `secretKey`: GatewayClients must present it on the
-    /// inner port (and workers to the Register). Empty: no key.
-    #[arg(
-        long,
-        env = "GATECAST_GATEWAY_SECRET_KEY",
-        default_value = "",
-        hide_env_values = true
-    )]
-    pub gateway_secret_key: String,
-
     /// Forward connect, message and close events to backends: to the Redis
     /// stream `<prefix>:events` with --redis-url, else to --events-webhook.
     #[arg(long, env = "GATECAST_EVENTS", default_value_t = false)]

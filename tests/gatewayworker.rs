@@ -246,3 +246,93 @@ async fn a_wrong_secret_key_or_garbage_closes_only_that_connection() {
     let metrics = node.get_text("/metrics").await;
     assert_eq!(common::metric(&metrics, "gatecast_inner_errors_total"), 3.0);
 }
+
+/// PHP, as a GatewayWorker backend runs it: the Register of one node, then
+/// the gateway protocol to each node, against two nodes with clients on
+/// both. Checks what the WebSocket clients receive and what the queries
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_php_backend_drives_two_nodes_through_the_register() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--node-heartbeat",
+        "1s",
+        "--register-listen",
+        "127.0.0.1:0",
+        "--gateway-secret-key",
+        "php-secret-key",
+    ];
+    let nodes = [Node::start(&args), Node::start(&args)];
+    for n in &nodes {
+        n.wait_ready().await;
+    }
+    let mut a = Client::connect(&nodes[0].ws_url("")).await;
+    let mut b = Client::connect(&nodes[0].ws_url("")).await;
+    let mut c = Client::connect(&nodes[1].ws_url("")).await;
+    let register = nodes[1].register.expect("register address");
+    let ids = json!([a.id, b.id, c.id]).to_string();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gatewayworker/e2e.php");
+    let register = register.to_string();
+    let output = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("php")
+            .args([script, &register, "php-secret-key", &ids])
+            .output()
+            .expect("php runs (scripts/test installs php8.2-cli)")
+    })
+    .await
+    .unwrap();
+    assert!(
+        output.status.success(),
+        "php failed: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let mut room = vec![a.id.clone(), c.id.clone()];
+    room.sort();
+    assert_eq!(out["addresses"], json!(2));
+    assert_eq!(out["is_online_c"], json!(1));
+    assert_eq!(out["is_uid_online"], json!(1));
+    assert_eq!(out["client_ids_of_alice"], json!(room));
+    assert_eq!(out["count_room"], json!(2));
+    assert_eq!(out["count_all"], json!(3));
+    assert_eq!(out["list_room"], json!(room));
+    assert_eq!(out["uid_of_b"], json!("42"));
+    assert_eq!(
+        out["session_a"],
+        json!({"name": "ann", "tags": ["z", "y"], "age": 3})
+    );
+    assert_eq!(out["groups"], json!(["other", "room"]));
+    assert_eq!(
+        out["batch_counts"],
+        json!({"room": 2, "other": 1, "none": 0})
+    );
+    assert_eq!(
+        out["sessions_room"][&a.id],
+        json!({"name": "ann", "tags": ["z", "y"], "age": 3})
+    );
+    assert_eq!(out["sessions_room"][&c.id], json!([]));
+    assert_eq!(out["all_sessions"], json!(3));
+    assert_eq!(out["count_room_after_leave"], json!(1));
+    assert_eq!(out["groups_after_ungroup"], json!(["room"]));
+    assert_eq!(out["uid_of_b_after_unbind"], json!(null));
+    // What each client received, in order.
+    for text in ["hello room", "hello alice", "hello all"] {
+        a.expect_text(text).await;
+    }
+    b.expect_text("only b").await;
+    for text in ["hello alice", "hello all", "just c", "bye c"] {
+        c.expect_text(text).await;
+    }
+    c.expect_close(1000).await;
+    // The HTTP API sees the same state.
+    assert_eq!(
+        nodes[0]
+            .ok("get_uid_by_client_id", json!({"client_id": a.id}))
+            .await,
+        json!("alice")
+    );
+}

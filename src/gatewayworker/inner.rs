@@ -10,20 +10,27 @@
 //! gateway does, and membership and session changes go through the engine,
 //! so the HTTP API, the Redis path and the PHP path see one state.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
+use futures_util::stream::{BoxStream, SelectAll};
+use futures_util::StreamExt;
 use serde_json::Value as Json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::Semaphore;
+use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 
 use super::php::{self, Value};
-use super::protocol::{self, cmd, flag, Packet};
+use super::protocol::{self, cmd, flag, GatewayCodec, Packet, ProtocolError};
 use crate::accept::Acceptor;
+use crate::engine::EngineResult;
 use crate::frame::close_code;
 use crate::gateway::Gateway;
 use crate::ids::ClientId;
@@ -31,7 +38,7 @@ use crate::push::{encode_frame, Target};
 use crate::session::Session;
 
 /// Largest packet accepted (GatewayWorker's default `maxPackageSize`).
-const MAX_PACKET: usize = 10 << 20;
+const MAX_PACKET: usize = protocol::DEFAULT_MAX_PACKET;
 
 /// Inner connections served at once; more are refused.
 const MAX_CONNECTIONS: usize = 10_000;
@@ -43,90 +50,153 @@ const IDLE: Duration = Duration::from_secs(600);
 /// Longest a reply may take to write.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Membership writes to Redis still in flight after their change was
+/// applied in memory; past this, the next command waits for one.
+const IN_FLIGHT: usize = 10_000;
+
+/// What a connection's reader yields: a packet, a malformed stream, or its
+/// end (`None`).
+type Inbound = (u64, Option<Result<Packet, ProtocolError>>);
+
 /// Serves the inner listener until `stop`.
+///
+/// One task reads every inner connection and handles their packets one at a
+/// time, in the order they arrive, as GatewayWorker's event loop does: a
+/// GatewayClient opens a connection per call, so `setSession` then
+/// `updateSession` arrive on two connections, and must apply in that order.
+/// Nothing here waits on Redis: changes apply to the hub at once and are
+/// mirrored in the background (GatewayClient never waits for them either).
 pub async fn serve(gw: Arc<Gateway>, mut listener: Acceptor, stop: CancellationToken) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let mut inbound: SelectAll<BoxStream<'static, Inbound>> = SelectAll::new();
+    let mut peers: HashMap<u64, Peer> = HashMap::new();
+    let handler = Handler {
+        gw: &gw,
+        in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+    };
+    let mut next_id = 0u64;
     loop {
-        let (socket, peer) = tokio::select! {
-            accepted = listener.accept() => accepted,
+        tokio::select! {
+            // Packets already read before new connections: arrival order.
+            biased;
             () = stop.cancelled() => return,
-        };
-        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-            tracing::warn!(%peer, "inner connection refused: too many open");
-            gw.metrics.inner_errors.inc();
-            continue;
-        }
-        open.fetch_add(1, Ordering::Relaxed);
-        let (gw, open, stop) = (gw.clone(), open.clone(), stop.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                result = Connection::new(&gw).run(socket) => {
-                    if let Err(reason) = result {
-                        gw.metrics.inner_errors.inc();
-                        tracing::warn!(%peer, %reason, "inner connection closed");
+            Some((id, item)) = inbound.next() => {
+                let Some(peer) = peers.get_mut(&id) else { continue };
+                let outcome = match item {
+                    Some(Ok(packet)) => handler.handle(peer, packet).await,
+                    Some(Err(e)) => Err(e.to_string()),
+                    None => {
+                        peers.remove(&id);
+                        continue;
                     }
+                };
+                if let Err(reason) = outcome {
+                    gw.metrics.inner_errors.inc();
+                    tracing::warn!(peer = %peer.addr, %reason, "inner connection closed");
+                    // Dropping the writer closes the socket; the reader
+                    // ends with it.
+                    peers.remove(&id);
                 }
-                () = stop.cancelled() => {}
             }
-            open.fetch_sub(1, Ordering::Relaxed);
-        });
-    }
-}
-
-/// One inner connection.
-struct Connection<'a> {
-    gw: &'a Gateway,
-    authorized: bool,
-}
-
-impl<'a> Connection<'a> {
-    fn new(gw: &'a Gateway) -> Self {
-        Connection {
-            gw,
-            authorized: gw.config.gateway_secret_key.is_empty(),
+            (socket, addr) = listener.accept() => {
+                if peers.len() >= MAX_CONNECTIONS {
+                    gw.metrics.inner_errors.inc();
+                    tracing::warn!(peer = %addr, "inner connection refused: too many open");
+                    continue;
+                }
+                next_id += 1;
+                let (read, write) = socket.into_split();
+                inbound.push(reader(next_id, read));
+                let authorized = gw.config.gateway_secret_key.is_empty();
+                peers.insert(next_id, Peer { write, authorized, addr });
+            }
         }
     }
+}
 
-    /// Reads packets and answers them, in order, until the peer closes.
-    async fn run(mut self, mut socket: TcpStream) -> Result<(), String> {
-        let mut buf = BytesMut::with_capacity(4096);
-        loop {
-            while let Some(packet) =
-                protocol::decode(&mut buf, MAX_PACKET).map_err(|e| e.to_string())?
-            {
-                if let Some(reply) = self.handle(packet).await? {
-                    tokio::time::timeout(WRITE_TIMEOUT, socket.write_all(&reply))
-                        .await
-                        .map_err(|_| "reply not taken in time".to_owned())?
-                        .map_err(|e| e.to_string())?;
-                }
+/// The packets of one connection, then `None`; ends after [`IDLE`].
+fn reader(id: u64, read: OwnedReadHalf) -> BoxStream<'static, Inbound> {
+    let frames = FramedRead::new(read, GatewayCodec::new(MAX_PACKET));
+    let packets = futures_util::stream::unfold(Some(frames), |state| async move {
+        let mut frames = state?;
+        match tokio::time::timeout(IDLE, frames.next()).await {
+            Ok(Some(item)) => {
+                let failed = item.is_err();
+                Some((item, (!failed).then_some(frames)))
             }
-            let read = tokio::time::timeout(IDLE, socket.read_buf(&mut buf))
+            Ok(None) | Err(_) => None,
+        }
+    });
+    packets
+        .map(move |item| (id, Some(item)))
+        .chain(futures_util::stream::once(async move { (id, None) }))
+        .boxed()
+}
+
+/// One inner connection's writing side and state.
+struct Peer {
+    write: OwnedWriteHalf,
+    authorized: bool,
+    addr: SocketAddr,
+}
+
+/// Handles packets for every connection.
+struct Handler<'a> {
+    gw: &'a Gateway,
+    in_flight: Arc<Semaphore>,
+}
+
+impl Handler<'_> {
+    /// One packet: handled, and its reply (if any) written back.
+    async fn handle(&self, peer: &mut Peer, p: Packet) -> Result<(), String> {
+        if let Some(reply) = self.answer(peer, p).await? {
+            tokio::time::timeout(WRITE_TIMEOUT, peer.write.write_all(&reply))
                 .await
-                .map_err(|_| "idle".to_owned())?
+                .map_err(|_| "reply not taken in time".to_owned())?
                 .map_err(|e| e.to_string())?;
-            if read == 0 {
-                return Ok(());
+        }
+        Ok(())
+    }
+
+    /// Applies an engine change now (its first step changes the hub) and
+    /// lets the rest (the write to Redis) finish in the background, bounded
+    /// by [`IN_FLIGHT`].
+    async fn apply<F>(&self, what: &'static str, change: F)
+    where
+        F: Future<Output = EngineResult<()>> + Send + 'static,
+    {
+        let mut change = Box::pin(change);
+        match futures_util::poll!(change.as_mut()) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => tracing::warn!(what, error = %e, "inner command failed"),
+            Poll::Pending => {
+                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = change.await {
+                        tracing::warn!(what, error = %e, "inner command not mirrored");
+                    }
+                    drop(permit);
+                });
             }
         }
     }
 
     /// One packet; the reply to send back, if the command has one.
-    async fn handle(&mut self, p: Packet) -> Result<Option<Bytes>, String> {
-        if !self.authorized {
+    async fn answer(&self, peer: &mut Peer, p: Packet) -> Result<Option<Bytes>, String> {
+        if !peer.authorized {
             if p.cmd != cmd::GATEWAY_CLIENT_CONNECT {
                 return Err(format!("command {} before authentication", p.cmd));
             }
-            return self.authorize(&p).map(|()| None);
+            return self.authorize(peer, &p).map(|()| None);
         }
         let gw = self.gw;
         let id = ClientId::new(gw.minter.node(), p.connection_id);
-        let engine = &gw.engine;
+        let engine = gw.engine.clone();
         let ext = || String::from_utf8_lossy(&p.ext_data).into_owned();
-        let fail = |e: crate::engine::EngineError| e.to_string();
         let reply = match p.cmd {
             cmd::GATEWAY_CLIENT_CONNECT => {
-                self.authorize(&p)?;
+                self.authorize(peer, &p)?;
                 None
             }
             cmd::WORKER_CONNECT => return Err(
@@ -181,32 +251,46 @@ impl<'a> Connection<'a> {
             }
             cmd::BIND_UID => {
                 if let Some(uid) = name(ext()) {
-                    engine.bind_uid(id, uid).await.map_err(fail)?;
+                    self.apply("bind_uid", async move { engine.bind_uid(id, uid).await })
+                        .await;
                 }
                 None
             }
             cmd::UNBIND_UID => {
                 // GatewayWorker unbinds whatever uid the client has.
                 if let Some(uid) = gw.hub.uid_of(id).flatten() {
-                    engine.unbind_uid(id, uid).await.map_err(fail)?;
+                    self.apply(
+                        "unbind_uid",
+                        async move { engine.unbind_uid(id, uid).await },
+                    )
+                    .await;
                 }
                 None
             }
             cmd::JOIN_GROUP => {
                 if let Some(group) = name(ext()) {
-                    engine.join_group(id, group).await.map_err(fail)?;
+                    self.apply(
+                        "join_group",
+                        async move { engine.join_group(id, group).await },
+                    )
+                    .await;
                 }
                 None
             }
             cmd::LEAVE_GROUP => {
                 if let Some(group) = name(ext()) {
-                    engine.leave_group(id, group).await.map_err(fail)?;
+                    self.apply(
+                        "leave_group",
+                        async move { engine.leave_group(id, group).await },
+                    )
+                    .await;
                 }
                 None
             }
             cmd::UNGROUP => {
                 if let Some(group) = name(ext()) {
-                    engine.ungroup_local(group).await.map_err(fail)?;
+                    self.apply("ungroup", async move { engine.ungroup_local(group).await })
+                        .await;
                 }
                 None
             }
@@ -220,7 +304,10 @@ impl<'a> Connection<'a> {
                     } else {
                         given
                     };
-                    engine.set_session(id, session, false).await.map_err(fail)?;
+                    self.apply("set_session", async move {
+                        engine.set_session(id, session, false).await
+                    })
+                    .await;
                 }
                 None
             }
@@ -276,7 +363,7 @@ impl<'a> Connection<'a> {
         Ok(reply)
     }
 
-    fn authorize(&mut self, p: &Packet) -> Result<(), String> {
+    fn authorize(&self, peer: &mut Peer, p: &Packet) -> Result<(), String> {
         let body: Json = serde_json::from_slice(&p.body).unwrap_or(Json::Null);
         let given = body["secret_key"].as_str().unwrap_or_default();
         let key = &self.gw.config.gateway_secret_key;
@@ -284,7 +371,7 @@ impl<'a> Connection<'a> {
             given.as_bytes(),
             key.as_bytes(),
         )) {
-            self.authorized = true;
+            peer.authorized = true;
             Ok(())
         } else {
             Err("wrong secret key".into())
