@@ -336,3 +336,111 @@ async fn a_php_backend_drives_two_nodes_through_the_register() {
         json!("alice")
     );
 }
+
+/// What only the protocol has: the raw flag (the caller framed the bytes),
+/// text that is not UTF-8 (sent as is, as Workerman does), destroy, the
+/// batch queries, ungroup, and the sessions of a group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_frames_non_utf8_text_destroy_and_batch_queries() {
+    use common::RawClient;
+    let node = Node::start(&[]);
+    let inner = node.inner;
+    let mut raw = RawClient::connect(node.public, "/ws", &[]).await.unwrap();
+    let welcome = raw.read_frame().await.unwrap();
+    let welcome: serde_json::Value = serde_json::from_slice(&welcome.payload).unwrap();
+    let id = welcome["client_id"].as_str().unwrap().to_owned();
+    let n = number(&id);
+
+    // Raw: a binary frame [1, 2, 3] framed by the caller.
+    let mut p = packet(cmd::SEND_TO_ONE, n, &[0x82, 3, 1, 2, 3], b"");
+    p.flag |= flag::NOT_CALL_ENCODE;
+    send(inner, &[p]).await;
+    let frame = raw.read_frame().await.unwrap();
+    assert_eq!((frame.opcode, frame.payload), (2, vec![1, 2, 3]));
+    // Not UTF-8: a text frame of exactly those bytes.
+    send(inner, &[packet(cmd::SEND_TO_ONE, n, b"\xff\xfe", b"")]).await;
+    let frame = raw.read_frame().await.unwrap();
+    assert_eq!((frame.opcode, frame.payload), (1, b"\xff\xfe".to_vec()));
+
+    // Batch queries and group sessions, keyed as GatewayWorker keys them.
+    let mut other = Client::connect(&node.ws_url("")).await;
+    let m = number(&other.id);
+    send(
+        inner,
+        &[
+            packet(cmd::BIND_UID, n, b"", b"u"),
+            packet(cmd::BIND_UID, m, b"", b"u"),
+            packet(cmd::JOIN_GROUP, m, b"", b"g"),
+            packet(
+                cmd::SET_SESSION,
+                m,
+                b"",
+                &php::serialize(&Value::from(&json!({"k": 1}))),
+            ),
+        ],
+    )
+    .await;
+    let by_uid = ask(
+        inner,
+        packet(
+            cmd::BATCH_GET_CLIENT_ID_BY_UID,
+            0,
+            b"",
+            br#"["u","nobody"]"#,
+        ),
+    )
+    .await
+    .to_json();
+    let mut both = vec![json!(n), json!(m)];
+    both.sort_by_key(|v| v.as_u64());
+    let mut got = by_uid["u"].as_array().unwrap().clone();
+    got.sort_by_key(|v| v.as_u64());
+    assert_eq!((got, &by_uid["nobody"]), (both, &json!([])));
+    let counts = ask(
+        inner,
+        packet(
+            cmd::BATCH_GET_CLIENT_COUNT_BY_GROUP,
+            0,
+            b"",
+            br#"["g","h"]"#,
+        ),
+    )
+    .await;
+    assert_eq!(counts.to_json(), json!({"g": 1, "h": 0}));
+    let Value::Array(sessions) = ask(
+        inner,
+        packet(cmd::GET_CLIENT_SESSIONS_BY_GROUP, 0, b"", b"g"),
+    )
+    .await
+    else {
+        panic!("an array")
+    };
+    // Each session is itself a serialized string, as a Gateway stores it.
+    let Some(Value::String(session)) = sessions.get(&php::Key::Int(m.into())) else {
+        panic!("the member's session: {sessions:?}")
+    };
+    assert_eq!(
+        php::session_from_php(session).unwrap(),
+        json!({"k": 1}).as_object().unwrap().clone()
+    );
+    assert_eq!(
+        ask(inner, packet(cmd::GET_GROUP_ID_LIST, 0, b"", b""))
+            .await
+            .to_json(),
+        json!(["g"])
+    );
+    // Ungroup (sent to every node by GatewayClient): nobody is left in it.
+    send(inner, &[packet(cmd::UNGROUP, 0, b"", b"g")]).await;
+    assert_eq!(
+        ask(inner, packet(cmd::GET_CLIENT_COUNT_BY_GROUP, 0, b"", b"g")).await,
+        Value::Int(0)
+    );
+
+    // Destroy: closed at once, nothing queued is sent.
+    send(inner, &[packet(cmd::DESTROY, m, b"", b"")]).await;
+    other.expect_close(1000).await;
+    eventually("the destroyed client is gone", || async {
+        ask(inner, packet(cmd::IS_ONLINE, m, b"", b"")).await == Value::Int(0)
+    })
+    .await;
+}
