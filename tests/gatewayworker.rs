@@ -233,18 +233,29 @@ async fn a_wrong_secret_key_or_garbage_closes_only_that_connection() {
     s.write_all(b"\x00\x00\x00\x05garbage").await.unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(common::WAIT, s.read_to_end(&mut rest)).await;
-    // The right key works, on the same node, at once.
+    // A BusinessWorker is refused (not served yet), and counted.
+    let worker = br#"{"worker_key":"w","secret_key":"s3cret-key"}"#;
     send(
         node.inner,
         &[
             auth("s3cret-key"),
+            packet(cmd::WORKER_CONNECT, 0, worker, b""),
+        ],
+    )
+    .await;
+    // The right key works, on the same node, at once; a ping is accepted.
+    send(
+        node.inner,
+        &[
+            auth("s3cret-key"),
+            packet(cmd::PING, 0, b"", b""),
             packet(cmd::SEND_TO_ONE, na, b"right key", b""),
         ],
     )
     .await;
     a.expect_text("right key").await;
     let metrics = node.get_text("/metrics").await;
-    assert_eq!(common::metric(&metrics, "gatecast_inner_errors_total"), 3.0);
+    assert_eq!(common::metric(&metrics, "gatecast_inner_errors_total"), 4.0);
 }
 
 /// PHP, as a GatewayWorker backend runs it: the Register of one node, then
