@@ -70,11 +70,13 @@ async fn a_killed_node_is_purged_and_the_others_keep_delivering() {
         )
         .await;
     c.nodes[0].signal("KILL");
+    let killed = std::time::Instant::now();
     let _ = c.nodes[0].wait_exit(common::WAIT).await;
     let api = &c.nodes[2];
-    // Heartbeat is 1s: the dead node's entries go within 3 heartbeats; the
-    // bounded wait here is the harness's generic one.
-    eventually("dead node's client purged", || async {
+    // Heartbeat is 1s: SPEC section 3 promises the dead node's entries gone
+    // within 3 heartbeats (plus a second of slack for a loaded machine).
+    let limit = std::time::Duration::from_secs(4).saturating_sub(killed.elapsed());
+    common::within("dead node's client purged", limit, || async {
         api.ok("get_client_count_by_group", json!({"group": "g"}))
             .await
             == 1
@@ -92,6 +94,63 @@ async fn a_killed_node_is_purged_and_the_others_keep_delivering() {
     // Commands for the dead node's clients are no-ops, not errors.
     api.ok("join_group", json!({"client_id": doomed.id, "group": "h"}))
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_redis_gives_503_within_2s_and_nothing_is_lost_after() {
+    let c = three_nodes().await;
+    let redis = c.redis.as_ref().unwrap();
+    let mut a = Client::connect(&c.nodes[0].ws_url("")).await;
+    let api = &c.nodes[2];
+    api.ok("join_group", json!({"client_id": a.id, "group": "g"}))
+        .await;
+    // Paused, not stopped: connections stay open and nothing answers, the
+    // case a refused connection does not show.
+    redis.signal("STOP");
+    for (method, params) in [
+        ("join_group", json!({"client_id": a.id, "group": "h"})),
+        ("get_all_client_count", json!({})),
+        ("send_to_group", json!({"group": "g", "data": "maybe"})),
+    ] {
+        let started = std::time::Instant::now();
+        let (status, body) = api.call(method, params).await;
+        assert_eq!(status, 503, "{method}: {body}");
+        // SPEC section 4: answered within 2 s (plus slack for the machine).
+        assert!(
+            started.elapsed() < std::time::Duration::from_millis(2500),
+            "{method} took {:?}",
+            started.elapsed()
+        );
+    }
+    redis.signal("CONT");
+    for node in &c.nodes {
+        node.wait_ready().await;
+    }
+    // Whatever the timed-out calls did, the state is whole and consistent,
+    // and pushes go through again.
+    eventually("the state agrees on every node", || async {
+        let mut agree = true;
+        for node in &c.nodes {
+            agree &= node.ok("get_all_client_count", json!({})).await == 1;
+            agree &= node
+                .ok("get_client_id_list_by_group", json!({"group": "g"}))
+                .await
+                == json!([a.id]);
+        }
+        agree
+    })
+    .await;
+    api.ok("send_to_group", json!({"group": "g", "data": "after"}))
+        .await;
+    // The push sent while paused may or may not have gone (503 is not proof
+    // of non-delivery); the next one arrives.
+    loop {
+        match a.next().await {
+            Seen::Text(t) if t == "after" => break,
+            Seen::Text(t) if t == "maybe" => continue,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

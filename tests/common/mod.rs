@@ -411,6 +411,27 @@ where
     }
 }
 
+/// Waits until `check` holds, failing the test past `limit`: for the bounds
+/// the SPEC promises (purge within 3 heartbeats...), where the generic
+/// [`WAIT`] would hide a regression.
+pub async fn within<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {limit:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Sorts a JSON array of strings (results of list queries are unordered).
 pub fn sorted(v: Value) -> Vec<String> {
     let mut list: Vec<String> = v
