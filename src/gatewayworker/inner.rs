@@ -92,8 +92,9 @@ pub async fn serve(gw: Arc<Gateway>, mut listener: Acceptor, stop: CancellationT
                 if let Err(reason) = outcome {
                     gw.metrics.inner_errors.inc();
                     tracing::warn!(peer = %peer.addr, %reason, "inner connection closed");
-                    // Dropping the writer closes the socket; the reader
-                    // ends with it.
+                    // The reader ends too, and the socket closes with both
+                    // halves gone: nothing more is read from this peer.
+                    peer.closed.cancel();
                     peers.remove(&id);
                 }
             }
@@ -105,16 +106,18 @@ pub async fn serve(gw: Arc<Gateway>, mut listener: Acceptor, stop: CancellationT
                 }
                 next_id += 1;
                 let (read, write) = socket.into_split();
-                inbound.push(reader(next_id, read));
+                let closed = CancellationToken::new();
+                inbound.push(reader(next_id, read, closed.clone()));
                 let authorized = gw.config.gateway_secret_key.is_empty();
-                peers.insert(next_id, Peer { write, authorized, addr });
+                peers.insert(next_id, Peer { write, authorized, addr, closed });
             }
         }
     }
 }
 
-/// The packets of one connection, then `None`; ends after [`IDLE`].
-fn reader(id: u64, read: OwnedReadHalf) -> BoxStream<'static, Inbound> {
+/// The packets of one connection, then `None`; ends after [`IDLE`], or
+/// when `closed` is cancelled.
+fn reader(id: u64, read: OwnedReadHalf, closed: CancellationToken) -> BoxStream<'static, Inbound> {
     let frames = FramedRead::new(read, GatewayCodec::new(MAX_PACKET));
     let packets = futures_util::stream::unfold(Some(frames), |state| async move {
         let mut frames = state?;
@@ -127,6 +130,7 @@ fn reader(id: u64, read: OwnedReadHalf) -> BoxStream<'static, Inbound> {
         }
     });
     packets
+        .take_until(closed.cancelled_owned())
         .map(move |item| (id, Some(item)))
         .chain(futures_util::stream::once(async move { (id, None) }))
         .boxed()
@@ -137,6 +141,8 @@ struct Peer {
     write: OwnedWriteHalf,
     authorized: bool,
     addr: SocketAddr,
+    /// Ends the reader when the connection is closed on an error.
+    closed: CancellationToken,
 }
 
 /// Handles packets for every connection.
