@@ -85,6 +85,12 @@ pub struct Config {
     #[arg(long, env = "GATECAST_MAX_MESSAGE_BYTES", default_value_t = 65536)]
     pub max_message_bytes: usize,
 
+    /// Most items in one list of a call (`client_ids`, `exclude_client_ids`,
+    /// `uids`, `groups`), from the API or from Redis; a push names at most
+    /// 100 groups whatever this says.
+    #[arg(long, env = "GATECAST_MAX_LIST_ITEMS", default_value_t = 10_000)]
+    pub max_list_items: usize,
+
     /// Frames queued for one client before it counts as too slow and is
     /// closed with 1013.
     #[arg(long, env = "GATECAST_CLIENT_QUEUE", default_value_t = 1024)]
@@ -233,6 +239,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), String> {
         if self.client_queue == 0 {
             return Err("--client-queue must be at least 1".into());
+        }
+        if self.max_list_items == 0 {
+            return Err("--max-list-items must be at least 1".into());
         }
         if self.client_queue_bytes == 0 {
             return Err("--client-queue-bytes must be at least 1".into());

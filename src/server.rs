@@ -143,6 +143,7 @@ pub async fn run_with(
                     "version": env!("CARGO_PKG_VERSION"),
                 }),
                 max_message_bytes: config.max_message_bytes,
+                max_list_items: config.max_list_items,
             };
             let engine =
                 RedisEngine::start(settings, node, hub.clone(), metrics.clone(), fatal.clone())

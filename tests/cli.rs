@@ -28,6 +28,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--welcome-frame", "GATECAST_WELCOME_FRAME"),
         ("--max-message-bytes", "GATECAST_MAX_MESSAGE_BYTES"),
         ("--client-queue", "GATECAST_CLIENT_QUEUE"),
+        ("--max-list-items", "GATECAST_MAX_LIST_ITEMS"),
         ("--client-queue-bytes", "GATECAST_CLIENT_QUEUE_BYTES"),
         ("--ping-interval", "GATECAST_PING_INTERVAL"),
         ("--ping-timeout", "GATECAST_PING_TIMEOUT"),

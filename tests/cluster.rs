@@ -267,6 +267,11 @@ async fn a_malformed_message_on_redis_is_counted_and_skipped() {
         .unwrap();
     let node_channel = format!("gatecast:node:{}", &a.id[..12]);
     let _: i64 = fred.publish(node_channel, bad_join.encode()).await.unwrap();
+    // A list longer than --max-list-items (10,000 by default).
+    let mut long = Envelope::new(Op::Push);
+    long.data = Some("long".into());
+    long.exclude = vec!["00000000000000000000".into(); 10_001];
+    let _: i64 = fred.publish("gatecast:all", long.encode()).await.unwrap();
     c.nodes[2]
         .ok("send_to_all", json!({"data": "next one"}))
         .await;
@@ -276,7 +281,7 @@ async fn a_malformed_message_on_redis_is_counted_and_skipped() {
         metric(
             &node.get_text("/metrics").await,
             "gatecast_pubsub_malformed_total",
-        ) >= 3.0
+        ) >= 4.0
     })
     .await;
     assert_eq!(node.get_status(false, "/readyz").await, 200);

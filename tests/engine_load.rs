@@ -427,7 +427,12 @@ async fn a_node_leaving_while_it_writes_leaves_no_key_behind() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_to_all_with_80k_client_ids_answers_in_time() {
     let _serial = SERIAL.lock().await;
-    let node = Node::start(&["--api-max-body-bytes", "8388608"]);
+    let node = Node::start(&[
+        "--api-max-body-bytes",
+        "8388608",
+        "--max-list-items",
+        "100000",
+    ]);
     let mut a = Client::connect(&node.ws_url("")).await;
     let mut b = Client::connect(&node.ws_url("")).await;
     let prefix = &a.id[..12];

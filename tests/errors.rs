@@ -18,6 +18,7 @@ engine_suite!(
     message_above_max_message_bytes_is_413,
     api_key_is_required_on_every_api_call,
     batch_carries_at_most_1000_commands,
+    lists_are_capped,
 );
 
 async fn bad_params_are_400_invalid_params(engine: Engine) {
@@ -317,4 +318,41 @@ async fn batch_carries_at_most_1000_commands(engine: Engine) {
         let got = api.call("batch", bad).await;
         assert_api_error(&what, &got, 400, "invalid_params");
     }
+}
+
+async fn lists_are_capped(engine: Engine) {
+    let c = Cluster::start(engine, &["--max-list-items", "3"]).await;
+    let mut a = c.client().await;
+    let api = c.api();
+    let four = json!([OFFLINE_ID, OFFLINE_ID, OFFLINE_ID, OFFLINE_ID]);
+    for (method, params) in [
+        ("send_to_all", json!({"data": "x", "client_ids": four})),
+        (
+            "send_to_all",
+            json!({"data": "x", "exclude_client_ids": four}),
+        ),
+        (
+            "send_to_uid",
+            json!({"data": "x", "uids": ["a", "b", "c", "d"]}),
+        ),
+        (
+            "send_to_group",
+            json!({"data": "x", "groups": ["a", "b", "c", "d"]}),
+        ),
+    ] {
+        let got = api.call(method, params.clone()).await;
+        assert_api_error(&format!("{method} {params}"), &got, 400, "invalid_params");
+    }
+    // At the cap is fine, and a repeated name counts once.
+    api.ok(
+        "send_to_all",
+        json!({"data": "three", "client_ids": [a.id, OFFLINE_ID, OFFLINE_ID]}),
+    )
+    .await;
+    a.expect_text("three").await;
+    api.ok(
+        "send_to_uid",
+        json!({"data": "x", "uids": ["a", "b", "c", "c"]}),
+    )
+    .await;
 }

@@ -185,23 +185,43 @@ fn parse<T: DeserializeOwned>(params: Value) -> Result<T, ApiError> {
     serde_json::from_value(params).map_err(|e| ApiError::invalid_params(e.to_string()))
 }
 
-/// Names from a singular and a plural parameter, at least one required.
+/// Most groups one push names: each group's channel gets the groups listed
+/// before it (a node delivers to a member from its first group only), so
+/// the bytes published grow with the square of this.
+pub const MAX_PUSH_GROUPS: usize = 100;
+
+/// Refuses a list longer than `max`.
+fn at_most<T>(list: &[T], max: usize, what: &str) -> Result<(), ApiError> {
+    if list.len() > max {
+        return Err(ApiError::invalid_params(format!(
+            "{what} lists at most {max} items, got {}",
+            list.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Names from a singular and a plural parameter, at least one required, at
+/// most `max`.
 fn names(
     one: Option<OneOrMany>,
     many: Option<OneOrMany>,
     what: &str,
+    max: usize,
 ) -> Result<Vec<String>, ApiError> {
     let mut all: Vec<String> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for name in one
         .into_iter()
         .chain(many)
         .flat_map(OneOrMany::into_strings)
     {
         // Each channel once: a repeated name would publish twice.
-        if !all.contains(&name) {
+        if seen.insert(name.clone()) {
             all.push(name);
         }
     }
+    at_most(&all, max, what)?;
     if all.is_empty() {
         return Err(ApiError::invalid_params(format!(
             "missing {what} or {what}s"
@@ -222,6 +242,7 @@ fn sessions_object(sessions: Vec<(ClientId, Session)>) -> Value {
 pub async fn call(gw: &Gateway, method: &str, params: Value) -> Result<Value, ApiError> {
     let engine = &gw.engine;
     let max = gw.config.max_message_bytes;
+    let items = gw.config.max_list_items;
     let params = match params {
         Value::Null => Value::Object(Map::new()),
         Value::Object(_) => params,
@@ -231,6 +252,12 @@ pub async fn call(gw: &Gateway, method: &str, params: Value) -> Result<Value, Ap
     Ok(match method {
         "send_to_all" => {
             let p: SendToAll = parse(params)?;
+            at_most(&p.exclude_client_ids, items, "exclude_client_ids")?;
+            at_most(
+                p.client_ids.as_deref().unwrap_or_default(),
+                items,
+                "client_ids",
+            )?;
             let target = match p.client_ids {
                 Some(ids) => Target::Clients(ids),
                 None => Target::All,
@@ -246,13 +273,14 @@ pub async fn call(gw: &Gateway, method: &str, params: Value) -> Result<Value, Ap
         }
         "send_to_uid" => {
             let p: SendToUid = parse(params)?;
-            let uids = names(p.uid, p.uids, "uid")?;
+            let uids = names(p.uid, p.uids, "uid", items)?;
             publish(gw, Target::Uids(uids), Vec::new(), p.data.required(max)?).await?;
             null
         }
         "send_to_group" => {
             let p: SendToGroup = parse(params)?;
-            let groups = names(p.group, p.groups, "group")?;
+            let groups = names(p.group, p.groups, "group", items.min(MAX_PUSH_GROUPS))?;
+            at_most(&p.exclude_client_ids, items, "exclude_client_ids")?;
             let message = p.data.required(max)?;
             publish(gw, Target::Groups(groups), p.exclude_client_ids, message).await?;
             null

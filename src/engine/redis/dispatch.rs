@@ -184,6 +184,14 @@ impl Shared {
         if envelope.origin == Some(self.node_name.as_str()) {
             return;
         }
+        let longest = [&envelope.client_ids, &envelope.exclude, &envelope.groups]
+            .iter()
+            .map(|l| l.len())
+            .max()
+            .unwrap_or(0);
+        if longest > self.settings.max_list_items {
+            return self.malformed(channel, "a list longer than --max-list-items");
+        }
         if let Err(reason) = self.dispatch(channel, envelope) {
             self.malformed(channel, reason);
         }

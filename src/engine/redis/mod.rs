@@ -72,6 +72,8 @@ pub struct RedisSettings {
     pub info: serde_json::Value,
     /// `--max-message-bytes`: larger pushes from Redis are refused too.
     pub max_message_bytes: usize,
+    /// `--max-list-items`: longer lists in envelopes from Redis are refused.
+    pub max_list_items: usize,
 }
 
 /// The Redis engine. Cheap to clone.
@@ -266,10 +268,21 @@ impl Engine for RedisEngine {
                 return s.publish_many(sends).await;
             }
             Target::Uids(uids) => channels.extend(uids.iter().map(|u| s.keys.uid_channel(u))),
+            Target::Groups(groups) if groups.len() > 1 => {
+                let delivered = s.hub.deliver(&push);
+                s.metrics.delivered(push.target.kind(), delivered);
+                s.check()?;
+                e.origin = Some(s.node_name.clone());
+                // Each group's channel carries the groups up to its own: a
+                // node delivers to a member from the first of its groups
+                // only, and needs nothing past the channel's group.
+                let sends = groups.iter().enumerate().map(|(i, g)| {
+                    e.groups = groups[..=i].to_vec();
+                    (s.keys.group_channel(g), e.encode())
+                });
+                return s.publish_many(sends.collect()).await;
+            }
             Target::Groups(groups) => {
-                if groups.len() > 1 {
-                    e.groups = groups.clone();
-                }
                 channels.extend(groups.iter().map(|g| s.keys.group_channel(g)));
             }
             Target::All => channels.push(s.keys.all_channel()),
