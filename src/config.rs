@@ -110,6 +110,12 @@ pub struct Config {
     #[arg(long, env = "GATECAST_PING_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub ping_timeout: Duration,
 
+    /// A frame or fragmented message from a client must arrive whole within
+    /// this (at least 100ms); past it the connection is closed with 1008 (a
+    /// client trickling bytes would otherwise hold its buffers for ever).
+    #[arg(long, env = "GATECAST_MESSAGE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub message_timeout: Duration,
+
     /// Time allowed for a graceful shutdown after SIGTERM/SIGINT (at least 1s).
     #[arg(long, env = "GATECAST_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
@@ -259,6 +265,7 @@ impl Config {
                 humantime::format_duration(self.ping_interval)
             ));
         }
+        at_least("--message-timeout", self.message_timeout, MIN_PING_INTERVAL)?;
         at_least("--node-heartbeat", self.node_heartbeat, MIN_NODE_HEARTBEAT)?;
         at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
         if self.client_jwt_secret.is_some() && self.client_jwt_public_key.is_some() {

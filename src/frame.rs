@@ -57,6 +57,8 @@ pub mod close_code {
     pub const INVALID_PAYLOAD: u16 = 1007;
     /// A message was larger than --max-message-bytes.
     pub const TOO_BIG: u16 = 1009;
+    /// Policy violation: a message that took too long to arrive.
+    pub const POLICY: u16 = 1008;
     /// The server could not serve the connection (engine failure).
     pub const INTERNAL_ERROR: u16 = 1011;
     /// The client read too slowly and its queue overflowed.
@@ -122,6 +124,9 @@ const fn violation(code: u16, reason: &'static str) -> ProtocolViolation {
     ProtocolViolation { code, reason }
 }
 
+/// The longest frame header (2 bytes, 8 of length, 4 of mask).
+const MAX_HEADER: usize = 14;
+
 /// Incremental parser of client frames.
 ///
 /// Holds bytes only while a frame or a fragmented message is incomplete; an
@@ -158,7 +163,22 @@ impl Reader {
                 self.partial = buf;
             }
         }
+        // What a connection may hold of an unfinished message, whatever the
+        // mix of partial frame and fragments: one message and a header.
+        if self.buffered() > max_message + MAX_HEADER {
+            return Err(violation(close_code::TOO_BIG, "message too big"));
+        }
         Ok(())
+    }
+
+    /// Bytes held for an unfinished frame or message.
+    pub fn buffered(&self) -> usize {
+        self.partial.len() + self.fragments.as_ref().map_or(0, |(_, f)| f.len())
+    }
+
+    /// Whether a frame or a fragmented message has begun and not ended.
+    pub fn is_incomplete(&self) -> bool {
+        !self.partial.is_empty() || self.fragments.is_some()
     }
 
     fn parse_all(

@@ -52,6 +52,9 @@ pub struct Outbox {
     woken: AtomicBool,
     /// Milliseconds (on the hub's clock) of the last frame from the client.
     last_seen: AtomicU64,
+    /// Since when (hub clock, ms + 1; 0 = not) the client has left a frame
+    /// or a message unfinished.
+    incomplete_since: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -208,6 +211,24 @@ impl Outbox {
     /// When the client last sent anything, in ms on the hub's clock.
     pub fn last_seen(&self) -> u64 {
         self.last_seen.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the client has a frame or message unfinished, from
+    /// `now_ms`; the first moment counts.
+    pub fn set_incomplete(&self, incomplete: bool, now_ms: u64) {
+        if !incomplete {
+            self.incomplete_since.store(0, Ordering::Relaxed);
+        } else if self.incomplete_since.load(Ordering::Relaxed) == 0 {
+            self.incomplete_since.store(now_ms + 1, Ordering::Relaxed);
+        }
+    }
+
+    /// Since when the client has left a frame or message unfinished.
+    pub fn incomplete_since(&self) -> Option<u64> {
+        match self.incomplete_since.load(Ordering::Relaxed) {
+            0 => None,
+            t => Some(t - 1),
+        }
     }
 
     /// Frames waiting to be written.

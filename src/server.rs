@@ -393,10 +393,12 @@ async fn serve_public(mut listener: Acceptor, router: Router, stop: Cancellation
 async fn ping_sweeper(gw: Arc<Gateway>, stop: CancellationToken) {
     let interval = gw.config.ping_interval;
     let timeout = gw.config.ping_timeout;
+    let message_timeout = gw.config.message_timeout;
     // Check timeouts often enough to honour them within a quarter of their
     // length, and ping on every `interval`.
     let tick = interval
         .min(timeout / 4)
+        .min(message_timeout / 4)
         .max(std::time::Duration::from_millis(10));
     let ping = frame::encode(frame::Opcode::Ping, b"");
     let mut ticker = tokio::time::interval(tick);
@@ -415,7 +417,7 @@ async fn ping_sweeper(gw: Arc<Gateway>, stop: CancellationToken) {
         gw.hub.sweep(
             send_ping.then_some(&ping),
             timeout.as_millis() as u64,
-            frame::close_code::NORMAL,
+            message_timeout.as_millis() as u64,
         );
     }
 }

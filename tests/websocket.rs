@@ -624,3 +624,60 @@ fn welcome_frame_without_the_placeholder_is_refused_at_start() {
         assert!(stderr.contains("{client_id}"), "{stderr}");
     }
 }
+
+/// Sends a byte of an unfinished frame every `every` and reads what the
+/// server sends meanwhile, until it closes; the close code.
+async fn trickle_until_closed(raw: &mut RawClient, every: std::time::Duration) -> Option<u16> {
+    let deadline = tokio::time::Instant::now() + common::WAIT;
+    while tokio::time::Instant::now() < deadline {
+        raw.send_bytes(b"x").await;
+        match tokio::time::timeout(every, raw.read_frame()).await {
+            Ok(Some(frame)) if frame.opcode == 8 => return frame.close_code(),
+            Ok(None) => return None,
+            _ => {}
+        }
+    }
+    panic!("still open after {:?}", common::WAIT)
+}
+
+/// A client that trickles a message one byte at a time holds its buffers
+/// only until `--message-timeout`: closed with 1008, though bytes keep
+/// coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_trickled_byte_by_byte_is_closed_with_1008() {
+    let node = common::Node::start(&["--message-timeout", "1s"]);
+    let mut raw = RawClient::connect(node.public, "/ws", &[])
+        .await
+        .expect("101");
+    raw.read_frame().await.expect("welcome frame");
+    // A 64 KiB non-final fragment, then a continuation of 200 bytes sent a
+    // byte at a time: the message never completes.
+    raw.send_frame(false, 1, &vec![b'a'; 65_000]).await;
+    raw.send_bytes(&[0x80, 0x80 | 126, 0, 200, 1, 2, 3, 4])
+        .await;
+    let code = trickle_until_closed(&mut raw, std::time::Duration::from_millis(200)).await;
+    assert_eq!(code, Some(1008));
+}
+
+/// Bytes alone are not activity: a client that sends part of a frame every
+/// 100 ms but never a whole one is closed by the ping timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_without_a_whole_frame_do_not_keep_a_client_alive() {
+    let node = common::Node::start(&[
+        "--ping-interval",
+        "200ms",
+        "--ping-timeout",
+        "600ms",
+        "--message-timeout",
+        "60s",
+    ]);
+    let mut raw = RawClient::connect(node.public, "/ws", &[])
+        .await
+        .expect("101");
+    raw.read_frame().await.expect("welcome frame");
+    // The header of a 200-byte text frame, then its payload a byte at a time.
+    raw.send_bytes(&[0x81, 0x80 | 126, 0, 200, 1, 2, 3, 4])
+        .await;
+    let code = trickle_until_closed(&mut raw, std::time::Duration::from_millis(100)).await;
+    assert_eq!(code, Some(1000), "closed by the ping timeout");
+}

@@ -21,6 +21,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::RwLock;
 
+use crate::frame::close_code;
 use crate::ids::ClientId;
 use crate::outbox::{Limits, Outbox};
 use crate::session::{self, Session};
@@ -274,13 +275,20 @@ impl Hub {
     }
 
     /// Sends `ping` to every connection and closes those silent for longer
-    /// than `timeout_ms` (with `timeout_frame`'s code).
-    pub fn sweep(&self, ping: Option<&Bytes>, timeout_ms: u64, timeout_code: u16) {
+    /// than `timeout_ms` (code 1000) and those that left a frame or message
+    /// unfinished for longer than `message_timeout_ms` (code 1008).
+    pub fn sweep(&self, ping: Option<&Bytes>, timeout_ms: u64, message_timeout_ms: u64) {
         let now = self.now_ms();
         for shard in self.shards.iter() {
             for local in shard.read().conns.values() {
-                if now.saturating_sub(local.outbox.last_seen()) > timeout_ms {
-                    local.outbox.close(timeout_code, "ping timeout", true);
+                let outbox = &local.outbox;
+                let slow = outbox
+                    .incomplete_since()
+                    .is_some_and(|t| now.saturating_sub(t) > message_timeout_ms);
+                if slow {
+                    outbox.close(close_code::POLICY, "message too slow", true);
+                } else if now.saturating_sub(outbox.last_seen()) > timeout_ms {
+                    outbox.close(close_code::NORMAL, "ping timeout", true);
                 } else if let Some(ping) = ping {
                     let _ = local.outbox.push(ping.clone(), &self.limits);
                 }

@@ -367,7 +367,9 @@ impl Connection<'_> {
 
     fn handle_bytes(&mut self, data: &[u8]) -> io::Result<ReadOutcome> {
         let gw = self.gw;
-        self.outbox.touch(gw.hub.now_ms());
+        // Only whole frames count as activity: a client trickling one byte
+        // at a time does not keep its connection alive.
+        let now = gw.hub.now_ms();
         let mut client_closed = false;
         let outbox = self.outbox;
         let limits = gw.hub.limits();
@@ -383,6 +385,7 @@ impl Connection<'_> {
         let result = self
             .reader
             .feed(data, gw.config.max_message_bytes, &mut |message| {
+                outbox.touch(now);
                 match message {
                     Incoming::Ping(payload) => {
                         let _ = outbox.push(frame::encode(Opcode::Pong, &payload), limits);
@@ -415,6 +418,7 @@ impl Connection<'_> {
                     }
                 }
             });
+        outbox.set_incomplete(self.reader.is_incomplete(), now);
         if let Err(violation) = result {
             tracing::debug!(
                 code = violation.code,
