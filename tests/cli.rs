@@ -32,6 +32,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--client-queue-bytes", "GATECAST_CLIENT_QUEUE_BYTES"),
         ("--ping-interval", "GATECAST_PING_INTERVAL"),
         ("--ping-timeout", "GATECAST_PING_TIMEOUT"),
+        ("--message-timeout", "GATECAST_MESSAGE_TIMEOUT"),
         ("--shutdown-grace", "GATECAST_SHUTDOWN_GRACE"),
         ("--node-heartbeat", "GATECAST_NODE_HEARTBEAT"),
         ("--api-max-body-bytes", "GATECAST_API_MAX_BODY_BYTES"),
