@@ -80,6 +80,23 @@ pub struct Config {
     #[arg(long, env = "GATECAST_WELCOME_FRAME", default_value = WelcomeFrame::DEFAULT, value_parser = WelcomeFrame::parse)]
     pub welcome_frame: WelcomeFrame,
 
+    /// Most WebSocket connections this node holds; more are refused with
+    /// 503 before the upgrade. 0: no limit.
+    #[arg(long, env = "GATECAST_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Most WebSocket connections from one client address; more are refused
+    /// with 429. 0 (the default): no limit. Behind a proxy, set
+    /// --trusted-proxies, else every client shares the proxy's address.
+    #[arg(long, env = "GATECAST_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Proxies (addresses or CIDR ranges, comma-separated) whose
+    /// X-Forwarded-For is believed for the client's address; from anyone
+    /// else the header is ignored.
+    #[arg(long, env = "GATECAST_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_net)]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+
     /// Largest WebSocket message, both ways, in bytes. A larger client frame
     /// closes the connection with 1009; a larger push is refused with 413.
     #[arg(long, env = "GATECAST_MAX_MESSAGE_BYTES", default_value_t = 65536)]
@@ -299,6 +316,13 @@ impl Config {
             .or_else(default_route_ipv4)
             .unwrap_or(Ipv4Addr::LOCALHOST)
     }
+}
+
+/// An address or a CIDR range (`10.0.0.0/8`, `192.0.2.7`).
+fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address or a CIDR range"))
 }
 
 /// The local address the kernel would use for the default route. A UDP

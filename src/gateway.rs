@@ -15,6 +15,7 @@ use crate::ids::IdMinter;
 use crate::metrics::Metrics;
 use crate::task::Fatal;
 use crate::ws::auth::ClientAuth;
+use crate::ws::limits::ConnectionLimits;
 
 /// Everything a request or a connection task needs, behind one `Arc`.
 pub struct Gateway {
@@ -34,6 +35,8 @@ pub struct Gateway {
     pub events: Option<Events>,
     /// Connection tasks, so shutdown can wait for them.
     pub connections: TaskTracker,
+    /// Open connections per node and per client address.
+    pub limits: Arc<ConnectionLimits>,
     /// Tripped by a critical background task that failed: the node stops.
     /// Parts that spawn such tasks (the engine) take a clone.
     pub fatal: Fatal,
@@ -54,6 +57,10 @@ impl Gateway {
         events: Option<Events>,
         fatal: Fatal,
     ) -> Self {
+        let limits = Arc::new(ConnectionLimits::new(
+            config.max_connections,
+            config.max_connections_per_ip,
+        ));
         Gateway {
             config,
             hub,
@@ -62,6 +69,7 @@ impl Gateway {
             metrics,
             client_auth,
             events,
+            limits,
             connections: TaskTracker::new(),
             fatal,
             draining: AtomicBool::new(false),

@@ -40,6 +40,8 @@ pub struct Metrics {
     pub connections: Gauge,
     /// WebSocket connections accepted since start.
     pub connections_opened: Counter,
+    /// WebSocket connections refused by a limit, by reason.
+    pub connections_refused: Family<ReasonLabel, Counter>,
     /// Messages received from clients.
     pub messages_in: Counter,
     /// Messages queued to local clients, by target kind.
@@ -97,6 +99,7 @@ impl Metrics {
         let m = Metrics {
             connections: Gauge::default(),
             connections_opened: Counter::default(),
+            connections_refused: Family::default(),
             messages_in: Counter::default(),
             messages_out: Family::default(),
             pushes: Family::default(),
@@ -129,6 +132,11 @@ impl Metrics {
             "connections_opened",
             "WebSocket connections accepted",
             m.connections_opened.clone(),
+        );
+        r.register(
+            "connections_refused",
+            "WebSocket connections refused by a limit, by reason",
+            m.connections_refused.clone(),
         );
         r.register(
             "messages_in",

@@ -356,16 +356,27 @@ async fn serve(listener: Acceptor, router: Router, stop: CancellationToken) {
 /// private type: the WebSocket task needs the `TcpStream` itself back after
 /// the upgrade (see `ws::connection`).
 async fn serve_public(mut listener: Acceptor, router: Router, stop: CancellationToken) {
-    let service = hyper_util::service::TowerToHyperService::new(router);
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         // Failed accepts (out of descriptors...) are counted, logged and
         // retried inside `Acceptor`.
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
-        let service = service.clone();
+        // The peer's address, for the per-address limits (`ConnectInfo`).
+        let with_peer = tower::util::MapRequestLayer::new(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                request
+            },
+        );
+        let service = hyper_util::service::TowerToHyperService::new(tower::Layer::layer(
+            &with_peer,
+            router.clone(),
+        ));
         let stop = stop.clone();
         connections.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()

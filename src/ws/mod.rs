@@ -3,10 +3,13 @@
 
 pub mod auth;
 pub mod connection;
+pub mod limits;
 
 use std::sync::Arc;
 
-use axum::extract::{Query, Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -39,6 +42,7 @@ pub struct WsQuery {
 /// connection task.
 pub async fn upgrade(
     State(gw): State<Arc<Gateway>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Query(query): Query<WsQuery>,
     headers: HeaderMap,
     mut request: Request,
@@ -46,6 +50,11 @@ pub async fn upgrade(
     if gw.is_draining() {
         return ApiError::unavailable("the node is shutting down").into_response();
     }
+    let ip = limits::client_ip(peer.ip(), &headers, &gw.config.trusted_proxies);
+    let admitted = match gw.limits.admit(ip) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refuse(&gw, refused),
+    };
     let key = match handshake_key(&headers) {
         Ok(key) => key,
         Err(response) => return *response,
@@ -78,6 +87,8 @@ pub async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_gw = gw.clone();
     let task = async move {
+        // Holds the connection's place in the limits for its whole life.
+        let _admitted = admitted;
         let upgraded = match on_upgrade.await {
             Ok(upgraded) => upgraded,
             Err(e) => {
@@ -103,6 +114,29 @@ pub async fn upgrade(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
         .body(axum::body::Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The answer to a connection over a limit, counted.
+fn refuse(gw: &Gateway, refused: limits::Refused) -> Response {
+    let (reason, error) = match refused {
+        limits::Refused::Node => (
+            "node_full",
+            ApiError::unavailable("this node holds --max-connections connections"),
+        ),
+        limits::Refused::Address => (
+            "address_full",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many connections from this address",
+            ),
+        ),
+    };
+    gw.metrics
+        .connections_refused
+        .get_or_create(&crate::metrics::ReasonLabel { reason })
+        .inc();
+    error.into_response()
 }
 
 /// Checks the upgrade headers (RFC 6455 section 4.2.1); returns the key.
