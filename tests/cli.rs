@@ -30,7 +30,10 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--client-queue", "GATECAST_CLIENT_QUEUE"),
         ("--max-list-items", "GATECAST_MAX_LIST_ITEMS"),
         ("--max-connections", "GATECAST_MAX_CONNECTIONS"),
-        ("--max-connections-per-ip", "GATECAST_MAX_CONNECTIONS_PER_IP"),
+        (
+            "--max-connections-per-ip",
+            "GATECAST_MAX_CONNECTIONS_PER_IP",
+        ),
         ("--trusted-proxies", "GATECAST_TRUSTED_PROXIES"),
         ("--client-queue-bytes", "GATECAST_CLIENT_QUEUE_BYTES"),
         ("--ping-interval", "GATECAST_PING_INTERVAL"),

@@ -337,12 +337,15 @@ async fn redis_restarted_empty_gets_thousands_of_connections_back_within_5s() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // Every group and every uid channel is followed again.
-    n[1].ok(
-        "send_to_group",
-        json!({"groups": groups, "data": "groups back"}),
-    )
-    .await;
+    // Every group and every uid channel is followed again (a push names
+    // at most 100 groups: two pushes, each client in one of them).
+    for half in groups.chunks(100) {
+        n[1].ok(
+            "send_to_group",
+            json!({"groups": half, "data": "groups back"}),
+        )
+        .await;
+    }
     each_gets(&mut clients, "groups back").await;
     let uids: Vec<String> = (0..2000).map(|i| format!("u{i}")).collect();
     n[0].ok("send_to_uid", json!({"uids": uids, "data": "uids back"}))
