@@ -29,7 +29,6 @@ pub mod metrics;
 pub mod name;
 pub mod outbox;
 pub mod push;
-pub mod register;
 pub mod server;
 pub mod session;
 pub mod task;

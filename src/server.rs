@@ -21,11 +21,11 @@ use crate::events::{Events, Sink};
 use crate::fd_limit;
 use crate::frame;
 use crate::gateway::Gateway;
+use crate::gatewayworker::register;
 use crate::hub::Hub;
 use crate::ids::{IdMinter, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Limits;
-use crate::register;
 use crate::task::{spawn_critical, Fatal};
 use crate::ws::{self, auth::ClientAuth};
 

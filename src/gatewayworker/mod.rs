@@ -23,11 +23,13 @@
 //! - [`protocol`]: the binary gateway packet, its command codes and flags, and
 //!   the length-prefixed replies GatewayClient reads.
 //!
-//! - [`inner`]: the gateway protocol served on the inner port.
+//! - [`inner`]: the gateway protocol served on the inner port;
+//! - [`register`]: the Register's protocol (`--register-listen`).
 
 pub mod inner;
 pub mod php;
 pub mod protocol;
+pub mod register;
 
 #[cfg(test)]
 mod php_cli;
