@@ -57,10 +57,12 @@ pub struct Config {
     pub redis_prefix: String,
 
     /// When set, every /api/ request must carry `Authorization: Bearer <key>`.
+    /// At least 16 bytes, and not a known placeholder such as `change-me`.
     #[arg(long, env = "GATECAST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
     /// HS256 secret: WebSocket clients must present a valid JWT as ?token=.
+    /// At least 16 bytes, and not a known placeholder such as `change-me`.
     #[arg(long, env = "GATECAST_CLIENT_JWT_SECRET", hide_env_values = true)]
     pub client_jwt_secret: Option<String>,
 
@@ -215,6 +217,63 @@ pub const MIN_PING_TIMEOUT: Duration = Duration::from_millis(500);
 pub const MIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// `Err` naming `flag` when `value` is below `min`.
+/// The shortest API key or HS256 secret accepted: a shorter one can be
+/// guessed, and an HS256 secret anyone guesses lets them mint any token.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Values that deployment files and docs have shipped as placeholders (and
+/// the usual ones): a secret that is one of these, ignoring case and the
+/// characters `-`, `_`, `.`, ` `, is refused even when long enough, since
+/// anyone who read the files knows it. One that contains a word of
+/// [`PLACEHOLDER_WORDS`] is refused too ("change-me-in-production").
+const PLACEHOLDER_SECRETS: &[&str] = &[
+    "changeme",
+    "changeit",
+    "changemeplease",
+    "secret",
+    "password",
+    "example",
+    "placeholder",
+    "replaceme",
+    "replacemewithalongrandomapikey",
+    "replacemewithalongrandomjwtsecret",
+    "yourapikey",
+    "yoursecret",
+    "yourjwtsecret",
+    "apikey",
+    "jwtsecret",
+    "test",
+    "todo",
+];
+
+const PLACEHOLDER_WORDS: &[&str] = &["changeme", "replaceme", "placeholder"];
+
+/// Refuses a secret that is short or a known placeholder, naming the flag.
+fn strong_secret(flag: &str, value: &str) -> Result<(), String> {
+    let folded: String = value
+        .chars()
+        .filter(|c| !matches!(c, '-' | '_' | '.' | ' '))
+        .flat_map(char::to_lowercase)
+        .collect();
+    if PLACEHOLDER_SECRETS.contains(&folded.as_str())
+        || PLACEHOLDER_WORDS.iter().any(|word| folded.contains(word))
+    {
+        // The value itself is not echoed: it may be a real secret.
+        return Err(format!(
+            "{flag} is a placeholder value that deployment files and docs ship: \
+             generate a random one, e.g. `openssl rand -hex 32`"
+        ));
+    }
+    if value.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "{flag} must be at least {MIN_SECRET_BYTES} bytes (got {}): generate a \
+             random one, e.g. `openssl rand -hex 32`",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
 fn at_least(flag: &str, value: Duration, min: Duration) -> Result<(), String> {
     if value < min {
         return Err(format!(
@@ -252,6 +311,12 @@ impl Config {
         }
         at_least("--node-heartbeat", self.node_heartbeat, MIN_NODE_HEARTBEAT)?;
         at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
+        if let Some(key) = &self.api_key {
+            strong_secret("--api-key", key)?;
+        }
+        if let Some(secret) = &self.client_jwt_secret {
+            strong_secret("--client-jwt-secret", secret)?;
+        }
         if self.client_jwt_secret.is_some() && self.client_jwt_public_key.is_some() {
             return Err("set --client-jwt-secret or --client-jwt-public-key, not both".into());
         }

@@ -126,3 +126,41 @@ fn durations_too_short_to_work_are_refused_at_start() {
         );
     }
 }
+
+/// A placeholder or short API key or HS256 secret is refused at start,
+/// naming the option: applied as shipped, a public JWT secret lets anyone
+/// mint tokens for any user.
+#[test]
+fn placeholder_and_short_secrets_are_refused_naming_the_option() {
+    for (env, flag) in [
+        ("GATECAST_API_KEY", "--api-key"),
+        ("GATECAST_CLIENT_JWT_SECRET", "--client-jwt-secret"),
+    ] {
+        for (value, why) in [
+            ("change-me", "placeholder"),
+            ("changeme", "placeholder"),
+            ("CHANGE_ME", "placeholder"),
+            ("secret", "placeholder"),
+            ("example", "placeholder"),
+            ("REPLACE-ME-with-a-long-random-api-key", "placeholder"),
+            ("REPLACE-ME-with-a-long-random-jwt-secret", "placeholder"),
+            ("change-me-in-production-please", "placeholder"),
+            ("s3cret", "at least 16 bytes"),
+            ("0123456789abcde", "at least 16 bytes"),
+        ] {
+            let out = gatecast()
+                .env(env, value)
+                .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+                .args(["--inner-listen", "127.0.0.1:0"])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{env}={value} was accepted");
+            assert!(stderr.contains(flag), "{env}={value}: {stderr}");
+            assert!(stderr.contains(why), "{env}={value}: {stderr}");
+            if why == "placeholder" && value.len() >= 16 {
+                assert!(!stderr.contains(value), "the value is not echoed: {stderr}");
+            }
+        }
+    }
+}
