@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 import tomllib
 
@@ -172,6 +173,25 @@ def kustomization(directory: str) -> None:
     top = {f for f in os.listdir(directory) if f.endswith((".yaml", ".yml")) and f != "kustomization.yaml"}
     for f in sorted(top - set(resources)):
         err(f"kustomization: {f} is not listed in resources")
+    # No Secret with values ships: applied as-is, a committed secret is public.
+    for r in resources:
+        with open(os.path.join(directory, r), encoding="utf-8") as fh:
+            for doc in yaml.safe_load_all(fh):
+                if doc and doc.get("kind") == "Secret" and (doc.get("data") or doc.get("stringData")):
+                    err(f"kustomization: {r} ships Secret values; use a secretGenerator from a git-ignored file")
+    for gen in k.get("secretGenerator", []):
+        sources = list(gen.get("envs", [])) + [f.split("=", 1)[-1] for f in gen.get("files", [])]
+        if gen.get("literals"):
+            err(f"kustomization: secretGenerator {gen.get('name')} has literals (values in git)")
+        for src in sources:
+            path = os.path.join(directory, src)
+            ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path]).returncode == 0
+            tracked = subprocess.run(["git", "ls-files", "--error-unmatch", path],
+                                     capture_output=True).returncode == 0
+            if not ignored or tracked:
+                err(f"kustomization: secretGenerator source {path} must be git-ignored and untracked")
+            if not os.path.exists(path + ".example"):
+                err(f"kustomization: {path}.example (how to create {src}) is missing")
     images = set()
     for r in resources:
         with open(os.path.join(directory, r), encoding="utf-8") as fh:
