@@ -119,6 +119,9 @@ redis.url. Empty means the single-node in-process engine.
 {{- if and (not $redis) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "several replicas need Redis: set redis.url, redis.existingSecret or redis.inChart.enabled (without Redis, run replicaCount=1 with autoscaling.enabled=false)" }}
 {{- end }}
+{{- if and .Values.auth.clientJwtSecret .Values.auth.clientJwtPublicKey }}
+{{- fail "auth.clientJwtSecret (HS256) and auth.clientJwtPublicKey (RS256/ES256) are both set: gatecast accepts one, choose one" }}
+{{- end }}
 {{- if and .Values.redis.inChart.enabled (or .Values.redis.url .Values.redis.existingSecret) }}
 {{- fail "redis.inChart.enabled conflicts with redis.url / redis.existingSecret: choose one" }}
 {{- end }}
