@@ -16,6 +16,7 @@ k8s/). Besides what a schema can check, it verifies that:
     status.podIP, and the restricted security context;
   - with GATECAST_REGISTER_LISTEN (GatewayWorker's Register), a named port
     `register` that matches it, kept inside the cluster like api and inner;
+  - no ConfigMap holds a Redis URL with credentials (user:password@);
   - every object has a namespace other than "default".
 
 ServiceMonitor (monitoring.coreos.com/v1) is a CRD that kubernetes-validate
@@ -143,6 +144,11 @@ def main() -> int:
             err(f"GATECAST_REGISTER_LISTEN={register} does not match containerPort register={port_names['register']}")
     elif "register" in port_names:
         err("the container has a 'register' port but GATECAST_REGISTER_LISTEN is not set")
+
+    for cm in by_kind.get("ConfigMap", []):
+        url = str((cm.get("data") or {}).get("GATECAST_REDIS_URL", ""))
+        if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+            err(f"{ident(cm)} holds a Redis URL with credentials: keep it in a Secret")
 
     adv = env.get("GATECAST_ADVERTISE_IP")
     if not (isinstance(adv, dict) and adv.get("fieldRef", {}).get("fieldPath") == "status.podIP"):
