@@ -11,7 +11,8 @@ k8s/). Besides what a schema can check, it verifies that:
   - referenced ConfigMaps, Secrets and ServiceAccounts exist in the set
     (a Secret the set does not create is reported as external, not an error);
   - the gateway container: probes /readyz (readiness) and /healthz (liveness)
-    on the public port, a preStop sleep, terminationGracePeriodSeconds above
+    on the public port, a preStop sleep of 10s or more, memory request =
+    limit, terminationGracePeriodSeconds above
     preStop + GATECAST_SHUTDOWN_GRACE, GATECAST_ADVERTISE_IP from
     status.podIP, and the restricted security context;
   - with GATECAST_REGISTER_LISTEN (GatewayWorker's Register), a named port
@@ -38,6 +39,8 @@ import yaml
 INTERNAL_PORTS = ("api", "inner", "register")
 
 CRD_GROUPS = ("monitoring.coreos.com/",)
+# Seconds a cloud load balancer may take to stop sending to a deleted pod.
+MIN_PRE_STOP = 10
 errors: list[str] = []
 notes: list[str] = []
 
@@ -169,6 +172,9 @@ def main() -> int:
         pre_stop = 0.0
     else:
         pre_stop = float(cmd[1])
+    if pre_stop < MIN_PRE_STOP:
+        err(f"preStop sleep {pre_stop:g}s is shorter than a cloud load balancer takes to "
+            f"deregister a target: at least {MIN_PRE_STOP}s")
     grace = duration_seconds(str(env.get("GATECAST_SHUTDOWN_GRACE", "20s")))
     tgps = spec.get("terminationGracePeriodSeconds", 30)
     if tgps <= pre_stop + grace:
@@ -190,6 +196,11 @@ def main() -> int:
     for field in ("cpu", "memory"):
         if field not in container.get("resources", {}).get("requests", {}):
             err(f"resources.requests.{field} missing")
+    res = container.get("resources", {})
+    mem_req, mem_lim = res.get("requests", {}).get("memory"), res.get("limits", {}).get("memory")
+    if mem_lim is not None and str(mem_req) != str(mem_lim):
+        err(f"memory request {mem_req} != limit {mem_lim}: a Burstable pod is evicted first "
+            "under memory pressure (every client reconnects)")
     sa = spec.get("serviceAccountName")
     if sa and sa != "default" and sa not in names.get("ServiceAccount", set()):
         notes.append(f"ServiceAccount {sa!r} is not in the set (external)")
