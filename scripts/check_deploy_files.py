@@ -51,6 +51,20 @@ def dockerfile() -> None:
             err(f"the build stage should be `FROM rust:1.95-bookworm AS ...`, got {froms[0]!r}")
         if not froms[-1].startswith("debian:bookworm-slim"):
             err(f"the runtime stage should be debian:bookworm-slim, got {froms[-1]!r}")
+    # Dependencies compile in a layer of their own: a `cargo build` before
+    # the sources are copied (after only the manifests and the lockfile).
+    first_src = next((n for n, (i, a) in enumerate(instr)
+                      if i == "COPY" and not a.startswith("--from") and
+                      any(t in (".", "src", "src/", "./") for t in a.split()[:-1])), None)
+    first_build = next((n for n, (i, a) in enumerate(instr) if i == "RUN" and "cargo build" in a), None)
+    if first_build is None or first_src is None or first_build > first_src:
+        err("the Dockerfile must compile the dependencies before copying the sources "
+            "(a dependency-only stage from Cargo.toml + Cargo.lock), or every CI build recompiles them")
+    else:
+        pre = " ".join(a for i, a in instr[:first_build] if i == "COPY")
+        for need in ("Cargo.toml", "Cargo.lock", "emitter/Cargo.toml", "bench/Cargo.toml"):
+            if need not in pre:
+                err(f"the dependency stage does not copy {need}")
     runs = " ".join(a for i, a in instr if i == "RUN")
     m = re.search(r"cargo build ([^&;]*)", runs)
     if not m or "--release" not in m.group(1) or "--locked" not in m.group(1):
