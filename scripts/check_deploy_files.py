@@ -125,6 +125,10 @@ def compose(config_json: str) -> None:
             err(f"compose: {name} sets GATECAST_ADVERTISE_IP; each replica must advertise its own container IP")
         if s.get("ports"):
             err(f"compose: {name} publishes ports itself; only the load balancer should")
+        nofile = (s.get("ulimits") or {}).get("nofile") or {}
+        hard = nofile.get("hard", nofile) if isinstance(nofile, dict) else nofile
+        if not isinstance(hard, int) or hard < 65536:
+            err(f"compose: {name} needs ulimits nofile >= 65536 (one descriptor per WebSocket), got {nofile or 'none'}")
     if replicas != 3:
         err(f"compose: {replicas} gatecast replicas, expected 3")
     lbs = [s for s in svcs.values() if str(s.get("image", "")).startswith("nginx")]

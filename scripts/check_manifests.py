@@ -159,6 +159,13 @@ def main() -> int:
     if "GATECAST_API_KEY" not in env:
         err("GATECAST_API_KEY is not set")
 
+    image = str(container.get("image", ""))
+    tagged = "@sha256:" in image or (":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"))
+    if tagged and container.get("imagePullPolicy") == "Always":
+        err(f"imagePullPolicy Always on a fixed image ({image}): a registry outage blocks scale-out; use IfNotPresent")
+    if dep["spec"].get("minReadySeconds", 0) < 5:
+        err("Deployment minReadySeconds under 5: a pod that fails right after start takes the next one's clients")
+
     # Probes and drain.
     rp = container.get("readinessProbe", {}).get("httpGet", {})
     lp = container.get("livenessProbe", {}).get("httpGet", {})
@@ -240,6 +247,9 @@ def main() -> int:
             err(f"{ident(h)} does not target the gatecast Deployment")
         if h["spec"].get("minReplicas", 1) > h["spec"]["maxReplicas"]:
             err(f"{ident(h)}: minReplicas > maxReplicas")
+        up = (h["spec"].get("behavior") or {}).get("scaleUp") or {}
+        if up.get("stabilizationWindowSeconds", 0) < 60:
+            err(f"{ident(h)}: scale-up stabilization under 60s: a scale-in's reconnect spike scales up again")
     if hpas and "replicas" in dep["spec"]:
         err("the Deployment sets replicas although an HPA owns the count")
 
@@ -253,6 +263,15 @@ def main() -> int:
             for name in ("http", *INTERNAL_PORTS):
                 if name in port_names and port_names[name] not in allowed and name not in allowed:
                     err(f"{ident(n)} blocks the {name} port")
+            internal = {port_names[k] for k in INTERNAL_PORTS if k in port_names} | set(INTERNAL_PORTS)
+            for rule in n["spec"].get("ingress", []):
+                if not {p.get("port") for p in rule.get("ports", [])} & internal:
+                    continue
+                peers = rule.get("from")
+                if not peers or any(p.get("namespaceSelector") == {} and not p.get("podSelector")
+                                    for p in peers):
+                    err(f"{ident(n)} opens the internal ports to every namespace: "
+                        "default to the release's namespace (podSelector: {})")
         elif not any(matches(sel, d["spec"]["template"]["metadata"]["labels"]) for d in by_kind.get("Deployment", [])):
             err(f"{ident(n)} selects no pods of the set")
 
