@@ -14,7 +14,8 @@ k8s/). Besides what a schema can check, it verifies that:
     on the public port, a preStop sleep of 10s or more, memory request =
     limit, terminationGracePeriodSeconds above
     preStop + GATECAST_SHUTDOWN_GRACE, GATECAST_ADVERTISE_IP from
-    status.podIP, and the restricted security context;
+    status.podIPs (status.podIP is IPv6 on an IPv6-primary dual-stack
+    cluster), and the restricted security context;
   - with GATECAST_REGISTER_LISTEN (GatewayWorker's Register), a named port
     `register` that matches it, kept inside the cluster like api and inner;
   - no ConfigMap holds a Redis URL with credentials (user:password@);
@@ -154,8 +155,9 @@ def main() -> int:
             err(f"{ident(cm)} holds a Redis URL with credentials: keep it in a Secret")
 
     adv = env.get("GATECAST_ADVERTISE_IP")
-    if not (isinstance(adv, dict) and adv.get("fieldRef", {}).get("fieldPath") == "status.podIP"):
-        err("GATECAST_ADVERTISE_IP must come from the downward API (status.podIP)")
+    if not (isinstance(adv, dict) and adv.get("fieldRef", {}).get("fieldPath") == "status.podIPs"):
+        err("GATECAST_ADVERTISE_IP must come from the downward API (status.podIPs: gatecast takes "
+            "the IPv4 address; status.podIP is IPv6 on IPv6-primary dual-stack clusters)")
     if "GATECAST_API_KEY" not in env:
         err("GATECAST_API_KEY is not set")
 

@@ -43,8 +43,9 @@ pub struct Config {
 
     /// IPv4 address other nodes and tools reach this node at; part of every
     /// client_id. Default: the address of the default-route interface, else
-    /// 127.0.0.1. On Kubernetes, the pod IP.
-    #[arg(long, env = "GATECAST_ADVERTISE_IP")]
+    /// 127.0.0.1. A comma-separated list (Kubernetes' status.podIPs on a
+    /// dual-stack cluster) gives its first IPv4 address.
+    #[arg(long, env = "GATECAST_ADVERTISE_IP", value_parser = parse_advertise_ip)]
     pub advertise_ip: Option<Ipv4Addr>,
 
     /// Redis to form a cluster through (redis://, rediss://, redis-sentinel://,
@@ -217,6 +218,26 @@ pub const MIN_PING_TIMEOUT: Duration = Duration::from_millis(500);
 pub const MIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// `Err` naming `flag` when `value` is below `min`.
+/// `--advertise-ip`: an IPv4 address, or a comma-separated list of IPv4 and
+/// IPv6 addresses of which the first IPv4 one is taken. client_ids hold an
+/// IPv4 address (GatewayWorker's layout), so an IPv6-only list is refused
+/// with the reason rather than a bare syntax error.
+fn parse_advertise_ip(value: &str) -> Result<Ipv4Addr, String> {
+    let mut addresses = Vec::new();
+    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => return Ok(ip),
+            Ok(std::net::IpAddr::V6(_)) => addresses.push(part),
+            Err(_) => return Err(format!("{part:?} is not an IP address")),
+        }
+    }
+    Err(format!(
+        "no IPv4 address in {value:?}: gatecast's client_ids hold an IPv4 address, \
+         so the node needs one (on Kubernetes, an IPv4 or dual-stack cluster with \
+         GATECAST_ADVERTISE_IP from status.podIPs)"
+    ))
+}
+
 /// The shortest API key or HS256 secret accepted: a shorter one can be
 /// guessed, and an HS256 secret anyone guesses lets them mint any token.
 pub const MIN_SECRET_BYTES: usize = 16;

@@ -164,3 +164,44 @@ fn placeholder_and_short_secrets_are_refused_naming_the_option() {
         }
     }
 }
+
+/// On an IPv6-primary dual-stack pod, status.podIPs lists the IPv6 address
+/// first: the IPv4 one is taken. IPv6 only is refused, saying why.
+#[test]
+fn advertise_ip_takes_the_ipv4_of_a_list_and_refuses_ipv6_only() {
+    let out = gatecast()
+        .env("GATECAST_ADVERTISE_IP", "fd00::1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--advertise-ip"), "{stderr}");
+    assert!(stderr.contains("no IPv4 address"), "{stderr}");
+
+    // A dual-stack list is accepted: the node starts (and is stopped here).
+    let mut child = gatecast()
+        .env("GATECAST_ADVERTISE_IP", "fd00::7,10.1.2.3")
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .args(["--inner-listen", "127.0.0.1:0", "--log-format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    use std::io::BufRead;
+    while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+        seen.push_str(&line);
+        if line.contains("10.1.2.3") {
+            break;
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("10.1.2.3"),
+        "the node advertises the IPv4 address: {seen}"
+    );
+}
