@@ -111,6 +111,13 @@ pub struct Config {
     #[arg(long, env = "GATECAST_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// Spread the drain's 1001 closes over this part of --shutdown-grace
+    /// (in slices every 100ms), so the clients do not all reconnect to the
+    /// other nodes in the same instant. 0: close every client at once.
+    /// Shorter than --shutdown-grace.
+    #[arg(long, env = "GATECAST_DRAIN_SPREAD", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub drain_spread: Duration,
+
     /// Interval of this node's heartbeat in Redis; a node that stops beating
     /// is purged by the others within three intervals (at least 100ms).
     #[arg(long, env = "GATECAST_NODE_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
@@ -332,6 +339,16 @@ impl Config {
         }
         at_least("--node-heartbeat", self.node_heartbeat, MIN_NODE_HEARTBEAT)?;
         at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
+        // The clients closed last still need time to answer and the node to
+        // leave Redis: at most three quarters of the grace.
+        if self.drain_spread > self.shutdown_grace * 3 / 4 {
+            return Err(format!(
+                "--drain-spread must be at most three quarters of --shutdown-grace \
+                 (got {} and {})",
+                humantime::format_duration(self.drain_spread),
+                humantime::format_duration(self.shutdown_grace)
+            ));
+        }
         if let Some(key) = &self.api_key {
             strong_secret("--api-key", key)?;
         }

@@ -252,8 +252,21 @@ pub async fn run_with(
     let drain = async {
         gw.start_draining();
         stop_public.cancel();
-        gw.hub
-            .close_all(frame::close_code::GOING_AWAY, "server shutting down");
+        let spread = gw.config.drain_spread;
+        if spread.is_zero() {
+            gw.hub
+                .close_all(frame::close_code::GOING_AWAY, "server shutting down");
+        } else {
+            // The node stays in the cluster while its clients are closed
+            // slice by slice: messages still reach those not closed yet.
+            gw.hub
+                .close_all_spread(
+                    frame::close_code::GOING_AWAY,
+                    "server shutting down",
+                    spread,
+                )
+                .await;
+        }
         // Leave the cluster now, not after the last client said goodbye:
         // other nodes must stop routing to this one at once.
         gw.engine.shutdown().await;

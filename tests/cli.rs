@@ -32,6 +32,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--ping-interval", "GATECAST_PING_INTERVAL"),
         ("--ping-timeout", "GATECAST_PING_TIMEOUT"),
         ("--shutdown-grace", "GATECAST_SHUTDOWN_GRACE"),
+        ("--drain-spread", "GATECAST_DRAIN_SPREAD"),
         ("--node-heartbeat", "GATECAST_NODE_HEARTBEAT"),
         ("--api-max-body-bytes", "GATECAST_API_MAX_BODY_BYTES"),
         ("--events", "GATECAST_EVENTS"),

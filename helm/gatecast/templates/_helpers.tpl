@@ -132,6 +132,9 @@ ConfigMap; redis.existingSecret is the user's Secret).
 {{- if and (not $redis) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "several replicas need Redis: set redis.url, redis.existingSecret or redis.inChart.enabled (without Redis, run replicaCount=1 with autoscaling.enabled=false)" }}
 {{- end }}
+{{- if gt (mul (int .Values.config.drainSpreadSeconds) 4) (mul (int .Values.config.shutdownGraceSeconds) 3) }}
+{{- fail (printf "config.drainSpreadSeconds (%d) must be at most three quarters of config.shutdownGraceSeconds (%d): gatecast refuses it" (int .Values.config.drainSpreadSeconds) (int .Values.config.shutdownGraceSeconds)) }}
+{{- end }}
 {{- if .Values.redis.password.existingSecret }}
 {{- if not .Values.redis.url }}
 {{- fail "redis.password.existingSecret needs redis.url (without a password): the pod builds the URL from both" }}
