@@ -4,7 +4,8 @@
     check_deploy_files.py dockerfile              Dockerfile + .dockerignore vs Cargo.toml
     check_deploy_files.py compose CONFIG.json     `docker-compose config --format json` output
     check_deploy_files.py nginx deploy/nginx.conf nginx syntax (crossplane) + WebSocket proxying
-    check_deploy_files.py kustomization k8s       resources listed, files present, image name
+    check_deploy_files.py kustomization k8s OUT   resources listed, files present, image name;
+                                                  configMapGenerator's ConfigMaps written to OUT
 
 Run from the repository root. Exit status 1 on any problem.
 """
@@ -179,7 +180,25 @@ def nginx(path: str) -> None:
         err("nginx: proxy_read_timeout of the WebSocket location is too short for long-lived connections")
 
 
-def kustomization(directory: str) -> None:
+def parse_env_file(path: str) -> dict[str, str]:
+    """A kustomize `envs` file: KEY=value lines, # comments, no quoting."""
+    data: dict[str, str] = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
+                err(f"{path}:{n}: not KEY=value: {line!r}")
+                continue
+            if value[:1] in ("'", '"'):
+                err(f"{path}:{n}: kustomize keeps quotes in values: drop them")
+            data[key] = value
+    return data
+
+
+def kustomization(directory: str, generated_out: str = "") -> None:
     import yaml
 
     with open(os.path.join(directory, "kustomization.yaml"), encoding="utf-8") as fh:
@@ -217,7 +236,24 @@ def kustomization(directory: str) -> None:
     for i in k.get("images", []):
         if not any(img == i["name"] or img.startswith(i["name"] + ":") or img.startswith(i["name"] + "@") for img in images):
             err(f"kustomization: images entry {i['name']} matches no image ({images})")
-    print(" ".join(os.path.join(directory, r) for r in resources))
+    generated = []
+    gens = k.get("configMapGenerator", [])
+    if not gens:
+        err("kustomization: no configMapGenerator: a ConfigMap change would not roll the pods")
+    for gen in gens:
+        data: dict[str, str] = {}
+        for src in gen.get("envs", []):
+            data.update(parse_env_file(os.path.join(directory, src)))
+        if generated_out:
+            cm = {"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": {"name": gen["name"], "namespace": gen.get("namespace", k.get("namespace")),
+                               "labels": (gen.get("options") or {}).get("labels", {})},
+                  "data": data}
+            path = os.path.join(generated_out, f"generated-configmap-{gen['name']}.yaml")
+            with open(path, "w", encoding="utf-8") as fh:
+                yaml.safe_dump(cm, fh, sort_keys=False)
+            generated.append(path)
+    print(" ".join([os.path.join(directory, r) for r in resources] + generated))
 
 
 def main() -> int:
