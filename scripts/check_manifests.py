@@ -39,7 +39,7 @@ import yaml
 # Named container ports that must stay inside the cluster.
 INTERNAL_PORTS = ("api", "inner", "register")
 
-CRD_GROUPS = ("monitoring.coreos.com/",)
+CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/")
 # Seconds a cloud load balancer may take to stop sending to a deleted pod.
 MIN_PRE_STOP = 10
 errors: list[str] = []
@@ -288,6 +288,21 @@ def main() -> int:
                     err(f"{ident(i)} routes to a port {svc['port']} that {svc['name']} lacks")
                 elif any(p.get("targetPort") in INTERNAL_PORTS for p in target["spec"]["ports"]):
                     err(f"{ident(i)} exposes the internal API")
+
+    for route in by_kind.get("HTTPRoute", []):
+        if not route["spec"].get("parentRefs"):
+            err(f"{ident(route)} has no parentRefs")
+        for rule in route["spec"].get("rules", []):
+            for ref in rule.get("backendRefs", []):
+                target = next((s for s in services if s["metadata"]["name"] == ref["name"]), None)
+                port = next((p for p in (target or {}).get("spec", {}).get("ports", []) if p["port"] == ref.get("port")), None)
+                if target is None or target not in gateway_services:
+                    err(f"{ident(route)} routes to {ref['name']!r}, not a gateway Service")
+                elif port is None:
+                    err(f"{ident(route)} routes to port {ref.get('port')} that {ref['name']} lacks")
+                elif port.get("targetPort") != "http":
+                    err(f"{ident(route)} exposes a port other than the public one")
+        notes.append(f"{ident(route)}: CRD, checked here instead of by kubernetes-validate")
 
     for sm in by_kind.get("ServiceMonitor", []):
         sel = sm["spec"].get("selector", {}).get("matchLabels")
