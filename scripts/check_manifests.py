@@ -274,7 +274,8 @@ def main() -> int:
                                     for p in peers):
                     err(f"{ident(n)} opens the internal ports to every namespace: "
                         "default to the release's namespace (podSelector: {})")
-        elif not any(matches(sel, d["spec"]["template"]["metadata"]["labels"]) for d in by_kind.get("Deployment", [])):
+        elif not any(matches(sel, d["spec"]["template"]["metadata"]["labels"]) for d in by_kind.get("Deployment", [])) \
+                and not any(matches(sel, p["metadata"].get("labels", {})) for p in by_kind.get("Pod", [])):
             err(f"{ident(n)} selects no pods of the set")
 
     for i in by_kind.get("Ingress", []):
