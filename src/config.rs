@@ -53,6 +53,12 @@ pub struct Config {
     #[arg(long, env = "GATECAST_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Password for the Redis servers, instead of one in --redis-url: the
+    /// URL can then live in plain configuration and the password alone in
+    /// a secret store, with no URL encoding.
+    #[arg(long, env = "GATECAST_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
     /// Prefix of every Redis key and channel gatecast uses.
     #[arg(long, env = "GATECAST_REDIS_PREFIX", default_value = "gatecast")]
     pub redis_prefix: String,
@@ -357,6 +363,9 @@ impl Config {
         }
         if self.client_jwt_secret.is_some() && self.client_jwt_public_key.is_some() {
             return Err("set --client-jwt-secret or --client-jwt-public-key, not both".into());
+        }
+        if self.redis_password.is_some() && self.redis_url.is_none() {
+            return Err("--redis-password needs --redis-url".into());
         }
         if self.events && self.redis_url.is_none() && self.events_webhook.is_none() {
             return Err("--events needs --redis-url (events stream) or --events-webhook".into());

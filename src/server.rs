@@ -135,6 +135,7 @@ pub async fn run_with(
         Some(url) => {
             let settings = RedisSettings {
                 url: url.clone(),
+                password: config.redis_password.clone(),
                 prefix: config.redis_prefix.clone(),
                 heartbeat: config.node_heartbeat,
                 info: serde_json::json!({
@@ -310,8 +311,11 @@ async fn start_events(
     }
     let sink = match (&config.redis_url, &config.events_webhook) {
         (Some(url), _) => {
-            let redis = fred::types::config::Config::from_url(url)
+            let mut redis = fred::types::config::Config::from_url(url)
                 .map_err(|e| StartError::Config(format!("invalid --redis-url: {e}")))?;
+            if let Some(password) = &config.redis_password {
+                redis.password = Some(password.clone());
+            }
             let client = fred::types::Builder::from_config(redis)
                 .with_config(|c| c.fail_fast = false)
                 .with_performance_config(|p| {

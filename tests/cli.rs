@@ -21,6 +21,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--advertise-ip", "GATECAST_ADVERTISE_IP"),
         ("--redis-url", "GATECAST_REDIS_URL"),
         ("--redis-prefix", "GATECAST_REDIS_PREFIX"),
+        ("--redis-password", "GATECAST_REDIS_PASSWORD"),
         ("--api-key", "GATECAST_API_KEY"),
         ("--client-jwt-secret", "GATECAST_CLIENT_JWT_SECRET"),
         ("--client-jwt-public-key", "GATECAST_CLIENT_JWT_PUBLIC_KEY"),

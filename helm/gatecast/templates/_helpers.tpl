@@ -136,11 +136,11 @@ ConfigMap; redis.existingSecret is the user's Secret).
 {{- fail (printf "config.drainSpreadSeconds (%d) must be at most three quarters of config.shutdownGraceSeconds (%d): gatecast refuses it" (int .Values.config.drainSpreadSeconds) (int .Values.config.shutdownGraceSeconds)) }}
 {{- end }}
 {{- if .Values.redis.password.existingSecret }}
-{{- if not .Values.redis.url }}
-{{- fail "redis.password.existingSecret needs redis.url (without a password): the pod builds the URL from both" }}
+{{- if not (or .Values.redis.url .Values.redis.existingSecret .Values.redis.inChart.enabled) }}
+{{- fail "redis.password.existingSecret needs a Redis URL (redis.url, without a password)" }}
 {{- end }}
-{{- if contains "@" .Values.redis.url }}
-{{- fail "redis.url already holds credentials (user:password@): drop them, or drop redis.password.existingSecret" }}
+{{- if regexMatch "://[^/@]*:[^/@]*@" .Values.redis.url }}
+{{- fail "redis.url holds a password (user:password@) and redis.password.existingSecret gives one too: keep one" }}
 {{- end }}
 {{- end }}
 {{- if and .Values.redis.caBundle.secret .Values.redis.caBundle.configMap }}
