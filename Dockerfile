@@ -5,22 +5,38 @@
 #   docker build -t gatecast:local .
 #   docker run --rm -p 8080:8080 -p 127.0.0.1:8081:8081 gatecast:local
 #
-# Two stages: the Rust toolchain image compiles the release binary with the
-# committed Cargo.lock (--locked), then only that binary goes into a slim
-# Debian runtime that runs as an unprivileged user (uid/gid 10001).
+# Three stages: `deps` compiles every dependency from the manifests and
+# Cargo.lock alone (stub sources), so that layer stays cached until a
+# manifest or the lockfile changes, also on a CI builder without cache mounts
+# (a registry or inline layer cache is enough); `builder` adds the sources and
+# compiles gatecast itself with the committed Cargo.lock (--locked); only
+# that binary goes into a slim Debian runtime that runs as an unprivileged
+# user (uid/gid 10001).
 
-############################ build ############################
-FROM rust:1.95-bookworm AS builder
+############################ deps ############################
+FROM rust:1.95-bookworm AS deps
 WORKDIR /src
 
-# The whole context (see .dockerignore: no target/, no .git). Cache mounts keep
-# the crate registry and the target directory between builds, so an edit in
-# src/ only recompiles gatecast itself, not its dependencies.
+# The workspace's manifests only, and stub targets where its sources go.
+COPY Cargo.toml Cargo.lock ./
+COPY emitter/Cargo.toml emitter/Cargo.toml
+COPY bench/Cargo.toml bench/Cargo.toml
+RUN mkdir -p src emitter/src bench/src \
+ && echo 'fn main() {}' > src/main.rs && touch src/lib.rs emitter/src/lib.rs \
+ && echo 'fn main() {}' > bench/src/main.rs \
+ && cargo build --release --locked --bin gatecast \
+ && rm -rf src emitter/src bench/src \
+      target/release/gatecast target/release/deps/gatecast-* target/release/deps/libgatecast* \
+      target/release/deps/gatecast_emitter-* target/release/.fingerprint/gatecast-*
+
+############################ build ############################
+FROM deps AS builder
+
+# The whole context (see .dockerignore: no target/, no .git). The stub's
+# fingerprints are gone, so gatecast and gatecast-emitter build from the real
+# sources whatever their timestamps; the dependencies come from `deps`.
 COPY . .
-RUN --mount=type=cache,target=/usr/local/cargo/registry \
-    --mount=type=cache,target=/usr/local/cargo/git \
-    --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin gatecast \
+RUN cargo build --release --locked --bin gatecast \
  && install -D -m 0755 target/release/gatecast /out/gatecast
 
 ############################ runtime ############################

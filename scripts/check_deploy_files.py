@@ -4,7 +4,9 @@
     check_deploy_files.py dockerfile              Dockerfile + .dockerignore vs Cargo.toml
     check_deploy_files.py compose CONFIG.json     `docker-compose config --format json` output
     check_deploy_files.py nginx deploy/nginx.conf nginx syntax (crossplane) + WebSocket proxying
-    check_deploy_files.py kustomization k8s       resources listed, files present, image name
+    check_deploy_files.py chart-readme CHART [--write]  the README's values table matches values.yaml
+    check_deploy_files.py kustomization k8s OUT   resources listed, files present, image name;
+                                                  configMapGenerator's ConfigMaps written to OUT
 
 Run from the repository root. Exit status 1 on any problem.
 """
@@ -16,6 +18,7 @@ import json
 import os
 import re
 import shlex
+import subprocess
 import sys
 import tomllib
 
@@ -50,6 +53,20 @@ def dockerfile() -> None:
             err(f"the build stage should be `FROM rust:1.95-bookworm AS ...`, got {froms[0]!r}")
         if not froms[-1].startswith("debian:bookworm-slim"):
             err(f"the runtime stage should be debian:bookworm-slim, got {froms[-1]!r}")
+    # Dependencies compile in a layer of their own: a `cargo build` before
+    # the sources are copied (after only the manifests and the lockfile).
+    first_src = next((n for n, (i, a) in enumerate(instr)
+                      if i == "COPY" and not a.startswith("--from") and
+                      any(t in (".", "src", "src/", "./") for t in a.split()[:-1])), None)
+    first_build = next((n for n, (i, a) in enumerate(instr) if i == "RUN" and "cargo build" in a), None)
+    if first_build is None or first_src is None or first_build > first_src:
+        err("the Dockerfile must compile the dependencies before copying the sources "
+            "(a dependency-only stage from Cargo.toml + Cargo.lock), or every CI build recompiles them")
+    else:
+        pre = " ".join(a for i, a in instr[:first_build] if i == "COPY")
+        for need in ("Cargo.toml", "Cargo.lock", "emitter/Cargo.toml", "bench/Cargo.toml"):
+            if need not in pre:
+                err(f"the dependency stage does not copy {need}")
     runs = " ".join(a for i, a in instr if i == "RUN")
     m = re.search(r"cargo build ([^&;]*)", runs)
     if not m or "--release" not in m.group(1) or "--locked" not in m.group(1):
@@ -110,6 +127,10 @@ def compose(config_json: str) -> None:
             err(f"compose: {name} sets GATECAST_ADVERTISE_IP; each replica must advertise its own container IP")
         if s.get("ports"):
             err(f"compose: {name} publishes ports itself; only the load balancer should")
+        nofile = (s.get("ulimits") or {}).get("nofile") or {}
+        hard = nofile.get("hard", nofile) if isinstance(nofile, dict) else nofile
+        if not isinstance(hard, int) or hard < 65536:
+            err(f"compose: {name} needs ulimits nofile >= 65536 (one descriptor per WebSocket), got {nofile or 'none'}")
     if replicas != 3:
         err(f"compose: {replicas} gatecast replicas, expected 3")
     lbs = [s for s in svcs.values() if str(s.get("image", "")).startswith("nginx")]
@@ -160,7 +181,25 @@ def nginx(path: str) -> None:
         err("nginx: proxy_read_timeout of the WebSocket location is too short for long-lived connections")
 
 
-def kustomization(directory: str) -> None:
+def parse_env_file(path: str) -> dict[str, str]:
+    """A kustomize `envs` file: KEY=value lines, # comments, no quoting."""
+    data: dict[str, str] = {}
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            key, sep, value = line.partition("=")
+            if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", key):
+                err(f"{path}:{n}: not KEY=value: {line!r}")
+                continue
+            if value[:1] in ("'", '"'):
+                err(f"{path}:{n}: kustomize keeps quotes in values: drop them")
+            data[key] = value
+    return data
+
+
+def kustomization(directory: str, generated_out: str = "") -> None:
     import yaml
 
     with open(os.path.join(directory, "kustomization.yaml"), encoding="utf-8") as fh:
@@ -172,6 +211,25 @@ def kustomization(directory: str) -> None:
     top = {f for f in os.listdir(directory) if f.endswith((".yaml", ".yml")) and f != "kustomization.yaml"}
     for f in sorted(top - set(resources)):
         err(f"kustomization: {f} is not listed in resources")
+    # No Secret with values ships: applied as-is, a committed secret is public.
+    for r in resources:
+        with open(os.path.join(directory, r), encoding="utf-8") as fh:
+            for doc in yaml.safe_load_all(fh):
+                if doc and doc.get("kind") == "Secret" and (doc.get("data") or doc.get("stringData")):
+                    err(f"kustomization: {r} ships Secret values; use a secretGenerator from a git-ignored file")
+    for gen in k.get("secretGenerator", []):
+        sources = list(gen.get("envs", [])) + [f.split("=", 1)[-1] for f in gen.get("files", [])]
+        if gen.get("literals"):
+            err(f"kustomization: secretGenerator {gen.get('name')} has literals (values in git)")
+        for src in sources:
+            path = os.path.join(directory, src)
+            ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", path]).returncode == 0
+            tracked = subprocess.run(["git", "ls-files", "--error-unmatch", path],
+                                     capture_output=True).returncode == 0
+            if not ignored or tracked:
+                err(f"kustomization: secretGenerator source {path} must be git-ignored and untracked")
+            if not os.path.exists(path + ".example"):
+                err(f"kustomization: {path}.example (how to create {src}) is missing")
     images = set()
     for r in resources:
         with open(os.path.join(directory, r), encoding="utf-8") as fh:
@@ -179,12 +237,117 @@ def kustomization(directory: str) -> None:
     for i in k.get("images", []):
         if not any(img == i["name"] or img.startswith(i["name"] + ":") or img.startswith(i["name"] + "@") for img in images):
             err(f"kustomization: images entry {i['name']} matches no image ({images})")
-    print(" ".join(os.path.join(directory, r) for r in resources))
+    generated = []
+    gens = k.get("configMapGenerator", [])
+    if not gens:
+        err("kustomization: no configMapGenerator: a ConfigMap change would not roll the pods")
+    for gen in gens:
+        data: dict[str, str] = {}
+        for src in gen.get("envs", []):
+            data.update(parse_env_file(os.path.join(directory, src)))
+        if generated_out:
+            cm = {"apiVersion": "v1", "kind": "ConfigMap",
+                  "metadata": {"name": gen["name"], "namespace": gen.get("namespace", k.get("namespace")),
+                               "labels": (gen.get("options") or {}).get("labels", {})},
+                  "data": data}
+            path = os.path.join(generated_out, f"generated-configmap-{gen['name']}.yaml")
+            with open(path, "w", encoding="utf-8") as fh:
+                yaml.safe_dump(cm, fh, sort_keys=False)
+            generated.append(path)
+    print(" ".join([os.path.join(directory, r) for r in resources] + generated))
+
+
+README_BEGIN = "<!-- values-table: generated by scripts/check_deploy_files.py chart-readme --write -->"
+README_END = "<!-- end of values-table -->"
+
+
+def values_comments(path: str) -> dict[str, str]:
+    """The comment block right above each key of values.yaml, by dotted path
+    (commented-out YAML examples left out)."""
+    comments: dict[str, str] = {}
+    stack: list[tuple[int, str]] = []
+    block: list[str] = []
+    for line in open(path, encoding="utf-8"):
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            text = stripped.lstrip("#").strip()
+            if text and not re.match(r"^(- |[a-z][\w./-]*:(\s|$))", text):
+                block.append(text)
+            continue
+        m = re.match(r"^(\s*)([A-Za-z0-9_]+):", line)
+        if not m:
+            block = []
+            continue
+        indent = len(m.group(1))
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        stack.append((indent, m.group(2)))
+        if block:
+            comments[".".join(k for _, k in stack)] = " ".join(block)
+        block = []
+    return comments
+
+
+def values_rows(values: object, schema: dict, prefix: str = "") -> list[tuple[str, str, str]]:
+    """One row per leaf of values.yaml (maps recurse, lists and scalars are leaves)."""
+    rows = []
+    if isinstance(values, dict) and values and not (prefix and schema.get("additionalProperties") not in (False, None)):
+        props = schema.get("properties", {})
+        for key, value in values.items():
+            path = f"{prefix}.{key}" if prefix else key
+            rows += values_rows(value, props.get(key, {}), path)
+    else:
+        default = json.dumps(values) if values not in ("", None) else '""' if values == "" else "null"
+        desc = str(schema.get("description", "")).replace("|", "\\|")
+        rows.append((prefix, default.replace("|", "\\|"), desc))
+    return rows
+
+
+def parents(key: str) -> list[str]:
+    parts = key.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
+
+
+def values_table(chart: str) -> str:
+    import yaml
+
+    with open(os.path.join(chart, "values.yaml"), encoding="utf-8") as fh:
+        values = yaml.safe_load(fh)
+    with open(os.path.join(chart, "values.schema.json"), encoding="utf-8") as fh:
+        schema = json.load(fh)
+    lines = ["| key | default | description |", "| --- | --- | --- |"]
+    notes = values_comments(os.path.join(chart, "values.yaml"))
+    for key, default, desc in values_rows(values, schema):
+        # A key's own comment, else its parent's (for the first leaf only).
+        text = notes.pop(key, "") or next((notes.pop(p) for p in parents(key) if p in notes), "") or desc
+        lines.append(f"| `{key}` | `{default}` | {text.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+def chart_readme(chart: str, write: str = "") -> None:
+    path = os.path.join(chart, "README.md")
+    if not os.path.exists(path):
+        err(f"{path} is missing")
+        return
+    text = open(path, encoding="utf-8").read()
+    if README_BEGIN not in text or README_END not in text:
+        err(f"{path}: no values table markers ({README_BEGIN} ... {README_END})")
+        return
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    want = f"{head}{README_BEGIN}\n{values_table(chart)}\n{README_END}{tail}"
+    if write == "--write":
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(want)
+    elif want != text:
+        err(f"{path}: the values table is not values.yaml's: run "
+            f"scripts/check_deploy_files.py chart-readme {chart} --write (in .venv-deploy)")
 
 
 def main() -> int:
     cmd, *args = sys.argv[1:] or ["?"]
-    {"dockerfile": dockerfile, "compose": compose, "nginx": nginx, "kustomization": kustomization}[cmd](*args)
+    {"dockerfile": dockerfile, "compose": compose, "nginx": nginx, "kustomization": kustomization,
+     "chart-readme": chart_readme}[cmd](*args)
     for e in errors:
         print(f"  FAIL: {e}", file=sys.stderr)
     return 1 if errors else 0

@@ -11,11 +11,14 @@ k8s/). Besides what a schema can check, it verifies that:
   - referenced ConfigMaps, Secrets and ServiceAccounts exist in the set
     (a Secret the set does not create is reported as external, not an error);
   - the gateway container: probes /readyz (readiness) and /healthz (liveness)
-    on the public port, a preStop sleep, terminationGracePeriodSeconds above
+    on the public port, a preStop sleep of 10s or more, memory request =
+    limit, terminationGracePeriodSeconds above
     preStop + GATECAST_SHUTDOWN_GRACE, GATECAST_ADVERTISE_IP from
-    status.podIP, and the restricted security context;
+    status.podIPs (status.podIP is IPv6 on an IPv6-primary dual-stack
+    cluster), and the restricted security context;
   - with GATECAST_REGISTER_LISTEN (GatewayWorker's Register), a named port
     `register` that matches it, kept inside the cluster like api and inner;
+  - no ConfigMap holds a Redis URL with credentials (user:password@);
   - every object has a namespace other than "default".
 
 ServiceMonitor (monitoring.coreos.com/v1) is a CRD that kubernetes-validate
@@ -36,7 +39,9 @@ import yaml
 # Named container ports that must stay inside the cluster.
 INTERNAL_PORTS = ("api", "inner", "register")
 
-CRD_GROUPS = ("monitoring.coreos.com/",)
+CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/")
+# Seconds a cloud load balancer may take to stop sending to a deleted pod.
+MIN_PRE_STOP = 10
 errors: list[str] = []
 notes: list[str] = []
 
@@ -144,11 +149,24 @@ def main() -> int:
     elif "register" in port_names:
         err("the container has a 'register' port but GATECAST_REGISTER_LISTEN is not set")
 
+    for cm in by_kind.get("ConfigMap", []):
+        url = str((cm.get("data") or {}).get("GATECAST_REDIS_URL", ""))
+        if "@" in url.split("://", 1)[-1].split("/", 1)[0]:
+            err(f"{ident(cm)} holds a Redis URL with credentials: keep it in a Secret")
+
     adv = env.get("GATECAST_ADVERTISE_IP")
-    if not (isinstance(adv, dict) and adv.get("fieldRef", {}).get("fieldPath") == "status.podIP"):
-        err("GATECAST_ADVERTISE_IP must come from the downward API (status.podIP)")
+    if not (isinstance(adv, dict) and adv.get("fieldRef", {}).get("fieldPath") == "status.podIPs"):
+        err("GATECAST_ADVERTISE_IP must come from the downward API (status.podIPs: gatecast takes "
+            "the IPv4 address; status.podIP is IPv6 on IPv6-primary dual-stack clusters)")
     if "GATECAST_API_KEY" not in env:
         err("GATECAST_API_KEY is not set")
+
+    image = str(container.get("image", ""))
+    tagged = "@sha256:" in image or (":" in image.rsplit("/", 1)[-1] and not image.endswith(":latest"))
+    if tagged and container.get("imagePullPolicy") == "Always":
+        err(f"imagePullPolicy Always on a fixed image ({image}): a registry outage blocks scale-out; use IfNotPresent")
+    if dep["spec"].get("minReadySeconds", 0) < 5:
+        err("Deployment minReadySeconds under 5: a pod that fails right after start takes the next one's clients")
 
     # Probes and drain.
     rp = container.get("readinessProbe", {}).get("httpGet", {})
@@ -163,6 +181,9 @@ def main() -> int:
         pre_stop = 0.0
     else:
         pre_stop = float(cmd[1])
+    if pre_stop < MIN_PRE_STOP:
+        err(f"preStop sleep {pre_stop:g}s is shorter than a cloud load balancer takes to "
+            f"deregister a target: at least {MIN_PRE_STOP}s")
     grace = duration_seconds(str(env.get("GATECAST_SHUTDOWN_GRACE", "20s")))
     tgps = spec.get("terminationGracePeriodSeconds", 30)
     if tgps <= pre_stop + grace:
@@ -184,6 +205,11 @@ def main() -> int:
     for field in ("cpu", "memory"):
         if field not in container.get("resources", {}).get("requests", {}):
             err(f"resources.requests.{field} missing")
+    res = container.get("resources", {})
+    mem_req, mem_lim = res.get("requests", {}).get("memory"), res.get("limits", {}).get("memory")
+    if mem_lim is not None and str(mem_req) != str(mem_lim):
+        err(f"memory request {mem_req} != limit {mem_lim}: a Burstable pod is evicted first "
+            "under memory pressure (every client reconnects)")
     sa = spec.get("serviceAccountName")
     if sa and sa != "default" and sa not in names.get("ServiceAccount", set()):
         notes.append(f"ServiceAccount {sa!r} is not in the set (external)")
@@ -223,6 +249,9 @@ def main() -> int:
             err(f"{ident(h)} does not target the gatecast Deployment")
         if h["spec"].get("minReplicas", 1) > h["spec"]["maxReplicas"]:
             err(f"{ident(h)}: minReplicas > maxReplicas")
+        up = (h["spec"].get("behavior") or {}).get("scaleUp") or {}
+        if up.get("stabilizationWindowSeconds", 0) < 60:
+            err(f"{ident(h)}: scale-up stabilization under 60s: a scale-in's reconnect spike scales up again")
     if hpas and "replicas" in dep["spec"]:
         err("the Deployment sets replicas although an HPA owns the count")
 
@@ -236,7 +265,17 @@ def main() -> int:
             for name in ("http", *INTERNAL_PORTS):
                 if name in port_names and port_names[name] not in allowed and name not in allowed:
                     err(f"{ident(n)} blocks the {name} port")
-        elif not any(matches(sel, d["spec"]["template"]["metadata"]["labels"]) for d in by_kind.get("Deployment", [])):
+            internal = {port_names[k] for k in INTERNAL_PORTS if k in port_names} | set(INTERNAL_PORTS)
+            for rule in n["spec"].get("ingress", []):
+                if not {p.get("port") for p in rule.get("ports", [])} & internal:
+                    continue
+                peers = rule.get("from")
+                if not peers or any(p.get("namespaceSelector") == {} and not p.get("podSelector")
+                                    for p in peers):
+                    err(f"{ident(n)} opens the internal ports to every namespace: "
+                        "default to the release's namespace (podSelector: {})")
+        elif not any(matches(sel, d["spec"]["template"]["metadata"]["labels"]) for d in by_kind.get("Deployment", [])) \
+                and not any(matches(sel, p["metadata"].get("labels", {})) for p in by_kind.get("Pod", [])):
             err(f"{ident(n)} selects no pods of the set")
 
     for i in by_kind.get("Ingress", []):
@@ -250,6 +289,21 @@ def main() -> int:
                     err(f"{ident(i)} routes to a port {svc['port']} that {svc['name']} lacks")
                 elif any(p.get("targetPort") in INTERNAL_PORTS for p in target["spec"]["ports"]):
                     err(f"{ident(i)} exposes the internal API")
+
+    for route in by_kind.get("HTTPRoute", []):
+        if not route["spec"].get("parentRefs"):
+            err(f"{ident(route)} has no parentRefs")
+        for rule in route["spec"].get("rules", []):
+            for ref in rule.get("backendRefs", []):
+                target = next((s for s in services if s["metadata"]["name"] == ref["name"]), None)
+                port = next((p for p in (target or {}).get("spec", {}).get("ports", []) if p["port"] == ref.get("port")), None)
+                if target is None or target not in gateway_services:
+                    err(f"{ident(route)} routes to {ref['name']!r}, not a gateway Service")
+                elif port is None:
+                    err(f"{ident(route)} routes to port {ref.get('port')} that {ref['name']} lacks")
+                elif port.get("targetPort") != "http":
+                    err(f"{ident(route)} exposes a port other than the public one")
+        notes.append(f"{ident(route)}: CRD, checked here instead of by kubernetes-validate")
 
     for sm in by_kind.get("ServiceMonitor", []):
         sel = sm["spec"].get("selector", {}).get("matchLabels")

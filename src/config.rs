@@ -43,8 +43,9 @@ pub struct Config {
 
     /// IPv4 address other nodes and tools reach this node at; part of every
     /// client_id. Default: the address of the default-route interface, else
-    /// 127.0.0.1. On Kubernetes, the pod IP.
-    #[arg(long, env = "GATECAST_ADVERTISE_IP")]
+    /// 127.0.0.1. A comma-separated list (Kubernetes' status.podIPs on a
+    /// dual-stack cluster) gives its first IPv4 address.
+    #[arg(long, env = "GATECAST_ADVERTISE_IP", value_parser = parse_advertise_ip)]
     pub advertise_ip: Option<Ipv4Addr>,
 
     /// Redis to form a cluster through (redis://, rediss://, redis-sentinel://,
@@ -52,15 +53,23 @@ pub struct Config {
     #[arg(long, env = "GATECAST_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Password for the Redis servers, instead of one in --redis-url: the
+    /// URL can then live in plain configuration and the password alone in
+    /// a secret store, with no URL encoding.
+    #[arg(long, env = "GATECAST_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
     /// Prefix of every Redis key and channel gatecast uses.
     #[arg(long, env = "GATECAST_REDIS_PREFIX", default_value = "gatecast")]
     pub redis_prefix: String,
 
     /// When set, every /api/ request must carry `Authorization: Bearer <key>`.
+    /// At least 16 bytes, and not a known placeholder such as `change-me`.
     #[arg(long, env = "GATECAST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
     /// HS256 secret: WebSocket clients must present a valid JWT as ?token=.
+    /// At least 16 bytes, and not a known placeholder such as `change-me`.
     #[arg(long, env = "GATECAST_CLIENT_JWT_SECRET", hide_env_values = true)]
     pub client_jwt_secret: Option<String>,
 
@@ -136,6 +145,13 @@ pub struct Config {
     /// Time allowed for a graceful shutdown after SIGTERM/SIGINT (at least 1s).
     #[arg(long, env = "GATECAST_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Spread the drain's 1001 closes over this part of --shutdown-grace
+    /// (in slices every 100ms), so the clients do not all reconnect to the
+    /// other nodes in the same instant. 0: close every client at once.
+    /// Shorter than --shutdown-grace.
+    #[arg(long, env = "GATECAST_DRAIN_SPREAD", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub drain_spread: Duration,
 
     /// Interval of this node's heartbeat in Redis; a node that stops beating
     /// is purged by the others within three intervals (at least 100ms).
@@ -244,6 +260,83 @@ pub const MIN_PING_TIMEOUT: Duration = Duration::from_millis(500);
 pub const MIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// `Err` naming `flag` when `value` is below `min`.
+/// `--advertise-ip`: an IPv4 address, or a comma-separated list of IPv4 and
+/// IPv6 addresses of which the first IPv4 one is taken. client_ids hold an
+/// IPv4 address (GatewayWorker's layout), so an IPv6-only list is refused
+/// with the reason rather than a bare syntax error.
+fn parse_advertise_ip(value: &str) -> Result<Ipv4Addr, String> {
+    let mut addresses = Vec::new();
+    for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<std::net::IpAddr>() {
+            Ok(std::net::IpAddr::V4(ip)) => return Ok(ip),
+            Ok(std::net::IpAddr::V6(_)) => addresses.push(part),
+            Err(_) => return Err(format!("{part:?} is not an IP address")),
+        }
+    }
+    Err(format!(
+        "no IPv4 address in {value:?}: gatecast's client_ids hold an IPv4 address, \
+         so the node needs one (on Kubernetes, an IPv4 or dual-stack cluster with \
+         GATECAST_ADVERTISE_IP from status.podIPs)"
+    ))
+}
+
+/// The shortest API key or HS256 secret accepted: a shorter one can be
+/// guessed, and an HS256 secret anyone guesses lets them mint any token.
+pub const MIN_SECRET_BYTES: usize = 16;
+
+/// Values that deployment files and docs have shipped as placeholders (and
+/// the usual ones): a secret that is one of these, ignoring case and the
+/// characters `-`, `_`, `.`, ` `, is refused even when long enough, since
+/// anyone who read the files knows it. One that contains a word of
+/// [`PLACEHOLDER_WORDS`] is refused too ("change-me-in-production").
+const PLACEHOLDER_SECRETS: &[&str] = &[
+    "changeme",
+    "changeit",
+    "changemeplease",
+    "secret",
+    "password",
+    "example",
+    "placeholder",
+    "replaceme",
+    "replacemewithalongrandomapikey",
+    "replacemewithalongrandomjwtsecret",
+    "yourapikey",
+    "yoursecret",
+    "yourjwtsecret",
+    "apikey",
+    "jwtsecret",
+    "test",
+    "todo",
+];
+
+const PLACEHOLDER_WORDS: &[&str] = &["changeme", "replaceme", "placeholder"];
+
+/// Refuses a secret that is short or a known placeholder, naming the flag.
+fn strong_secret(flag: &str, value: &str) -> Result<(), String> {
+    let folded: String = value
+        .chars()
+        .filter(|c| !matches!(c, '-' | '_' | '.' | ' '))
+        .flat_map(char::to_lowercase)
+        .collect();
+    if PLACEHOLDER_SECRETS.contains(&folded.as_str())
+        || PLACEHOLDER_WORDS.iter().any(|word| folded.contains(word))
+    {
+        // The value itself is not echoed: it may be a real secret.
+        return Err(format!(
+            "{flag} is a placeholder value that deployment files and docs ship: \
+             generate a random one, e.g. `openssl rand -hex 32`"
+        ));
+    }
+    if value.len() < MIN_SECRET_BYTES {
+        return Err(format!(
+            "{flag} must be at least {MIN_SECRET_BYTES} bytes (got {}): generate a \
+             random one, e.g. `openssl rand -hex 32`",
+            value.len()
+        ));
+    }
+    Ok(())
+}
+
 fn at_least(flag: &str, value: Duration, min: Duration) -> Result<(), String> {
     if value < min {
         return Err(format!(
@@ -285,8 +378,27 @@ impl Config {
         at_least("--message-timeout", self.message_timeout, MIN_PING_INTERVAL)?;
         at_least("--node-heartbeat", self.node_heartbeat, MIN_NODE_HEARTBEAT)?;
         at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
+        // The clients closed last still need time to answer and the node to
+        // leave Redis: at most three quarters of the grace.
+        if self.drain_spread > self.shutdown_grace * 3 / 4 {
+            return Err(format!(
+                "--drain-spread must be at most three quarters of --shutdown-grace \
+                 (got {} and {})",
+                humantime::format_duration(self.drain_spread),
+                humantime::format_duration(self.shutdown_grace)
+            ));
+        }
+        if let Some(key) = &self.api_key {
+            strong_secret("--api-key", key)?;
+        }
+        if let Some(secret) = &self.client_jwt_secret {
+            strong_secret("--client-jwt-secret", secret)?;
+        }
         if self.client_jwt_secret.is_some() && self.client_jwt_public_key.is_some() {
             return Err("set --client-jwt-secret or --client-jwt-public-key, not both".into());
+        }
+        if self.redis_password.is_some() && self.redis_url.is_none() {
+            return Err("--redis-password needs --redis-url".into());
         }
         if self.events && self.redis_url.is_none() && self.events_webhook.is_none() {
             return Err("--events needs --redis-url (events stream) or --events-webhook".into());

@@ -135,6 +135,7 @@ pub async fn run_with(
         Some(url) => {
             let settings = RedisSettings {
                 url: url.clone(),
+                password: config.redis_password.clone(),
                 prefix: config.redis_prefix.clone(),
                 heartbeat: config.node_heartbeat,
                 info: serde_json::json!({
@@ -253,8 +254,21 @@ pub async fn run_with(
     let drain = async {
         gw.start_draining();
         stop_public.cancel();
-        gw.hub
-            .close_all(frame::close_code::GOING_AWAY, "server shutting down");
+        let spread = gw.config.drain_spread;
+        if spread.is_zero() {
+            gw.hub
+                .close_all(frame::close_code::GOING_AWAY, "server shutting down");
+        } else {
+            // The node stays in the cluster while its clients are closed
+            // slice by slice: messages still reach those not closed yet.
+            gw.hub
+                .close_all_spread(
+                    frame::close_code::GOING_AWAY,
+                    "server shutting down",
+                    spread,
+                )
+                .await;
+        }
         // Leave the cluster now, not after the last client said goodbye:
         // other nodes must stop routing to this one at once.
         gw.engine.shutdown().await;
@@ -298,8 +312,11 @@ async fn start_events(
     }
     let sink = match (&config.redis_url, &config.events_webhook) {
         (Some(url), _) => {
-            let redis = fred::types::config::Config::from_url(url)
+            let mut redis = fred::types::config::Config::from_url(url)
                 .map_err(|e| StartError::Config(format!("invalid --redis-url: {e}")))?;
+            if let Some(password) = &config.redis_password {
+                redis.password = Some(password.clone());
+            }
             let client = fred::types::Builder::from_config(redis)
                 .with_config(|c| c.fail_fast = false)
                 .with_performance_config(|p| {

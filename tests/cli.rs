@@ -21,6 +21,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--advertise-ip", "GATECAST_ADVERTISE_IP"),
         ("--redis-url", "GATECAST_REDIS_URL"),
         ("--redis-prefix", "GATECAST_REDIS_PREFIX"),
+        ("--redis-password", "GATECAST_REDIS_PASSWORD"),
         ("--api-key", "GATECAST_API_KEY"),
         ("--client-jwt-secret", "GATECAST_CLIENT_JWT_SECRET"),
         ("--client-jwt-public-key", "GATECAST_CLIENT_JWT_PUBLIC_KEY"),
@@ -40,6 +41,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--ping-timeout", "GATECAST_PING_TIMEOUT"),
         ("--message-timeout", "GATECAST_MESSAGE_TIMEOUT"),
         ("--shutdown-grace", "GATECAST_SHUTDOWN_GRACE"),
+        ("--drain-spread", "GATECAST_DRAIN_SPREAD"),
         ("--node-heartbeat", "GATECAST_NODE_HEARTBEAT"),
         ("--api-max-body-bytes", "GATECAST_API_MAX_BODY_BYTES"),
         ("--events", "GATECAST_EVENTS"),
@@ -133,4 +135,83 @@ fn durations_too_short_to_work_are_refused_at_start() {
             "{args:?} {env:?}: {stderr}"
         );
     }
+}
+
+/// A placeholder or short API key or HS256 secret is refused at start,
+/// naming the option: applied as shipped, a public JWT secret lets anyone
+/// mint tokens for any user.
+#[test]
+fn placeholder_and_short_secrets_are_refused_naming_the_option() {
+    for (env, flag) in [
+        ("GATECAST_API_KEY", "--api-key"),
+        ("GATECAST_CLIENT_JWT_SECRET", "--client-jwt-secret"),
+    ] {
+        for (value, why) in [
+            ("change-me", "placeholder"),
+            ("changeme", "placeholder"),
+            ("CHANGE_ME", "placeholder"),
+            ("secret", "placeholder"),
+            ("example", "placeholder"),
+            ("REPLACE-ME-with-a-long-random-api-key", "placeholder"),
+            ("REPLACE-ME-with-a-long-random-jwt-secret", "placeholder"),
+            ("change-me-in-production-please", "placeholder"),
+            ("s3cret", "at least 16 bytes"),
+            ("0123456789abcde", "at least 16 bytes"),
+        ] {
+            let out = gatecast()
+                .env(env, value)
+                .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+                .args(["--inner-listen", "127.0.0.1:0"])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{env}={value} was accepted");
+            assert!(stderr.contains(flag), "{env}={value}: {stderr}");
+            assert!(stderr.contains(why), "{env}={value}: {stderr}");
+            if why == "placeholder" && value.len() >= 16 {
+                assert!(!stderr.contains(value), "the value is not echoed: {stderr}");
+            }
+        }
+    }
+}
+
+/// On an IPv6-primary dual-stack pod, status.podIPs lists the IPv6 address
+/// first: the IPv4 one is taken. IPv6 only is refused, saying why.
+#[test]
+fn advertise_ip_takes_the_ipv4_of_a_list_and_refuses_ipv6_only() {
+    let out = gatecast()
+        .env("GATECAST_ADVERTISE_IP", "fd00::1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("--advertise-ip"), "{stderr}");
+    assert!(stderr.contains("no IPv4 address"), "{stderr}");
+
+    // A dual-stack list is accepted: the node starts (and is stopped here).
+    let mut child = gatecast()
+        .env("GATECAST_ADVERTISE_IP", "fd00::7,10.1.2.3")
+        .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
+        .args(["--inner-listen", "127.0.0.1:0", "--log-format", "json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    use std::io::BufRead;
+    while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+        seen.push_str(&line);
+        if line.contains("10.1.2.3") {
+            break;
+        }
+        line.clear();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.contains("10.1.2.3"),
+        "the node advertises the IPv4 address: {seen}"
+    );
 }

@@ -236,7 +236,7 @@ async fn message_above_max_message_bytes_is_413(engine: Engine) {
 }
 
 async fn api_key_is_required_on_every_api_call(engine: Engine) {
-    let c = Cluster::start(engine, &["--api-key", "secret"]).await;
+    let c = Cluster::start(engine, &["--api-key", "errors-test-api-key-0123"]).await;
     let mut a = c.client().await;
     let api = c.api();
     let push = serde_json::to_vec(&json!({"data": "refused"})).unwrap();
@@ -263,7 +263,11 @@ async fn api_key_is_required_on_every_api_call(engine: Engine) {
     assert_api_error("unknown method", &got, 401, "unauthorized");
     // The right key works, for methods and batches.
     let got = api
-        .post_raw("get_all_client_count", b"{}".to_vec(), Some("secret"))
+        .post_raw(
+            "get_all_client_count",
+            b"{}".to_vec(),
+            Some("errors-test-api-key-0123"),
+        )
         .await;
     assert_eq!(got, (200, json!({"result": 1})));
     let got = api
@@ -274,7 +278,7 @@ async fn api_key_is_required_on_every_api_call(engine: Engine) {
                 {"method": "get_all_client_count"}
             ]}))
             .unwrap(),
-            Some("secret"),
+            Some("errors-test-api-key-0123"),
         )
         .await;
     assert_eq!(

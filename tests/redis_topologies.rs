@@ -1,4 +1,5 @@
-//! The Redis engine on Sentinel (with a failover) and on Redis Cluster.
+//! The Redis engine on Sentinel (with a failover) and on Redis Cluster, and
+//! a password given apart from the URL.
 
 mod common;
 
@@ -112,4 +113,25 @@ async fn redis_cluster_of_three_masters() {
         api.ok("get_all_client_count", json!({})).await == 1
     })
     .await;
+}
+
+/// --redis-password (GATECAST_REDIS_PASSWORD) replaces the URL's password,
+/// so a deployment keeps the URL in plain configuration and the password in
+/// a secret store; characters a URL would need encoded are fine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_password_comes_from_its_own_option() {
+    let redis = RedisServer::start();
+    let password = "p@ss:w/rd#with%url?chars";
+    assert_eq!(redis.cli(&["CONFIG", "SET", "requirepass", password]), "OK");
+    let mut command = common::gatecast_command();
+    command.env("GATECAST_REDIS_PASSWORD", password);
+    let node = Node::start_command(command, &["--redis-url", &redis.url()]);
+    node.wait_ready().await;
+    let mut a = Client::connect(&node.ws_url("")).await;
+    node.ok(
+        "send_to_client",
+        json!({"client_id": a.id, "data": "through redis"}),
+    )
+    .await;
+    a.expect_text("through redis").await;
 }

@@ -70,6 +70,45 @@ async fn sigterm_with_clients_that_answer_exits_0() {
     assert!(status.success(), "exit status {status}");
 }
 
+/// With --drain-spread the closes go out in slices over that time (so the
+/// clients do not all reconnect elsewhere at once): still every client gets
+/// 1001 and the node exits 0 within the grace. (When each slice goes out is
+/// not asserted: timings on a shared machine are not reliable.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_spread_still_closes_every_client_with_1001_and_exits_0_within_grace() {
+    let mut node = Node::start(&["--shutdown-grace", "5s", "--drain-spread", "2s"]);
+    let mut clients = Vec::new();
+    for _ in 0..30 {
+        clients.push(Client::connect(&node.ws_url("")).await);
+    }
+    let term = Instant::now();
+    node.signal("TERM");
+    for mut client in clients {
+        assert_eq!(
+            client.next().await,
+            Seen::Close(Some(1001)),
+            "{}",
+            client.id
+        );
+        assert_eq!(client.next().await, Seen::Ended);
+    }
+    let status = node
+        .wait_exit((GRACE + EXIT_SLACK).saturating_sub(term.elapsed()))
+        .await;
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn a_drain_spread_longer_than_three_quarters_of_the_grace_is_refused() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatecast"))
+        .args(["--shutdown-grace", "4s", "--drain-spread", "3500ms"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--drain-spread"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_also_drains_and_exits_0() {
     let mut node = Node::start(&["--shutdown-grace", "5s"]);

@@ -320,7 +320,11 @@ async fn health_and_readiness_on_both_listeners(engine: Engine) {
 }
 
 async fn jwt_is_required_and_checked_when_a_secret_is_set(engine: Engine) {
-    let c = Cluster::start(engine, &["--client-jwt-secret", "s3cret"]).await;
+    let c = Cluster::start(
+        engine,
+        &["--client-jwt-secret", "websocket-test-jwt-secret"],
+    )
+    .await;
     let node = c.client_node();
     let api = c.api();
     let valid = json!({"sub": "alice", "exp": now() + 3600});
@@ -336,7 +340,10 @@ async fn jwt_is_required_and_checked_when_a_secret_is_set(engine: Engine) {
             "expired",
             format!(
                 "?token={}",
-                hs256("s3cret", &json!({"sub": "alice", "exp": now() - 3600}))
+                hs256(
+                    "websocket-test-jwt-secret",
+                    &json!({"sub": "alice", "exp": now() - 3600})
+                )
             ),
         ),
         ("alg none", format!("?token={}", alg_none(&valid))),
@@ -360,7 +367,10 @@ async fn jwt_is_required_and_checked_when_a_secret_is_set(engine: Engine) {
     // A valid token connects; one without exp too (exp is honoured, not
     // required).
     let a = Client::try_connect(
-        &node.ws_url(&format!("?token={}", hs256("s3cret", &valid))),
+        &node.ws_url(&format!(
+            "?token={}",
+            hs256("websocket-test-jwt-secret", &valid)
+        )),
         &[],
     )
     .await
@@ -368,7 +378,7 @@ async fn jwt_is_required_and_checked_when_a_secret_is_set(engine: Engine) {
     let b = Client::try_connect(
         &node.ws_url(&format!(
             "?token={}",
-            hs256("s3cret", &json!({"sub": "bob"}))
+            hs256("websocket-test-jwt-secret", &json!({"sub": "bob"}))
         )),
         &[],
     )
@@ -398,10 +408,14 @@ fn alg_none(claims: &Value) -> String {
 }
 
 async fn jwt_claims_bind_uid_groups_and_session(engine: Engine) {
-    let c = Cluster::start(engine, &["--client-jwt-secret", "s3cret"]).await;
+    let c = Cluster::start(
+        engine,
+        &["--client-jwt-secret", "websocket-test-jwt-secret"],
+    )
+    .await;
     let api = c.api();
     let token = hs256(
-        "s3cret",
+        "websocket-test-jwt-secret",
         &json!({
             "sub": "alice",
             "groups": ["g1", "g2"],
@@ -442,7 +456,10 @@ async fn jwt_claims_bind_uid_groups_and_session(engine: Engine) {
     a.expect_text("to alice").await;
     a.expect_text("to g2").await;
     // Numeric sub and groups are names too.
-    let token = hs256("s3cret", &json!({"sub": 42, "groups": [7]}));
+    let token = hs256(
+        "websocket-test-jwt-secret",
+        &json!({"sub": 42, "groups": [7]}),
+    );
     let b = Client::try_connect(&c.client_node().ws_url(&format!("?token={token}")), &[])
         .await
         .expect("a valid token connects");

@@ -16,7 +16,7 @@
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::RwLock;
@@ -272,6 +272,31 @@ impl Hub {
                 local.outbox.close(code, reason, false);
             }
         }
+    }
+
+    /// Asks every connection to close, in slices spread over `spread` (one
+    /// every 100ms), so the clients' reconnects reach the other nodes over
+    /// that time rather than in one burst. No lock is held across a sleep;
+    /// connections that arrive meanwhile are closed with the last slice.
+    pub async fn close_all_spread(&self, code: u16, reason: &str, spread: Duration) {
+        const STEP: Duration = Duration::from_millis(100);
+        let ids: Vec<ClientId> = self
+            .shards
+            .iter()
+            .flat_map(|shard| shard.read().conns.keys().copied().collect::<Vec<_>>())
+            .collect();
+        let slices = (spread.as_millis() / STEP.as_millis()).clamp(1, u32::MAX as u128) as u32;
+        let per_slice = ids.len().div_ceil(slices as usize).max(1);
+        let mut ticker = tokio::time::interval(spread / slices);
+        for chunk in ids.chunks(per_slice) {
+            ticker.tick().await;
+            for id in chunk {
+                if let Some(local) = self.shard(*id).read().conns.get(id) {
+                    local.outbox.close(code, reason, false);
+                }
+            }
+        }
+        self.close_all(code, reason);
     }
 
     /// Sends `ping` to every connection and closes those silent for longer

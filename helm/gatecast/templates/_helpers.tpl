@@ -100,6 +100,19 @@ redis.url. Empty means the single-node in-process engine.
 {{- end }}
 {{- end }}
 
+{{/*
+"true" when the chart keeps redis.url in its own Secret: an external URL
+given in values (the in-chart Redis's URL has no password and stays in the
+ConfigMap; redis.existingSecret is the user's Secret).
+*/}}
+{{- define "gatecast.redisUrlInSecret" -}}
+{{- if and .Values.redis.url (not .Values.redis.inChart.enabled) (not .Values.redis.existingSecret) }}true{{ end }}
+{{- end }}
+
+{{- define "gatecast.redis.urlSecretName" -}}
+{{- printf "%s-redis-url" (include "gatecast.fullname" .) }}
+{{- end }}
+
 {{/* terminationGracePeriodSeconds: explicit, else preStop + shutdown grace + 10s. */}}
 {{- define "gatecast.terminationGracePeriodSeconds" -}}
 {{- $min := add .Values.lifecycle.preStopSleepSeconds .Values.config.shutdownGraceSeconds }}
@@ -118,6 +131,23 @@ redis.url. Empty means the single-node in-process engine.
 {{- $redis := or .Values.redis.inChart.enabled .Values.redis.url .Values.redis.existingSecret }}
 {{- if and (not $redis) (or .Values.autoscaling.enabled (gt (int .Values.replicaCount) 1)) }}
 {{- fail "several replicas need Redis: set redis.url, redis.existingSecret or redis.inChart.enabled (without Redis, run replicaCount=1 with autoscaling.enabled=false)" }}
+{{- end }}
+{{- if gt (mul (int .Values.config.drainSpreadSeconds) 4) (mul (int .Values.config.shutdownGraceSeconds) 3) }}
+{{- fail (printf "config.drainSpreadSeconds (%d) must be at most three quarters of config.shutdownGraceSeconds (%d): gatecast refuses it" (int .Values.config.drainSpreadSeconds) (int .Values.config.shutdownGraceSeconds)) }}
+{{- end }}
+{{- if .Values.redis.password.existingSecret }}
+{{- if not (or .Values.redis.url .Values.redis.existingSecret .Values.redis.inChart.enabled) }}
+{{- fail "redis.password.existingSecret needs a Redis URL (redis.url, without a password)" }}
+{{- end }}
+{{- if regexMatch "://[^/@]*:[^/@]*@" .Values.redis.url }}
+{{- fail "redis.url holds a password (user:password@) and redis.password.existingSecret gives one too: keep one" }}
+{{- end }}
+{{- end }}
+{{- if and .Values.redis.caBundle.secret .Values.redis.caBundle.configMap }}
+{{- fail "redis.caBundle: set secret or configMap, not both" }}
+{{- end }}
+{{- if and .Values.auth.clientJwtSecret .Values.auth.clientJwtPublicKey }}
+{{- fail "auth.clientJwtSecret (HS256) and auth.clientJwtPublicKey (RS256/ES256) are both set: gatecast accepts one, choose one" }}
 {{- end }}
 {{- if and .Values.redis.inChart.enabled (or .Values.redis.url .Values.redis.existingSecret) }}
 {{- fail "redis.inChart.enabled conflicts with redis.url / redis.existingSecret: choose one" }}

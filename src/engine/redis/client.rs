@@ -42,9 +42,14 @@ pub struct Redis {
 }
 
 impl Redis {
-    /// Builds both clients from `--redis-url`; connects nothing yet.
-    pub fn build(url: &str) -> Result<Self, String> {
-        let config = RedisConfig::from_url(url).map_err(|e| format!("invalid --redis-url: {e}"))?;
+    /// Builds both clients from `--redis-url` (and `--redis-password`, which
+    /// replaces the URL's); connects nothing yet.
+    pub fn build(url: &str, password: Option<&str>) -> Result<Self, String> {
+        let mut config =
+            RedisConfig::from_url(url).map_err(|e| format!("invalid --redis-url: {e}"))?;
+        if let Some(password) = password {
+            config.password = Some(password.to_owned());
+        }
         let sharded = config.server.is_clustered();
         let mut builder = fred::types::Builder::from_config(config);
         builder

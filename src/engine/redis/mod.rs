@@ -64,6 +64,8 @@ use crate::task::{spawn_critical, Fatal};
 pub struct RedisSettings {
     /// `--redis-url`.
     pub url: String,
+    /// `--redis-password`: replaces the URL's password.
+    pub password: Option<String>,
     /// `--redis-prefix`.
     pub prefix: String,
     /// `--node-heartbeat`.
@@ -118,7 +120,7 @@ impl RedisEngine {
         metrics: Arc<Metrics>,
         fatal: Fatal,
     ) -> Result<Self, String> {
-        let redis = Redis::build(&settings.url)?;
+        let redis = Redis::build(&settings.url, settings.password.as_deref())?;
         let instance = uuid::Uuid::new_v4().to_string();
         if let Some(info) = settings.info.as_object_mut() {
             info.insert("instance".into(), instance.clone().into());
