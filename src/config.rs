@@ -69,6 +69,31 @@ pub struct Config {
     #[arg(long, env = "GATECAST_CLIENT_JWT_PUBLIC_KEY")]
     pub client_jwt_public_key: Option<PathBuf>,
 
+    /// Refuse client tokens without an `exp` claim (a token without one
+    /// would never expire). `--client-jwt-require-exp=false` to accept them.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_REQUIRE_EXP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub client_jwt_require_exp: bool,
+
+    /// When set, a client token's `aud` claim must name this audience.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_AUDIENCE")]
+    pub client_jwt_audience: Option<String>,
+
+    /// When set, a client token's `iss` claim must be this issuer.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_ISSUER")]
+    pub client_jwt_issuer: Option<String>,
+
+    /// Clock skew tolerated on a client token's `exp` and `nbf` (whole
+    /// seconds, at most 5m).
+    #[arg(long, env = "GATECAST_CLIENT_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub client_jwt_leeway: Duration,
+
+    /// Close a connection when its token expires (close code 4001, reason
+    /// "token expired"), so the client reconnects with a fresh token.
+    /// Checked by the ping sweep: within a quarter of --ping-timeout (or
+    /// one --ping-interval, if shorter) after `exp` plus the leeway.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_ENFORCE_EXP", default_value_t = false)]
+    pub client_jwt_enforce_exp: bool,
+
     /// Origins allowed to open a WebSocket (comma-separated, e.g.
     /// `https://app.example.com`). Empty: any origin.
     #[arg(long, env = "GATECAST_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -273,6 +298,7 @@ impl Config {
         if self.redis_prefix.is_empty() {
             return Err("--redis-prefix must not be empty".into());
         }
+        self.validate_secure_defaults()?;
         Ok(())
     }
 
@@ -282,6 +308,33 @@ impl Config {
         self.advertise_ip
             .or_else(default_route_ipv4)
             .unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+}
+
+/// Longest `--client-jwt-leeway`: a larger one keeps expired tokens
+/// valid for long.
+pub const MAX_CLIENT_JWT_LEEWAY: Duration = Duration::from_secs(300);
+
+/// Checks of the options that keep a node safe on the public internet
+/// (issue 16), kept apart from the rest of `validate`.
+impl Config {
+    fn validate_secure_defaults(&self) -> Result<(), String> {
+        if self.client_jwt_leeway > MAX_CLIENT_JWT_LEEWAY {
+            return Err(format!(
+                "--client-jwt-leeway must be at most {} (got {})",
+                humantime::format_duration(MAX_CLIENT_JWT_LEEWAY),
+                humantime::format_duration(self.client_jwt_leeway)
+            ));
+        }
+        for (flag, value) in [
+            ("--client-jwt-audience", &self.client_jwt_audience),
+            ("--client-jwt-issuer", &self.client_jwt_issuer),
+        ] {
+            if value.as_deref() == Some("") {
+                return Err(format!("{flag} must not be empty"));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -348,6 +401,24 @@ mod tests {
             &["--shutdown-grace", "1s"],
         ] {
             validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn client_jwt_options_have_safe_defaults_and_bounds() {
+        let c = Config::try_parse_from(["gatecast"]).unwrap();
+        assert!(c.client_jwt_require_exp);
+        assert!(!c.client_jwt_enforce_exp);
+        assert_eq!(c.client_jwt_leeway, Duration::from_secs(30));
+        let c = Config::try_parse_from(["gatecast", "--client-jwt-require-exp=false"]).unwrap();
+        assert!(!c.client_jwt_require_exp);
+        for (args, flag) in [
+            (&["--client-jwt-leeway", "10m"][..], "--client-jwt-leeway"),
+            (&["--client-jwt-audience", ""], "--client-jwt-audience"),
+            (&["--client-jwt-issuer", ""], "--client-jwt-issuer"),
+        ] {
+            let error = validate(args).expect_err(&format!("{args:?} refused"));
+            assert!(error.starts_with(flag), "{args:?}: {error}");
         }
     }
 

@@ -52,6 +52,9 @@ pub struct Outbox {
     woken: AtomicBool,
     /// Milliseconds (on the hub's clock) of the last frame from the client.
     last_seen: AtomicU64,
+    /// Milliseconds (on the hub's clock) at which the client's token
+    /// expires and the sweep closes the connection; 0: never.
+    expires_at: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -203,6 +206,18 @@ impl Outbox {
     /// Records activity from the client at `now_ms` on the hub's clock.
     pub fn touch(&self, now_ms: u64) {
         self.last_seen.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Has the sweep close the connection at `at_ms` on the hub's clock
+    /// (its token expires then).
+    pub fn expire_at(&self, at_ms: u64) {
+        self.expires_at.store(at_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether the connection's token has expired at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        let at = self.expires_at.load(Ordering::Relaxed);
+        at != 0 && now_ms >= at
     }
 
     /// When the client last sent anything, in ms on the hub's clock.

@@ -24,6 +24,17 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--api-key", "GATECAST_API_KEY"),
         ("--client-jwt-secret", "GATECAST_CLIENT_JWT_SECRET"),
         ("--client-jwt-public-key", "GATECAST_CLIENT_JWT_PUBLIC_KEY"),
+        (
+            "--client-jwt-require-exp",
+            "GATECAST_CLIENT_JWT_REQUIRE_EXP",
+        ),
+        ("--client-jwt-audience", "GATECAST_CLIENT_JWT_AUDIENCE"),
+        ("--client-jwt-issuer", "GATECAST_CLIENT_JWT_ISSUER"),
+        ("--client-jwt-leeway", "GATECAST_CLIENT_JWT_LEEWAY"),
+        (
+            "--client-jwt-enforce-exp",
+            "GATECAST_CLIENT_JWT_ENFORCE_EXP",
+        ),
         ("--allowed-origins", "GATECAST_ALLOWED_ORIGINS"),
         ("--welcome-frame", "GATECAST_WELCOME_FRAME"),
         ("--max-message-bytes", "GATECAST_MAX_MESSAGE_BYTES"),

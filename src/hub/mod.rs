@@ -21,6 +21,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::RwLock;
 
+use crate::frame::close_code;
 use crate::ids::ClientId;
 use crate::outbox::{Limits, Outbox};
 use crate::session::{self, Session};
@@ -94,6 +95,14 @@ impl Hub {
     /// Milliseconds since the hub started: the clock of `Outbox::touch`.
     pub fn now_ms(&self) -> u64 {
         self.clock.elapsed().as_millis() as u64
+    }
+
+    /// The hub's clock at Unix time `unix_ms` (now, when that is past).
+    pub fn unix_ms_to_hub_ms(&self, unix_ms: u64) -> u64 {
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.now_ms() + unix_ms.saturating_sub(now_unix)
     }
 
     /// Adds a connection with its initial membership.
@@ -273,14 +282,19 @@ impl Hub {
         }
     }
 
-    /// Sends `ping` to every connection and closes those silent for longer
-    /// than `timeout_ms` (with `timeout_frame`'s code).
+    /// Sends `ping` to every connection, closes those silent for longer
+    /// than `timeout_ms` (with `timeout_code`), and those whose token
+    /// expired (with 4001, after what is queued).
     pub fn sweep(&self, ping: Option<&Bytes>, timeout_ms: u64, timeout_code: u16) {
         let now = self.now_ms();
         for shard in self.shards.iter() {
             for local in shard.read().conns.values() {
                 if now.saturating_sub(local.outbox.last_seen()) > timeout_ms {
                     local.outbox.close(timeout_code, "ping timeout", true);
+                } else if local.outbox.expired(now) {
+                    local
+                        .outbox
+                        .close(close_code::TOKEN_EXPIRED, "token expired", false);
                 } else if let Some(ping) = ping {
                     let _ = local.outbox.push(ping.clone(), &self.limits);
                 }
