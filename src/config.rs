@@ -160,6 +160,13 @@ pub struct Config {
     #[arg(long, env = "GATECAST_EVENTS_WEBHOOK")]
     pub events_webhook: Option<String>,
 
+    /// Request headers forwarded in connect events (comma-separated
+    /// names). `Cookie` is not among the defaults: add it only with
+    /// --allowed-origins set, or any site can open a connection carrying
+    /// your users' cookies.
+    #[arg(long, env = "GATECAST_EVENTS_HEADERS", value_delimiter = ',', default_value = crate::events::DEFAULT_FORWARDED_HEADERS)]
+    pub events_headers: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "GATECAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -334,6 +341,12 @@ impl Config {
                 return Err(format!("{flag} must not be empty"));
             }
         }
+        // An empty entry (`--events-headers ""`) forwards nothing.
+        if let Some(bad) = self.events_headers.iter().find(|name| {
+            !name.is_empty() && axum::http::HeaderName::from_bytes(name.as_bytes()).is_err()
+        }) {
+            return Err(format!("--events-headers: {bad:?} is not a header name"));
+        }
         Ok(())
     }
 }
@@ -416,6 +429,7 @@ mod tests {
             (&["--client-jwt-leeway", "10m"][..], "--client-jwt-leeway"),
             (&["--client-jwt-audience", ""], "--client-jwt-audience"),
             (&["--client-jwt-issuer", ""], "--client-jwt-issuer"),
+            (&["--events-headers", "origin,bad name"], "--events-headers"),
         ] {
             let error = validate(args).expect_err(&format!("{args:?} refused"));
             assert!(error.starts_with(flag), "{args:?}: {error}");

@@ -35,16 +35,12 @@ const QUEUE: usize = 10_000;
 /// Events written to the stream in one pipeline.
 const BATCH: usize = 256;
 
-/// Headers of the upgrade request passed on in connect events.
-const FORWARDED_HEADERS: &[&str] = &[
-    "origin",
-    "user-agent",
-    "x-forwarded-for",
-    "x-real-ip",
-    "accept-language",
-    "cookie",
-    "host",
-];
+/// Headers of the upgrade request passed on in connect events unless
+/// `--events-headers` says otherwise. Not `Cookie`: a backend that trusts
+/// cookies from connect events is open to cross-site WebSocket hijacking
+/// whenever origins are not restricted; it must ask for them.
+pub const DEFAULT_FORWARDED_HEADERS: &str =
+    "origin,user-agent,x-forwarded-for,x-real-ip,accept-language,host";
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq)]
@@ -212,22 +208,53 @@ fn json_size(value: &Value) -> usize {
 }
 
 /// The query string of `/ws` as connect events carry it: without `token`,
-/// so client credentials do not end up in the stream.
+/// so client credentials do not end up in the stream. Keys are compared
+/// decoded, as the token is read: `?%74oken=` is a token too.
 pub fn forwarded_query(query: &str) -> String {
     query
         .split('&')
-        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("token"))
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            !pair.is_empty() && form_decode(key) != b"token"
+        })
         .collect::<Vec<_>>()
         .join("&")
 }
 
-/// The headers of an upgrade request that connect events carry.
-pub fn forwarded_headers(headers: &axum::http::HeaderMap) -> Map<String, Value> {
-    FORWARDED_HEADERS
+/// `application/x-www-form-urlencoded` decoding of one key or value:
+/// `+` is a space, `%XX` a byte; a `%` not followed by two hex digits
+/// stays as it is.
+fn form_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The headers of an upgrade request that connect events carry: those
+/// named in `names` (`--events-headers`), under their lower-case names.
+pub fn forwarded_headers(names: &[String], headers: &axum::http::HeaderMap) -> Map<String, Value> {
+    names
         .iter()
         .filter_map(|name| {
-            let value = headers.get(*name)?.to_str().ok()?;
-            Some((name.to_string(), Value::String(value.to_owned())))
+            let value = headers.get(name.as_str())?.to_str().ok()?;
+            Some((name.to_ascii_lowercase(), Value::String(value.to_owned())))
         })
         .collect()
 }
@@ -460,6 +487,27 @@ mod tests {
         assert_eq!(forwarded_query("room=7&token=abc.def&x=1"), "room=7&x=1");
         assert_eq!(forwarded_query("token=abc"), "");
         assert_eq!(forwarded_query("tokens=1"), "tokens=1");
+        // Encoded keys are keys too.
+        assert_eq!(forwarded_query("%74oken=abc&x=1"), "x=1");
+        assert_eq!(forwarded_query("x=1&TOK%45N=abc"), "x=1&TOK%45N=abc");
+        assert_eq!(forwarded_query("to%6b%65n=abc"), "");
+        assert_eq!(forwarded_query("token%=1&%zz=2&a%2"), "token%=1&%zz=2&a%2");
+    }
+
+    #[test]
+    fn connect_events_carry_the_headers_asked_for() {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("cookie", "session=1".parse().unwrap());
+        headers.insert("origin", "https://app.example".parse().unwrap());
+        let defaults: Vec<String> = DEFAULT_FORWARDED_HEADERS
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let got = forwarded_headers(&defaults, &headers);
+        assert_eq!(got.get("origin"), Some(&json!("https://app.example")));
+        assert!(!got.contains_key("cookie"), "{got:?}");
+        let got = forwarded_headers(&["Cookie".to_owned()], &headers);
+        assert_eq!(Value::Object(got), json!({"cookie": "session=1"}));
     }
 
     /// A message event carrying `len` bytes.

@@ -165,3 +165,101 @@ async fn events_without_a_sink_are_refused_at_start() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--events needs"));
 }
+
+/// A webhook on a free port: its URL and what it receives.
+async fn webhook() -> (String, mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = mpsc::unbounded_channel::<Value>();
+    let app = Router::new().route(
+        "/hook",
+        post(move |Json(body): Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (hook, rx)
+}
+
+/// The next connect event the webhook got (bounded wait).
+async fn next_connect(rx: &mut mpsc::UnboundedReceiver<Value>) -> Value {
+    loop {
+        let event = tokio::time::timeout(common::WAIT, rx.recv())
+            .await
+            .expect("webhook called in time")
+            .unwrap();
+        if event["type"] == "connect" {
+            return event;
+        }
+    }
+}
+
+/// Connects to `url` with a cookie and an origin; returns the client.
+async fn connect_with_cookie(url: &str) -> Client {
+    let mut request = url.into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert("cookie", "session=s3cret".parse().unwrap());
+    headers.insert("origin", "https://app.example".parse().unwrap());
+    headers.insert("x-tenant", "t1".parse().unwrap());
+    Client::connect_request(request).await
+}
+
+/// Connect events leave out `Cookie` unless `--events-headers` asks for
+/// it, and carry exactly the headers it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_events_forward_cookies_only_when_asked() {
+    let (hook, mut rx) = webhook().await;
+    let node = Node::start(&["--events", "--events-webhook", &hook]);
+    let _a = connect_with_cookie(&node.ws_url("")).await;
+    let event = next_connect(&mut rx).await;
+    assert_eq!(event["headers"]["origin"], "https://app.example");
+    assert!(event["headers"].get("cookie").is_none(), "{event}");
+    drop(node);
+
+    let node = Node::start(&[
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--events-headers",
+        "Cookie,x-tenant",
+    ]);
+    let _a = connect_with_cookie(&node.ws_url("")).await;
+    let event = next_connect(&mut rx).await;
+    assert_eq!(
+        event["headers"],
+        json!({"cookie": "session=s3cret", "x-tenant": "t1"})
+    );
+}
+
+/// A token is kept out of connect events however its key is spelled: the
+/// gateway decodes `%74oken` as `token` to authenticate, so the filter
+/// must decode it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_events_never_carry_the_token_even_percent_encoded() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let (hook, mut rx) = webhook().await;
+    let node = Node::start(&[
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--client-jwt-secret",
+        "s3cret",
+    ]);
+    let token = encode(
+        &Header::default(),
+        &json!({"sub": "alice", "exp": 4_000_000_000u64}),
+        &EncodingKey::from_secret(b"s3cret"),
+    )
+    .unwrap();
+    for key in ["token", "%74oken", "to%6B%65n"] {
+        let _a = Client::connect(&node.ws_url(&format!("?room=7&{key}={token}&lang=en"))).await;
+        let event = next_connect(&mut rx).await;
+        assert_eq!(event["uid"], "alice", "{key}: authenticated");
+        assert_eq!(event["query"], "room=7&lang=en", "{key}");
+        assert!(!event.to_string().contains(&token), "{key}: {event}");
+    }
+}

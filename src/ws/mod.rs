@@ -78,7 +78,7 @@ pub async fn upgrade(
     // What connect events tell backends, captured only when they are on.
     let request_info = gw.events.is_some().then(|| RequestInfo {
         query: crate::events::forwarded_query(request.uri().query().unwrap_or_default()),
-        headers: crate::events::forwarded_headers(&headers),
+        headers: crate::events::forwarded_headers(&gw.config.events_headers, &headers),
     });
     let setup = Box::new(connection::Setup {
         membership: verified.membership,
