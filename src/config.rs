@@ -60,6 +60,11 @@ pub struct Config {
     #[arg(long, env = "GATECAST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Serve the API on a non-loopback --api-listen without --api-key: for
+    /// local tries and networks where nothing else can reach the port.
+    #[arg(long, env = "GATECAST_API_INSECURE", default_value_t = false)]
+    pub api_insecure: bool,
+
     /// HS256 secret: WebSocket clients must present a valid JWT as ?token=.
     #[arg(long, env = "GATECAST_CLIENT_JWT_SECRET", hide_env_values = true)]
     pub client_jwt_secret: Option<String>,
@@ -341,6 +346,16 @@ impl Config {
                 return Err(format!("{flag} must not be empty"));
             }
         }
+        if self.api_key.as_deref() == Some("") {
+            return Err("--api-key must not be empty (unset it to run without a key)".into());
+        }
+        if self.api_key.is_none() && !self.api_listen.ip().is_loopback() && !self.api_insecure {
+            return Err(format!(
+                "--api-listen {} is reachable from other hosts: set --api-key, or \
+                 --api-insecure to serve the API without one",
+                self.api_listen
+            ));
+        }
         // An empty entry (`--events-headers ""`) forwards nothing.
         if let Some(bad) = self.events_headers.iter().find(|name| {
             !name.is_empty() && axum::http::HeaderName::from_bytes(name.as_bytes()).is_err()
@@ -430,9 +445,25 @@ mod tests {
             (&["--client-jwt-audience", ""], "--client-jwt-audience"),
             (&["--client-jwt-issuer", ""], "--client-jwt-issuer"),
             (&["--events-headers", "origin,bad name"], "--events-headers"),
+            (&["--api-key", ""], "--api-key"),
+            (&["--api-listen", "0.0.0.0:8081"], "--api-listen"),
+            (&["--api-listen", "10.0.0.7:8081"], "--api-listen"),
+            (&["--api-listen", "[::]:8081"], "--api-listen"),
         ] {
             let error = validate(args).expect_err(&format!("{args:?} refused"));
             assert!(error.starts_with(flag), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_reachable_api_needs_a_key_or_an_explicit_insecure() {
+        for args in [
+            &["--api-listen", "127.0.0.1:0"][..],
+            &["--api-listen", "[::1]:8081"],
+            &["--api-listen", "0.0.0.0:8081", "--api-key", "k"],
+            &["--api-listen", "0.0.0.0:8081", "--api-insecure"],
+        ] {
+            validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }
     }
 

@@ -22,6 +22,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--redis-url", "GATECAST_REDIS_URL"),
         ("--redis-prefix", "GATECAST_REDIS_PREFIX"),
         ("--api-key", "GATECAST_API_KEY"),
+        ("--api-insecure", "GATECAST_API_INSECURE"),
         ("--client-jwt-secret", "GATECAST_CLIENT_JWT_SECRET"),
         ("--client-jwt-public-key", "GATECAST_CLIENT_JWT_PUBLIC_KEY"),
         (
@@ -49,6 +50,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--events-max-len", "GATECAST_EVENTS_MAX_LEN"),
         ("--events-queue-bytes", "GATECAST_EVENTS_QUEUE_BYTES"),
         ("--events-webhook", "GATECAST_EVENTS_WEBHOOK"),
+        ("--events-headers", "GATECAST_EVENTS_HEADERS"),
         ("--log-format", "GATECAST_LOG_FORMAT"),
         ("--log-level", "GATECAST_LOG_LEVEL"),
     ] {
@@ -135,5 +137,38 @@ fn durations_too_short_to_work_are_refused_at_start() {
             stderr.contains(&format!("{flag} must be")),
             "{args:?} {env:?}: {stderr}"
         );
+    }
+}
+
+/// The internal API on an address other hosts can reach needs a key (or
+/// an explicit `--api-insecure`); an empty key is refused rather than
+/// taken as "no key".
+#[test]
+fn a_reachable_api_without_a_key_is_refused_at_start() {
+    for (args, env, flag) in [
+        (&["--api-listen", "0.0.0.0:0"][..], None, "--api-listen"),
+        (
+            &[],
+            Some(("GATECAST_API_LISTEN", "0.0.0.0:0")),
+            "--api-listen",
+        ),
+        (
+            &["--api-listen", "127.0.0.1:0", "--api-key", ""],
+            None,
+            "--api-key",
+        ),
+    ] {
+        let mut command = gatecast();
+        command
+            .args(["--listen", "127.0.0.1:0", "--inner-listen", "127.0.0.1:0"])
+            .env_remove("GATECAST_API_KEY")
+            .args(args);
+        if let Some((key, value)) = env {
+            command.env(key, value);
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?} {env:?}: {stderr}");
     }
 }
