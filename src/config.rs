@@ -49,7 +49,8 @@ pub struct Config {
 
     /// Redis to form a cluster through (redis://, rediss://, redis-sentinel://,
     /// redis-cluster://). Unset: a single node with the in-process engine.
-    #[arg(long, env = "GATECAST_REDIS_URL")]
+    /// Shown in logs without password or query.
+    #[arg(long, env = "GATECAST_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// Prefix of every Redis key and channel gatecast uses.
@@ -161,8 +162,10 @@ pub struct Config {
     #[arg(long, env = "GATECAST_EVENTS_QUEUE_BYTES", default_value_t = 64 << 20)]
     pub events_queue_bytes: usize,
 
-    /// Without Redis: URL each event is POSTed to as JSON (http:// only).
-    #[arg(long, env = "GATECAST_EVENTS_WEBHOOK")]
+    /// Without Redis: URL each event is POSTed to as JSON (http:// only;
+    /// redirects are not followed). Shown in logs without password or
+    /// query.
+    #[arg(long, env = "GATECAST_EVENTS_WEBHOOK", hide_env_values = true)]
     pub events_webhook: Option<String>,
 
     /// Request headers forwarded in connect events (comma-separated

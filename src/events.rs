@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::{ClientId, NodeId};
 use crate::metrics::Metrics;
+use crate::redact::redact_url;
 use crate::session::Session;
 
 /// Most events waiting for the sink (their bytes are bounded too, by
@@ -378,10 +379,13 @@ async fn drain(
     bytes: Arc<QueueBytes>,
     metrics: Arc<Metrics>,
 ) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .ok();
+    let http = match webhook_client() {
+        Ok(http) => Some(http),
+        Err(e) => {
+            tracing::error!(error = %e.without_url(), "no HTTP client for the event webhook");
+            None
+        }
+    };
     let mut items = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut items, BATCH).await > 0 {
         let mut flushes = Vec::new();
@@ -455,6 +459,16 @@ async fn write_stream(
     ok
 }
 
+/// The client events are POSTed with: no redirects, since a redirect
+/// would re-send the events, sessions included, to wherever the webhook's
+/// server points. http only: see docs/security.md for https.
+fn webhook_client() -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
 async fn post_all(http: &reqwest::Client, url: &str, node: NodeId, batch: &[Event]) -> usize {
     let mut sent = 0;
     for event in batch {
@@ -467,8 +481,18 @@ async fn post_all(http: &reqwest::Client, url: &str, node: NodeId, batch: &[Even
                     sent += 1;
                     break;
                 }
-                Ok(r) => tracing::warn!(status = %r.status(), "event webhook refused an event"),
-                Err(e) => tracing::warn!(error = %e, "event webhook unreachable"),
+                // A redirect counts as a refusal: it is not followed.
+                Ok(r) => tracing::warn!(
+                    status = %r.status(),
+                    webhook = %redact_url(url),
+                    "event webhook refused an event"
+                ),
+                // Without the URL, whose query may hold a key.
+                Err(e) => tracing::warn!(
+                    error = %e.without_url(),
+                    webhook = %redact_url(url),
+                    "event webhook unreachable"
+                ),
             }
             if attempt < 2 {
                 tokio::time::sleep(Duration::from_millis(100 << attempt)).await;

@@ -172,3 +172,26 @@ fn a_reachable_api_without_a_key_is_refused_at_start() {
         assert!(stderr.contains(flag), "{args:?} {env:?}: {stderr}");
     }
 }
+
+/// `--help` shows which environment variables are read, never the values
+/// of those that hold credentials (Redis and webhook URLs carry passwords
+/// and keys).
+#[test]
+fn help_hides_the_values_of_secret_environment_variables() {
+    let out = gatecast()
+        .arg("--help")
+        .env("GATECAST_REDIS_URL", "redis://app:hunter2@redis:6379")
+        .env(
+            "GATECAST_EVENTS_WEBHOOK",
+            "https://hooks.example/in?key=hunter2",
+        )
+        .env("GATECAST_API_KEY", "hunter2")
+        .env("GATECAST_CLIENT_JWT_SECRET", "hunter2")
+        .env("GATECAST_GATEWAY_SECRET_KEY", "hunter2")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("GATECAST_REDIS_URL"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
+}
