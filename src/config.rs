@@ -162,9 +162,9 @@ pub struct Config {
     #[arg(long, env = "GATECAST_EVENTS_QUEUE_BYTES", default_value_t = 64 << 20)]
     pub events_queue_bytes: usize,
 
-    /// Without Redis: URL each event is POSTed to as JSON (http:// only;
-    /// redirects are not followed). Shown in logs without password or
-    /// query.
+    /// Without Redis: URL each event is POSTed to as JSON (http:// or
+    /// https://; redirects are not followed). Shown in logs without
+    /// password or query.
     #[arg(long, env = "GATECAST_EVENTS_WEBHOOK", hide_env_values = true)]
     pub events_webhook: Option<String>,
 

@@ -459,14 +459,22 @@ async fn write_stream(
     ok
 }
 
-/// The client events are POSTed with: no redirects, since a redirect
-/// would re-send the events, sessions included, to wherever the webhook's
-/// server points. http only: see docs/security.md for https.
+/// The client events are POSTed with: http and https (rustls with ring,
+/// the system's roots), and no redirects, since a redirect would re-send
+/// the events, sessions included, to wherever the webhook's server points.
 fn webhook_client() -> Result<reqwest::Client, reqwest::Error> {
+    install_crypto_provider();
     reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .redirect(reqwest::redirect::Policy::none())
         .build()
+}
+
+/// Installs ring as the process's rustls provider unless one already is:
+/// reqwest is built without a default one (Cargo.toml), and panics when it
+/// builds a client without.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
 async fn post_all(http: &reqwest::Client, url: &str, node: NodeId, batch: &[Event]) -> usize {
@@ -589,6 +597,19 @@ mod tests {
         assert_eq!(metrics.events_dropped.get(), 0);
         events.emit(message(10), &metrics);
         assert_eq!(metrics.events_dropped.get(), 1);
+    }
+
+    /// https webhooks are supported: a post to an https URL fails to
+    /// connect (nothing listens), not for want of TLS.
+    #[tokio::test]
+    async fn the_webhook_client_speaks_https() {
+        let http = webhook_client().unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}/hook?key=s3cret", closed.local_addr().unwrap());
+        drop(closed);
+        let error = http.post(&url).send().await.unwrap_err();
+        assert!(error.is_connect(), "{error:?}");
+        assert!(!error.without_url().to_string().contains("s3cret"));
     }
 
     /// The real drain gives the bytes back: with Redis unreachable, events
