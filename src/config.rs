@@ -50,7 +50,8 @@ pub struct Config {
 
     /// Redis to form a cluster through (redis://, rediss://, redis-sentinel://,
     /// redis-cluster://). Unset: a single node with the in-process engine.
-    #[arg(long, env = "GATECAST_REDIS_URL")]
+    /// Shown in logs without password or query.
+    #[arg(long, env = "GATECAST_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// Password for the Redis servers, instead of one in --redis-url: the
@@ -68,6 +69,11 @@ pub struct Config {
     #[arg(long, env = "GATECAST_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
+    /// Serve the API on a non-loopback --api-listen without --api-key: for
+    /// local tries and networks where nothing else can reach the port.
+    #[arg(long, env = "GATECAST_API_INSECURE", default_value_t = false)]
+    pub api_insecure: bool,
+
     /// HS256 secret: WebSocket clients must present a valid JWT as ?token=.
     /// At least 16 bytes, and not a known placeholder such as `change-me`.
     #[arg(long, env = "GATECAST_CLIENT_JWT_SECRET", hide_env_values = true)]
@@ -77,6 +83,31 @@ pub struct Config {
     /// clients must present a JWT signed with its private key as ?token=.
     #[arg(long, env = "GATECAST_CLIENT_JWT_PUBLIC_KEY")]
     pub client_jwt_public_key: Option<PathBuf>,
+
+    /// Refuse client tokens without an `exp` claim (a token without one
+    /// would never expire). `--client-jwt-require-exp=false` to accept them.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_REQUIRE_EXP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub client_jwt_require_exp: bool,
+
+    /// When set, a client token's `aud` claim must name this audience.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_AUDIENCE")]
+    pub client_jwt_audience: Option<String>,
+
+    /// When set, a client token's `iss` claim must be this issuer.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_ISSUER")]
+    pub client_jwt_issuer: Option<String>,
+
+    /// Clock skew tolerated on a client token's `exp` and `nbf` (whole
+    /// seconds, at most 5m).
+    #[arg(long, env = "GATECAST_CLIENT_JWT_LEEWAY", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub client_jwt_leeway: Duration,
+
+    /// Close a connection when its token expires (close code 4001, reason
+    /// "token expired"), so the client reconnects with a fresh token.
+    /// Checked by the ping sweep: within a quarter of --ping-timeout (or
+    /// one --ping-interval, if shorter) after `exp` plus the leeway.
+    #[arg(long, env = "GATECAST_CLIENT_JWT_ENFORCE_EXP", default_value_t = false)]
+    pub client_jwt_enforce_exp: bool,
 
     /// Origins allowed to open a WebSocket (comma-separated, e.g.
     /// `https://app.example.com`). Empty: any origin.
@@ -176,9 +207,18 @@ pub struct Config {
     #[arg(long, env = "GATECAST_EVENTS_QUEUE_BYTES", default_value_t = 64 << 20)]
     pub events_queue_bytes: usize,
 
-    /// Without Redis: URL each event is POSTed to as JSON (http:// only).
-    #[arg(long, env = "GATECAST_EVENTS_WEBHOOK")]
+    /// Without Redis: URL each event is POSTed to as JSON (http:// or
+    /// https://; redirects are not followed). Shown in logs without
+    /// password or query.
+    #[arg(long, env = "GATECAST_EVENTS_WEBHOOK", hide_env_values = true)]
     pub events_webhook: Option<String>,
+
+    /// Request headers forwarded in connect events (comma-separated
+    /// names). `Cookie` is not among the defaults: add it only with
+    /// --allowed-origins set, or any site can open a connection carrying
+    /// your users' cookies.
+    #[arg(long, env = "GATECAST_EVENTS_HEADERS", value_delimiter = ',', default_value = crate::events::DEFAULT_FORWARDED_HEADERS)]
+    pub events_headers: Vec<String>,
 
     /// Log format.
     #[arg(long, env = "GATECAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -418,6 +458,7 @@ impl Config {
         if self.redis_prefix.is_empty() {
             return Err("--redis-prefix must not be empty".into());
         }
+        self.validate_secure_defaults()?;
         Ok(())
     }
 
@@ -435,6 +476,49 @@ fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
     s.parse::<ipnet::IpNet>()
         .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("{s:?} is not an address or a CIDR range"))
+}
+
+/// Longest `--client-jwt-leeway`: a larger one keeps expired tokens
+/// valid for long.
+pub const MAX_CLIENT_JWT_LEEWAY: Duration = Duration::from_secs(300);
+
+/// Checks of the options that keep a node safe on the public internet
+/// (issue 16), kept apart from the rest of `validate`.
+impl Config {
+    fn validate_secure_defaults(&self) -> Result<(), String> {
+        if self.client_jwt_leeway > MAX_CLIENT_JWT_LEEWAY {
+            return Err(format!(
+                "--client-jwt-leeway must be at most {} (got {})",
+                humantime::format_duration(MAX_CLIENT_JWT_LEEWAY),
+                humantime::format_duration(self.client_jwt_leeway)
+            ));
+        }
+        for (flag, value) in [
+            ("--client-jwt-audience", &self.client_jwt_audience),
+            ("--client-jwt-issuer", &self.client_jwt_issuer),
+        ] {
+            if value.as_deref() == Some("") {
+                return Err(format!("{flag} must not be empty"));
+            }
+        }
+        if self.api_key.as_deref() == Some("") {
+            return Err("--api-key must not be empty (unset it to run without a key)".into());
+        }
+        if self.api_key.is_none() && !self.api_listen.ip().is_loopback() && !self.api_insecure {
+            return Err(format!(
+                "--api-listen {} is reachable from other hosts: set --api-key, or \
+                 --api-insecure to serve the API without one",
+                self.api_listen
+            ));
+        }
+        // An empty entry (`--events-headers ""`) forwards nothing.
+        if let Some(bad) = self.events_headers.iter().find(|name| {
+            !name.is_empty() && axum::http::HeaderName::from_bytes(name.as_bytes()).is_err()
+        }) {
+            return Err(format!("--events-headers: {bad:?} is not a header name"));
+        }
+        Ok(())
+    }
 }
 
 /// The local address the kernel would use for the default route. A UDP
@@ -498,6 +582,41 @@ mod tests {
             &["--ping-interval", "100ms"],
             &["--ping-interval", "200ms", "--ping-timeout", "600ms"],
             &["--shutdown-grace", "1s"],
+        ] {
+            validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn client_jwt_options_have_safe_defaults_and_bounds() {
+        let c = Config::try_parse_from(["gatecast"]).unwrap();
+        assert!(c.client_jwt_require_exp);
+        assert!(!c.client_jwt_enforce_exp);
+        assert_eq!(c.client_jwt_leeway, Duration::from_secs(30));
+        let c = Config::try_parse_from(["gatecast", "--client-jwt-require-exp=false"]).unwrap();
+        assert!(!c.client_jwt_require_exp);
+        for (args, flag) in [
+            (&["--client-jwt-leeway", "10m"][..], "--client-jwt-leeway"),
+            (&["--client-jwt-audience", ""], "--client-jwt-audience"),
+            (&["--client-jwt-issuer", ""], "--client-jwt-issuer"),
+            (&["--events-headers", "origin,bad name"], "--events-headers"),
+            (&["--api-key", ""], "--api-key"),
+            (&["--api-listen", "0.0.0.0:8081"], "--api-listen"),
+            (&["--api-listen", "10.0.0.7:8081"], "--api-listen"),
+            (&["--api-listen", "[::]:8081"], "--api-listen"),
+        ] {
+            let error = validate(args).expect_err(&format!("{args:?} refused"));
+            assert!(error.starts_with(flag), "{args:?}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_reachable_api_needs_a_key_or_an_explicit_insecure() {
+        for args in [
+            &["--api-listen", "127.0.0.1:0"][..],
+            &["--api-listen", "[::1]:8081"],
+            &["--api-listen", "0.0.0.0:8081", "--api-key", "config-test-api-key-01"],
+            &["--api-listen", "0.0.0.0:8081", "--api-insecure"],
         ] {
             validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }

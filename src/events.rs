@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::{ClientId, NodeId};
 use crate::metrics::Metrics;
+use crate::redact::redact_url;
 use crate::session::Session;
 
 /// Most events waiting for the sink (their bytes are bounded too, by
@@ -35,16 +36,12 @@ const QUEUE: usize = 10_000;
 /// Events written to the stream in one pipeline.
 const BATCH: usize = 256;
 
-/// Headers of the upgrade request passed on in connect events.
-const FORWARDED_HEADERS: &[&str] = &[
-    "origin",
-    "user-agent",
-    "x-forwarded-for",
-    "x-real-ip",
-    "accept-language",
-    "cookie",
-    "host",
-];
+/// Headers of the upgrade request passed on in connect events unless
+/// `--events-headers` says otherwise. Not `Cookie`: a backend that trusts
+/// cookies from connect events is open to cross-site WebSocket hijacking
+/// whenever origins are not restricted; it must ask for them.
+pub const DEFAULT_FORWARDED_HEADERS: &str =
+    "origin,user-agent,x-forwarded-for,x-real-ip,accept-language,host";
 
 /// What happened.
 #[derive(Debug, Clone, PartialEq)]
@@ -212,22 +209,53 @@ fn json_size(value: &Value) -> usize {
 }
 
 /// The query string of `/ws` as connect events carry it: without `token`,
-/// so client credentials do not end up in the stream.
+/// so client credentials do not end up in the stream. Keys are compared
+/// decoded, as the token is read: `?%74oken=` is a token too.
 pub fn forwarded_query(query: &str) -> String {
     query
         .split('&')
-        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some("token"))
+        .filter(|pair| {
+            let key = pair.split('=').next().unwrap_or_default();
+            !pair.is_empty() && form_decode(key) != b"token"
+        })
         .collect::<Vec<_>>()
         .join("&")
 }
 
-/// The headers of an upgrade request that connect events carry.
-pub fn forwarded_headers(headers: &axum::http::HeaderMap) -> Map<String, Value> {
-    FORWARDED_HEADERS
+/// `application/x-www-form-urlencoded` decoding of one key or value:
+/// `+` is a space, `%XX` a byte; a `%` not followed by two hex digits
+/// stays as it is.
+fn form_decode(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(high), Some(low)) => {
+                    out.push((high * 16 + low) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+/// The headers of an upgrade request that connect events carry: those
+/// named in `names` (`--events-headers`), under their lower-case names.
+pub fn forwarded_headers(names: &[String], headers: &axum::http::HeaderMap) -> Map<String, Value> {
+    names
         .iter()
         .filter_map(|name| {
-            let value = headers.get(*name)?.to_str().ok()?;
-            Some((name.to_string(), Value::String(value.to_owned())))
+            let value = headers.get(name.as_str())?.to_str().ok()?;
+            Some((name.to_ascii_lowercase(), Value::String(value.to_owned())))
         })
         .collect()
 }
@@ -351,10 +379,13 @@ async fn drain(
     bytes: Arc<QueueBytes>,
     metrics: Arc<Metrics>,
 ) {
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .ok();
+    let http = match webhook_client() {
+        Ok(http) => Some(http),
+        Err(e) => {
+            tracing::error!(error = %e.without_url(), "no HTTP client for the event webhook");
+            None
+        }
+    };
     let mut items = Vec::with_capacity(BATCH);
     while rx.recv_many(&mut items, BATCH).await > 0 {
         let mut flushes = Vec::new();
@@ -428,6 +459,24 @@ async fn write_stream(
     ok
 }
 
+/// The client events are POSTed with: http and https (rustls with ring,
+/// the system's roots), and no redirects, since a redirect would re-send
+/// the events, sessions included, to wherever the webhook's server points.
+fn webhook_client() -> Result<reqwest::Client, reqwest::Error> {
+    install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
+/// Installs ring as the process's rustls provider unless one already is:
+/// reqwest is built without a default one (Cargo.toml), and panics when it
+/// builds a client without.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 async fn post_all(http: &reqwest::Client, url: &str, node: NodeId, batch: &[Event]) -> usize {
     let mut sent = 0;
     for event in batch {
@@ -440,8 +489,18 @@ async fn post_all(http: &reqwest::Client, url: &str, node: NodeId, batch: &[Even
                     sent += 1;
                     break;
                 }
-                Ok(r) => tracing::warn!(status = %r.status(), "event webhook refused an event"),
-                Err(e) => tracing::warn!(error = %e, "event webhook unreachable"),
+                // A redirect counts as a refusal: it is not followed.
+                Ok(r) => tracing::warn!(
+                    status = %r.status(),
+                    webhook = %redact_url(url),
+                    "event webhook refused an event"
+                ),
+                // Without the URL, whose query may hold a key.
+                Err(e) => tracing::warn!(
+                    error = %e.without_url(),
+                    webhook = %redact_url(url),
+                    "event webhook unreachable"
+                ),
             }
             if attempt < 2 {
                 tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
@@ -460,6 +519,27 @@ mod tests {
         assert_eq!(forwarded_query("room=7&token=abc.def&x=1"), "room=7&x=1");
         assert_eq!(forwarded_query("token=abc"), "");
         assert_eq!(forwarded_query("tokens=1"), "tokens=1");
+        // Encoded keys are keys too.
+        assert_eq!(forwarded_query("%74oken=abc&x=1"), "x=1");
+        assert_eq!(forwarded_query("x=1&TOK%45N=abc"), "x=1&TOK%45N=abc");
+        assert_eq!(forwarded_query("to%6b%65n=abc"), "");
+        assert_eq!(forwarded_query("token%=1&%zz=2&a%2"), "token%=1&%zz=2&a%2");
+    }
+
+    #[test]
+    fn connect_events_carry_the_headers_asked_for() {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("cookie", "session=1".parse().unwrap());
+        headers.insert("origin", "https://app.example".parse().unwrap());
+        let defaults: Vec<String> = DEFAULT_FORWARDED_HEADERS
+            .split(',')
+            .map(str::to_owned)
+            .collect();
+        let got = forwarded_headers(&defaults, &headers);
+        assert_eq!(got.get("origin"), Some(&json!("https://app.example")));
+        assert!(!got.contains_key("cookie"), "{got:?}");
+        let got = forwarded_headers(&["Cookie".to_owned()], &headers);
+        assert_eq!(Value::Object(got), json!({"cookie": "session=1"}));
     }
 
     /// A message event carrying `len` bytes.
@@ -517,6 +597,19 @@ mod tests {
         assert_eq!(metrics.events_dropped.get(), 0);
         events.emit(message(10), &metrics);
         assert_eq!(metrics.events_dropped.get(), 1);
+    }
+
+    /// https webhooks are supported: a post to an https URL fails to
+    /// connect (nothing listens), not for want of TLS.
+    #[tokio::test]
+    async fn the_webhook_client_speaks_https() {
+        let http = webhook_client().unwrap();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}/hook?key=s3cret", closed.local_addr().unwrap());
+        drop(closed);
+        let error = http.post(&url).send().await.unwrap_err();
+        assert!(error.is_connect(), "{error:?}");
+        assert!(!error.without_url().to_string().contains("s3cret"));
     }
 
     /// The real drain gives the bytes back: with Redis unreachable, events

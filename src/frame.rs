@@ -63,6 +63,9 @@ pub mod close_code {
     pub const INTERNAL_ERROR: u16 = 1011;
     /// The client read too slowly and its queue overflowed.
     pub const TRY_AGAIN_LATER: u16 = 1013;
+    /// The client's token expired (`--client-jwt-enforce-exp`): reconnect
+    /// with a fresh one. In the range RFC 6455 leaves to applications.
+    pub const TOKEN_EXPIRED: u16 = 4001;
 }
 
 /// Encodes one complete, unfragmented, unmasked frame.

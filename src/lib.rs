@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod name;
 pub mod outbox;
 pub mod push;
+pub mod redact;
 pub mod server;
 pub mod session;
 pub mod task;

@@ -55,6 +55,9 @@ pub struct Outbox {
     /// Since when (hub clock, ms + 1; 0 = not) the client has left a frame
     /// or a message unfinished.
     incomplete_since: AtomicU64,
+    /// Milliseconds (on the hub's clock) at which the client's token
+    /// expires and the sweep closes the connection; 0: never.
+    expires_at: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -206,6 +209,18 @@ impl Outbox {
     /// Records activity from the client at `now_ms` on the hub's clock.
     pub fn touch(&self, now_ms: u64) {
         self.last_seen.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// Has the sweep close the connection at `at_ms` on the hub's clock
+    /// (its token expires then).
+    pub fn expire_at(&self, at_ms: u64) {
+        self.expires_at.store(at_ms.max(1), Ordering::Relaxed);
+    }
+
+    /// Whether the connection's token has expired at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        let at = self.expires_at.load(Ordering::Relaxed);
+        at != 0 && now_ms >= at
     }
 
     /// When the client last sent anything, in ms on the hub's clock.

@@ -26,6 +26,7 @@ use crate::hub::Hub;
 use crate::ids::{IdMinter, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Limits;
+use crate::redact::redact_url;
 use crate::task::{spawn_critical, Fatal};
 use crate::ws::{self, auth::ClientAuth};
 
@@ -182,6 +183,8 @@ pub async fn run_with(
         node = %node,
         advertised = %node.addr(),
         engine = if gw.config.redis_url.is_some() { "redis" } else { "memory" },
+        redis = gw.config.redis_url.as_deref().map(redact_url),
+        events_webhook = gw.config.events_webhook.as_deref().map(redact_url),
         "listening"
     );
 

@@ -23,8 +23,20 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--redis-prefix", "GATECAST_REDIS_PREFIX"),
         ("--redis-password", "GATECAST_REDIS_PASSWORD"),
         ("--api-key", "GATECAST_API_KEY"),
+        ("--api-insecure", "GATECAST_API_INSECURE"),
         ("--client-jwt-secret", "GATECAST_CLIENT_JWT_SECRET"),
         ("--client-jwt-public-key", "GATECAST_CLIENT_JWT_PUBLIC_KEY"),
+        (
+            "--client-jwt-require-exp",
+            "GATECAST_CLIENT_JWT_REQUIRE_EXP",
+        ),
+        ("--client-jwt-audience", "GATECAST_CLIENT_JWT_AUDIENCE"),
+        ("--client-jwt-issuer", "GATECAST_CLIENT_JWT_ISSUER"),
+        ("--client-jwt-leeway", "GATECAST_CLIENT_JWT_LEEWAY"),
+        (
+            "--client-jwt-enforce-exp",
+            "GATECAST_CLIENT_JWT_ENFORCE_EXP",
+        ),
         ("--allowed-origins", "GATECAST_ALLOWED_ORIGINS"),
         ("--welcome-frame", "GATECAST_WELCOME_FRAME"),
         ("--max-message-bytes", "GATECAST_MAX_MESSAGE_BYTES"),
@@ -48,6 +60,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--events-max-len", "GATECAST_EVENTS_MAX_LEN"),
         ("--events-queue-bytes", "GATECAST_EVENTS_QUEUE_BYTES"),
         ("--events-webhook", "GATECAST_EVENTS_WEBHOOK"),
+        ("--events-headers", "GATECAST_EVENTS_HEADERS"),
         ("--log-format", "GATECAST_LOG_FORMAT"),
         ("--log-level", "GATECAST_LOG_LEVEL"),
     ] {
@@ -214,4 +227,60 @@ fn advertise_ip_takes_the_ipv4_of_a_list_and_refuses_ipv6_only() {
         seen.contains("10.1.2.3"),
         "the node advertises the IPv4 address: {seen}"
     );
+}
+
+/// The internal API on an address other hosts can reach needs a key (or
+/// an explicit `--api-insecure`); an empty key is refused rather than
+/// taken as "no key".
+#[test]
+fn a_reachable_api_without_a_key_is_refused_at_start() {
+    for (args, env, flag) in [
+        (&["--api-listen", "0.0.0.0:0"][..], None, "--api-listen"),
+        (
+            &[],
+            Some(("GATECAST_API_LISTEN", "0.0.0.0:0")),
+            "--api-listen",
+        ),
+        (
+            &["--api-listen", "127.0.0.1:0", "--api-key", ""],
+            None,
+            "--api-key",
+        ),
+    ] {
+        let mut command = gatecast();
+        command
+            .args(["--listen", "127.0.0.1:0", "--inner-listen", "127.0.0.1:0"])
+            .env_remove("GATECAST_API_KEY")
+            .args(args);
+        if let Some((key, value)) = env {
+            command.env(key, value);
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(flag), "{args:?} {env:?}: {stderr}");
+    }
+}
+
+/// `--help` shows which environment variables are read, never the values
+/// of those that hold credentials (Redis and webhook URLs carry passwords
+/// and keys).
+#[test]
+fn help_hides_the_values_of_secret_environment_variables() {
+    let out = gatecast()
+        .arg("--help")
+        .env("GATECAST_REDIS_URL", "redis://app:hunter2@redis:6379")
+        .env(
+            "GATECAST_EVENTS_WEBHOOK",
+            "https://hooks.example/in?key=hunter2",
+        )
+        .env("GATECAST_API_KEY", "hunter2")
+        .env("GATECAST_CLIENT_JWT_SECRET", "hunter2")
+        .env("GATECAST_GATEWAY_SECRET_KEY", "hunter2")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    assert!(help.contains("GATECAST_REDIS_URL"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
 }

@@ -165,3 +165,204 @@ async fn events_without_a_sink_are_refused_at_start() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--events needs"));
 }
+
+/// A webhook on a free port: its URL and what it receives.
+async fn webhook() -> (String, mpsc::UnboundedReceiver<Value>) {
+    let (tx, rx) = mpsc::unbounded_channel::<Value>();
+    let app = Router::new().route(
+        "/hook",
+        post(move |Json(body): Json<Value>| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(body);
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (hook, rx)
+}
+
+/// The next connect event the webhook got (bounded wait).
+async fn next_connect(rx: &mut mpsc::UnboundedReceiver<Value>) -> Value {
+    loop {
+        let event = tokio::time::timeout(common::WAIT, rx.recv())
+            .await
+            .expect("webhook called in time")
+            .unwrap();
+        if event["type"] == "connect" {
+            return event;
+        }
+    }
+}
+
+/// Connects to `url` with a cookie and an origin; returns the client.
+async fn connect_with_cookie(url: &str) -> Client {
+    let mut request = url.into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert("cookie", "session=s3cret".parse().unwrap());
+    headers.insert("origin", "https://app.example".parse().unwrap());
+    headers.insert("x-tenant", "t1".parse().unwrap());
+    Client::connect_request(request).await
+}
+
+/// Connect events leave out `Cookie` unless `--events-headers` asks for
+/// it, and carry exactly the headers it names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_events_forward_cookies_only_when_asked() {
+    let (hook, mut rx) = webhook().await;
+    let node = Node::start(&["--events", "--events-webhook", &hook]);
+    let _a = connect_with_cookie(&node.ws_url("")).await;
+    let event = next_connect(&mut rx).await;
+    assert_eq!(event["headers"]["origin"], "https://app.example");
+    assert!(event["headers"].get("cookie").is_none(), "{event}");
+    drop(node);
+
+    let node = Node::start(&[
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--events-headers",
+        "Cookie,x-tenant",
+    ]);
+    let _a = connect_with_cookie(&node.ws_url("")).await;
+    let event = next_connect(&mut rx).await;
+    assert_eq!(
+        event["headers"],
+        json!({"cookie": "session=s3cret", "x-tenant": "t1"})
+    );
+}
+
+/// A token is kept out of connect events however its key is spelled: the
+/// gateway decodes `%74oken` as `token` to authenticate, so the filter
+/// must decode it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_events_never_carry_the_token_even_percent_encoded() {
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let (hook, mut rx) = webhook().await;
+    let node = Node::start(&[
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--client-jwt-secret",
+        "events-test-jwt-secret",
+    ]);
+    let token = encode(
+        &Header::default(),
+        &json!({"sub": "alice", "exp": 4_000_000_000u64}),
+        &EncodingKey::from_secret(b"events-test-jwt-secret"),
+    )
+    .unwrap();
+    for key in ["token", "%74oken", "to%6B%65n"] {
+        let _a = Client::connect(&node.ws_url(&format!("?room=7&{key}={token}&lang=en"))).await;
+        let event = next_connect(&mut rx).await;
+        assert_eq!(event["uid"], "alice", "{key}: authenticated");
+        assert_eq!(event["query"], "room=7&lang=en", "{key}");
+        assert!(!event.to_string().contains(&token), "{key}: {event}");
+    }
+}
+
+/// A node started from [`common::gatecast_command`] with `args`, whose log
+/// lines (JSON) all come through the returned channel; and its public
+/// address.
+fn start_logged(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::sync::mpsc::Receiver<String>,
+    String,
+) {
+    use std::io::{BufRead, BufReader};
+    let mut child = common::gatecast_command()
+        .args(["--log-level", "info,gatecast=debug"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gatecast starts");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[node] {line}");
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let public = loop {
+        let line = rx.recv_timeout(common::WAIT).expect("node logs");
+        let v: Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["fields"]["message"] == "listening" {
+            assert!(!line.contains("hunter2"), "{line}");
+            break v["fields"]["public"].as_str().unwrap().to_owned();
+        }
+    };
+    (child, rx, public)
+}
+
+/// The first log line with `message` (bounded wait); every line read on
+/// the way must not hold `secret`.
+fn log_line(rx: &std::sync::mpsc::Receiver<String>, message: &str, secret: &str) -> String {
+    loop {
+        let line = rx
+            .recv_timeout(common::WAIT)
+            .unwrap_or_else(|_| panic!("no {message:?} logged"));
+        assert!(!line.contains(secret), "{line}");
+        if line.contains(message) {
+            return line;
+        }
+    }
+}
+
+/// The webhook's redirects are not followed (the events would go, sessions
+/// included, wherever the redirect points), and neither a refusal nor an
+/// unreachable webhook logs the URL's query, where keys hide.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_follows_no_redirect_and_logs_no_query() {
+    use axum::http::{header, StatusCode};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let (elsewhere, mut leaked) = webhook().await;
+    let redirects = Arc::new(AtomicUsize::new(0));
+    let counter = redirects.clone();
+    let app = Router::new().route(
+        "/hook",
+        post(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let to = elsewhere.clone();
+            async move { (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, to)]) }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!(
+        "http://user:hunter2@{}/hook?key=hunter2",
+        listener.local_addr().unwrap()
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let (mut child, log, public) = start_logged(&["--events", "--events-webhook", &hook]);
+    let _a = Client::connect(&format!("ws://{public}/ws")).await;
+    let refused = log_line(&log, "event webhook refused an event", "hunter2");
+    assert!(refused.contains("307"), "{refused}");
+    // Every try of the connect event was redirected, none followed.
+    for _ in 0..2 {
+        log_line(&log, "event webhook refused an event", "hunter2");
+    }
+    assert_eq!(redirects.load(Ordering::SeqCst), 3);
+    assert!(leaked.try_recv().is_err(), "the redirect was followed");
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Unreachable: reqwest's error names the URL; the log must not.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hook = format!("http://{}/hook?key=hunter2", closed.local_addr().unwrap());
+    drop(closed);
+    let (mut child, log, public) = start_logged(&["--events", "--events-webhook", &hook]);
+    let _a = Client::connect(&format!("ws://{public}/ws")).await;
+    log_line(&log, "event webhook unreachable", "hunter2");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -347,6 +347,13 @@ async fn jwt_is_required_and_checked_when_a_secret_is_set(engine: Engine) {
             ),
         ),
         ("alg none", format!("?token={}", alg_none(&valid))),
+        (
+            "no exp",
+            format!(
+                "?token={}",
+                hs256("websocket-test-jwt-secret", &json!({"sub": "bob"}))
+            ),
+        ),
     ];
     for (what, query) in &cases {
         let got = Client::try_connect(&node.ws_url(query), &[]).await;
@@ -357,15 +364,17 @@ async fn jwt_is_required_and_checked_when_a_secret_is_set(engine: Engine) {
             panic!("{what}: upgraded")
         };
         let body: Value = serde_json::from_str(&body).unwrap();
-        assert_api_error(what, &(status, body), 401, "unauthorized");
+        assert_api_error(what, &(status, body.clone()), 401, "unauthorized");
+        if !query.is_empty() {
+            // Which check failed is not told.
+            assert_eq!(body["error"]["message"], "invalid token", "{what}");
+        }
     }
     assert_eq!(api.ok("get_all_client_count", json!({})).await, 0);
     assert_eq!(
         api.ok("is_uid_online", json!({"uid": "alice"})).await,
         false
     );
-    // A valid token connects; one without exp too (exp is honoured, not
-    // required).
     let a = Client::try_connect(
         &node.ws_url(&format!(
             "?token={}",
@@ -375,24 +384,10 @@ async fn jwt_is_required_and_checked_when_a_secret_is_set(engine: Engine) {
     )
     .await
     .expect("a valid token connects");
-    let b = Client::try_connect(
-        &node.ws_url(&format!(
-            "?token={}",
-            hs256("websocket-test-jwt-secret", &json!({"sub": "bob"}))
-        )),
-        &[],
-    )
-    .await
-    .expect("a token without exp connects");
     assert_eq!(
         api.ok("get_uid_by_client_id", json!({"client_id": a.id}))
             .await,
         "alice"
-    );
-    assert_eq!(
-        api.ok("get_uid_by_client_id", json!({"client_id": b.id}))
-            .await,
-        "bob"
     );
 }
 
@@ -458,7 +453,7 @@ async fn jwt_claims_bind_uid_groups_and_session(engine: Engine) {
     // Numeric sub and groups are names too.
     let token = hs256(
         "websocket-test-jwt-secret",
-        &json!({"sub": 42, "groups": [7]}),
+        &json!({"sub": 42, "groups": [7], "exp": now() + 3600}),
     );
     let b = Client::try_connect(&c.client_node().ws_url(&format!("?token={token}")), &[])
         .await
@@ -697,4 +692,144 @@ async fn bytes_without_a_whole_frame_do_not_keep_a_client_alive() {
         .await;
     let code = trickle_until_closed(&mut raw, std::time::Duration::from_millis(100)).await;
     assert_eq!(code, Some(1000), "closed by the ping timeout");
+}
+
+/// Whether `claims` (HS256, secret `websocket-test-jwt-secret`) open a connection on `node`;
+/// a refusal must be a 401 that says only "invalid token".
+async fn token_accepted(node: &common::Node, claims: &Value) -> bool {
+    let query = format!("?token={}", hs256("websocket-test-jwt-secret", claims));
+    match RawClient::connect(node.public, &format!("/ws{query}"), &[]).await {
+        Ok(_) => true,
+        Err((status, body)) => {
+            let body: Value = serde_json::from_str(&body).unwrap();
+            assert_api_error(
+                &claims.to_string(),
+                &(status, body.clone()),
+                401,
+                "unauthorized",
+            );
+            assert_eq!(body["error"]["message"], "invalid token", "{claims}");
+            false
+        }
+    }
+}
+
+/// `exp` is required by default and can be made optional; `nbf` is
+/// honoured; both with `--client-jwt-leeway` (30s by default).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_exp_is_required_nbf_honoured_with_a_leeway() {
+    let node = common::Node::start(&["--client-jwt-secret", "websocket-test-jwt-secret"]);
+    let t = now();
+    for (claims, accepted) in [
+        (json!({"sub": "a"}), false),
+        (json!({"sub": "a", "exp": "tomorrow"}), false),
+        (json!({"sub": "a", "exp": t + 60}), true),
+        // Within the default leeway, and past it.
+        (json!({"sub": "a", "exp": t - 10}), true),
+        (json!({"sub": "a", "exp": t - 120}), false),
+        (json!({"sub": "a", "exp": t + 60, "nbf": t - 10}), true),
+        (json!({"sub": "a", "exp": t + 60, "nbf": t + 10}), true),
+        (json!({"sub": "a", "exp": t + 60, "nbf": t + 3600}), false),
+    ] {
+        assert_eq!(token_accepted(&node, &claims).await, accepted, "{claims}");
+    }
+    drop(node);
+
+    let node = common::Node::start(&[
+        "--client-jwt-secret",
+        "websocket-test-jwt-secret",
+        "--client-jwt-require-exp=false",
+        "--client-jwt-leeway",
+        "0s",
+    ]);
+    for (claims, accepted) in [
+        (json!({"sub": "a"}), true),
+        // Still honoured when present, now without leeway.
+        (json!({"sub": "a", "exp": t - 10}), false),
+        (json!({"sub": "a", "nbf": t + 10}), false),
+    ] {
+        assert_eq!(token_accepted(&node, &claims).await, accepted, "{claims}");
+    }
+}
+
+/// With `--client-jwt-audience` / `--client-jwt-issuer`, tokens minted for
+/// another audience or by another issuer are refused, and so are tokens
+/// without the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_audience_and_issuer_are_checked_when_set() {
+    let node = common::Node::start(&[
+        "--client-jwt-secret",
+        "websocket-test-jwt-secret",
+        "--client-jwt-audience",
+        "chat",
+        "--client-jwt-issuer",
+        "https://idp.example",
+    ]);
+    let exp = now() + 3600;
+    let idp = "https://idp.example";
+    for (claims, accepted) in [
+        (json!({"exp": exp, "aud": "chat", "iss": idp}), true),
+        (
+            json!({"exp": exp, "aud": ["other", "chat"], "iss": idp}),
+            true,
+        ),
+        (json!({"exp": exp, "iss": idp}), false),
+        (json!({"exp": exp, "aud": "billing", "iss": idp}), false),
+        (json!({"exp": exp, "aud": "chat"}), false),
+        (
+            json!({"exp": exp, "aud": "chat", "iss": "https://evil.example"}),
+            false,
+        ),
+    ] {
+        assert_eq!(token_accepted(&node, &claims).await, accepted, "{claims}");
+    }
+    drop(node);
+    // Unset, `aud` and `iss` are not looked at.
+    let node = common::Node::start(&["--client-jwt-secret", "websocket-test-jwt-secret"]);
+    let claims = json!({"exp": exp, "aud": "anything", "iss": "anyone"});
+    assert!(token_accepted(&node, &claims).await);
+}
+
+/// `--client-jwt-enforce-exp` closes a connection with 4001 "token
+/// expired" once its token's `exp` (plus the leeway) passed; connections
+/// with a later `exp` stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwt_enforce_exp_closes_the_connection_with_4001() {
+    let node = common::Node::start(&[
+        "--client-jwt-secret",
+        "websocket-test-jwt-secret",
+        "--client-jwt-enforce-exp",
+        "--client-jwt-leeway",
+        "0s",
+        "--ping-interval",
+        "200ms",
+        "--ping-timeout",
+        "5s",
+    ]);
+    let connect = |exp: u64| {
+        let url = node.ws_url(&format!(
+            "?token={}",
+            hs256(
+                "websocket-test-jwt-secret",
+                &json!({"sub": "a", "exp": exp})
+            )
+        ));
+        async move { Client::try_connect(&url, &[]).await.expect("connects") }
+    };
+    let mut short = connect(now() + 2).await;
+    let mut long = connect(now() + 3600).await;
+    loop {
+        match short.next_raw().await {
+            Some(Message::Ping(_) | Message::Pong(_)) => continue,
+            Some(Message::Close(Some(frame))) => {
+                assert_eq!(u16::from(frame.code), 4001);
+                assert_eq!(frame.reason.as_str(), "token expired");
+                break;
+            }
+            other => panic!("expected a close frame, got {other:?}"),
+        }
+    }
+    long.send_text(r#"{"type":"ping"}"#).await;
+    long.expect_text(r#"{"type":"pong"}"#).await;
+    assert_eq!(node.ok("get_all_client_count", json!({})).await, 1);
 }

@@ -209,6 +209,7 @@ async fn fanout(
     pushes: usize,
     size: usize,
 ) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::new();
     let total_clients = group_size * groups;
     let mut readers = Vec::new();

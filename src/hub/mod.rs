@@ -97,6 +97,14 @@ impl Hub {
         self.clock.elapsed().as_millis() as u64
     }
 
+    /// The hub's clock at Unix time `unix_ms` (now, when that is past).
+    pub fn unix_ms_to_hub_ms(&self, unix_ms: u64) -> u64 {
+        let now_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.now_ms() + unix_ms.saturating_sub(now_unix)
+    }
+
     /// Adds a connection with its initial membership.
     pub fn insert(&self, id: ClientId, outbox: Arc<Outbox>, membership: Membership) {
         outbox.touch(self.now_ms());
@@ -300,8 +308,9 @@ impl Hub {
     }
 
     /// Sends `ping` to every connection and closes those silent for longer
-    /// than `timeout_ms` (code 1000) and those that left a frame or message
-    /// unfinished for longer than `message_timeout_ms` (code 1008).
+    /// than `timeout_ms` (code 1000), those that left a frame or message
+    /// unfinished for longer than `message_timeout_ms` (code 1008), and
+    /// those whose token expired (4001, after what is queued).
     pub fn sweep(&self, ping: Option<&Bytes>, timeout_ms: u64, message_timeout_ms: u64) {
         let now = self.now_ms();
         for shard in self.shards.iter() {
@@ -314,6 +323,8 @@ impl Hub {
                     outbox.close(close_code::POLICY, "message too slow", true);
                 } else if now.saturating_sub(outbox.last_seen()) > timeout_ms {
                     outbox.close(close_code::NORMAL, "ping timeout", true);
+                } else if outbox.expired(now) {
+                    outbox.close(close_code::TOKEN_EXPIRED, "token expired", false);
                 } else if let Some(ping) = ping {
                     let _ = local.outbox.push(ping.clone(), &self.limits);
                 }

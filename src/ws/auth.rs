@@ -1,4 +1,12 @@
 //! Client authentication: a JWT passed as `?token=` on `/ws`.
+//!
+//! What a token must be: signed with the configured key by the one
+//! algorithm that key type allows (`alg: none` and algorithm confusion are
+//! refused by the pinned list), with an `exp` in the future unless
+//! `--client-jwt-require-exp=false`, an `nbf` (when present) in the past,
+//! and the `aud` / `iss` the options name when they are set; `exp` and
+//! `nbf` are checked with `--client-jwt-leeway`. Claims are read only after
+//! the signature checked out (jsonwebtoken verifies before it decodes).
 
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -13,6 +21,8 @@ use crate::session::Session;
 pub struct ClientAuth {
     key: DecodingKey,
     validation: Validation,
+    /// `--client-jwt-enforce-exp`.
+    enforce_exp: bool,
 }
 
 impl std::fmt::Debug for ClientAuth {
@@ -33,7 +43,27 @@ struct Claims {
     groups: Vec<Name>,
     /// The initial session.
     session: Option<Session>,
+    /// Expiry, Unix seconds (checked by jsonwebtoken; kept to close the
+    /// connection when it passes, with `--client-jwt-enforce-exp`).
+    exp: Option<u64>,
 }
+
+/// What a valid token grants.
+#[derive(Debug)]
+pub struct Verified {
+    /// Initial uid, groups and session.
+    pub membership: Membership,
+    /// When the token stops being valid (its `exp` plus the leeway), in
+    /// Unix milliseconds, when it must close the connection then
+    /// (`--client-jwt-enforce-exp`).
+    pub close_at_unix_ms: Option<u64>,
+}
+
+/// Why a token was refused: logged at debug, never told to the client
+/// (which check failed would help someone probing for a way in).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(String);
 
 impl ClientAuth {
     /// The verifier the configuration asks for, if any.
@@ -65,17 +95,39 @@ impl ClientAuth {
         };
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms;
-        // `exp` is honoured when present, not required; `aud` is not used.
-        validation.required_spec_claims.clear();
-        validation.validate_aud = false;
-        validation.leeway = 5;
-        Ok(Some(ClientAuth { key, validation }))
+        let mut required = Vec::new();
+        if config.client_jwt_require_exp {
+            required.push("exp");
+        }
+        validation.validate_exp = true;
+        validation.validate_nbf = true;
+        // jsonwebtoken skips `iss` and `aud` checks when the token lacks the
+        // claim: asking for a value requires the claim too.
+        if let Some(issuer) = &config.client_jwt_issuer {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        match &config.client_jwt_audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                required.push("aud");
+            }
+            // jsonwebtoken would refuse every token that has an `aud`.
+            None => validation.validate_aud = false,
+        }
+        validation.set_required_spec_claims(&required);
+        validation.leeway = config.client_jwt_leeway.as_secs();
+        Ok(Some(ClientAuth {
+            key,
+            validation,
+            enforce_exp: config.client_jwt_enforce_exp,
+        }))
     }
 
-    /// Checks a token; returns the membership its claims ask for.
-    pub fn verify(&self, token: &str) -> Result<Membership, String> {
+    /// Checks a token; returns what its claims grant.
+    pub fn verify(&self, token: &str) -> Result<Verified, Invalid> {
         let data = decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| format!("invalid token: {e}"))?;
+            .map_err(|e| Invalid(e.to_string()))?;
         let claims = data.claims;
         let mut groups: Vec<String> = Vec::with_capacity(claims.groups.len());
         for Name(g) in claims.groups {
@@ -83,10 +135,17 @@ impl ClientAuth {
                 groups.push(g);
             }
         }
-        Ok(Membership {
-            uid: claims.sub.map(|n| n.0),
-            groups,
-            session: claims.session.unwrap_or_default(),
+        let close_at_unix_ms = claims.exp.filter(|_| self.enforce_exp).map(|exp| {
+            exp.saturating_add(self.validation.leeway)
+                .saturating_mul(1000)
+        });
+        Ok(Verified {
+            membership: Membership {
+                uid: claims.sub.map(|n| n.0),
+                groups,
+                session: claims.session.unwrap_or_default(),
+            },
+            close_at_unix_ms,
         })
     }
 }

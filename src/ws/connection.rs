@@ -48,6 +48,9 @@ const READS_PER_WAKE: usize = 16;
 pub struct Setup {
     /// Initial uid, groups and session (from the client's token).
     pub membership: Membership,
+    /// When its token expires (Unix ms), if the connection must be closed
+    /// then (`--client-jwt-enforce-exp`).
+    pub close_at_unix_ms: Option<u64>,
     /// Request details for the connect event, when events are on.
     pub request: Option<super::RequestInfo>,
 }
@@ -63,6 +66,10 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
             bytes: usize::MAX,
         },
     );
+    if let Some(at) = setup.close_at_unix_ms {
+        // Checked by the node's ping sweep: no timer per connection.
+        outbox.expire_at(gw.hub.unix_ms_to_hub_ms(at));
+    }
     let span = tracing::info_span!("conn", client_id = %id);
     async {
         Box::pin(register(&gw, id, &outbox, &stream, *setup)).await;

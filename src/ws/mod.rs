@@ -21,6 +21,7 @@ use tokio::net::TcpStream;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::hub::Membership;
+use auth::Verified;
 
 /// The parts of the upgrade request that connect events carry.
 #[derive(Debug)]
@@ -67,21 +68,30 @@ pub async fn upgrade(
         )
         .into_response();
     }
-    let membership = match &gw.client_auth {
-        None => Membership::default(),
+    let verified = match &gw.client_auth {
+        None => Verified {
+            membership: Membership::default(),
+            close_at_unix_ms: None,
+        },
         Some(auth) => match query.token.as_deref().map(|t| auth.verify(t)) {
-            Some(Ok(m)) => m,
-            Some(Err(e)) => return ApiError::unauthorized(e).into_response(),
+            Some(Ok(verified)) => verified,
+            Some(Err(reason)) => {
+                // Which check failed stays in the log: telling the client
+                // would help someone probing for a way in.
+                tracing::debug!(%reason, "client token refused");
+                return ApiError::unauthorized("invalid token").into_response();
+            }
             None => return ApiError::unauthorized("missing ?token=").into_response(),
         },
     };
     // What connect events tell backends, captured only when they are on.
     let request_info = gw.events.is_some().then(|| RequestInfo {
         query: crate::events::forwarded_query(request.uri().query().unwrap_or_default()),
-        headers: crate::events::forwarded_headers(&headers),
+        headers: crate::events::forwarded_headers(&gw.config.events_headers, &headers),
     });
     let setup = Box::new(connection::Setup {
-        membership,
+        membership: verified.membership,
+        close_at_unix_ms: verified.close_at_unix_ms,
         request: request_info,
     });
     let on_upgrade = hyper::upgrade::on(&mut request);

@@ -103,7 +103,11 @@ impl Node {
             register: fields["register"].as_str().map(|a| a.parse().unwrap()),
             child,
             api_key,
-            http: reqwest::Client::builder().timeout(WAIT).build().unwrap(),
+            http: {
+                // reqwest's rustls has no default provider (see Cargo.toml).
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::builder().timeout(WAIT).build().unwrap()
+            },
         }
     }
 

@@ -5,9 +5,14 @@
 //! applies it, mirrors it, then publishes a reply on this node's channel.
 //! `ungroup` goes on the group's channel and is answered by every node
 //! that holds a member.
+//!
+//! Request numbers are random, not sequential: a reply is matched by its
+//! number alone, so a guessable one would let anyone who can publish on
+//! this node's channel answer for the owner (see docs/security.md; whoever
+//! can publish on the prefix is trusted anyway, this only stops the
+//! cheapest forgery).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -28,7 +33,6 @@ const RPC_TIMEOUT: Duration = Duration::from_millis(1200);
 #[derive(Default)]
 pub struct Rpc {
     pending: Mutex<HashMap<u64, mpsc::Sender<Option<String>>>>,
-    next: AtomicU64,
 }
 
 impl Rpc {
@@ -40,9 +44,18 @@ impl Rpc {
     }
 
     fn open(&self, replies: usize) -> (Pending<'_>, mpsc::Receiver<Option<String>>) {
-        let req = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let (tx, rx) = mpsc::channel(replies.max(1));
-        self.pending.lock().insert(req, tx);
+        let mut pending = self.pending.lock();
+        // Unique among the commands waiting (a clash is a one in 2^64
+        // event per pair, but costs nothing to rule out).
+        let req = loop {
+            let req = rand::random::<u64>();
+            if let std::collections::hash_map::Entry::Vacant(slot) = pending.entry(req) {
+                slot.insert(tx);
+                break req;
+            }
+        };
+        drop(pending);
         (Pending { rpc: self, req }, rx)
     }
 }
@@ -131,5 +144,25 @@ impl Shared {
             .partition_key(node, super::keys::suffix::ALIVE, "");
         let n: i64 = self.redis.client.exists(key).await.map_err(unavailable)?;
         Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_numbers_are_unique_and_not_sequential() {
+        let rpc = Rpc::default();
+        let open: Vec<_> = (0..64).map(|_| rpc.open(1)).collect();
+        let mut reqs: Vec<u64> = open.iter().map(|(p, _)| p.req).collect();
+        let sequential = reqs.windows(2).all(|w| w[1] == w[0].wrapping_add(1));
+        assert!(!sequential, "{reqs:?}");
+        reqs.sort_unstable();
+        reqs.dedup();
+        assert_eq!(reqs.len(), 64);
+        assert_eq!(rpc.pending.lock().len(), 64);
+        drop(open);
+        assert!(rpc.pending.lock().is_empty());
     }
 }
