@@ -615,7 +615,12 @@ mod tests {
         for args in [
             &["--api-listen", "127.0.0.1:0"][..],
             &["--api-listen", "[::1]:8081"],
-            &["--api-listen", "0.0.0.0:8081", "--api-key", "config-test-api-key-01"],
+            &[
+                "--api-listen",
+                "0.0.0.0:8081",
+                "--api-key",
+                "config-test-api-key-01",
+            ],
             &["--api-listen", "0.0.0.0:8081", "--api-insecure"],
         ] {
             validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
