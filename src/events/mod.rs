@@ -17,7 +17,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use bytes::Bytes;
 use fred::clients::Client;
-use fred::interfaces::{ClientLike, StreamsInterface};
 use fred::types::Value as RedisValue;
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -26,8 +25,14 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::ids::{ClientId, NodeId};
 use crate::metrics::Metrics;
-use crate::redact::redact_url;
 use crate::session::Session;
+
+mod request;
+mod sinks;
+
+pub use request::{forwarded_headers, forwarded_query};
+pub use sinks::install_crypto_provider;
+use sinks::{post_all, webhook_client, write_stream};
 
 /// Most events waiting for the sink (their bytes are bounded too, by
 /// `--events-queue-bytes`).
@@ -208,58 +213,6 @@ fn json_size(value: &Value) -> usize {
     }
 }
 
-/// The query string of `/ws` as connect events carry it: without `token`,
-/// so client credentials do not end up in the stream. Keys are compared
-/// decoded, as the token is read: `?%74oken=` is a token too.
-pub fn forwarded_query(query: &str) -> String {
-    query
-        .split('&')
-        .filter(|pair| {
-            let key = pair.split('=').next().unwrap_or_default();
-            !pair.is_empty() && form_decode(key) != b"token"
-        })
-        .collect::<Vec<_>>()
-        .join("&")
-}
-
-/// `application/x-www-form-urlencoded` decoding of one key or value:
-/// `+` is a space, `%XX` a byte; a `%` not followed by two hex digits
-/// stays as it is.
-fn form_decode(text: &str) -> Vec<u8> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(high), Some(low)) => {
-                    out.push((high * 16 + low) as u8);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    out
-}
-
-/// The headers of an upgrade request that connect events carry: those
-/// named in `names` (`--events-headers`), under their lower-case names.
-pub fn forwarded_headers(names: &[String], headers: &axum::http::HeaderMap) -> Map<String, Value> {
-    names
-        .iter()
-        .filter_map(|name| {
-            let value = headers.get(name.as_str())?.to_str().ok()?;
-            Some((name.to_ascii_lowercase(), Value::String(value.to_owned())))
-        })
-        .collect()
-}
-
 /// Where events go.
 pub enum Sink {
     /// `XADD <prefix>:events MAXLEN ~ <max_len>`.
@@ -423,91 +376,6 @@ async fn drain(
             let _ = done.send(());
         }
     }
-}
-
-async fn write_stream(
-    client: &Client,
-    key: &str,
-    max_len: i64,
-    node: NodeId,
-    batch: &[Event],
-) -> usize {
-    if !client.is_connected() {
-        tracing::debug!(events = batch.len(), "redis down: events dropped");
-        return 0;
-    }
-    let pipeline = client.pipeline();
-    for event in batch {
-        let _: Result<(), _> = pipeline
-            .xadd(
-                key,
-                false,
-                ("MAXLEN", "~", max_len),
-                "*",
-                event.stream_fields(node),
-            )
-            .await;
-    }
-    let results: Vec<Result<RedisValue, fred::error::Error>> = pipeline.try_all().await;
-    let ok = results.iter().filter(|r| r.is_ok()).count();
-    if ok < batch.len() {
-        tracing::warn!(
-            failed = batch.len() - ok,
-            "events not written to the stream"
-        );
-    }
-    ok
-}
-
-/// The client events are POSTed with: http and https (rustls with ring,
-/// the system's roots), and no redirects, since a redirect would re-send
-/// the events, sessions included, to wherever the webhook's server points.
-fn webhook_client() -> Result<reqwest::Client, reqwest::Error> {
-    install_crypto_provider();
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-}
-
-/// Installs ring as the process's rustls provider unless one already is:
-/// reqwest is built without a default one (Cargo.toml), and panics when it
-/// builds a client without.
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
-
-async fn post_all(http: &reqwest::Client, url: &str, node: NodeId, batch: &[Event]) -> usize {
-    let mut sent = 0;
-    for event in batch {
-        let body = event.json(node);
-        // A few tries with a short backoff: a webhook restart should not
-        // lose events, a dead one must not hold the queue for long.
-        for attempt in 0..3u32 {
-            match http.post(url).json(&body).send().await {
-                Ok(r) if r.status().is_success() => {
-                    sent += 1;
-                    break;
-                }
-                // A redirect counts as a refusal: it is not followed.
-                Ok(r) => tracing::warn!(
-                    status = %r.status(),
-                    webhook = %redact_url(url),
-                    "event webhook refused an event"
-                ),
-                // Without the URL, whose query may hold a key.
-                Err(e) => tracing::warn!(
-                    error = %e.without_url(),
-                    webhook = %redact_url(url),
-                    "event webhook unreachable"
-                ),
-            }
-            if attempt < 2 {
-                tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-            }
-        }
-    }
-    sent
 }
 
 #[cfg(test)]
