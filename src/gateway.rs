@@ -9,6 +9,8 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::events::{Detail, Event, Events};
+use crate::gatewayworker::php::session_to_php;
+use crate::gatewayworker::workers::{self, Route, Workers};
 use crate::hub::Hub;
 use crate::ids::ClientId;
 use crate::ids::IdMinter;
@@ -33,6 +35,8 @@ pub struct Gateway {
     pub client_auth: Option<ClientAuth>,
     /// Where connect/message/close events go, when `--events` is on.
     pub events: Option<Events>,
+    /// BusinessWorkers connected to the inner port, and their events.
+    pub workers: Workers,
     /// Connection tasks, so shutdown can wait for them.
     pub connections: TaskTracker,
     /// Open connections per node and per client address.
@@ -61,7 +65,10 @@ impl Gateway {
             config.max_connections,
             config.max_connections_per_ip,
         ));
+        // `listen` is the bound address by now (port 0 resolved).
+        let workers = Workers::new(minter.node(), config.listen.port(), metrics.clone());
         Gateway {
+            workers,
             config,
             hub,
             engine,
@@ -95,6 +102,18 @@ impl Gateway {
         let uid = self.hub.uid_of(id).flatten();
         let session = self.hub.session_of(id).unwrap_or_default();
         events.emit(Event::new(id, uid, session, detail), &self.metrics);
+    }
+
+    /// Sends an event about a local connection to its BusinessWorker, with
+    /// its session as GatewayWorker stores it (`''` when it has none).
+    pub fn worker_event(&self, route: &Route, id: ClientId, event: workers::Event<'_>) {
+        self.workers.send(route, id, event, || {
+            self.hub
+                .session_of(id)
+                .filter(|s| !s.is_empty())
+                .map(|s| session_to_php(&s))
+                .unwrap_or_default()
+        });
     }
 
     /// Whether the node should receive traffic.

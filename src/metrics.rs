@@ -84,6 +84,16 @@ pub struct Metrics {
     pub register_connections: Gauge,
     /// Register connections closed or refused by the node, by reason.
     pub register_errors: Family<ReasonLabel, Counter>,
+    /// BusinessWorkers connected to this node's inner port.
+    pub workers: Gauge,
+    /// Events queued for BusinessWorkers.
+    pub worker_events_sent: Counter,
+    /// Events BusinessWorkers did not get, by reason (`no_worker`,
+    /// `worker_full`, `worker_closed`).
+    pub worker_events_dropped: Family<ReasonLabel, Counter>,
+    /// BusinessWorker connections the node closed, by reason (`slow`,
+    /// `stalled`, `write_error`, `replaced`).
+    pub worker_disconnects: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -120,6 +130,10 @@ impl Metrics {
             open_files_limit: Gauge::default(),
             register_connections: Gauge::default(),
             register_errors: Family::default(),
+            workers: Gauge::default(),
+            worker_events_sent: Counter::default(),
+            worker_events_dropped: Family::default(),
+            worker_disconnects: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -233,6 +247,26 @@ impl Metrics {
             "register_errors",
             "Register connections closed or refused by the node, by reason",
             m.register_errors.clone(),
+        );
+        r.register(
+            "workers",
+            "BusinessWorkers connected to this node",
+            m.workers.clone(),
+        );
+        r.register(
+            "worker_events_sent",
+            "Events queued for BusinessWorkers",
+            m.worker_events_sent.clone(),
+        );
+        r.register(
+            "worker_events_dropped",
+            "Events BusinessWorkers did not get, by reason",
+            m.worker_events_dropped.clone(),
+        );
+        r.register(
+            "worker_disconnects",
+            "BusinessWorker connections closed by the node, by reason",
+            m.worker_disconnects.clone(),
         );
         Metrics { registry, ..m }
     }

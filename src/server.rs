@@ -165,6 +165,10 @@ pub async fn run_with(
         }
         None => None,
     };
+    // The bound address, so what the node tells others (BusinessWorkers'
+    // `gateway_port`) is right with `--listen ...:0`.
+    let mut config = config;
+    config.listen = public_addr;
     let gw = Arc::new(Gateway::new(
         config,
         hub,
@@ -283,6 +287,7 @@ pub async fn run_with(
         if let Some(events) = &gw.events {
             events.flush(flush_time).await;
         }
+        gw.workers.close(flush_time).await;
         public.wait().await;
     };
     if tokio::time::timeout(grace, drain).await.is_err() {

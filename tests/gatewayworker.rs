@@ -233,16 +233,9 @@ async fn a_wrong_secret_key_or_garbage_closes_only_that_connection() {
     s.write_all(b"\x00\x00\x00\x05garbage").await.unwrap();
     let mut rest = Vec::new();
     let _ = tokio::time::timeout(common::WAIT, s.read_to_end(&mut rest)).await;
-    // A BusinessWorker is refused (not served yet), and counted.
-    let worker = br#"{"worker_key":"w","secret_key":"s3cret-key"}"#;
-    send(
-        node.inner,
-        &[
-            auth("s3cret-key"),
-            packet(cmd::WORKER_CONNECT, 0, worker, b""),
-        ],
-    )
-    .await;
+    // A BusinessWorker with a wrong key is refused, and counted.
+    let worker = br#"{"worker_key":"w:0","secret_key":"wrong"}"#;
+    send(node.inner, &[packet(cmd::WORKER_CONNECT, 0, worker, b"")]).await;
     // The right key works, on the same node, at once; a ping is accepted.
     send(
         node.inner,

@@ -1,5 +1,6 @@
 //! GatewayWorker's gateway protocol on the inner port: what a GatewayClient
-//! (or a BusinessWorker's `Gateway::` calls) sends to a gateway process.
+//! (or a BusinessWorker's `Gateway::` calls) sends to a gateway process, and
+//! the BusinessWorkers' own connections ([`super::workers`]).
 //!
 //! A GatewayClient asks the Register for every gateway's address, sends a
 //! call for one client to the address inside its client_id, and a call for
@@ -13,6 +14,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -44,7 +46,9 @@ const MAX_PACKET: usize = protocol::DEFAULT_MAX_PACKET;
 const MAX_CONNECTIONS: usize = 10_000;
 
 /// A connection silent for this long is closed (GatewayClient opens one per
-/// call, or keeps one per PHP worker with persistent connections).
+/// call, or keeps one per PHP worker with persistent connections). Not a
+/// BusinessWorker's: it may have nothing to say for hours; the pings this
+/// node sends it find it dead instead.
 const IDLE: Duration = Duration::from_secs(600);
 
 /// Longest a reply may take to write.
@@ -85,7 +89,9 @@ pub async fn serve(gw: Arc<Gateway>, mut listener: Acceptor, stop: CancellationT
                     Some(Ok(packet)) => handler.handle(peer, packet).await,
                     Some(Err(e)) => Err(e.to_string()),
                     None => {
-                        peers.remove(&id);
+                        if let Some(peer) = peers.remove(&id) {
+                            peer.forget(&gw);
+                        }
                         continue;
                     }
                 };
@@ -95,7 +101,9 @@ pub async fn serve(gw: Arc<Gateway>, mut listener: Acceptor, stop: CancellationT
                     // The reader ends too, and the socket closes with both
                     // halves gone: nothing more is read from this peer.
                     peer.closed.cancel();
-                    peers.remove(&id);
+                    if let Some(peer) = peers.remove(&id) {
+                        peer.forget(&gw);
+                    }
                 }
             }
             (socket, addr) = listener.accept() => {
@@ -107,9 +115,19 @@ pub async fn serve(gw: Arc<Gateway>, mut listener: Acceptor, stop: CancellationT
                 next_id += 1;
                 let (read, write) = socket.into_split();
                 let closed = CancellationToken::new();
-                inbound.push(reader(next_id, read, closed.clone()));
+                let is_worker = Arc::new(AtomicBool::new(false));
+                inbound.push(reader(next_id, read, closed.clone(), is_worker.clone()));
                 let authorized = gw.config.gateway_secret_key.is_empty();
-                peers.insert(next_id, Peer { write, authorized, addr, closed });
+                let write = Some(write);
+                let peer = Peer {
+                    write,
+                    authorized,
+                    addr,
+                    closed,
+                    worker: None,
+                    is_worker,
+                };
+                peers.insert(next_id, peer);
             }
         }
     }
@@ -117,16 +135,31 @@ pub async fn serve(gw: Arc<Gateway>, mut listener: Acceptor, stop: CancellationT
 
 /// The packets of one connection, then `None`; ends after [`IDLE`], or
 /// when `closed` is cancelled.
-fn reader(id: u64, read: OwnedReadHalf, closed: CancellationToken) -> BoxStream<'static, Inbound> {
+fn reader(
+    id: u64,
+    read: OwnedReadHalf,
+    closed: CancellationToken,
+    is_worker: Arc<AtomicBool>,
+) -> BoxStream<'static, Inbound> {
     let frames = FramedRead::new(read, GatewayCodec::new(MAX_PACKET));
-    let packets = futures_util::stream::unfold(Some(frames), |state| async move {
-        let mut frames = state?;
-        match tokio::time::timeout(IDLE, frames.next()).await {
-            Ok(Some(item)) => {
-                let failed = item.is_err();
-                Some((item, (!failed).then_some(frames)))
+    let packets = futures_util::stream::unfold(Some(frames), move |state| {
+        let is_worker = is_worker.clone();
+        async move {
+            let mut frames = state?;
+            let next = async {
+                if is_worker.load(Ordering::Relaxed) {
+                    Ok(frames.next().await)
+                } else {
+                    tokio::time::timeout(IDLE, frames.next()).await
+                }
+            };
+            match next.await {
+                Ok(Some(item)) => {
+                    let failed = item.is_err();
+                    Some((item, (!failed).then_some(frames)))
+                }
+                Ok(None) | Err(_) => None,
             }
-            Ok(None) | Err(_) => None,
         }
     });
     packets
@@ -138,11 +171,25 @@ fn reader(id: u64, read: OwnedReadHalf, closed: CancellationToken) -> BoxStream<
 
 /// One inner connection's writing side and state.
 struct Peer {
-    write: OwnedWriteHalf,
+    /// Gone once the peer is a BusinessWorker: its queue writes instead.
+    write: Option<OwnedWriteHalf>,
     authorized: bool,
     addr: SocketAddr,
     /// Ends the reader when the connection is closed on an error.
     closed: CancellationToken,
+    /// Its id among the node's workers, once it sent `WORKER_CONNECT`.
+    worker: Option<u64>,
+    /// Shared with the reader: a worker's connection has no idle limit.
+    is_worker: Arc<AtomicBool>,
+}
+
+impl Peer {
+    /// The connection is gone: a worker stops getting events.
+    fn forget(&self, gw: &Gateway) {
+        if let Some(worker) = self.worker {
+            gw.workers.remove(worker);
+        }
+    }
 }
 
 /// Handles packets for every connection.
@@ -154,13 +201,25 @@ struct Handler<'a> {
 impl Handler<'_> {
     /// One packet: handled, and its reply (if any) written back.
     async fn handle(&self, peer: &mut Peer, p: Packet) -> Result<(), String> {
-        if let Some(reply) = self.answer(peer, p).await? {
-            tokio::time::timeout(WRITE_TIMEOUT, peer.write.write_all(&reply))
+        let Some(reply) = self.answer(peer, p).await? else {
+            return Ok(());
+        };
+        match (&mut peer.write, peer.worker) {
+            (Some(write), _) => tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&reply))
                 .await
                 .map_err(|_| "reply not taken in time".to_owned())?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| e.to_string()),
+            // A worker asking on its own connection: the answer queues
+            // behind its events.
+            (None, Some(worker)) => {
+                if self.gw.workers.send_raw(worker, reply) {
+                    Ok(())
+                } else {
+                    Err("worker cannot take the reply".into())
+                }
+            }
+            (None, None) => Err("connection already closed".into()),
         }
-        Ok(())
     }
 
     /// Applies an engine change now (its first step changes the hub) and
@@ -191,10 +250,11 @@ impl Handler<'_> {
     /// One packet; the reply to send back, if the command has one.
     async fn answer(&self, peer: &mut Peer, p: Packet) -> Result<Option<Bytes>, String> {
         if !peer.authorized {
-            if p.cmd != cmd::GATEWAY_CLIENT_CONNECT {
-                return Err(format!("command {} before authentication", p.cmd));
-            }
-            return self.authorize(peer, &p).map(|()| None);
+            return match p.cmd {
+                cmd::GATEWAY_CLIENT_CONNECT => self.authorize(peer, &p).map(|()| None),
+                cmd::WORKER_CONNECT => self.worker_connect(peer, &p).map(|()| None),
+                other => Err(format!("command {other} before authentication")),
+            };
         }
         let gw = self.gw;
         let id = ClientId::new(gw.minter.node(), p.connection_id);
@@ -205,10 +265,10 @@ impl Handler<'_> {
                 self.authorize(peer, &p)?;
                 None
             }
-            cmd::WORKER_CONNECT => return Err(
-                "a BusinessWorker connected: gatecast does not run Events.php yet (use --events)"
-                    .into(),
-            ),
+            cmd::WORKER_CONNECT => {
+                self.worker_connect(peer, &p)?;
+                None
+            }
             cmd::PING => None,
             cmd::SEND_TO_ONE => {
                 self.deliver(&Target::Client(id), &[], &p);
@@ -382,6 +442,28 @@ impl Handler<'_> {
         } else {
             Err("wrong secret key".into())
         }
+    }
+
+    /// `WORKER_CONNECT` (body `{"worker_key":"name:n","secret_key":"…"}`):
+    /// the peer is a BusinessWorker; from now on it gets this node's events
+    /// and its writing side belongs to its queue.
+    fn worker_connect(&self, peer: &mut Peer, p: &Packet) -> Result<(), String> {
+        if peer.worker.is_some() {
+            return Err("WORKER_CONNECT twice on one connection".into());
+        }
+        self.authorize(peer, p)?;
+        let body: Json = serde_json::from_slice(&p.body).unwrap_or(Json::Null);
+        let worker_key = match &body["worker_key"] {
+            Json::String(k) => k.clone(),
+            Json::Null => String::new(),
+            other => other.to_string(),
+        };
+        let write = peer.write.take().ok_or("connection already closed")?;
+        // GatewayWorker's key: a worker process is unique per host and name.
+        let key = format!("{}:{worker_key}", peer.addr.ip());
+        peer.worker = Some(self.gw.workers.add(key, write, peer.closed.clone()));
+        peer.is_worker.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// This node's client_ids for connection numbers.

@@ -24,12 +24,19 @@
 //!   the length-prefixed replies GatewayClient reads.
 //!
 //! - [`inner`]: the gateway protocol served on the inner port;
-//! - [`register`]: the Register's protocol (`--register-listen`).
+//! - [`register`]: the Register's protocol (`--register-listen`);
+//! - [`workers`]: the BusinessWorkers connected to this node, and the events
+//!   (connect, websocket-connect, message, close) they get, so `Events.php`
+//!   runs unchanged;
+//! - [`handshake`]: the WebSocket handshake as `$_GET`, `$_SERVER` and
+//!   `$_COOKIE` for `onWebSocketConnect`.
 
+pub mod handshake;
 pub mod inner;
 pub mod php;
 pub mod protocol;
 pub mod register;
+pub mod workers;
 
 #[cfg(test)]
 mod php_cli;

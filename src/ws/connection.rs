@@ -23,6 +23,8 @@ use tracing::Instrument;
 use crate::events::Detail;
 use crate::frame::{self, close_code, Incoming, Opcode, Reader};
 use crate::gateway::Gateway;
+use crate::gatewayworker::handshake::Handshake;
+use crate::gatewayworker::workers::{Event as WorkerEvent, Route};
 use crate::hub::Membership;
 use crate::ids::ClientId;
 use crate::outbox::{Close, Limits, Outbox, BATCH};
@@ -53,6 +55,11 @@ pub struct Setup {
     pub close_at_unix_ms: Option<u64>,
     /// Request details for the connect event, when events are on.
     pub request: Option<super::RequestInfo>,
+    /// The client's address (after `--trusted-proxies`) and port.
+    pub client: std::net::SocketAddr,
+    /// The handshake for BusinessWorkers' `onWebSocketConnect`, when any
+    /// is connected.
+    pub handshake: Option<Handshake>,
 }
 
 /// Serves an upgraded connection until it closes, then forgets it.
@@ -71,11 +78,13 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
         outbox.expire_at(gw.hub.unix_ms_to_hub_ms(at));
     }
     let span = tracing::info_span!("conn", client_id = %id);
+    let route = Route::new(setup.client);
     async {
-        Box::pin(register(&gw, id, &outbox, &stream, *setup)).await;
+        Box::pin(register(&gw, id, &outbox, &stream, &route, *setup)).await;
         let mut conn = Connection {
             gw: &gw,
             id,
+            route: &route,
             stream: &stream,
             outbox: &outbox,
             left: false,
@@ -102,6 +111,7 @@ async fn register(
     id: ClientId,
     outbox: &Arc<Outbox>,
     stream: &TcpStream,
+    route: &Route,
     setup: Setup,
 ) {
     if let Err(e) = gw
@@ -132,6 +142,13 @@ async fn register(
             },
         );
     }
+    // GatewayWorker sends onConnect at accept, before the handshake; here
+    // both come once the connection is registered, back to back.
+    gw.worker_event(route, id, WorkerEvent::Connect);
+    if let Some(handshake) = setup.handshake {
+        let data = handshake.to_php();
+        gw.worker_event(route, id, WorkerEvent::WebSocketConnect(&data));
+    }
 }
 
 /// The first frame: `--welcome-frame` with the client's id.
@@ -143,6 +160,8 @@ fn welcome(gw: &Gateway, id: ClientId) -> Bytes {
 struct Connection<'a> {
     gw: &'a Gateway,
     id: ClientId,
+    /// Its BusinessWorker, if any.
+    route: &'a Route,
     stream: &'a TcpStream,
     outbox: &'a Outbox,
     /// Already unregistered (and the close event sent).
@@ -301,6 +320,8 @@ impl Connection<'_> {
             return;
         }
         self.gw.event(self.id, Detail::Close);
+        self.gw
+            .worker_event(self.route, self.id, WorkerEvent::Close);
         self.gw.engine.disconnect(self.id).await;
     }
 
@@ -384,8 +405,12 @@ impl Connection<'_> {
         let id = self.id;
         // Once the close event is out, nothing more is reported about it.
         let report = !closing && !self.left;
+        let route = self.route;
         let emit = |detail: Detail| {
             if report {
+                if let Detail::Message { data, .. } = &detail {
+                    gw.worker_event(route, id, WorkerEvent::Message(data));
+                }
                 gw.event(id, detail);
             }
         };

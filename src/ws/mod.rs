@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 
 use crate::error::ApiError;
 use crate::gateway::Gateway;
+use crate::gatewayworker::handshake::Handshake;
 use crate::hub::Membership;
 use auth::Verified;
 
@@ -89,10 +90,23 @@ pub async fn upgrade(
         query: crate::events::forwarded_query(request.uri().query().unwrap_or_default()),
         headers: crate::events::forwarded_headers(&gw.config.events_headers, &headers),
     });
+    let client = SocketAddr::new(ip, peer.port());
+    // What BusinessWorkers' onWebSocketConnect gets, kept only when one is
+    // connected (taken whole: it is the application's own code).
+    let handshake = gw.workers.any().then(|| Handshake {
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+        version: request.version(),
+        headers: headers.clone(),
+        client,
+        server_port: gw.config.listen.port(),
+    });
     let setup = Box::new(connection::Setup {
         membership: verified.membership,
         close_at_unix_ms: verified.close_at_unix_ms,
         request: request_info,
+        client,
+        handshake,
     });
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_gw = gw.clone();
