@@ -295,7 +295,9 @@ impl Workers {
         let queued = link.queued_bytes.fetch_add(len, Ordering::Relaxed) + len;
         if queued > QUEUE_BYTES || link.queue.try_send(bytes).is_err() {
             link.queued_bytes.fetch_sub(len, Ordering::Relaxed);
-            if self.remove(link.id) {
+            // A connection that just failed (its writer gone) is not a slow
+            // worker: the reader's end removes it.
+            if !link.closed.is_cancelled() && self.remove(link.id) {
                 tracing::warn!(
                     worker = %link.key,
                     queued,
