@@ -390,6 +390,8 @@ async fn php_businessworkers_run_events_php_over_two_nodes() {
         "127.0.0.1:0",
         "--gateway-secret-key",
         SECRET,
+        // The Redis Stream of events keeps working beside the workers.
+        "--events",
     ];
     let first = Node::start(&args);
     first.wait_ready().await;
@@ -506,6 +508,12 @@ async fn php_businessworkers_run_events_php_over_two_nodes() {
             0.0
         );
     }
+    // Every event also went to the stream: 6 connects, 25 messages (6
+    // hellos, 18 whoami, 1 after the kill), 1 close.
+    eventually("the events stream has every event", || async {
+        redis.cli(&["XLEN", "gatecast:events"]) == "32"
+    })
+    .await;
 }
 
 fn clients_id(echo: &Json) -> String {
