@@ -57,10 +57,7 @@ impl Gateway {
         events: Option<Events>,
         fatal: Fatal,
     ) -> Self {
-        let limits = Arc::new(ConnectionLimits::new(
-            config.max_connections,
-            config.max_connections_per_ip,
-        ));
+        let limits = Arc::new(ConnectionLimits::from_config(&config));
         Gateway {
             config,
             hub,

@@ -26,6 +26,7 @@ use crate::gateway::Gateway;
 use crate::hub::Membership;
 use crate::ids::ClientId;
 use crate::outbox::{Close, Limits, Outbox, BATCH};
+use crate::ws::limits::{MessageBudget, MessageRate, Overspent};
 
 /// How long a closing connection gets to take its last frames and answer the
 /// close frame before the socket is dropped.
@@ -81,6 +82,7 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
             left: false,
             peer_closed: false,
             reader: Reader::default(),
+            budget: MessageBudget::default(),
             batch: VecDeque::new(),
             offset: 0,
             closing: None,
@@ -150,6 +152,8 @@ struct Connection<'a> {
     /// The client sent its close frame.
     peer_closed: bool,
     reader: Reader,
+    /// What the client may still send while events are on.
+    budget: MessageBudget,
     /// Frames taken from the outbox and not yet fully written.
     batch: VecDeque<Bytes>,
     /// Bytes of `batch[0]` already written.
@@ -389,6 +393,20 @@ impl Connection<'_> {
                 gw.event(id, detail);
             }
         };
+        // Every message becomes an event: held to the client's budget.
+        let rate = (report && gw.events.is_some()).then(|| MessageRate::from_config(&gw.config));
+        let budget = &mut self.budget;
+        let mut overspent: Option<Overspent> = None;
+        let mut within_budget = |len: usize| match &rate {
+            None => true,
+            Some(rate) => match budget.spend(rate, len, now) {
+                Ok(()) => true,
+                Err(first) => {
+                    overspent = overspent.or(first);
+                    false
+                }
+            },
+        };
         let result = self
             .reader
             .feed(data, gw.config.max_message_bytes, &mut |message| {
@@ -410,7 +428,7 @@ impl Connection<'_> {
                         gw.metrics.messages_in.inc();
                         if is_ping(&text) {
                             let _ = outbox.push(pong_frame(), limits);
-                        } else {
+                        } else if within_budget(text.len()) {
                             let data = Bytes::from(text);
                             emit(Detail::Message {
                                 data,
@@ -420,12 +438,24 @@ impl Connection<'_> {
                     }
                     Incoming::Binary(data) => {
                         gw.metrics.messages_in.inc();
-                        let data = Bytes::from(data);
-                        emit(Detail::Message { data, binary: true });
+                        if within_budget(data.len()) {
+                            let data = Bytes::from(data);
+                            emit(Detail::Message { data, binary: true });
+                        }
                     }
                 }
             });
         outbox.set_incomplete(self.reader.is_incomplete(), now);
+        if let Some(overspent) = overspent {
+            tracing::debug!(budget = overspent.label(), "client sends too fast");
+            gw.metrics
+                .client_rate_closed
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: overspent.label(),
+                })
+                .inc();
+            outbox.close(close_code::POLICY, "message rate exceeded", true);
+        }
         if let Err(violation) = result {
             tracing::debug!(
                 code = violation.code,
