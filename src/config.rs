@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 /// gatecast: a WebSocket push gateway with GatewayWorker's API over HTTP.
+///
+/// `Debug` shows every option but the secrets (see [`Secret`]).
 #[derive(Parser, Debug, Clone)]
 #[command(name = "gatecast", version, about, long_about = None)]
 pub struct Config {
@@ -39,7 +41,7 @@ pub struct Config {
         default_value = "",
         hide_default_value = true
     )]
-    pub gateway_secret_key: String,
+    pub gateway_secret_key: Secret,
 
     /// IPv4 address other nodes and tools reach this node at; part of every
     /// client_id. Default: the address of the default-route interface, else
@@ -52,13 +54,13 @@ pub struct Config {
     /// redis-cluster://). Unset: a single node with the in-process engine.
     /// Shown in logs without password or query.
     #[arg(long, env = "GATECAST_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
+    pub redis_url: Option<Secret>,
 
     /// Password for the Redis servers, instead of one in --redis-url: the
     /// URL can then live in plain configuration and the password alone in
     /// a secret store, with no URL encoding.
     #[arg(long, env = "GATECAST_REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<String>,
+    pub redis_password: Option<Secret>,
 
     /// Prefix of every Redis key and channel gatecast uses.
     #[arg(long, env = "GATECAST_REDIS_PREFIX", default_value = "gatecast")]
@@ -67,7 +69,7 @@ pub struct Config {
     /// When set, every /api/ request must carry `Authorization: Bearer <key>`.
     /// At least 16 bytes, and not a known placeholder such as `change-me`.
     #[arg(long, env = "GATECAST_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    pub api_key: Option<Secret>,
 
     /// Serve the API on a non-loopback --api-listen without --api-key: for
     /// local tries and networks where nothing else can reach the port.
@@ -77,7 +79,7 @@ pub struct Config {
     /// HS256 secret: WebSocket clients must present a valid JWT as ?token=.
     /// At least 16 bytes, and not a known placeholder such as `change-me`.
     #[arg(long, env = "GATECAST_CLIENT_JWT_SECRET", hide_env_values = true)]
-    pub client_jwt_secret: Option<String>,
+    pub client_jwt_secret: Option<Secret>,
 
     /// PEM public key file (RSA for RS256, EC P-256 for ES256): WebSocket
     /// clients must present a JWT signed with its private key as ?token=.
@@ -130,6 +132,61 @@ pub struct Config {
     /// --trusted-proxies, else every client shares the proxy's address.
     #[arg(long, env = "GATECAST_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
+
+    /// Most WebSocket connections with one JWT `sub` (one uid) on this
+    /// node; more are refused with 429 before the upgrade. 0 (the
+    /// default): no limit. Tokens without `sub` are not counted.
+    #[arg(long, env = "GATECAST_MAX_CONNECTIONS_PER_SUB", default_value_t = 0)]
+    pub max_connections_per_sub: usize,
+
+    /// New WebSocket connections per second from one client address (an
+    /// IPv6 client's /64), after a burst of --connect-burst-per-ip; faster
+    /// ones are refused with 429. 0: no limit. Loopback and private
+    /// addresses, where proxies and load balancers sit, are not limited
+    /// unless --connect-rate-private.
+    #[arg(long, env = "GATECAST_CONNECT_RATE_PER_IP", default_value_t = 20)]
+    pub connect_rate_per_ip: u32,
+
+    /// Connections one client address may open at once before
+    /// --connect-rate-per-ip applies.
+    #[arg(long, env = "GATECAST_CONNECT_BURST_PER_IP", default_value_t = 40)]
+    pub connect_burst_per_ip: u32,
+
+    /// Apply --connect-rate-per-ip to loopback and private addresses
+    /// (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7...) too.
+    #[arg(long, env = "GATECAST_CONNECT_RATE_PRIVATE", default_value_t = false)]
+    pub connect_rate_private: bool,
+
+    /// Time from accepting a connection on the public listener to its
+    /// request head read (and, for a WebSocket, to the upgrade); a client
+    /// slower than this is disconnected (at least 100ms).
+    #[arg(long, env = "GATECAST_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Largest HTTP request head (request line and headers, the token in
+    /// the query included) on the public listener, in bytes; larger ones
+    /// get 431 (at least 4096).
+    #[arg(long, env = "GATECAST_MAX_REQUEST_HEAD_BYTES", default_value_t = 32 << 10)]
+    pub max_request_head_bytes: usize,
+
+    /// Messages per second one client may send while --events is on or a
+    /// BusinessWorker is connected, after
+    /// a burst of --client-message-burst; past it the connection is closed
+    /// with 1008. 0: no limit.
+    #[arg(long, env = "GATECAST_CLIENT_MESSAGE_RATE", default_value_t = 100)]
+    pub client_message_rate: u32,
+
+    /// Messages one client may send at once before --client-message-rate
+    /// applies.
+    #[arg(long, env = "GATECAST_CLIENT_MESSAGE_BURST", default_value_t = 200)]
+    pub client_message_burst: u32,
+
+    /// Message bytes per second one client may send while --events is on or
+    /// a BusinessWorker is connected, after a burst of two seconds' worth (at least one
+    /// --max-message-bytes message); past it the connection is closed with
+    /// 1008. 0: no limit.
+    #[arg(long, env = "GATECAST_CLIENT_MESSAGE_BYTES_RATE", default_value_t = 1 << 20)]
+    pub client_message_bytes_rate: usize,
 
     /// Proxies (addresses or CIDR ranges, comma-separated) whose
     /// X-Forwarded-For is believed for the client's address; from anyone
@@ -211,7 +268,7 @@ pub struct Config {
     /// https://; redirects are not followed). Shown in logs without
     /// password or query.
     #[arg(long, env = "GATECAST_EVENTS_WEBHOOK", hide_env_values = true)]
-    pub events_webhook: Option<String>,
+    pub events_webhook: Option<Secret>,
 
     /// Request headers forwarded in connect events (comma-separated
     /// names). `Cookie` is not among the defaults: add it only with
@@ -227,6 +284,45 @@ pub struct Config {
     /// Log filter (tracing's EnvFilter syntax, e.g. `info,gatecast=debug`).
     #[arg(long, env = "GATECAST_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+}
+
+/// A secret option's value (a key, a password, a URL that may hold
+/// one): `Debug` prints `<redacted>`, so the configuration can be logged
+/// or printed whole. Derefs to the `String` for the code that uses it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The value itself, for the code that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::ops::Deref for Secret {
+    type Target = String;
+    fn deref(&self) -> &String {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_owned()))
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Secret(s.to_owned())
+    }
 }
 
 /// How log lines are written.
@@ -482,6 +578,10 @@ fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
 /// valid for long.
 pub const MAX_CLIENT_JWT_LEEWAY: Duration = Duration::from_secs(300);
 
+/// Smallest `--max-request-head-bytes`: a request line with a token and
+/// the usual browser headers need a few KiB.
+pub const MIN_REQUEST_HEAD_BYTES: usize = 4096;
+
 /// Checks of the options that keep a node safe on the public internet
 /// (issue 16), kept apart from the rest of `validate`.
 impl Config {
@@ -501,7 +601,24 @@ impl Config {
                 return Err(format!("{flag} must not be empty"));
             }
         }
-        if self.api_key.as_deref() == Some("") {
+        at_least(
+            "--handshake-timeout",
+            self.handshake_timeout,
+            MIN_PING_INTERVAL,
+        )?;
+        if self.max_request_head_bytes < MIN_REQUEST_HEAD_BYTES {
+            return Err(format!(
+                "--max-request-head-bytes must be at least {MIN_REQUEST_HEAD_BYTES} (got {})",
+                self.max_request_head_bytes
+            ));
+        }
+        if self.connect_rate_per_ip > 0 && self.connect_burst_per_ip == 0 {
+            return Err("--connect-burst-per-ip must be at least 1".into());
+        }
+        if self.client_message_rate > 0 && self.client_message_burst == 0 {
+            return Err("--client-message-burst must be at least 1".into());
+        }
+        if self.api_key.as_ref().is_some_and(|key| key.is_empty()) {
             return Err("--api-key must not be empty (unset it to run without a key)".into());
         }
         if self.api_key.is_none() && !self.api_listen.ip().is_loopback() && !self.api_insecure {
@@ -624,6 +741,45 @@ mod tests {
             &["--api-listen", "0.0.0.0:8081", "--api-insecure"],
         ] {
             validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn debug_shows_every_option_but_no_secret() {
+        let secrets = [
+            "debug-api-key-0123456789",
+            "debug-jwt-secret-0123456789",
+            "debug-redis-url-pass",
+            "debug-redis-password",
+            "debug-gateway-key",
+            "debug-webhook-key",
+        ];
+        let c = Config::try_parse_from([
+            "gatecast",
+            "--api-key",
+            secrets[0],
+            "--client-jwt-secret",
+            secrets[1],
+            "--redis-url",
+            "redis://app:debug-redis-url-pass@redis:6379",
+            "--redis-password",
+            secrets[3],
+            "--gateway-secret-key",
+            secrets[4],
+            "--events-webhook",
+            "https://hooks.example/in?key=debug-webhook-key",
+        ])
+        .unwrap();
+        // The values are there for the code that uses them...
+        assert_eq!(c.api_key.as_ref().unwrap().expose(), secrets[0]);
+        assert_eq!(c.gateway_secret_key.as_str(), secrets[4]);
+        for shown in [format!("{c:?}"), format!("{c:#?}")] {
+            // ...but never printed.
+            for secret in secrets {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert_eq!(shown.matches("<redacted>").count(), 6, "{shown}");
+            assert!(shown.contains("max_connections"), "{shown}");
         }
     }
 

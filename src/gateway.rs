@@ -61,10 +61,7 @@ impl Gateway {
         events: Option<Events>,
         fatal: Fatal,
     ) -> Self {
-        let limits = Arc::new(ConnectionLimits::new(
-            config.max_connections,
-            config.max_connections_per_ip,
-        ));
+        let limits = Arc::new(ConnectionLimits::from_config(&config));
         // `listen` is the bound address by now (port 0 resolved).
         let workers = Workers::new(minter.node(), config.listen.port(), metrics.clone());
         Gateway {

@@ -42,6 +42,12 @@ pub struct Metrics {
     pub connections_opened: Counter,
     /// WebSocket connections refused by a limit, by reason.
     pub connections_refused: Family<ReasonLabel, Counter>,
+    /// Public connections dropped before their upgrade, by reason
+    /// (`header_timeout`, `head_too_large`, `deadline`).
+    pub handshakes_failed: Family<ReasonLabel, Counter>,
+    /// Connections closed with 1008 for sending too fast while events are
+    /// on, by the budget they overspent (`messages`, `bytes`).
+    pub client_rate_closed: Family<ReasonLabel, Counter>,
     /// Messages received from clients.
     pub messages_in: Counter,
     /// Messages queued to local clients, by target kind.
@@ -110,6 +116,8 @@ impl Metrics {
             connections: Gauge::default(),
             connections_opened: Counter::default(),
             connections_refused: Family::default(),
+            handshakes_failed: Family::default(),
+            client_rate_closed: Family::default(),
             messages_in: Counter::default(),
             messages_out: Family::default(),
             pushes: Family::default(),
@@ -151,6 +159,16 @@ impl Metrics {
             "connections_refused",
             "WebSocket connections refused by a limit, by reason",
             m.connections_refused.clone(),
+        );
+        r.register(
+            "handshakes_failed",
+            "Public connections dropped before their upgrade, by reason",
+            m.handshakes_failed.clone(),
+        );
+        r.register(
+            "client_rate_closed",
+            "Connections closed with 1008 for sending faster than their budget, by budget",
+            m.client_rate_closed.clone(),
         );
         r.register(
             "messages_in",

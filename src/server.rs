@@ -85,8 +85,21 @@ impl Listeners {
     }
 }
 
-/// A client that has not sent its request headers by then is dropped.
-const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// After `--handshake-timeout`, a connection still speaking HTTP is told to
+/// close (after the request in flight, if any); this long more and it is
+/// dropped.
+const HANDSHAKE_CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How the public listener bounds what a connection may cost before its
+/// upgrade (issue 16: slow handshakes).
+#[derive(Clone)]
+struct PublicBounds {
+    /// `--handshake-timeout`.
+    timeout: std::time::Duration,
+    /// `--max-request-head-bytes`.
+    head_bytes: usize,
+    metrics: Arc<Metrics>,
+}
 
 /// Runs a node until `shutdown` resolves, then drains it (SPEC section 1):
 /// not ready, no new connections, clients closed with 1001, entries removed
@@ -135,8 +148,11 @@ pub async fn run_with(
         }
         Some(url) => {
             let settings = RedisSettings {
-                url: url.clone(),
-                password: config.redis_password.clone(),
+                url: url.expose().to_owned(),
+                password: config
+                    .redis_password
+                    .as_ref()
+                    .map(|p| p.expose().to_owned()),
                 prefix: config.redis_prefix.clone(),
                 heartbeat: config.node_heartbeat,
                 info: serde_json::json!({
@@ -187,8 +203,8 @@ pub async fn run_with(
         node = %node,
         advertised = %node.addr(),
         engine = if gw.config.redis_url.is_some() { "redis" } else { "memory" },
-        redis = gw.config.redis_url.as_deref().map(redact_url),
-        events_webhook = gw.config.events_webhook.as_deref().map(redact_url),
+        redis = gw.config.redis_url.as_deref().map(|u| redact_url(u)),
+        events_webhook = gw.config.events_webhook.as_deref().map(|u| redact_url(u)),
         "listening"
     );
 
@@ -230,6 +246,11 @@ pub async fn run_with(
         public.track_future(serve_public(
             acceptor(listeners.public, "public"),
             public_router(gw.clone()),
+            PublicBounds {
+                timeout: gw.config.handshake_timeout,
+                head_bytes: gw.config.max_request_head_bytes,
+                metrics: gw.metrics.clone(),
+            },
             stop_public.clone(),
         )),
     );
@@ -323,7 +344,7 @@ async fn start_events(
             let mut redis = fred::types::config::Config::from_url(url)
                 .map_err(|e| StartError::Config(format!("invalid --redis-url: {e}")))?;
             if let Some(password) = &config.redis_password {
-                redis.password = Some(password.clone());
+                redis.password = Some(password.expose().to_owned());
             }
             let client = fred::types::Builder::from_config(redis)
                 .with_config(|c| c.fail_fast = false)
@@ -342,7 +363,9 @@ async fn start_events(
                 max_len: config.events_max_len,
             }
         }
-        (None, Some(url)) => Sink::Webhook { url: url.clone() },
+        (None, Some(url)) => Sink::Webhook {
+            url: url.expose().to_owned(),
+        },
         (None, None) => {
             return Err(StartError::Config(
                 "--events needs --redis-url or --events-webhook".into(),
@@ -380,7 +403,19 @@ async fn serve(listener: Acceptor, router: Router, stop: CancellationToken) {
 /// rather than `axum::serve`, whose protocol detection wraps the socket in a
 /// private type: the WebSocket task needs the `TcpStream` itself back after
 /// the upgrade (see `ws::connection`).
-async fn serve_public(mut listener: Acceptor, router: Router, stop: CancellationToken) {
+///
+/// Before the upgrade a connection is hyper's, and bounded here: its
+/// request head must arrive within `--handshake-timeout` and fit in
+/// `--max-request-head-bytes` (else 431), and the connection must be
+/// upgraded (or done) within `--handshake-timeout` of its accept, so a
+/// client trickling its request, or one never reading our answer, holds
+/// its socket and buffer for a bounded time.
+async fn serve_public(
+    mut listener: Acceptor,
+    router: Router,
+    bounds: PublicBounds,
+    stop: CancellationToken,
+) {
     let connections = tokio_util::task::TaskTracker::new();
     loop {
         // Failed accepts (out of descriptors...) are counted, logged and
@@ -403,18 +438,51 @@ async fn serve_public(mut listener: Acceptor, router: Router, stop: Cancellation
             router.clone(),
         ));
         let stop = stop.clone();
+        let bounds = bounds.clone();
         connections.spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(bounds.timeout)
+                .max_header_size(bounds.head_bytes)
+                // hyper's floor; pipelined requests cannot grow it further.
+                .max_buf_size(bounds.head_bytes.max(8192))
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
+            let deadline = tokio::time::sleep(bounds.timeout);
+            tokio::pin!(deadline);
+            let result = tokio::select! {
+                result = conn.as_mut() => Some(result),
+                () = &mut deadline => {
+                    bounds.metrics
+                        .handshakes_failed
+                        .get_or_create(&crate::metrics::ReasonLabel { reason: "deadline" })
+                        .inc();
+                    conn.as_mut().graceful_shutdown();
+                    tokio::time::timeout(HANDSHAKE_CLOSE_GRACE, conn.as_mut()).await.ok()
+                }
                 () = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    Some(conn.await)
+                }
+            };
+            if let Some(Err(e)) = result {
+                tracing::debug!(error = %e, "public connection failed before the upgrade");
+                // Only what the bounds cut off; a client hanging up or
+                // sending garbage is not worth a series.
+                let reason = if e.is_timeout() {
+                    Some("header_timeout")
+                } else if e.is_parse_too_large() {
+                    Some("head_too_large")
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    bounds
+                        .metrics
+                        .handshakes_failed
+                        .get_or_create(&crate::metrics::ReasonLabel { reason })
+                        .inc();
                 }
             }
         });

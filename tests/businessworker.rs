@@ -15,6 +15,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use common::redis::RedisServer;
 use common::{eventually, metric, Client, Node, Seen, WAIT};
+use futures_util::SinkExt;
 use gatecast::gatewayworker::php::{self, Key, Value};
 use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
 use serde_json::{json, Value as Json};
@@ -213,7 +214,13 @@ async fn events_reach_a_worker_in_gatewayworkers_format() {
 /// clients keep working, and events go to a worker that reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_stops_reading_is_disconnected() {
-    let node = Node::start(&[]);
+    // One client floods (the per-client message budget is lifted to let it).
+    let node = Node::start(&[
+        "--client-message-rate",
+        "0",
+        "--client-message-bytes-rate",
+        "0",
+    ]);
     let mut stuck = RawWorker::connect(node.inner, "", "stuck:0").await;
     workers_connected(&node, 1.0).await;
     let mut client = Client::connect(&node.ws_url("")).await;
@@ -260,6 +267,50 @@ async fn a_worker_that_stops_reading_is_disconnected() {
     client.send_text("after").await;
     let p = worker.next().await.unwrap();
     assert_eq!((p.cmd, &p.body[..]), (cmd::ON_MESSAGE, &b"after"[..]));
+}
+
+/// With a worker connected, a client's messages are held to the message
+/// budget: a flood is closed with 1008 before it reaches the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_client_is_closed_before_it_floods_the_workers() {
+    let node = Node::start(&[]);
+    let mut worker = RawWorker::connect(node.inner, "", "flood:0").await;
+    workers_connected(&node, 1.0).await;
+    let mut client = Client::connect(&node.ws_url("")).await;
+    for _ in 0..2 {
+        worker.next().await.unwrap(); // connect, websocket-connect
+    }
+    for i in 0..1000 {
+        // The node may close mid-flood: later sends may fail.
+        if client
+            .stream()
+            .send(Message::text(format!("flood {i}")))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    client.expect_close(1008).await;
+    let mut messages = 0;
+    loop {
+        let p = worker.next().await.unwrap();
+        if p.cmd == cmd::ON_CLOSE {
+            break;
+        }
+        assert_eq!(p.cmd, cmd::ON_MESSAGE);
+        messages += 1;
+    }
+    // The burst (200) and what the rate refilled meanwhile, not the flood.
+    assert!(
+        (200..1000).contains(&messages),
+        "{messages} messages reached the worker"
+    );
+    let m = node.get_text("/metrics").await;
+    assert_eq!(
+        metric(&m, "gatecast_client_rate_closed_total{reason=\"messages\"}"),
+        1.0
+    );
 }
 
 /// A node shutting down closes its clients and its workers get their close

@@ -7,6 +7,8 @@
 //! and the `aud` / `iss` the options name when they are set; `exp` and
 //! `nbf` are checked with `--client-jwt-leeway`. Claims are read only after
 //! the signature checked out (jsonwebtoken verifies before it decodes).
+//! The claims gatecast keeps are capped: at most [`MAX_TOKEN_GROUPS`]
+//! groups and a `session` of at most [`MAX_TOKEN_SESSION_BYTES`].
 
 use jsonwebtoken::{decode, Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
@@ -15,6 +17,15 @@ use crate::config::Config;
 use crate::hub::Membership;
 use crate::name::Name;
 use crate::session::Session;
+
+/// Most groups a token may name; a token with more is refused (401
+/// `invalid token`), not cut short, so a mistake in the issuer shows.
+pub const MAX_TOKEN_GROUPS: usize = 100;
+
+/// Largest `session` a token may carry, in bytes of compact JSON; a token
+/// with a larger one is refused (401 `invalid token`). Each group name and
+/// the `sub` are at most 256 bytes, as everywhere ([`crate::name`]).
+pub const MAX_TOKEN_SESSION_BYTES: usize = 8 << 10;
 
 /// Verifies client tokens (HS256 with a secret, or RS256/ES256 with a public
 /// key).
@@ -129,6 +140,20 @@ impl ClientAuth {
         let data = decode::<Claims>(token, &self.key, &self.validation)
             .map_err(|e| Invalid(e.to_string()))?;
         let claims = data.claims;
+        if claims.groups.len() > MAX_TOKEN_GROUPS {
+            return Err(Invalid(format!(
+                "{} groups, more than {MAX_TOKEN_GROUPS}",
+                claims.groups.len()
+            )));
+        }
+        if let Some(session) = &claims.session {
+            let bytes = serde_json::to_vec(session).map_or(usize::MAX, |v| v.len());
+            if bytes > MAX_TOKEN_SESSION_BYTES {
+                return Err(Invalid(format!(
+                    "a session of {bytes} bytes, more than {MAX_TOKEN_SESSION_BYTES}"
+                )));
+            }
+        }
         let mut groups: Vec<String> = Vec::with_capacity(claims.groups.len());
         for Name(g) in claims.groups {
             if !groups.contains(&g) {

@@ -28,6 +28,7 @@ use crate::gatewayworker::workers::{Event as WorkerEvent, Route};
 use crate::hub::Membership;
 use crate::ids::ClientId;
 use crate::outbox::{Close, Limits, Outbox, BATCH};
+use crate::ws::limits::{MessageBudget, MessageRate, Overspent};
 
 /// How long a closing connection gets to take its last frames and answer the
 /// close frame before the socket is dropped.
@@ -90,6 +91,7 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
             left: false,
             peer_closed: false,
             reader: Reader::default(),
+            budget: MessageBudget::default(),
             batch: VecDeque::new(),
             offset: 0,
             closing: None,
@@ -169,6 +171,8 @@ struct Connection<'a> {
     /// The client sent its close frame.
     peer_closed: bool,
     reader: Reader,
+    /// What the client may still send while events are on.
+    budget: MessageBudget,
     /// Frames taken from the outbox and not yet fully written.
     batch: VecDeque<Bytes>,
     /// Bytes of `batch[0]` already written.
@@ -414,6 +418,22 @@ impl Connection<'_> {
                 gw.event(id, detail);
             }
         };
+        // Every message becomes an event (for `--events` or a
+        // BusinessWorker): held to the client's budget.
+        let rate = (report && (gw.events.is_some() || gw.workers.any()))
+            .then(|| MessageRate::from_config(&gw.config));
+        let budget = &mut self.budget;
+        let mut overspent: Option<Overspent> = None;
+        let mut within_budget = |len: usize| match &rate {
+            None => true,
+            Some(rate) => match budget.spend(rate, len, now) {
+                Ok(()) => true,
+                Err(first) => {
+                    overspent = overspent.or(first);
+                    false
+                }
+            },
+        };
         let result = self
             .reader
             .feed(data, gw.config.max_message_bytes, &mut |message| {
@@ -435,7 +455,7 @@ impl Connection<'_> {
                         gw.metrics.messages_in.inc();
                         if is_ping(&text) {
                             let _ = outbox.push(pong_frame(), limits);
-                        } else {
+                        } else if within_budget(text.len()) {
                             let data = Bytes::from(text);
                             emit(Detail::Message {
                                 data,
@@ -445,12 +465,24 @@ impl Connection<'_> {
                     }
                     Incoming::Binary(data) => {
                         gw.metrics.messages_in.inc();
-                        let data = Bytes::from(data);
-                        emit(Detail::Message { data, binary: true });
+                        if within_budget(data.len()) {
+                            let data = Bytes::from(data);
+                            emit(Detail::Message { data, binary: true });
+                        }
                     }
                 }
             });
         outbox.set_incomplete(self.reader.is_incomplete(), now);
+        if let Some(overspent) = overspent {
+            tracing::debug!(budget = overspent.label(), "client sends too fast");
+            gw.metrics
+                .client_rate_closed
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: overspent.label(),
+                })
+                .inc();
+            outbox.close(close_code::POLICY, "message rate exceeded", true);
+        }
         if let Err(violation) = result {
             tracing::debug!(
                 code = violation.code,

@@ -53,7 +53,7 @@ pub async fn upgrade(
         return ApiError::unavailable("the node is shutting down").into_response();
     }
     let ip = limits::client_ip(peer.ip(), &headers, &gw.config.trusted_proxies);
-    let admitted = match gw.limits.admit(ip) {
+    let mut admitted = match gw.limits.admit(ip) {
         Ok(admitted) => admitted,
         Err(refused) => return refuse(&gw, refused),
     };
@@ -85,6 +85,11 @@ pub async fn upgrade(
             None => return ApiError::unauthorized("missing ?token=").into_response(),
         },
     };
+    if let Some(sub) = &verified.membership.uid {
+        if let Err(refused) = admitted.count_sub(sub) {
+            return refuse(&gw, refused);
+        }
+    }
     // What connect events tell backends, captured only when they are on.
     let request_info = gw.events.is_some().then(|| RequestInfo {
         query: crate::events::forwarded_query(request.uri().query().unwrap_or_default()),
@@ -155,12 +160,35 @@ fn refuse(gw: &Gateway, refused: limits::Refused) -> Response {
                 "too many connections from this address",
             ),
         ),
+        limits::Refused::Sub => (
+            "sub_full",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connections",
+                "too many connections for this user",
+            ),
+        ),
+        limits::Refused::Rate => (
+            "connect_rate",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_connects",
+                "too many new connections from this address: retry later",
+            ),
+        ),
     };
     gw.metrics
         .connections_refused
         .get_or_create(&crate::metrics::ReasonLabel { reason })
         .inc();
-    error.into_response()
+    let mut response = error.into_response();
+    if refused == limits::Refused::Rate {
+        // A bucket refills one connection in 1 / rate seconds.
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
 }
 
 /// Checks the upgrade headers (RFC 6455 section 4.2.1); returns the key.
