@@ -235,6 +235,40 @@ async fn connect_events_forward_cookies_only_when_asked() {
     );
 }
 
+/// Behind a trusted proxy, a connect event's `remote_addr` is the client
+/// the proxy forwarded, as the connection limits see it; from anyone else,
+/// `X-Forwarded-For` is ignored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_events_name_the_client_behind_a_trusted_proxy() {
+    let (hook, mut rx) = webhook().await;
+    let connect = |node: &Node| {
+        let mut request = node.ws_url("").into_client_request().unwrap();
+        request
+            .headers_mut()
+            .insert("x-forwarded-for", "203.0.113.7".parse().unwrap());
+        Client::connect_request(request)
+    };
+    let trusting = [
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--trusted-proxies",
+        "127.0.0.1/32",
+    ];
+    let node = Node::start(&trusting);
+    let _a = connect(&node).await;
+    let event = next_connect(&mut rx).await;
+    let addr = event["remote_addr"].as_str().unwrap();
+    assert!(addr.starts_with("203.0.113.7:"), "{event}");
+    drop(node);
+
+    let node = Node::start(&["--events", "--events-webhook", &hook]);
+    let _a = connect(&node).await;
+    let event = next_connect(&mut rx).await;
+    let addr = event["remote_addr"].as_str().unwrap();
+    assert!(addr.starts_with("127.0.0.1:"), "{event}");
+}
+
 /// A token is kept out of connect events however its key is spelled: the
 /// gateway decodes `%74oken` as `token` to authenticate, so the filter
 /// must decode it too.

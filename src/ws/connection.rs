@@ -81,7 +81,7 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
     let span = tracing::info_span!("conn", client_id = %id);
     let route = Route::new(setup.client);
     async {
-        Box::pin(register(&gw, id, &outbox, &stream, &route, *setup)).await;
+        Box::pin(register(&gw, id, &outbox, &route, *setup)).await;
         let mut conn = Connection {
             gw: &gw,
             id,
@@ -108,14 +108,7 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
 }
 
 /// Registers the connection with the engine and tells backends.
-async fn register(
-    gw: &Gateway,
-    id: ClientId,
-    outbox: &Arc<Outbox>,
-    stream: &TcpStream,
-    route: &Route,
-    setup: Setup,
-) {
+async fn register(gw: &Gateway, id: ClientId, outbox: &Arc<Outbox>, route: &Route, setup: Setup) {
     if let Err(e) = gw
         .engine
         .connect(id, outbox.clone(), setup.membership)
@@ -131,14 +124,11 @@ async fn register(
     gw.metrics.connections.inc();
     gw.metrics.connections_opened.inc();
     if let Some(request) = setup.request {
-        let remote_addr = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
         gw.event(
             id,
             Detail::Connect {
-                remote_addr,
+                // The client behind a trusted proxy, as the limits saw it.
+                remote_addr: setup.client.to_string(),
                 query: request.query,
                 headers: request.headers,
             },
