@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::redis::{free_port, RedisCluster, RedisServer};
+use common::redis::{RedisCluster, RedisServer};
 use common::{eventually, sorted, strs, Client, Node};
 use serde_json::json;
 
@@ -59,11 +59,8 @@ async fn exercise(holder: &Node, api: &Node, a: &mut Client, tag: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_keeps_the_gateway_working() {
     let mut master = RedisServer::start();
-    let replica = RedisServer::start_with(
-        free_port(),
-        &["--replicaof", "127.0.0.1", &master.port.to_string()],
-    );
-    let sentinel = RedisServer::start_sentinel(free_port(), master.port);
+    let replica = RedisServer::start_args(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    let sentinel = RedisServer::sentinel_for(master.port);
     let url = format!(
         "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName=mymaster",
         sentinel.port
@@ -75,6 +72,10 @@ async fn sentinel_failover_keeps_the_gateway_working() {
     let mut a = Client::connect(&holder.ws_url("")).await;
     exercise(&holder, &api, &mut a, "before").await;
 
+    // A failover needs a replica Sentinel knows and can promote: without
+    // this wait the master could go before Sentinel has seen the replica,
+    // and the test would time out for the harness's sake.
+    sentinel.wait_knows_replica(replica.port);
     master.stop();
     // Sentinel promotes the replica; both nodes follow it and register again.
     eventually("replica promoted", || async {
