@@ -289,6 +289,14 @@ async fn redis_restarted_empty_gets_every_connection_back() {
         api.ok("get_session", json!({"client_id": a.id})).await,
         json!({"k": 1})
     );
+    // Each node counted its reconnection.
+    for node in &c.nodes {
+        let page = node.get_text("/metrics").await;
+        assert!(
+            metric(&page, "gatecast_redis_reconnects_total") >= 1.0,
+            "{page}"
+        );
+    }
     // The WebSocket stayed open throughout, and pushes flow again.
     api.ok("send_to_group", json!({"group": "g", "data": "back"}))
         .await;
@@ -386,4 +394,125 @@ async fn pushes_through_the_clients_own_node_keep_order_with_later_changes() {
     }
     a.expect_text("last").await;
     a.expect_close(1000).await;
+}
+
+/// Every metric family SPEC section 6 names moves with what it counts:
+/// connections, messages in and out by target kind, pushes by kind, API
+/// requests by method and status, Redis round trips and subscriptions,
+/// nodes alive. (Pub/sub received and malformed, overflowed and dropped
+/// messages, reconnects: asserted where those happen, in this file,
+/// tests/slow_client.rs and tests/engine_load.rs.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_of_spec_section_6_count_what_happened() {
+    let c = three_nodes().await;
+    let (holder, other, api) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+    let mut a = Client::connect(&holder.ws_url("")).await;
+    let mut b = Client::connect(&other.ws_url("")).await;
+    for node in &c.nodes {
+        let page = node.get_text("/metrics").await;
+        assert_eq!(
+            metric(&page, "gatecast_redis_reconnects_total"),
+            0.0,
+            "{page}"
+        );
+        assert!(
+            metric(&page, "gatecast_redis_subscriptions") >= 1.0,
+            "{page}"
+        );
+    }
+    eventually("every node sees three alive", || async {
+        let mut all = true;
+        for node in &c.nodes {
+            all &= metric(&node.get_text("/metrics").await, "gatecast_nodes_alive") == 3.0;
+        }
+        all
+    })
+    .await;
+
+    // Messages in: a business message and a text ping.
+    a.send_text("hello").await;
+    a.send_text(r#"{"type":"ping"}"#).await;
+    a.expect_text(r#"{"type":"pong"}"#).await;
+
+    api.ok("bind_uid", json!({"client_id": a.id, "uid": "u"}))
+        .await;
+    for x in [&a, &b] {
+        api.ok("join_group", json!({"client_id": x.id, "group": "g"}))
+            .await;
+    }
+    api.ok("send_to_client", json!({"client_id": a.id, "data": "1"}))
+        .await;
+    api.ok("send_to_uid", json!({"uid": "u", "data": "2"}))
+        .await;
+    api.ok("send_to_group", json!({"group": "g", "data": "3"}))
+        .await;
+    api.ok("send_to_all", json!({"data": "4"})).await;
+    for want in ["1", "2", "3", "4"] {
+        a.expect_text(want).await;
+    }
+    for want in ["3", "4"] {
+        b.expect_text(want).await;
+    }
+    // Refused calls are counted by method and status too.
+    let (status, _) = api.call("join_group", json!({})).await;
+    assert_eq!(status, 400);
+    let (status, _) = api.call("no_such_method", json!({})).await;
+    assert_eq!(status, 404);
+
+    let page = api.get_text("/metrics").await;
+    for (name, want) in [
+        ("gatecast_pushes_total{kind=\"client\"}", 1.0),
+        ("gatecast_pushes_total{kind=\"uid\"}", 1.0),
+        ("gatecast_pushes_total{kind=\"group\"}", 1.0),
+        ("gatecast_pushes_total{kind=\"all\"}", 1.0),
+        (
+            "gatecast_api_requests_total{method=\"send_to_group\",status=\"200\"}",
+            1.0,
+        ),
+        (
+            "gatecast_api_requests_total{method=\"join_group\",status=\"200\"}",
+            2.0,
+        ),
+        (
+            "gatecast_api_requests_total{method=\"join_group\",status=\"400\"}",
+            1.0,
+        ),
+        (
+            "gatecast_api_requests_total{method=\"unknown\",status=\"404\"}",
+            1.0,
+        ),
+        ("gatecast_connections", 0.0),
+    ] {
+        assert_eq!(metric(&page, name), want, "{name} on the API node:\n{page}");
+    }
+    // Out by kind, on the nodes holding the receivers; counted right after
+    // the frames are queued, so possibly a moment after they arrived.
+    for (node, name, want) in [
+        (holder, "gatecast_messages_out_total{kind=\"client\"}", 1.0),
+        (holder, "gatecast_messages_out_total{kind=\"uid\"}", 1.0),
+        (holder, "gatecast_messages_out_total{kind=\"group\"}", 1.0),
+        (holder, "gatecast_messages_out_total{kind=\"all\"}", 1.0),
+        (other, "gatecast_messages_out_total{kind=\"group\"}", 1.0),
+        (other, "gatecast_messages_out_total{kind=\"all\"}", 1.0),
+        (other, "gatecast_messages_out_total{kind=\"uid\"}", 0.0),
+        (holder, "gatecast_messages_in_total", 2.0),
+        (holder, "gatecast_connections", 1.0),
+        (holder, "gatecast_connections_opened_total", 1.0),
+    ] {
+        eventually(name, || async {
+            metric(&node.get_text("/metrics").await, name) == want
+        })
+        .await;
+    }
+    // Heartbeats and queries went to Redis and were timed.
+    let page = holder.get_text("/metrics").await;
+    assert!(
+        metric(&page, "gatecast_redis_rtt_seconds_count") >= 1.0,
+        "{page}"
+    );
+    a.close().await;
+    eventually("the closed connection is not counted", || async {
+        metric(&holder.get_text("/metrics").await, "gatecast_connections") == 0.0
+    })
+    .await;
 }
