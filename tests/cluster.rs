@@ -117,6 +117,17 @@ async fn a_paused_redis_gives_503_within_2s_and_nothing_is_lost_after() {
     // Paused, not stopped: connections stay open and nothing answers, the
     // case a refused connection does not show.
     redis.signal("STOP");
+    // Readiness turns 503 within the same 2 s: a load balancer stops
+    // sending clients to nodes that cannot serve them.
+    let paused = std::time::Instant::now();
+    for node in &c.nodes {
+        within(
+            "not ready with redis paused",
+            SPEC_503.saturating_sub(paused.elapsed()),
+            || async { node.get_status(false, "/readyz").await == 503 },
+        )
+        .await;
+    }
     for (method, params) in [
         ("join_group", json!({"client_id": a.id, "group": "h"})),
         ("get_all_client_count", json!({})),
