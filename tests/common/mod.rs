@@ -849,14 +849,15 @@ impl RawClient {
         Err((status, String::from_utf8_lossy(&client.buf).into_owned()))
     }
 
-    /// Reads more bytes (bounded wait); false at end of stream.
+    /// Reads more bytes (bounded wait); false at end of stream. A read
+    /// error (a reset) is not an end: it fails the test.
     async fn fill(&mut self) -> bool {
         use tokio::io::AsyncReadExt;
         let mut chunk = [0u8; 8192];
         let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
             .await
             .expect("server sent something in time")
-            .unwrap_or(0);
+            .unwrap_or_else(|e| panic!("reading from the server failed (not a clean end): {e}"));
         self.buf.extend_from_slice(&chunk[..n]);
         n > 0
     }
