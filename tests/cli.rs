@@ -307,3 +307,15 @@ fn help_hides_the_values_of_secret_environment_variables() {
     assert!(help.contains("GATECAST_REDIS_URL"), "{help}");
     assert!(!help.contains("hunter2"), "{help}");
 }
+
+/// A node that exits before it listens fails the harness's start clearly
+/// (and is not left running).
+#[test]
+fn a_node_that_never_listens_fails_the_start_clearly() {
+    let result = std::panic::catch_unwind(|| common::Node::start(&["--ping-interval", "soon"]));
+    let message = match result {
+        Ok(_) => panic!("a node with a bad option started"),
+        Err(panic) => panic.downcast_ref::<String>().cloned().unwrap_or_default(),
+    };
+    assert!(message.contains("listening"), "{message}");
+}

@@ -136,3 +136,21 @@ async fn the_redis_password_comes_from_its_own_option() {
     .await;
     a.expect_text("through redis").await;
 }
+
+/// The harness never shares another test's Redis: a server started on a
+/// port that one already holds is noticed (it exits, or the port answers
+/// with another process id) and the start fails instead of going on with
+/// the other server.
+#[test]
+fn a_redis_start_on_a_taken_port_fails_instead_of_sharing() {
+    let holder = RedisServer::start();
+    let port = holder.port;
+    let result = std::panic::catch_unwind(|| RedisServer::start_on(port));
+    let message = match result {
+        Ok(_) => panic!("a second redis-server on port {port} was taken for its own"),
+        Err(panic) => panic.downcast_ref::<String>().cloned().unwrap_or_default(),
+    };
+    assert!(message.contains(&port.to_string()), "{message}");
+    // The first server is untouched.
+    assert_eq!(holder.cli(&["PING"]), "PONG");
+}
