@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::redis::RedisServer;
 use std::time::Duration;
 
+use common::redis::RedisServer;
 use common::{eventually, metric, sorted, strs, within, Client, Cluster, Engine, Node, Seen};
 use fred::prelude::*;
 use gatecast_emitter::{Envelope, Op};
@@ -86,7 +86,7 @@ async fn a_killed_node_is_purged_and_the_others_keep_delivering() {
     // Heartbeat is 1s: SPEC section 3 promises the dead node's entries gone
     // within 3 heartbeats (plus a second of slack for a loaded machine).
     let limit = std::time::Duration::from_secs(4).saturating_sub(killed.elapsed());
-    common::within("dead node's client purged", limit, || async {
+    within("dead node's client purged", limit, || async {
         api.ok("get_client_count_by_group", json!({"group": "g"}))
             .await
             == 1
