@@ -1,5 +1,7 @@
 //! The HTTP API, method by method, against real nodes and real WebSocket
-//! clients. Every suite runs against each engine.
+//! clients. Every suite runs against each engine; with Redis, clients are
+//! spread over two nodes and the API is called on a third. A part of it
+//! also runs on Sentinel and on Redis Cluster.
 
 mod common;
 
@@ -21,6 +23,19 @@ engine_suite!(
     offline_client_ids_are_no_ops,
     batch_runs_commands_in_order,
     a_burst_of_many_pushes_arrives_whole_and_in_order,
+);
+
+// On Sentinel and Redis Cluster a representative part: each run starts more
+// servers, so the whole suite there would cost more than it finds. These
+// cover every key kind (uid, group, session, node partitions) and every
+// channel kind (node, group, all).
+topology_suite!(
+    send_to_uid_reaches_every_device_of_each_uid,
+    send_to_group_reaches_each_member_once,
+    group_membership_and_queries,
+    sessions_set_replace_and_update_merges,
+    whole_gateway_queries,
+    closed_connection_leaves_uid_groups_and_session,
 );
 
 async fn welcome_frame_carries_a_gatewayworker_client_id(engine: Engine) {

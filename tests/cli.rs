@@ -1,15 +1,34 @@
 //! The command line: every option documented, every option also an
 //! environment variable.
 
+mod common;
+
 use std::process::Command;
 
-fn gatecast() -> Command {
+use common::{OutputWithin, WAIT};
+
+/// The binary for `--help`, with nothing set.
+fn help() -> Command {
     Command::new(env!("CARGO_BIN_EXE_gatecast"))
+}
+
+/// The binary on free loopback ports unless a test sets its own (through
+/// the environment, so a flag still wins): a check that stops refusing
+/// leaves a node that binds nothing shared, and the deadline of
+/// [`OutputWithin`] kills it.
+fn gatecast() -> Command {
+    let mut command = help();
+    command
+        .env("GATECAST_LISTEN", "127.0.0.1:0")
+        .env("GATECAST_API_LISTEN", "127.0.0.1:0")
+        .env("GATECAST_INNER_LISTEN", "127.0.0.1:0")
+        .env_remove("GATECAST_API_KEY");
+    command
 }
 
 #[test]
 fn help_lists_every_option_with_its_environment_variable() {
-    let out = gatecast().arg("--help").output().unwrap();
+    let out = help().arg("--help").output_within(WAIT);
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     for (flag, env) in [
@@ -78,15 +97,13 @@ fn help_lists_every_option_with_its_environment_variable() {
 fn options_come_from_the_environment_and_bad_values_are_refused() {
     let out = gatecast()
         .env("GATECAST_CLIENT_QUEUE", "0")
-        .output()
-        .unwrap();
+        .output_within(WAIT);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--client-queue"));
 
     let out = gatecast()
         .args(["--ping-interval", "soon"])
-        .output()
-        .unwrap();
+        .output_within(WAIT);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ping-interval"));
 
@@ -96,8 +113,7 @@ fn options_come_from_the_environment_and_bad_values_are_refused() {
     let out = gatecast()
         .env("GATECAST_INNER_LISTEN", format!("127.0.0.1:{port}"))
         .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+        .output_within(WAIT);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("inner"));
 
@@ -106,8 +122,7 @@ fn options_come_from_the_environment_and_bad_values_are_refused() {
         .env("GATECAST_INNER_LISTEN", "127.0.0.1:0")
         .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
         .args(["--register-listen", &format!("127.0.0.1:{port}")])
-        .output()
-        .unwrap();
+        .output_within(WAIT);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("register"), "{stderr}");
@@ -140,7 +155,7 @@ fn durations_too_short_to_work_are_refused_at_start() {
         if let Some((key, value)) = env {
             command.env(key, value);
         }
-        let out = command.output().unwrap();
+        let out = command.output_within(WAIT);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}: {stderr}");
         assert!(
@@ -175,8 +190,7 @@ fn placeholder_and_short_secrets_are_refused_naming_the_option() {
                 .env(env, value)
                 .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
                 .args(["--inner-listen", "127.0.0.1:0"])
-                .output()
-                .unwrap();
+                .output_within(WAIT);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{env}={value} was accepted");
             assert!(stderr.contains(flag), "{env}={value}: {stderr}");
@@ -194,8 +208,7 @@ fn placeholder_and_short_secrets_are_refused_naming_the_option() {
 fn advertise_ip_takes_the_ipv4_of_a_list_and_refuses_ipv6_only() {
     let out = gatecast()
         .env("GATECAST_ADVERTISE_IP", "fd00::1")
-        .output()
-        .unwrap();
+        .output_within(WAIT);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("--advertise-ip"), "{stderr}");
@@ -210,16 +223,27 @@ fn advertise_ip_takes_the_ipv4_of_a_list_and_refuses_ipv6_only() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    // Read on a thread so the wait is bounded even if the line never comes.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in stdout.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
     let mut seen = String::new();
-    let mut line = String::new();
-    use std::io::BufRead;
-    while stdout.read_line(&mut line).unwrap_or(0) > 0 {
+    let deadline = std::time::Instant::now() + WAIT;
+    while let Ok(line) =
+        rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+    {
         seen.push_str(&line);
         if line.contains("10.1.2.3") {
             break;
         }
-        line.clear();
     }
     let _ = child.kill();
     let _ = child.wait();
@@ -255,7 +279,7 @@ fn a_reachable_api_without_a_key_is_refused_at_start() {
         if let Some((key, value)) = env {
             command.env(key, value);
         }
-        let out = command.output().unwrap();
+        let out = command.output_within(WAIT);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?} {env:?}: {stderr}");
         assert!(stderr.contains(flag), "{args:?} {env:?}: {stderr}");
@@ -267,7 +291,7 @@ fn a_reachable_api_without_a_key_is_refused_at_start() {
 /// and keys).
 #[test]
 fn help_hides_the_values_of_secret_environment_variables() {
-    let out = gatecast()
+    let out = help()
         .arg("--help")
         .env("GATECAST_REDIS_URL", "redis://app:hunter2@redis:6379")
         .env(
@@ -277,10 +301,21 @@ fn help_hides_the_values_of_secret_environment_variables() {
         .env("GATECAST_API_KEY", "hunter2")
         .env("GATECAST_CLIENT_JWT_SECRET", "hunter2")
         .env("GATECAST_GATEWAY_SECRET_KEY", "hunter2")
-        .output()
-        .unwrap();
+        .output_within(WAIT);
     assert!(out.status.success());
     let help = String::from_utf8(out.stdout).unwrap();
     assert!(help.contains("GATECAST_REDIS_URL"), "{help}");
     assert!(!help.contains("hunter2"), "{help}");
+}
+
+/// A node that exits before it listens fails the harness's start clearly
+/// (and is not left running).
+#[test]
+fn a_node_that_never_listens_fails_the_start_clearly() {
+    let result = std::panic::catch_unwind(|| common::Node::start(&["--ping-interval", "soon"]));
+    let message = match result {
+        Ok(_) => panic!("a node with a bad option started"),
+        Err(panic) => panic.downcast_ref::<String>().cloned().unwrap_or_default(),
+    };
+    assert!(message.contains("listening"), "{message}");
 }

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use axum::routing::post;
 use axum::{Json, Router};
-use common::{eventually, Client, Cluster, Engine, Node};
+use common::{eventually, Client, Cluster, Engine, Node, OutputWithin};
 use fred::prelude::*;
 use fred::types::Value as RedisValue;
 use serde_json::{json, Value};
@@ -160,8 +160,7 @@ async fn events_without_a_sink_are_refused_at_start() {
             "127.0.0.1:0",
         ])
         .args(["--inner-listen", "127.0.0.1:0"])
-        .output()
-        .unwrap();
+        .output_within(common::WAIT);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--events needs"));
 }

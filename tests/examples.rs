@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::redis::RedisCluster;
-use common::{eventually, sorted, strs, Client, Cluster, Engine, Node, Seen, WAIT};
+use common::{eventually, sorted, strs, Client, Cluster, Engine, Node, OutputWithin, Seen, WAIT};
 use serde_json::json;
 
 /// An example program.
@@ -354,8 +354,7 @@ async fn publishing_doc_shell_examples_work() {
         );
     let out = Command::new("bash")
         .args(["-euo", "pipefail", "-c", &script])
-        .output()
-        .unwrap();
+        .output_within(WAIT * 6);
     assert!(
         out.status.success(),
         "the doc's shell block failed:\n{script}\n{}",

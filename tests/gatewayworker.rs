@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
 use common::redis::RedisServer;
-use common::{eventually, Client, Node};
+use common::{eventually, Client, Node, OutputWithin};
 use gatecast::gatewayworker::php::{self, Value};
 use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
 use serde_json::json;
@@ -283,8 +283,7 @@ async fn a_php_backend_drives_two_nodes_through_the_register() {
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("php")
             .args([script, &register, "php-secret-key", &ids])
-            .output()
-            .expect("php runs (scripts/test installs php8.2-cli)")
+            .output_within(common::WAIT * 3)
     })
     .await
     .unwrap();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::redis::{free_port, RedisCluster, RedisServer};
+use common::redis::{RedisCluster, RedisServer};
 use common::{eventually, sorted, strs, Client, Node};
 use serde_json::json;
 
@@ -59,11 +59,8 @@ async fn exercise(holder: &Node, api: &Node, a: &mut Client, tag: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_keeps_the_gateway_working() {
     let mut master = RedisServer::start();
-    let replica = RedisServer::start_with(
-        free_port(),
-        &["--replicaof", "127.0.0.1", &master.port.to_string()],
-    );
-    let sentinel = RedisServer::start_sentinel(free_port(), master.port);
+    let replica = RedisServer::start_args(&["--replicaof", "127.0.0.1", &master.port.to_string()]);
+    let sentinel = RedisServer::sentinel_for(master.port);
     let url = format!(
         "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName=mymaster",
         sentinel.port
@@ -75,6 +72,10 @@ async fn sentinel_failover_keeps_the_gateway_working() {
     let mut a = Client::connect(&holder.ws_url("")).await;
     exercise(&holder, &api, &mut a, "before").await;
 
+    // A failover needs a replica Sentinel knows and can promote: without
+    // this wait the master could go before Sentinel has seen the replica,
+    // and the test would time out for the harness's sake.
+    sentinel.wait_knows_replica(replica.port);
     master.stop();
     // Sentinel promotes the replica; both nodes follow it and register again.
     eventually("replica promoted", || async {
@@ -134,4 +135,22 @@ async fn the_redis_password_comes_from_its_own_option() {
     )
     .await;
     a.expect_text("through redis").await;
+}
+
+/// The harness never shares another test's Redis: a server started on a
+/// port that one already holds is noticed (it exits, or the port answers
+/// with another process id) and the start fails instead of going on with
+/// the other server.
+#[test]
+fn a_redis_start_on_a_taken_port_fails_instead_of_sharing() {
+    let holder = RedisServer::start();
+    let port = holder.port;
+    let result = std::panic::catch_unwind(|| RedisServer::start_on(port));
+    let message = match result {
+        Ok(_) => panic!("a second redis-server on port {port} was taken for its own"),
+        Err(panic) => panic.downcast_ref::<String>().cloned().unwrap_or_default(),
+    };
+    assert!(message.contains(&port.to_string()), "{message}");
+    // The first server is untouched.
+    assert_eq!(holder.cli(&["PING"]), "PONG");
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Client, Node, Refused, Seen};
+use common::{Client, Node, OutputWithin, Refused, Seen};
 use tokio::time::Instant;
 
 const GRACE: Duration = Duration::from_secs(5);
@@ -47,6 +47,56 @@ async fn sigterm_drains_clients_with_1001_and_exits_0_within_grace() {
         Seen::Close(Some(1001)),
         "second client"
     );
+}
+
+/// Readiness turns 503 before the clients are told to go, so a load
+/// balancer stops sending new clients first. With --drain-spread the closes
+/// go out over 2 s, one client per 100 ms: readiness is polled from the
+/// signal on, and when it first reads 503 clients must still be open, each
+/// of them then closed with 1001. (A node that closed first and flipped
+/// readiness after would have closed them all long before.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_turns_503_before_the_clients_get_1001() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const CLIENTS: usize = 20;
+    let mut node = Node::start(&["--shutdown-grace", "5s", "--drain-spread", "2s"]);
+    let closed = Arc::new(AtomicUsize::new(0));
+    let mut readers = Vec::new();
+    for _ in 0..CLIENTS {
+        let mut client = Client::connect(&node.ws_url("")).await;
+        let closed = closed.clone();
+        readers.push(tokio::spawn(async move {
+            let seen = client.next().await;
+            closed.fetch_add(1, Ordering::SeqCst);
+            assert_eq!(seen, Seen::Close(Some(1001)), "{}", client.id);
+            assert_eq!(client.next().await, Seen::Ended, "{}", client.id);
+        }));
+    }
+    assert_eq!(node.get_status(false, "/readyz").await, 200);
+    assert_eq!(closed.load(Ordering::SeqCst), 0);
+
+    let term = Instant::now();
+    node.signal("TERM");
+    let closed_when_unready = loop {
+        // Read before asking: a close counted here came before the 503.
+        let before = closed.load(Ordering::SeqCst);
+        if node.get_status(false, "/readyz").await == 503 {
+            break before;
+        }
+        assert!(term.elapsed() < common::WAIT, "readiness never turned 503");
+    };
+    assert!(
+        closed_when_unready < CLIENTS,
+        "every client was closed before readiness turned 503"
+    );
+    for reader in readers {
+        reader.await.unwrap();
+    }
+    let status = node
+        .wait_exit((GRACE + EXIT_SLACK).saturating_sub(term.elapsed()))
+        .await;
+    assert!(status.success(), "exit status {status}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,10 +150,11 @@ async fn drain_spread_still_closes_every_client_with_1001_and_exits_0_within_gra
 
 #[test]
 fn a_drain_spread_longer_than_three_quarters_of_the_grace_is_refused() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gatecast"))
+    // On free ports: were the check to go, the node would start, not bind
+    // the default ports, and be killed at the deadline.
+    let out = common::gatecast_command()
         .args(["--shutdown-grace", "4s", "--drain-spread", "3500ms"])
-        .output()
-        .unwrap();
+        .output_within(common::WAIT);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--drain-spread"), "{stderr}");
@@ -142,26 +193,58 @@ fn signal_as_soon_as_listening(sig: &str) -> std::process::ExitStatus {
         .spawn()
         .expect("sh starts");
     let mut trigger = killer.stdin.take().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut signalled = false;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if !signalled && line.contains(r#""message":"listening""#) {
-            trigger.write_all(b"\n").unwrap();
-            trigger.flush().unwrap();
-            signalled = true;
+    // The log is read on a thread so that every wait below is bounded: a
+    // node that never listens, or never exits, is killed and fails the test.
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in stdout.lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
         }
-        eprintln!("[node] {line}");
+    });
+    let fail = |child: &mut std::process::Child, why: &str| -> ! {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("{why}");
+    };
+    let deadline = std::time::Instant::now() + common::WAIT + GRACE + EXIT_SLACK;
+    let mut signalled = false;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                if !signalled && line.contains(r#""message":"listening""#) {
+                    trigger.write_all(b"\n").unwrap();
+                    trigger.flush().unwrap();
+                    signalled = true;
+                }
+                eprintln!("[node] {line}");
+            }
+            // stdout closed: the process is gone or going.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                let _ = killer.kill();
+                fail(&mut child, "the node did not exit in time after the signal")
+            }
+        }
     }
-    assert!(killer.wait().unwrap().success(), "kill -{sig} worked");
-    // stdout closed: the process is gone or going.
-    assert!(signalled, "the node never logged that it listens");
-    let deadline = std::time::Instant::now() + GRACE + EXIT_SLACK;
+    // Closing its stdin ends the shell's `read` if it is still waiting.
+    drop(trigger);
+    let killed = killer.wait().unwrap();
+    if !signalled {
+        fail(&mut child, "the node never logged that it listens");
+    }
+    assert!(killed.success(), "kill -{sig} worked");
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             return status;
         }
-        assert!(std::time::Instant::now() < deadline, "node did not exit");
+        if std::time::Instant::now() >= deadline {
+            fail(&mut child, "node did not exit");
+        }
         std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Client, Cluster, Engine, Seen};
+use common::{metric, Client, Cluster, Engine, Seen};
 use serde_json::json;
 
 engine_suite!(
@@ -77,7 +77,7 @@ async fn overflow_a_slow_client(c: &Cluster, size: usize, max_pushes: usize) -> 
                 assert_eq!(code, Some(1013), "slow client's close code");
                 break;
             }
-            Seen::Binary(_) | Seen::Ended => panic!("slow client: no close frame"),
+            other => panic!("slow client: no close frame, got {other:?}"),
         }
     }
     eprintln!("slow client closed after {pushed} pushes of {size} bytes; it had read {next}");
@@ -93,6 +93,15 @@ async fn overflow_a_slow_client(c: &Cluster, size: usize, max_pushes: usize) -> 
         (0..pushed).collect::<Vec<_>>(),
         "fast client's messages"
     );
+    // The slow client's node counted the overflow and the 1013 (SPEC
+    // section 6: dropped and overflowed messages).
+    let page = c.client_node().get_text("/metrics").await;
+    for name in [
+        "gatecast_messages_overflowed_total",
+        "gatecast_slow_clients_closed_total",
+    ] {
+        assert!(metric(&page, name) >= 1.0, "{name} in:\n{page}");
+    }
     (fast, pushed)
 }
 

@@ -7,8 +7,8 @@ mod common;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use common::{
-    assert_api_error, assert_error_body, eventually, sorted, Client, Cluster, Engine, RawClient,
-    Refused,
+    assert_api_error, assert_error_body, eventually, sorted, Client, Cluster, Engine, OutputWithin,
+    RawClient, Refused,
 };
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -473,8 +473,7 @@ async fn jwt_claims_bind_uid_groups_and_session(engine: Engine) {
 fn openssl(args: &[&str]) {
     let out = std::process::Command::new("openssl")
         .args(args)
-        .output()
-        .expect("openssl runs");
+        .output_within(common::WAIT);
     assert!(
         out.status.success(),
         "openssl {args:?}: {}",
@@ -629,7 +628,7 @@ fn welcome_frame_without_the_placeholder_is_refused_at_start() {
         if let Some(template) = env {
             command.env("GATECAST_WELCOME_FRAME", template);
         }
-        let out = command.output().unwrap();
+        let out = command.output_within(common::WAIT);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} {env:?}: {stderr}");
         assert!(stderr.contains("--welcome-frame"), "{stderr}");

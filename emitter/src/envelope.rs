@@ -158,6 +158,10 @@ pub enum DecodeError {
     /// A version this node does not read.
     #[error("unsupported envelope version {0}")]
     Version(u32),
+    /// Not a MessagePack map at all (an array, a string...): the envelope is
+    /// a map with named fields, never the fields in order.
+    #[error("malformed envelope: a MessagePack map is required, got {0}")]
+    NotAMap(String),
 }
 
 impl Envelope {
@@ -199,6 +203,11 @@ impl<'a> EnvelopeRef<'a> {
     /// Reads an envelope in place, in one pass; refuses versions this node
     /// does not know.
     pub fn decode(bytes: &'a [u8]) -> Result<Self, DecodeError> {
+        // Checked first: serde would read an array as the fields in order and
+        // explain a wrong one as "expected struct with 15 elements".
+        if let Some(kind) = not_a_map(bytes) {
+            return Err(DecodeError::NotAMap(kind));
+        }
         match rmp_serde::from_slice::<EnvelopeRef>(bytes) {
             Ok(e) if e.v == VERSION => Ok(e),
             Ok(e) => Err(DecodeError::Version(e.v)),
@@ -239,6 +248,44 @@ impl<'a> EnvelopeRef<'a> {
             error: string(self.error),
         }
     }
+}
+
+/// What `bytes` start with when it is not a MessagePack map; `None` for a
+/// map.
+fn not_a_map(bytes: &[u8]) -> Option<String> {
+    use rmp::Marker;
+    let Some(&first) = bytes.first() else {
+        return Some("an empty message".into());
+    };
+    let kind = match Marker::from_u8(first) {
+        Marker::FixMap(_) | Marker::Map16 | Marker::Map32 => return None,
+        Marker::FixArray(_) | Marker::Array16 | Marker::Array32 => "an array",
+        Marker::FixStr(_) | Marker::Str8 | Marker::Str16 | Marker::Str32 => "a string",
+        Marker::Bin8 | Marker::Bin16 | Marker::Bin32 => "binary",
+        Marker::Null => "nil",
+        Marker::True | Marker::False => "a boolean",
+        Marker::F32 | Marker::F64 => "a float",
+        Marker::FixPos(_)
+        | Marker::FixNeg(_)
+        | Marker::U8
+        | Marker::U16
+        | Marker::U32
+        | Marker::U64
+        | Marker::I8
+        | Marker::I16
+        | Marker::I32
+        | Marker::I64 => "an integer",
+        Marker::FixExt1
+        | Marker::FixExt2
+        | Marker::FixExt4
+        | Marker::FixExt8
+        | Marker::FixExt16
+        | Marker::Ext8
+        | Marker::Ext16
+        | Marker::Ext32 => "an extension",
+        Marker::Reserved => "an invalid byte",
+    };
+    Some(format!("{kind} (first byte 0x{first:02x})"))
 }
 
 /// The `origin` of an envelope when it is the map's first key, as
@@ -328,6 +375,34 @@ mod tests {
         );
         let named: Named = rmp_serde::from_slice(&bytes).unwrap();
         assert_eq!((named.v, named.op.as_str()), (1, "push"));
+    }
+
+    #[test]
+    fn anything_but_a_map_is_refused_saying_a_map_is_required() {
+        // The fields in order, as an array: what serde alone would accept
+        // or explain as "expected struct Envelope with 15 elements".
+        let e = Envelope::new(Op::Push);
+        let array = rmp_serde::to_vec(&e).unwrap();
+        assert_eq!(array[0] & 0xf0, 0x90, "an array");
+        for (bytes, kind) in [
+            (&array[..], "an array"),
+            (&[0x92, 0x01, 0xa4][..], "an array"),
+            (b"this is not msgpack", "an integer"),
+            (&[0xa2, b'h', b'i'], "a string"),
+            (&[0xc0], "nil"),
+            (&[], "an empty message"),
+        ] {
+            let err = Envelope::decode(bytes).unwrap_err();
+            assert!(matches!(err, DecodeError::NotAMap(_)), "{err:?}");
+            let text = err.to_string();
+            assert!(
+                text.contains("a MessagePack map is required") && text.contains(kind),
+                "{text}"
+            );
+            assert!(!text.contains("elements"), "{text}");
+        }
+        // A map still decodes, and a map of another version says so.
+        assert!(Envelope::decode(&e.encode()).is_ok());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -27,6 +27,69 @@ pub fn metric(page: &str, name: &str) -> f64 {
 
 /// How long any single wait in a test may take before it fails.
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// `Command::output` with a deadline, for every child a test runs to its
+/// end: one that hangs (a node that should have refused to start, a
+/// redis-cli against a paused server) fails the test instead of hanging it.
+pub trait OutputWithin {
+    /// Runs the command with stdin closed and stdout and stderr captured;
+    /// kills it and panics when it runs past `limit`.
+    fn output_within(&mut self, limit: Duration) -> Output;
+}
+
+impl OutputWithin for Command {
+    fn output_within(&mut self, limit: Duration) -> Output {
+        use std::io::Read;
+        let program = self.get_program().to_string_lossy().into_owned();
+        let mut child = self
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{program} starts: {e}"));
+        // Read both pipes on their own threads: a child that fills one
+        // while nobody reads would block and look hung.
+        let drain = |pipe: Option<Box<dyn Read + Send>>| {
+            let (tx, rx) = mpsc::channel();
+            std::thread::spawn(move || {
+                let mut bytes = Vec::new();
+                if let Some(mut pipe) = pipe {
+                    let _ = pipe.read_to_end(&mut bytes);
+                }
+                let _ = tx.send(bytes);
+            });
+            rx
+        };
+        let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+        let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+        let deadline = std::time::Instant::now() + limit;
+        let args: Vec<_> = self.get_args().collect();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for the child") {
+                break status;
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{program} {args:?} did not finish within {limit:?}; killed it");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        // A process it left behind may hold the pipes open: bounded too.
+        let rest = deadline
+            .saturating_duration_since(std::time::Instant::now())
+            .max(Duration::from_secs(1));
+        let collect = |rx: mpsc::Receiver<Vec<u8>>| {
+            rx.recv_timeout(rest)
+                .unwrap_or_else(|_| panic!("{program} {args:?}: its output stayed open"))
+        };
+        Output {
+            status,
+            stdout: collect(stdout),
+            stderr: collect(stderr),
+        }
+    }
+}
 
 /// A running `gatecast` process.
 pub struct Node {
@@ -88,9 +151,23 @@ impl Node {
                 }
             }
         });
-        let fields = rx
-            .recv_timeout(WAIT)
-            .expect("node logs its listening addresses");
+        let fields = match rx.recv_timeout(WAIT) {
+            Ok(fields) => fields,
+            Err(why) => {
+                // Never leave a half-started node behind: kill it, then say
+                // what happened (it exited, or it hangs before listening).
+                let _ = child.kill();
+                let status = child.wait();
+                match why {
+                    mpsc::RecvTimeoutError::Timeout => {
+                        panic!("node did not log \"listening\" within {WAIT:?}; killed it")
+                    }
+                    mpsc::RecvTimeoutError::Disconnected => {
+                        panic!("node exited before it logged \"listening\": {status:?}")
+                    }
+                }
+            }
+        };
         let addr = |k: &str| fields[k].as_str().unwrap().parse().unwrap();
         let api_key = args
             .iter()
@@ -184,12 +261,15 @@ impl Node {
 
     /// Sends a signal (e.g. "TERM", "KILL") to the process.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
+        let out = Command::new("kill")
             .arg(format!("-{sig}"))
             .arg(self.pid().to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+            .output_within(WAIT);
+        assert!(
+            out.status.success(),
+            "kill -{sig}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Waits (bounded) for the process to exit.
@@ -222,44 +302,83 @@ pub enum Engine {
     Memory,
     /// Three nodes sharing one real Redis.
     Redis,
+    /// Three nodes on a Redis master found through a real Sentinel.
+    Sentinel,
+    /// Three nodes on a real Redis Cluster of three masters.
+    RedisCluster,
 }
 
 /// The gateway under test: one or more nodes.
 pub struct Cluster {
     /// Its nodes.
     pub nodes: Vec<Node>,
-    /// The Redis they share (Redis engine only).
+    /// The Redis they share (Redis engine; with Sentinel, the master).
     pub redis: Option<redis::RedisServer>,
+    /// The Sentinel, with [`Engine::Sentinel`].
+    pub sentinel: Option<redis::RedisServer>,
+    /// The Redis Cluster, with [`Engine::RedisCluster`].
+    pub redis_cluster: Option<redis::RedisCluster>,
+    /// How many clients [`Cluster::client`] has connected.
+    clients: std::sync::atomic::AtomicUsize,
 }
 
 impl Cluster {
     /// Starts the gateway for `engine` with extra node arguments.
     pub async fn start(engine: Engine, args: &[&str]) -> Cluster {
-        match engine {
-            Engine::Memory => Cluster {
-                nodes: vec![Node::start(args)],
-                redis: None,
-            },
+        let mut c = Cluster {
+            nodes: Vec::new(),
+            redis: None,
+            sentinel: None,
+            redis_cluster: None,
+            clients: Default::default(),
+        };
+        let url = match engine {
+            Engine::Memory => {
+                c.nodes.push(Node::start(args));
+                return c;
+            }
             Engine::Redis => {
                 let server = redis::RedisServer::start();
                 let url = server.url();
-                let mut node_args = vec!["--redis-url", url.as_str(), "--node-heartbeat", "1s"];
-                node_args.extend_from_slice(args);
-                let nodes: Vec<Node> = (0..3).map(|_| Node::start(&node_args)).collect();
-                for node in &nodes {
-                    node.wait_ready().await;
-                }
-                Cluster {
-                    nodes,
-                    redis: Some(server),
-                }
+                c.redis = Some(server);
+                url
             }
+            Engine::Sentinel => {
+                let master = redis::RedisServer::start();
+                let sentinel = redis::RedisServer::sentinel_for(master.port);
+                let url = format!(
+                    "redis-sentinel://127.0.0.1:{}/0?sentinelServiceName=mymaster",
+                    sentinel.port
+                );
+                c.redis = Some(master);
+                c.sentinel = Some(sentinel);
+                url
+            }
+            Engine::RedisCluster => {
+                let cluster = redis::RedisCluster::start();
+                let url = cluster.url();
+                c.redis_cluster = Some(cluster);
+                url
+            }
+        };
+        let mut node_args = vec!["--redis-url", url.as_str(), "--node-heartbeat", "1s"];
+        node_args.extend_from_slice(args);
+        c.nodes = (0..3).map(|_| Node::start(&node_args)).collect();
+        for node in &c.nodes {
+            node.wait_ready().await;
         }
+        c
     }
 
-    /// The node clients connect to.
+    /// The node the first client connects to (see [`Cluster::client`]).
     pub fn client_node(&self) -> &Node {
         &self.nodes[0]
+    }
+
+    /// The nodes [`Cluster::client`] spreads clients over: the first two,
+    /// so with several nodes clients share a group across nodes.
+    pub fn client_nodes(&self) -> &[Node] {
+        &self.nodes[..self.nodes.len().min(2)]
     }
 
     /// The node API calls go to: with several nodes, never the one holding
@@ -268,9 +387,16 @@ impl Cluster {
         self.nodes.last().unwrap()
     }
 
-    /// Connects a client to the client node.
+    /// Connects a client, in turn to each of [`Cluster::client_nodes`]:
+    /// the first to [`Cluster::client_node`], the second to the next node,
+    /// and so on. Every push and query then spans nodes with a shared
+    /// engine, and the API node ([`Cluster::api`]) holds none of them.
     pub async fn client(&self) -> Client {
-        Client::connect(&self.client_node().ws_url("")).await
+        let nodes = self.client_nodes();
+        let n = self
+            .clients
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Client::connect(&nodes[n % nodes.len()].ws_url("")).await
     }
 }
 
@@ -292,8 +418,25 @@ pub enum Seen {
     Binary(Vec<u8>),
     /// A close frame with its code.
     Close(Option<u16>),
-    /// The connection ended without a close frame.
+    /// The connection ended cleanly: after the close handshake.
     Ended,
+    /// The stream failed: a protocol error, a reset, or the TCP connection
+    /// ending without a close frame. Never a clean end.
+    Broken(String),
+}
+
+/// What a stream item means for a test: a message, or how it ended.
+fn stream_item(
+    item: Option<Result<Message, tokio_tungstenite::tungstenite::Error>>,
+) -> Option<Result<Message, String>> {
+    use tokio_tungstenite::tungstenite::Error;
+    match item {
+        // The close handshake is done: tungstenite ends the stream, or says
+        // so once more if asked again.
+        None | Some(Err(Error::ConnectionClosed)) => None,
+        Some(Err(e)) => Some(Err(e.to_string())),
+        Some(Ok(message)) => Some(Ok(message)),
+    }
 }
 
 impl Client {
@@ -337,8 +480,9 @@ impl Client {
             let item = tokio::time::timeout(WAIT, self.ws.next())
                 .await
                 .expect("client got something in time");
-            return match item {
-                None | Some(Err(_)) => Seen::Ended,
+            return match stream_item(item) {
+                None => Seen::Ended,
+                Some(Err(e)) => Seen::Broken(e),
                 Some(Ok(Message::Text(t))) => Seen::Text(t.to_string()),
                 Some(Ok(Message::Binary(b))) => Seen::Binary(b.to_vec()),
                 Some(Ok(Message::Close(frame))) => Seen::Close(frame.map(|f| u16::from(f.code))),
@@ -377,17 +521,38 @@ impl Client {
         self.ws.send(message).await.unwrap();
     }
 
-    /// Closes the connection with a normal close frame.
+    /// Closes the connection with a normal close frame and waits (bounded)
+    /// until the close handshake completes: a server that never answers the
+    /// close, or breaks the stream instead, fails the test.
     pub async fn close(mut self) {
-        let _ = self
+        let id = self.id.clone();
+        let sent = self
             .ws
             .close(Some(tokio_tungstenite::tungstenite::protocol::CloseFrame {
                 code: CloseCode::Normal,
                 reason: "".into(),
             }))
             .await;
-        // Read until the server's answer so the close is complete.
-        let _ = tokio::time::timeout(WAIT, async { while self.ws.next().await.is_some() {} }).await;
+        if let Err(e) = sent {
+            panic!("client {id}: sending the close frame failed: {e}");
+        }
+        // Read until the server's answer; messages already on their way
+        // may come first.
+        let ended = tokio::time::timeout(WAIT, async {
+            loop {
+                match stream_item(self.ws.next().await) {
+                    None => return Ok(()),
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(_)) => {}
+                }
+            }
+        })
+        .await;
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => panic!("client {id}: the close ended in a stream error: {e}"),
+            Err(_) => panic!("client {id}: the close did not complete within {WAIT:?}"),
+        }
     }
 
     /// The raw stream, for tests that need to stop reading.
@@ -462,6 +627,30 @@ macro_rules! engine_suite {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::common::Engine::Redis).await
+                }
+            )*
+        }
+    };
+}
+
+/// Runs each named suite function on Sentinel and on Redis Cluster too: a
+/// representative part of a suite, since each run starts more servers.
+#[macro_export]
+macro_rules! topology_suite {
+    ($($name:ident),* $(,)?) => {
+        mod sentinel {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Engine::Sentinel).await
+                }
+            )*
+        }
+        mod redis_cluster {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Engine::RedisCluster).await
                 }
             )*
         }
@@ -554,14 +743,16 @@ impl Client {
     }
 
     /// The next raw message, pings, pongs and close frames included
-    /// (bounded wait); `None` when the connection ended.
+    /// (bounded wait); `None` when the connection ended cleanly. A stream
+    /// error fails the test.
     pub async fn next_raw(&mut self) -> Option<Message> {
         let item = tokio::time::timeout(WAIT, self.ws.next())
             .await
             .expect("client got something in time");
-        match item {
+        match stream_item(item) {
             Some(Ok(message)) => Some(message),
-            None | Some(Err(_)) => None,
+            Some(Err(e)) => panic!("client {}: stream error, not a clean end: {e}", self.id),
+            None => None,
         }
     }
 }
@@ -658,14 +849,15 @@ impl RawClient {
         Err((status, String::from_utf8_lossy(&client.buf).into_owned()))
     }
 
-    /// Reads more bytes (bounded wait); false at end of stream.
+    /// Reads more bytes (bounded wait); false at end of stream. A read
+    /// error (a reset) is not an end: it fails the test.
     async fn fill(&mut self) -> bool {
         use tokio::io::AsyncReadExt;
         let mut chunk = [0u8; 8192];
         let n = tokio::time::timeout(WAIT, self.stream.read(&mut chunk))
             .await
             .expect("server sent something in time")
-            .unwrap_or(0);
+            .unwrap_or_else(|e| panic!("reading from the server failed (not a clean end): {e}"));
         self.buf.extend_from_slice(&chunk[..n]);
         n > 0
     }

@@ -3,7 +3,13 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+
+use super::OutputWithin;
+
+/// How many free ports a server start tries before giving up.
+const START_ATTEMPTS: usize = 5;
 
 /// A free loopback port (bound then released; the caller binds it next).
 pub fn free_port() -> u16 {
@@ -25,7 +31,14 @@ pub struct RedisServer {
 impl RedisServer {
     /// Starts a server on a free port and waits until it answers.
     pub fn start() -> RedisServer {
-        Self::start_on(free_port())
+        Self::start_args(&[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments on a free port,
+    /// and on another one if a server of another test took that port
+    /// between [`free_port`] and the bind.
+    pub fn start_args(extra: &[&str]) -> RedisServer {
+        Self::on_a_free_port(|port| Self::try_start(port, extra))
     }
 
     /// Starts a server on `port` (e.g. again after a restart).
@@ -33,8 +46,13 @@ impl RedisServer {
         Self::start_with(port, &[])
     }
 
-    /// Starts a server on `port` with extra `redis-server` arguments.
+    /// Starts a server on `port` with extra `redis-server` arguments; fails
+    /// the test if the port is not its own.
     pub fn start_with(port: u16, extra: &[&str]) -> RedisServer {
+        Self::try_start(port, extra).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    fn try_start(port: u16, extra: &[&str]) -> Result<RedisServer, String> {
         let dir = Self::dir_for(port);
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -49,19 +67,70 @@ impl RedisServer {
         Self::until_up(child, port, dir)
     }
 
-    fn until_up(child: Child, port: u16, dir: PathBuf) -> RedisServer {
-        let server = RedisServer {
-            child: Some(child),
-            port,
-            dir,
-        };
-        server.wait_until_up();
-        server
+    /// Runs `start` on free ports until one is this server's own.
+    fn on_a_free_port(start: impl Fn(u16) -> Result<RedisServer, String>) -> RedisServer {
+        let mut why = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match start(free_port()) {
+                Ok(server) => return server,
+                Err(e) => why.push(e),
+            }
+        }
+        panic!("no free port for redis-server in {START_ATTEMPTS} attempts: {why:?}")
+    }
+
+    /// Waits until the server on `port` answers and is `child` itself, not
+    /// a server of another test that took the port first (ours then fails
+    /// to bind and exits).
+    fn until_up(mut child: Child, port: u16, dir: PathBuf) -> Result<RedisServer, String> {
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + super::WAIT;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for redis-server") {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(format!("redis-server on port {port} exited: {status}"));
+            }
+            let info = cli_on(port, &["INFO", "server"]);
+            match info_field(&info, "process_id") {
+                Some(p) if p == pid.to_string() => {
+                    return Ok(RedisServer {
+                        child: Some(child),
+                        port,
+                        dir,
+                    })
+                }
+                Some(other) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(format!(
+                        "port {port} answers for process {other}, not our redis-server {pid}"
+                    ));
+                }
+                None => {}
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("redis-server on port {port} did not come up");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A Sentinel on a free port watching the master at `master_port` as
+    /// `mymaster` (see [`RedisServer::start_sentinel`]).
+    pub fn sentinel_for(master_port: u16) -> RedisServer {
+        Self::on_a_free_port(|port| Self::try_sentinel(port, master_port))
     }
 
     /// A Sentinel on `port` watching the master at `master_port` as
     /// `mymaster`, with a quorum of 1 and a 1 s down-after.
     pub fn start_sentinel(port: u16, master_port: u16) -> RedisServer {
+        Self::try_sentinel(port, master_port).unwrap_or_else(|why| panic!("{why}"))
+    }
+
+    fn try_sentinel(port: u16, master_port: u16) -> Result<RedisServer, String> {
         let dir = Self::dir_for(port);
         let conf = dir.join("sentinel.conf");
         std::fs::write(
@@ -85,9 +154,13 @@ impl RedisServer {
         Self::until_up(child, port, dir)
     }
 
+    /// A fresh directory: unique per start, so a server that lost its port
+    /// never shares (or removes) the directory of the one that won it.
     fn dir_for(port: u16) -> PathBuf {
+        static STARTS: AtomicUsize = AtomicUsize::new(0);
+        let n = STARTS.fetch_add(1, Ordering::Relaxed);
         let dir =
-            std::env::temp_dir().join(format!("gatecast-redis-{port}-{}", std::process::id()));
+            std::env::temp_dir().join(format!("gatecast-redis-{port}-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }
@@ -100,33 +173,53 @@ impl RedisServer {
     /// Sends a signal (`STOP`, `CONT`...) to the server process: a paused
     /// Redis keeps its connections open and answers nothing.
     pub fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let status = Command::new("kill")
+        let out = Command::new("kill")
             .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status()
-            .unwrap();
-        assert!(status.success());
+            .arg(self.pid().to_string())
+            .output_within(super::WAIT);
+        assert!(
+            out.status.success(),
+            "kill -{sig}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 
     /// Runs a `redis-cli` command against this server; returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli runs");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        cli_on(self.port, args)
     }
 
-    fn wait_until_up(&self) {
+    /// The process id of the server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// For a Sentinel: waits (bounded) until it lists the replica on
+    /// `replica_port` as a healthy replica of `mymaster`, linked to the
+    /// master. Before that a failover has nothing to promote.
+    pub fn wait_knows_replica(&self, replica_port: u16) {
         let deadline = std::time::Instant::now() + super::WAIT;
-        while self.cli(&["PING"]) != "PONG" {
+        loop {
+            let out = self.cli(&["SENTINEL", "REPLICAS", "mymaster"]);
+            let lines: Vec<&str> = out.lines().map(str::trim).collect();
+            // redis-cli prints each replica as name/value lines.
+            let value = |name: &str| {
+                lines
+                    .iter()
+                    .position(|l| *l == name)
+                    .and_then(|i| lines.get(i + 1).copied())
+            };
+            if value("port") == Some(&replica_port.to_string())
+                && value("flags") == Some("slave")
+                && value("master-link-status") == Some("ok")
+            {
+                return;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
-                "redis-server did not come up"
+                "Sentinel does not know the replica on port {replica_port}: {out}"
             );
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -138,6 +231,22 @@ impl RedisServer {
             let _ = child.wait();
         }
     }
+}
+
+/// Runs `redis-cli` against `port` (bounded); its trimmed stdout.
+fn cli_on(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output_within(super::WAIT);
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The value of `name` in an `INFO` answer.
+fn info_field(info: &str, name: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(name)?.strip_prefix(':'))
+        .map(str::to_owned)
 }
 
 impl Drop for RedisServer {
@@ -162,10 +271,12 @@ impl RedisCluster {
     pub fn start() -> RedisCluster {
         let servers: Vec<RedisServer> = (0..3)
             .map(|_| {
-                RedisServer::start_with(
-                    free_port(),
-                    &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
-                )
+                RedisServer::start_args(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                ])
             })
             .collect();
         let addrs: Vec<String> = servers
@@ -176,8 +287,7 @@ impl RedisCluster {
             .args(["--cluster", "create"])
             .args(&addrs)
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
-            .expect("redis-cli --cluster create runs");
+            .output_within(super::WAIT * 3);
         assert!(
             out.status.success(),
             "cluster create: {}",

@@ -17,7 +17,8 @@
 //!   ([`membership`]).
 //! - Liveness: nodes heartbeat a key with a TTL; survivors delete the
 //!   partition of a node whose key expired ([`liveness`]). After any
-//!   reconnection a node registers again ([`registration`]).
+//!   reconnection a node registers again ([`registration`]). A PING
+//!   tells a hung Redis from a slow one for readiness ([`probe`]).
 //! - Queries about other nodes' connections read their partitions
 //!   ([`queries`]).
 
@@ -27,6 +28,7 @@ mod liveness;
 mod membership;
 mod mirror;
 mod partition;
+mod probe;
 mod queries;
 mod registration;
 mod rpc;
@@ -103,6 +105,9 @@ struct Shared {
     /// The partition and subscriptions were written since the last
     /// (re)connection: the node is ready.
     registered: AtomicBool,
+    /// Redis answered the last PING in time ([`probe`]): false while it
+    /// hangs with its connections open.
+    responsive: AtomicBool,
     /// Stops the background tasks.
     stop: CancellationToken,
     /// Trips when the node must stop (another live instance has its id).
@@ -138,6 +143,7 @@ impl RedisEngine {
             mirror: Mirror::default(),
             rpc: Rpc::default(),
             registered: AtomicBool::new(false),
+            responsive: AtomicBool::new(true),
             stop: CancellationToken::new(),
             fatal,
         });
@@ -156,6 +162,7 @@ impl RedisEngine {
         );
         spawn_critical("mirror", fatal, stop, mirror::run(shared.clone()));
         spawn_critical("liveness", fatal, stop, liveness::run(shared.clone()));
+        spawn_critical("probe", fatal, stop, probe::run(shared.clone()));
         shared.redis.client.connect();
         shared.redis.subscriber.connect();
         Ok(RedisEngine { shared })
@@ -199,7 +206,9 @@ fn ids_to_strings(ids: &[ClientId]) -> Vec<String> {
 impl Engine for RedisEngine {
     fn is_ready(&self) -> bool {
         let s = &self.shared;
-        s.redis.is_connected() && s.registered.load(Ordering::Acquire)
+        s.redis.is_connected()
+            && s.registered.load(Ordering::Acquire)
+            && s.responsive.load(Ordering::Acquire)
     }
 
     async fn connect(&self, id: ClientId, outbox: Arc<Outbox>, m: Membership) -> EngineResult<()> {

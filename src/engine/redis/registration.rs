@@ -18,7 +18,11 @@ pub async fn run(s: Arc<Shared>) {
     let mut subscriber_up = s.redis.subscriber.reconnect_rx();
     let mut client_down = s.redis.client.error_rx();
     let mut subscriber_down = s.redis.subscriber.error_rx();
-    let mut first = true;
+    // A reconnection is an Up after a Down that followed a first Up: the
+    // two connections (and every shard of a Cluster) come up one by one at
+    // start, which is not a reconnection.
+    let mut ever_up = false;
+    let mut lost = false;
     loop {
         let event = tokio::select! {
             e = client_up.recv() => Event::Up(e.map(|_| ())),
@@ -33,6 +37,7 @@ pub async fn run(s: Arc<Shared>) {
                 // Not ready from the moment a connection is lost until the
                 // resync after it came back is written.
                 s.registered.store(false, Ordering::Release);
+                lost = ever_up;
                 continue;
             }
             Event::Up(_) => {}
@@ -40,10 +45,11 @@ pub async fn run(s: Arc<Shared>) {
         // Both connections, and on Cluster every shard connection, report
         // their own reconnect: those already queued need one resync.
         while client_up.try_recv().is_ok() || subscriber_up.try_recv().is_ok() {}
-        if !first {
+        if lost {
             s.metrics.redis_reconnects.inc();
         }
-        first = false;
+        ever_up = true;
+        lost = false;
         // The resync first, so a resync finishing right now does not
         // report the node ready.
         s.mirror.resync();
