@@ -277,6 +277,7 @@ async fn closed_with(client: &mut Client) -> Option<u16> {
         match client.next().await {
             Seen::Close(code) => return code,
             Seen::Ended => return None,
+            Seen::Broken(error) => panic!("the stream broke instead of closing: {error}"),
             Seen::Text(_) | Seen::Binary(_) => {}
         }
     }
