@@ -387,3 +387,6 @@ mod tests {
         assert_eq!(peek_origin(b"\xc1"), None);
     }
 }
+
+#[cfg(test)]
+mod proptests;
