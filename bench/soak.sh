@@ -86,13 +86,15 @@ sample $(($(date +%s) - start)) >>"$CSV"
 echo "samples: $CSV"
 # Idle before, one minute in (warmed up), the last sample under load, idle
 # after everyone left, and the highest.
-awk -F, 'NR == 1 {for (i = 2; i <= NF; i++) name[i] = $i; next}
+awk -F, -v end=$((MINUTES * 60)) 'NR == 1 {for (i = 2; i <= NF; i++) name[i] = $i; next}
     {n++; for (i = 1; i <= NF; i++) row[n, i] = $i
      for (i = 2; i <= NF; i++) if ($i + 0 > max[i] + 0) max[i] = $i
-     if (!warm && $1 >= 60) warm = n; cols = NF}
+     if (!warm && $1 >= 60) warm = n
+     if ($1 <= end) load = n
+     cols = NF}
     END {if (!warm) warm = 1
-         printf "%-16s %10s %10s %10s %10s %10s\n", "", "idle", "t=" row[warm, 1] "s", "t=" row[n - 1, 1] "s", "after", "max"
+         printf "%-16s %10s %10s %10s %10s %10s\n", "", "idle", "t=" row[warm, 1] "s", "t=" row[load, 1] "s", "after", "max"
          for (i = 2; i <= cols; i++)
-             printf "%-16s %10s %10s %10s %10s %10s\n", name[i], row[1, i], row[warm, i], row[n - 1, i], row[n, i], max[i]}' "$CSV"
+             printf "%-16s %10s %10s %10s %10s %10s\n", name[i], row[1, i], row[warm, i], row[load, i], row[n, i], max[i]}' "$CSV"
 grep -i panicked "$OUT/a.log" "$OUT/b.log" && echo "a node panicked" && exit 1
 kill -0 $a && kill -0 $b && echo "both nodes alive"

@@ -549,6 +549,10 @@ async fn killed_subscriber_connections_resubscribe_within_5s() {
         .unwrap_or(0);
     assert!(killed >= 2, "both nodes' subscribers killed ({killed})");
     let at = Instant::now();
+    for node in &pair.nodes {
+        let count = node.ok("get_all_client_count", json!({})).await;
+        assert_eq!(count, json!(want.count), "queries work meanwhile");
+    }
     for (i, node) in pair.nodes.iter().enumerate() {
         let limit = REREGISTER.saturating_sub(at.elapsed()) + SLACK;
         within("reconnected and subscribed again", limit, || async {
