@@ -564,7 +564,11 @@ async fn killed_subscriber_connections_resubscribe_within_5s() {
     // Every channel is followed again: each group and uid reaches its
     // members on both nodes, each push once.
     let channels = pair.redis.cli(&["PUBSUB", "NUMSUB", "gatecast:all"]);
-    assert!(channels.ends_with('2'), "both nodes follow all: {channels}");
+    assert_eq!(
+        channels.lines().last(),
+        Some("2"),
+        "both nodes follow all: {channels}"
+    );
     agree(&pair, &[0, 1], &want, WAIT).await;
     every_target_once(&pair, &mut members, &[0, 1], "after-kill").await;
     every_target_once(&pair, &mut members, &[1, 0], "after-kill-2").await;
