@@ -590,6 +590,10 @@ async fn a_node_killed_mid_broadcast_loses_nothing_on_the_survivor() {
     .await;
     let (mut survivors, doomed): (Vec<Member>, Vec<Member>) =
         members.into_iter().partition(|m| m.node == 0);
+    // Node 1's partition: its keys share the node id in braces.
+    let partition = format!("gatecast:{{{}}}*", &doomed[0].client.id[..12]);
+    let keys = |redis: &RedisServer| redis.cli(&["--scan", "--pattern", &partition]);
+    assert_ne!(keys(&pair.redis), "", "node 1 has keys in Redis");
 
     // Two streams at once while node 1 dies: pushes through node 0's API
     // to a group with members on both nodes (node 0 serves its own at
@@ -671,6 +675,8 @@ async fn a_node_killed_mid_broadcast_loses_nothing_on_the_survivor() {
     let want = View::expected(&survivors, &gone_uids, &gone_groups);
     let limit = (HEARTBEAT * 3 + SLACK).saturating_sub(killed.elapsed());
     agree(&pair, &[0], &want, limit).await;
+    // The whole partition is gone from Redis, not only hidden from queries.
+    assert_eq!(keys(&pair.redis), "", "keys of the dead node left in Redis");
     for m in &doomed {
         assert_eq!(
             pair.nodes[0]
