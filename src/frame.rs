@@ -480,3 +480,6 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod proptests;

@@ -3,7 +3,11 @@
 //! `idle`: opens many WebSocket connections (spread over several loopback
 //! source addresses) and reports how much the node's RSS grew per
 //! connection. `fanout`: clients in groups, pushes through the API, reports
-//! deliveries per second and the node's CPU time per delivery.
+//! deliveries per second and the node's CPU time per delivery. `churn`:
+//! clients coming and going on several nodes while pushes run (the load of
+//! bench/soak.sh).
+
+mod churn;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
@@ -84,6 +88,21 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         size: usize,
     },
+    /// Connect/push/disconnect churn over several nodes (bench/soak.sh).
+    Churn {
+        /// The nodes' public addresses, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        addrs: Vec<SocketAddr>,
+        /// Their API addresses, comma-separated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        apis: Vec<SocketAddr>,
+        /// Clients at a time.
+        #[arg(long, default_value_t = 500)]
+        clients: usize,
+        /// How long to run.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+    },
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -157,6 +176,12 @@ async fn main() {
             pushes,
             size,
         } => fanout(pid, addr, api, group_size, groups, pushes, size).await,
+        Cmd::Churn {
+            addrs,
+            apis,
+            clients,
+            seconds,
+        } => churn::run(addrs, apis, clients, seconds).await,
     }
 }
 

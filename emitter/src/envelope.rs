@@ -462,3 +462,6 @@ mod tests {
         assert_eq!(peek_origin(b"\xc1"), None);
     }
 }
+
+#[cfg(test)]
+mod proptests;

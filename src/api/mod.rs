@@ -2,6 +2,8 @@
 //! `POST /api/batch`, plus `/metrics` and the health endpoints.
 
 pub mod methods;
+#[cfg(test)]
+mod proptests;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -297,3 +297,6 @@ impl Shared {
 fn parse_id(s: Option<&str>) -> Option<ClientId> {
     s.and_then(|s| s.parse().ok())
 }
+
+#[cfg(test)]
+mod proptests;

@@ -821,3 +821,33 @@ fn array_replace_recursive_matches_php() {
         assert_eq!(ours, php, "{base} + {update}");
     }
 }
+
+/// The byte offset an error message names, if it names one.
+fn named_offset(message: &str) -> Option<usize> {
+    let rest = &message[message.find("byte ")? + 5..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+proptest! {
+    /// A refusal is a clear error: a message, and the place it names is in
+    /// the input (so a log line points at the offending byte).
+    #[test]
+    fn refusals_name_a_place_inside_the_input(
+        bytes in prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..128),
+            arb_token_soup(),
+        ],
+    ) {
+        let limits = Limits { max_depth: 2, max_elements: 4 };
+        for result in [unserialize(&bytes), unserialize_with(&bytes, limits)] {
+            if let Err(e) = result {
+                let message = e.to_string();
+                prop_assert!(message.starts_with("serialized PHP"), "{}", message);
+                if let Some(offset) = named_offset(&message) {
+                    prop_assert!(offset <= bytes.len(), "{} for {} bytes", message, bytes.len());
+                }
+            }
+        }
+    }
+}
