@@ -77,6 +77,7 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
         mirror: Mirror::default(),
         rpc: Rpc::default(),
         registered: AtomicBool::new(true),
+        responsive: AtomicBool::new(true),
         stop: CancellationToken::new(),
         fatal: Fatal::new(),
     };
