@@ -1,7 +1,7 @@
 //! The HTTP API, method by method, against real nodes and real WebSocket
 //! clients. Every suite runs against each engine; with Redis, clients are
-//! spread over two nodes and the API is called on a third. A part of it
-//! also runs on Sentinel and on Redis Cluster.
+//! spread over two nodes and the API is called on a third. It also runs on
+//! Sentinel and on Redis Cluster.
 
 mod common;
 
@@ -25,17 +25,24 @@ engine_suite!(
     a_burst_of_many_pushes_arrives_whole_and_in_order,
 );
 
-// On Sentinel and Redis Cluster a representative part: each run starts more
-// servers, so the whole suite there would cost more than it finds. These
-// cover every key kind (uid, group, session, node partitions) and every
-// channel kind (node, group, all).
+// The same suite on Sentinel and on Redis Cluster (every key and channel
+// kind crosses them: uid, group, session, node partitions; node, group and
+// all channels).
 topology_suite!(
+    welcome_frame_carries_a_gatewayworker_client_id,
+    send_to_client_delivers_exact_text_and_binary,
+    send_to_all_honours_exclusions_and_filters,
     send_to_uid_reaches_every_device_of_each_uid,
     send_to_group_reaches_each_member_once,
+    uid_binding_and_queries,
     group_membership_and_queries,
     sessions_set_replace_and_update_merges,
     whole_gateway_queries,
+    close_client_sends_last_message_then_closes,
     closed_connection_leaves_uid_groups_and_session,
+    offline_client_ids_are_no_ops,
+    batch_runs_commands_in_order,
+    a_burst_of_many_pushes_arrives_whole_and_in_order,
 );
 
 async fn welcome_frame_carries_a_gatewayworker_client_id(engine: Engine) {

@@ -216,7 +216,10 @@ impl Node {
         if let Some(key) = key {
             req = req.bearer_auth(key);
         }
-        let resp = req.send().await.expect("API answers");
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("API answers {method}: {e:?}"));
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap();
         let body = serde_json::from_str(&text)
