@@ -72,7 +72,9 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
     }
     let span = tracing::info_span!("conn", client_id = %id);
     async {
-        Box::pin(register(&gw, id, &outbox, &stream, *setup)).await;
+        // The box itself goes: moved out of here, it would stay allocated
+        // until the connection ends.
+        Box::pin(register(&gw, id, &outbox, &stream, setup)).await;
         let mut conn = Connection {
             gw: &gw,
             id,
@@ -102,8 +104,9 @@ async fn register(
     id: ClientId,
     outbox: &Arc<Outbox>,
     stream: &TcpStream,
-    setup: Setup,
+    setup: Box<Setup>,
 ) {
+    let setup = *setup;
     if let Err(e) = gw
         .engine
         .connect(id, outbox.clone(), setup.membership)
@@ -348,7 +351,10 @@ impl Connection<'_> {
                 }
             }
         }
-        if self.batch.capacity() > 8 {
+        // All written: free the batch, so an idle connection holds no
+        // queue memory (the next push allocates a fresh one, one small
+        // allocation against a system call).
+        if self.batch.capacity() > 0 {
             self.batch = VecDeque::new();
         }
         Ok(())
