@@ -63,6 +63,14 @@ async fn connect_inner(addr: SocketAddr, i: usize, query: &str) -> (Ws, String) 
     let net = SOURCE_NET.load(Ordering::Relaxed);
     let source = IpAddr::V4(Ipv4Addr::new(127, 0, net, 2 + (i / 10_000) as u8));
     let socket = TcpSocket::new_v4().unwrap();
+    // Ports of a previous run may still be in TIME_WAIT on this address.
+    socket.set_reuseaddr(true).unwrap();
+    // Closed with a reset, leaving no TIME_WAIT: ports taken by bind()
+    // are out of every connect()'s ephemeral range on the machine, so
+    // 5,000 connections a run would starve other processes' connects for
+    // a minute. A zero linger never blocks the thread on drop.
+    #[allow(deprecated)]
+    socket.set_linger(Some(Duration::ZERO)).unwrap();
     socket.bind(SocketAddr::new(source, 0)).unwrap();
     let stream = socket.connect(addr).await.unwrap();
     let mut config = WebSocketConfig::default();
