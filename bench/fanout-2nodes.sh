@@ -9,5 +9,5 @@ common=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --redis-url redis://
 $BIN --listen 127.0.0.1:8180 --api-listen 127.0.0.1:8181 "${common[@]}" & a=$!
 $BIN --listen 127.0.0.1:8280 --api-listen 127.0.0.1:8281 "${common[@]}" & b=$!
 for i in $(seq 100); do curl -sf 127.0.0.1:8181/readyz >/dev/null && curl -sf 127.0.0.1:8281/readyz >/dev/null && break; sleep 0.1; done
-./target/release/gatecast-bench --source-net $NET fanout --pid $a --addr 127.0.0.1:8180 --api 127.0.0.1:8281 --group-size 1000 --groups 2 --pushes 1000 --size 100
+./target/release/gatecast-bench --source-net $NET fanout --pid $a --addr 127.0.0.1:8180 --api 127.0.0.1:8281 --group-size 1000 --groups 2 --pushes 1000 --size 100 --mode batch
 kill -TERM $a $b; wait $a $b

@@ -165,15 +165,26 @@ impl Outbox {
     /// once nothing more is to be sent before it.
     pub fn take(&self, batch: &mut VecDeque<Bytes>) -> Taken {
         let mut state = self.state.lock();
-        let n = state.frames.len().min(BATCH);
         let before = batch.len();
-        batch.extend(state.frames.drain(..n));
+        if before == 0 && state.frames.len() <= BATCH {
+            // The whole queue, allocation and all: the outbox is left with
+            // the writer's empty one, so an idle connection's queue owns no
+            // memory (the writer frees its batch once written).
+            std::mem::swap(batch, &mut state.frames);
+            if state.frames.capacity() > 0 {
+                state.frames = VecDeque::new();
+            }
+        } else {
+            let n = state.frames.len().min(BATCH);
+            batch.extend(state.frames.drain(..n));
+            if state.frames.is_empty() {
+                // Give back what a burst grew, so an idle connection stays
+                // small.
+                state.frames = VecDeque::new();
+            }
+        }
         let taken: usize = batch.iter().skip(before).map(Bytes::len).sum();
         state.bytes -= taken;
-        if state.frames.is_empty() && state.frames.capacity() > 8 {
-            // Give back what a burst grew, so an idle connection stays small.
-            state.frames = VecDeque::new();
-        }
         let close = if state.frames.is_empty() {
             state.close.clone()
         } else {
@@ -335,5 +346,32 @@ mod tests {
         outbox.push(Bytes::from(vec![0; 4]), &limits).unwrap();
         assert_eq!(outbox.push(Bytes::from(vec![0; 1]), &limits), Err(Overflow));
         assert_eq!(outbox.discarding_close().unwrap().code, 1013);
+    }
+
+    #[test]
+    fn a_drained_queue_owns_no_memory() {
+        let outbox = Outbox::default();
+        for _ in 0..3 {
+            outbox.push(Bytes::from_static(b"x"), &frames(10)).unwrap();
+        }
+        let mut batch = VecDeque::new();
+        outbox.take(&mut batch);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(outbox.state.lock().frames.capacity(), 0);
+        // Past one batch: the rest stays queued, in order.
+        for i in 0..(BATCH + 2) {
+            outbox
+                .push(Bytes::from(vec![i as u8]), &frames(1000))
+                .unwrap();
+        }
+        batch.clear();
+        outbox.take(&mut batch);
+        assert_eq!(batch.len(), BATCH);
+        assert_eq!(batch[0][0], 0);
+        batch.clear();
+        outbox.take(&mut batch);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(batch[0][0], BATCH as u8);
+        assert_eq!(outbox.state.lock().frames.capacity(), 0);
     }
 }

@@ -181,7 +181,7 @@ type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 /// Connects from one of 50 loopback source addresses (so TIME_WAIT never
 /// exhausts a source's ports); `None` on any failure.
 async fn connect(addr: SocketAddr, w: usize) -> Option<(Ws, String)> {
-    let net = crate::SOURCE_NET.load(Ordering::Relaxed);
+    let net = crate::util::SOURCE_NET.load(Ordering::Relaxed);
     let source = IpAddr::V4(Ipv4Addr::new(127, net, 1, 2 + (w % 50) as u8));
     let attempt = async {
         let socket = TcpSocket::new_v4().ok()?;

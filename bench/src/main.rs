@@ -1,22 +1,32 @@
-//! Measurements of a running gatecast node, for docs/benchmarks.md.
+//! Measurements of running servers, for docs/benchmarks.md. Every scenario
+//! prints one JSON line.
 //!
 //! `idle`: opens many WebSocket connections (spread over several loopback
-//! source addresses) and reports how much the node's RSS grew per
-//! connection. `fanout`: clients in groups, pushes through the API, reports
-//! deliveries per second and the node's CPU time per delivery. `churn`:
-//! clients coming and going on several nodes while pushes run (the load of
-//! bench/soak.sh).
+//! source addresses), optionally binds each to a uid and a group through an
+//! API (another node's: the cluster case) and pushes to each once, and
+//! reports how much the node's RSS grew per connection. `fanout` and
+//! `broadcast`: deliveries per second and server CPU per delivery, every
+//! push one HTTP call from concurrent callers (or batches, gatecast only).
+//! `unicast`: latency percentiles at a fixed rate of pushes to uids.
+//! `storm`: connects per second of a reconnect storm. Every server is
+//! spoken to through the same API shape (`POST /api/METHOD`, JSON), so the
+//! peers of bench/peers/ run the same scenarios.
+//! `churn`: clients coming and going on several nodes while pushes run (the
+//! load of bench/soak.sh).
 
 mod churn;
+mod deliver;
+mod idle;
+mod util;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
-use tokio::net::TcpSocket;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+
+use deliver::{Mode, Target};
+use util::{connect_with, Ws};
 
 #[derive(Parser)]
 struct Args {
@@ -29,22 +39,81 @@ struct Args {
     command: Cmd,
 }
 
-/// `--source-net`, read by [`connect_with`].
-static SOURCE_NET: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+/// Where pushes go and whose CPU counts, shared by the delivery scenarios.
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// Process ids of the server (every node; CPU time is summed).
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
+    /// The node the clients connect to.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// The API the pushes go through; may be another node's.
+    #[arg(long, default_value = "127.0.0.1:8081")]
+    api: SocketAddr,
+    /// Concurrent API callers.
+    #[arg(long, default_value_t = 16)]
+    callers: usize,
+    /// One HTTP call per push, or 100 per /api/batch call (gatecast only).
+    #[arg(long, value_enum, default_value_t = Mode::Single)]
+    mode: Mode,
+    /// Prefix of group and uid names.
+    #[arg(long, default_value = "bench-")]
+    prefix: String,
+}
+
+impl TargetArgs {
+    fn target(self) -> Target {
+        Target {
+            pids: self.pid,
+            addr: self.addr,
+            api: self.api,
+            callers: self.callers,
+            mode: self.mode,
+            prefix: self.prefix,
+        }
+    }
+}
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// RSS per idle connection.
+    /// RSS per idle connection; with `--api`, after a bind and one push.
     Idle {
-        /// The node's process id (to read /proc/<pid>/status).
+        /// The clients' node's process id (to read /proc/<pid>/status).
         #[arg(long)]
         pid: u32,
+        /// Other processes whose RSS growth is reported too (the API node).
+        #[arg(long, value_delimiter = ',')]
+        other_pid: Vec<u32>,
         /// The node's public address.
         #[arg(long, default_value = "127.0.0.1:8080")]
         addr: SocketAddr,
         /// Connections to open.
         #[arg(long, default_value_t = 10_000)]
         count: usize,
+        /// Bind every client to a uid (and a group) through this API, then
+        /// push: give another node's API for the cluster case.
+        #[arg(long)]
+        api: Option<SocketAddr>,
+        /// Groups the clients join, round robin (0: none).
+        #[arg(long, default_value_t = 10)]
+        groups: usize,
+        /// The push every client receives once: uid (one send_to_uid per
+        /// client), group (one send_to_group per group), all, none.
+        #[arg(long, default_value = "uid")]
+        push: String,
+        /// Concurrent API callers.
+        #[arg(long, default_value_t = 16)]
+        callers: usize,
+        /// Prefix of uid and group names.
+        #[arg(long, default_value = "idle-")]
+        prefix: String,
+        /// Seconds to wait before the last reading.
+        #[arg(long, default_value_t = 3)]
+        settle: u64,
+        /// Seconds to keep the connections open after the reading.
+        #[arg(long, default_value_t = 0)]
+        hold: u64,
     },
     /// A reconnect storm: clients, each with a uid of its own (JWT `sub`),
     /// connect at once; reports connects per second (until the last
@@ -66,15 +135,8 @@ enum Cmd {
     },
     /// Group fan-out throughput.
     Fanout {
-        /// The node's process id (CPU time).
-        #[arg(long)]
-        pid: u32,
-        /// The node's public address (clients).
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        addr: SocketAddr,
-        /// The API address (pushes); may be another node.
-        #[arg(long, default_value = "127.0.0.1:8081")]
-        api: SocketAddr,
+        #[command(flatten)]
+        target: TargetArgs,
         /// Clients per group.
         #[arg(long, default_value_t = 1000)]
         group_size: usize,
@@ -103,64 +165,73 @@ enum Cmd {
         #[arg(long, default_value_t = 600)]
         seconds: u64,
     },
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    proc_field(pid, "status", "VmRSS:")
-}
-
-fn proc_field(pid: u32, file: &str, key: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/{file}")).unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
-/// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let after = stat.rsplit(')').next().unwrap_or("");
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
-
-type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
-
-/// Connects from 127.0.0.<2 + i / 10000> so one source address never runs
-/// out of ports; returns the stream and its client_id.
-async fn connect(addr: SocketAddr, i: usize) -> (Ws, String) {
-    connect_with(addr, i, "").await
-}
-
-/// [`connect`] with a query string (`?token=...`).
-async fn connect_with(addr: SocketAddr, i: usize, query: &str) -> (Ws, String) {
-    let net = SOURCE_NET.load(std::sync::atomic::Ordering::Relaxed);
-    let source = IpAddr::V4(Ipv4Addr::new(127, 0, net, 2 + (i / 10_000) as u8));
-    let socket = TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::new(source, 0)).unwrap();
-    let stream = socket.connect(addr).await.unwrap();
-    let mut config = WebSocketConfig::default();
-    config.read_buffer_size = 4096;
-    config.write_buffer_size = 0;
-    let url = format!("ws://{addr}/ws{query}");
-    let (mut ws, _) = tokio_tungstenite::client_async_with_config(url, stream, Some(config))
-        .await
-        .unwrap();
-    let welcome = ws.next().await.unwrap().unwrap();
-    let v: serde_json::Value = serde_json::from_str(welcome.to_text().unwrap()).unwrap();
-    (ws, v["client_id"].as_str().unwrap().to_owned())
+    /// send_to_all throughput.
+    Broadcast {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Clients.
+        #[arg(long, default_value_t = 5000)]
+        clients: usize,
+        /// Pushes.
+        #[arg(long, default_value_t = 200)]
+        pushes: usize,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+    },
+    /// Latency of pushes to uids at a fixed rate (the send time travels in
+    /// the payload).
+    Unicast {
+        #[command(flatten)]
+        target: TargetArgs,
+        /// Clients, each bound to a uid of its own.
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        /// Pushes per second.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds of pushing.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Payload size in bytes (at least 20: the send time).
+        #[arg(long, default_value_t = 100)]
+        size: usize,
+    },
 }
 
 #[tokio::main]
 async fn main() {
     let args = Args::parse();
-    SOURCE_NET.store(args.source_net, std::sync::atomic::Ordering::Relaxed);
+    util::SOURCE_NET.store(args.source_net, std::sync::atomic::Ordering::Relaxed);
     match args.command {
-        Cmd::Idle { pid, addr, count } => idle(pid, addr, count).await,
+        Cmd::Idle {
+            pid,
+            other_pid,
+            addr,
+            count,
+            api,
+            groups,
+            push,
+            callers,
+            prefix,
+            settle,
+            hold,
+        } => {
+            idle::run(idle::Options {
+                pid,
+                other_pids: other_pid,
+                addr,
+                count,
+                api,
+                groups,
+                push,
+                callers,
+                prefix,
+                settle,
+                hold,
+            })
+            .await
+        }
         Cmd::Storm {
             addr,
             count,
@@ -168,14 +239,25 @@ async fn main() {
             jwt_secret,
         } => storm(addr, count, concurrency, &jwt_secret).await,
         Cmd::Fanout {
-            pid,
-            addr,
-            api,
+            target,
             group_size,
             groups,
             pushes,
             size,
-        } => fanout(pid, addr, api, group_size, groups, pushes, size).await,
+        } => deliver::throughput(target.target(), groups.max(1), group_size, pushes, size).await,
+        Cmd::Broadcast {
+            target,
+            clients,
+            pushes,
+            size,
+        } => deliver::throughput(target.target(), 0, clients, pushes, size).await,
+        Cmd::Unicast {
+            target,
+            clients,
+            rate,
+            seconds,
+            size,
+        } => deliver::unicast(target.target(), clients, rate, seconds, size).await,
         Cmd::Churn {
             addrs,
             apis,
@@ -183,23 +265,6 @@ async fn main() {
             seconds,
         } => churn::run(addrs, apis, clients, seconds).await,
     }
-}
-
-async fn idle(pid: u32, addr: SocketAddr, count: usize) {
-    let before = rss_kib(pid);
-    let mut conns = Vec::with_capacity(count);
-    for chunk in (0..count).collect::<Vec<_>>().chunks(500) {
-        let batch = futures_util::future::join_all(chunk.iter().map(|i| connect(addr, *i))).await;
-        conns.extend(batch);
-    }
-    // Let the node settle (no traffic flows on idle connections).
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = rss_kib(pid);
-    let per = (after.saturating_sub(before)) as f64 * 1024.0 / count as f64;
-    println!(
-        "idle connections={count} rss_before_kib={before} rss_after_kib={after} bytes_per_connection={per:.0}"
-    );
-    drop(conns);
 }
 
 async fn storm(addr: SocketAddr, count: usize, concurrency: usize, secret: &str) {
@@ -220,88 +285,13 @@ async fn storm(addr: SocketAddr, count: usize, concurrency: usize, secret: &str)
         .await;
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "storm clients={count} concurrency={concurrency} seconds={elapsed:.2} connects_per_s={:.0}",
-        conns.len() as f64 / elapsed
-    );
-}
-
-async fn fanout(
-    pid: u32,
-    addr: SocketAddr,
-    api: SocketAddr,
-    group_size: usize,
-    groups: usize,
-    pushes: usize,
-    size: usize,
-) {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let http = reqwest::Client::new();
-    let total_clients = group_size * groups;
-    let mut readers = Vec::new();
-    let expected = pushes; // each client receives every push to its group
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
-    for i in 0..total_clients {
-        let (ws, id) = connect(addr, i).await;
-        let group = format!("bench-{}", i % groups);
-        http.post(format!("http://{api}/api/join_group"))
-            .json(&serde_json::json!({"client_id": id, "group": group}))
-            .send()
-            .await
-            .unwrap();
-        let done = done_tx.clone();
-        readers.push(tokio::spawn(async move {
-            let (_, mut read) = ws.split();
-            let mut got = 0;
-            while let Some(Ok(m)) = read.next().await {
-                match m {
-                    Message::Text(_) => {
-                        got += 1;
-                        if got == expected {
-                            break;
-                        }
-                    }
-                    // Closed (e.g. 1013: this load generator read too
-                    // slowly): counted as incomplete.
-                    Message::Close(_) => break,
-                    _ => {}
-                }
-            }
-            let _ = done.send(got == expected);
-        }));
-    }
-    let payload = "x".repeat(size);
-    let cpu_before = cpu_seconds(pid);
-    let started = Instant::now();
-    // Push in batches of 100 commands per HTTP call to keep HTTP overhead
-    // out of what is measured.
-    for round in (0..pushes).collect::<Vec<_>>().chunks(100) {
-        let mut commands = Vec::new();
-        for _ in round {
-            for g in 0..groups {
-                commands.push(serde_json::json!({"method": "send_to_group",
-                    "params": {"group": format!("bench-{g}"), "data": payload}}));
-            }
-        }
-        http.post(format!("http://{api}/api/batch"))
-            .json(&serde_json::json!({ "commands": commands }))
-            .send()
-            .await
-            .unwrap();
-    }
-    let mut complete = 0;
-    for _ in 0..total_clients {
-        if done_rx.recv().await == Some(true) {
-            complete += 1;
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(pid) - cpu_before;
-    let deliveries = (pushes * total_clients) as f64;
-    println!(
-        "fanout clients={total_clients} groups={groups} pushes_per_group={pushes} size={size} \
-         seconds={elapsed:.2} deliveries_per_s={:.0} node_cpu_us_per_delivery={:.2} \
-         clients_complete={complete}",
-        deliveries / elapsed,
-        cpu * 1e6 / deliveries
+        "{}",
+        serde_json::json!({
+            "scenario": "storm",
+            "clients": count,
+            "concurrency": concurrency,
+            "seconds": (elapsed * 100.0).round() / 100.0,
+            "connects_per_s": (conns.len() as f64 / elapsed).round(),
+        })
     );
 }

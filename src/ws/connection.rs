@@ -81,7 +81,9 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
     let span = tracing::info_span!("conn", client_id = %id);
     let route = Route::new(setup.client);
     async {
-        Box::pin(register(&gw, id, &outbox, &route, *setup)).await;
+        // The box itself goes: moved out of here, it would stay allocated
+        // until the connection ends.
+        Box::pin(register(&gw, id, &outbox, &route, setup)).await;
         let mut conn = Connection {
             gw: &gw,
             id,
@@ -108,7 +110,14 @@ pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box
 }
 
 /// Registers the connection with the engine and tells backends.
-async fn register(gw: &Gateway, id: ClientId, outbox: &Arc<Outbox>, route: &Route, setup: Setup) {
+async fn register(
+    gw: &Gateway,
+    id: ClientId,
+    outbox: &Arc<Outbox>,
+    route: &Route,
+    setup: Box<Setup>,
+) {
+    let setup = *setup;
     if let Err(e) = gw
         .engine
         .connect(id, outbox.clone(), setup.membership)
@@ -363,7 +372,10 @@ impl Connection<'_> {
                 }
             }
         }
-        if self.batch.capacity() > 8 {
+        // All written: free the batch, so an idle connection holds no
+        // queue memory (the next push allocates a fresh one, one small
+        // allocation against a system call).
+        if self.batch.capacity() > 0 {
             self.batch = VecDeque::new();
         }
         Ok(())

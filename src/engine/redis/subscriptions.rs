@@ -13,7 +13,9 @@ use super::Shared;
 /// The channels subscribed, as far as this node knows.
 #[derive(Debug, Default)]
 pub struct Subscriptions {
-    channels: HashSet<String>,
+    /// Boxed strings, exactly as long as the name: one entry per uid bound
+    /// on this node, so per connection.
+    channels: HashSet<Box<str>>,
 }
 
 impl Subscriptions {
@@ -27,7 +29,10 @@ impl Subscriptions {
         let mut unsubscribe = Vec::new();
         for follow in follows {
             let channel = follow.channel(&s.keys);
-            match (follow.wanted(&s.hub), self.channels.contains(&channel)) {
+            match (
+                follow.wanted(&s.hub),
+                self.channels.contains(channel.as_str()),
+            ) {
                 (true, false) => subscribe.push(channel),
                 (false, true) => unsubscribe.push(channel),
                 _ => {}
@@ -45,9 +50,14 @@ impl Subscriptions {
         wanted.insert(s.keys.all_channel());
         wanted.extend(s.hub.groups().iter().map(|g| s.keys.group_channel(g)));
         wanted.extend(s.hub.uids().iter().map(|u| s.keys.uid_channel(u)));
-        let stale: Vec<String> = self.channels.difference(&wanted).cloned().collect();
+        let stale: Vec<String> = self
+            .channels
+            .iter()
+            .filter(|c| !wanted.contains(&***c))
+            .map(|c| c.to_string())
+            .collect();
         // Known as subscribed only once Redis confirmed it.
-        self.channels.retain(|c| !wanted.contains(c));
+        self.channels.retain(|c| !wanted.contains(&**c));
         self.apply(s, wanted.into_iter().collect(), stale).await
     }
 
@@ -62,12 +72,13 @@ impl Subscriptions {
     ) -> Result<(), fred::error::Error> {
         if !subscribe.is_empty() {
             s.redis.subscribe(subscribe.clone()).await?;
-            self.channels.extend(subscribe);
+            self.channels
+                .extend(subscribe.into_iter().map(String::into_boxed_str));
         }
         if !unsubscribe.is_empty() {
             s.redis.unsubscribe(unsubscribe.clone()).await?;
             for channel in &unsubscribe {
-                self.channels.remove(channel);
+                self.channels.remove(channel.as_str());
             }
         }
         s.metrics
