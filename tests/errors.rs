@@ -1,7 +1,8 @@
 //! The HTTP API's error contract (SPEC section 4): every failure answers
 //! with the right status and `{"error":{"code":...,"message":...}}`, and the
 //! limits (body size, message size, batch size, name length) sit exactly where
-//! the options put them. Every suite runs against each engine.
+//! the options put them. Every suite runs against each engine, and on
+//! Sentinel and Redis Cluster.
 
 mod common;
 
@@ -9,6 +10,20 @@ use common::{assert_api_error, Cluster, Engine, OFFLINE_ID};
 use serde_json::{json, Value};
 
 engine_suite!(
+    bad_params_are_400_invalid_params,
+    names_are_non_empty_and_at_most_256_bytes,
+    malformed_json_is_400_invalid_json,
+    unknown_method_and_unknown_path_are_404,
+    api_methods_answer_405_to_get,
+    body_above_api_max_body_bytes_is_413,
+    message_above_max_message_bytes_is_413,
+    api_key_is_required_on_every_api_call,
+    batch_carries_at_most_1000_commands,
+    lists_are_capped,
+);
+
+// The same on Sentinel and on Redis Cluster.
+topology_suite!(
     bad_params_are_400_invalid_params,
     names_are_non_empty_and_at_most_256_bytes,
     malformed_json_is_400_invalid_json,

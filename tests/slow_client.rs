@@ -1,6 +1,8 @@
 //! A client that stops reading (SPEC section 2): its bounded queue overflows,
 //! it is closed with 1013, and nobody else is slowed or loses a message.
-//! Every suite runs against each engine.
+//! Every suite runs against each engine (not on Sentinel or Cluster: the
+//! queue is the node's own, and the timing of a 2-core machine running
+//! three Redis servers makes the "fast" client slow too).
 
 mod common;
 

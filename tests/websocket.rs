@@ -1,6 +1,6 @@
 //! The client WebSocket (SPEC section 2): keep-alive both ways, frame limits,
 //! protocol errors, origin checks, client JWTs and the health endpoints.
-//! Every suite runs against each engine.
+//! Every suite runs against each engine, and on Sentinel and Redis Cluster.
 
 mod common;
 
@@ -15,6 +15,22 @@ use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
 engine_suite!(
+    text_ping_is_answered_with_text_pong,
+    websocket_ping_is_answered_with_pong_carrying_its_payload,
+    server_sends_websocket_pings_every_interval,
+    silent_client_is_closed_after_ping_timeout_and_active_one_is_not,
+    frame_above_max_message_bytes_closes_with_1009,
+    invalid_utf8_text_closes_with_1007,
+    allowed_origins_restricts_the_origin_header,
+    non_upgrade_get_on_ws_is_400_json,
+    health_and_readiness_on_both_listeners,
+    jwt_is_required_and_checked_when_a_secret_is_set,
+    jwt_claims_bind_uid_groups_and_session,
+    rs256_and_es256_tokens_with_a_public_key,
+);
+
+// The same on Sentinel and on Redis Cluster.
+topology_suite!(
     text_ping_is_answered_with_text_pong,
     websocket_ping_is_answered_with_pong_carrying_its_payload,
     server_sends_websocket_pings_every_interval,
