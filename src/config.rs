@@ -5,7 +5,11 @@ use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::Parser;
+
+mod values;
+
+pub use values::{LogFormat, Secret, WelcomeFrame};
 
 /// gatecast: a WebSocket push gateway with GatewayWorker's API over HTTP.
 ///
@@ -286,103 +290,6 @@ pub struct Config {
     pub log_level: String,
 }
 
-/// A secret option's value (a key, a password, a URL that may hold
-/// one): `Debug` prints `<redacted>`, so the configuration can be logged
-/// or printed whole. Derefs to the `String` for the code that uses it.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The value itself, for the code that needs it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("<redacted>")
-    }
-}
-
-impl std::ops::Deref for Secret {
-    type Target = String;
-    fn deref(&self) -> &String {
-        &self.0
-    }
-}
-
-impl std::str::FromStr for Secret {
-    type Err = std::convert::Infallible;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Ok(Secret(s.to_owned()))
-    }
-}
-
-impl From<&str> for Secret {
-    fn from(s: &str) -> Self {
-        Secret(s.to_owned())
-    }
-}
-
-/// How log lines are written.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log collectors.
-    Json,
-}
-
-/// The `--welcome-frame` template, cut once at its `{client_id}`
-/// placeholders so that each connect only concatenates.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WelcomeFrame {
-    /// The text between placeholders: one more piece than placeholders,
-    /// so at least two.
-    pieces: Vec<String>,
-}
-
-impl WelcomeFrame {
-    /// The placeholder replaced with the client_id.
-    pub const PLACEHOLDER: &'static str = "{client_id}";
-    /// gatecast's own welcome (SPEC section 2).
-    pub const DEFAULT: &'static str = r#"{"type":"welcome","client_id":"{client_id}"}"#;
-
-    /// A template with at least one `{client_id}`; every occurrence is
-    /// replaced.
-    pub fn parse(template: &str) -> Result<Self, String> {
-        if !template.contains(Self::PLACEHOLDER) {
-            return Err(format!(
-                "the template must contain {} (e.g. {})",
-                Self::PLACEHOLDER,
-                r#"{"type":"init","client_id":"{client_id}"}"#
-            ));
-        }
-        Ok(WelcomeFrame {
-            pieces: template
-                .split(Self::PLACEHOLDER)
-                .map(str::to_owned)
-                .collect(),
-        })
-    }
-
-    /// The welcome text for `client_id`.
-    pub fn render(&self, client_id: impl std::fmt::Display) -> String {
-        use std::fmt::Write;
-        let fixed: usize = self.pieces.iter().map(String::len).sum();
-        // A client_id is 20 hex characters.
-        let mut text = String::with_capacity(fixed + 20 * (self.pieces.len() - 1));
-        let (first, rest) = self.pieces.split_first().expect("at least two pieces");
-        text.push_str(first);
-        for piece in rest {
-            let _ = write!(text, "{client_id}");
-            text.push_str(piece);
-        }
-        text
-    }
-}
-
 /// Shortest `--node-heartbeat`: below it the heartbeat alone keeps Redis
 /// busy, and a zero interval panics the heartbeat task.
 pub const MIN_NODE_HEARTBEAT: Duration = Duration::from_millis(100);
@@ -395,7 +302,6 @@ pub const MIN_PING_TIMEOUT: Duration = Duration::from_millis(500);
 /// takes a few Redis round trips, and events need time to flush.
 pub const MIN_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
-/// `Err` naming `flag` when `value` is below `min`.
 /// `--advertise-ip`: an IPv4 address, or a comma-separated list of IPv4 and
 /// IPv6 addresses of which the first IPv4 one is taken. client_ids hold an
 /// IPv4 address (GatewayWorker's layout), so an IPv6-only list is refused
@@ -473,6 +379,7 @@ fn strong_secret(flag: &str, value: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `Err` naming `flag` when `value` is below `min`.
 fn at_least(flag: &str, value: Duration, min: Duration) -> Result<(), String> {
     if value < min {
         return Err(format!(

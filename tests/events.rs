@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use axum::routing::post;
 use axum::{Json, Router};
-use common::{eventually, Client, Cluster, Engine, Node, OutputWithin};
+use common::{eventually, webhook, Client, Cluster, Engine, Node, OutputWithin};
 use fred::prelude::*;
 use fred::types::Value as RedisValue;
 use serde_json::{json, Value};
@@ -163,25 +163,6 @@ async fn events_without_a_sink_are_refused_at_start() {
         .output_within(common::WAIT);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--events needs"));
-}
-
-/// A webhook on a free port: its URL and what it receives.
-async fn webhook() -> (String, mpsc::UnboundedReceiver<Value>) {
-    let (tx, rx) = mpsc::unbounded_channel::<Value>();
-    let app = Router::new().route(
-        "/hook",
-        post(move |Json(body): Json<Value>| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(body);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (hook, rx)
 }
 
 /// The next connect event the webhook got (bounded wait).

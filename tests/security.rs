@@ -6,9 +6,9 @@ mod common;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::routing::post;
-use axum::{Json, Router};
-use common::{assert_api_error, eventually, metric, Client, Node, RawClient, Refused, Seen};
+use common::{
+    assert_api_error, eventually, metric, webhook, Client, Node, RawClient, Refused, Seen,
+};
 use futures_util::SinkExt;
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
@@ -239,25 +239,6 @@ async fn a_request_head_past_the_bound_gets_431() {
         1.0,
         "{page}"
     );
-}
-
-/// A webhook on a free port: its URL and what it receives.
-async fn webhook() -> (String, mpsc::UnboundedReceiver<Value>) {
-    let (tx, rx) = mpsc::unbounded_channel::<Value>();
-    let app = Router::new().route(
-        "/hook",
-        post(move |Json(body): Json<Value>| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(body);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (hook, rx)
 }
 
 /// Sends `n` messages as fast as the socket takes them, ignoring the
