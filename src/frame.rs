@@ -139,7 +139,9 @@ pub struct Reader {
     /// Bytes of a frame whose end has not arrived yet.
     partial: Vec<u8>,
     /// A fragmented message being assembled: (is text, payload so far).
-    fragments: Option<(bool, Vec<u8>)>,
+    /// Boxed: fragmented messages are rare, and every connection carries
+    /// its reader.
+    fragments: Option<Box<(bool, Vec<u8>)>>,
 }
 
 impl Reader {
@@ -176,7 +178,7 @@ impl Reader {
 
     /// Bytes held for an unfinished frame or message.
     pub fn buffered(&self) -> usize {
-        self.partial.len() + self.fragments.as_ref().map_or(0, |(_, f)| f.len())
+        self.partial.len() + self.fragments.as_ref().map_or(0, |f| f.1.len())
     }
 
     /// Whether a frame or a fragmented message has begun and not ended.
@@ -226,24 +228,26 @@ impl Reader {
                 if header.fin {
                     on_message(complete(text, payload)?);
                 } else {
-                    self.fragments = Some((text, payload));
+                    self.fragments = Some(Box::new((text, payload)));
                 }
             }
             Opcode::Continuation => {
-                let Some((text, mut buf)) = self.fragments.take() else {
+                let Some(mut fragments) = self.fragments.take() else {
                     return Err(violation(
                         close_code::PROTOCOL_ERROR,
                         "continuation without a message",
                     ));
                 };
+                let buf = &mut fragments.1;
                 if buf.len() + payload.len() > max_message {
                     return Err(violation(close_code::TOO_BIG, "message too big"));
                 }
                 buf.extend_from_slice(&payload);
                 if header.fin {
+                    let (text, buf) = *fragments;
                     on_message(complete(text, buf)?);
                 } else {
-                    self.fragments = Some((text, buf));
+                    self.fragments = Some(fragments);
                 }
             }
         }

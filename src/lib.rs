@@ -14,6 +14,7 @@
 #![warn(missing_docs)]
 
 pub mod accept;
+pub mod allocator;
 pub mod api;
 pub mod config;
 pub mod engine;

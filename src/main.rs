@@ -15,28 +15,23 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Hands memory freed after a burst back to the system at once. mimalloc
-/// purges freed memory after a delay (1 s), and only when a thread next
-/// allocates: after a burst (a reconnect storm, 20,000 binds through
-/// another node) the worker threads go idle and what the burst freed stays
-/// resident, several KiB per connection (docs/benchmarks.md). A purge delay
-/// of 0 returns it when it is freed. `MIMALLOC_PURGE_DELAY` still wins.
-#[cfg(not(feature = "system-alloc"))]
-fn tune_allocator() {
-    // `mi_option_purge_delay` in mimalloc.h; the crate's bindings predate
-    // the name (15 was `reset_delay`, the same option).
-    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: setting an option has no preconditions; mimalloc reads
-        // this one each time it considers a purge.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, 0) };
+fn main() -> std::process::ExitCode {
+    gatecast::allocator::tune();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // A worker that goes idle hands back what the last burst freed.
+        .on_thread_park(gatecast::allocator::collect_if_due)
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(run()),
+        Err(e) => {
+            eprintln!("gatecast: cannot start the runtime: {e}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    #[cfg(not(feature = "system-alloc"))]
-    tune_allocator();
+async fn run() -> std::process::ExitCode {
     let config = Config::parse();
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter);

@@ -65,7 +65,9 @@ struct State {
     frames: VecDeque<Bytes>,
     /// Bytes in `frames`.
     bytes: usize,
-    close: Option<Close>,
+    /// Boxed: a close is rare, and every idle connection's outbox would
+    /// carry its 40 bytes.
+    close: Option<Box<Close>>,
 }
 
 /// A close the connection must perform.
@@ -87,7 +89,7 @@ pub struct Overflow;
 #[derive(Debug, Default)]
 pub struct Taken {
     /// Set once the queue holds nothing more to send before the close.
-    pub close: Option<Close>,
+    pub close: Option<Box<Close>>,
 }
 
 impl Outbox {
@@ -105,11 +107,11 @@ impl Outbox {
         if too_many || too_big {
             state.frames = VecDeque::new();
             state.bytes = 0;
-            state.close = Some(Close {
+            state.close = Some(Box::new(Close {
                 frame: frame::encode_close(close_code::TRY_AGAIN_LATER, "client too slow"),
                 code: close_code::TRY_AGAIN_LATER,
                 discard_queued: true,
-            });
+            }));
             drop(state);
             self.wake();
             return Err(Overflow);
@@ -141,11 +143,11 @@ impl Outbox {
             state.frames = VecDeque::new();
             state.bytes = 0;
         }
-        state.close = Some(Close {
+        state.close = Some(Box::new(Close {
             frame: frame::encode_close(code, reason),
             code,
             discard_queued,
-        });
+        }));
         drop(state);
         self.wake();
     }
@@ -157,7 +159,7 @@ impl Outbox {
 
     /// A close that must happen now, without sending what is queued (a
     /// graceful close waits for the queue to drain instead).
-    pub fn discarding_close(&self) -> Option<Close> {
+    pub fn discarding_close(&self) -> Option<Box<Close>> {
         self.state.lock().close.clone().filter(|c| c.discard_queued)
     }
 

@@ -63,93 +63,47 @@ pub struct Setup {
     pub handshake: Option<Handshake>,
 }
 
-/// Serves an upgraded connection until it closes, then forgets it.
-pub async fn serve(gw: Arc<Gateway>, stream: TcpStream, early: Bytes, setup: Box<Setup>) {
-    let id = gw.minter.mint();
-    let outbox = Arc::new(Outbox::default());
-    let _ = outbox.push(
-        welcome(&gw, id),
-        &Limits {
-            frames: usize::MAX,
-            bytes: usize::MAX,
-        },
-    );
-    if let Some(at) = setup.close_at_unix_ms {
-        // Checked by the node's ping sweep: no timer per connection.
-        outbox.expire_at(gw.hub.unix_ms_to_hub_ms(at));
-    }
-    let span = tracing::info_span!("conn", client_id = %id);
-    let route = Route::new(setup.client);
-    async {
-        // The box itself goes: moved out of here, it would stay allocated
-        // until the connection ends.
-        Box::pin(register(&gw, id, &outbox, &route, setup)).await;
-        let mut conn = Connection {
-            gw: &gw,
-            id,
-            route: &route,
-            stream: &stream,
-            outbox: &outbox,
-            left: false,
-            peer_closed: false,
-            reader: Reader::default(),
-            budget: MessageBudget::default(),
-            batch: VecDeque::new(),
-            offset: 0,
-            closing: None,
-        };
-        match conn.run(early).await {
-            Ok(()) => tracing::debug!("closed"),
-            Err(e) => tracing::debug!(error = %e, "connection ended"),
-        }
-        conn.leave().await;
-        gw.metrics.connections.dec();
-    }
-    .instrument(span)
-    .await
+/// An upgraded connection, handed to [`serve`] in one box: the task keeps
+/// an async fn's arguments for its whole life (twice, as arguments and as
+/// bindings), so one pointer is all it should get.
+pub struct Start {
+    /// The node.
+    pub gw: Arc<Gateway>,
+    /// The client's socket.
+    pub stream: TcpStream,
+    /// Bytes the HTTP layer read past the handshake.
+    pub early: Bytes,
+    /// What the handshake found out.
+    pub setup: Box<Setup>,
 }
 
-/// Registers the connection with the engine and tells backends.
-async fn register(
-    gw: &Gateway,
-    id: ClientId,
-    outbox: &Arc<Outbox>,
-    route: &Route,
-    setup: Box<Setup>,
-) {
-    let setup = *setup;
-    if let Err(e) = gw
-        .engine
-        .connect(id, outbox.clone(), setup.membership)
-        .await
-    {
-        tracing::warn!(error = %e, "could not register connection");
-        outbox.close(close_code::INTERNAL_ERROR, "try again later", true);
+/// Serves an upgraded connection until it closes, then forgets it.
+///
+/// The task's state is the connection's largest cost while idle (tokio
+/// rounds a task to 128 bytes, and the allocator to its size classes), so
+/// everything the connection keeps lives once, in [`Connection`], and the
+/// rare paths (registration, close) are boxed futures of their own.
+pub async fn serve(start: Box<Start>) {
+    let (mut conn, registration) = Connection::new(start);
+    // Only a bool crosses the awaits here: a `Result` matched on would be
+    // kept in the task's state for the connection's life.
+    let result = if Box::pin(conn.register(registration)).await {
+        conn.run().await
+    } else {
+        Ok(())
+    };
+    match result {
+        Ok(()) => tracing::debug!(client_id = %conn.id, "closed"),
+        Err(e) => tracing::debug!(client_id = %conn.id, error = %e, "connection ended"),
     }
-    if gw.is_draining() {
-        // Upgraded while the drain began: close_all did not see it.
-        outbox.close(close_code::GOING_AWAY, "server shutting down", false);
-    }
-    gw.metrics.connections.inc();
-    gw.metrics.connections_opened.inc();
-    if let Some(request) = setup.request {
-        gw.event(
-            id,
-            Detail::Connect {
-                // The client behind a trusted proxy, as the limits saw it.
-                remote_addr: setup.client.to_string(),
-                query: request.query,
-                headers: request.headers,
-            },
-        );
-    }
-    // GatewayWorker sends onConnect at accept, before the handshake; here
-    // both come once the connection is registered, back to back.
-    gw.worker_event(route, id, WorkerEvent::Connect);
-    if let Some(handshake) = setup.handshake {
-        let data = handshake.to_php();
-        gw.worker_event(route, id, WorkerEvent::WebSocketConnect(&data));
-    }
+    Box::pin(conn.leave()).await;
+    conn.gw.metrics.connections.dec();
+}
+
+/// What registering a connection needs, moved into its boxed future.
+struct Registration {
+    setup: Setup,
+    early: Bytes,
 }
 
 /// The first frame: `--welcome-frame` with the client's id.
@@ -158,13 +112,15 @@ fn welcome(gw: &Gateway, id: ClientId) -> Bytes {
     frame::encode(Opcode::Text, text.as_bytes())
 }
 
-struct Connection<'a> {
-    gw: &'a Gateway,
+/// Everything a connection keeps, once: the task's state is this and the
+/// small state of whichever await it is in.
+struct Connection {
+    gw: Arc<Gateway>,
     id: ClientId,
     /// Its BusinessWorker, if any.
-    route: &'a Route,
-    stream: &'a TcpStream,
-    outbox: &'a Outbox,
+    route: Route,
+    stream: TcpStream,
+    outbox: Arc<Outbox>,
     /// Already unregistered (and the close event sent).
     left: bool,
     /// The client sent its close frame.
@@ -176,8 +132,9 @@ struct Connection<'a> {
     batch: VecDeque<Bytes>,
     /// Bytes of `batch[0]` already written.
     offset: usize,
-    /// Set once the close frame is in `batch`: when it must be done by.
-    closing: Option<Instant>,
+    /// Set once the close frame is in `batch` (its deadline is the close
+    /// path's own).
+    closing: bool,
 }
 
 /// Why the connection task woke up.
@@ -198,17 +155,112 @@ enum ReadOutcome {
     Closed,
 }
 
-impl Connection<'_> {
-    async fn run(&mut self, early: Bytes) -> io::Result<()> {
-        // Bytes the HTTP layer read past the handshake. Dropped before the
-        // loop: they may be a slice of its whole read buffer, which would
-        // otherwise stay allocated for the connection's life.
-        let early_closed =
-            !early.is_empty() && matches!(self.handle_bytes(&early)?, ReadOutcome::Closed);
-        drop(early);
-        if early_closed {
-            return Ok(());
+impl Connection {
+    /// Mints the client's id and queues its welcome frame; what only the
+    /// registration needs is set apart (and the boxes freed now, not when
+    /// the connection ends).
+    #[expect(
+        clippy::boxed_local,
+        reason = "the task holds the box; it is freed here, once unpacked"
+    )]
+    fn new(start: Box<Start>) -> (Connection, Registration) {
+        let Start {
+            gw,
+            stream,
+            early,
+            setup,
+        } = *start;
+        let setup = *setup;
+        let id = gw.minter.mint();
+        let outbox = Arc::new(Outbox::default());
+        let _ = outbox.push(
+            welcome(&gw, id),
+            &Limits {
+                frames: usize::MAX,
+                bytes: usize::MAX,
+            },
+        );
+        if let Some(at) = setup.close_at_unix_ms {
+            // Checked by the node's ping sweep: no timer per connection.
+            outbox.expire_at(gw.hub.unix_ms_to_hub_ms(at));
         }
+        let conn = Connection {
+            route: Route::new(setup.client),
+            gw,
+            id,
+            stream,
+            outbox,
+            left: false,
+            peer_closed: false,
+            reader: Reader::default(),
+            budget: MessageBudget::default(),
+            batch: VecDeque::new(),
+            offset: 0,
+            closing: false,
+        };
+        (conn, Registration { setup, early })
+    }
+
+    /// Registers the connection with the engine, tells backends, then
+    /// reads the bytes the HTTP layer read past the handshake. False if
+    /// those ended the connection.
+    async fn register(&mut self, registration: Registration) -> bool {
+        let Registration { setup, early } = registration;
+        let (gw, id, outbox, route) = (&*self.gw, self.id, &self.outbox, &self.route);
+        let connect = gw.engine.connect(id, outbox.clone(), setup.membership);
+        if let Err(e) = connect.instrument(self.span()).await {
+            tracing::warn!(client_id = %id, error = %e, "could not register connection");
+            outbox.close(close_code::INTERNAL_ERROR, "try again later", true);
+        }
+        if gw.is_draining() {
+            // Upgraded while the drain began: close_all did not see it.
+            outbox.close(close_code::GOING_AWAY, "server shutting down", false);
+        }
+        gw.metrics.connections.inc();
+        gw.metrics.connections_opened.inc();
+        if let Some(request) = setup.request {
+            gw.event(
+                id,
+                Detail::Connect {
+                    // The client behind a trusted proxy, as the limits saw it.
+                    remote_addr: setup.client.to_string(),
+                    query: request.query,
+                    headers: request.headers,
+                },
+            );
+        }
+        // GatewayWorker sends onConnect at accept, before the handshake; here
+        // both come once the connection is registered, back to back.
+        gw.worker_event(route, id, WorkerEvent::Connect);
+        if let Some(handshake) = setup.handshake {
+            let data = handshake.to_php();
+            gw.worker_event(route, id, WorkerEvent::WebSocketConnect(&data));
+        }
+        // They may be a slice of hyper's whole read buffer: read and
+        // dropped now, not kept.
+        match self.handle_early(early) {
+            Ok(closed) => !closed,
+            Err(e) => {
+                tracing::debug!(client_id = %id, error = %e, "connection ended");
+                false
+            }
+        }
+    }
+
+    /// The span of the engine's work for this connection. Not kept for
+    /// the connection's life (its state would weigh on every idle task):
+    /// the connection's own log lines carry `client_id` themselves.
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("conn", client_id = %self.id)
+    }
+
+    /// Reads the bytes the HTTP layer read past the handshake; true if
+    /// they closed the connection.
+    fn handle_early(&mut self, early: Bytes) -> io::Result<bool> {
+        Ok(!early.is_empty() && matches!(self.handle_bytes(&early)?, ReadOutcome::Closed))
+    }
+
+    async fn run(&mut self) -> io::Result<()> {
         loop {
             // Write until the socket is full or nothing is left queued (a
             // burst may queue many batches), yielding now and then so one
@@ -218,7 +270,8 @@ impl Connection<'_> {
                 if let Some(close) = self.take_queued() {
                     // Cold path, boxed so its state does not weigh on every
                     // idle connection's task.
-                    return Box::pin(self.close(close)).await;
+                    let span = self.span();
+                    return Box::pin(self.close(close).instrument(span)).await;
                 }
                 if self.batch.is_empty() {
                     break;
@@ -265,7 +318,7 @@ impl Connection<'_> {
 
     /// Takes queued frames when the batch is empty; returns a close that
     /// must happen now.
-    fn take_queued(&mut self) -> Option<Close> {
+    fn take_queued(&mut self) -> Option<Box<Close>> {
         if self.batch.is_empty() {
             self.outbox.take(&mut self.batch).close
         } else {
@@ -278,7 +331,7 @@ impl Connection<'_> {
 
     /// Closes: leaves the gateway, sends what must still go and the close
     /// frame, waits for the client's answer; all within CLOSE_TIMEOUT.
-    async fn close(&mut self, close: Close) -> io::Result<()> {
+    async fn close(&mut self, close: Box<Close>) -> io::Result<()> {
         if close.discard_queued {
             // A frame already half written must be finished, or the stream
             // is corrupt.
@@ -289,7 +342,7 @@ impl Connection<'_> {
         self.leave().await;
         self.batch.push_back(close.frame);
         let deadline = Instant::now() + CLOSE_TIMEOUT;
-        self.closing = Some(deadline);
+        self.closing = true;
         tracing::debug!(code = close.code, "closing");
         loop {
             self.write_ready()?;
@@ -324,8 +377,9 @@ impl Connection<'_> {
         }
         self.gw.event(self.id, Detail::Close);
         self.gw
-            .worker_event(self.route, self.id, WorkerEvent::Close);
-        self.gw.engine.disconnect(self.id).await;
+            .worker_event(&self.route, self.id, WorkerEvent::Close);
+        let span = self.span();
+        self.gw.engine.disconnect(self.id).instrument(span).await;
     }
 
     /// After our close frame went out: wait (bounded) for the client's close
@@ -400,18 +454,18 @@ impl Connection<'_> {
     }
 
     fn handle_bytes(&mut self, data: &[u8]) -> io::Result<ReadOutcome> {
-        let gw = self.gw;
+        let gw = &*self.gw;
         // Only whole frames count as activity: a client trickling one byte
         // at a time does not keep its connection alive.
         let now = gw.hub.now_ms();
         let mut client_closed = false;
-        let outbox = self.outbox;
+        let outbox = &*self.outbox;
         let limits = gw.hub.limits();
-        let closing = self.closing.is_some();
+        let closing = self.closing;
         let id = self.id;
         // Once the close event is out, nothing more is reported about it.
         let report = !closing && !self.left;
-        let route = self.route;
+        let route = &self.route;
         let emit = |detail: Detail| {
             if report {
                 if let Detail::Message { data, .. } = &detail {
@@ -476,7 +530,7 @@ impl Connection<'_> {
             });
         outbox.set_incomplete(self.reader.is_incomplete(), now);
         if let Some(overspent) = overspent {
-            tracing::debug!(budget = overspent.label(), "client sends too fast");
+            tracing::debug!(client_id = %id, budget = overspent.label(), "client sends too fast");
             gw.metrics
                 .client_rate_closed
                 .get_or_create(&crate::metrics::ReasonLabel {
@@ -487,6 +541,7 @@ impl Connection<'_> {
         }
         if let Err(violation) = result {
             tracing::debug!(
+                client_id = %id,
                 code = violation.code,
                 reason = violation.reason,
                 "protocol violation"

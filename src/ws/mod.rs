@@ -116,24 +116,14 @@ pub async fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_gw = gw.clone();
     let task = async move {
-        // Holds the connection's place in the limits for its whole life.
-        let _admitted = admitted;
-        let upgraded = match on_upgrade.await {
-            Ok(upgraded) => upgraded,
-            Err(e) => {
-                tracing::debug!(error = %e, "upgrade failed");
-                return;
-            }
+        let Some(start) = upgraded(on_upgrade.await, task_gw, setup) else {
+            return;
         };
-        // The socket itself, so that reads and writes need no buffer of
-        // their own while the connection is idle (see `connection`).
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => {
-                let stream = parts.io.into_inner();
-                connection::serve(task_gw, stream, parts.read_buf, setup).await
-            }
-            Err(_) => tracing::error!("upgraded connection is not a TCP stream"),
-        }
+        connection::serve(start).await;
+        // Holds the connection's place in the limits for its whole life
+        // (named here, not rebound: a binding would be a second copy in
+        // the task's state).
+        drop(admitted);
     };
     gw.connections.spawn(task);
     Response::builder()
@@ -143,6 +133,34 @@ pub async fn upgrade(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
         .body(axum::body::Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The socket itself out of hyper's upgrade, so that reads and writes need
+/// no buffer of their own while the connection is idle (see `connection`).
+fn upgraded(
+    upgraded: hyper::Result<hyper::upgrade::Upgraded>,
+    gw: Arc<Gateway>,
+    setup: Box<connection::Setup>,
+) -> Option<Box<connection::Start>> {
+    let upgraded = match upgraded {
+        Ok(upgraded) => upgraded,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return None;
+        }
+    };
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => Some(Box::new(connection::Start {
+            gw,
+            stream: parts.io.into_inner(),
+            early: parts.read_buf,
+            setup,
+        })),
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            None
+        }
+    }
 }
 
 /// The answer to a connection over a limit, counted.

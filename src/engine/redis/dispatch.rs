@@ -38,6 +38,10 @@ const INBOX_BYTES: usize = 64 << 20;
 /// What a queued message costs beyond its payload, roughly.
 const MESSAGE_OVERHEAD: usize = 160;
 
+/// How long the dispatcher waits for more messages before it hands back
+/// what the last burst freed (see `crate::allocator`).
+const COLLECT_AFTER: std::time::Duration = crate::allocator::COLLECT_EVERY;
+
 /// Messages handed from the relay to the dispatcher.
 #[derive(Default)]
 struct Inbox {
@@ -106,12 +110,21 @@ fn relay(s: &Shared, mut messages: broadcast::Receiver<RedisMessage>, inbox: &In
 
 fn dispatch_all(s: &Shared, inbox: &Inbox) {
     let mut batch = VecDeque::new();
+    let mut idle_since_collect = true;
     loop {
         {
             let mut state = inbox.state.lock();
             while state.messages.is_empty() && !state.closed {
-                inbox.ready.wait(&mut state);
+                // Idle after a burst: hand back what it freed (frames this
+                // thread encoded, dropped by the connections), then sleep.
+                if idle_since_collect {
+                    inbox.ready.wait(&mut state);
+                } else if inbox.ready.wait_for(&mut state, COLLECT_AFTER).timed_out() {
+                    crate::allocator::collect();
+                    idle_since_collect = true;
+                }
             }
+            idle_since_collect = false;
             if state.messages.is_empty() {
                 return;
             }
