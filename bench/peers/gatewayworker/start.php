@@ -26,7 +26,7 @@ require __DIR__ . '/Events.php';
  * GatewayWorker's client library as the API uses it, with TCP_NODELAY on its
  * persistent connections to the gateways: a bind followed by its confirming
  * query is two small writes, which Nagle's algorithm and the gateway's
- * delayed ACK would hold for 40 ms.
+ * delayed ACK would hold for 40 ms. GW_API_NODELAY=0: stock (Nagle on).
  */
 class Api extends GatewayWorker\Lib\Gateway
 {
@@ -36,7 +36,7 @@ class Api extends GatewayWorker\Lib\Gateway
         $client = parent::getGatewayConnection($address);
         // Resource ids are never reused within a process.
         $key = get_resource_id($client);
-        if (!isset($tuned[$key])) {
+        if (!isset($tuned[$key]) && getenv('GW_API_NODELAY') !== '0') {
             socket_set_option(socket_import_stream($client), SOL_TCP, TCP_NODELAY, 1);
             $tuned[$key] = true;
         }
