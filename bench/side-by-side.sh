@@ -7,12 +7,15 @@
 #   gc-memory  gatecast, in-process engine
 #   gc-redis1  gatecast, Redis engine, 1 node
 #   gc-redis2  gatecast, 2 nodes over Redis (clients on A, API calls to B)
+#   gw1        GatewayWorker (PHP, bench/peers/gatewayworker), 1 gateway
+#   gw2        the same, 2 gateways (clients on A, API calls to B)
 # with fresh processes (and a flushed Redis) for every scenario. Prints one
 # JSON line per run, then a markdown table (medians over REPEATS).
 #
 # Needs: cargo build --release -p gatecast -p gatecast-bench;
 #        (cd bench/peers/limit && cargo build --release);
-#        (cd bench/peers/node && npm ci); redis-server on PATH.
+#        (cd bench/peers/node && npm ci); redis-server on PATH;
+#        for gw1/gw2: php (pcntl, posix, sockets), bench/peers/gatewayworker/setup.sh.
 # usage: [SETUPS="limit gc-redis1"] [SCENARIOS="idle fanout"] [REPEATS=1] \
 #        [RPORT=6396] [NET=20] bench/side-by-side.sh
 set -u
@@ -33,10 +36,11 @@ redis-server --port $RPORT --save '' --appendonly no --bind 127.0.0.1 --loglevel
 trap 'kill $rpid 2>/dev/null' EXIT
 for _ in $(seq 50); do redis-cli -p $RPORT ping >/dev/null 2>&1 && break; sleep 0.1; done
 RURL=redis://127.0.0.1:$RPORT
+. bench/peers/gatewayworker/gw.sh
 
 start() {
   local gc=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --log-level error)
-  ADDR=127.0.0.1:9380; API=127.0.0.1:9381; PIDS=()
+  ADDR=127.0.0.1:9380; API=127.0.0.1:9381; PIDS=(); MEM_PIDS=
   case $1 in
     limit) $LIMIT $ADDR $API & PIDS=($!) ;;
     node1|node2)
@@ -51,6 +55,9 @@ start() {
         $GC --listen 127.0.0.1:9480 --api-listen 127.0.0.1:9481 "${gc[@]}" --redis-url $RURL & PIDS+=($!)
         API=127.0.0.1:9481
       fi ;;
+    gw1|gw2)
+      gw_start $1 9380 9381 9480 9481
+      if [ $1 = gw2 ]; then API=127.0.0.1:9481; fi ;;
   esac
   for _ in $(seq 100); do
     curl -sf http://127.0.0.1:9381/readyz >/dev/null && curl -sf http://$API/readyz >/dev/null && return
@@ -69,7 +76,7 @@ run() { # setup scenario
   local t=(--pid $pids --addr $ADDR --api $API --callers $CALLERS)
   net=$(( net % 200 + 1 ))
   case $2 in
-    idle) $BENCH --source-net $net idle --pid ${PIDS[0]} --addr $ADDR --api $API --count 5000 --groups 10 --push uid --callers $CALLERS ;;
+    idle) $BENCH --source-net $net idle --pid ${MEM_PIDS:-${PIDS[0]}} --addr $ADDR --api $API --count 5000 --groups 10 --push uid --callers $CALLERS ;;
     fanout) $BENCH --source-net $net fanout "${t[@]}" --group-size 1000 --groups 2 --pushes 300 --size 100 ;;
     broadcast) $BENCH --source-net $net broadcast "${t[@]}" --clients 5000 --pushes 100 --size 100 ;;
     unicast) $BENCH --source-net $net unicast "${t[@]}" --clients 1000 --rate 2000 --seconds 5 --size 100 ;;

@@ -15,8 +15,8 @@ use crate::util::{connect_many, rss_kib, Api, WAIT};
 
 /// What `idle` does besides connecting.
 pub struct Options {
-    /// The node holding the clients (its RSS is the figure).
-    pub pid: u32,
+    /// The processes holding the clients (their summed RSS is the figure).
+    pub pids: Vec<u32>,
     /// Other processes whose RSS is reported too (the API node).
     pub other_pids: Vec<u32>,
     /// The clients' node.
@@ -46,7 +46,7 @@ pub struct Options {
 /// Runs the scenario; prints one JSON line.
 pub async fn run(o: Options) {
     let rss = |o: &Options| {
-        let mut all = vec![rss_kib(o.pid)];
+        let mut all = vec![o.pids.iter().map(|p| rss_kib(*p)).sum::<u64>()];
         all.extend(o.other_pids.iter().map(|p| rss_kib(*p)));
         all
     };
@@ -137,6 +137,7 @@ pub async fn run(o: Options) {
         json!({
             "scenario": "idle",
             "connections": o.count,
+            "processes": o.pids.len(),
             "bound_via": o.api.map(|a| a.to_string()),
             "groups": o.groups,
             "push": o.push,

@@ -79,9 +79,10 @@ impl TargetArgs {
 enum Cmd {
     /// RSS per idle connection; with `--api`, after a bind and one push.
     Idle {
-        /// The clients' node's process id (to read /proc/<pid>/status).
-        #[arg(long)]
-        pid: u32,
+        /// The clients' node's process ids (to read /proc/<pid>/status;
+        /// RSS is summed over them, e.g. a multi-process node's workers).
+        #[arg(long, value_delimiter = ',', required = true)]
+        pid: Vec<u32>,
         /// Other processes whose RSS growth is reported too (the API node).
         #[arg(long, value_delimiter = ',')]
         other_pid: Vec<u32>,
@@ -218,7 +219,7 @@ async fn main() {
             hold,
         } => {
             idle::run(idle::Options {
-                pid,
+                pids: pid,
                 other_pids: other_pid,
                 addr,
                 count,
