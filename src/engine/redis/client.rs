@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fred::clients::{Client, SubscriberClient};
+use fred::clients::Client;
 use fred::prelude::*;
 use fred::types::config::{Config as RedisConfig, Options, ReconnectPolicy};
 use futures_util::future::try_join_all;
@@ -33,8 +33,12 @@ const SUBSCRIBE_CHUNK: usize = 512;
 pub struct Redis {
     /// Commands, scripts and PUBLISH.
     pub client: Client,
-    /// SUBSCRIBE and the messages that arrive on it.
-    pub subscriber: SubscriberClient,
+    /// SUBSCRIBE and the messages that arrive on it. A plain client, not
+    /// fred's `SubscriberClient`: that one keeps its own set of every
+    /// channel (~80 bytes per uid bound here, so per connection) to
+    /// resubscribe after a reconnection, which the mirror's resync does
+    /// already from the hub (`subscriptions`).
+    pub subscriber: Client,
     /// Redis Cluster: sharded pub/sub.
     pub sharded: bool,
     /// PUBLISH is never retried (see [`Redis::publish`]).
@@ -72,7 +76,7 @@ impl Redis {
         let client = builder.build().map_err(|e| e.to_string())?;
         let subscriber = builder
             .with_performance_config(|p| p.broadcast_channel_capacity = PUBSUB_BUFFER)
-            .build_subscriber_client()
+            .build()
             .map_err(|e| e.to_string())?;
         Ok(Redis {
             client,
