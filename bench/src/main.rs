@@ -25,7 +25,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 
-use deliver::{Mode, Target};
+use deliver::{Mode, Target, Via};
 use util::{connect_with, Ws};
 
 #[derive(Parser)]
@@ -60,6 +60,21 @@ struct TargetArgs {
     /// Prefix of group and uid names.
     #[arg(long, default_value = "bench-")]
     prefix: String,
+    /// Flow control of fanout and broadcast: at most this many pushes
+    /// outstanding (sent, not yet received by every recipient) across all
+    /// callers; 0: open loop.
+    #[arg(long, default_value_t = 0)]
+    window: usize,
+    /// Pushes through the HTTP API, or PUBLISHed straight to Redis as
+    /// gatecast's envelope (joins and binds still use the API).
+    #[arg(long, value_enum, default_value_t = Via::Http)]
+    via: Via,
+    /// The Redis of `--via redis`.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// gatecast's `--redis-prefix`, for `--via redis`.
+    #[arg(long, default_value = "gatecast")]
+    redis_prefix: String,
 }
 
 impl TargetArgs {
@@ -71,6 +86,10 @@ impl TargetArgs {
             callers: self.callers,
             mode: self.mode,
             prefix: self.prefix,
+            window: self.window,
+            via: self.via,
+            redis_url: self.redis_url,
+            redis_prefix: self.redis_prefix,
         }
     }
 }
@@ -143,7 +162,7 @@ enum Cmd {
         /// Groups.
         #[arg(long, default_value_t = 2)]
         groups: usize,
-        /// Pushes per group.
+        /// Pushes per group (sent round robin over the groups).
         #[arg(long, default_value_t = 2000)]
         pushes: usize,
         /// Payload size in bytes.
