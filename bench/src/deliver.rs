@@ -11,7 +11,7 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::util::{connect_many, cpu_of, percentile, Api, Ws, WAIT};
+use crate::util::{connect_spread, cpu_of, percentile, rss_kib, Api, Ws, WAIT};
 
 /// How a scenario pushes through the API.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -39,8 +39,8 @@ pub struct Target {
     /// Processes whose CPU time is the server's (every node, and Redis
     /// if wanted).
     pub pids: Vec<u32>,
-    /// The clients' node.
-    pub addr: SocketAddr,
+    /// The clients' nodes (clients spread round robin).
+    pub addrs: Vec<SocketAddr>,
     /// The API the pushes go through (may be another node's).
     pub api: SocketAddr,
     /// Concurrent API callers.
@@ -173,7 +173,7 @@ pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usi
     let api = Api::new(t.api);
     let pusher = Pusher::new(&t).await;
     let clients = group_size * groups.max(1);
-    let conns = connect_many(t.addr, clients).await;
+    let conns = connect_spread(&t.addrs, clients).await;
     let p = t.prefix.clone();
     if groups > 0 {
         let joins = conns
@@ -318,6 +318,7 @@ pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usi
             "latency_p99_ms": round(percentile(&l, 0.99), 3),
             "latency_max_ms": round(l.last().copied().unwrap_or(0.0), 3),
             "server_cpu_us_per_delivery": round(cpu * 1e6 / got.max(1) as f64, 2),
+            "server_rss_kib": t.pids.iter().map(|p| rss_kib(*p)).sum::<u64>(),
             "lost": expected - got.min(expected),
             "stalled": stalled.load(Ordering::Relaxed),
         })
@@ -371,7 +372,7 @@ pub async fn unicast(t: Target, clients: usize, rate: u64, seconds: u64, size: u
     let api = Api::new(t.api);
     let pusher = Pusher::new(&t).await;
     clock();
-    let conns = connect_many(t.addr, clients).await;
+    let conns = connect_spread(&t.addrs, clients).await;
     let p = t.prefix.clone();
     let binds = conns
         .iter()

@@ -45,9 +45,10 @@ struct TargetArgs {
     /// Process ids of the server (every node; CPU time is summed).
     #[arg(long, value_delimiter = ',')]
     pid: Vec<u32>,
-    /// The node the clients connect to.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: SocketAddr,
+    /// The node the clients connect to; several, comma-separated: clients
+    /// spread round robin over them.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    addr: Vec<SocketAddr>,
     /// The API the pushes go through; may be another node's.
     #[arg(long, default_value = "127.0.0.1:8081")]
     api: SocketAddr,
@@ -81,7 +82,7 @@ impl TargetArgs {
     fn target(self) -> Target {
         Target {
             pids: self.pid,
-            addr: self.addr,
+            addrs: self.addr,
             api: self.api,
             callers: self.callers,
             mode: self.mode,
