@@ -181,11 +181,6 @@ lines = [
   ("same: p50 / p99 ms; lost", "fanout64k", ["latency_p50_ms", "latency_p99_ms", "lost"], "{:.1f}"),
   ("reconnect storm, 5,000 JWT clients with own uids: connects/s", "storm", ["connects_per_s"], "{:,.0f}"),
 ]
-for r in rows:
-    res = r["result"]
-    if res and r["scenario"] == "small" and "server_cpu_us_per_delivery" in res:
-        # Every push of this scenario has 2 recipients.
-        res["server_cpu_us_per_push"] = res["server_cpu_us_per_delivery"] * 2
 scens = {r["scenario"] for r in rows}
 print()
 print("| figure | " + " | ".join(setups + [f"{a} / {b}" for a, b in ratios]) + " |")

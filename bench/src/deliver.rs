@@ -318,6 +318,7 @@ pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usi
             "latency_p99_ms": round(percentile(&l, 0.99), 3),
             "latency_max_ms": round(l.last().copied().unwrap_or(0.0), 3),
             "server_cpu_us_per_delivery": round(cpu * 1e6 / got.max(1) as f64, 2),
+            "server_cpu_us_per_push": round(cpu * 1e6 / sent.max(1) as f64, 1),
             "server_rss_kib": t.pids.iter().map(|p| rss_kib(*p)).sum::<u64>(),
             "lost": expected - got.min(expected),
             "stalled": stalled.load(Ordering::Relaxed),
