@@ -6,7 +6,10 @@
 //! API (another node's: the cluster case) and pushes to each once, and
 //! reports how much the node's RSS grew per connection. `fanout` and
 //! `broadcast`: deliveries per second and server CPU per delivery, every
-//! push one HTTP call from concurrent callers (or batches, gatecast only).
+//! push one HTTP call from concurrent callers (or batches, gatecast only),
+//! or one PUBLISH of gatecast's envelope straight to Redis (`--via redis`);
+//! `--window W` keeps at most W pushes outstanding (flow control) and
+//! push-to-last-delivery latency is reported.
 //! `unicast`: latency percentiles at a fixed rate of pushes to uids.
 //! `storm`: connects per second of a reconnect storm. Every server is
 //! spoken to through the same API shape (`POST /api/METHOD`, JSON), so the
