@@ -2,15 +2,16 @@
 //! delivery; `unicast`: latency at a fixed rate of pushes to uids.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use serde_json::json;
+use tokio::sync::Semaphore;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::util::{connect_many, cpu_of, percentile, Api, Ws, WAIT};
+use crate::util::{connect_spread, cpu_of, percentile, rss_kib, Api, Ws, WAIT};
 
 /// How a scenario pushes through the API.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -22,13 +23,24 @@ pub enum Mode {
     Batch,
 }
 
+/// Which way pushes reach the servers.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum Via {
+    /// The HTTP push API (`--api`).
+    Http,
+    /// One PUBLISH of gatecast's envelope per push, straight to Redis
+    /// (gatecast's Redis engine only; joins and binds still go through the
+    /// API, which waits until they are applied).
+    Redis,
+}
+
 /// Where the clients are and how pushes reach them.
 pub struct Target {
     /// Processes whose CPU time is the server's (every node, and Redis
     /// if wanted).
     pub pids: Vec<u32>,
-    /// The clients' node.
-    pub addr: SocketAddr,
+    /// The clients' nodes (clients spread round robin).
+    pub addrs: Vec<SocketAddr>,
     /// The API the pushes go through (may be another node's).
     pub api: SocketAddr,
     /// Concurrent API callers.
@@ -37,16 +49,132 @@ pub struct Target {
     pub mode: Mode,
     /// Prefix of groups and uids, distinct per run.
     pub prefix: String,
+    /// Pushes outstanding at most (sent, not yet received by every
+    /// recipient); 0: no limit (open loop).
+    pub window: usize,
+    /// HTTP API or straight to Redis.
+    pub via: Via,
+    /// The Redis of `Via::Redis`.
+    pub redis_url: Option<String>,
+    /// gatecast's `--redis-prefix`, for `Via::Redis`.
+    pub redis_prefix: String,
+}
+
+/// Where one push goes.
+enum To {
+    Group(String),
+    All,
+    Uid(String),
+}
+
+/// Sends pushes the way the target says: HTTP calls or PUBLISHes.
+#[derive(Clone)]
+enum Pusher {
+    Http(Api),
+    Redis(gatecast_emitter::Emitter),
+}
+
+impl Pusher {
+    async fn new(t: &Target) -> Self {
+        match t.via {
+            Via::Http => Pusher::Http(Api::new(t.api)),
+            Via::Redis => {
+                use fred::prelude::{Builder, ClientLike, Config};
+                let url = t
+                    .redis_url
+                    .as_deref()
+                    .unwrap_or_else(|| exit("--via redis needs --redis-url"));
+                let config = Config::from_url(url).unwrap_or_else(|e| exit(&format!("{url}: {e}")));
+                let client = Builder::from_config(config).build().unwrap();
+                tokio::time::timeout(WAIT, client.init())
+                    .await
+                    .unwrap_or_else(|_| exit(&format!("{url}: timed out")))
+                    .unwrap_or_else(|e| exit(&format!("{url}: {e}")));
+                Pusher::Redis(gatecast_emitter::Emitter::new(client, &t.redis_prefix))
+            }
+        }
+    }
+
+    async fn push(&self, to: To, data: String) {
+        match self {
+            Pusher::Http(api) => {
+                let (method, body) = match to {
+                    To::Group(g) => ("send_to_group", json!({"group": g, "data": data})),
+                    To::All => ("send_to_all", json!({ "data": data })),
+                    To::Uid(u) => ("send_to_uid", json!({"uid": u, "data": data})),
+                };
+                api.call(method, body).await
+            }
+            Pusher::Redis(emitter) => {
+                use gatecast_emitter::Message;
+                let m = Message::text(data);
+                let sent = match to {
+                    To::Group(g) => emitter.send_to_group(&g, m, &[]).await,
+                    To::All => emitter.send_to_all(m, &[]).await,
+                    To::Uid(u) => emitter.send_to_uid(&u, m).await,
+                };
+                sent.unwrap_or_else(|e| panic!("publish: {e}"));
+            }
+        }
+    }
+}
+
+fn exit(why: &str) -> ! {
+    eprintln!("gatecast-bench: {why}");
+    std::process::exit(2)
+}
+
+/// Digits of the push number at the start of every fan-out payload.
+const SEQ: usize = 10;
+
+/// What the readers share with the senders: per push, its send time and
+/// how many recipients have not had it yet.
+struct Books {
+    sent_us: Vec<AtomicU64>,
+    remaining: Vec<AtomicUsize>,
+    delivered: AtomicUsize,
+    /// Push-to-last-delivery latencies, ms.
+    latencies: samples::Samples,
+    /// Free places in the window (unused when the window is off).
+    window: Semaphore,
+}
+
+impl Books {
+    /// A delivery of push `seq` (its number, from the payload).
+    fn delivered(&self, seq: usize) {
+        self.delivered.fetch_add(1, Ordering::Relaxed);
+        let Some(left) = self.remaining.get(seq) else {
+            return;
+        };
+        if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let now = clock().elapsed().as_micros() as u64;
+            let sent = self.sent_us[seq].load(Ordering::Acquire);
+            self.latencies
+                .push(now.saturating_sub(sent) as f64 / 1000.0);
+            self.window.add_permits(1);
+        }
+    }
 }
 
 /// Pushes to groups (`groups` > 0, `group_size` clients each) or to all
 /// (`groups` = 0, `group_size` clients): `pushes` per group (or in all),
-/// `size` bytes each. Prints one JSON line.
+/// `size` bytes each, round robin over the groups. Each payload starts with
+/// the push's number, so the readers know when a push has reached every
+/// recipient (its latency; a place free in the window). Prints one JSON
+/// line.
 pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usize, size: usize) {
+    if t.window > 0 && t.mode == Mode::Batch {
+        exit("--window counts single pushes: not with --mode batch");
+    }
+    if t.via == Via::Redis && t.mode == Mode::Batch {
+        exit("--via redis publishes one push at a time: not with --mode batch");
+    }
+    clock();
     let api = Api::new(t.api);
+    let pusher = Pusher::new(&t).await;
     let clients = group_size * groups.max(1);
-    let conns = connect_many(t.addr, clients).await;
-    let p = &t.prefix;
+    let conns = connect_spread(&t.addrs, clients).await;
+    let p = t.prefix.clone();
     if groups > 0 {
         let joins = conns
             .iter()
@@ -60,79 +188,140 @@ pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usi
             .collect();
         api.call_all(t.callers, joins).await;
     }
-    let delivered = Arc::new(AtomicUsize::new(0));
-    let complete = Arc::new(AtomicUsize::new(0));
+    let calls = pushes * groups.max(1);
+    let books = Arc::new(Books {
+        sent_us: (0..calls).map(|_| AtomicU64::new(0)).collect(),
+        remaining: (0..calls).map(|_| AtomicUsize::new(group_size)).collect(),
+        delivered: AtomicUsize::new(0),
+        latencies: samples::Samples::default(),
+        window: Semaphore::new(t.window),
+    });
     let readers: Vec<_> = conns
         .into_iter()
-        .map(|(ws, _)| count_until(ws, pushes, delivered.clone(), complete.clone()))
+        .map(|(ws, _)| count_until(ws, pushes, books.clone()))
         .collect();
 
-    let payload = "x".repeat(size);
-    let mut pushes_list = Vec::new();
-    for _ in 0..pushes {
-        if groups == 0 {
-            pushes_list.push(("send_to_all", json!({ "data": payload })));
-        }
-        for g in 0..groups {
-            pushes_list.push((
-                "send_to_group",
-                json!({"group": format!("{p}g{g}"), "data": payload}),
-            ));
-        }
-    }
-    let calls = pushes_list.len();
+    let padding = "x".repeat(size.saturating_sub(SEQ));
+    let push_of = |n: usize| {
+        let to = if groups == 0 {
+            To::All
+        } else {
+            To::Group(format!("{p}g{}", n % groups))
+        };
+        (to, format!("{n:0SEQ$}{padding}"))
+    };
+    let window = t.window;
+    let sent = AtomicUsize::new(0);
+    let stalled = std::sync::atomic::AtomicBool::new(false);
     let cpu_before = cpu_of(&t.pids);
     let started = Instant::now();
     match t.mode {
-        Mode::Single => api.call_all(t.callers, pushes_list).await,
+        Mode::Single => {
+            futures_util::stream::iter(0..calls)
+                .for_each_concurrent(t.callers.max(1), |n| {
+                    let (pusher, books, sent, stalled) = (&pusher, &books, &sent, &stalled);
+                    let (to, data) = push_of(n);
+                    async move {
+                        if stalled.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        if window > 0 {
+                            // A push that never arrives keeps its place:
+                            // stop sending rather than wait for ever.
+                            match tokio::time::timeout(WAIT, books.window.acquire()).await {
+                                Ok(Ok(permit)) => permit.forget(),
+                                _ => {
+                                    stalled.store(true, Ordering::Relaxed);
+                                    return;
+                                }
+                            }
+                        }
+                        let now = clock().elapsed().as_micros() as u64;
+                        books.sent_us[n].store(now, Ordering::Release);
+                        sent.fetch_add(1, Ordering::Relaxed);
+                        pusher.push(to, data).await;
+                    }
+                })
+                .await
+        }
         Mode::Batch => {
-            let batches = pushes_list
+            let batches = (0..calls)
+                .collect::<Vec<_>>()
                 .chunks(100)
                 .map(|c| {
                     let commands: Vec<_> = c
                         .iter()
-                        .map(|(m, params)| json!({"method": m, "params": params}))
+                        .map(|n| {
+                            let (to, data) = push_of(*n);
+                            let (method, params) = match to {
+                                To::Group(g) => {
+                                    ("send_to_group", json!({"group": g, "data": data}))
+                                }
+                                _ => ("send_to_all", json!({ "data": data })),
+                            };
+                            json!({"method": method, "params": params})
+                        })
                         .collect();
                     ("batch", json!({ "commands": commands }))
                 })
                 .collect();
+            let now = clock().elapsed().as_micros() as u64;
+            for s in &books.sent_us {
+                s.store(now, Ordering::Release);
+            }
+            sent.store(calls, Ordering::Relaxed);
             api.call_all(t.callers, batches).await;
         }
     }
     let pushed = started.elapsed().as_secs_f64();
+    let sent = sent.load(Ordering::Relaxed);
+    let expected = sent * group_size;
     // Bounded: a lost delivery ends the wait after WAIT without progress.
     let mut last = (0, Instant::now());
-    while complete.load(Ordering::Relaxed) < clients {
-        let now = delivered.load(Ordering::Relaxed);
+    loop {
+        let now = books.delivered.load(Ordering::Relaxed);
+        if now >= expected {
+            break;
+        }
         if now != last.0 {
             last = (now, Instant::now());
         } else if last.1.elapsed() > WAIT {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_of(&t.pids) - cpu_before;
-    let expected = pushes * clients;
-    let got = delivered.load(Ordering::Relaxed);
+    let got = books.delivered.load(Ordering::Relaxed);
     for r in readers {
         r.abort();
     }
+    let mut l = books.latencies.take();
+    l.sort_by(f64::total_cmp);
     println!(
         "{}",
         json!({
             "scenario": if groups == 0 { "broadcast" } else { "fanout" },
             "mode": format!("{:?}", t.mode).to_lowercase(),
+            "via": format!("{:?}", t.via).to_lowercase(),
+            "window": t.window,
             "callers": t.callers,
             "clients": clients,
             "groups": groups,
-            "pushes": calls,
+            "pushes": sent,
             "size": size,
             "seconds": round(elapsed, 3),
-            "pushes_per_s": round(calls as f64 / pushed, 0),
+            "pushes_per_s": round(sent as f64 / elapsed, 0),
+            "api_pushes_per_s": round(sent as f64 / pushed, 0),
             "deliveries_per_s": round(got as f64 / elapsed, 0),
+            "latency_p50_ms": round(percentile(&l, 0.5), 3),
+            "latency_p99_ms": round(percentile(&l, 0.99), 3),
+            "latency_max_ms": round(l.last().copied().unwrap_or(0.0), 3),
             "server_cpu_us_per_delivery": round(cpu * 1e6 / got.max(1) as f64, 2),
+            "server_cpu_us_per_push": round(cpu * 1e6 / sent.max(1) as f64, 1),
+            "server_rss_kib": t.pids.iter().map(|p| rss_kib(*p)).sum::<u64>(),
             "lost": expected - got.min(expected),
+            "stalled": stalled.load(Ordering::Relaxed),
         })
     );
 }
@@ -142,28 +331,33 @@ fn round(v: f64, digits: i32) -> f64 {
     (v * f).round() / f
 }
 
-/// Reads `ws` until it got `expected` messages (or closed), counting.
-fn count_until(
-    ws: Ws,
-    expected: usize,
-    delivered: Arc<AtomicUsize>,
-    complete: Arc<AtomicUsize>,
-) -> tokio::task::JoinHandle<()> {
+/// Reads `ws` until it got `expected` messages (or closed), booking each
+/// delivery under the push number its payload starts with.
+fn count_until(ws: Ws, expected: usize, books: Arc<Books>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let (_write, mut read) = ws.split();
         let mut got = 0;
         while got < expected {
+            let seq = |b: &[u8]| {
+                b.get(..SEQ)
+                    .and_then(|d| std::str::from_utf8(d).ok())
+                    .and_then(|d| d.parse::<usize>().ok())
+                    .unwrap_or(usize::MAX)
+            };
             match read.next().await {
-                Some(Ok(Message::Text(_) | Message::Binary(_))) => {
+                Some(Ok(Message::Text(text))) => {
                     got += 1;
-                    delivered.fetch_add(1, Ordering::Relaxed);
+                    books.delivered(seq(text.as_bytes()));
+                }
+                Some(Ok(Message::Binary(data))) => {
+                    got += 1;
+                    books.delivered(seq(&data));
                 }
                 // Closed (e.g. 1013: this load generator read too slowly).
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                 Some(Ok(_)) => {}
             }
         }
-        complete.fetch_add(1, Ordering::Relaxed);
     })
 }
 
@@ -177,8 +371,9 @@ fn clock() -> Instant {
 /// `seconds`, each carrying its send time; prints latency percentiles.
 pub async fn unicast(t: Target, clients: usize, rate: u64, seconds: u64, size: usize) {
     let api = Api::new(t.api);
+    let pusher = Pusher::new(&t).await;
     clock();
-    let conns = connect_many(t.addr, clients).await;
+    let conns = connect_spread(&t.addrs, clients).await;
     let p = t.prefix.clone();
     let binds = conns
         .iter()
@@ -223,14 +418,13 @@ pub async fn unicast(t: Target, clients: usize, rate: u64, seconds: u64, size: u
             late += 1;
             continue;
         };
-        let api = api.clone();
+        let pusher = pusher.clone();
         let uid = format!("{p}u{}", rand_index(n, clients));
         tasks.push(tokio::spawn(async move {
             let sent = clock().elapsed().as_micros() as u64;
             let mut data = format!("{sent:020}");
             data.extend(std::iter::repeat_n('x', size.saturating_sub(20)));
-            api.call("send_to_uid", json!({"uid": uid, "data": data}))
-                .await;
+            pusher.push(To::Uid(uid), data).await;
             drop(permit);
         }));
     }
@@ -253,6 +447,7 @@ pub async fn unicast(t: Target, clients: usize, rate: u64, seconds: u64, size: u
         "{}",
         json!({
             "scenario": "unicast",
+            "via": format!("{:?}", t.via).to_lowercase(),
             "clients": clients,
             "rate": rate,
             "sent": sent,

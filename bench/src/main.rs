@@ -6,7 +6,10 @@
 //! API (another node's: the cluster case) and pushes to each once, and
 //! reports how much the node's RSS grew per connection. `fanout` and
 //! `broadcast`: deliveries per second and server CPU per delivery, every
-//! push one HTTP call from concurrent callers (or batches, gatecast only).
+//! push one HTTP call from concurrent callers (or batches, gatecast only),
+//! or one PUBLISH of gatecast's envelope straight to Redis (`--via redis`);
+//! `--window W` keeps at most W pushes outstanding (flow control) and
+//! push-to-last-delivery latency is reported.
 //! `unicast`: latency percentiles at a fixed rate of pushes to uids.
 //! `storm`: connects per second of a reconnect storm. Every server is
 //! spoken to through the same API shape (`POST /api/METHOD`, JSON), so the
@@ -25,7 +28,7 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 
-use deliver::{Mode, Target};
+use deliver::{Mode, Target, Via};
 use util::{connect_with, Ws};
 
 #[derive(Parser)]
@@ -45,9 +48,10 @@ struct TargetArgs {
     /// Process ids of the server (every node; CPU time is summed).
     #[arg(long, value_delimiter = ',')]
     pid: Vec<u32>,
-    /// The node the clients connect to.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: SocketAddr,
+    /// The node the clients connect to; several, comma-separated: clients
+    /// spread round robin over them.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    addr: Vec<SocketAddr>,
     /// The API the pushes go through; may be another node's.
     #[arg(long, default_value = "127.0.0.1:8081")]
     api: SocketAddr,
@@ -60,17 +64,36 @@ struct TargetArgs {
     /// Prefix of group and uid names.
     #[arg(long, default_value = "bench-")]
     prefix: String,
+    /// Flow control of fanout and broadcast: at most this many pushes
+    /// outstanding (sent, not yet received by every recipient) across all
+    /// callers; 0: open loop.
+    #[arg(long, default_value_t = 0)]
+    window: usize,
+    /// Pushes through the HTTP API, or PUBLISHed straight to Redis as
+    /// gatecast's envelope (joins and binds still use the API).
+    #[arg(long, value_enum, default_value_t = Via::Http)]
+    via: Via,
+    /// The Redis of `--via redis`.
+    #[arg(long)]
+    redis_url: Option<String>,
+    /// gatecast's `--redis-prefix`, for `--via redis`.
+    #[arg(long, default_value = "gatecast")]
+    redis_prefix: String,
 }
 
 impl TargetArgs {
     fn target(self) -> Target {
         Target {
             pids: self.pid,
-            addr: self.addr,
+            addrs: self.addr,
             api: self.api,
             callers: self.callers,
             mode: self.mode,
             prefix: self.prefix,
+            window: self.window,
+            via: self.via,
+            redis_url: self.redis_url,
+            redis_prefix: self.redis_prefix,
         }
     }
 }
@@ -144,7 +167,7 @@ enum Cmd {
         /// Groups.
         #[arg(long, default_value_t = 2)]
         groups: usize,
-        /// Pushes per group.
+        /// Pushes per group (sent round robin over the groups).
         #[arg(long, default_value_t = 2000)]
         pushes: usize,
         /// Payload size in bytes.

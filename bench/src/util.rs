@@ -95,6 +95,23 @@ pub async fn connect_many(addr: SocketAddr, count: usize) -> Vec<(Ws, String)> {
     conns
 }
 
+/// Opens `count` connections, 500 at a time, spread over the nodes in
+/// contiguous blocks (groups are assigned round robin, `i % groups`, so
+/// every node gets members of every group).
+pub async fn connect_spread(addrs: &[SocketAddr], count: usize) -> Vec<(Ws, String)> {
+    let mut conns = Vec::with_capacity(count);
+    for chunk in (0..count).collect::<Vec<_>>().chunks(500) {
+        let batch = futures_util::future::join_all(
+            chunk
+                .iter()
+                .map(|i| connect(addrs[i * addrs.len() / count], *i)),
+        )
+        .await;
+        conns.extend(batch);
+    }
+    conns
+}
+
 /// The HTTP push API every server under test speaks: `POST /api/METHOD`
 /// with a JSON body, one call per push or membership change (the shape of
 /// gatecast's API, which the peers in bench/peers/ copy).
