@@ -10,9 +10,10 @@
 //! connection task) waits on its page until the owning thread collects.
 //! A thread that goes idle after a burst never does, so its pages stay
 //! resident: ~1.3 KiB per connection after 10,000 remote binds
-//! (docs/benchmarks.md). So the purge delay is 0, purges need not cover a
-//! whole huge page, and every thread that allocates on the hot paths
-//! collects its heap when it goes idle, at most every [`COLLECT_EVERY`].
+//! (docs/benchmarks.md). So purges come soon (100 ms) and need not cover
+//! a whole huge page, and every thread that allocates on the hot paths
+//! collects its heap when it goes idle, at most every [`COLLECT_EVERY`]:
+//! a collection also purges whatever has waited past the delay.
 //!
 //! With the `system-alloc` feature (glibc's allocator, for heap
 //! profilers) all of this does nothing.
@@ -46,7 +47,12 @@ pub fn tune() {
                 unsafe { libmimalloc_sys::mi_option_set(option, value) };
             }
         };
-        set("MIMALLOC_PURGE_DELAY", PURGE_DELAY, 0);
+        // 100 ms, not mimalloc's 1 s (memory a burst freed stayed: ~1 KiB
+        // a connection) nor 0 (a page freed and needed again within a
+        // burst was faulted in again: ~8 % more CPU per delivery in a
+        // broadcast, in page clearing and TLB shootdowns). The idle
+        // workers' collections purge what waited past it.
+        set("MIMALLOC_PURGE_DELAY", PURGE_DELAY, 100);
         // With transparent huge pages allowed, mimalloc purges only whole
         // 2 MiB ranges: one live object keeps its 2 MiB resident. Measured
         // after 5,000 binds through another node: 1.9-2.3 KiB per
