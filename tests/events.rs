@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::Router;
 use common::{eventually, webhook, Client, Cluster, Engine, Node, OutputWithin};
 use fred::prelude::*;
 use fred::types::Value as RedisValue;
@@ -104,20 +104,7 @@ async fn events_are_appended_to_the_redis_stream_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_events_are_posted_to_the_webhook() {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Value>();
-    let app = Router::new().route(
-        "/hook",
-        post(move |Json(body): Json<Value>| {
-            let tx = tx.clone();
-            async move {
-                let _ = tx.send(body);
-                "ok"
-            }
-        }),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let (hook, mut rx) = webhook().await;
 
     let node = Node::start(&["--events", "--events-webhook", &hook]);
     let mut a = connect_with_headers(&node.ws_url("?x=1")).await;

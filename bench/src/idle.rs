@@ -13,33 +13,47 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::util::{connect_many, rss_kib, Api, WAIT};
 
-/// What `idle` does besides connecting.
+/// What `idle` does besides connecting (its command-line options).
+#[derive(clap::Args)]
 pub struct Options {
-    /// The processes holding the clients (their summed RSS is the figure).
+    /// The clients' node's process ids (to read /proc/<pid>/status; RSS
+    /// is summed over them, e.g. a multi-process node's workers).
+    #[arg(long = "pid", value_delimiter = ',', required = true)]
     pub pids: Vec<u32>,
-    /// Other processes whose RSS is reported too (the API node).
+    /// Other processes whose RSS growth is reported too (the API node).
+    #[arg(long = "other-pid", value_delimiter = ',')]
     pub other_pids: Vec<u32>,
-    /// The clients' node.
+    /// The node's public address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
     /// Connections to open.
+    #[arg(long, default_value_t = 10_000)]
     pub count: usize,
-    /// Bind and push through this API (another node's for the cluster
-    /// case); nothing is bound when absent.
+    /// Bind every client to a uid (and a group) through this API, then
+    /// push: give another node's API for the cluster case. Nothing is
+    /// bound when absent.
+    #[arg(long)]
     pub api: Option<SocketAddr>,
-    /// Groups the clients join (round robin); 0: none.
+    /// Groups the clients join, round robin (0: none).
+    #[arg(long, default_value_t = 10)]
     pub groups: usize,
-    /// The one push each client receives: `uid` (one send_to_uid per
-    /// client), `group` (one send_to_group per group), `all`, or `none`.
+    /// The push every client receives once: uid (one send_to_uid per
+    /// client), group (one send_to_group per group), all, none.
+    #[arg(long, default_value = "uid")]
     pub push: String,
     /// Concurrent API callers.
+    #[arg(long, default_value_t = 16)]
     pub callers: usize,
-    /// Prefix of uids and groups (distinct per run or per process).
+    /// Prefix of uid and group names (distinct per run or per process).
+    #[arg(long, default_value = "idle-")]
     pub prefix: String,
     /// Seconds to wait before the last reading (the allocator returns
     /// freed memory with a delay).
+    #[arg(long, default_value_t = 3)]
     pub settle: u64,
     /// Seconds to keep the connections open after the reading (for a heap
     /// profiler's snapshot).
+    #[arg(long, default_value_t = 0)]
     pub hold: u64,
 }
 

@@ -101,44 +101,7 @@ impl TargetArgs {
 #[derive(Subcommand)]
 enum Cmd {
     /// RSS per idle connection; with `--api`, after a bind and one push.
-    Idle {
-        /// The clients' node's process ids (to read /proc/<pid>/status;
-        /// RSS is summed over them, e.g. a multi-process node's workers).
-        #[arg(long, value_delimiter = ',', required = true)]
-        pid: Vec<u32>,
-        /// Other processes whose RSS growth is reported too (the API node).
-        #[arg(long, value_delimiter = ',')]
-        other_pid: Vec<u32>,
-        /// The node's public address.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        addr: SocketAddr,
-        /// Connections to open.
-        #[arg(long, default_value_t = 10_000)]
-        count: usize,
-        /// Bind every client to a uid (and a group) through this API, then
-        /// push: give another node's API for the cluster case.
-        #[arg(long)]
-        api: Option<SocketAddr>,
-        /// Groups the clients join, round robin (0: none).
-        #[arg(long, default_value_t = 10)]
-        groups: usize,
-        /// The push every client receives once: uid (one send_to_uid per
-        /// client), group (one send_to_group per group), all, none.
-        #[arg(long, default_value = "uid")]
-        push: String,
-        /// Concurrent API callers.
-        #[arg(long, default_value_t = 16)]
-        callers: usize,
-        /// Prefix of uid and group names.
-        #[arg(long, default_value = "idle-")]
-        prefix: String,
-        /// Seconds to wait before the last reading.
-        #[arg(long, default_value_t = 3)]
-        settle: u64,
-        /// Seconds to keep the connections open after the reading.
-        #[arg(long, default_value_t = 0)]
-        hold: u64,
-    },
+    Idle(idle::Options),
     /// A reconnect storm: clients, each with a uid of its own (JWT `sub`),
     /// connect at once; reports connects per second (until the last
     /// welcome). With the Redis engine each welcome waits until the node
@@ -228,34 +191,7 @@ async fn main() {
     let args = Args::parse();
     util::SOURCE_NET.store(args.source_net, std::sync::atomic::Ordering::Relaxed);
     match args.command {
-        Cmd::Idle {
-            pid,
-            other_pid,
-            addr,
-            count,
-            api,
-            groups,
-            push,
-            callers,
-            prefix,
-            settle,
-            hold,
-        } => {
-            idle::run(idle::Options {
-                pids: pid,
-                other_pids: other_pid,
-                addr,
-                count,
-                api,
-                groups,
-                push,
-                callers,
-                prefix,
-                settle,
-                hold,
-            })
-            .await
-        }
+        Cmd::Idle(options) => idle::run(options).await,
         Cmd::Storm {
             addr,
             count,
