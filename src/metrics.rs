@@ -70,6 +70,10 @@ pub struct Metrics {
     pub pubsub_malformed: Counter,
     /// Pub/sub messages dropped because this node fell behind Redis.
     pub pubsub_dropped: Counter,
+    /// Subscriber connections lost and made again, by why.
+    pub redis_subscriber_reconnects: Family<ReasonLabel, Counter>,
+    /// Channels subscribed again after Redis Cluster moved their slot.
+    pub redis_resubscribed: Counter,
     /// Channels this node is subscribed to in Redis.
     pub redis_subscriptions: Gauge,
     /// Inner-port (GatewayWorker protocol) connections closed on an error:
@@ -129,6 +133,8 @@ impl Metrics {
             pubsub_received: Counter::default(),
             pubsub_malformed: Counter::default(),
             pubsub_dropped: Counter::default(),
+            redis_subscriber_reconnects: Family::default(),
+            redis_resubscribed: Counter::default(),
             redis_subscriptions: Gauge::default(),
             inner_errors: Counter::default(),
             nodes_alive: Gauge::default(),
@@ -220,6 +226,16 @@ impl Metrics {
             "pubsub_dropped",
             "Pub/sub messages dropped because this node fell behind",
             m.pubsub_dropped.clone(),
+        );
+        r.register(
+            "redis_subscriber_reconnects",
+            "Subscriber connections to Redis lost and made again, by reason (closed_behind: closed while this node was behind, most likely client-output-buffer-limit pubsub)",
+            m.redis_subscriber_reconnects.clone(),
+        );
+        r.register(
+            "redis_resubscribed",
+            "Channels subscribed again after Redis Cluster moved their slot",
+            m.redis_resubscribed.clone(),
         );
         r.register(
             "redis_subscriptions",

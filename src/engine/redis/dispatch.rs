@@ -1,29 +1,18 @@
-//! The receive path, two threads with a queue between them:
+//! The dispatcher: one thread that takes the [`Inbox`] in batches (this
+//! node's channel first) and acts on each message without waiting on
+//! anything (no I/O, no `.await`): pushes go straight into the recipients'
+//! queues, commands change the hub and mark the mirror, replies wake their
+//! callers.
 //!
-//! - the relay takes each message off fred's bounded broadcast buffer the
-//!   moment it arrives and appends it to the inbox (a lock, a push). Being
-//!   a thread of its own, it is woken by the OS at once rather than queued
-//!   behind fred's reader on a tokio worker, and it does so little that it
-//!   keeps up with any Redis connection: fred's buffer does not overflow.
-//! - the dispatcher takes the inbox in batches and acts on each message
-//!   without waiting on anything (no I/O, no `.await`): pushes go straight
-//!   into the recipients' queues, commands change the hub and mark the
-//!   mirror, replies wake their callers.
-//!
-//! The inbox grows with a burst and gives its memory back after; it is
-//! bounded by bytes. Past the bound (a node far behind for long), a message
-//! is dropped, counted in `gatecast_pubsub_dropped_total` and logged with
-//! what it was for; so is anything fred itself dropped. Never silent.
+//! Nothing is dropped here: the inbox is bounded and, when full, the
+//! subscriber stops reading Redis (`subscriber`). A message that cannot be
+//! understood is skipped, counted in `gatecast_pubsub_malformed_total` and
+//! logged.
 
-use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-use fred::types::Message as RedisMessage;
-use parking_lot::{Condvar, Mutex};
-use tokio::sync::broadcast::{self, error::RecvError};
 
 use super::envelope::{peek_origin, EnvelopeRef, Op};
+use super::inbox::{Batch, Inbox};
 use super::keys::Channel;
 use super::membership::Change;
 use super::Shared;
@@ -32,158 +21,38 @@ use crate::ids::{ClientId, NodeId};
 use crate::push::{encode_frame, Target};
 use crate::task::spawn_critical_thread;
 
-/// Most bytes (payloads plus a fixed overhead each) the inbox holds.
-const INBOX_BYTES: usize = 64 << 20;
-
-/// What a queued message costs beyond its payload, roughly.
-const MESSAGE_OVERHEAD: usize = 160;
-
 /// How long the dispatcher waits for more messages before it hands back
 /// what the last burst freed (see `crate::allocator`).
 const COLLECT_AFTER: std::time::Duration = crate::allocator::COLLECT_EVERY;
 
-/// Messages handed from the relay to the dispatcher.
-#[derive(Default)]
-struct Inbox {
-    state: Mutex<InboxState>,
-    ready: Condvar,
-}
-
-#[derive(Default)]
-struct InboxState {
-    messages: VecDeque<RedisMessage>,
-    bytes: usize,
-    closed: bool,
-}
-
-fn cost(message: &RedisMessage) -> usize {
-    MESSAGE_OVERHEAD + message.value.as_bytes().map_or(0, <[u8]>::len)
-}
-
-/// Starts the relay and the dispatcher threads; they stop when the
-/// subscriber connection quits.
-pub fn start(s: &Arc<Shared>, messages: broadcast::Receiver<RedisMessage>) -> std::io::Result<()> {
-    let inbox = Arc::new(Inbox::default());
-    let (relay_inbox, relay_shared) = (inbox.clone(), s.clone());
-    spawn_critical_thread("gatecast-relay", &s.fatal, &s.stop, move || {
-        relay(&relay_shared, messages, &relay_inbox)
-    })?;
+/// Starts the dispatcher thread; it stops when the inbox is closed.
+pub fn start(s: &Arc<Shared>, inbox: Arc<Inbox>) -> std::io::Result<()> {
     let shared = s.clone();
     spawn_critical_thread("gatecast-dispatch", &s.fatal, &s.stop, move || {
         dispatch_all(&shared, &inbox)
     })
 }
 
-fn relay(s: &Shared, mut messages: broadcast::Receiver<RedisMessage>, inbox: &Inbox) {
-    let mut lost = LossLog::default();
-    loop {
-        match messages.blocking_recv() {
-            Ok(message) => {
-                let mut state = inbox.state.lock();
-                let cost = cost(&message);
-                if state.bytes + cost > INBOX_BYTES {
-                    drop(state);
-                    s.metrics.pubsub_dropped.inc();
-                    lost.dropped(1, Some(&message));
-                    continue;
-                }
-                state.bytes += cost;
-                state.messages.push_back(message);
-                let was_empty = state.messages.len() == 1;
-                drop(state);
-                if was_empty {
-                    inbox.ready.notify_one();
-                }
-            }
-            Err(RecvError::Lagged(n)) => {
-                s.metrics.pubsub_dropped.inc_by(n);
-                lost.dropped(n, None);
-            }
-            Err(RecvError::Closed) => {
-                inbox.state.lock().closed = true;
-                inbox.ready.notify_one();
-                return;
-            }
-        }
-    }
-}
-
 fn dispatch_all(s: &Shared, inbox: &Inbox) {
-    let mut batch = VecDeque::new();
-    let mut idle_since_collect = true;
-    loop {
-        {
-            let mut state = inbox.state.lock();
-            while state.messages.is_empty() && !state.closed {
-                // Idle after a burst: hand back what it freed (frames this
-                // thread encoded, dropped by the connections), then sleep.
-                if idle_since_collect {
-                    inbox.ready.wait(&mut state);
-                } else if inbox.ready.wait_for(&mut state, COLLECT_AFTER).timed_out() {
-                    crate::allocator::collect();
-                    idle_since_collect = true;
-                }
-            }
-            idle_since_collect = false;
-            if state.messages.is_empty() {
-                return;
-            }
-            std::mem::swap(&mut batch, &mut state.messages);
-            state.bytes = 0;
+    let mut batch = Batch::default();
+    // Idle after a burst: hand back what it freed (frames this thread
+    // encoded, dropped by the connections), then sleep.
+    while inbox.take(&mut batch, COLLECT_AFTER, crate::allocator::collect) {
+        for message in &batch.messages {
+            s.on_message(&message.channel, &message.payload);
         }
-        for message in batch.drain(..) {
-            s.on_message(&message);
-        }
-        if batch.capacity() > 1024 {
-            // Give back what a burst grew.
-            batch = VecDeque::new();
-        }
-    }
-}
-
-/// Logs lost messages with their count and what they were for, at most
-/// once a second.
-#[derive(Default)]
-struct LossLog {
-    last: Option<Instant>,
-    unlogged: u64,
-}
-
-impl LossLog {
-    fn dropped(&mut self, n: u64, message: Option<&RedisMessage>) {
-        self.unlogged += n;
-        if self
-            .last
-            .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
-        {
-            return;
-        }
-        // What the last one lost was for: its channel, and the client a
-        // command was about.
-        let channel = message.map(|m| m.channel.to_string());
-        let client_id = message
-            .and_then(|m| m.value.as_bytes())
-            .and_then(|b| EnvelopeRef::decode(b).ok())
-            .and_then(|e| e.client_id.map(str::to_owned));
-        tracing::warn!(
-            dropped = self.unlogged,
-            channel,
-            client_id,
-            "pub/sub messages dropped: this node falls behind Redis (see gatecast_pubsub_dropped_total)"
-        );
-        self.last = Some(Instant::now());
-        self.unlogged = 0;
+        inbox.release(&mut batch);
     }
 }
 
 impl Shared {
-    fn on_message(&self, message: &RedisMessage) {
+    fn on_message(&self, channel: &[u8], bytes: &[u8]) {
         self.metrics.pubsub_received.inc();
-        let Some(channel) = self.keys.parse_channel(&message.channel) else {
+        let Some(channel) = std::str::from_utf8(channel)
+            .ok()
+            .and_then(|c| self.keys.parse_channel(c))
+        else {
             return;
-        };
-        let Some(bytes) = message.value.as_bytes() else {
-            return self.malformed(channel, "not a byte string");
         };
         // Pushed through this node: already delivered here. Read from the
         // first key, without decoding the rest.

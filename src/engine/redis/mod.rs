@@ -10,8 +10,11 @@
 //! - Delivery: pub/sub. A push to a group goes to the group's channel,
 //!   which only nodes holding a member subscribe to; likewise for uids; a
 //!   push to a client goes to its node's channel; send_to_all to one channel
-//!   every node subscribes to. One thread, the [`dispatch`]er, reads every
-//!   message and delivers it without waiting on anything.
+//!   every node subscribes to. The [`subscriber`] reads Redis on
+//!   connections of its own into a bounded [`inbox`], and stops reading
+//!   while it is full (back-pressure, never a drop). One thread, the
+//!   [`dispatch`]er, takes every message and delivers it without waiting on
+//!   anything, this node's own channel first.
 //! - Ownership: a membership change for a client on another node is a
 //!   command to that node ([`rpc`]), answered once mirrored
 //!   ([`membership`]).
@@ -24,6 +27,7 @@
 
 mod client;
 mod dispatch;
+mod inbox;
 mod liveness;
 mod membership;
 mod mirror;
@@ -33,6 +37,7 @@ mod queries;
 mod registration;
 mod rpc;
 mod scripts;
+mod subscriber;
 mod subscriptions;
 
 pub use gatecast_emitter::{envelope, keys};
@@ -96,6 +101,8 @@ struct Shared {
     metrics: Arc<Metrics>,
     keys: Keys,
     redis: Redis,
+    /// Messages from the subscriber, waiting for the dispatcher.
+    inbox: Arc<inbox::Inbox>,
     scripts: Scripts,
     settings: RedisSettings,
     /// Connections and channels waiting to be mirrored.
@@ -125,7 +132,26 @@ impl RedisEngine {
         metrics: Arc<Metrics>,
         fatal: Fatal,
     ) -> Result<Self, String> {
-        let redis = Redis::build(&settings.url, settings.password.as_deref())?;
+        let keys = Keys::new(&settings.prefix);
+        let inbox = Arc::new(inbox::Inbox::default());
+        let wanted = {
+            let (hub, keys) = (hub.clone(), keys.clone());
+            Box::new(move |channel: &str| match keys.parse_channel(channel) {
+                Some(keys::Channel::All) => true,
+                Some(keys::Channel::Node(n)) => n == node,
+                Some(keys::Channel::Group(g)) => hub.has_group(g),
+                Some(keys::Channel::Uid(u)) => hub.has_uid(u),
+                None => false,
+            })
+        };
+        let redis = Redis::build(
+            &settings.url,
+            settings.password.as_deref(),
+            keys.node_channel(node),
+            inbox.clone(),
+            metrics.clone(),
+            wanted,
+        )?;
         let instance = uuid::Uuid::new_v4().to_string();
         if let Some(info) = settings.info.as_object_mut() {
             info.insert("instance".into(), instance.clone().into());
@@ -134,10 +160,11 @@ impl RedisEngine {
             node,
             node_name: node.to_string(),
             instance,
-            keys: Keys::new(&settings.prefix),
+            keys,
             hub,
             metrics,
             redis,
+            inbox: inbox.clone(),
             scripts: Scripts::default(),
             settings,
             mirror: Mirror::default(),
@@ -148,10 +175,7 @@ impl RedisEngine {
             fatal,
         });
 
-        // Listen before connecting, so the first connection's events are
-        // seen too.
-        let messages = shared.redis.subscriber.message_rx();
-        dispatch::start(&shared, messages)
+        dispatch::start(&shared, inbox.clone())
             .map_err(|e| format!("cannot start the dispatcher threads: {e}"))?;
         let (fatal, stop) = (&shared.fatal, &shared.stop);
         spawn_critical(
@@ -164,7 +188,9 @@ impl RedisEngine {
         spawn_critical("liveness", fatal, stop, liveness::run(shared.clone()));
         spawn_critical("probe", fatal, stop, probe::run(shared.clone()));
         shared.redis.client.connect();
-        shared.redis.subscriber.connect();
+        // After the registration task listens, so the first connection's
+        // events are seen too.
+        shared.redis.subscriber.connect(shared.stop.clone());
         Ok(RedisEngine { shared })
     }
 }
@@ -437,9 +463,10 @@ impl Engine for RedisEngine {
             }
             Err(_) => tracing::warn!("redis did not answer while leaving the cluster"),
         }
-        // Stopped first: the threads end when the subscriber quits.
+        // Stopped first: the dispatcher ends when the inbox closes.
         s.stop.cancel();
-        let _ = s.redis.subscriber.quit().await;
+        s.redis.subscriber.quit().await;
+        s.inbox.close();
         let _ = s.redis.client.quit().await;
     }
 }

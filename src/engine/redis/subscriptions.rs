@@ -61,7 +61,8 @@ impl Subscriptions {
         self.apply(s, wanted.into_iter().collect(), stale).await
     }
 
-    /// Subscribes first, then unsubscribes. A channel stays known as
+    /// Subscribes first, then unsubscribes, each confirmed by Redis (an ACL
+    /// refusal fails the batch, so the caller answers 503). A channel stays known as
     /// subscribed until Redis confirmed the UNSUBSCRIBE: a failed one is
     /// tried again (the batch is retried), never forgotten while live.
     async fn apply(
@@ -71,12 +72,12 @@ impl Subscriptions {
         unsubscribe: Vec<String>,
     ) -> Result<(), fred::error::Error> {
         if !subscribe.is_empty() {
-            s.redis.subscribe(subscribe.clone()).await?;
+            s.redis.subscriber.subscribe(subscribe.clone()).await?;
             self.channels
                 .extend(subscribe.into_iter().map(String::into_boxed_str));
         }
         if !unsubscribe.is_empty() {
-            s.redis.unsubscribe(unsubscribe.clone()).await?;
+            s.redis.subscriber.unsubscribe(unsubscribe.clone()).await?;
             for channel in &unsubscribe {
                 self.channels.remove(channel.as_str());
             }

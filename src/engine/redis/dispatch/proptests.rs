@@ -10,8 +10,6 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fred::prelude::Server;
-use fred::types::{Message as RedisMessage, MessageKind, Value as RedisValue};
 use proptest::prelude::*;
 use tokio_util::sync::CancellationToken;
 
@@ -63,7 +61,16 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
         hub,
         metrics: Arc::new(Metrics::new()),
         keys: Keys::new("gatecast"),
-        redis: Redis::build(&url, None).expect("a client is built without connecting"),
+        redis: Redis::build(
+            &url,
+            None,
+            "gatecast:node:x".into(),
+            Arc::default(),
+            Arc::new(Metrics::new()),
+            Box::new(|_| true),
+        )
+        .expect("a client is built without connecting"),
+        inbox: Arc::default(),
         scripts: Scripts::default(),
         settings: RedisSettings {
             url,
@@ -82,15 +89,6 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
         fatal: Fatal::new(),
     };
     (Arc::new(shared), conns)
-}
-
-fn message(channel: &str, value: RedisValue) -> RedisMessage {
-    RedisMessage {
-        channel: channel.into(),
-        value,
-        kind: MessageKind::Message,
-        server: Server::new("127.0.0.1", 1),
-    }
 }
 
 fn frames(outbox: &Outbox) -> Vec<bytes::Bytes> {
@@ -249,20 +247,17 @@ proptest! {
                         let i = at.index(bytes.len());
                         bytes[i] = byte;
                     }
-                    RedisValue::Bytes(bytes.into())
+                    bytes
                 }
-                Payload::Bytes(b) => RedisValue::Bytes(b.into()),
-                Payload::Integer(n) => RedisValue::Integer(n),
+                Payload::Bytes(b) => b,
+                Payload::Integer(n) => n.to_string().into_bytes(),
             };
             let undecodable = shared.keys.parse_channel(&channel).is_some()
-                && match value.as_bytes() {
-                    None => true,
-                    Some(b) => peek_origin(b) != Some(shared.node_name.as_str())
-                        && EnvelopeRef::decode(b).is_err(),
-                };
+                && peek_origin(&value) != Some(shared.node_name.as_str())
+                && EnvelopeRef::decode(&value).is_err();
             let (received, malformed) =
                 (shared.metrics.pubsub_received.get(), shared.metrics.pubsub_malformed.get());
-            shared.on_message(&message(&channel, value));
+            shared.on_message(channel.as_bytes(), &value);
             prop_assert_eq!(shared.metrics.pubsub_received.get(), received + 1);
             let counted = shared.metrics.pubsub_malformed.get() - malformed;
             prop_assert!(counted <= 1);
@@ -306,7 +301,7 @@ proptest! {
         let mut e = Envelope::new(Op::Push);
         e.data = Some(data.clone().into());
         e.exclude = exclude.iter().map(|i| conns[*i].0.to_string()).collect();
-        shared.on_message(&message("gatecast:all", RedisValue::Bytes(e.encode())));
+        shared.on_message(b"gatecast:all", &e.encode());
         prop_assert_eq!(shared.metrics.pubsub_malformed.get(), 0);
         for (i, (_, outbox)) in conns.iter().enumerate() {
             let want: Vec<bytes::Bytes> = if exclude.contains(&i) {
