@@ -109,10 +109,26 @@ impl Redis {
     /// sent is an error for the caller (503), not a double delivery.
     pub async fn publish(&self, channel: String, bytes: Bytes) -> Result<i64, fred::error::Error> {
         let client = self.client.with_options(&self.once);
-        if self.sharded {
-            client.spublish(channel, bytes).await
-        } else {
-            client.publish(channel, bytes).await
+        if !self.sharded {
+            return client.publish(channel, bytes).await;
+        }
+        // A slot that moved answers MOVED, which fred counts as the one
+        // attempt. Redis did not run the command then, so it is sent once
+        // more if fred's slot map changed for it meanwhile (fred syncs it
+        // on MOVED).
+        let slot = fred::util::redis_keyslot(channel.as_bytes());
+        let owner = || {
+            self.client
+                .cached_cluster_state()
+                .and_then(|s| s.get_server(slot).cloned())
+        };
+        let before = owner();
+        match client.spublish(channel.clone(), bytes.clone()).await {
+            Err(e) if owner() != before => {
+                tracing::debug!(error = %e, slot, "slot moved: publishing again");
+                client.spublish(channel, bytes).await
+            }
+            result => result,
         }
     }
 }

@@ -1,0 +1,567 @@
+//! The receive path of the Redis engine under what a real deployment
+//! sends and suffers: pipelined bursts written to Redis in one write (as
+//! `redis-cli --pipe`, redis-py or phpredis pipelines send them), a
+//! subscriber Redis disconnects for its output buffer, Redis Cluster slot
+//! moves, an ACL that refuses a channel, and a subscriber connection that
+//! goes silent without a reset. Real redis-server, real nodes, real
+//! WebSocket clients.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::redis::{RedisCluster, RedisServer};
+use common::{eventually, metric, within, Client, Node};
+use futures_util::stream::{self, StreamExt};
+use gatecast_emitter::{Envelope, Op};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+
+/// One test at a time: each loads the machine on its own.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Nodes on one Redis, heartbeat 1 s unless `extra` sets it.
+fn nodes(url: &str, n: usize, extra: &[&str]) -> Vec<Node> {
+    let mut args = vec!["--redis-url", url];
+    if !extra.contains(&"--node-heartbeat") {
+        args.extend(["--node-heartbeat", "1s"]);
+    }
+    args.extend_from_slice(extra);
+    (0..n).map(|_| Node::start(&args)).collect()
+}
+
+async fn ready(nodes: &[Node]) {
+    for node in nodes {
+        node.wait_ready().await;
+    }
+}
+
+async fn connect_many(url: &str, n: usize) -> Vec<Client> {
+    stream::iter(0..n)
+        .map(|_| Client::connect(url))
+        .buffer_unordered(100)
+        .collect()
+        .await
+}
+
+/// One RESP command.
+fn resp(out: &mut Vec<u8>, args: &[&[u8]]) {
+    out.extend_from_slice(format!("*{}\r\n", args.len()).as_bytes());
+    for a in args {
+        out.extend_from_slice(format!("${}\r\n", a.len()).as_bytes());
+        out.extend_from_slice(a);
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Publishes every `(channel, payload)` in ONE write on a plain socket, as
+/// `redis-cli --pipe` does, and returns each PUBLISH's receiver count.
+async fn publish_pipelined(port: u16, publishes: &[(String, Vec<u8>)]) -> Vec<i64> {
+    let mut out = Vec::new();
+    for (channel, payload) in publishes {
+        resp(&mut out, &[b"PUBLISH", channel.as_bytes(), payload]);
+    }
+    let mut socket = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let (mut rd, mut wr) = socket.split();
+    let writer = async {
+        wr.write_all(&out).await.unwrap();
+    };
+    let reader = async {
+        let mut replies = Vec::with_capacity(publishes.len());
+        let mut buf = Vec::new();
+        let mut chunk = vec![0u8; 64 << 10];
+        while replies.len() < publishes.len() {
+            let n = tokio::time::timeout(Duration::from_secs(30), rd.read(&mut chunk))
+                .await
+                .expect("redis answers the pipeline")
+                .unwrap();
+            assert!(n > 0, "redis closed the publisher");
+            buf.extend_from_slice(&chunk[..n]);
+            let mut start = 0;
+            while let Some(end) = buf[start..].windows(2).position(|w| w == b"\r\n") {
+                let line = &buf[start..start + end];
+                assert_eq!(line[0], b':', "{}", String::from_utf8_lossy(line));
+                replies.push(std::str::from_utf8(&line[1..]).unwrap().parse().unwrap());
+                start += end + 2;
+            }
+            buf.drain(..start);
+        }
+        replies
+    };
+    let ((), replies) = tokio::join!(writer, reader);
+    replies
+}
+
+async fn metric_of(node: &Node, name: &str) -> f64 {
+    metric(&node.get_text("/metrics").await, name)
+}
+
+/// The sum of a labelled family (`name{...} value` lines).
+async fn family_sum(node: &Node, name: &str) -> f64 {
+    node.get_text("/metrics")
+        .await
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn group_counts(node: &Node, groups: &[String]) -> Vec<u64> {
+    let commands: Vec<Value> = groups
+        .iter()
+        .map(|g| json!({"method": "get_client_count_by_group", "params": {"group": g}}))
+        .collect();
+    let (_, body) = node.call("batch", json!({ "commands": commands })).await;
+    body["replies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"].as_u64().unwrap_or(u64::MAX))
+        .collect()
+}
+
+async fn batch_all(node: &Node, commands: Vec<Value>) {
+    for chunk in commands.chunks(1000) {
+        let (status, body) = node.call("batch", json!({ "commands": chunk })).await;
+        assert_eq!(status, 200, "{body}");
+        for reply in body["replies"].as_array().unwrap() {
+            assert_eq!(reply, &json!({"result": null}), "a command failed");
+        }
+    }
+}
+
+async fn texts(client: &mut Client, n: usize, limit: Duration) -> Vec<String> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + limit;
+    while got.len() < n {
+        match tokio::time::timeout_at(deadline, client.stream().next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => got.push(t.to_string()),
+            Ok(Some(Ok(_))) => {}
+            _ => break,
+        }
+    }
+    got
+}
+
+/// Pushes `data` to `group` through `node` until `client` gets it
+/// (bounded), skipping whatever else it receives meanwhile.
+async fn push_until_delivered(node: &Node, client: &mut Client, group: &str, data: &str) {
+    for _ in 0..20 {
+        node.call("send_to_group", json!({"group": group, "data": data}))
+            .await;
+        let got = texts(client, usize::MAX, Duration::from_millis(500)).await;
+        if got.iter().any(|t| t == data) {
+            return;
+        }
+    }
+    panic!("{data:?} to {group} never arrived");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_joins_pipelined_in_one_write_is_applied_whole() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let n = nodes(&redis.url(), 2, &[]);
+    ready(&n).await;
+    let mut clients = connect_many(&n[0].ws_url(""), 500).await;
+    let groups: Vec<String> = (0..40).map(|g| format!("g{g}")).collect();
+    let node_channel = format!("gatecast:node:{}", &clients[0].id[..12]);
+    let mut publishes = Vec::new();
+    for client in &clients {
+        for group in &groups {
+            let mut e = Envelope::new(Op::JoinGroup);
+            e.client_id = Some(client.id.clone());
+            e.group = Some(group.clone());
+            publishes.push((node_channel.clone(), e.encode().to_vec()));
+        }
+    }
+    assert_eq!(publishes.len(), 20_000);
+    let receivers = publish_pipelined(redis.port, &publishes).await;
+    assert!(receivers.iter().all(|r| *r == 1), "the node listened");
+    within(
+        "every join applied and mirrored on every node",
+        Duration::from_secs(10),
+        || async {
+            let mut all = true;
+            for node in &n {
+                all &= group_counts(node, &groups).await.iter().all(|c| *c == 500);
+            }
+            all
+        },
+    )
+    .await;
+    for node in &n {
+        assert_eq!(
+            metric_of(node, "gatecast_pubsub_dropped_total").await,
+            0.0,
+            "nothing dropped"
+        );
+    }
+    // The node follows every group: a push through the other node reaches
+    // all 500 members.
+    n[1].ok("send_to_group", json!({"group": "g39", "data": "all here"}))
+        .await;
+    for client in &mut clients {
+        client.expect_text("all here").await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_pipelined_in_one_write_arrive_whole_once_and_in_order() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    // A long heartbeat: on two loaded cores a node must not be purged.
+    let n = nodes(&redis.url(), 2, &["--node-heartbeat", "10s"]);
+    ready(&n).await;
+    let mut clients = Vec::new();
+    for node in &n {
+        let mine = connect_many(&node.ws_url(""), 1000).await;
+        let commands = mine
+            .iter()
+            .enumerate()
+            .map(|(k, c)| {
+                let uid = format!("u{}", clients.len() + k);
+                json!({"method": "bind_uid", "params": {"client_id": c.id, "uid": uid}})
+            })
+            .collect();
+        batch_all(node, commands).await;
+        clients.extend(mine);
+    }
+    // 200,000 pushes, 100 per uid, numbered per uid, in one write.
+    let mut publishes = Vec::with_capacity(200_000);
+    for seq in 0..100 {
+        for uid in 0..2000 {
+            let mut e = Envelope::new(Op::Push);
+            e.data = Some(bytes::Bytes::from(format!("{seq}")));
+            publishes.push((format!("gatecast:uid:u{uid}"), e.encode().to_vec()));
+        }
+    }
+    let readers: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move { texts(&mut c, 101, Duration::from_secs(240)).await })
+        })
+        .collect();
+    let receivers = publish_pipelined(redis.port, &publishes).await;
+    assert!(
+        receivers.iter().all(|r| *r == 1),
+        "each uid's node listened"
+    );
+    let want: Vec<String> = (0..100).map(|s| s.to_string()).collect();
+    for (i, reader) in readers.into_iter().enumerate() {
+        let got = reader.await.unwrap();
+        assert_eq!(got, want, "client {i}: all of its pushes, once, in order");
+    }
+    for node in &n {
+        assert_eq!(metric_of(node, "gatecast_pubsub_dropped_total").await, 0.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_redis_cut_off_for_its_output_buffer_reconnects_and_resyncs() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    assert_eq!(
+        redis
+            .cli(&[
+                "CONFIG",
+                "SET",
+                "client-output-buffer-limit",
+                "pubsub 64kb 32kb 1"
+            ])
+            .trim(),
+        "OK"
+    );
+    // A long heartbeat: the pause below must not get the node purged.
+    let n = nodes(&redis.url(), 2, &["--node-heartbeat", "10s"]);
+    ready(&n).await;
+    let mut a = Client::connect(&n[0].ws_url("")).await;
+    n[1].ok("join_group", json!({"client_id": a.id, "group": "room"}))
+        .await;
+    // The node stops reading (paused), a flood of 20 MB of pushes piles up
+    // in the socket and then in Redis, past the 64 kB limit.
+    n[0].signal("STOP");
+    let mut e = Envelope::new(Op::Push);
+    e.data = Some(bytes::Bytes::from(vec![b'x'; 1000]));
+    let flood: Vec<(String, Vec<u8>)> = (0..20_000)
+        .map(|_| ("gatecast:group:room".to_owned(), e.encode().to_vec()))
+        .collect();
+    publish_pipelined(redis.port, &flood).await;
+    n[0].signal("CONT");
+    eventually("the reconnect is counted", || async {
+        family_sum(&n[0], "gatecast_redis_subscriber_reconnects_total").await >= 1.0
+    })
+    .await;
+    n[0].wait_ready().await;
+    // Resynced: the state agrees on both nodes, and a later push arrives.
+    eventually("both nodes see the member", || async {
+        n[1].ok("get_client_count_by_group", json!({"group": "room"}))
+            .await
+            == 1
+    })
+    .await;
+    push_until_delivered(&n[1], &mut a, "room", "after").await;
+}
+
+/// Moves `slot` from its owner to another master of `cluster` (no keys
+/// live in it: channels are not keys).
+fn move_slot(cluster: &RedisCluster, slot: u16) {
+    let ids: Vec<String> = cluster
+        .servers
+        .iter()
+        .map(|s| s.cli(&["CLUSTER", "MYID"]).trim().to_owned())
+        .collect();
+    let owner = cluster
+        .servers
+        .iter()
+        .position(|s| {
+            s.cli(&["CLUSTER", "NODES"])
+                .lines()
+                .any(|l| l.contains("myself") && owns(l, slot))
+        })
+        .expect("an owner");
+    let to = (owner + 1) % cluster.servers.len();
+    let s = slot.to_string();
+    let (src, dst) = (&cluster.servers[owner], &cluster.servers[to]);
+    assert_eq!(
+        src.cli(&["CLUSTER", "COUNTKEYSINSLOT", &s]).trim(),
+        "0",
+        "slot {slot} holds keys"
+    );
+    assert_eq!(
+        dst.cli(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &ids[owner]])
+            .trim(),
+        "OK"
+    );
+    assert_eq!(
+        src.cli(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &ids[to]])
+            .trim(),
+        "OK"
+    );
+    for server in [dst, src] {
+        assert_eq!(
+            server
+                .cli(&["CLUSTER", "SETSLOT", &s, "NODE", &ids[to]])
+                .trim(),
+            "OK"
+        );
+    }
+    let third = &cluster.servers[3 - owner - to];
+    third.cli(&["CLUSTER", "SETSLOT", &s, "NODE", &ids[to]]);
+}
+
+/// Whether a CLUSTER NODES line owns `slot`.
+fn owns(line: &str, slot: u16) -> bool {
+    line.split_whitespace()
+        .skip(8)
+        .any(|r| match r.split_once('-') {
+            Some((a, b)) => match (a.parse::<u16>(), b.parse::<u16>()) {
+                (Ok(a), Ok(b)) => (a..=b).contains(&slot),
+                _ => false,
+            },
+            None => r.parse::<u16>() == Ok(slot),
+        })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_slot_moves_of_a_group_and_a_node_channel_are_followed() {
+    let _serial = SERIAL.lock().await;
+    let cluster = RedisCluster::start();
+    let n = nodes(&cluster.url(), 2, &[]);
+    ready(&n).await;
+    let mut a = Client::connect(&n[0].ws_url("")).await;
+    n[1].ok("join_group", json!({"client_id": a.id, "group": "room"}))
+        .await;
+    n[1].ok("send_to_group", json!({"group": "room", "data": "before"}))
+        .await;
+    a.expect_text("before").await;
+
+    let slot_of = |channel: &str| -> u16 {
+        cluster.servers[0]
+            .cli(&["CLUSTER", "KEYSLOT", channel])
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let group_slot = slot_of("gatecast:group:room");
+    let node_slot = slot_of(&format!("gatecast:node:{}", &a.id[..12]));
+    // Pushes flow while the slots move.
+    let flowing = Arc::new(AtomicBool::new(true));
+    let pusher = {
+        let flowing = flowing.clone();
+        let api = n[1].api;
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while flowing.load(Ordering::Relaxed) {
+                let _ = http
+                    .post(format!("http://{api}/api/send_to_group"))
+                    .json(&json!({"group": "room", "data": "flow"}))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    move_slot(&cluster, group_slot);
+    if node_slot != group_slot {
+        move_slot(&cluster, node_slot);
+    }
+    eventually("the node subscribed again where the slots went", || async {
+        metric_of(&n[0], "gatecast_redis_resubscribed_total").await >= 2.0
+    })
+    .await;
+    flowing.store(false, Ordering::Relaxed);
+    pusher.await.unwrap();
+    // Later pushes arrive, and membership calls through the moved node
+    // channel work.
+    push_until_delivered(&n[1], &mut a, "room", "after").await;
+    let (status, body) = n[1]
+        .call("join_group", json!({"client_id": a.id, "group": "later"}))
+        .await;
+    assert_eq!(
+        status, 200,
+        "join_group through the moved node channel: {body}"
+    );
+    n[1].ok("send_to_group", json!({"group": "later", "data": "joined"}))
+        .await;
+    let got = texts(&mut a, 10_000, Duration::from_secs(2)).await;
+    assert!(got.iter().any(|t| t == "joined"), "{got:?}");
+    assert!(n[0].get_status(false, "/readyz").await == 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_channel_the_acl_refuses_answers_503_not_200() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    // May use every key and command, and every channel but uids'.
+    let rule = [
+        "ACL",
+        "SETUSER",
+        "limited",
+        "on",
+        ">pw",
+        "~gatecast:*",
+        "resetchannels",
+        "&gatecast:node:*",
+        "&gatecast:all",
+        "&gatecast:group:*",
+        "+@all",
+    ];
+    assert_eq!(redis.cli(&rule).trim(), "OK");
+    let url = format!("redis://limited:pw@127.0.0.1:{}", redis.port);
+    let n = nodes(&url, 2, &[]);
+    ready(&n).await;
+    let a = Client::connect(&n[0].ws_url("")).await;
+    n[1].ok("join_group", json!({"client_id": a.id, "group": "room"}))
+        .await;
+    let (status, body) = n[0]
+        .call("bind_uid", json!({"client_id": a.id, "uid": "alice"}))
+        .await;
+    assert_eq!(
+        status, 503,
+        "a uid whose channel Redis refuses is not bound with 200: {body}"
+    );
+}
+
+/// A TCP proxy to Redis that can stop forwarding the subscriber's
+/// connections (told apart by the name they set first) without closing
+/// them, as a NAT or a load balancer that dropped them does.
+async fn silent_proxy(redis_port: u16, frozen: Arc<AtomicBool>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            let frozen = frozen.clone();
+            tokio::spawn(async move {
+                let mut first = vec![0u8; 4096];
+                let Ok(n) = inbound.read(&mut first).await else {
+                    return;
+                };
+                let subscriber = first[..n].windows(12).any(|w| w == b"gatecast-sub");
+                let frozen = move || subscriber && frozen.load(Ordering::Relaxed);
+                while frozen() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let Ok(mut outbound) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
+                    return;
+                };
+                if outbound.write_all(&first[..n]).await.is_err() {
+                    return;
+                }
+                let (mut ri, mut wi) = inbound.into_split();
+                let (mut ro, mut wo) = outbound.into_split();
+                let f = frozen.clone();
+                let up = async move { pump(&mut ri, &mut wo, f).await };
+                let down = async move { pump(&mut ro, &mut wi, frozen).await };
+                tokio::join!(up, down);
+            });
+        }
+    });
+    port
+}
+
+async fn pump(
+    from: &mut (impl AsyncReadExt + Unpin),
+    to: &mut (impl AsyncWriteExt + Unpin),
+    frozen: impl Fn() -> bool,
+) {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        if frozen() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        }
+        match tokio::time::timeout(Duration::from_millis(50), from.read(&mut buf)).await {
+            Err(_) => continue,
+            Ok(Ok(0)) | Ok(Err(_)) => return,
+            Ok(Ok(n)) => {
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_connection_gone_silent_makes_the_node_unready_until_it_answers() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let frozen = Arc::new(AtomicBool::new(false));
+    let proxy = silent_proxy(redis.port, frozen.clone()).await;
+    let through_proxy = format!("redis://127.0.0.1:{proxy}");
+    let (an, bn) = (nodes(&through_proxy, 1, &[]), nodes(&redis.url(), 1, &[]));
+    let (a_node, b_node) = (&an[0], &bn[0]);
+    a_node.wait_ready().await;
+    b_node.wait_ready().await;
+    let mut a = Client::connect(&a_node.ws_url("")).await;
+    b_node
+        .ok("join_group", json!({"client_id": a.id, "group": "room"}))
+        .await;
+    frozen.store(true, Ordering::Relaxed);
+    within(
+        "the node turns unready once its subscriber is silent",
+        Duration::from_secs(8),
+        || async { a_node.get_status(false, "/readyz").await != 200 },
+    )
+    .await;
+    frozen.store(false, Ordering::Relaxed);
+    within(
+        "ready again once the connection answers",
+        Duration::from_secs(15),
+        || async { a_node.get_status(false, "/readyz").await == 200 },
+    )
+    .await;
+    assert!(
+        family_sum(a_node, "gatecast_redis_subscriber_reconnects_total").await >= 1.0,
+        "the reconnect is counted"
+    );
+    b_node
+        .ok("send_to_group", json!({"group": "room", "data": "back"}))
+        .await;
+    a.expect_text("back").await;
+}
