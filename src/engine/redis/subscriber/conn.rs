@@ -87,6 +87,7 @@ pub enum Kind {
     SSubscribe,
     /// SUNSUBSCRIBE (Cluster).
     SUnsubscribe,
+    /// PING (answered `pong` while subscribed).
     Ping,
 }
 
