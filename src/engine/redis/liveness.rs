@@ -35,27 +35,54 @@ pub enum Beat {
 }
 
 /// Refreshes this node's liveness key and its entry in the node set.
-pub async fn beat(s: &Shared) -> Result<Beat, fred::error::Error> {
+///
+/// A gone key is created again only when `registering` (the mirror's
+/// resync, which then writes the whole partition): a plain heartbeat
+/// leaves it gone and answers [`Beat::Fresh`], and so does every one after
+/// it until the node registered. So the node cannot miss that it was
+/// purged, even when the answer of the heartbeat that first found the key
+/// gone was lost (a link that dropped packets for a while delivers the
+/// commands queued on it late, after their callers gave up).
+pub async fn beat(s: &Shared, registering: bool) -> Result<Beat, fred::error::Error> {
     let ttl = (s.settings.heartbeat * 2).as_millis().to_string();
     let started = std::time::Instant::now();
+    let mode = if registering { "1" } else { "0" };
     let found: i64 = s
         .scripts
         .heartbeat
-        .evalsha(
+        .run(
             &s.redis.client,
             s.keys.partition(s.node),
-            vec![s.settings.info.to_string(), ttl, s.instance.clone()],
+            vec![
+                s.settings.info.to_string(),
+                ttl,
+                s.instance.clone(),
+                mode.into(),
+            ],
         )
         .await?;
     s.metrics.redis_rtt.observe(started.elapsed().as_secs_f64());
     if found < 0 {
         return Ok(Beat::Conflict);
     }
+    if found == 0 && !registering {
+        // Not back in the node set before the partition is.
+        return Ok(Beat::Fresh);
+    }
     s.redis
         .client
         .sadd::<i64, _, _>(s.keys.nodes(), s.node_name.clone())
         .await?;
     Ok(if found == 1 { Beat::Kept } else { Beat::Fresh })
+}
+
+/// Whether a heartbeat is due, `last` being the previous one. A little
+/// early rather than late: a tick every half heartbeat finds slightly less
+/// than half a heartbeat elapsed since the beat the previous tick sent, and
+/// a strict comparison skipped every other tick.
+pub fn due(s: &Shared, last: std::time::Instant) -> bool {
+    let every = s.settings.heartbeat / 2;
+    last.elapsed() + every / 5 >= every
 }
 
 /// The purge task.
@@ -118,7 +145,7 @@ async fn purge(s: &Shared, node: NodeId) -> Result<bool, fred::error::Error> {
     let removed: i64 = s
         .scripts
         .clear
-        .evalsha(&s.redis.client, s.keys.partition(node), "dead")
+        .run(&s.redis.client, s.keys.partition(node), vec!["dead"])
         .await?;
     if removed > 0 {
         tracing::info!(node = %node, addr = %node.addr(), connections = removed, "purged a dead node");

@@ -181,11 +181,13 @@ impl Mirror {
     }
 
     /// Puts back what a failed batch did not write (and the replies it
-    /// could not send).
+    /// could not send, and the callers still waiting if it was not
+    /// answered).
     fn restore(&self, batch: Batch) {
         let mut pending = self.pending.lock();
         pending.clients.extend(batch.clients);
         pending.follows.extend(batch.follows);
+        pending.waiters.extend(batch.waiters);
         pending.resync |= batch.resync;
         let room = MAX_REPLIES.saturating_sub(pending.replies.len());
         pending.replies.extend(batch.replies.into_iter().take(room));
@@ -193,10 +195,15 @@ impl Mirror {
 }
 
 /// Why a batch failed.
-enum Failure {
+pub enum Failure {
+    /// Redis refused or did not answer.
     Redis(fred::error::Error),
     /// Another live process holds this node id.
     Conflict,
+    /// This node's liveness key was gone: it was purged (cut off from Redis
+    /// for longer than the TTL) or Redis lost its data. The whole partition
+    /// must be written again.
+    Purged,
 }
 
 impl From<fred::error::Error> for Failure {
@@ -236,7 +243,7 @@ pub async fn run(s: Arc<Shared>) {
         loop {
             // Between batches too: a node busy with a stream of batches,
             // or retrying one that fails, must not be taken for dead.
-            if task.last_beat.elapsed() >= s.settings.heartbeat / 2 {
+            if liveness::due(&s, task.last_beat) {
                 task.heartbeat(&s).await;
             }
             let mut batch = s.mirror.take();
@@ -282,6 +289,17 @@ pub async fn run(s: Arc<Shared>) {
                 }
                 Err(failure) => {
                     let reason = match failure {
+                        Failure::Purged => {
+                            // Not an error of the batch: it is written again,
+                            // whole, at once; its callers wait for that.
+                            tracing::warn!(
+                                "this node's liveness key was gone (purged by another node while cut off from redis, or redis lost its data): writing the whole partition again"
+                            );
+                            s.registered.store(false, Ordering::Release);
+                            batch.resync = true;
+                            s.mirror.restore(batch);
+                            continue;
+                        }
                         Failure::Conflict => match task.conflict(&s) {
                             Some(reason) => reason,
                             None => {
@@ -316,7 +334,7 @@ impl Task {
             s.mirror.pending.lock().resync = true;
             return;
         }
-        match liveness::beat(s).await {
+        match liveness::beat(s, false).await {
             Ok(Beat::Kept) => {}
             Ok(Beat::Fresh) => {
                 tracing::warn!("liveness key was gone (Redis restarted or this node was purged): registering again");
@@ -380,7 +398,7 @@ async fn write(
         }
         // Alive first: a node that purges dead partitions must not take
         // this one for dead while it is being rewritten.
-        if liveness::beat(s).await? == Beat::Conflict {
+        if liveness::beat(s, true).await? == Beat::Conflict {
             return Err(Failure::Conflict);
         }
         *last_beat = Instant::now();
@@ -396,8 +414,7 @@ async fn write(
         subs.follow(s, &batch.follows).await?;
     }
     let clients: Vec<ClientId> = batch.clients.iter().copied().collect();
-    partition::put(s, &clients, last_beat).await?;
-    Ok(())
+    partition::put(s, &clients, last_beat).await
 }
 
 /// Answers the commands and callers that waited for a batch.

@@ -64,13 +64,11 @@ impl Shared {
     ) -> EngineResult<Vec<(String, Option<String>)>> {
         let nodes = self.other_nodes().await?;
         let lists = try_join_all(nodes.into_iter().map(|n| {
-            self.scripts
-                .members_with
-                .evalsha::<Vec<Option<String>>, _, _, _>(
-                    &self.redis.client,
-                    self.keys.partition(n),
-                    vec![set.clone(), hash.to_owned()],
-                )
+            self.scripts.members_with.run::<Vec<Option<String>>, _, _>(
+                &self.redis.client,
+                self.keys.partition(n),
+                vec![set.clone(), hash.to_owned()],
+            )
         }))
         .await
         .map_err(unavailable)?;
@@ -214,7 +212,7 @@ impl Shared {
             .collect();
         self.scripts
             .count_union
-            .evalsha::<u64, _, _, _>(&self.redis.client, keys, ())
+            .run::<u64, _, _>(&self.redis.client, keys, Vec::<String>::new())
             .await
             .map_err(unavailable)
     }
