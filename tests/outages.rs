@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::redis::RedisServer;
-use common::{eventually, within, Client, Node, WAIT};
+use common::{eventually, metric, within, Client, Node, WAIT};
 use gatecast::gatewayworker::php::{self, Value as Php};
 use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
 use gatecast_emitter::{Emitter, Message};
@@ -415,4 +415,46 @@ async fn a_change_shows_on_its_owner_only_once_pushes_can_reach_it() {
         .await
         .unwrap();
     c.expect_text("pushed once shown").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refusing_writes_makes_the_node_unready_until_it_writes_again() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let a = node(&redis.url());
+    let b = node(&redis.url());
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut c = Client::connect(&a.ws_url("")).await;
+
+    // Out of memory with the default policy (noeviction): every write and
+    // every script that may write is refused.
+    redis.cli(&["CONFIG", "SET", "maxmemory", "1"]);
+    let (status, _) = a
+        .call("join_group", json!({"client_id": c.id, "group": "oom"}))
+        .await;
+    assert_eq!(status, 503, "a change Redis refused is not a success");
+    within("A not ready while it cannot write", WAIT, || async {
+        a.get_status(false, "/readyz").await == 503
+    })
+    .await;
+    let page = a.get_text("/metrics").await;
+    assert!(
+        metric(&page, "gatecast_redis_write_failures_total") >= 1.0,
+        "{page}"
+    );
+
+    redis.cli(&["CONFIG", "SET", "maxmemory", "0"]);
+    within("A ready again", WAIT, || async {
+        a.get_status(false, "/readyz").await == 200
+    })
+    .await;
+    eventually("the change is written once Redis takes writes", || async {
+        let q = vec![json!({"method": "get_client_id_list_by_group", "params": {"group": "oom"}})];
+        matches!(query(&b, q).await, Some(r) if sorted_strings(&r[0]) == vec![c.id.clone()])
+    })
+    .await;
+    b.ok("send_to_group", json!({"group": "oom", "data": "fed"}))
+        .await;
+    c.expect_text("fed").await;
 }

@@ -85,11 +85,35 @@ pub fn due(s: &Shared, last: std::time::Instant) -> bool {
     last.elapsed() + every / 5 >= every
 }
 
+/// A failure that recurs (every heartbeat while Redis refuses) logged at
+/// warn at most once per [`Throttle::EVERY`], with how many were not.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Option<std::time::Instant>,
+    skipped: u64,
+}
+
+impl Throttle {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Whether to log this one; if so, how many were skipped since the
+    /// last one logged.
+    pub fn allow(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            self.skipped += 1;
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.skipped))
+    }
+}
+
 /// The purge task.
 pub async fn run(s: Arc<Shared>) {
     let mut tick = tokio::time::interval(s.settings.heartbeat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut round = 0u32;
+    let mut failures = Throttle::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -107,7 +131,11 @@ pub async fn run(s: Arc<Shared>) {
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "purge failed"),
+            Err(e) => {
+                if let Some(skipped) = failures.allow() {
+                    tracing::warn!(error = %e, skipped, "purging dead nodes failed");
+                }
+            }
         }
     }
 }

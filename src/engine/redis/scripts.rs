@@ -26,7 +26,11 @@ impl Lua {
         self.script.load(client).await
     }
 
-    /// Runs the script (EVALSHA).
+    /// Runs the script (EVALSHA). If Redis does not know it (`NOSCRIPT`:
+    /// `SCRIPT FLUSH`, or a restart or failover the node did not notice as
+    /// one), loads it and runs it again, so a flushed script cache costs
+    /// one round trip instead of every write and heartbeat failing until
+    /// the next reconnection.
     pub async fn run<R, K, V>(&self, client: &Client, keys: K, args: V) -> Result<R, Error>
     where
         R: FromValue,
@@ -34,7 +38,22 @@ impl Lua {
         V: TryInto<MultipleValues> + Send,
         V::Error: Into<Error> + Send,
     {
-        self.script.evalsha(client, keys, args).await
+        let keys: MultipleKeys = keys.into();
+        let args: MultipleValues = args.try_into().map_err(Into::into)?;
+        match self
+            .script
+            .evalsha(client, keys.clone(), args.clone())
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                tracing::warn!(
+                    "redis had lost a script of gatecast (SCRIPT FLUSH?): loading it again"
+                );
+                self.load(client).await?;
+                self.script.evalsha(client, keys, args).await
+            }
+            result => result,
+        }
     }
 }
 
