@@ -40,7 +40,7 @@ pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> R
         if written.iter().any(|w| *w < 0) {
             return Err(Failure::Conflict);
         }
-        if written.iter().any(|w| *w == 0) {
+        if written.contains(&0) {
             return Err(Failure::Purged);
         }
         if liveness::due(s, *last_beat) {
