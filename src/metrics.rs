@@ -64,6 +64,9 @@ pub struct Metrics {
     pub redis_rtt: Histogram,
     /// Reconnections to Redis.
     pub redis_reconnects: Counter,
+    /// Mirror batches Redis refused or did not answer (the node is not
+    /// ready until one is written again).
+    pub redis_write_failures: Counter,
     /// Pub/sub messages received from Redis.
     pub pubsub_received: Counter,
     /// Pub/sub messages that could not be decoded and were skipped.
@@ -130,6 +133,7 @@ impl Metrics {
             api_requests: Family::default(),
             redis_rtt: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             redis_reconnects: Counter::default(),
+            redis_write_failures: Counter::default(),
             pubsub_received: Counter::default(),
             pubsub_malformed: Counter::default(),
             pubsub_dropped: Counter::default(),
@@ -211,6 +215,11 @@ impl Metrics {
             "redis_reconnects",
             "Reconnections to Redis",
             m.redis_reconnects.clone(),
+        );
+        r.register(
+            "redis_write_failures",
+            "Writes of this node's state to Redis that failed (retried with backoff; not ready meanwhile)",
+            m.redis_write_failures.clone(),
         );
         r.register(
             "pubsub_received",

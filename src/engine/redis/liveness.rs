@@ -35,21 +35,39 @@ pub enum Beat {
 }
 
 /// Refreshes this node's liveness key and its entry in the node set.
-pub async fn beat(s: &Shared) -> Result<Beat, fred::error::Error> {
+///
+/// A gone key is created again only when `registering` (the mirror's
+/// resync, which then writes the whole partition): a plain heartbeat
+/// leaves it gone and answers [`Beat::Fresh`], and so does every one after
+/// it until the node registered. So the node cannot miss that it was
+/// purged, even when the answer of the heartbeat that first found the key
+/// gone was lost (a link that dropped packets for a while delivers the
+/// commands queued on it late, after their callers gave up).
+pub async fn beat(s: &Shared, registering: bool) -> Result<Beat, fred::error::Error> {
     let ttl = (s.settings.heartbeat * 2).as_millis().to_string();
     let started = std::time::Instant::now();
+    let mode = if registering { "1" } else { "0" };
     let found: i64 = s
         .scripts
         .heartbeat
-        .evalsha(
+        .run(
             &s.redis.client,
             s.keys.partition(s.node),
-            vec![s.settings.info.to_string(), ttl, s.instance.clone()],
+            vec![
+                s.settings.info.to_string(),
+                ttl,
+                s.instance.clone(),
+                mode.into(),
+            ],
         )
         .await?;
     s.metrics.redis_rtt.observe(started.elapsed().as_secs_f64());
     if found < 0 {
         return Ok(Beat::Conflict);
+    }
+    if found == 0 && !registering {
+        // Not back in the node set before the partition is.
+        return Ok(Beat::Fresh);
     }
     s.redis
         .client
@@ -58,11 +76,44 @@ pub async fn beat(s: &Shared) -> Result<Beat, fred::error::Error> {
     Ok(if found == 1 { Beat::Kept } else { Beat::Fresh })
 }
 
+/// Whether a heartbeat is due, `last` being the previous one. A little
+/// early rather than late: a tick every half heartbeat finds slightly less
+/// than half a heartbeat elapsed since the beat the previous tick sent, and
+/// a strict comparison skipped every other tick.
+pub fn due(s: &Shared, last: std::time::Instant) -> bool {
+    let every = s.settings.heartbeat / 2;
+    last.elapsed() + every / 5 >= every
+}
+
+/// A failure that recurs (every heartbeat while Redis refuses) logged at
+/// warn at most once per [`Throttle::EVERY`], with how many were not.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    last: Option<std::time::Instant>,
+    skipped: u64,
+}
+
+impl Throttle {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    /// Whether to log this one; if so, how many were skipped since the
+    /// last one logged.
+    pub fn allow(&mut self) -> Option<u64> {
+        if self.last.is_some_and(|t| t.elapsed() < Self::EVERY) {
+            self.skipped += 1;
+            return None;
+        }
+        self.last = Some(std::time::Instant::now());
+        Some(std::mem::take(&mut self.skipped))
+    }
+}
+
 /// The purge task.
 pub async fn run(s: Arc<Shared>) {
     let mut tick = tokio::time::interval(s.settings.heartbeat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut round = 0u32;
+    let mut failures = Throttle::default();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -80,7 +131,11 @@ pub async fn run(s: Arc<Shared>) {
                     }
                 }
             }
-            Err(e) => tracing::debug!(error = %e, "purge failed"),
+            Err(e) => {
+                if let Some(skipped) = failures.allow() {
+                    tracing::warn!(error = %e, skipped, "purging dead nodes failed");
+                }
+            }
         }
     }
 }
@@ -118,7 +173,7 @@ async fn purge(s: &Shared, node: NodeId) -> Result<bool, fred::error::Error> {
     let removed: i64 = s
         .scripts
         .clear
-        .evalsha(&s.redis.client, s.keys.partition(node), "dead")
+        .run(&s.redis.client, s.keys.partition(node), vec!["dead"])
         .await?;
     if removed > 0 {
         tracing::info!(node = %node, addr = %node.addr(), connections = removed, "purged a dead node");

@@ -3,12 +3,17 @@
 //! answered once its batch is written; one for another node's connection
 //! is a command to that node ([`super::rpc`]).
 
+use fred::prelude::*;
+
 use super::envelope::{Envelope, EnvelopeRef, Op};
 use super::mirror::Follow;
 use super::Shared;
 use crate::engine::{EngineError, EngineResult};
 use crate::ids::ClientId;
 use crate::session::Session;
+
+/// Why a change to this node's connection answers 503 while Redis is away.
+const KEPT: &str = "redis is not connected: applied on this node, written to redis when it is back";
 
 /// One change of one connection's membership or session.
 #[derive(Debug, Clone, PartialEq)]
@@ -114,19 +119,35 @@ impl Shared {
     /// mirrored: when this returns, the owner follows the channels the
     /// change needs, so a push sent next reaches the connection.
     pub(super) async fn command(&self, id: ClientId, change: Change) -> EngineResult<()> {
-        // Refused before anything changes when Redis is away.
-        self.check()?;
         if !self.is_local(id) {
+            // Refused before anything changes when Redis is away.
+            self.check()?;
             return self.rpc(id.node(), change.into_envelope(id)).await;
         }
         match self.apply(id, change) {
-            Some(follows) => self
-                .mirror
-                .flush([id], follows)
-                .await
-                .map_err(EngineError::Unavailable),
+            Some(follows) => self.mirrored([id], follows).await,
             None => Ok(()),
         }
+    }
+
+    /// Waits until changes already applied to this node's connections are
+    /// mirrored. With Redis away they are only marked: they stay applied
+    /// here (as in the in-process engine; the inner port has nobody to
+    /// retry them) and the registration after the reconnection writes
+    /// them, so the caller learns they are not in Redis yet, at once.
+    async fn mirrored(
+        &self,
+        clients: impl IntoIterator<Item = ClientId>,
+        follows: impl IntoIterator<Item = Follow>,
+    ) -> EngineResult<()> {
+        if !self.redis.client.is_connected() {
+            self.mirror.mark(clients, follows);
+            return Err(EngineError::Unavailable(KEPT.into()));
+        }
+        self.mirror
+            .flush(clients, follows)
+            .await
+            .map_err(EngineError::Unavailable)
     }
 
     /// Removes every member from `group` on every node: published on the
@@ -144,13 +165,11 @@ impl Shared {
         self.mirror.mark(members, [Follow::Group(group.to_owned())]);
     }
 
-    /// Removes this node's members from `group` and waits until mirrored.
+    /// Removes this node's members from `group` and waits until mirrored
+    /// (kept while Redis is away, as a change of one connection is).
     pub(super) async fn ungroup_local(&self, group: &str) -> EngineResult<()> {
-        self.check()?;
         let members = self.hub.ungroup(group);
-        self.mirror
-            .flush(members, [Follow::Group(group.to_owned())])
+        self.mirrored(members, [Follow::Group(group.to_owned())])
             .await
-            .map_err(EngineError::Unavailable)
     }
 }

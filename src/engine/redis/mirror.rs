@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fred::prelude::*;
+use futures_util::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::{oneshot, Notify};
 
@@ -29,13 +30,24 @@ use super::{partition, Shared};
 use crate::hub::{Hub, Membership};
 use crate::ids::{ClientId, NodeId};
 
-/// Pause before a failed batch is tried again.
+/// Pause before a failed batch is tried again, doubled at each failure in
+/// a row up to [`RETRY_MAX`]: a Redis that refuses writes (out of memory,
+/// read-only replica) is not hammered every 250 ms for as long as it lasts.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// While Redis is away, how often the mirror looks again for a connection
+/// (a resync asked for at the reconnection is then written at once, not at
+/// the next heartbeat tick).
+const RECONNECT_POLL: Duration = Duration::from_millis(100);
 
 /// Replies to other nodes' commands waiting for a batch. Each is a few
 /// bytes and every batch sends them all; past this, something is badly
 /// wrong and a reply is dropped (its caller times out with a 503).
 const MAX_REPLIES: usize = 1 << 20;
+
+/// Replies published at once (pipelined on one connection).
+const REPLIES_IN_FLIGHT: usize = 256;
 
 /// A channel whose subscription follows the hub's membership.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -78,6 +90,10 @@ pub type Outcome = Result<(), String>;
 #[derive(Default)]
 pub struct Mirror {
     pending: Mutex<Batch>,
+    /// The channels of the batch being written: with those still pending,
+    /// the ones whose subscription may not match the hub yet. Locked after
+    /// `pending` when both are.
+    writing: Mutex<HashSet<Follow>>,
     wake: Notify,
 }
 
@@ -176,16 +192,41 @@ impl Mirror {
             .unwrap_or_else(|_| Err("the mirror had stopped".into()))
     }
 
+    /// Whether `follow`'s subscription may not match the hub yet: a
+    /// change that needs it is marked or being written.
+    pub fn unsettled(&self, follow: &Follow) -> bool {
+        let pending = self.pending.lock();
+        pending.follows.contains(follow) || self.writing.lock().contains(follow)
+    }
+
+    /// Whether any subscription may not match the hub yet.
+    pub fn any_unsettled(&self) -> bool {
+        let pending = self.pending.lock();
+        !pending.follows.is_empty() || !self.writing.lock().is_empty()
+    }
+
+    /// Takes everything marked as the next batch; its channels count as
+    /// unsettled until [`Mirror::written`].
     fn take(&self) -> Batch {
-        std::mem::take(&mut *self.pending.lock())
+        let mut pending = self.pending.lock();
+        let batch = std::mem::take(&mut *pending);
+        self.writing.lock().clone_from(&batch.follows);
+        batch
+    }
+
+    /// The batch taken last is written, or put back.
+    fn written(&self) {
+        self.writing.lock().clear();
     }
 
     /// Puts back what a failed batch did not write (and the replies it
-    /// could not send).
+    /// could not send, and the callers still waiting if it was not
+    /// answered).
     fn restore(&self, batch: Batch) {
         let mut pending = self.pending.lock();
         pending.clients.extend(batch.clients);
         pending.follows.extend(batch.follows);
+        pending.waiters.extend(batch.waiters);
         pending.resync |= batch.resync;
         let room = MAX_REPLIES.saturating_sub(pending.replies.len());
         pending.replies.extend(batch.replies.into_iter().take(room));
@@ -193,10 +234,15 @@ impl Mirror {
 }
 
 /// Why a batch failed.
-enum Failure {
+pub enum Failure {
+    /// Redis refused or did not answer.
     Redis(fred::error::Error),
     /// Another live process holds this node id.
     Conflict,
+    /// This node's liveness key was gone: it was purged (cut off from Redis
+    /// for longer than the TTL) or Redis lost its data. The whole partition
+    /// must be written again.
+    Purged,
 }
 
 impl From<fred::error::Error> for Failure {
@@ -214,6 +260,7 @@ struct Task {
     /// Another live process holds this node id: nothing is written any
     /// more, and the node is stopping.
     conflicted: bool,
+    beat_failures: liveness::Throttle,
 }
 
 /// The mirror task: batches until the node leaves.
@@ -224,19 +271,25 @@ pub async fn run(s: Arc<Shared>) {
         conflict_since: None,
         ever_registered: false,
         conflicted: false,
+        beat_failures: liveness::Throttle::default(),
     };
     let mut tick = tokio::time::interval(s.settings.heartbeat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut retry_after = RETRY_AFTER;
+    // Something is waiting for Redis to be connected.
+    let mut waiting = false;
     loop {
         tokio::select! {
             () = s.mirror.wake.notified() => {}
             _ = tick.tick() => {}
+            () = tokio::time::sleep(RECONNECT_POLL), if waiting => {}
             () = s.stop.cancelled() => return,
         }
+        waiting = false;
         loop {
             // Between batches too: a node busy with a stream of batches,
             // or retrying one that fails, must not be taken for dead.
-            if task.last_beat.elapsed() >= s.settings.heartbeat / 2 {
+            if liveness::due(&s, task.last_beat) {
                 task.heartbeat(&s).await;
             }
             let mut batch = s.mirror.take();
@@ -265,6 +318,7 @@ pub async fn run(s: Arc<Shared>) {
                 // The reconnection asks for a resync that writes it all.
                 batch.finish(&Err("redis is not connected".into()));
                 s.mirror.restore(batch);
+                waiting = true;
                 break;
             }
             if !s.registered.load(Ordering::Acquire) {
@@ -278,10 +332,24 @@ pub async fn run(s: Arc<Shared>) {
                     if batch.resync {
                         task.registered(&s);
                     }
+                    retry_after = RETRY_AFTER;
+                    s.writable.store(true, Ordering::Release);
+                    s.mirror.written();
                     answer(&s, &mut batch, Ok(())).await;
                 }
                 Err(failure) => {
                     let reason = match failure {
+                        Failure::Purged => {
+                            // Not an error of the batch: it is written again,
+                            // whole, at once; its callers wait for that.
+                            tracing::warn!(
+                                "this node's liveness key was gone (purged by another node while cut off from redis, or redis lost its data): writing the whole partition again"
+                            );
+                            s.registered.store(false, Ordering::Release);
+                            batch.resync = true;
+                            s.mirror.restore(batch);
+                            continue;
+                        }
                         Failure::Conflict => match task.conflict(&s) {
                             Some(reason) => reason,
                             None => {
@@ -291,13 +359,19 @@ pub async fn run(s: Arc<Shared>) {
                         },
                         Failure::Redis(e) => e.to_string(),
                     };
-                    tracing::warn!(error = %reason, "writing to redis failed; retrying");
+                    // Not ready until a batch is written again: a node that
+                    // cannot mirror its changes would take clients whose
+                    // joins and binds no other node sees.
+                    s.writable.store(false, Ordering::Release);
+                    s.metrics.redis_write_failures.inc();
+                    tracing::warn!(error = %reason, retry_in = ?retry_after, "writing to redis failed; not ready until it works again");
                     answer(&s, &mut batch, Err(reason)).await;
                     s.mirror.restore(batch);
                     tokio::select! {
-                        () = tokio::time::sleep(RETRY_AFTER) => {}
+                        () = tokio::time::sleep(retry_after) => {}
                         () = s.stop.cancelled() => return,
                     }
+                    retry_after = (retry_after * 2).min(RETRY_MAX);
                 }
             }
         }
@@ -316,7 +390,7 @@ impl Task {
             s.mirror.pending.lock().resync = true;
             return;
         }
-        match liveness::beat(s).await {
+        match liveness::beat(s, false).await {
             Ok(Beat::Kept) => {}
             Ok(Beat::Fresh) => {
                 tracing::warn!("liveness key was gone (Redis restarted or this node was purged): registering again");
@@ -327,7 +401,12 @@ impl Task {
                 self.conflicted = true;
                 conflict(s);
             }
-            Err(e) => tracing::debug!(error = %e, "heartbeat failed"),
+            Err(e) => {
+                // Past 2 heartbeats of these the other nodes purge this one.
+                if let Some(skipped) = self.beat_failures.allow() {
+                    tracing::warn!(error = %e, skipped, "heartbeat failed");
+                }
+            }
         }
     }
 
@@ -380,7 +459,7 @@ async fn write(
         }
         // Alive first: a node that purges dead partitions must not take
         // this one for dead while it is being rewritten.
-        if liveness::beat(s).await? == Beat::Conflict {
+        if liveness::beat(s, true).await? == Beat::Conflict {
             return Err(Failure::Conflict);
         }
         *last_beat = Instant::now();
@@ -396,8 +475,7 @@ async fn write(
         subs.follow(s, &batch.follows).await?;
     }
     let clients: Vec<ClientId> = batch.clients.iter().copied().collect();
-    partition::put(s, &clients, last_beat).await?;
-    Ok(())
+    partition::put(s, &clients, last_beat).await
 }
 
 /// Answers the commands and callers that waited for a batch.
@@ -411,7 +489,11 @@ async fn answer(s: &Shared, batch: &mut Batch, outcome: Outcome) {
         let bytes = super::rpc::reply(req, error.clone());
         s.redis.publish(s.keys.node_channel(node), bytes)
     });
-    for result in futures_util::future::join_all(replies).await {
+    // A bounded number at a time: up to MAX_REPLIES published at once
+    // would fill fred's command queue and fail unrelated commands (API
+    // calls, heartbeats) for as long as they wait.
+    let mut sent = futures_util::stream::iter(replies).buffer_unordered(REPLIES_IN_FLIGHT);
+    while let Some(result) = sent.next().await {
         if let Err(e) = result {
             tracing::debug!(error = %e, "could not answer a command");
         }

@@ -115,6 +115,9 @@ struct Shared {
     /// Redis answered the last PING in time ([`probe`]): false while it
     /// hangs with its connections open.
     responsive: AtomicBool,
+    /// The mirror's last batch was written: false while Redis refuses its
+    /// writes (out of memory, read-only) or times them out.
+    writable: AtomicBool,
     /// Stops the background tasks.
     stop: CancellationToken,
     /// Trips when the node must stop (another live instance has its id).
@@ -171,6 +174,7 @@ impl RedisEngine {
             rpc: Rpc::default(),
             registered: AtomicBool::new(false),
             responsive: AtomicBool::new(true),
+            writable: AtomicBool::new(true),
             stop: CancellationToken::new(),
             fatal,
         });
@@ -235,6 +239,7 @@ impl Engine for RedisEngine {
         s.redis.is_connected()
             && s.registered.load(Ordering::Acquire)
             && s.responsive.load(Ordering::Acquire)
+            && s.writable.load(Ordering::Acquire)
     }
 
     async fn connect(&self, id: ClientId, outbox: Arc<Outbox>, m: Membership) -> EngineResult<()> {

@@ -7,7 +7,8 @@ use fred::prelude::*;
 use futures_util::future::try_join_all;
 
 use super::keys::suffix;
-use super::liveness;
+use super::liveness::{self, Beat};
+use super::mirror::Failure;
 use super::Shared;
 use crate::ids::ClientId;
 
@@ -21,34 +22,44 @@ const IN_FLIGHT: usize = 16;
 /// Rewrites `clients` in the partition from the hub's current state: a
 /// connection the hub no longer holds is removed. Refreshes the node's
 /// liveness between rounds of a long rewrite, so no other node takes it
-/// for dead halfway.
-pub async fn put(
-    s: &Shared,
-    clients: &[ClientId],
-    last_beat: &mut Instant,
-) -> Result<(), fred::error::Error> {
+/// for dead halfway. Each write is fenced by this process's instance: it
+/// fails with [`Failure::Purged`] when the node's liveness key is gone (a
+/// rewrite that was purged halfway must start again as a whole) and with
+/// [`Failure::Conflict`] when another process holds the node id.
+pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> Result<(), Failure> {
     let calls = records(s, clients);
     for round in calls.chunks(IN_FLIGHT) {
-        try_join_all(round.iter().map(|args| {
-            s.scripts.put_clients.evalsha::<i64, _, _, _>(
+        let written: Vec<i64> = try_join_all(round.iter().map(|args| {
+            s.scripts.put_clients.run::<i64, _, _>(
                 &s.redis.client,
                 s.keys.partition(s.node),
                 args.clone(),
             )
         }))
         .await?;
-        if last_beat.elapsed() > s.settings.heartbeat / 2 {
-            liveness::beat(s).await?;
-            *last_beat = Instant::now();
+        if written.iter().any(|w| *w < 0) {
+            return Err(Failure::Conflict);
+        }
+        if written.contains(&0) {
+            return Err(Failure::Purged);
+        }
+        if liveness::due(s, *last_beat) {
+            match liveness::beat(s, false).await? {
+                Beat::Kept => *last_beat = Instant::now(),
+                Beat::Fresh => return Err(Failure::Purged),
+                Beat::Conflict => return Err(Failure::Conflict),
+            }
         }
     }
     Ok(())
 }
 
-/// The put_clients script's arguments, chunked.
+/// The put_clients script's arguments, chunked; each call starts with this
+/// process's instance id.
 fn records(s: &Shared, clients: &[ClientId]) -> Vec<Vec<String>> {
+    let start = || vec![s.instance.clone()];
     let mut calls = Vec::new();
-    let mut args: Vec<String> = Vec::new();
+    let mut args: Vec<String> = start();
     let (mut records, mut bytes) = (0, 0);
     for id in clients {
         match s.hub.membership(*id) {
@@ -67,11 +78,11 @@ fn records(s: &Shared, clients: &[ClientId]) -> Vec<Vec<String>> {
         }
         records += 1;
         if records == CHUNK_RECORDS || bytes >= CHUNK_BYTES {
-            calls.push(std::mem::take(&mut args));
+            calls.push(std::mem::replace(&mut args, start()));
             (records, bytes) = (0, 0);
         }
     }
-    if !args.is_empty() {
+    if records > 0 {
         calls.push(args);
     }
     calls
@@ -92,10 +103,19 @@ pub async fn stale(s: &Shared) -> Result<Vec<ClientId>, fred::error::Error> {
 /// Deletes the partition and the liveness key in one step, then leaves the
 /// node set.
 pub async fn leave(s: &Shared) -> Result<(), fred::error::Error> {
-    s.scripts
+    let removed: i64 = s
+        .scripts
         .clear
-        .evalsha::<i64, _, _, _>(&s.redis.client, s.keys.partition(s.node), "leave")
+        .run::<i64, _, _>(
+            &s.redis.client,
+            s.keys.partition(s.node),
+            vec!["leave".to_owned(), s.instance.clone()],
+        )
         .await?;
+    if removed < 0 {
+        // Another process holds the node id now: its partition stays.
+        return Ok(());
+    }
     s.redis
         .client
         .srem::<i64, _, _>(s.keys.nodes(), s.node_name.clone())

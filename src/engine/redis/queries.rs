@@ -8,12 +8,38 @@ use futures_util::future::try_join_all;
 
 use super::client::unavailable;
 use super::keys::suffix;
+use super::mirror::Follow;
 use super::Shared;
-use crate::engine::EngineResult;
+use crate::engine::{EngineError, EngineResult};
 use crate::ids::{ClientId, NodeId};
 use crate::session::Session;
 
 impl Shared {
+    /// Before the hub answers about `follow`'s group or uid: waits until
+    /// its subscription matches the hub (the batch carrying a change that
+    /// needs it is written), so a query never shows a member that a push
+    /// sent next would miss (docs/publishing.md polls queries for that).
+    async fn settled(&self, follow: Follow) -> EngineResult<()> {
+        if !self.mirror.unsettled(&follow) {
+            return Ok(());
+        }
+        self.mirror
+            .flush([], [follow])
+            .await
+            .map_err(EngineError::Unavailable)
+    }
+
+    /// [`Shared::settled`] for every group and uid of this node.
+    async fn all_settled(&self) -> EngineResult<()> {
+        if !self.mirror.any_unsettled() {
+            return Ok(());
+        }
+        self.mirror
+            .flush([], [])
+            .await
+            .map_err(EngineError::Unavailable)
+    }
+
     /// A field of another node's client, read from that node's partition.
     async fn remote_field(&self, id: ClientId, hash: &str) -> EngineResult<Option<String>> {
         self.check()?;
@@ -64,13 +90,11 @@ impl Shared {
     ) -> EngineResult<Vec<(String, Option<String>)>> {
         let nodes = self.other_nodes().await?;
         let lists = try_join_all(nodes.into_iter().map(|n| {
-            self.scripts
-                .members_with
-                .evalsha::<Vec<Option<String>>, _, _, _>(
-                    &self.redis.client,
-                    self.keys.partition(n),
-                    vec![set.clone(), hash.to_owned()],
-                )
+            self.scripts.members_with.run::<Vec<Option<String>>, _, _>(
+                &self.redis.client,
+                self.keys.partition(n),
+                vec![set.clone(), hash.to_owned()],
+            )
         }))
         .await
         .map_err(unavailable)?;
@@ -96,6 +120,11 @@ impl Shared {
 
     pub(super) async fn uid_of(&self, id: ClientId) -> EngineResult<Option<String>> {
         if self.is_local(id) {
+            let uid = self.hub.uid_of(id).flatten();
+            let Some(bound) = uid else {
+                return Ok(None);
+            };
+            self.settled(Follow::Uid(bound)).await?;
             return Ok(self.hub.uid_of(id).flatten());
         }
         self.remote_field(id, suffix::UID).await
@@ -110,6 +139,7 @@ impl Shared {
     }
 
     pub(super) async fn client_ids_by_uid(&self, uid: &str) -> EngineResult<Vec<ClientId>> {
+        self.settled(Follow::Uid(uid.to_owned())).await?;
         let mut ids = self.hub.client_ids_by_uid(uid);
         let c = &self.redis.client;
         let remote: Vec<Vec<String>> = self
@@ -120,6 +150,7 @@ impl Shared {
     }
 
     pub(super) async fn group_client_ids(&self, group: &str) -> EngineResult<Vec<ClientId>> {
+        self.settled(Follow::Group(group.to_owned())).await?;
         let mut ids = self.hub.group_client_ids(group);
         let c = &self.redis.client;
         let remote: Vec<Vec<String>> = self
@@ -130,6 +161,7 @@ impl Shared {
     }
 
     pub(super) async fn group_client_count(&self, group: &str) -> EngineResult<u64> {
+        self.settled(Follow::Group(group.to_owned())).await?;
         let c = &self.redis.client;
         let counts: Vec<u64> = self
             .per_node(suffix::GROUP_MEMBERS, group, |k| c.scard(k))
@@ -141,6 +173,7 @@ impl Shared {
         &self,
         group: &str,
     ) -> EngineResult<Vec<(ClientId, Session)>> {
+        self.settled(Follow::Group(group.to_owned())).await?;
         let mut sessions = self.hub.group_sessions(group);
         let set = format!("{}{group}", suffix::GROUP_MEMBERS);
         for (id, json) in self.members_with(set, suffix::CLIENTS).await? {
@@ -152,6 +185,7 @@ impl Shared {
     }
 
     pub(super) async fn group_uids(&self, group: &str) -> EngineResult<Vec<String>> {
+        self.settled(Follow::Group(group.to_owned())).await?;
         let mut uids = self.hub.group_uids(group);
         let set = format!("{}{group}", suffix::GROUP_MEMBERS);
         let remote = self.members_with(set, suffix::UID).await?;
@@ -187,6 +221,7 @@ impl Shared {
     }
 
     pub(super) async fn uids(&self) -> EngineResult<Vec<String>> {
+        self.all_settled().await?;
         let mut uids = self.hub.uids();
         let c = &self.redis.client;
         let remote: Vec<Vec<String>> = self.per_node(suffix::UIDS, "", |k| c.smembers(k)).await?;
@@ -199,6 +234,7 @@ impl Shared {
     /// counts from the hub; otherwise the union is taken (and only its size
     /// returned) in Redis when every set lives on one server.
     pub(super) async fn uid_count(&self) -> EngineResult<u64> {
+        self.all_settled().await?;
         let nodes = self.other_nodes().await?;
         if nodes.is_empty() {
             return Ok(self.hub.uid_count() as u64);
@@ -214,7 +250,7 @@ impl Shared {
             .collect();
         self.scripts
             .count_union
-            .evalsha::<u64, _, _, _>(&self.redis.client, keys, ())
+            .run::<u64, _, _>(&self.redis.client, keys, Vec::<String>::new())
             .await
             .map_err(unavailable)
     }
@@ -239,6 +275,7 @@ impl Shared {
     }
 
     pub(super) async fn groups(&self) -> EngineResult<Vec<String>> {
+        self.all_settled().await?;
         let mut groups = self.hub.groups();
         let c = &self.redis.client;
         let remote: Vec<Vec<String>> = self.per_node(suffix::GROUPS, "", |k| c.smembers(k)).await?;

@@ -3,22 +3,74 @@
 //! one slot, on a single Redis as on Redis Cluster. They derive the keys
 //! from the partition with the suffixes of [`super::keys::suffix`].
 
+use fred::clients::Client;
+use fred::error::Error;
 use fred::types::scripts::Script;
+use fred::types::{FromValue, MultipleKeys, MultipleValues};
+
+/// One script, run by its hash.
+#[derive(Debug)]
+pub struct Lua {
+    script: Script,
+}
+
+impl Lua {
+    fn new(source: &str) -> Lua {
+        Lua {
+            script: Script::from_lua(source),
+        }
+    }
+
+    /// Loads the script on every server.
+    pub async fn load(&self, client: &Client) -> Result<(), Error> {
+        self.script.load(client).await
+    }
+
+    /// Runs the script (EVALSHA). If Redis does not know it (`NOSCRIPT`:
+    /// `SCRIPT FLUSH`, or a restart or failover the node did not notice as
+    /// one), loads it and runs it again, so a flushed script cache costs
+    /// one round trip instead of every write and heartbeat failing until
+    /// the next reconnection.
+    pub async fn run<R, K, V>(&self, client: &Client, keys: K, args: V) -> Result<R, Error>
+    where
+        R: FromValue,
+        K: Into<MultipleKeys> + Send,
+        V: TryInto<MultipleValues> + Send,
+        V::Error: Into<Error> + Send,
+    {
+        let keys: MultipleKeys = keys.into();
+        let args: MultipleValues = args.try_into().map_err(Into::into)?;
+        match self
+            .script
+            .evalsha(client, keys.clone(), args.clone())
+            .await
+        {
+            Err(e) if e.details().starts_with("NOSCRIPT") => {
+                tracing::warn!(
+                    "redis had lost a script of gatecast (SCRIPT FLUSH?): loading it again"
+                );
+                self.load(client).await?;
+                self.script.evalsha(client, keys, args).await
+            }
+            result => result,
+        }
+    }
+}
 
 /// Every script, loaded once per (re)connection.
 #[derive(Debug)]
 pub struct Scripts {
     /// Rewrites connections from the node's memory (or removes them).
-    pub put_clients: Script,
+    pub put_clients: Lua,
     /// Deletes a partition (a dead node's, or one's own when leaving).
-    pub clear: Script,
+    pub clear: Lua,
     /// Refreshes a node's liveness key; tells whether it had expired or
     /// belongs to another instance.
-    pub heartbeat: Script,
+    pub heartbeat: Lua,
     /// Members of a set with one hash field each.
-    pub members_with: Script,
+    pub members_with: Lua,
     /// The size of a union of sets.
-    pub count_union: Script,
+    pub count_union: Lua,
 }
 
 const PUT_CLIENTS: &str = include_str!("scripts/put_clients.lua");
@@ -30,18 +82,18 @@ const COUNT_UNION: &str = include_str!("scripts/count_union.lua");
 impl Default for Scripts {
     fn default() -> Self {
         Scripts {
-            put_clients: Script::from_lua(PUT_CLIENTS),
-            clear: Script::from_lua(CLEAR),
-            heartbeat: Script::from_lua(HEARTBEAT),
-            members_with: Script::from_lua(MEMBERS_WITH),
-            count_union: Script::from_lua(COUNT_UNION),
+            put_clients: Lua::new(PUT_CLIENTS),
+            clear: Lua::new(CLEAR),
+            heartbeat: Lua::new(HEARTBEAT),
+            members_with: Lua::new(MEMBERS_WITH),
+            count_union: Lua::new(COUNT_UNION),
         }
     }
 }
 
 impl Scripts {
     /// All scripts, for loading.
-    pub fn all(&self) -> [&Script; 5] {
+    pub fn all(&self) -> [&Lua; 5] {
         [
             &self.put_clients,
             &self.clear,

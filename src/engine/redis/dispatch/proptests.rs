@@ -85,6 +85,7 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
         rpc: Rpc::default(),
         registered: AtomicBool::new(true),
         responsive: AtomicBool::new(true),
+        writable: AtomicBool::new(true),
         stop: CancellationToken::new(),
         fatal: Fatal::new(),
     };

@@ -2,9 +2,20 @@
 -- if the node's liveness key has expired, and answers -1 otherwise: several
 -- surviving nodes may race to purge a dead one, and only the first finds
 -- anything to delete. With 'leave' (a node shutting down) the liveness key
--- goes too, in the same step. Returns how many connections were removed.
+-- goes too, in the same step, unless another process holds the node id
+-- now (ARGV[2], the leaving instance: a stale process never deletes the
+-- partition of the live one). Returns how many connections were removed.
 local p = KEYS[1]
 if ARGV[1] == 'dead' and redis.call('EXISTS', p .. ':alive') == 1 then return -1 end
+if ARGV[1] == 'leave' then
+  local alive = redis.call('GET', p .. ':alive')
+  if alive then
+    local ok, info = pcall(cjson.decode, alive)
+    if ok and type(info) == 'table' and info.instance and info.instance ~= ARGV[2] then
+      return -1
+    end
+  end
+end
 for _, group in ipairs(redis.call('SMEMBERS', p .. ':groups')) do
   redis.call('DEL', p .. ':g:' .. group)
 end

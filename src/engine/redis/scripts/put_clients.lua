@@ -2,17 +2,27 @@
 -- each record says what the connection is now, the script removes what the
 -- partition held before (the uid in ':uid', the groups in ':cg') and writes
 -- the rest. Idempotent, so a batch that failed is simply written again.
+-- Fenced by the writer's process instance: it writes only while the
+-- partition's liveness key is its own. Returns 1 when written, 0 when the
+-- key is gone (the node was purged, or Redis lost it: the node must
+-- register again and write everything), -1 when another process holds the
+-- node id (a stale writer from another life of the node writes nothing).
 -- KEYS[1] partition
--- ARGV: records, each: client_id, present ('1' or '0' = gone),
---       session JSON, uid ('' = none), group count n, then n groups
+-- ARGV[1] the writer's instance id; then records, each: client_id, present
+--       ('1' or '0' = gone), session JSON, uid ('' = none), group count n,
+--       then n groups
 local p = KEYS[1]
+local alive = redis.call('GET', p .. ':alive')
+if not alive then return 0 end
+local ok, info = pcall(cjson.decode, alive)
+if not ok or type(info) ~= 'table' or info.instance ~= ARGV[1] then return -1 end
 
 local function leave(set, index, name, id)
   redis.call('SREM', set, id)
   if redis.call('SCARD', set) == 0 then redis.call('SREM', index, name) end
 end
 
-local i = 1
+local i = 2
 while i <= #ARGV do
   local id, present, session, uid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local n = tonumber(ARGV[i + 4])
