@@ -98,13 +98,17 @@ pub async fn upgrade(
     let client = SocketAddr::new(ip, peer.port());
     // What BusinessWorkers' onWebSocketConnect gets, kept only when one is
     // connected (taken whole: it is the application's own code).
-    let handshake = gw.workers.any().then(|| Handshake {
-        method: request.method().clone(),
-        uri: request.uri().clone(),
-        version: request.version(),
-        headers: headers.clone(),
-        client,
-        server_port: gw.config.listen.port(),
+    let handshake = gw.workers.any().then(|| {
+        warn_open_origins(&gw);
+        Handshake {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            headers: headers.clone(),
+            client,
+            server_port: gw.config.listen.port(),
+            strip_token: gw.client_auth.is_some() && !gw.config.worker_keep_token,
+        }
     });
     let setup = Box::new(connection::Setup {
         membership: verified.membership,
@@ -133,6 +137,22 @@ pub async fn upgrade(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
         .body(axum::body::Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Says once per process, at the first handshake a BusinessWorker gets,
+/// that any site may open connections: a browser sends the user's cookies
+/// whatever the page's origin, and workers get them in `$_COOKIE`.
+fn warn_open_origins(gw: &Gateway) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if gw.config.allowed_origins.is_empty()
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            "BusinessWorkers get every client's cookies and --allowed-origins is empty: \
+             any web site can open a connection carrying your users' cookies; set \
+             --allowed-origins to your front end's origins"
+        );
+    }
 }
 
 /// The socket itself out of hyper's upgrade, so that reads and writes need
