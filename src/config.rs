@@ -285,8 +285,26 @@ pub struct Config {
     #[arg(long, env = "GATECAST_EVENTS_MAX_LEN", default_value_t = 100_000)]
     pub events_max_len: i64,
 
+    /// Largest event (payload and session, about) sent to the stream or
+    /// webhook; larger ones are dropped and counted.
+    #[arg(long, env = "GATECAST_EVENTS_MAX_BYTES", default_value_t = 256 << 10)]
+    pub events_max_bytes: usize,
+
+    /// Bytes the events stream may hold, about: the length it is trimmed
+    /// to shrinks (below --events-max-len) as events grow larger, so
+    /// events cannot fill Redis. 0: trimmed by --events-max-len only.
+    #[arg(long, env = "GATECAST_EVENTS_STREAM_BYTES", default_value_t = 256 << 20)]
+    pub events_stream_bytes: usize,
+
+    /// A Redis for the events stream alone (same URL forms as
+    /// --redis-url; its password in the URL), so events never fill the
+    /// Redis that holds the cluster's membership. Unset: --redis-url.
+    #[arg(long, env = "GATECAST_EVENTS_REDIS_URL", hide_env_values = true)]
+    pub events_redis_url: Option<Secret>,
+
     /// Bytes of events (payload and session, about) waiting for the stream
-    /// or webhook; past it new events are dropped and counted.
+    /// or webhook; past it new events are dropped and counted. One
+    /// connection's events may hold an eighth of it.
     #[arg(long, env = "GATECAST_EVENTS_QUEUE_BYTES", default_value_t = 64 << 20)]
     pub events_queue_bytes: usize,
 
@@ -481,6 +499,14 @@ impl Config {
                     .into(),
             );
         }
+        if self.events_redis_url.is_some() && self.redis_url.is_none() {
+            return Err(
+                "--events-redis-url needs --redis-url (it only moves the events stream)".into(),
+            );
+        }
+        if self.events_max_bytes == 0 {
+            return Err("--events-max-bytes must be at least 1".into());
+        }
         if self.events_queue_bytes == 0 {
             return Err("--events-queue-bytes must be at least 1".into());
         }
@@ -604,6 +630,13 @@ mod tests {
         assert_eq!(c.node_heartbeat, Duration::from_secs(5));
         assert!(c.redis_url.is_none());
         assert_eq!(c.events_queue_bytes, 64 << 20);
+        // Issue 25's budgets.
+        assert_eq!(c.max_connections_per_sub, 100);
+        assert_eq!(c.max_handshakes, 4096);
+        assert_eq!(c.max_partial_bytes, 256 << 20);
+        assert_eq!(c.max_session_bytes, 64 << 10);
+        assert_eq!(c.events_max_bytes, 256 << 10);
+        assert!(!c.worker_keep_token);
         c.validate().unwrap();
     }
 

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod connection;
 pub mod limits;
+pub mod partial;
 
 use std::sync::Arc;
 
@@ -52,6 +53,13 @@ pub async fn upgrade(
     if gw.is_draining() {
         return ApiError::unavailable("the node is shutting down").into_response();
     }
+    if let Some(value) = gw
+        .limits
+        .peers
+        .observe(peer.ip(), std::time::Instant::now())
+    {
+        gw.metrics.untrusted_private_peers.set(value);
+    }
     let ip = limits::client_ip(peer.ip(), &headers, &gw.config.trusted_proxies);
     let mut admitted = match gw.limits.admit(ip) {
         Ok(admitted) => admitted,
@@ -85,6 +93,14 @@ pub async fn upgrade(
             None => return ApiError::unauthorized("missing ?token=").into_response(),
         },
     };
+    if let Err(e) = crate::session::check(&verified.membership.session, gw.config.max_session_bytes)
+    {
+        gw.metrics
+            .sessions_refused
+            .get_or_create(&crate::metrics::ReasonLabel { reason: e.label() })
+            .inc();
+        return ApiError::session_refused(e).into_response();
+    }
     if let Some(sub) = &verified.membership.uid {
         if let Err(refused) = admitted.count_sub(sub) {
             return refuse(&gw, refused);
