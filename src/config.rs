@@ -138,10 +138,32 @@ pub struct Config {
     pub max_connections_per_ip: usize,
 
     /// Most WebSocket connections with one JWT `sub` (one uid) on this
-    /// node; more are refused with 429 before the upgrade. 0 (the
-    /// default): no limit. Tokens without `sub` are not counted.
-    #[arg(long, env = "GATECAST_MAX_CONNECTIONS_PER_SUB", default_value_t = 0)]
+    /// node; more are refused with 429 before the upgrade. The default is
+    /// more than a real user's tabs and devices. 0: no limit. Tokens
+    /// without `sub` are not counted.
+    #[arg(long, env = "GATECAST_MAX_CONNECTIONS_PER_SUB", default_value_t = 100)]
     pub max_connections_per_sub: usize,
+
+    /// Most connections on the public listener still in their handshake
+    /// (accepted, not yet upgraded or answered); more are answered 503 and
+    /// closed at once, so slow or idle sockets cannot pile up request
+    /// buffers. 0: no limit.
+    #[arg(long, env = "GATECAST_MAX_HANDSHAKES", default_value_t = 4096)]
+    pub max_handshakes: usize,
+
+    /// Bytes of unfinished client messages (partial frames and fragmented
+    /// messages) this node buffers, all connections together; past it the
+    /// connections whose message has been incomplete longest are closed
+    /// with 1013 until it fits. 0: no limit.
+    #[arg(long, env = "GATECAST_MAX_PARTIAL_BYTES", default_value_t = 256 << 20)]
+    pub max_partial_bytes: usize,
+
+    /// Largest session, in bytes of JSON, and 64 levels deep at most:
+    /// larger or deeper ones are refused wherever they come from (token,
+    /// API, GatewayWorker, Redis), and a merge that would grow a session
+    /// past it changes nothing.
+    #[arg(long, env = "GATECAST_MAX_SESSION_BYTES", default_value_t = 64 << 10)]
+    pub max_session_bytes: usize,
 
     /// New WebSocket connections per second from one client address (an
     /// IPv6 client's /64), after a burst of --connect-burst-per-ip; faster
@@ -263,8 +285,26 @@ pub struct Config {
     #[arg(long, env = "GATECAST_EVENTS_MAX_LEN", default_value_t = 100_000)]
     pub events_max_len: i64,
 
+    /// Largest event (payload and session, about) sent to the stream or
+    /// webhook; larger ones are dropped and counted.
+    #[arg(long, env = "GATECAST_EVENTS_MAX_BYTES", default_value_t = 256 << 10)]
+    pub events_max_bytes: usize,
+
+    /// Bytes the events stream may hold, about: the length it is trimmed
+    /// to shrinks (below --events-max-len) as events grow larger, so
+    /// events cannot fill Redis. 0: trimmed by --events-max-len only.
+    #[arg(long, env = "GATECAST_EVENTS_STREAM_BYTES", default_value_t = 256 << 20)]
+    pub events_stream_bytes: usize,
+
+    /// A Redis for the events stream alone (same URL forms as
+    /// --redis-url; its password in the URL), so events never fill the
+    /// Redis that holds the cluster's membership. Unset: --redis-url.
+    #[arg(long, env = "GATECAST_EVENTS_REDIS_URL", hide_env_values = true)]
+    pub events_redis_url: Option<Secret>,
+
     /// Bytes of events (payload and session, about) waiting for the stream
-    /// or webhook; past it new events are dropped and counted.
+    /// or webhook; past it new events are dropped and counted. One
+    /// connection's events may hold an eighth of it.
     #[arg(long, env = "GATECAST_EVENTS_QUEUE_BYTES", default_value_t = 64 << 20)]
     pub events_queue_bytes: usize,
 
@@ -280,6 +320,13 @@ pub struct Config {
     /// your users' cookies.
     #[arg(long, env = "GATECAST_EVENTS_HEADERS", value_delimiter = ',', default_value = crate::events::DEFAULT_FORWARDED_HEADERS)]
     pub events_headers: Vec<String>,
+
+    /// Keep the client's `token` in the query BusinessWorkers get with
+    /// `onWebSocketConnect`. By default it is left out when gatecast
+    /// verified it (client auth on): it is gatecast's credential, not the
+    /// application's.
+    #[arg(long, env = "GATECAST_WORKER_KEEP_TOKEN", default_value_t = false)]
+    pub worker_keep_token: bool,
 
     /// Log format.
     #[arg(long, env = "GATECAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -452,8 +499,19 @@ impl Config {
                     .into(),
             );
         }
+        if self.events_redis_url.is_some() && self.redis_url.is_none() {
+            return Err(
+                "--events-redis-url needs --redis-url (it only moves the events stream)".into(),
+            );
+        }
+        if self.events_max_bytes == 0 {
+            return Err("--events-max-bytes must be at least 1".into());
+        }
         if self.events_queue_bytes == 0 {
             return Err("--events-queue-bytes must be at least 1".into());
+        }
+        if self.max_session_bytes < 2 {
+            return Err("--max-session-bytes must be at least 2 (the empty session, {})".into());
         }
         if self.events_max_len < 1 {
             return Err("--events-max-len must be at least 1".into());
@@ -572,6 +630,13 @@ mod tests {
         assert_eq!(c.node_heartbeat, Duration::from_secs(5));
         assert!(c.redis_url.is_none());
         assert_eq!(c.events_queue_bytes, 64 << 20);
+        // Issue 25's budgets.
+        assert_eq!(c.max_connections_per_sub, 100);
+        assert_eq!(c.max_handshakes, 4096);
+        assert_eq!(c.max_partial_bytes, 256 << 20);
+        assert_eq!(c.max_session_bytes, 64 << 10);
+        assert_eq!(c.events_max_bytes, 256 << 10);
+        assert!(!c.worker_keep_token);
         c.validate().unwrap();
     }
 

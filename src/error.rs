@@ -56,6 +56,15 @@ impl ApiError {
         )
     }
 
+    /// 400: a session over `--max-session-bytes` or nested too deep.
+    pub fn session_refused(e: crate::session::SessionError) -> Self {
+        let code = match e {
+            crate::session::SessionError::TooLarge { .. } => "session_too_large",
+            crate::session::SessionError::TooDeep => "session_too_deep",
+        };
+        Self::new(StatusCode::BAD_REQUEST, code, e.to_string())
+    }
+
     /// 503: the engine cannot serve now.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
@@ -71,6 +80,7 @@ impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {
             EngineError::Unavailable(m) => ApiError::unavailable(m),
+            EngineError::Session(e) => ApiError::session_refused(e),
         }
     }
 }

@@ -18,6 +18,7 @@ use crate::metrics::Metrics;
 use crate::task::Fatal;
 use crate::ws::auth::ClientAuth;
 use crate::ws::limits::ConnectionLimits;
+use crate::ws::partial::PartialBudget;
 
 /// Everything a request or a connection task needs, behind one `Arc`.
 pub struct Gateway {
@@ -41,6 +42,8 @@ pub struct Gateway {
     pub connections: TaskTracker,
     /// Open connections per node and per client address.
     pub limits: Arc<ConnectionLimits>,
+    /// Bytes of unfinished client messages, node-wide.
+    pub partial: Arc<PartialBudget>,
     /// Tripped by a critical background task that failed: the node stops.
     /// Parts that spawn such tasks (the engine) take a clone.
     pub fatal: Fatal,
@@ -62,6 +65,7 @@ impl Gateway {
         fatal: Fatal,
     ) -> Self {
         let limits = Arc::new(ConnectionLimits::from_config(&config));
+        let partial = Arc::new(PartialBudget::new(config.max_partial_bytes));
         // `listen` is the bound address by now (port 0 resolved).
         let workers = Workers::new(minter.node(), config.listen.port(), metrics.clone());
         Gateway {
@@ -73,6 +77,7 @@ impl Gateway {
             metrics,
             client_auth,
             events,
+            partial,
             limits,
             connections: TaskTracker::new(),
             fatal,

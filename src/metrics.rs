@@ -107,6 +107,19 @@ pub struct Metrics {
     /// BusinessWorker connections the node closed, by reason (`slow`,
     /// `stalled`, `write_error`, `replaced`).
     pub worker_disconnects: Family<ReasonLabel, Counter>,
+    /// Sessions refused, wherever they came from, by reason (`too_large`,
+    /// `too_deep`).
+    pub sessions_refused: Family<ReasonLabel, Counter>,
+    /// 1 while every client address this node has seen is private or
+    /// loopback and no `--trusted-proxies` is set: the per-address limits
+    /// then see the proxy, not the clients.
+    pub untrusted_private_peers: Gauge,
+    /// Bytes of unfinished client messages buffered, all connections.
+    pub partial_bytes: Gauge,
+    /// Connections closed with 1013 to keep `--max-partial-bytes`.
+    pub partial_closed: Counter,
+    /// Events larger than `--events-max-bytes`, dropped.
+    pub events_too_large: Counter,
 }
 
 impl Default for Metrics {
@@ -152,6 +165,11 @@ impl Metrics {
             worker_events_sent: Counter::default(),
             worker_events_dropped: Family::default(),
             worker_disconnects: Family::default(),
+            sessions_refused: Family::default(),
+            untrusted_private_peers: Gauge::default(),
+            partial_bytes: Gauge::default(),
+            partial_closed: Counter::default(),
+            events_too_large: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -310,6 +328,31 @@ impl Metrics {
             "worker_disconnects",
             "BusinessWorker connections closed by the node, by reason",
             m.worker_disconnects.clone(),
+        );
+        r.register(
+            "sessions_refused",
+            "Sessions refused for their size or depth, by reason",
+            m.sessions_refused.clone(),
+        );
+        r.register(
+            "untrusted_private_peers",
+            "1 while every client seen is private and no proxy is trusted",
+            m.untrusted_private_peers.clone(),
+        );
+        r.register(
+            "partial_bytes",
+            "Bytes of unfinished client messages buffered",
+            m.partial_bytes.clone(),
+        );
+        r.register(
+            "partial_closed",
+            "Connections closed with 1013 to keep --max-partial-bytes",
+            m.partial_closed.clone(),
+        );
+        r.register(
+            "events_too_large",
+            "Events larger than --events-max-bytes, dropped",
+            m.events_too_large.clone(),
         );
         Metrics { registry, ..m }
     }

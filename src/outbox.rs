@@ -2,7 +2,7 @@
 //! pushes to the connection and the connection's single writer task.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -58,6 +58,9 @@ pub struct Outbox {
     /// Milliseconds (on the hub's clock) at which the client's token
     /// expires and the sweep closes the connection; 0: never.
     expires_at: AtomicU64,
+    /// Bytes of the unfinished message the connection's reader holds, as
+    /// last counted in the node's `--max-partial-bytes` budget.
+    partial_bytes: AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -249,6 +252,17 @@ impl Outbox {
         } else if self.incomplete_since.load(Ordering::Relaxed) == 0 {
             self.incomplete_since.store(now_ms + 1, Ordering::Relaxed);
         }
+    }
+
+    /// Records that the reader holds `bytes` of an unfinished message;
+    /// returns what it held before.
+    pub fn swap_partial_bytes(&self, bytes: usize) -> usize {
+        self.partial_bytes.swap(bytes, Ordering::Relaxed)
+    }
+
+    /// Bytes of the unfinished message, as last recorded.
+    pub fn partial_bytes(&self) -> usize {
+        self.partial_bytes.load(Ordering::Relaxed)
     }
 
     /// Since when the client has left a frame or message unfinished.

@@ -98,8 +98,16 @@ struct PublicBounds {
     timeout: std::time::Duration,
     /// `--max-request-head-bytes`.
     head_bytes: usize,
+    /// `--max-handshakes`: a permit per connection not yet upgraded.
+    handshakes: Option<Arc<tokio::sync::Semaphore>>,
     metrics: Arc<Metrics>,
 }
+
+/// The answer to a connection past `--max-handshakes`: written straight to
+/// the socket (no HTTP parsing spent on it) and the socket closed.
+const HANDSHAKES_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 89\r\n\r\n\
+{\"error\":{\"code\":\"unavailable\",\"message\":\"too many handshakes in progress: retry later\"}}";
 
 /// Runs a node until `shutdown` resolves, then drains it (SPEC section 1):
 /// not ready, no new connections, clients closed with 1001, entries removed
@@ -136,10 +144,13 @@ pub async fn run_with(
     let register_addr = listeners.register.as_ref().map(local);
     let node = NodeId::new(config.advertised_ip(), inner_addr.port());
 
-    let hub = Arc::new(Hub::new(Limits {
-        frames: config.client_queue,
-        bytes: config.client_queue_bytes,
-    }));
+    let hub = Arc::new(
+        Hub::new(Limits {
+            frames: config.client_queue,
+            bytes: config.client_queue_bytes,
+        })
+        .with_max_session_bytes(config.max_session_bytes),
+    );
     let engine: Arc<dyn Engine> = match &config.redis_url {
         None => {
             // A single node is the whole gateway.
@@ -220,6 +231,17 @@ pub async fn run_with(
         background.track_future(ping_sweeper(gw.clone(), stop_internal.clone())),
     );
     spawn_critical(
+        "unfinished messages budget",
+        &fatal,
+        &stop_internal,
+        background.track_future(ws::partial::evictor(
+            gw.hub.clone(),
+            gw.partial.clone(),
+            gw.metrics.clone(),
+            stop_internal.clone(),
+        )),
+    );
+    spawn_critical(
         "inner listener",
         &fatal,
         &stop_internal,
@@ -249,6 +271,8 @@ pub async fn run_with(
             PublicBounds {
                 timeout: gw.config.handshake_timeout,
                 head_bytes: gw.config.max_request_head_bytes,
+                handshakes: (gw.config.max_handshakes > 0)
+                    .then(|| Arc::new(tokio::sync::Semaphore::new(gw.config.max_handshakes))),
                 metrics: gw.metrics.clone(),
             },
             stop_public.clone(),
@@ -341,9 +365,15 @@ async fn start_events(
     }
     let sink = match (&config.redis_url, &config.events_webhook) {
         (Some(url), _) => {
+            // A Redis of their own, when asked: events then never fill
+            // the one that holds the cluster's membership.
+            let (url, flag) = match &config.events_redis_url {
+                Some(events_url) => (events_url, "--events-redis-url"),
+                None => (url, "--redis-url"),
+            };
             let mut redis = fred::types::config::Config::from_url(url)
-                .map_err(|e| StartError::Config(format!("invalid --redis-url: {e}")))?;
-            if let Some(password) = &config.redis_password {
+                .map_err(|e| StartError::Config(format!("invalid {flag}: {e}")))?;
+            if let (Some(password), None) = (&config.redis_password, &config.events_redis_url) {
                 redis.password = Some(password.expose().to_owned());
             }
             let client = fred::types::Builder::from_config(redis)
@@ -372,12 +402,12 @@ async fn start_events(
             ))
         }
     };
-    Ok(Some(Events::new(
-        sink,
-        node,
-        metrics.clone(),
-        config.events_queue_bytes,
-    )))
+    let bounds = crate::events::Bounds {
+        queue_bytes: config.events_queue_bytes,
+        max_event_bytes: config.events_max_bytes,
+        stream_bytes: config.events_stream_bytes,
+    };
+    Ok(Some(Events::new(sink, node, metrics.clone(), bounds)))
 }
 
 fn public_router(gw: Arc<Gateway>) -> Router {
@@ -424,6 +454,26 @@ async fn serve_public(
             accepted = listener.accept() => accepted,
             () = stop.cancelled() => break,
         };
+        // Held until the connection is upgraded or done.
+        let permit = match &bounds.handshakes {
+            None => None,
+            Some(handshakes) => match handshakes.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    bounds
+                        .metrics
+                        .connections_refused
+                        .get_or_create(&crate::metrics::ReasonLabel {
+                            reason: "handshakes_full",
+                        })
+                        .inc();
+                    // Best effort: a socket that cannot take it at once
+                    // is dropped all the same.
+                    let _ = stream.try_write(HANDSHAKES_FULL);
+                    continue;
+                }
+            },
+        };
         // The peer's address, for the per-address limits (`ConnectInfo`).
         let with_peer = tower::util::MapRequestLayer::new(
             move |mut request: axum::http::Request<hyper::body::Incoming>| {
@@ -466,6 +516,7 @@ async fn serve_public(
                     Some(conn.await)
                 }
             };
+            drop(permit);
             if let Some(Err(e)) = result {
                 tracing::debug!(error = %e, "public connection failed before the upgrade");
                 // Only what the bounds cut off; a client hanging up or
@@ -518,6 +569,9 @@ async fn ping_sweeper(gw: Arc<Gateway>, stop: CancellationToken) {
         if send_ping {
             next_ping = now + interval;
         }
+        gw.metrics
+            .partial_bytes
+            .set(i64::try_from(gw.partial.used()).unwrap_or(i64::MAX));
         gw.hub.sweep(
             send_ping.then_some(&ping),
             timeout.as_millis() as u64,

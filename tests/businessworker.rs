@@ -570,3 +570,52 @@ async fn php_businessworkers_run_events_php_over_two_nodes() {
 fn clients_id(echo: &Json) -> String {
     echo["from"].as_str().unwrap().to_owned()
 }
+
+/// An event too large for a worker's queue (a huge session, with
+/// `--max-session-bytes` raised) is dropped and counted: the worker is not
+/// taken for a slow one, stays connected and gets the next events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_event_is_dropped_and_the_worker_kept() {
+    let node = Node::start(&[
+        "--max-session-bytes",
+        "16777216",
+        "--api-max-body-bytes",
+        "33554432",
+    ]);
+    let mut worker = RawWorker::connect(node.inner, "", "big:0").await;
+    workers_connected(&node, 1.0).await;
+    let mut client = Client::connect(&node.ws_url("")).await;
+    for want in [cmd::ON_CONNECT, cmd::ON_WEBSOCKET_CONNECT] {
+        assert_eq!(worker.next().await.unwrap().cmd, want);
+    }
+    // 11 MB of session: past the worker's whole 10 MB queue.
+    let session = json!({"blob": "x".repeat(11_000_000)});
+    node.ok(
+        "set_session",
+        json!({"client_id": client.id, "session": session}),
+    )
+    .await;
+    client.send_text("too big to carry").await;
+    eventually("the oversized event counted", || async {
+        let m = node.get_text("/metrics").await;
+        metric(
+            &m,
+            "gatecast_worker_events_dropped_total{reason=\"too_large\"}",
+        ) == 1.0
+    })
+    .await;
+    let m = node.get_text("/metrics").await;
+    assert_eq!(metric(&m, "gatecast_workers"), 1.0, "{m}");
+    assert_eq!(
+        metric(&m, "gatecast_worker_disconnects_total{reason=\"slow\"}"),
+        0.0
+    );
+    node.ok(
+        "set_session",
+        json!({"client_id": client.id, "session": {"small": true}}),
+    )
+    .await;
+    client.send_text("after").await;
+    let p = worker.next().await.unwrap();
+    assert_eq!((p.cmd, &p.body[..]), (cmd::ON_MESSAGE, &b"after"[..]));
+}

@@ -80,6 +80,17 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--events-queue-bytes", "GATECAST_EVENTS_QUEUE_BYTES"),
         ("--events-webhook", "GATECAST_EVENTS_WEBHOOK"),
         ("--events-headers", "GATECAST_EVENTS_HEADERS"),
+        (
+            "--max-connections-per-sub",
+            "GATECAST_MAX_CONNECTIONS_PER_SUB",
+        ),
+        ("--max-handshakes", "GATECAST_MAX_HANDSHAKES"),
+        ("--max-partial-bytes", "GATECAST_MAX_PARTIAL_BYTES"),
+        ("--max-session-bytes", "GATECAST_MAX_SESSION_BYTES"),
+        ("--events-max-bytes", "GATECAST_EVENTS_MAX_BYTES"),
+        ("--events-stream-bytes", "GATECAST_EVENTS_STREAM_BYTES"),
+        ("--events-redis-url", "GATECAST_EVENTS_REDIS_URL"),
+        ("--worker-keep-token", "GATECAST_WORKER_KEEP_TOKEN"),
         ("--log-format", "GATECAST_LOG_FORMAT"),
         ("--log-level", "GATECAST_LOG_LEVEL"),
     ] {

@@ -362,6 +362,16 @@ pub async fn call(gw: &Gateway, method: &str, params: Value) -> Result<Value, Ap
         "set_session" | "update_session" => {
             let p: ClientSession = parse(params)?;
             let merge = method == "update_session";
+            // Judged here first, so a session meant for another node's
+            // connection gets its 400 too; a merge that grows past the
+            // limit is refused where the connection lives.
+            if let Err(e) = crate::session::check(&p.session, gw.config.max_session_bytes) {
+                gw.metrics
+                    .sessions_refused
+                    .get_or_create(&crate::metrics::ReasonLabel { reason: e.label() })
+                    .inc();
+                return Err(ApiError::session_refused(e));
+            }
             engine.set_session(p.client_id, p.session, merge).await?;
             null
         }

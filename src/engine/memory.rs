@@ -90,7 +90,13 @@ impl Engine for MemoryEngine {
     }
 
     async fn set_session(&self, id: ClientId, session: Session, merge: bool) -> EngineResult<()> {
-        self.hub.set_session(id, session, merge);
+        if let Err(e) = self.hub.set_session(id, session, merge) {
+            self.metrics
+                .sessions_refused
+                .get_or_create(&crate::metrics::ReasonLabel { reason: e.label() })
+                .inc();
+            return Err(e.into());
+        }
         Ok(())
     }
 

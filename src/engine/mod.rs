@@ -25,6 +25,9 @@ pub enum EngineError {
     /// The backing store (Redis) is not reachable or did not answer in time.
     #[error("engine unavailable: {0}")]
     Unavailable(String),
+    /// A session change was refused for its size or depth.
+    #[error(transparent)]
+    Session(#[from] crate::session::SessionError),
 }
 
 /// Result of engine operations.

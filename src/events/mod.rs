@@ -9,7 +9,19 @@
 //! (`--events-queue-bytes`: 64 KiB messages would otherwise make the 10,000
 //! events ~640 MiB), and when the sink falls that far behind, new events are
 //! dropped and counted.
+//!
+//! No client can take the queue for itself: one connection's events may
+//! hold at most an eighth of `--events-queue-bytes` (close events, one per
+//! connection, always fit), so a chatty client loses its own events first.
+//! An event larger than `--events-max-bytes` is dropped and counted
+//! (`gatecast_events_too_large_total`). The stream is trimmed by entries
+//! (`--events-max-len`) and, approximately, by bytes: the length it is
+//! trimmed to shrinks so that entries of the average size seen hold at most
+//! `--events-stream-bytes`, so the events cannot fill the Redis that holds
+//! the cluster's membership (or give events a Redis of their own with
+//! `--events-redis-url`).
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -236,7 +248,23 @@ pub enum Sink {
 pub struct Events {
     tx: mpsc::Sender<Item>,
     bytes: Arc<QueueBytes>,
+    /// `--events-max-bytes`.
+    max_event_bytes: usize,
 }
+
+/// The bounds of the events queue and stream, from the options.
+#[derive(Debug, Clone, Copy)]
+pub struct Bounds {
+    /// `--events-queue-bytes`.
+    pub queue_bytes: usize,
+    /// `--events-max-bytes`.
+    pub max_event_bytes: usize,
+    /// `--events-stream-bytes`.
+    pub stream_bytes: usize,
+}
+
+/// Shards of the per-connection byte counts (a short lock each).
+const SHARDS: usize = 16;
 
 enum Item {
     /// An event and the bytes it counts for in [`QueueBytes`].
@@ -245,28 +273,60 @@ enum Item {
     Flush(oneshot::Sender<()>),
 }
 
-/// The bytes of the events queued and not yet handed to the sink, bounded.
+/// The bytes of the events queued and not yet handed to the sink, bounded
+/// in all and per connection.
 #[derive(Debug)]
 struct QueueBytes {
     used: AtomicUsize,
     limit: usize,
+    /// Bytes queued per connection (only connections with some queued).
+    per_client: Box<[parking_lot::Mutex<HashMap<ClientId, usize>>]>,
+    /// What one connection may have queued: an eighth of the queue.
+    client_limit: usize,
 }
 
 impl QueueBytes {
-    /// Counts `n` more bytes unless that would pass the limit. An event
-    /// always fits an empty queue, whatever its size, so a limit below
-    /// the largest message does not silence every message.
-    fn take(&self, n: usize) -> bool {
-        self.used
+    fn new(limit: usize) -> Self {
+        QueueBytes {
+            used: AtomicUsize::new(0),
+            limit,
+            per_client: (0..SHARDS).map(|_| Default::default()).collect(),
+            client_limit: (limit / 8).max(1),
+        }
+    }
+
+    /// Counts `n` more bytes for `client` unless that would pass the limit
+    /// or the client's share (a close event, `fair: false`, has no share to
+    /// keep). An event always fits an empty queue, whatever its size, so a
+    /// limit below the largest message does not silence every message.
+    fn take(&self, client: ClientId, n: usize, fair: bool) -> bool {
+        let mut shard = self.per_client[client.number() as usize % SHARDS].lock();
+        let held = shard.get(&client).copied().unwrap_or(0);
+        if fair && held > 0 && held + n > self.client_limit {
+            return false;
+        }
+        let taken = self
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
                 let total = used.checked_add(n)?;
                 (used == 0 || total <= self.limit).then_some(total)
             })
-            .is_ok()
+            .is_ok();
+        if taken {
+            shard.insert(client, held + n);
+        }
+        taken
     }
 
-    fn release(&self, n: usize) {
+    fn release(&self, client: ClientId, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
+        let mut shard = self.per_client[client.number() as usize % SHARDS].lock();
+        if let Some(held) = shard.get_mut(&client) {
+            *held = held.saturating_sub(n);
+            if *held == 0 {
+                shard.remove(&client);
+            }
+        }
     }
 }
 
@@ -278,27 +338,39 @@ impl Events {
         sink: Sink,
         node: NodeId,
         metrics: Arc<Metrics>,
-        queue_bytes: usize,
+        bounds: Bounds,
     ) -> (Self, impl Future<Output = ()> + Send + 'static) {
-        let (events, rx) = Self::queue(queue_bytes);
-        let drained = drain(sink, node, rx, events.bytes.clone(), metrics);
+        let (mut events, rx) = Self::queue(bounds.queue_bytes);
+        events.max_event_bytes = bounds.max_event_bytes;
+        let trim = Trim::new(bounds.stream_bytes);
+        let drained = drain(sink, node, rx, events.bytes.clone(), metrics, trim);
         (events, drained)
     }
 
     fn queue(queue_bytes: usize) -> (Self, mpsc::Receiver<Item>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let bytes = Arc::new(QueueBytes {
-            used: AtomicUsize::new(0),
-            limit: queue_bytes,
-        });
-        (Events { tx, bytes }, rx)
+        let bytes = Arc::new(QueueBytes::new(queue_bytes));
+        let events = Events {
+            tx,
+            bytes,
+            max_event_bytes: usize::MAX,
+        };
+        (events, rx)
     }
 
-    /// Queues an event; drops it (counted) when the sink is too far behind,
-    /// by count or by bytes.
+    /// Queues an event; drops it (counted) when it is larger than
+    /// `--events-max-bytes`, or when the sink is too far behind, by count
+    /// or by bytes, or when its connection holds its share of the queue.
     pub fn emit(&self, event: Event, metrics: &Metrics) {
         let size = event.approx_size();
-        if !self.bytes.take(size) {
+        if size > self.max_event_bytes {
+            metrics.events_too_large.inc();
+            metrics.events_dropped.inc();
+            return;
+        }
+        let client = event.client_id;
+        let fair = !matches!(event.detail, Detail::Close);
+        if !self.bytes.take(client, size, fair) {
             metrics.events_dropped.inc();
             return;
         }
@@ -307,7 +379,7 @@ impl Events {
             .try_send(Item::Event(Box::new(event), size))
             .is_err()
         {
-            self.bytes.release(size);
+            self.bytes.release(client, size);
             metrics.events_dropped.inc();
         }
     }
@@ -325,12 +397,53 @@ impl Events {
     }
 }
 
+/// The length the stream is trimmed to: `--events-max-len`, less when
+/// the average event is large, so the stream holds about
+/// `--events-stream-bytes` at most.
+#[derive(Debug)]
+struct Trim {
+    stream_bytes: usize,
+    /// Average size of the events written (exponentially weighted).
+    average: f64,
+}
+
+impl Trim {
+    fn new(stream_bytes: usize) -> Self {
+        Trim {
+            stream_bytes,
+            average: 0.0,
+        }
+    }
+
+    /// Notes a batch's sizes.
+    fn saw(&mut self, sizes: impl Iterator<Item = usize>) {
+        for size in sizes {
+            let size = size as f64;
+            self.average = if self.average == 0.0 {
+                size
+            } else {
+                self.average * 0.99 + size * 0.01
+            };
+        }
+    }
+
+    /// MAXLEN for the next batch: at most `max_len`, at least 1.
+    fn max_len(&self, max_len: i64) -> i64 {
+        if self.stream_bytes == 0 || self.average <= 0.0 {
+            return max_len;
+        }
+        let by_bytes = (self.stream_bytes as f64 / self.average) as i64;
+        by_bytes.clamp(1, max_len)
+    }
+}
+
 async fn drain(
     sink: Sink,
     node: NodeId,
     mut rx: mpsc::Receiver<Item>,
     bytes: Arc<QueueBytes>,
     metrics: Arc<Metrics>,
+    mut trim: Trim,
 ) {
     let http = match webhook_client() {
         Ok(http) => Some(http),
@@ -343,12 +456,12 @@ async fn drain(
     while rx.recv_many(&mut items, BATCH).await > 0 {
         let mut flushes = Vec::new();
         let mut batch = Vec::with_capacity(items.len());
-        let mut batch_bytes = 0;
+        let mut taken = Vec::with_capacity(items.len());
         for item in items.drain(..) {
             match item {
                 Item::Event(event, size) => {
+                    taken.push((event.client_id, size));
                     batch.push(*event);
-                    batch_bytes += size;
                 }
                 Item::Flush(done) => flushes.push(done),
             }
@@ -359,7 +472,10 @@ async fn drain(
                     client,
                     key,
                     max_len,
-                } => write_stream(client, key, *max_len, node, &batch).await,
+                } => {
+                    trim.saw(taken.iter().map(|(_, size)| *size));
+                    write_stream(client, key, trim.max_len(*max_len), node, &batch).await
+                }
                 Sink::Webhook { url } => match &http {
                     Some(http) => post_all(http, url, node, &batch).await,
                     None => 0,
@@ -371,7 +487,9 @@ async fn drain(
         // Given back once the batch is done with, not when it was taken:
         // until then its events are still in memory.
         drop(batch);
-        bytes.release(batch_bytes);
+        for (client, size) in taken {
+            bytes.release(client, size);
+        }
         for done in flushes {
             let _ = done.send(());
         }
@@ -410,9 +528,15 @@ mod tests {
         assert_eq!(Value::Object(got), json!({"cookie": "session=1"}));
     }
 
-    /// A message event carrying `len` bytes.
+    /// A message event carrying `len` bytes, from a connection of its own.
     fn message(len: usize) -> Event {
-        let id = ClientId::new(NodeId::new(std::net::Ipv4Addr::LOCALHOST, 2900), 1);
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+        message_from(NEXT.fetch_add(1, Ordering::Relaxed), len)
+    }
+
+    /// A message event carrying `len` bytes from connection number `n`.
+    fn message_from(n: u32, len: usize) -> Event {
+        let id = ClientId::new(NodeId::new(std::net::Ipv4Addr::LOCALHOST, 2900), n);
         let session = json!({"room": "lobby"}).as_object().cloned().unwrap();
         let data = Bytes::from(vec![b'x'; len]);
         Event::new(
@@ -449,10 +573,10 @@ mod tests {
         events.emit(message(10), &metrics);
         assert_eq!(metrics.events_dropped.get(), 1);
         // Once the sink has taken one, there is room again.
-        let Ok(Item::Event(_, taken)) = rx.try_recv() else {
+        let Ok(Item::Event(event, taken)) = rx.try_recv() else {
             panic!("an event is queued")
         };
-        events.bytes.release(taken);
+        events.bytes.release(event.client_id, taken);
         events.emit(message(64 * 1024), &metrics);
         assert_eq!(metrics.events_dropped.get(), 1);
     }
@@ -465,6 +589,49 @@ mod tests {
         assert_eq!(metrics.events_dropped.get(), 0);
         events.emit(message(10), &metrics);
         assert_eq!(metrics.events_dropped.get(), 1);
+    }
+
+    #[test]
+    fn one_chatty_connection_cannot_fill_the_queue() {
+        let metrics = Metrics::new();
+        let size = message(1000).approx_size();
+        let (events, _rx) = Events::queue(size * 80);
+        // One connection gets about an eighth of the queue...
+        for _ in 0..80 {
+            events.emit(message_from(7, 1000), &metrics);
+        }
+        let dropped = metrics.events_dropped.get();
+        assert!((65..=71).contains(&dropped), "{dropped}");
+        // ...and every other connection still gets in, its close too.
+        for n in 100..150 {
+            events.emit(message_from(n, 1000), &metrics);
+        }
+        let close = Event::new(
+            message_from(7, 0).client_id,
+            None,
+            Session::new(),
+            Detail::Close,
+        );
+        events.emit(close, &metrics);
+        assert_eq!(metrics.events_dropped.get(), dropped);
+    }
+
+    #[test]
+    fn events_past_the_size_cap_are_dropped_and_the_stream_trims_by_bytes() {
+        let metrics = Metrics::new();
+        let (mut events, _rx) = Events::queue(1 << 20);
+        events.max_event_bytes = 10_000;
+        events.emit(message(20_000), &metrics);
+        assert_eq!(metrics.events_too_large.get(), 1);
+        assert_eq!(metrics.events_dropped.get(), 1);
+        events.emit(message(100), &metrics);
+        assert_eq!(metrics.events_dropped.get(), 1);
+        // 1,000 bytes on average: a 1 MB bound keeps about 1,000 entries.
+        let mut trim = Trim::new(1_000_000);
+        assert_eq!(trim.max_len(100_000), 100_000);
+        trim.saw(std::iter::repeat_n(1000, 50));
+        assert_eq!(trim.max_len(100_000), 1000);
+        assert_eq!(trim.max_len(10), 10);
     }
 
     /// https webhooks are supported: a post to an https URL fails to
@@ -495,7 +662,12 @@ mod tests {
         };
         let node = NodeId::new(std::net::Ipv4Addr::LOCALHOST, 2900);
         let size = message(64 * 1024).approx_size();
-        let (events, drained) = Events::new(sink, node, metrics.clone(), size);
+        let bounds = Bounds {
+            queue_bytes: size,
+            max_event_bytes: usize::MAX,
+            stream_bytes: 0,
+        };
+        let (events, drained) = Events::new(sink, node, metrics.clone(), bounds);
         tokio::spawn(drained);
         for _ in 0..3 {
             events.emit(message(64 * 1024), &metrics);

@@ -8,9 +8,19 @@
 //! level deep, the last value of a repeated key winning. `server` has the
 //! request line's parts, the addresses and every header as `HTTP_NAME`.
 //!
-//! Unlike connect events (`--events`), nothing is filtered out: a worker
+//! Unlike connect events (`--events`), little is filtered out: a worker
 //! runs the application's own code, which often authenticates from
-//! `$_GET['token']` or a session cookie, exactly as with GatewayWorker.
+//! `$_GET['token']` or a session cookie, exactly as with GatewayWorker. Two
+//! exceptions: when gatecast itself verified the client's JWT (`?token=`
+//! with client auth on), that token is gatecast's and is left out unless
+//! `--worker-keep-token`; and headers whose names hold `_` are left out of
+//! `$_SERVER`, as nginx and PHP-FPM do, since `X_Real_IP` and `X-Real-IP`
+//! would both become `HTTP_X_REAL_IP` (a client could forge a proxy's).
+//!
+//! Bounded as PHP bounds it: at most [`MAX_INPUT_VARS`] entries in `get` and
+//! in `cookie` (PHP's `max_input_vars`; later ones are dropped), and appends
+//! (`a[]=`) cost O(1) each, so a long query cannot cost a node more than a
+//! linear pass.
 
 use std::net::SocketAddr;
 
@@ -34,20 +44,51 @@ pub struct Handshake {
     pub client: SocketAddr,
     /// The port the client connected to.
     pub server_port: u16,
+    /// Leave `token` out of the query: gatecast verified it as the
+    /// client's JWT, and the application's code has no use for it.
+    pub strip_token: bool,
 }
+
+/// Most entries `get` or `cookie` holds: PHP's default `max_input_vars`.
+/// PHP drops the ones past it (with a warning); so does gatecast.
+pub const MAX_INPUT_VARS: usize = 1000;
+
+/// Largest serialized handshake a worker gets. Past it (a huge request
+/// head allowed by `--max-request-head-bytes`) `get` and `cookie` are sent
+/// empty and `$_SERVER` keeps only the request line and addresses.
+pub const MAX_HANDSHAKE_BYTES: usize = 256 << 10;
 
 impl Handshake {
     /// `serialize(['get' => …, 'server' => …, 'cookie' => …])`.
     pub fn to_php(&self) -> Vec<u8> {
-        let query = self.uri.query().unwrap_or_default();
+        let raw_query = self.uri.query().unwrap_or_default();
+        let query = if self.strip_token {
+            crate::events::forwarded_query(raw_query)
+        } else {
+            raw_query.to_owned()
+        };
+        let body = self.serialize(&query, true);
+        if body.len() <= MAX_HANDSHAKE_BYTES {
+            return body;
+        }
+        self.serialize(&query, false)
+    }
+
+    /// The serialized `$data`; without `full`, only what stays small.
+    fn serialize(&self, query: &str, full: bool) -> Vec<u8> {
+        let (get, cookie) = if full {
+            (parse_str(query), self.cookies())
+        } else {
+            (Array::new(), Array::new())
+        };
         let mut data = Array::new();
-        data.insert(Key::from("get"), Value::Array(parse_str(query)));
-        data.insert(Key::from("server"), Value::Array(self.server(query)));
-        data.insert(Key::from("cookie"), Value::Array(self.cookies()));
+        data.insert(Key::from("get"), Value::Array(get));
+        data.insert(Key::from("server"), Value::Array(self.server(query, full)));
+        data.insert(Key::from("cookie"), Value::Array(cookie));
         php::serialize(&Value::Array(data))
     }
 
-    fn server(&self, query: &str) -> Array {
+    fn server(&self, query: &str, with_headers: bool) -> Array {
         let header = |name: header::HeaderName| {
             self.headers
                 .get(name)
@@ -64,7 +105,11 @@ impl Handshake {
         };
         set("QUERY_STRING", Value::string(query));
         set("REQUEST_METHOD", Value::string(self.method.as_str()));
-        let target = self.uri.path_and_query().map_or("/", |p| p.as_str());
+        let target = if query.is_empty() {
+            self.uri.path().to_owned()
+        } else {
+            format!("{}?{query}", self.uri.path())
+        };
         set("REQUEST_URI", Value::string(target));
         set("SERVER_PROTOCOL", Value::string(version(self.version)));
         set("SERVER_NAME", Value::String(host_name(host).to_vec()));
@@ -72,7 +117,9 @@ impl Handshake {
         set("REMOTE_ADDR", Value::string(self.client.ip().to_string()));
         set("REMOTE_PORT", Value::Int(self.client.port().into()));
         set("SERVER_PORT", Value::Int(self.server_port.into()));
-        for name in self.headers.keys() {
+        let headers = self.headers.keys().filter(|_| with_headers);
+        // nginx's `underscores_in_headers off`: see the module doc.
+        for name in headers.filter(|name| !name.as_str().contains('_')) {
             let values: Vec<&[u8]> = self
                 .headers
                 .get_all(name)
@@ -89,7 +136,7 @@ impl Handshake {
     }
 
     fn cookies(&self) -> Array {
-        let mut cookies = Array::new();
+        let mut cookies = Input::default();
         for header in self.headers.get_all(header::COOKIE) {
             for pair in header.as_bytes().split(|&b| b == b';') {
                 let pair = pair.trim_ascii();
@@ -102,60 +149,82 @@ impl Handshake {
                 }
                 // PHP decodes `%XX` in cookie values, not `+`.
                 let value: Vec<u8> = percent_encoding::percent_decode(value).collect();
-                insert(&mut cookies, name, Value::String(value));
+                if !cookies.insert(name, Value::String(value)) {
+                    return cookies.array;
+                }
             }
         }
-        cookies
+        cookies.array
     }
 }
 
-/// PHP's `parse_str` for the shapes forms and clients send.
+/// PHP's `parse_str` for the shapes forms and clients send, keeping the
+/// first [`MAX_INPUT_VARS`] entries.
 pub fn parse_str(query: &str) -> Array {
-    let mut out = Array::new();
+    let mut out = Input::default();
     for (name, value) in form_urlencoded::parse(query.as_bytes()) {
         if name.is_empty() {
             continue;
         }
-        insert(&mut out, name.as_bytes(), Value::string(value.into_owned()));
+        if !out.insert(name.as_bytes(), Value::string(value.into_owned())) {
+            break;
+        }
     }
-    out
+    out.array
 }
 
-/// Sets `name` (with PHP's `a[]` / `a[k]` forms) to `value` in `array`.
-fn insert(array: &mut Array, name: &[u8], value: Value) {
-    let (base, sub) = match name.iter().position(|&b| b == b'[') {
-        Some(i) if i > 0 && name.ends_with(b"]") => {
-            (&name[..i], Some(&name[i + 1..name.len() - 1]))
+/// A superglobal being built: the array, and for each of its sub-arrays
+/// the next index `a[]` appends at (PHP's `nNextFreeElement`), so an
+/// append does not scan the keys.
+#[derive(Default)]
+struct Input {
+    array: Array,
+    next: std::collections::HashMap<Key, i64>,
+    entries: usize,
+}
+
+impl Input {
+    /// Sets `name` (with PHP's `a[]` / `a[k]` forms) to `value`; false once
+    /// [`MAX_INPUT_VARS`] entries are in (and `value` is dropped).
+    fn insert(&mut self, name: &[u8], value: Value) -> bool {
+        if self.entries >= MAX_INPUT_VARS {
+            return false;
         }
-        _ => (name, None),
-    };
-    let key = Key::from_bytes(php_key(base));
-    let Some(sub) = sub else {
-        array.insert(key, value);
-        return;
-    };
-    let entry = array
-        .entry(key)
-        .or_insert_with(|| Value::Array(Array::new()));
-    if !matches!(entry, Value::Array(_)) {
-        *entry = Value::Array(Array::new());
-    }
-    let Value::Array(inner) = entry else {
-        return;
-    };
-    if sub.is_empty() {
-        // PHP appends at the next integer key.
-        let next = inner
-            .keys()
-            .filter_map(|k| match k {
-                Key::Int(n) => Some(n + 1),
-                Key::String(_) => None,
-            })
-            .max()
-            .unwrap_or(0);
-        inner.insert(Key::Int(next), value);
-    } else {
-        inner.insert(Key::from_bytes(sub.to_vec()), value);
+        self.entries += 1;
+        let (base, sub) = match name.iter().position(|&b| b == b'[') {
+            Some(i) if i > 0 && name.ends_with(b"]") => {
+                (&name[..i], Some(&name[i + 1..name.len() - 1]))
+            }
+            _ => (name, None),
+        };
+        let key = Key::from_bytes(php_key(base));
+        let Some(sub) = sub else {
+            self.next.remove(&key);
+            self.array.insert(key, value);
+            return true;
+        };
+        let entry = self
+            .array
+            .entry(key.clone())
+            .or_insert_with(|| Value::Array(Array::new()));
+        if !matches!(entry, Value::Array(_)) {
+            *entry = Value::Array(Array::new());
+            self.next.remove(&key);
+        }
+        let Value::Array(inner) = entry else {
+            return true;
+        };
+        let next = self.next.entry(key).or_insert(0);
+        let sub = if sub.is_empty() {
+            Key::Int(*next)
+        } else {
+            Key::from_bytes(sub.to_vec())
+        };
+        if let Key::Int(n) = sub {
+            *next = (*next).max(n.saturating_add(1));
+        }
+        inner.insert(sub, value);
+        true
     }
 }
 
@@ -231,6 +300,7 @@ mod tests {
             headers,
             client: "203.0.113.9:5555".parse().unwrap(),
             server_port: 8080,
+            strip_token: false,
         };
         let Value::Array(data) = php::unserialize(&handshake.to_php()).unwrap() else {
             panic!("not an array")
@@ -258,6 +328,112 @@ mod tests {
             panic!("no get")
         };
         assert_eq!(get(&query, "room"), Value::string("1"));
+    }
+
+    fn handshake(uri: &str, headers: HeaderMap, strip_token: bool) -> Array {
+        let handshake = Handshake {
+            method: Method::GET,
+            uri: uri.parse().unwrap(),
+            version: Version::HTTP_11,
+            headers,
+            client: "203.0.113.9:5555".parse().unwrap(),
+            server_port: 8080,
+            strip_token,
+        };
+        let Value::Array(data) = php::unserialize(&handshake.to_php()).unwrap() else {
+            panic!("not an array")
+        };
+        data
+    }
+
+    #[test]
+    fn appends_cost_no_scan_and_entries_stop_at_max_input_vars() {
+        // 8,000 appends: quadratic before (32 million key visits, tens of
+        // ms in release, seconds in debug); linear now.
+        let query = "a[]=1&".repeat(8000);
+        let started = std::time::Instant::now();
+        let get_ = parse_str(&query);
+        let took = started.elapsed();
+        let Value::Array(a) = get(&get_, "a") else {
+            panic!("a is not an array")
+        };
+        assert_eq!(a.len(), MAX_INPUT_VARS);
+        assert_eq!(a.get_index(999).map(|(k, _)| k), Some(&Key::Int(999)));
+        // Generous for a debug build on a loaded machine: 1,000 entries.
+        assert!(took < std::time::Duration::from_millis(200), "{took:?}");
+
+        // Appends follow explicit indexes, as PHP's next free element.
+        let mixed = parse_str("b[5]=x&b[]=y&b[k]=z&b[]=w&c=1&c[]=2");
+        let Value::Array(b) = get(&mixed, "b") else {
+            panic!("b is not an array")
+        };
+        let keys: Vec<_> = b.keys().cloned().collect();
+        assert_eq!(
+            keys,
+            [Key::Int(5), Key::Int(6), Key::from("k"), Key::Int(7)]
+        );
+        let Value::Array(c) = get(&mixed, "c") else {
+            panic!("c is not an array")
+        };
+        assert_eq!(c.get(&Key::Int(0)), Some(&Value::string("2")));
+
+        // Plain keys count too, and cookies have their own 1,000.
+        let many: String = (0..1500).map(|i| format!("k{i}=v&")).collect();
+        assert_eq!(parse_str(&many).len(), MAX_INPUT_VARS);
+        let cookie: String = (0..1500).map(|i| format!("c{i}=v; ")).collect();
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, HeaderValue::from_str(&cookie).unwrap());
+        let Value::Array(cookies) = get(&handshake("/ws", headers, false), "cookie") else {
+            panic!("no cookie")
+        };
+        assert_eq!(cookies.len(), MAX_INPUT_VARS);
+    }
+
+    #[test]
+    fn a_handshake_too_large_keeps_only_the_request_line() {
+        let mut headers = HeaderMap::new();
+        let big = "x".repeat(MAX_HANDSHAKE_BYTES);
+        headers.insert("x-big", HeaderValue::from_str(&big).unwrap());
+        let data = handshake("/ws?room=1", headers, false);
+        let Value::Array(get_) = get(&data, "get") else {
+            panic!("no get")
+        };
+        assert!(get_.is_empty());
+        let Value::Array(server) = get(&data, "server") else {
+            panic!("no server")
+        };
+        assert_eq!(get(&server, "REMOTE_ADDR"), Value::string("203.0.113.9"));
+        assert_eq!(get(&server, "QUERY_STRING"), Value::string("room=1"));
+        assert_eq!(get(&server, "HTTP_X_BIG"), Value::Null);
+    }
+
+    #[test]
+    fn gatecasts_token_is_left_out_and_underscored_headers_skipped() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-real-ip", HeaderValue::from_static("198.51.100.1"));
+        headers.insert("x_real_ip", HeaderValue::from_static("6.6.6.6"));
+        let data = handshake("/ws?token=secret.jwt&room=1", headers.clone(), true);
+        let Value::Array(get_) = get(&data, "get") else {
+            panic!("no get")
+        };
+        assert_eq!(get(&get_, "token"), Value::Null);
+        assert_eq!(get(&get_, "room"), Value::string("1"));
+        let Value::Array(server) = get(&data, "server") else {
+            panic!("no server")
+        };
+        assert_eq!(get(&server, "QUERY_STRING"), Value::string("room=1"));
+        assert_eq!(get(&server, "REQUEST_URI"), Value::string("/ws?room=1"));
+        // The proxy's header wins whatever the order the client sent.
+        assert_eq!(
+            get(&server, "HTTP_X_REAL_IP"),
+            Value::string("198.51.100.1")
+        );
+        // Kept when gatecast did not verify it (or --worker-keep-token).
+        let data = handshake("/ws?token=app-token", headers, false);
+        let Value::Array(get_) = get(&data, "get") else {
+            panic!("no get")
+        };
+        assert_eq!(get(&get_, "token"), Value::string("app-token"));
     }
 
     #[test]

@@ -40,6 +40,11 @@ use crate::metrics::{Metrics, ReasonLabel};
 /// disconnected: GatewayWorker's `sendToWorkerBufferSize`.
 pub const QUEUE_BYTES: usize = 10_240_000;
 
+/// Largest event sent to a worker: a larger one (a huge session, with
+/// `--max-session-bytes` raised) is dropped and counted (`too_large`),
+/// never taken as the worker being slow.
+pub const MAX_EVENT_BYTES: usize = QUEUE_BYTES / 4;
+
 /// Packets waiting for one worker, whatever their size.
 const QUEUE_PACKETS: usize = 65_536;
 
@@ -250,6 +255,11 @@ impl Workers {
             Event::Message(data) => (cmd::ON_MESSAGE, data, true),
             Event::Close => (cmd::ON_CLOSE, &[][..], true),
         };
+        let session = session();
+        if session.len() + body.len() > MAX_EVENT_BYTES {
+            self.dropped("too_large", id);
+            return;
+        }
         let packet = Packet {
             cmd: command,
             local_ip: u32::from(*self.node.addr().ip()),
@@ -260,7 +270,7 @@ impl Workers {
             // PHP's encoder sets it for a scalar body (a string here).
             flag: if scalar { flag::BODY_IS_SCALAR } else { 0 },
             gateway_port: self.public_port,
-            ext_data: Bytes::from(session()),
+            ext_data: Bytes::from(session),
             body: Bytes::copy_from_slice(body),
         };
         if self.enqueue(&link, protocol::encode(&packet)) {

@@ -24,7 +24,7 @@ use parking_lot::RwLock;
 use crate::frame::close_code;
 use crate::ids::ClientId;
 use crate::outbox::{Limits, Outbox};
-use crate::session::{self, Session};
+use crate::session::{self, Session, SessionError};
 
 mod fanout;
 
@@ -70,6 +70,19 @@ pub struct Hub {
     shards: Box<[RwLock<Index>]>,
     clock: Instant,
     limits: Limits,
+    /// `--max-session-bytes`.
+    max_session_bytes: usize,
+}
+
+/// A connection with an unfinished client message (see [`Hub::incomplete`]).
+#[derive(Debug)]
+pub struct Incomplete {
+    /// Since when (hub clock, ms).
+    pub since: u64,
+    /// Bytes its reader holds.
+    pub bytes: usize,
+    /// Its queue, to close it.
+    pub outbox: Arc<Outbox>,
 }
 
 impl Hub {
@@ -79,7 +92,19 @@ impl Hub {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             clock: Instant::now(),
             limits,
+            max_session_bytes: session::DEFAULT_MAX_BYTES,
         }
+    }
+
+    /// This hub, holding sessions to `max_bytes` (`--max-session-bytes`).
+    pub fn with_max_session_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_session_bytes = max_bytes;
+        self
+    }
+
+    /// `--max-session-bytes`.
+    pub fn max_session_bytes(&self) -> usize {
+        self.max_session_bytes
     }
 
     /// The shard that holds `id`. Connection numbers are consecutive, so
@@ -240,17 +265,34 @@ impl Hub {
 
     /// Replaces (or with `merge`, merges into) the session of `id`. Returns
     /// the resulting session, or `None` when the connection is not here.
-    pub fn set_session(&self, id: ClientId, update: Session, merge: bool) -> Option<Session> {
-        let mut index = self.shard(id).write();
-        let local = index.conns.get_mut(&id)?;
-        let mut session = local.session.take().map(|s| *s).unwrap_or_default();
-        if merge {
-            session::merge(&mut session, update);
-        } else {
-            session = update;
+    /// A result over `--max-session-bytes` or [`session::MAX_DEPTH`] is
+    /// refused and the session stays as it was: every path that changes a
+    /// session comes here, so none can grow one past the bounds.
+    pub fn set_session(
+        &self,
+        id: ClientId,
+        update: Session,
+        merge: bool,
+    ) -> Result<Option<Session>, SessionError> {
+        if !merge {
+            // Checked before the lock: a replacement is judged alone.
+            session::check(&update, self.max_session_bytes)?;
         }
+        let mut index = self.shard(id).write();
+        let Some(local) = index.conns.get_mut(&id) else {
+            return Ok(None);
+        };
+        let session = match merge {
+            true => {
+                let mut merged = local.session.as_deref().cloned().unwrap_or_default();
+                session::merge(&mut merged, update);
+                session::check(&merged, self.max_session_bytes)?;
+                merged
+            }
+            false => update,
+        };
         local.session = boxed(session.clone());
-        Some(session)
+        Ok(Some(session))
     }
 
     /// Asks `id` to close, after `last` (if any) and what is already
@@ -336,6 +378,24 @@ impl Hub {
                 }
             }
         }
+    }
+
+    /// Every local connection holding an unfinished client message: since
+    /// when, how many bytes, and its outbox (to close it).
+    pub fn incomplete(&self) -> Vec<Incomplete> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            for local in shard.read().conns.values() {
+                if let Some(since) = local.outbox.incomplete_since() {
+                    out.push(Incomplete {
+                        since,
+                        bytes: local.outbox.partial_bytes(),
+                        outbox: local.outbox.clone(),
+                    });
+                }
+            }
+        }
+        out
     }
 
     /// A snapshot of every local connection's membership.

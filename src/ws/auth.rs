@@ -147,12 +147,9 @@ impl ClientAuth {
             )));
         }
         if let Some(session) = &claims.session {
-            let bytes = serde_json::to_vec(session).map_or(usize::MAX, |v| v.len());
-            if bytes > MAX_TOKEN_SESSION_BYTES {
-                return Err(Invalid(format!(
-                    "a session of {bytes} bytes, more than {MAX_TOKEN_SESSION_BYTES}"
-                )));
-            }
+            // Size and depth (what every node can read back).
+            crate::session::check(session, MAX_TOKEN_SESSION_BYTES)
+                .map_err(|e| Invalid(format!("token {e}")))?;
         }
         let mut groups: Vec<String> = Vec::with_capacity(claims.groups.len());
         for Name(g) in claims.groups {

@@ -97,6 +97,7 @@ pub async fn serve(start: Box<Start>) {
         Err(e) => tracing::debug!(client_id = %conn.id, error = %e, "connection ended"),
     }
     Box::pin(conn.leave()).await;
+    conn.gw.partial.charge(conn.outbox.swap_partial_bytes(0), 0);
     conn.gw.metrics.connections.dec();
 }
 
@@ -336,6 +337,13 @@ impl Connection {
             // A frame already half written must be finished, or the stream
             // is corrupt.
             self.batch.truncate(usize::from(self.offset > 0));
+            // Nor is the client's unfinished message of any use now: its
+            // bytes go back to the node's budget at once.
+            if self.reader.is_incomplete() {
+                self.reader = Reader::default();
+                let held = self.outbox.swap_partial_bytes(0);
+                self.gw.partial.charge(held, 0);
+            }
         }
         // Leave the uid and groups before the last bytes go out: a slow
         // client may take up to CLOSE_TIMEOUT to read them.
@@ -529,6 +537,10 @@ impl Connection {
                 }
             });
         outbox.set_incomplete(self.reader.is_incomplete(), now);
+        gw.partial.charge(
+            outbox.swap_partial_bytes(self.reader.buffered()),
+            self.reader.buffered(),
+        );
         if let Some(overspent) = overspent {
             tracing::debug!(client_id = %id, budget = overspent.label(), "client sends too fast");
             gw.metrics

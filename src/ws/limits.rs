@@ -34,7 +34,8 @@ pub enum Refused {
 }
 
 /// Open connections, by node, by client address and by `sub`, and the
-/// connect rate per address.
+/// connect rate per address. An IPv6 address counts as its /64, for both
+/// the connections and the rate: one host often holds a /64 whole.
 #[derive(Debug)]
 pub struct ConnectionLimits {
     max: usize,
@@ -42,6 +43,8 @@ pub struct ConnectionLimits {
     max_per_sub: usize,
     state: Mutex<Counts>,
     rate: Option<ConnectRate>,
+    /// Watches for a node that only ever sees proxies.
+    pub peers: PrivatePeers,
 }
 
 #[derive(Debug, Default)]
@@ -70,6 +73,7 @@ impl ConnectionLimits {
             max_per_sub: 0,
             state: Mutex::default(),
             rate: None,
+            peers: PrivatePeers::new(false),
         }
     }
 
@@ -84,6 +88,7 @@ impl ConnectionLimits {
                     config.connect_rate_private,
                 )
             }),
+            peers: PrivatePeers::new(config.trusted_proxies.is_empty()),
             ..Self::new(config.max_connections, config.max_connections_per_ip)
         }
     }
@@ -92,6 +97,7 @@ impl ConnectionLimits {
     /// attempt the rate lets through spends from the address's budget,
     /// whatever becomes of it (a refused token included).
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admitted, Refused> {
+        let ip = address_key(ip);
         if let Some(rate) = &self.rate {
             if !rate.allow(ip, Instant::now()) {
                 return Err(Refused::Rate);
@@ -207,14 +213,10 @@ impl ConnectRate {
 
     /// Whether `ip` may open a connection at `now`; spends a token if so.
     pub fn allow(&self, ip: IpAddr, now: Instant) -> bool {
-        let ip = ip.to_canonical();
-        if !self.private && is_private(ip) {
+        let key = address_key(ip);
+        if !self.private && is_private(key) {
             return true;
         }
-        let key = match ip {
-            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
-            v4 => v4,
-        };
         let mut g = self.buckets.lock();
         let mut bucket = match g.current.get(&key) {
             Some(b) => *b,
@@ -241,6 +243,72 @@ impl ConnectRate {
     pub fn remembered(&self) -> usize {
         let g = self.buckets.lock();
         g.current.len() + g.previous.len()
+    }
+}
+
+/// What the per-address limits count: the address itself for IPv4 (an
+/// IPv4-mapped IPv6 address included), its /64 for IPv6.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u64::MAX as u128))),
+        v4 => v4,
+    }
+}
+
+/// Least time between two warnings that every peer is private.
+const PRIVATE_PEERS_WARN_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Notices a node whose peers are all private while no proxy is trusted:
+/// behind an ingress or kube-proxy's SNAT every client then arrives from a
+/// proxy's private address, the connect rate exempts it, and the
+/// per-address limits count the proxy. Warns (at most once an hour) and
+/// holds the gauge `gatecast_untrusted_private_peers` at 1 until a public
+/// peer shows up.
+#[derive(Debug)]
+pub struct PrivatePeers {
+    /// No `--trusted-proxies`: the only case worth watching.
+    armed: bool,
+    public_seen: std::sync::atomic::AtomicBool,
+    last_warning: Mutex<Option<Instant>>,
+}
+
+impl PrivatePeers {
+    /// Watches when `armed` (no proxy is trusted).
+    pub fn new(armed: bool) -> Self {
+        PrivatePeers {
+            armed,
+            public_seen: std::sync::atomic::AtomicBool::new(false),
+            last_warning: Mutex::new(None),
+        }
+    }
+
+    /// Notes a connection from `peer` (the socket's address). Returns the
+    /// gauge's new value when it changes, and logs the warning when due.
+    pub fn observe(&self, peer: IpAddr, now: Instant) -> Option<i64> {
+        use std::sync::atomic::Ordering;
+        if !self.armed || self.public_seen.load(Ordering::Relaxed) {
+            return None;
+        }
+        if !is_private(peer.to_canonical()) {
+            self.public_seen.store(true, Ordering::Relaxed);
+            return Some(0);
+        }
+        let mut last = self.last_warning.lock();
+        if last.is_some_and(|at| now.saturating_duration_since(at) < PRIVATE_PEERS_WARN_EVERY) {
+            return None;
+        }
+        let first = last.is_none();
+        *last = Some(now);
+        drop(last);
+        tracing::warn!(
+            %peer,
+            "every client so far connects from a private or loopback address and \
+             --trusted-proxies is empty: behind an ingress, load balancer or SNAT the \
+             per-address limits see the proxy, not the clients (and private addresses \
+             are not rate-limited at all); set --trusted-proxies to the proxies' \
+             addresses (logged at most once an hour)"
+        );
+        first.then_some(1)
     }
 }
 
@@ -424,6 +492,41 @@ mod tests {
         );
         // Straight from a client: its header is ignored.
         assert_eq!(client_ip(stranger, &headers, &trusted), stranger);
+    }
+
+    #[test]
+    fn an_ipv6_client_counts_as_its_slash_64() {
+        let limits = Arc::new(ConnectionLimits::new(0, 2));
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let _a = limits.admit(ip("2001:db8:0:1::1")).unwrap();
+        let b = limits.admit(ip("2001:db8:0:1::2")).unwrap();
+        assert_eq!(
+            limits.admit(ip("2001:db8:0:1:ffff::9")).unwrap_err(),
+            Refused::Address
+        );
+        // Another /64 has a count of its own; a closed one frees its place.
+        let _c = limits.admit(ip("2001:db8:0:2::1")).unwrap();
+        drop(b);
+        let _d = limits.admit(ip("2001:db8:0:1::3")).unwrap();
+        // An IPv4-mapped address is the IPv4 address.
+        let _e = limits.admit(ip("::ffff:192.0.2.1")).unwrap();
+        let _f = limits.admit(ip("192.0.2.1")).unwrap();
+        assert_eq!(limits.admit(ip("192.0.2.1")).unwrap_err(), Refused::Address);
+    }
+
+    #[test]
+    fn only_private_peers_without_trusted_proxies_is_flagged_until_a_public_one() {
+        let now = Instant::now();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let peers = PrivatePeers::new(true);
+        assert_eq!(peers.observe(ip("10.1.2.3"), now), Some(1));
+        // Throttled: no new warning, no change.
+        assert_eq!(peers.observe(ip("10.1.2.4"), now), None);
+        assert_eq!(peers.observe(ip("203.0.113.5"), now), Some(0));
+        assert_eq!(peers.observe(ip("10.1.2.5"), now), None);
+        // With trusted proxies nothing is watched.
+        let trusted = PrivatePeers::new(false);
+        assert_eq!(trusted.observe(ip("10.1.2.3"), now), None);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod connection;
 pub mod limits;
+pub mod partial;
 
 use std::sync::Arc;
 
@@ -52,6 +53,13 @@ pub async fn upgrade(
     if gw.is_draining() {
         return ApiError::unavailable("the node is shutting down").into_response();
     }
+    if let Some(value) = gw
+        .limits
+        .peers
+        .observe(peer.ip(), std::time::Instant::now())
+    {
+        gw.metrics.untrusted_private_peers.set(value);
+    }
     let ip = limits::client_ip(peer.ip(), &headers, &gw.config.trusted_proxies);
     let mut admitted = match gw.limits.admit(ip) {
         Ok(admitted) => admitted,
@@ -85,6 +93,14 @@ pub async fn upgrade(
             None => return ApiError::unauthorized("missing ?token=").into_response(),
         },
     };
+    if let Err(e) = crate::session::check(&verified.membership.session, gw.config.max_session_bytes)
+    {
+        gw.metrics
+            .sessions_refused
+            .get_or_create(&crate::metrics::ReasonLabel { reason: e.label() })
+            .inc();
+        return ApiError::session_refused(e).into_response();
+    }
     if let Some(sub) = &verified.membership.uid {
         if let Err(refused) = admitted.count_sub(sub) {
             return refuse(&gw, refused);
@@ -98,13 +114,17 @@ pub async fn upgrade(
     let client = SocketAddr::new(ip, peer.port());
     // What BusinessWorkers' onWebSocketConnect gets, kept only when one is
     // connected (taken whole: it is the application's own code).
-    let handshake = gw.workers.any().then(|| Handshake {
-        method: request.method().clone(),
-        uri: request.uri().clone(),
-        version: request.version(),
-        headers: headers.clone(),
-        client,
-        server_port: gw.config.listen.port(),
+    let handshake = gw.workers.any().then(|| {
+        warn_open_origins(&gw);
+        Handshake {
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            headers: headers.clone(),
+            client,
+            server_port: gw.config.listen.port(),
+            strip_token: gw.client_auth.is_some() && !gw.config.worker_keep_token,
+        }
     });
     let setup = Box::new(connection::Setup {
         membership: verified.membership,
@@ -133,6 +153,22 @@ pub async fn upgrade(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
         .body(axum::body::Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// Says once per process, at the first handshake a BusinessWorker gets,
+/// that any site may open connections: a browser sends the user's cookies
+/// whatever the page's origin, and workers get them in `$_COOKIE`.
+fn warn_open_origins(gw: &Gateway) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if gw.config.allowed_origins.is_empty()
+        && !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed)
+    {
+        tracing::warn!(
+            "BusinessWorkers get every client's cookies and --allowed-origins is empty: \
+             any web site can open a connection carrying your users' cookies; set \
+             --allowed-origins to your front end's origins"
+        );
+    }
 }
 
 /// The socket itself out of hyper's upgrade, so that reads and writes need

@@ -110,8 +110,15 @@ impl Shared {
             (Channel::Node(_), _) => {
                 let id = parse_id(e.client_id).ok_or("command without client_id")?;
                 let change = Change::from_envelope(&e)?;
-                if let Some(follows) = self.apply(id, change) {
-                    self.mirror.mark([id], follows);
+                match self.apply(id, change) {
+                    Ok(Some(follows)) => self.mirror.mark([id], follows),
+                    Ok(None) => {}
+                    // Counted by `apply`; the sender (another node, whose
+                    // caller got the same check first, or a backend
+                    // publishing straight to Redis) hears nothing more.
+                    Err(e) => {
+                        tracing::warn!(client_id = %id, error = %e, "session command refused")
+                    }
                 }
                 self.reply_later(&e);
                 Ok(())

@@ -10,7 +10,7 @@ use super::mirror::Follow;
 use super::Shared;
 use crate::engine::{EngineError, EngineResult};
 use crate::ids::ClientId;
-use crate::session::Session;
+use crate::session::{Session, SessionError};
 
 /// Why a change to this node's connection answers 503 while Redis is away.
 const KEPT: &str = "redis is not connected: applied on this node, written to redis when it is back";
@@ -90,18 +90,26 @@ impl Shared {
     /// mirror (the connection is not here, or the change changed nothing).
     /// Changes that changed nothing are mirrored anyway where cheap: the
     /// writes are idempotent, and a retry repairs what a failure left.
-    pub(super) fn apply(&self, id: ClientId, change: Change) -> Option<Vec<Follow>> {
+    pub(super) fn apply(
+        &self,
+        id: ClientId,
+        change: Change,
+    ) -> Result<Option<Vec<Follow>>, SessionError> {
         let hub = &self.hub;
-        match change {
+        Ok(match change {
             Change::BindUid(uid) => {
-                let previous = hub.bind_uid(id, &uid)?;
+                let Some(previous) = hub.bind_uid(id, &uid) else {
+                    return Ok(None);
+                };
                 let mut follows = vec![Follow::Uid(uid.clone())];
                 follows.extend(previous.filter(|p| *p != uid).map(Follow::Uid));
                 Some(follows)
             }
             Change::UnbindUid(uid) => hub.unbind_uid(id, &uid).then(|| vec![Follow::Uid(uid)]),
             Change::JoinGroup(group) => {
-                hub.join_group(id, &group)?;
+                if hub.join_group(id, &group).is_none() {
+                    return Ok(None);
+                }
                 Some(vec![Follow::Group(group)])
             }
             Change::LeaveGroup(group) => {
@@ -109,10 +117,16 @@ impl Shared {
                 hub.contains(id).then(|| vec![Follow::Group(group)])
             }
             Change::Session { session, merge } => {
-                hub.set_session(id, session, merge)?;
+                if let Err(e) = hub.set_session(id, session, merge) {
+                    self.metrics
+                        .sessions_refused
+                        .get_or_create(&crate::metrics::ReasonLabel { reason: e.label() })
+                        .inc();
+                    return Err(e);
+                }
                 Some(Vec::new())
             }
-        }
+        })
     }
 
     /// Runs a change where the connection lives and waits until it is
@@ -124,7 +138,7 @@ impl Shared {
             self.check()?;
             return self.rpc(id.node(), change.into_envelope(id)).await;
         }
-        match self.apply(id, change) {
+        match self.apply(id, change)? {
             Some(follows) => self.mirrored([id], follows).await,
             None => Ok(()),
         }
