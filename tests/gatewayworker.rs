@@ -341,7 +341,7 @@ async fn a_php_backend_drives_two_nodes_through_the_register() {
 }
 
 /// What only the protocol has: the raw flag (the caller framed the bytes),
-/// text that is not UTF-8 (sent as is, as Workerman does), destroy, the
+/// a body that is not UTF-8 (sent as is, in a binary frame), destroy, the
 /// batch queries, ungroup, and the sessions of a group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_frames_non_utf8_text_destroy_and_batch_queries() {
@@ -360,10 +360,11 @@ async fn raw_frames_non_utf8_text_destroy_and_batch_queries() {
     send(inner, &[p]).await;
     let frame = raw.read_frame().await.unwrap();
     assert_eq!((frame.opcode, frame.payload), (2, vec![1, 2, 3]));
-    // Not UTF-8: a text frame of exactly those bytes.
+    // Not UTF-8: a binary frame of exactly those bytes (a text frame would
+    // make the browser close with 1007).
     send(inner, &[packet(cmd::SEND_TO_ONE, n, b"\xff\xfe", b"")]).await;
     let frame = raw.read_frame().await.unwrap();
-    assert_eq!((frame.opcode, frame.payload), (1, b"\xff\xfe".to_vec()));
+    assert_eq!((frame.opcode, frame.payload), (2, b"\xff\xfe".to_vec()));
 
     // Batch queries and group sessions, keyed as GatewayWorker keys them.
     let mut other = Client::connect(&node.ws_url("")).await;

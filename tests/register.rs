@@ -272,16 +272,16 @@ async fn bad_lines_close_only_their_connection() {
     }
     assert_eq!(register_errors(&node, "malformed").await, 4.0);
     assert_eq!(register_errors(&node, "unknown_event").await, 1.0);
-    // 64 KiB without a newline is enough to be refused: the node does not
+    // 4 KiB without a newline is enough to be refused: the node does not
     // wait for the rest.
     let mut long = RegisterClient::connect(addr).await;
-    long.send_bytes(&vec![b' '; 70 * 1024]).await;
+    long.send_bytes(&vec![b' '; 5 * 1024]).await;
     assert_eq!(long.next().await, Heard::Closed);
     assert_eq!(register_errors(&node, "too_long").await, 1.0);
     // A worker_connect after a line just short of the bound is fine: blank
     // lines are skipped.
     let mut padded = RegisterClient::connect(addr).await;
-    padded.send_bytes(&vec![b' '; 60 * 1024]).await;
+    padded.send_bytes(&vec![b' '; 3 * 1024]).await;
     padded.send_line(&format!("\n{WORKER_CONNECT}")).await;
     assert_eq!(padded.addresses().await, me);
 
