@@ -55,15 +55,16 @@ COPY --from=builder /out/gatecast /usr/local/bin/gatecast
 # Listen on every interface in a container. The binary's own default for the
 # internal API is 127.0.0.1:8081, which other containers could not reach.
 # Keep port 8081 off the public network: publish it only to trusted peers.
+# GatewayWorker's inner port stays on its loopback default (127.0.0.1:2900):
+# a PHP fleet opts in with GATECAST_INNER_LISTEN=0.0.0.0:2900 (and
+# GATECAST_REGISTER_LISTEN=0.0.0.0:1236) plus GATECAST_GATEWAY_SECRET_KEY,
+# without which gatecast refuses those addresses (docs/gatewayworker.md).
 ENV GATECAST_LISTEN=0.0.0.0:8080 \
     GATECAST_API_LISTEN=0.0.0.0:8081 \
-    GATECAST_INNER_LISTEN=0.0.0.0:2900 \
     GATECAST_LOG_FORMAT=json
 
-# 8080 public (/ws, /healthz, /readyz), 8081 internal (/api/*, /metrics),
-# 2900 inner (GatewayWorker's gateway protocol). GatewayWorker's Register is
-# off unless GATECAST_REGISTER_LISTEN is set (usually 0.0.0.0:1236).
-EXPOSE 8080 8081 2900
+# 8080 public (/ws, /healthz, /readyz), 8081 internal (/api/*, /metrics).
+EXPOSE 8080 8081
 
 # Numeric user so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001

@@ -87,9 +87,13 @@ def dockerfile() -> None:
         if want not in env:
             err(f"the runtime image should set ENV {want}")
     exposed = set(" ".join(a for i, a in runtime if i == "EXPOSE").split())
-    for port in ("8080", "8081", "2900"):
+    for port in ("8080", "8081"):
         if port not in exposed and f"{port}/tcp" not in exposed:
             err(f"EXPOSE lacks {port}")
+    # GatewayWorker's ports are opt-in (they need --gateway-secret-key).
+    for port in ("2900", "1236"):
+        if port in exposed or f"{port}/tcp" in exposed:
+            err(f"EXPOSE {port}: GatewayWorker's ports are opt-in, not exposed by default")
     hc = [a for i, a in runtime if i == "HEALTHCHECK"]
     if not hc or "http://127.0.0.1:8080/healthz" not in hc[-1]:
         err("HEALTHCHECK must probe http://127.0.0.1:8080/healthz")

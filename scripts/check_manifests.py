@@ -111,7 +111,7 @@ def main() -> int:
         err("Deployment selector does not match its pod template labels")
     container = next(c for c in spec["containers"] if c["name"] == "gatecast")
     port_names = {p["name"]: p["containerPort"] for p in container.get("ports", [])}
-    for required in ("http", "api", "inner"):
+    for required in ("http", "api"):
         if required not in port_names:
             err(f"gatecast container lacks the named port {required!r}")
 
@@ -131,7 +131,20 @@ def main() -> int:
         if skr and skr["name"] not in names.get("Secret", set()):
             notes.append(f"env {e['name']} reads Secret {skr['name']!r}, which the set does not create (external)")
 
-    for listen, port in (("GATECAST_LISTEN", "http"), ("GATECAST_API_LISTEN", "api"), ("GATECAST_INNER_LISTEN", "inner")):
+    # The inner port (GatewayWorker) is served only when the set enables it:
+    # then on 0.0.0.0 with a named port and a gateway secret key; else on
+    # loopback (or gatecast's loopback default) with no port declared.
+    inner = env.get("GATECAST_INNER_LISTEN")
+    if "inner" in port_names or "register" in port_names:
+        if "GATECAST_GATEWAY_SECRET_KEY" not in env:
+            err("the inner/Register port is exposed without GATECAST_GATEWAY_SECRET_KEY "
+                "(gatecast refuses to start; anyone reaching it would read every client)")
+    elif inner is not None and not (isinstance(inner, str) and inner.startswith("127.0.0.1:")):
+        err(f"GATECAST_INNER_LISTEN={inner!r} without a named port 'inner': keep it on loopback")
+    listens = [("GATECAST_LISTEN", "http"), ("GATECAST_API_LISTEN", "api")]
+    if "inner" in port_names:
+        listens.append(("GATECAST_INNER_LISTEN", "inner"))
+    for listen, port in listens:
         val = env.get(listen)
         if not isinstance(val, str) or not val.startswith("0.0.0.0:"):
             err(f"{listen} must listen on 0.0.0.0 in a pod, got {val!r}")

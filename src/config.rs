@@ -26,9 +26,13 @@ pub struct Config {
     pub api_listen: SocketAddr,
 
     /// Inner listener (GatewayWorker's gateway protocol). Its port is part of
-    /// every client_id; port 0 lets the system choose one.
-    #[arg(long, env = "GATECAST_INNER_LISTEN", default_value = "0.0.0.0:2900")]
-    pub inner_listen: SocketAddr,
+    /// every client_id; port 0 lets the system choose one. Default:
+    /// 127.0.0.1:2900, loopback only (the client_ids still carry the
+    /// advertised IP). Bound to one specific IPv4 address, that address is
+    /// advertised unless --advertise-ip says otherwise. Reachable from other
+    /// hosts only with --gateway-secret-key (or --gateway-insecure).
+    #[arg(long, env = "GATECAST_INNER_LISTEN")]
+    pub inner_listen: Option<SocketAddr>,
 
     /// Serve GatewayWorker's Register (JSON lines) on this address, e.g.
     /// 0.0.0.0:1236, so GatewayClient's `registerAddress` can point at any
@@ -37,7 +41,10 @@ pub struct Config {
     pub register_listen: Option<SocketAddr>,
 
     /// GatewayWorker's `secretKey`: what Register and gateway-protocol
-    /// clients must present. Empty: no key.
+    /// clients must present, and what signs each node's entry in Redis so
+    /// that the Register lists only real nodes. Empty: no key (then the
+    /// inner and Register listeners must be on loopback). At least 16
+    /// bytes, and not a known placeholder, unless --gateway-weak-key-ok.
     #[arg(
         long,
         env = "GATECAST_GATEWAY_SECRET_KEY",
@@ -46,6 +53,24 @@ pub struct Config {
         hide_default_value = true
     )]
     pub gateway_secret_key: Secret,
+
+    /// Serve the inner and Register listeners on non-loopback addresses
+    /// without --gateway-secret-key: for labs where nothing else can reach
+    /// them. Anyone who reaches them gets every client's handshake,
+    /// messages and sessions, and can push to or kick anyone.
+    #[arg(long, env = "GATECAST_GATEWAY_INSECURE", default_value_t = false)]
+    pub gateway_insecure: bool,
+
+    /// Accept a short or placeholder --gateway-secret-key (with a warning at
+    /// start), for PHP fleets that cannot change theirs yet.
+    #[arg(long, env = "GATECAST_GATEWAY_WEAK_KEY_OK", default_value_t = false)]
+    pub gateway_weak_key_ok: bool,
+
+    /// Largest gateway-protocol packet from an authenticated peer, in bytes
+    /// (GatewayWorker's `maxPackageSize`). Before authentication a packet is
+    /// at most 4 KiB whatever this says.
+    #[arg(long, env = "GATECAST_INNER_MAX_PACKET", default_value_t = 10 << 20)]
+    pub inner_max_packet: usize,
 
     /// IPv4 address other nodes and tools reach this node at; part of every
     /// client_id. Default: the address of the default-route interface, else
@@ -520,15 +545,102 @@ impl Config {
             return Err("--redis-prefix must not be empty".into());
         }
         self.validate_secure_defaults()?;
+        self.validate_gateway()?;
         Ok(())
     }
 
-    /// The advertised IPv4 address: the flag, else the default-route
-    /// interface's address, else loopback.
+    /// The advertised IPv4 address: the flag, else the address the inner
+    /// listener is explicitly bound to when it is one specific IPv4 address
+    /// (nothing listens on any other), else the default-route interface's
+    /// address, else loopback.
     pub fn advertised_ip(&self) -> Ipv4Addr {
         self.advertise_ip
+            .or_else(|| match self.inner_listen.map(|a| a.ip()) {
+                Some(std::net::IpAddr::V4(ip)) if !ip.is_unspecified() => Some(ip),
+                _ => None,
+            })
             .or_else(default_route_ipv4)
             .unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+
+    /// The address the inner listener binds: `--inner-listen`, else
+    /// [`DEFAULT_INNER_LISTEN`].
+    pub fn inner_bind(&self) -> SocketAddr {
+        self.inner_listen.unwrap_or(DEFAULT_INNER_LISTEN)
+    }
+
+    /// What is allowed but worth a line at start: a weak gateway key taken
+    /// with --gateway-weak-key-ok, open GatewayWorker ports without a key,
+    /// an inner listener nothing at the advertised address can reach.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let key = self.gateway_secret_key.as_str();
+        if !key.is_empty() && self.gateway_weak_key_ok {
+            if let Err(weak) = strong_secret("--gateway-secret-key", key) {
+                out.push(format!(
+                    "{weak} (accepted because of --gateway-weak-key-ok: change the PHP \
+                     fleet's secretKey as soon as it can)"
+                ));
+            }
+        }
+        if key.is_empty() && self.gateway_insecure && !self.gateway_ports_private() {
+            out.push(
+                "--gateway-insecure: the inner and Register ports take anyone who reaches \
+                 them (every client's handshake, messages and sessions)"
+                    .into(),
+            );
+        }
+        out
+    }
+
+    /// A note for the start log when nothing at the advertised address can
+    /// reach the inner listener (the default: PHP is not served).
+    pub fn inner_unreachable_note(&self) -> Option<String> {
+        let inner = self.inner_bind();
+        let advertised = self.advertised_ip();
+        (inner.ip().is_loopback() && !advertised.is_loopback()).then(|| {
+            format!(
+                "the inner listener is on {inner}, loopback only: GatewayClient and \
+                 BusinessWorkers cannot reach it at the advertised {advertised}; to use \
+                 them, set --inner-listen and --gateway-secret-key"
+            )
+        })
+    }
+
+    /// Whether the inner and Register listeners are on loopback only.
+    fn gateway_ports_private(&self) -> bool {
+        self.inner_bind().ip().is_loopback()
+            && self.register_listen.is_none_or(|a| a.ip().is_loopback())
+    }
+
+    /// The GatewayWorker ports: a key (strong unless
+    /// --gateway-weak-key-ok) whenever they are reachable from other hosts.
+    fn validate_gateway(&self) -> Result<(), String> {
+        let key = self.gateway_secret_key.as_str();
+        if !key.is_empty() && !self.gateway_weak_key_ok {
+            strong_secret("--gateway-secret-key", key).map_err(|e| {
+                format!("{e} (--gateway-weak-key-ok accepts it, for a PHP fleet that cannot change its key yet)")
+            })?;
+        }
+        if key.is_empty() && !self.gateway_insecure {
+            let inner = ("--inner-listen", Some(self.inner_bind()));
+            for (flag, addr) in [inner, ("--register-listen", self.register_listen)] {
+                if let Some(addr) = addr.filter(|a| !a.ip().is_loopback()) {
+                    return Err(format!(
+                        "{flag} {addr} is reachable from other hosts: set \
+                         --gateway-secret-key (GatewayWorker's secretKey, e.g. `openssl rand \
+                         -hex 32`), or --gateway-insecure to serve it without one"
+                    ));
+                }
+            }
+        }
+        if self.inner_max_packet < MIN_INNER_MAX_PACKET {
+            return Err(format!(
+                "--inner-max-packet must be at least {MIN_INNER_MAX_PACKET} (got {})",
+                self.inner_max_packet
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -538,6 +650,14 @@ fn parse_net(s: &str) -> Result<ipnet::IpNet, String> {
         .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
         .map_err(|_| format!("{s:?} is not an address or a CIDR range"))
 }
+
+/// Where the inner listener binds without `--inner-listen`: loopback, so a
+/// node that does not serve PHP exposes nothing.
+pub const DEFAULT_INNER_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 2900);
+
+/// Smallest `--inner-max-packet`: a GatewayClient call with a session.
+pub const MIN_INNER_MAX_PACKET: usize = 64 << 10;
 
 /// Longest `--client-jwt-leeway`: a larger one keeps expired tokens
 /// valid for long.
@@ -623,7 +743,9 @@ mod tests {
         let c = Config::try_parse_from(["gatecast"]).unwrap();
         assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
         assert_eq!(c.api_listen, "127.0.0.1:8081".parse().unwrap());
-        assert_eq!(c.inner_listen, "0.0.0.0:2900".parse().unwrap());
+        assert_eq!(c.inner_bind(), "127.0.0.1:2900".parse().unwrap());
+        assert!(c.inner_listen.is_none());
+        assert_eq!(c.inner_max_packet, 10 << 20);
         assert_eq!(c.ping_interval, Duration::from_secs(25));
         assert_eq!(c.ping_timeout, Duration::from_secs(60));
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
@@ -713,6 +835,83 @@ mod tests {
             &["--api-listen", "0.0.0.0:8081", "--api-insecure"],
         ] {
             validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+    }
+
+    #[test]
+    fn reachable_gateway_ports_need_a_strong_key_or_an_explicit_flag() {
+        const KEY: &str = "config-test-gateway-key-01";
+        for (args, flag) in [
+            (&["--inner-listen", "0.0.0.0:2900"][..], "--inner-listen"),
+            (&["--inner-listen", "10.0.0.7:2900"], "--inner-listen"),
+            (&["--register-listen", "0.0.0.0:1236"], "--register-listen"),
+            (&["--gateway-secret-key", "s3cret"], "--gateway-secret-key"),
+            (
+                &["--gateway-secret-key", "change-me-please-now"],
+                "--gateway-secret-key",
+            ),
+            (&["--inner-max-packet", "1000"], "--inner-max-packet"),
+        ] {
+            let error = validate(args).expect_err(&format!("{args:?} refused"));
+            assert!(error.starts_with(flag), "{args:?}: {error}");
+        }
+        for args in [
+            &["--inner-listen", "127.0.0.1:2900"][..],
+            &["--register-listen", "127.0.0.1:1236"],
+            &[
+                "--inner-listen",
+                "0.0.0.0:2900",
+                "--gateway-secret-key",
+                KEY,
+            ],
+            &[
+                "--register-listen",
+                "0.0.0.0:1236",
+                "--gateway-secret-key",
+                KEY,
+            ],
+            &["--inner-listen", "0.0.0.0:2900", "--gateway-insecure"],
+            &["--gateway-secret-key", "s3cret", "--gateway-weak-key-ok"],
+        ] {
+            validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        let weak = Config::try_parse_from([
+            "gatecast",
+            "--gateway-secret-key",
+            "s3cret",
+            "--gateway-weak-key-ok",
+        ])
+        .unwrap();
+        assert!(weak
+            .warnings()
+            .iter()
+            .any(|w| w.contains("--gateway-weak-key-ok")));
+    }
+
+    #[test]
+    fn an_explicit_specific_inner_address_is_advertised() {
+        let parse = |args: &[&str]| {
+            let mut argv = vec!["gatecast"];
+            argv.extend_from_slice(args);
+            Config::try_parse_from(argv).unwrap()
+        };
+        let c = parse(&["--inner-listen", "127.0.0.1:2901"]);
+        assert_eq!(c.advertised_ip(), Ipv4Addr::LOCALHOST);
+        let c = parse(&[
+            "--inner-listen",
+            "127.0.0.1:2901",
+            "--advertise-ip",
+            "10.1.2.3",
+        ]);
+        assert_eq!(c.advertised_ip(), Ipv4Addr::new(10, 1, 2, 3));
+        let c = parse(&["--inner-listen", "10.9.8.7:2901", "--gateway-insecure"]);
+        assert_eq!(c.advertised_ip(), Ipv4Addr::new(10, 9, 8, 7));
+        // The default (loopback) and 0.0.0.0 keep the default-route address.
+        let default = parse(&[]);
+        let any = parse(&["--inner-listen", "0.0.0.0:2900"]);
+        assert_eq!(default.advertised_ip(), any.advertised_ip());
+        if default.advertised_ip() != Ipv4Addr::LOCALHOST {
+            assert!(default.inner_unreachable_note().is_some());
         }
     }
 

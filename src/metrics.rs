@@ -82,6 +82,13 @@ pub struct Metrics {
     /// Inner-port (GatewayWorker protocol) connections closed on an error:
     /// a malformed packet, a wrong secret key, an unknown command.
     pub inner_errors: Counter,
+    /// Inner connections refused before reading anything, by reason
+    /// (`too_many`, `address_full`, `unauthenticated_full`).
+    pub inner_refused: Family<ReasonLabel, Counter>,
+    /// Inner pushes whose body is not UTF-8, sent as binary frames.
+    pub inner_binary_pushes: Counter,
+    /// Inner pushes not sent: larger than `--max-message-bytes`.
+    pub inner_pushes_refused: Counter,
     /// Gateway nodes seen alive (this one included).
     pub nodes_alive: Gauge,
     /// Events handed to the stream or webhook.
@@ -154,6 +161,9 @@ impl Metrics {
             redis_resubscribed: Counter::default(),
             redis_subscriptions: Gauge::default(),
             inner_errors: Counter::default(),
+            inner_refused: Family::default(),
+            inner_binary_pushes: Counter::default(),
+            inner_pushes_refused: Counter::default(),
             nodes_alive: Gauge::default(),
             events_sent: Counter::default(),
             events_dropped: Counter::default(),
@@ -273,6 +283,21 @@ impl Metrics {
             "inner_errors",
             "GatewayWorker-protocol connections closed on an error",
             m.inner_errors.clone(),
+        );
+        r.register(
+            "inner_refused",
+            "GatewayWorker-protocol connections refused at accept, by reason",
+            m.inner_refused.clone(),
+        );
+        r.register(
+            "inner_binary_pushes",
+            "GatewayWorker pushes whose body is not UTF-8, sent as binary frames",
+            m.inner_binary_pushes.clone(),
+        );
+        r.register(
+            "inner_pushes_refused",
+            "GatewayWorker pushes not sent: larger than --max-message-bytes",
+            m.inner_pushes_refused.clone(),
         );
         r.register(
             "nodes_alive",

@@ -76,7 +76,7 @@ impl Listeners {
             api: bind("api", config.api_listen).await?,
             // Bound even before section 7 is served: its port is part of
             // every client_id, so two nodes must never share it.
-            inner: bind("inner", config.inner_listen).await?,
+            inner: bind("inner", config.inner_bind()).await?,
             register: match config.register_listen {
                 Some(addr) => Some(bind("register", addr).await?),
                 None => None,
@@ -126,6 +126,12 @@ pub async fn run_with(
     fatal: Fatal,
 ) -> Result<(), StartError> {
     config.validate().map_err(StartError::Config)?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    if let Some(note) = config.inner_unreachable_note() {
+        tracing::info!("{note}");
+    }
     let client_auth = ClientAuth::from_config(&config).map_err(StartError::Config)?;
     let metrics = Arc::new(Metrics::new());
     // Before binding, so the limit holds from the first connection on.
@@ -173,6 +179,9 @@ pub async fn run_with(
                 }),
                 max_message_bytes: config.max_message_bytes,
                 max_list_items: config.max_list_items,
+                liveness_key: crate::gatewayworker::secret::GatewayKey::new(
+                    &config.gateway_secret_key,
+                ),
             };
             let engine =
                 RedisEngine::start(settings, node, hub.clone(), metrics.clone(), fatal.clone())

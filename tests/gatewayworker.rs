@@ -208,7 +208,7 @@ async fn gatewayclient_calls_on_two_nodes_over_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_secret_key_or_garbage_closes_only_that_connection() {
-    let node = Node::start(&["--gateway-secret-key", "s3cret-key"]);
+    let node = Node::start(&["--gateway-secret-key", "gatewayworker-test-key-01"]);
     let mut a = Client::connect(&node.ws_url("")).await;
     let na = number(&a.id);
     let auth = |key: &str| {
@@ -240,7 +240,7 @@ async fn a_wrong_secret_key_or_garbage_closes_only_that_connection() {
     send(
         node.inner,
         &[
-            auth("s3cret-key"),
+            auth("gatewayworker-test-key-01"),
             packet(cmd::PING, 0, b"", b""),
             packet(cmd::SEND_TO_ONE, na, b"right key", b""),
         ],
@@ -267,7 +267,7 @@ async fn a_php_backend_drives_two_nodes_through_the_register() {
         "--register-listen",
         "127.0.0.1:0",
         "--gateway-secret-key",
-        "php-secret-key",
+        "php-gateway-secret-key-01",
     ];
     let nodes = [Node::start(&args), Node::start(&args)];
     for n in &nodes {
@@ -282,7 +282,7 @@ async fn a_php_backend_drives_two_nodes_through_the_register() {
     let register = register.to_string();
     let output = tokio::task::spawn_blocking(move || {
         std::process::Command::new("php")
-            .args([script, &register, "php-secret-key", &ids])
+            .args([script, &register, "php-gateway-secret-key-01", &ids])
             .output_within(common::WAIT * 3)
     })
     .await
@@ -341,7 +341,7 @@ async fn a_php_backend_drives_two_nodes_through_the_register() {
 }
 
 /// What only the protocol has: the raw flag (the caller framed the bytes),
-/// text that is not UTF-8 (sent as is, as Workerman does), destroy, the
+/// a body that is not UTF-8 (sent as is, in a binary frame), destroy, the
 /// batch queries, ungroup, and the sessions of a group.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn raw_frames_non_utf8_text_destroy_and_batch_queries() {
@@ -360,10 +360,11 @@ async fn raw_frames_non_utf8_text_destroy_and_batch_queries() {
     send(inner, &[p]).await;
     let frame = raw.read_frame().await.unwrap();
     assert_eq!((frame.opcode, frame.payload), (2, vec![1, 2, 3]));
-    // Not UTF-8: a text frame of exactly those bytes.
+    // Not UTF-8: a binary frame of exactly those bytes (a text frame would
+    // make the browser close with 1007).
     send(inner, &[packet(cmd::SEND_TO_ONE, n, b"\xff\xfe", b"")]).await;
     let frame = raw.read_frame().await.unwrap();
-    assert_eq!((frame.opcode, frame.payload), (1, b"\xff\xfe".to_vec()));
+    assert_eq!((frame.opcode, frame.payload), (2, b"\xff\xfe".to_vec()));
 
     // Batch queries and group sessions, keyed as GatewayWorker keys them.
     let mut other = Client::connect(&node.ws_url("")).await;

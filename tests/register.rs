@@ -198,14 +198,14 @@ async fn a_wrong_secret_key_is_refused() {
         "--register-listen",
         "127.0.0.1:0",
         "--gateway-secret-key",
-        "s3cret",
+        "register-test-key-0001",
     ]);
     for request in [
         r#"{"event":"worker_connect","secret_key":"wrong"}"#,
         r#"{"event":"worker_connect","secret_key":""}"#,
         r#"{"event":"worker_connect"}"#,
         r#"{"event":"worker_connect","secret_key":null}"#,
-        r#"{"event":"worker_connect","secret_key":["s3cret"]}"#,
+        r#"{"event":"worker_connect","secret_key":["register-test-key-0001"]}"#,
     ] {
         let mut worker = RegisterClient::connect(register_addr(&node)).await;
         worker.send_line(request).await;
@@ -214,7 +214,7 @@ async fn a_wrong_secret_key_is_refused() {
     assert_eq!(register_errors(&node, "secret_key").await, 5.0);
     let mut worker = RegisterClient::connect(register_addr(&node)).await;
     worker
-        .send_line(r#"{"event":"worker_connect","secret_key":"s3cret"}"#)
+        .send_line(r#"{"event":"worker_connect","secret_key":"register-test-key-0001"}"#)
         .await;
     assert_eq!(worker.addresses().await, BTreeSet::from([inner(&node)]));
 }
@@ -272,16 +272,16 @@ async fn bad_lines_close_only_their_connection() {
     }
     assert_eq!(register_errors(&node, "malformed").await, 4.0);
     assert_eq!(register_errors(&node, "unknown_event").await, 1.0);
-    // 64 KiB without a newline is enough to be refused: the node does not
+    // 4 KiB without a newline is enough to be refused: the node does not
     // wait for the rest.
     let mut long = RegisterClient::connect(addr).await;
-    long.send_bytes(&vec![b' '; 70 * 1024]).await;
+    long.send_bytes(&vec![b' '; 5 * 1024]).await;
     assert_eq!(long.next().await, Heard::Closed);
     assert_eq!(register_errors(&node, "too_long").await, 1.0);
     // A worker_connect after a line just short of the bound is fine: blank
     // lines are skipped.
     let mut padded = RegisterClient::connect(addr).await;
-    padded.send_bytes(&vec![b' '; 60 * 1024]).await;
+    padded.send_bytes(&vec![b' '; 3 * 1024]).await;
     padded.send_line(&format!("\n{WORKER_CONNECT}")).await;
     assert_eq!(padded.addresses().await, me);
 
@@ -297,4 +297,88 @@ async fn bad_lines_close_only_their_connection() {
         metric(&page, "gatecast_register_connections") == 1.0
     })
     .await;
+}
+
+/// Register poisoning (issue 25): whoever can write to Redis adds a member
+/// to `<prefix>:nodes` with an `:alive` key; before, every Register listed
+/// it, so PHP sent it the secret key and took its forged sessions. With a
+/// gateway key, each node signs its liveness record and the Register lists
+/// only records that key verifies: the forged nodes (one unsigned, one with
+/// a made-up signature) never appear, the real ones do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_forged_in_redis_are_not_listed_with_a_key() {
+    const KEY: &str = "register-test-key-0001";
+    let redis = RedisServer::start();
+    // 10.9.9.9:2900 and 10.9.9.8:2900, as node ids.
+    for (node, record) in [
+        (
+            "0a0909090b54",
+            r#"{"inner":"10.9.9.9:2900","instance":"forged"}"#.to_owned(),
+        ),
+        (
+            "0a0909080b54",
+            format!(
+                r#"{{"inner":"10.9.9.8:2900","instance":"forged","sig":"{}"}}"#,
+                "ab".repeat(32)
+            ),
+        ),
+    ] {
+        redis.cli(&["SADD", "gatecast:nodes", node]);
+        let alive = format!("gatecast:{{{node}}}:alive");
+        redis.cli(&["SET", &alive, &record, "PX", "120000"]);
+    }
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--node-heartbeat",
+        "1s",
+        "--register-listen",
+        "127.0.0.1:0",
+        "--gateway-secret-key",
+        KEY,
+    ];
+    let a = Node::start(&args);
+    a.wait_ready().await;
+    let mut worker = RegisterClient::connect(register_addr(&a)).await;
+    worker
+        .send_line(&format!(
+            r#"{{"event":"worker_connect","secret_key":"{KEY}"}}"#
+        ))
+        .await;
+    let b = Node::start(&args);
+    b.wait_ready().await;
+    // Exactly the two real nodes (a list with a forged one never matches).
+    worker
+        .addresses_until(&BTreeSet::from([inner(&a), inner(&b)]))
+        .await;
+    // The forged members are still in the set: it is the signature that
+    // keeps them out, on every replica.
+    assert!(redis
+        .cli(&["SMEMBERS", "gatecast:nodes"])
+        .contains("0a0909090b54"));
+    let mut other = RegisterClient::connect(register_addr(&b)).await;
+    other
+        .send_line(&format!(
+            r#"{{"event":"worker_connect","secret_key":"{KEY}"}}"#
+        ))
+        .await;
+    other
+        .addresses_until(&BTreeSet::from([inner(&a), inner(&b)]))
+        .await;
+}
+
+/// Before `worker_connect`, a line is at most 4 KiB (it was 64 KiB): a peer
+/// without the key cannot make the node hold more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_line_before_worker_connect_closes_the_connection() {
+    let node = Node::start(&["--register-listen", "127.0.0.1:0"]);
+    let mut peer = RegisterClient::connect(register_addr(&node)).await;
+    peer.send_bytes(&vec![b'x'; 5 * 1024]).await;
+    assert_eq!(peer.next().await, Heard::Closed);
+    assert_eq!(register_errors(&node, "too_long").await, 1.0);
+    // Everyone else is still served.
+    let mut worker = RegisterClient::connect(register_addr(&node)).await;
+    worker.send_line(WORKER_CONNECT).await;
+    assert_eq!(worker.addresses().await, BTreeSet::from([inner(&node)]));
 }

@@ -10,40 +10,78 @@
 //! and delivers for its own connections only, exactly as one GatewayWorker
 //! gateway does, and membership and session changes go through the engine,
 //! so the HTTP API, the Redis path and the PHP path see one state.
+//!
+//! One task, the sequencer, reads every inner connection's packets
+//! ([`reader`], within a node-wide byte budget) and applies them in the
+//! order they arrive ([`sequencer`]), packets already read before new
+//! connections: a GatewayClient opens a connection per call, so
+//! `setSession` then `updateSession`, or a BusinessWorker's session write
+//! then its `getSession` on a new connection, must apply in that order, as
+//! GatewayWorker's event loop applies them. That task only changes the hub
+//! and queues frames: it never writes to a socket, never waits on Redis and
+//! never answers a query. Each connection has its own task for that, fed by
+//! a bounded queue: it answers its queries ([`queries`]), writes its
+//! replies and waits for room for its Redis writes. A peer that is slow,
+//! silent or hostile costs only its own task; one whose queue overflows is
+//! closed.
+//!
+//! Before a peer authenticates (`--gateway-secret-key`), its packets are at
+//! most [`PREAUTH_PACKET`] bytes and it has [`AUTH_TIMEOUT`] to send its
+//! first packet; such peers are capped node-wide and per source address.
 
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+mod queries;
+mod reader;
+mod sequencer;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::Poll;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::stream::{BoxStream, SelectAll};
 use futures_util::StreamExt;
 use serde_json::Value as Json;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::Semaphore;
-use tokio_util::codec::FramedRead;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::php::{self, Value};
-use super::protocol::{self, cmd, flag, GatewayCodec, Packet, ProtocolError};
-use crate::accept::Acceptor;
-use crate::engine::EngineResult;
-use crate::frame::close_code;
+use super::protocol::{cmd, Packet};
+use super::secret::GatewayKey;
+use crate::accept::{Acceptor, Throttle};
 use crate::gateway::Gateway;
-use crate::ids::ClientId;
-use crate::push::{encode_frame, Target};
-use crate::session::Session;
+use crate::metrics::ReasonLabel;
+use reader::{Held, PacketReader, ReadError};
+use sequencer::{Mirror, Outcome};
 
-/// Largest packet accepted (GatewayWorker's default `maxPackageSize`).
-const MAX_PACKET: usize = protocol::DEFAULT_MAX_PACKET;
+pub use queries::MAX_REPLY;
 
 /// Inner connections served at once; more are refused.
-const MAX_CONNECTIONS: usize = 10_000;
+pub const MAX_CONNECTIONS: usize = 10_000;
+
+/// Connections from one source address at once (a PHP-FPM host opens one
+/// per call, or one per worker process with persistent connections).
+pub const MAX_PER_ADDRESS: usize = 2_048;
+
+/// Connections that have not yet sent their first good packet (the key,
+/// with one), node-wide and per source address: a peer that only opens
+/// sockets fills these, not the slots PHP needs.
+pub const MAX_UNAUTHENTICATED: usize = 2_048;
+
+/// See [`MAX_UNAUTHENTICATED`].
+pub const MAX_UNAUTHENTICATED_PER_ADDRESS: usize = 256;
+
+/// Largest packet before authentication: `GATEWAY_CLIENT_CONNECT` and
+/// `WORKER_CONNECT` carry a key and a worker name.
+pub const PREAUTH_PACKET: usize = 4096;
+
+/// Time a new connection has to send its first packet (the key, when one is
+/// set), as GatewayWorker's Register gives.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection silent for this long is closed (GatewayClient opens one per
 /// call, or keeps one per PHP worker with persistent connections). Not a
@@ -51,114 +89,308 @@ const MAX_CONNECTIONS: usize = 10_000;
 /// node sends it find it dead instead.
 const IDLE: Duration = Duration::from_secs(600);
 
-/// Longest a reply may take to write.
+/// A packet that began must arrive whole within this (10 MiB at 350 KB/s).
+const WHOLE_PACKET: Duration = Duration::from_secs(30);
+
+/// Longest a reply may take to write; past it the connection is closed.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Membership writes to Redis still in flight after their change was
-/// applied in memory; past this, the next command waits for one.
+/// applied in memory; past this, the connection that asks for one more
+/// waits (only that connection's task).
 const IN_FLIGHT: usize = 10_000;
 
-/// What a connection's reader yields: a packet, a malformed stream, or its
-/// end (`None`).
-type Inbound = (u64, Option<Result<Packet, ProtocolError>>);
+/// Work waiting in one connection's task (queries, Redis writes); a peer
+/// that lets more pile up (it sends queries and does not read the answers)
+/// is closed.
+const CONNECTION_QUEUE: usize = 64;
+
+/// Packets the sequencer applies before it looks at the listener again, so
+/// that a flood of packets cannot starve new connections.
+const TURNS: u32 = 256;
+
+/// The node-wide budget for inner read buffers, in bytes: enough for
+/// several packets of `--inner-max-packet` at once.
+pub fn read_budget(max_packet: usize) -> usize {
+    (128 << 20).max(max_packet.saturating_mul(4))
+}
+
+/// What every inner connection shares.
+struct Shared {
+    gw: Arc<Gateway>,
+    key: GatewayKey,
+    max_packet: usize,
+    /// Bytes of the read budget ([`read_budget`]).
+    budget: Arc<Semaphore>,
+    slots: Arc<Semaphore>,
+    unauthenticated: Arc<Semaphore>,
+    /// Per source address: (connections, unauthenticated ones).
+    per_address: Mutex<HashMap<IpAddr, (usize, usize)>>,
+    in_flight: Arc<Semaphore>,
+    /// Failure logs: at most a line a second, whoever the peers.
+    log: Mutex<Throttle>,
+    refusals: Mutex<Throttle>,
+}
+
+impl Shared {
+    /// Counts and logs (at most once a second) a connection closed on an
+    /// error; peer-supplied text in `reason` is escaped and cut.
+    fn failed(&self, addr: SocketAddr, reason: &str) {
+        self.gw.metrics.inner_errors.inc();
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(suppressed) = log.allow(Instant::now()) {
+            tracing::warn!(
+                peer = %addr,
+                reason = %super::printable(reason, 256),
+                suppressed,
+                "inner connection closed (logged at most once a second, `suppressed` \
+                 since the last line)"
+            );
+        }
+    }
+}
+
+/// What a connection's reader yields: a packet (with the read budget it
+/// holds), a failure, or its end (`None`).
+type Inbound = (u64, Option<Result<(Packet, Held), ReadError>>);
 
 /// Serves the inner listener until `stop`.
-///
-/// One task reads every inner connection and handles their packets one at a
-/// time, in the order they arrive, as GatewayWorker's event loop does: a
-/// GatewayClient opens a connection per call, so `setSession` then
-/// `updateSession` arrive on two connections, and must apply in that order.
-/// Nothing here waits on Redis: changes apply to the hub at once and are
-/// mirrored in the background (GatewayClient never waits for them either).
 pub async fn serve(gw: Arc<Gateway>, mut listener: Acceptor, stop: CancellationToken) {
+    let max_packet = gw.config.inner_max_packet;
+    let shared = Arc::new(Shared {
+        key: GatewayKey::new(&gw.config.gateway_secret_key),
+        max_packet,
+        budget: Arc::new(Semaphore::new(read_budget(max_packet))),
+        slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+        unauthenticated: Arc::new(Semaphore::new(MAX_UNAUTHENTICATED)),
+        per_address: Mutex::new(HashMap::new()),
+        in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
+        log: Mutex::new(Throttle::default()),
+        refusals: Mutex::new(Throttle::default()),
+        gw: gw.clone(),
+    });
     let mut inbound: SelectAll<BoxStream<'static, Inbound>> = SelectAll::new();
     let mut peers: HashMap<u64, Peer> = HashMap::new();
-    let handler = Handler {
-        gw: &gw,
-        in_flight: Arc::new(Semaphore::new(IN_FLIGHT)),
-    };
+    let mut refused_pushes = Throttle::default();
     let mut next_id = 0u64;
+    let mut turns = TURNS;
     loop {
-        tokio::select! {
-            // Packets already read before new connections: arrival order.
-            biased;
-            () = stop.cancelled() => return,
-            Some((id, item)) = inbound.next() => {
-                let Some(peer) = peers.get_mut(&id) else { continue };
-                let outcome = match item {
-                    Some(Ok(packet)) => handler.handle(peer, packet).await,
-                    Some(Err(e)) => Err(e.to_string()),
-                    None => {
-                        if let Some(peer) = peers.remove(&id) {
-                            peer.forget(&gw);
-                        }
-                        continue;
-                    }
-                };
-                if let Err(reason) = outcome {
-                    gw.metrics.inner_errors.inc();
-                    tracing::warn!(peer = %peer.addr, %reason, "inner connection closed");
-                    // The reader ends too, and the socket closes with both
-                    // halves gone: nothing more is read from this peer.
-                    peer.closed.cancel();
-                    if let Some(peer) = peers.remove(&id) {
-                        peer.forget(&gw);
-                    }
-                }
+        let accepted = if turns == 0 {
+            // A turn for the listener even while packets keep coming.
+            turns = TURNS;
+            let accept = std::pin::pin!(listener.accept());
+            match futures_util::poll!(accept) {
+                Poll::Ready(accepted) => Some(accepted),
+                Poll::Pending => None,
             }
-            (socket, addr) = listener.accept() => {
-                if peers.len() >= MAX_CONNECTIONS {
-                    gw.metrics.inner_errors.inc();
-                    tracing::warn!(peer = %addr, "inner connection refused: too many open");
-                    continue;
+        } else {
+            tokio::select! {
+                // Packets already read before new connections: arrival
+                // order.
+                biased;
+                () = stop.cancelled() => return,
+                Some((id, item)) = inbound.next() => {
+                    turns -= 1;
+                    let Some(peer) = peers.get_mut(&id) else { continue };
+                    let outcome = match item {
+                        Some(Ok((packet, _held))) => peer.handle(&shared, packet, &mut refused_pushes),
+                        Some(Err(ReadError::Idle(_))) if !peer.pending() => Ok(()),
+                        Some(Err(ReadError::Idle(_))) => Err(format!("no packet within {AUTH_TIMEOUT:?}")),
+                        Some(Err(e)) => Err(e.to_string()),
+                        None => {
+                            peers.remove(&id);
+                            continue;
+                        }
+                    };
+                    if let Err(reason) = outcome {
+                        shared.failed(peer.addr, &reason);
+                        // The reader and the connection's task end too.
+                        peers.remove(&id);
+                    }
+                    None
                 }
-                next_id += 1;
-                let (read, write) = socket.into_split();
-                let closed = CancellationToken::new();
-                let is_worker = Arc::new(AtomicBool::new(false));
-                inbound.push(reader(next_id, read, closed.clone(), is_worker.clone()));
-                let authorized = gw.config.gateway_secret_key.is_empty();
-                let write = Some(write);
-                let peer = Peer {
-                    write,
-                    authorized,
-                    addr,
-                    closed,
-                    worker: None,
-                    is_worker,
-                };
-                peers.insert(next_id, peer);
+                accepted = listener.accept() => Some(accepted),
+            }
+        };
+        let Some((socket, addr)) = accepted else {
+            continue;
+        };
+        let Some(admission) = Admission::new(&shared, addr.ip()) else {
+            continue;
+        };
+        next_id += 1;
+        let (read, write) = socket.into_split();
+        let flags = Arc::new(Flags {
+            authorized: AtomicBool::new(shared.key.is_empty()),
+            pending: AtomicBool::new(true),
+            worker: AtomicU64::new(0),
+        });
+        let closed = stop.child_token();
+        let (work, rx) = mpsc::channel(CONNECTION_QUEUE);
+        inbound.push(reader_stream(
+            next_id,
+            PacketReader::new(read, shared.budget.clone()),
+            flags.clone(),
+            shared.max_packet,
+            closed.clone(),
+        ));
+        tokio::spawn(connection_task(
+            shared.clone(),
+            write,
+            rx,
+            flags.clone(),
+            closed.clone(),
+            addr,
+        ));
+        peers.insert(
+            next_id,
+            Peer {
+                addr,
+                admission,
+                flags,
+                work,
+                closed,
+            },
+        );
+    }
+}
+
+/// A connection's place in the node's caps, given back when it ends.
+struct Admission {
+    shared: Arc<Shared>,
+    ip: IpAddr,
+    _slot: OwnedSemaphorePermit,
+    /// Held until the first good packet.
+    unauthenticated: Option<OwnedSemaphorePermit>,
+}
+
+impl Admission {
+    /// A place for a connection from `ip`, or `None` (counted and logged)
+    /// when a cap is reached.
+    fn new(shared: &Arc<Shared>, ip: IpAddr) -> Option<Admission> {
+        let refused = |reason: &'static str| {
+            shared
+                .gw
+                .metrics
+                .inner_refused
+                .get_or_create(&ReasonLabel { reason })
+                .inc();
+            let mut log = shared.refusals.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(suppressed) = log.allow(Instant::now()) {
+                tracing::warn!(
+                    peer = %ip,
+                    reason,
+                    suppressed,
+                    "inner connection refused (logged at most once a second, `suppressed` \
+                     since the last line)"
+                );
+            }
+            None
+        };
+        let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
+            return refused("too_many");
+        };
+        let Ok(unauthenticated) = shared.unauthenticated.clone().try_acquire_owned() else {
+            return refused("unauthenticated_full");
+        };
+        {
+            let mut per = shared.per_address.lock().unwrap_or_else(|e| e.into_inner());
+            let (all, pending) = per.entry(ip).or_default();
+            if *all >= MAX_PER_ADDRESS {
+                drop(per);
+                return refused("address_full");
+            }
+            if *pending >= MAX_UNAUTHENTICATED_PER_ADDRESS {
+                drop(per);
+                return refused("address_unauthenticated_full");
+            }
+            *all += 1;
+            *pending += 1;
+        }
+        Some(Admission {
+            shared: shared.clone(),
+            ip,
+            _slot: slot,
+            unauthenticated: Some(unauthenticated),
+        })
+    }
+
+    /// The first good packet came: the connection leaves the
+    /// unauthenticated caps.
+    fn settled(&mut self) {
+        if self.unauthenticated.take().is_some() {
+            let mut per = self
+                .shared
+                .per_address
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some((_, pending)) = per.get_mut(&self.ip) {
+                *pending = pending.saturating_sub(1);
             }
         }
     }
 }
 
-/// The packets of one connection, then `None`; ends after [`IDLE`], or
-/// when `closed` is cancelled.
-fn reader(
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let pending = usize::from(self.unauthenticated.is_some());
+        let mut per = self
+            .shared
+            .per_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some((all, unauthenticated)) = per.get_mut(&self.ip) {
+            *all = all.saturating_sub(1);
+            *unauthenticated = unauthenticated.saturating_sub(pending);
+            if *all == 0 {
+                per.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A connection's state, shared by the sequencer, its reader and its task.
+struct Flags {
+    /// The key was given (or none is set).
+    authorized: AtomicBool,
+    /// The first good packet is still to come (10 s from accept).
+    pending: AtomicBool,
+    /// Its id among the node's workers (0: not a worker).
+    worker: AtomicU64,
+}
+
+/// The packets of one connection, then `None`; ends when `closed` is
+/// cancelled, on the first failure, or at the end of the stream.
+fn reader_stream(
     id: u64,
-    read: OwnedReadHalf,
+    reader: PacketReader,
+    flags: Arc<Flags>,
+    max_packet: usize,
     closed: CancellationToken,
-    is_worker: Arc<AtomicBool>,
 ) -> BoxStream<'static, Inbound> {
-    let frames = FramedRead::new(read, GatewayCodec::new(MAX_PACKET));
-    let packets = futures_util::stream::unfold(Some(frames), move |state| {
-        let is_worker = is_worker.clone();
+    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    let packets = futures_util::stream::unfold(Some(reader), move |state| {
+        let flags = flags.clone();
         async move {
-            let mut frames = state?;
-            let next = async {
-                if is_worker.load(Ordering::Relaxed) {
-                    Ok(frames.next().await)
-                } else {
-                    tokio::time::timeout(IDLE, frames.next()).await
-                }
+            let mut reader = state?;
+            let max = if flags.authorized.load(Ordering::Relaxed) {
+                max_packet
+            } else {
+                PREAUTH_PACKET
             };
-            match next.await {
-                Ok(Some(item)) => {
-                    let failed = item.is_err();
-                    Some((item, (!failed).then_some(frames)))
-                }
-                Ok(None) | Err(_) => None,
+            let worker = flags.worker.load(Ordering::Relaxed) != 0;
+            let next = reader.next(max, (!worker).then_some(IDLE), WHOLE_PACKET);
+            let item = if flags.pending.load(Ordering::Relaxed) {
+                tokio::time::timeout_at(deadline, next)
+                    .await
+                    .unwrap_or(Err(ReadError::Idle(AUTH_TIMEOUT)))
+            } else {
+                next.await
+            };
+            match item {
+                Ok(Some(packet)) => Some((Ok(packet), Some(reader))),
+                Ok(None) => None,
+                Err(e) => Some((Err(e), None)),
             }
         }
     });
@@ -169,73 +401,140 @@ fn reader(
         .boxed()
 }
 
-/// One inner connection's writing side and state.
+/// What a connection's task does for the sequencer.
+enum Work {
+    /// Answer this query and write the answer.
+    Query(Packet),
+    /// Let this Redis write finish, within the node's in-flight bound.
+    Mirror(&'static str, Mirror),
+    /// The peer is a BusinessWorker (`worker_key` escaped): hand the
+    /// writing side to its queue.
+    BecomeWorker(String),
+}
+
+/// One inner connection, as the sequencer holds it.
 struct Peer {
-    /// Gone once the peer is a BusinessWorker: its queue writes instead.
-    write: Option<OwnedWriteHalf>,
-    authorized: bool,
     addr: SocketAddr,
-    /// Ends the reader when the connection is closed on an error.
+    admission: Admission,
+    flags: Arc<Flags>,
+    work: mpsc::Sender<Work>,
+    /// Ends the reader and the connection's task.
     closed: CancellationToken,
-    /// Its id among the node's workers, once it sent `WORKER_CONNECT`.
-    worker: Option<u64>,
-    /// Shared with the reader: a worker's connection has no idle limit.
-    is_worker: Arc<AtomicBool>,
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        self.closed.cancel();
+    }
 }
 
 impl Peer {
-    /// The connection is gone: a worker stops getting events.
-    fn forget(&self, gw: &Gateway) {
-        if let Some(worker) = self.worker {
-            gw.workers.remove(worker);
-        }
+    fn pending(&self) -> bool {
+        self.flags.pending.load(Ordering::Relaxed)
     }
-}
 
-/// Handles packets for every connection.
-struct Handler<'a> {
-    gw: &'a Gateway,
-    in_flight: Arc<Semaphore>,
-}
+    /// The first good packet came: the connection leaves the
+    /// unauthenticated caps.
+    fn settled(&mut self) {
+        self.flags.pending.store(false, Ordering::Relaxed);
+        self.admission.settled();
+    }
 
-impl Handler<'_> {
-    /// One packet: handled, and its reply (if any) written back.
-    async fn handle(&self, peer: &mut Peer, p: Packet) -> Result<(), String> {
-        let Some(reply) = self.answer(peer, p).await? else {
-            return Ok(());
-        };
-        match (&mut peer.write, peer.worker) {
-            (Some(write), _) => tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&reply))
-                .await
-                .map_err(|_| "reply not taken in time".to_owned())?
-                .map_err(|e| e.to_string()),
-            // A worker asking on its own connection: the answer queues
-            // behind its events.
-            (None, Some(worker)) => {
-                if self.gw.workers.send_raw(worker, reply) {
-                    Ok(())
-                } else {
-                    Err("worker cannot take the reply".into())
-                }
+    /// Hands work to the connection's task; a task that cannot take it (its
+    /// peer does not read) closes the connection.
+    fn give(&self, work: Work) -> Result<(), String> {
+        self.work
+            .try_send(work)
+            .map_err(|_| "the peer does not read its answers".to_owned())
+    }
+
+    /// One packet, in arrival order.
+    fn handle(
+        &mut self,
+        shared: &Shared,
+        p: Packet,
+        refused_pushes: &mut Throttle,
+    ) -> Result<(), String> {
+        match p.cmd {
+            cmd::GATEWAY_CLIENT_CONNECT => {
+                self.authorize(shared, &p)?;
+                self.settled();
+                return Ok(());
             }
-            (None, None) => Err("connection already closed".into()),
+            cmd::WORKER_CONNECT => {
+                if self.flags.worker.load(Ordering::Relaxed) != 0 {
+                    return Err("WORKER_CONNECT twice on one connection".into());
+                }
+                self.authorize(shared, &p)?;
+                self.settled();
+                let body: Json = serde_json::from_slice(&p.body).unwrap_or(Json::Null);
+                let worker_key = match &body["worker_key"] {
+                    Json::String(k) => k.clone(),
+                    Json::Null => String::new(),
+                    other => other.to_string(),
+                };
+                // GatewayWorker's key: a worker process is unique per host
+                // and name. Escaped and bounded: it goes into logs.
+                let key = format!(
+                    "{}:{}",
+                    self.addr.ip(),
+                    super::printable(&worker_key, MAX_WORKER_KEY)
+                );
+                return self.give(Work::BecomeWorker(key));
+            }
+            other if !self.flags.authorized.load(Ordering::Relaxed) => {
+                return Err(format!("command {other} before authentication"));
+            }
+            _ => {}
+        }
+        self.settled();
+        if p.cmd == cmd::PING {
+            return Ok(());
+        }
+        match sequencer::apply(&shared.gw, p, refused_pushes) {
+            Outcome::Done => Ok(()),
+            Outcome::Mirror(what, change) => self.give(Work::Mirror(what, change)),
+            Outcome::Query(p) => self.give(Work::Query(p)),
+            Outcome::Failed(reason) => Err(reason),
         }
     }
 
-    /// Applies an engine change now (its first step changes the hub) and
-    /// lets the rest (the write to Redis) finish in the background, bounded
-    /// by [`IN_FLIGHT`].
-    async fn apply<F>(&self, what: &'static str, change: F)
-    where
-        F: Future<Output = EngineResult<()>> + Send + 'static,
-    {
-        let mut change = Box::pin(change);
-        match futures_util::poll!(change.as_mut()) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => tracing::warn!(what, error = %e, "inner command failed"),
-            Poll::Pending => {
-                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
-                    return;
+    fn authorize(&mut self, shared: &Shared, p: &Packet) -> Result<(), String> {
+        let body: Json = serde_json::from_slice(&p.body).unwrap_or(Json::Null);
+        let given = body["secret_key"].as_str().unwrap_or_default();
+        if shared.key.matches(given.as_bytes()) {
+            self.flags.authorized.store(true, Ordering::Relaxed);
+            Ok(())
+        } else {
+            Err("wrong secret key".into())
+        }
+    }
+}
+
+/// One connection's own task: answers its queries and writes them, waits
+/// for room for its Redis writes, and takes over as a BusinessWorker's
+/// queue. Ends with the connection.
+async fn connection_task(
+    shared: Arc<Shared>,
+    write: OwnedWriteHalf,
+    mut work: mpsc::Receiver<Work>,
+    flags: Arc<Flags>,
+    closed: CancellationToken,
+    addr: SocketAddr,
+) {
+    let mut write = Some(write);
+    // Until the sequencer drops the connection (its queue then ends): what
+    // is queued is still done, so no Redis write of a packet the peer sent
+    // just before it left is lost.
+    let outcome: Result<(), String> = loop {
+        let Some(item) = work.recv().await else {
+            break Ok(());
+        };
+        let done = match item {
+            Work::Mirror(what, change) => {
+                // Only this connection waits for room.
+                let Ok(permit) = shared.in_flight.clone().acquire_owned().await else {
+                    break Ok(());
                 };
                 tokio::spawn(async move {
                     if let Err(e) = change.await {
@@ -243,336 +542,72 @@ impl Handler<'_> {
                     }
                     drop(permit);
                 });
+                Ok(())
             }
+            Work::BecomeWorker(key) => match write.take() {
+                Some(w) => {
+                    let id = shared.gw.workers.add(key, w, closed.clone());
+                    flags.worker.store(id, Ordering::Relaxed);
+                    Ok(())
+                }
+                None => Err("connection already closed".to_owned()),
+            },
+            // Nobody is left to read it.
+            Work::Query(_) if closed.is_cancelled() => Ok(()),
+            Work::Query(p) => match queries::answer(&shared.gw, &p) {
+                Ok(reply) => reply_to(&shared, &mut write, &flags, reply, &closed).await,
+                Err(e) => Err(e),
+            },
+        };
+        if let Err(reason) = done {
+            break Err(reason);
         }
+    };
+    let worker = flags.worker.load(Ordering::Relaxed);
+    if worker != 0 {
+        shared.gw.workers.remove(worker);
     }
+    if let Err(reason) = outcome {
+        shared.failed(addr, &reason);
+    }
+    closed.cancel();
+    if let Some(mut write) = write.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(1), write.shutdown()).await;
+    }
+}
 
-    /// One packet; the reply to send back, if the command has one.
-    async fn answer(&self, peer: &mut Peer, p: Packet) -> Result<Option<Bytes>, String> {
-        if !peer.authorized {
-            return match p.cmd {
-                cmd::GATEWAY_CLIENT_CONNECT => self.authorize(peer, &p).map(|()| None),
-                cmd::WORKER_CONNECT => self.worker_connect(peer, &p).map(|()| None),
-                other => Err(format!("command {other} before authentication")),
+/// Writes a reply back: on the socket, or queued behind a worker's events
+/// when the peer is a BusinessWorker asking on its own connection.
+async fn reply_to(
+    shared: &Shared,
+    write: &mut Option<OwnedWriteHalf>,
+    flags: &Flags,
+    reply: Bytes,
+    closed: &CancellationToken,
+) -> Result<(), String> {
+    match write {
+        Some(write) => {
+            let written = tokio::select! {
+                () = closed.cancelled() => return Ok(()),
+                w = tokio::time::timeout(WRITE_TIMEOUT, write.write_all(&reply)) => w,
             };
+            written
+                .map_err(|_| format!("reply not taken within {WRITE_TIMEOUT:?}"))?
+                .map_err(|e| e.to_string())
         }
-        let gw = self.gw;
-        let id = ClientId::new(gw.minter.node(), p.connection_id);
-        let engine = gw.engine.clone();
-        let ext = || String::from_utf8_lossy(&p.ext_data).into_owned();
-        let reply = match p.cmd {
-            cmd::GATEWAY_CLIENT_CONNECT => {
-                self.authorize(peer, &p)?;
-                None
+        None => {
+            let worker = flags.worker.load(Ordering::Relaxed);
+            if worker != 0 && shared.gw.workers.send_raw(worker, reply) {
+                Ok(())
+            } else {
+                Err("worker cannot take the reply".into())
             }
-            cmd::WORKER_CONNECT => {
-                self.worker_connect(peer, &p)?;
-                None
-            }
-            cmd::PING => None,
-            cmd::SEND_TO_ONE => {
-                self.deliver(&Target::Client(id), &[], &p);
-                None
-            }
-            cmd::SEND_TO_ALL => {
-                let ext = json_ext(&p);
-                match ext.get("connections") {
-                    // The values of `connections`: only those.
-                    Some(only) => {
-                        let ids = self.ids(values(only));
-                        self.deliver(&Target::Clients(ids), &[], &p);
-                    }
-                    // The keys of `exclude`: all but those.
-                    None => {
-                        let exclude = self.ids(keys(ext.get("exclude")));
-                        self.deliver(&Target::All, &exclude, &p);
-                    }
-                }
-                None
-            }
-            cmd::SEND_TO_UID => {
-                let uids = strings(&json_ext(&p));
-                self.deliver(&Target::Uids(uids), &[], &p);
-                None
-            }
-            cmd::SEND_TO_GROUP => {
-                let ext = json_ext(&p);
-                let groups = strings(ext.get("group").unwrap_or(&Json::Null));
-                let exclude = self.ids(keys(ext.get("exclude")));
-                self.deliver(&Target::Groups(groups), &exclude, &p);
-                None
-            }
-            cmd::KICK => {
-                // `closeClient($id)` without a message sends a serialized
-                // null (flag 0x01 clear).
-                let message = p.body_is_scalar() && !p.body.is_empty();
-                let last = message.then(|| self.frame(&p));
-                gw.hub
-                    .close_client(id, last, close_code::NORMAL, "closed by server");
-                None
-            }
-            cmd::DESTROY => {
-                gw.hub.destroy_client(id, close_code::NORMAL, "destroyed");
-                None
-            }
-            cmd::BIND_UID => {
-                if let Some(uid) = name(ext()) {
-                    self.apply("bind_uid", async move { engine.bind_uid(id, uid).await })
-                        .await;
-                }
-                None
-            }
-            cmd::UNBIND_UID => {
-                // GatewayWorker unbinds whatever uid the client has.
-                if let Some(uid) = gw.hub.uid_of(id).flatten() {
-                    self.apply(
-                        "unbind_uid",
-                        async move { engine.unbind_uid(id, uid).await },
-                    )
-                    .await;
-                }
-                None
-            }
-            cmd::JOIN_GROUP => {
-                if let Some(group) = name(ext()) {
-                    self.apply(
-                        "join_group",
-                        async move { engine.join_group(id, group).await },
-                    )
-                    .await;
-                }
-                None
-            }
-            cmd::LEAVE_GROUP => {
-                if let Some(group) = name(ext()) {
-                    self.apply(
-                        "leave_group",
-                        async move { engine.leave_group(id, group).await },
-                    )
-                    .await;
-                }
-                None
-            }
-            cmd::UNGROUP => {
-                if let Some(group) = name(ext()) {
-                    self.apply("ungroup", async move { engine.ungroup_local(group).await })
-                        .await;
-                }
-                None
-            }
-            cmd::SET_SESSION | cmd::UPDATE_SESSION => {
-                let given = php::session_from_php(&p.ext_data).map_err(|e| e.to_string())?;
-                if let Some(current) = gw.hub.session_of(id) {
-                    // updateSession merges as PHP's array_replace_recursive,
-                    // which differs from the API's merge for lists.
-                    let session = if p.cmd == cmd::UPDATE_SESSION {
-                        php::replace_session(&current, &given)
-                    } else {
-                        given
-                    };
-                    self.apply("set_session", async move {
-                        engine.set_session(id, session, false).await
-                    })
-                    .await;
-                }
-                None
-            }
-            cmd::GET_SESSION_BY_CLIENT_ID => {
-                // The serialized session itself, not wrapped again.
-                let session = match gw.hub.session_of(id) {
-                    Some(s) => php::session_to_php(&s),
-                    None => php::serialize(&Value::Null),
-                };
-                Some(protocol::encode_reply(&session))
-            }
-            cmd::IS_ONLINE => Some(reply(&Value::Int(i64::from(gw.hub.contains(id))))),
-            cmd::GET_ALL_CLIENT_SESSIONS => Some(reply(&sessions(gw.hub.sessions()))),
-            cmd::GET_CLIENT_SESSIONS_BY_GROUP => {
-                Some(reply(&sessions(gw.hub.group_sessions(&ext()))))
-            }
-            cmd::GET_CLIENT_COUNT_BY_GROUP => {
-                let group = ext();
-                let n = if group.is_empty() {
-                    gw.hub.client_count()
-                } else {
-                    gw.hub.group_client_count(&group)
-                };
-                Some(reply(&Value::Int(n as i64)))
-            }
-            cmd::BATCH_GET_CLIENT_COUNT_BY_GROUP => {
-                let counts = strings(&json_ext(&p)).into_iter().map(|g| {
-                    let n = gw.hub.group_client_count(&g) as i64;
-                    (php::Key::from(g.as_str()), Value::Int(n))
-                });
-                Some(reply(&Value::Array(counts.collect())))
-            }
-            cmd::GET_CLIENT_ID_BY_UID => {
-                let ids = gw.hub.client_ids_by_uid(&ext());
-                Some(reply(&list(
-                    ids.iter().map(|id| Value::Int(id.number().into())),
-                )))
-            }
-            cmd::BATCH_GET_CLIENT_ID_BY_UID => {
-                let uids = strings(&json_ext(&p)).into_iter().map(|u| {
-                    let ids = gw.hub.client_ids_by_uid(&u);
-                    let ids = list(ids.iter().map(|id| Value::Int(id.number().into())));
-                    (php::Key::from(u.as_str()), ids)
-                });
-                Some(reply(&Value::Array(uids.collect())))
-            }
-            cmd::GET_GROUP_ID_LIST => {
-                Some(reply(&list(gw.hub.groups().into_iter().map(Value::string))))
-            }
-            cmd::SELECT => Some(reply(&self.select(&json_ext(&p)))),
-            other => return Err(format!("unknown command {other}")),
-        };
-        Ok(reply)
-    }
-
-    fn authorize(&self, peer: &mut Peer, p: &Packet) -> Result<(), String> {
-        let body: Json = serde_json::from_slice(&p.body).unwrap_or(Json::Null);
-        let given = body["secret_key"].as_str().unwrap_or_default();
-        let key = &self.gw.config.gateway_secret_key;
-        if bool::from(subtle::ConstantTimeEq::ct_eq(
-            given.as_bytes(),
-            key.as_bytes(),
-        )) {
-            peer.authorized = true;
-            Ok(())
-        } else {
-            Err("wrong secret key".into())
         }
-    }
-
-    /// `WORKER_CONNECT` (body `{"worker_key":"name:n","secret_key":"…"}`):
-    /// the peer is a BusinessWorker; from now on it gets this node's events
-    /// and its writing side belongs to its queue.
-    fn worker_connect(&self, peer: &mut Peer, p: &Packet) -> Result<(), String> {
-        if peer.worker.is_some() {
-            return Err("WORKER_CONNECT twice on one connection".into());
-        }
-        self.authorize(peer, p)?;
-        let body: Json = serde_json::from_slice(&p.body).unwrap_or(Json::Null);
-        let worker_key = match &body["worker_key"] {
-            Json::String(k) => k.clone(),
-            Json::Null => String::new(),
-            other => other.to_string(),
-        };
-        let write = peer.write.take().ok_or("connection already closed")?;
-        // GatewayWorker's key: a worker process is unique per host and name.
-        let key = format!("{}:{worker_key}", peer.addr.ip());
-        peer.worker = Some(self.gw.workers.add(key, write, peer.closed.clone()));
-        peer.is_worker.store(true, Ordering::Relaxed);
-        Ok(())
-    }
-
-    /// This node's client_ids for connection numbers.
-    fn ids(&self, numbers: impl Iterator<Item = u32>) -> Vec<ClientId> {
-        let node = self.gw.minter.node();
-        numbers.map(|n| ClientId::new(node, n)).collect()
-    }
-
-    /// The frame a push's body becomes: as given when `raw` (the caller
-    /// framed it), else a text frame of exactly the bytes, UTF-8 or not, as
-    /// Workerman sends it.
-    fn frame(&self, p: &Packet) -> Bytes {
-        if p.flag & flag::NOT_CALL_ENCODE != 0 {
-            p.body.clone()
-        } else {
-            encode_frame(false, &p.body)
-        }
-    }
-
-    /// Local delivery only: the GatewayClient sends to every node itself.
-    fn deliver(&self, target: &Target, exclude: &[ClientId], p: &Packet) {
-        let encode = || self.frame(p);
-        let delivered = self.gw.hub.deliver_with(target, exclude, &encode);
-        self.gw.metrics.delivered(target.kind(), delivered);
-    }
-
-    /// `select`: the listed fields of the connections `where` names (all
-    /// when it names none), keyed by connection number.
-    fn select(&self, ext: &Json) -> Value {
-        let hub = &self.gw.hub;
-        let fields = strings(&ext["fields"]);
-        let mut chosen: BTreeMap<u32, ClientId> = BTreeMap::new();
-        match ext.get("where").and_then(Json::as_object) {
-            Some(conditions) if !conditions.is_empty() => {
-                for (key, items) in conditions {
-                    match key.as_str() {
-                        "groups" => {
-                            for g in strings(items) {
-                                chosen.extend(
-                                    hub.group_client_ids(&g).iter().map(|i| (i.number(), *i)),
-                                );
-                            }
-                        }
-                        "uid" => {
-                            for u in strings(items) {
-                                chosen.extend(
-                                    hub.client_ids_by_uid(&u).iter().map(|i| (i.number(), *i)),
-                                );
-                            }
-                        }
-                        "connection_id" => {
-                            for id in self.ids(values(items)) {
-                                if hub.contains(id) {
-                                    chosen.insert(id.number(), id);
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            }
-            _ => chosen.extend(hub.client_ids().iter().map(|i| (i.number(), *i))),
-        }
-        let rows = chosen.into_iter().filter_map(|(n, id)| {
-            let m = hub.membership(id)?;
-            let row = fields.iter().map(|f| {
-                let value = match f.as_str() {
-                    "uid" => m.uid.clone().map(Value::string).unwrap_or(Value::Null),
-                    "groups" if m.groups.is_empty() => Value::Null,
-                    "groups" => Value::Array(
-                        m.groups
-                            .iter()
-                            .map(|g| (php::Key::from(g.as_str()), Value::string(g.clone())))
-                            .collect(),
-                    ),
-                    "session" => Value::String(php::session_to_php(&m.session)),
-                    _ => Value::Null,
-                };
-                (php::Key::from(f.as_str()), value)
-            });
-            Some((php::Key::Int(n.into()), Value::Array(row.collect())))
-        });
-        Value::Array(rows.collect())
     }
 }
 
-/// A reply: the 4-byte length and PHP `serialize()`.
-fn reply(value: &Value) -> Bytes {
-    protocol::encode_reply(&php::serialize(value))
-}
-
-/// A PHP list.
-fn list(items: impl Iterator<Item = Value>) -> Value {
-    Value::Array(
-        items
-            .enumerate()
-            .map(|(i, v)| (php::Key::Int(i as i64), v))
-            .collect(),
-    )
-}
-
-/// `[connection number => serialized session]`, as a gateway answers.
-fn sessions(sessions: Vec<(ClientId, Session)>) -> Value {
-    let rows = sessions.into_iter().map(|(id, s)| {
-        let serialized = php::session_to_php(&s);
-        (php::Key::Int(id.number().into()), Value::String(serialized))
-    });
-    Value::Array(rows.collect())
-}
+/// Longest worker_key kept (in characters, after escaping).
+const MAX_WORKER_KEY: usize = 128;
 
 /// The JSON in `ext_data` (null when absent or not JSON).
 fn json_ext(p: &Packet) -> Json {

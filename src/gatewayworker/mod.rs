@@ -25,6 +25,8 @@
 //!
 //! - [`inner`]: the gateway protocol served on the inner port;
 //! - [`register`]: the Register's protocol (`--register-listen`);
+//! - [`secret`]: `--gateway-secret-key`, compared by digest, and the
+//!   signature of each node's liveness record;
 //! - [`workers`]: the BusinessWorkers connected to this node, and the events
 //!   (connect, websocket-connect, message, close) they get, so `Events.php`
 //!   runs unchanged;
@@ -36,7 +38,30 @@ pub mod inner;
 pub mod php;
 pub mod protocol;
 pub mod register;
+pub mod secret;
 pub mod workers;
 
 #[cfg(test)]
 mod php_cli;
+
+/// Peer-supplied text made safe for a log line: control characters, quotes
+/// and backslashes escaped (no forged lines), at most `max` characters
+/// (`…` marks a cut).
+pub(crate) fn printable(text: &str, max: usize) -> String {
+    let mut escaped = text.chars().flat_map(char::escape_debug);
+    let mut out: String = escaped.by_ref().take(max).collect();
+    if escaped.next().is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod printable_tests {
+    #[test]
+    fn peer_text_is_escaped_and_bounded() {
+        assert_eq!(super::printable("w:1", 64), "w:1");
+        assert_eq!(super::printable("a\nINFO forged", 64), "a\\nINFO forged");
+        assert_eq!(super::printable(&"x".repeat(100), 8), "xxxxxxxx…");
+    }
+}

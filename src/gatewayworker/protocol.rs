@@ -399,6 +399,29 @@ pub fn encode_reply(serialized: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// [`encode_reply`] without the panic: an error for an answer past 4 GiB,
+/// for callers on a path that must not panic (the inner port).
+pub fn try_encode_reply(serialized: &[u8]) -> Result<Bytes, ProtocolError> {
+    if u32::try_from(serialized.len()).is_err() {
+        return Err(ProtocolError::TooLong {
+            len: serialized.len() as u64,
+            max: u32::MAX as usize,
+        });
+    }
+    Ok(encode_reply(serialized))
+}
+
+/// [`encode`] without the panic: an error for a packet past 4 GiB.
+pub fn try_encode(packet: &Packet) -> Result<Bytes, ProtocolError> {
+    if u32::try_from(packet.encoded_len()).is_err() {
+        return Err(ProtocolError::TooLong {
+            len: packet.encoded_len() as u64,
+            max: u32::MAX as usize,
+        });
+    }
+    Ok(encode(packet))
+}
+
 fn encode_reply_into(serialized: &[u8], out: &mut BytesMut) {
     let len = u32::try_from(serialized.len()).expect("gateway reply over 4 GiB");
     out.reserve(4 + serialized.len());

@@ -19,18 +19,21 @@
 //! Gateway process cannot join them.
 //!
 //! Hostile input only costs its own connection: a line that is not JSON or
-//! longer than [`MAX_LINE`] closes it (logged and counted in
-//! `gatecast_register_errors_total`), and past [`MAX_CONNECTIONS`] new
-//! connections are refused.
+//! longer than [`MAX_LINE`] closes it (counted in
+//! `gatecast_register_errors_total`, logged at most once a second), and
+//! past [`MAX_CONNECTIONS`] (or [`MAX_PER_ADDRESS`] from one address, or
+//! [`MAX_UNAUTHENTICATED`] not yet past `worker_connect`) new connections
+//! are refused. Even without a key, a worker connection silent for [`IDLE`]
+//! is closed.
 
-use std::net::SocketAddrV4;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use serde_json::Value;
-use subtle::ConstantTimeEq;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -38,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::secret::GatewayKey;
 use crate::accept::{Acceptor, Throttle};
 use crate::engine::Engine;
 use crate::gateway::Gateway;
@@ -48,8 +52,19 @@ use crate::metrics::{Metrics, ReasonLabel};
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Longest line accepted, in bytes (without its `\n`). A `worker_connect`
-/// is about 50 bytes; the bound only stops a peer from growing the buffer.
-pub const MAX_LINE: usize = 64 * 1024;
+/// is about 100 bytes; the bound only stops a peer from growing the buffer
+/// (10,000 connections hold at most 40 MiB of lines).
+pub const MAX_LINE: usize = 4 * 1024;
+
+/// A worker connection (past `worker_connect`) silent for this long is
+/// closed: BusinessWorkers ping every 25 s, GatewayClient leaves at once.
+pub const IDLE: Duration = Duration::from_secs(120);
+
+/// Register connections from one source address at once.
+pub const MAX_PER_ADDRESS: usize = 1_024;
+
+/// Connections that have not yet sent a good `worker_connect`, node-wide.
+pub const MAX_UNAUTHENTICATED: usize = 2_048;
 
 /// Most Register connections open at once on a node; past it new ones are
 /// closed at once. GatewayClient under PHP-FPM opens one per request and
@@ -72,13 +87,21 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn serve(mut listener: Acceptor, gw: Arc<Gateway>, stop: CancellationToken) {
     let (addresses, _) = watch::channel(None);
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let unauthenticated = Arc::new(Semaphore::new(MAX_UNAUTHENTICATED));
+    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let closes = Arc::new(Mutex::new(Throttle::default()));
     let connections = TaskTracker::new();
     let mut refusals = Throttle::default();
-    let secret_key: Arc<str> = gw.config.gateway_secret_key.as_str().into();
+    let secret_key = Arc::new(GatewayKey::new(&gw.config.gateway_secret_key));
     let accept_loop = async {
         loop {
             let (stream, peer) = listener.accept().await;
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
+            let admitted = slots.clone().try_acquire_owned().ok().and_then(|slot| {
+                let pending = unauthenticated.clone().try_acquire_owned().ok()?;
+                let address = AddressSlot::new(&per_address, peer.ip())?;
+                Some((slot, pending, address))
+            });
+            let Some((permit, pending, address)) = admitted else {
                 count(&gw.metrics, "too_many_connections");
                 if let Some(suppressed) = refusals.allow(Instant::now()) {
                     tracing::warn!(
@@ -96,12 +119,15 @@ pub async fn serve(mut listener: Acceptor, gw: Arc<Gateway>, stop: CancellationT
                 secret_key: secret_key.clone(),
                 addresses: addresses.subscribe(),
                 metrics: gw.metrics.clone(),
+                pending: Some(pending),
+                closes: closes.clone(),
             };
             let stop = stop.clone();
             let span = tracing::info_span!("register", %peer);
             connections.spawn(
                 async move {
                     let _slot = slot;
+                    let _address = address;
                     tokio::select! {
                         () = peer_conn.serve(stream) => {}
                         () = stop.cancelled() => {}
@@ -191,8 +217,13 @@ fn broadcast_addresses(mut nodes: Vec<SocketAddrV4>) -> Bytes {
 
 /// One Register connection: what it needs from the node.
 struct PeerConnection {
+    /// Its place among the unauthenticated connections, given back at
+    /// `worker_connect`.
+    pending: Option<OwnedSemaphorePermit>,
+    /// Throttles the log of closed connections, node-wide.
+    closes: Arc<Mutex<Throttle>>,
     /// `--gateway-secret-key` (empty: no key).
-    secret_key: Arc<str>,
+    secret_key: Arc<GatewayKey>,
     /// The current `broadcast_addresses` line (`None` before the first
     /// read of the node list).
     addresses: watch::Receiver<Option<Bytes>>,
@@ -218,6 +249,8 @@ enum Closed {
     UnknownEvent(String),
     #[error("no worker_connect within {AUTH_TIMEOUT:?}")]
     AuthTimeout,
+    #[error("silent for {IDLE:?}")]
+    Idle,
     #[error("the peer did not take the address list within {WRITE_TIMEOUT:?}")]
     WriteTimeout,
 }
@@ -232,6 +265,7 @@ impl Closed {
             Closed::GatewayConnect(_) => "gateway_connect",
             Closed::UnknownEvent(_) => "unknown_event",
             Closed::AuthTimeout => "auth_timeout",
+            Closed::Idle => "idle",
             Closed::WriteTimeout => "write_timeout",
         }
     }
@@ -257,10 +291,15 @@ impl PeerConnection {
             Ok(()) => tracing::debug!("register connection closed"),
             Err(closed) => {
                 count(&self.metrics, closed.reason());
-                tracing::warn!(
-                    reason = closed.reason(),
-                    "register connection closed: {closed}"
-                );
+                let mut log = self.closes.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(suppressed) = log.allow(Instant::now()) {
+                    tracing::warn!(
+                        reason = closed.reason(),
+                        suppressed,
+                        "register connection closed: {closed} (logged at most once a \
+                         second, `suppressed` since the last line)"
+                    );
+                }
             }
         }
     }
@@ -274,6 +313,7 @@ impl PeerConnection {
         loop {
             let line = tokio::select! {
                 line = lines.next(&mut read) => line,
+                () = tokio::time::sleep(IDLE), if worker => return Err(Closed::Idle),
                 () = &mut auth_timeout, if !worker => return Err(Closed::AuthTimeout),
                 changed = self.addresses.changed(), if worker => {
                     if changed.is_err() {
@@ -304,6 +344,7 @@ impl PeerConnection {
                         return Err(Closed::SecretKey);
                     }
                     worker = true;
+                    self.pending = None;
                     self.send_current(&mut write).await?;
                 }
                 "ping" => {}
@@ -319,14 +360,15 @@ impl PeerConnection {
         }
     }
 
-    /// Whether `given` is `--gateway-secret-key`, compared in constant time.
+    /// Whether `given` is `--gateway-secret-key`, compared by digest in
+    /// constant time.
     fn key_matches(&self, given: Option<&Value>) -> bool {
         let given = match given {
             None | Some(Value::Null) => "",
             Some(Value::String(key)) => key,
             Some(_) => return false,
         };
-        bool::from(given.as_bytes().ct_eq(self.secret_key.as_bytes()))
+        self.secret_key.matches(given.as_bytes())
     }
 
     /// Writes the current address list, if there is one yet (else the
@@ -351,9 +393,43 @@ impl PeerConnection {
     }
 }
 
-/// At most 64 characters of peer-supplied text, for the log.
+/// At most 64 characters of peer-supplied text, escaped, for the log.
 fn shorten(text: &str) -> String {
-    text.chars().take(64).collect()
+    super::printable(text, 64)
+}
+
+/// A connection's count against [`MAX_PER_ADDRESS`], given back when it
+/// ends.
+struct AddressSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    fn new(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            counts: counts.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// Keeps the connection's slot and its place in

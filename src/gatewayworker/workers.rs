@@ -273,7 +273,12 @@ impl Workers {
             ext_data: Bytes::from(session),
             body: Bytes::copy_from_slice(body),
         };
-        if self.enqueue(&link, protocol::encode(&packet)) {
+        // Only a session past 4 GiB could fail: dropped, never a panic.
+        let Ok(bytes) = protocol::try_encode(&packet) else {
+            self.dropped("too_large", id);
+            return;
+        };
+        if self.enqueue(&link, bytes) {
             self.metrics.worker_events_sent.inc();
         } else {
             self.dropped("worker_full", id);

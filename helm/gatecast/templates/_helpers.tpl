@@ -149,6 +149,12 @@ ConfigMap; redis.existingSecret is the user's Secret).
 {{- if and .Values.auth.clientJwtSecret .Values.auth.clientJwtPublicKey }}
 {{- fail "auth.clientJwtSecret (HS256) and auth.clientJwtPublicKey (RS256/ES256) are both set: gatecast accepts one, choose one" }}
 {{- end }}
+{{- if and .Values.register.enabled (not .Values.gatewayWorker.enabled) }}
+{{- fail "register.enabled needs gatewayWorker.enabled (the Register lists the inner ports, which are on loopback without it)" }}
+{{- end }}
+{{- if and .Values.gatewayWorker.secretKey (lt (len .Values.gatewayWorker.secretKey) 16) }}
+{{- fail "gatewayWorker.secretKey must be at least 16 bytes (gatecast refuses shorter; PHP's Gateway::$secretKey takes the same value)" }}
+{{- end }}
 {{- if and .Values.redis.inChart.enabled (or .Values.redis.url .Values.redis.existingSecret) }}
 {{- fail "redis.inChart.enabled conflicts with redis.url / redis.existingSecret: choose one" }}
 {{- end }}

@@ -17,6 +17,7 @@ use futures_util::TryStreamExt;
 
 use super::keys::suffix;
 use super::Shared;
+use crate::gatewayworker::secret::GatewayKey;
 use crate::ids::NodeId;
 
 /// Purge rounds between two sweeps for orphaned partitions (a SCAN).
@@ -32,6 +33,50 @@ pub enum Beat {
     Fresh,
     /// Another live process holds this node id.
     Conflict,
+}
+
+/// Signs the liveness record `info` of `node` (which holds its `instance`
+/// and `inner` address) with `key`, as `sig`: HMAC-SHA256 over the node id,
+/// the instance and the inner address. Only a holder of
+/// `--gateway-secret-key` can write a record the Register lists, so a
+/// client of Redis cannot add a fake gateway that PHP would then send its
+/// secret key and its calls to. Nothing without a key.
+pub(super) fn sign(info: &mut serde_json::Value, key: &GatewayKey, node: NodeId) {
+    let Some(fields) = info.as_object_mut() else {
+        return;
+    };
+    let instance = fields
+        .get("instance")
+        .and_then(|v| v.as_str())
+        .unwrap_or("");
+    let inner = node.addr().to_string();
+    let name = node.to_string();
+    if let Some(sig) = key.sign(&[name.as_bytes(), instance.as_bytes(), inner.as_bytes()]) {
+        fields.insert("sig".into(), sig.into());
+    }
+}
+
+/// Whether `record` (a liveness key's value) is `node`'s, signed with
+/// `key`; always true without a key (nothing to check against).
+pub(super) fn verified(record: &str, key: &GatewayKey, node: NodeId) -> bool {
+    if key.is_empty() {
+        return true;
+    }
+    let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(record) else {
+        return false;
+    };
+    let text = |k: &str| fields.get(k).and_then(|v| v.as_str()).unwrap_or("");
+    let inner = node.addr().to_string();
+    let name = node.to_string();
+    text("inner") == inner
+        && key.verify(
+            &[
+                name.as_bytes(),
+                text("instance").as_bytes(),
+                inner.as_bytes(),
+            ],
+            text("sig"),
+        )
 }
 
 /// Refreshes this node's liveness key and its entry in the node set.

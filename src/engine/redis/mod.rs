@@ -83,6 +83,10 @@ pub struct RedisSettings {
     pub max_message_bytes: usize,
     /// `--max-list-items`: longer lists in envelopes from Redis are refused.
     pub max_list_items: usize,
+    /// `--gateway-secret-key`: signs this node's liveness record, and only
+    /// nodes whose record it verifies are listed to the Register (none set:
+    /// records are neither signed nor checked).
+    pub liveness_key: crate::gatewayworker::secret::GatewayKey,
 }
 
 /// The Redis engine. Cheap to clone.
@@ -159,6 +163,7 @@ impl RedisEngine {
         if let Some(info) = settings.info.as_object_mut() {
             info.insert("instance".into(), instance.clone().into());
         }
+        liveness::sign(&mut settings.info, &settings.liveness_key, node);
         let shared = Arc::new(Shared {
             node,
             node_name: node.to_string(),

@@ -14,6 +14,10 @@ use crate::engine::{EngineError, EngineResult};
 use crate::ids::{ClientId, NodeId};
 use crate::session::Session;
 
+/// Most other nodes a query reads (the node set's real size is the
+/// replica count).
+pub const MAX_NODES: usize = 1_000;
+
 impl Shared {
     /// Before the hub answers about `follow`'s group or uid: waits until
     /// its subscription matches the hub (the batch carrying a change that
@@ -60,11 +64,23 @@ impl Shared {
             .smembers(self.keys.nodes())
             .await
             .map_err(unavailable)?;
-        Ok(names
+        let mut nodes: Vec<NodeId> = names
             .iter()
             .filter_map(|n| n.parse().ok())
             .filter(|n| *n != self.node)
-            .collect())
+            .collect();
+        // A node set grown by whoever can write to Redis must not make every
+        // query fan out without bound.
+        if nodes.len() > MAX_NODES {
+            nodes.sort_unstable();
+            nodes.truncate(MAX_NODES);
+            tracing::warn!(
+                members = names.len(),
+                limit = MAX_NODES,
+                "the node set is larger than any real cluster: queries read the first nodes only"
+            );
+        }
+        Ok(nodes)
     }
 
     /// Runs `query` on one key of every other node's partition,
@@ -260,14 +276,20 @@ impl Shared {
     pub(super) async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>> {
         let nodes = self.other_nodes().await?;
         let c = &self.redis.client;
-        let alive: Vec<i64> = try_join_all(
+        let records: Vec<Option<String>> = try_join_all(
             nodes
                 .iter()
-                .map(|n| c.exists(self.keys.partition_key(*n, suffix::ALIVE, ""))),
+                .map(|n| c.get(self.keys.partition_key(*n, suffix::ALIVE, ""))),
         )
         .await
         .map_err(unavailable)?;
-        let live = nodes.iter().zip(alive).filter(|(_, a)| *a == 1);
+        // Alive, and (with a gateway key) signed by a node that has it.
+        let key = &self.settings.liveness_key;
+        let live = nodes.iter().zip(records).filter(|(n, record)| {
+            record
+                .as_deref()
+                .is_some_and(|r| super::liveness::verified(r, key, **n))
+        });
         let mut addrs: Vec<_> = live.map(|(n, _)| n.addr()).collect();
         addrs.push(self.node.addr());
         addrs.sort();

@@ -80,6 +80,7 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
             info: serde_json::json!({}),
             max_message_bytes: MAX_MESSAGE,
             max_list_items: MAX_LIST,
+            liveness_key: crate::gatewayworker::secret::GatewayKey::new(""),
         },
         mirror: Mirror::default(),
         rpc: Rpc::default(),
