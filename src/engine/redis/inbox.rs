@@ -1,11 +1,9 @@
 //! The node's bounded inbox between the subscriber connections and the
 //! dispatcher thread, in two lanes:
 //!
-//! - `Control`: this node's own channel (membership commands, closes,
-//!   replies, pushes to single clients). It has connections of its own and
-//!   the dispatcher always empties it first, so a command never waits
-//!   behind a flood of group pushes.
-//! - `Bulk`: every other channel (groups, uids, `all`).
+//! - `Control`: messages the dispatcher always takes first (reserved for
+//!   node-to-node commands and replies; see [`Lane::Control`]).
+//! - `Bulk`: every channel today (groups, uids, `all`, this node's own).
 //!
 //! Each lane is bounded by bytes. A full lane does not drop: the
 //! connection that tries to add to it waits, so it stops reading its
@@ -38,7 +36,12 @@ const BULK_BATCH: usize = 256;
 /// Which lane a message goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lane {
-    /// This node's own channel.
+    /// Messages that go before the bulk. Unused for now: this node's own
+    /// channel also carries pushes and closes whose order with group and
+    /// uid pushes users rely on, so it shares the bulk lane; node-to-node
+    /// commands and replies come here once they have a channel of their
+    /// own (docs/redis.md, section 6).
+    #[allow(dead_code)]
     Control,
     /// Every other channel.
     Bulk,

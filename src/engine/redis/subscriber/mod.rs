@@ -187,12 +187,13 @@ fn to_fred(e: String) -> fred::error::Error {
 }
 
 impl Inner {
-    fn lane(&self, channel: &str) -> Lane {
-        if channel == self.node_channel {
-            Lane::Control
-        } else {
-            Lane::Bulk
-        }
+    /// Every channel, this node's own included, shares one connection per
+    /// server: a push to a single client or a close must keep its order
+    /// with the group and uid pushes published before it (the examples of
+    /// docs/publishing.md rely on it). Back-pressure means a command waits
+    /// behind a flood but is never dropped.
+    fn lane(&self, _channel: &str) -> Lane {
+        Lane::Bulk
     }
 
     fn sharded(&self) -> bool {
@@ -270,11 +271,8 @@ impl Inner {
                 }
             }
         }
-        let control = self.route(&self.node_channel)?;
-        self.conn(&control, Lane::Control).await?;
-        if !self.sharded() {
-            self.conn(&control, Lane::Bulk).await?;
-        }
+        let home = self.route(&self.node_channel)?;
+        self.conn(&home, self.lane(&self.node_channel)).await?;
         Ok(())
     }
 
