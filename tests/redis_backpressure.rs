@@ -251,7 +251,18 @@ async fn pushes_pipelined_in_one_write_arrive_whole_once_and_in_order() {
         receivers.iter().all(|r| *r == 1),
         "each uid's node listened"
     );
-    let want: Vec<String> = (0..100).map(|s| s.to_string()).collect();
+    // Then one last push per uid: a client that gets it after its 100 got
+    // nothing twice (per-uid order holds), without waiting out a deadline.
+    let ends: Vec<(String, Vec<u8>)> = (0..2000)
+        .map(|uid| {
+            let mut e = Envelope::new(Op::Push);
+            e.data = Some(bytes::Bytes::from_static(b"end"));
+            (format!("gatecast:uid:u{uid}"), e.encode().to_vec())
+        })
+        .collect();
+    publish_pipelined(redis.port, &ends).await;
+    let mut want: Vec<String> = (0..100).map(|s| s.to_string()).collect();
+    want.push("end".into());
     for (i, reader) in readers.into_iter().enumerate() {
         let got = reader.await.unwrap();
         assert_eq!(got, want, "client {i}: all of its pushes, once, in order");
