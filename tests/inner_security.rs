@@ -379,3 +379,111 @@ async fn binary_and_oversized_pushes_do_not_break_clients() {
         1.0
     );
 }
+
+/// A TCP connection to `to` from `source` (any 127/8 address: loopback
+/// answers them all), as a peer on another host would make it.
+async fn connect_from(source: [u8; 4], to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .expect("bind a loopback source address");
+    tokio::time::timeout(WAIT, socket.connect(to))
+        .await
+        .expect("TCP connect in time")
+        .expect("the kernel accepts")
+}
+
+/// [`ask`] from `source`: the answer, or `None` when the node closes the
+/// connection first.
+async fn ask_from(source: [u8; 4], inner: SocketAddr, p: Packet) -> Option<Value> {
+    let mut s = connect_from(source, inner).await;
+    let mut out = auth(KEY).to_vec();
+    out.extend_from_slice(&protocol::encode(&p));
+    // A refused connection may be reset under the write: the read tells.
+    let _ = s.write_all(&out).await;
+    let mut buf = BytesMut::new();
+    loop {
+        if let Some(reply) = protocol::decode_reply(&mut buf, 64 << 20).unwrap() {
+            return Some(php::unserialize(&reply).unwrap());
+        }
+        match tokio::time::timeout(WAIT, s.read_buf(&mut buf))
+            .await
+            .expect("an answer or a close in time")
+        {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// One address may hold `MAX_UNAUTHENTICATED_PER_ADDRESS` (256)
+/// connections that have not sent the key; the next one from it is closed
+/// at once and counted, while a peer on another address is still accepted
+/// and served. The place comes back when those connections go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_cannot_take_every_unauthenticated_slot() {
+    use gatecast::gatewayworker::inner::MAX_UNAUTHENTICATED_PER_ADDRESS as CAP;
+    let node = keyed_node(&[]);
+    node.wait_ready().await;
+    let client = common::Client::connect(&node.ws_url("")).await;
+    let n = number(&client.id);
+    let refused = r#"gatecast_inner_refused_total{reason="address_unauthenticated_full"}"#;
+
+    // The node accepts in arrival order, so these are admitted before the
+    // next one (and all within the 10 s they have to send the key).
+    let mut silent = Vec::new();
+    for _ in 0..CAP {
+        silent.push(connect_from([127, 0, 0, 1], node.inner).await);
+    }
+    let mut extra = connect_from([127, 0, 0, 1], node.inner).await;
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(3)).await,
+        "connection {} from one address is refused at once",
+        CAP + 1
+    );
+    // A GatewayClient on the same address is refused too: it is not
+    // authenticated when it connects.
+    assert_eq!(
+        ask_from(
+            [127, 0, 0, 1],
+            node.inner,
+            packet(cmd::IS_ONLINE, n, b"", b"")
+        )
+        .await,
+        None
+    );
+    let metrics = node.get_text("/metrics").await;
+    assert_eq!(common::metric(&metrics, refused), 2.0, "{metrics}");
+
+    // Another address: accepted, and served once it gives the key.
+    assert_eq!(
+        ask_from(
+            [127, 0, 0, 2],
+            node.inner,
+            packet(cmd::IS_ONLINE, n, b"", b"")
+        )
+        .await,
+        Some(Value::Int(1))
+    );
+    // Once they go, the address gets its places back.
+    drop(silent);
+    common::eventually("127.0.0.1 served again", || async {
+        ask_from(
+            [127, 0, 0, 1],
+            node.inner,
+            packet(cmd::IS_ONLINE, n, b"", b""),
+        )
+        .await
+            == Some(Value::Int(1))
+    })
+    .await;
+    let metrics = node.get_text("/metrics").await;
+    assert!(common::metric(&metrics, refused) >= 2.0);
+    assert_eq!(
+        common::metric(
+            &metrics,
+            r#"gatecast_inner_refused_total{reason="address_full"}"#
+        ),
+        0.0
+    );
+}

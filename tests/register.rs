@@ -382,3 +382,75 @@ async fn a_long_line_before_worker_connect_closes_the_connection() {
     worker.send_line(WORKER_CONNECT).await;
     assert_eq!(worker.addresses().await, BTreeSet::from([inner(&node)]));
 }
+
+/// A Register connection from `source` (any 127/8 address).
+async fn connect_from(source: [u8; 4], to: SocketAddr) -> RegisterClient {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(SocketAddr::from((source, 0)))
+        .expect("bind a loopback source address");
+    let stream = tokio::time::timeout(WAIT, socket.connect(to))
+        .await
+        .expect("TCP connect in time")
+        .expect("the kernel accepts");
+    RegisterClient {
+        stream: BufReader::new(stream),
+    }
+}
+
+/// `MAX_PER_ADDRESS` connections from one address at once, then the next
+/// from it is closed at once (`address_full`) while another address is
+/// served; `MAX_UNAUTHENTICATED` connections waiting for `worker_connect`
+/// node-wide, then the next from anywhere is closed (`unauthenticated_full`)
+/// while a worker already in keeps its connection. Places come back when
+/// connections go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_caps_refuse_the_excess_and_count_it_by_cap() {
+    use gatecast::gatewayworker::register::{MAX_PER_ADDRESS, MAX_UNAUTHENTICATED};
+    let node = Node::start(&["--register-listen", "127.0.0.1:0"]);
+    node.wait_ready().await;
+    let register = register_addr(&node);
+    let want = BTreeSet::from([inner(&node)]);
+
+    // The node accepts in arrival order, so these are admitted before the
+    // next one (and all within the 10 s they have to authenticate).
+    let mut held = Vec::new();
+    for _ in 0..MAX_PER_ADDRESS {
+        held.push(connect_from([127, 0, 0, 1], register).await);
+    }
+    let mut extra = connect_from([127, 0, 0, 1], register).await;
+    extra.send_line(WORKER_CONNECT).await;
+    assert_eq!(extra.next().await, Heard::Closed);
+    assert_eq!(register_errors(&node, "address_full").await, 1.0);
+
+    // Another address is served, and stays connected.
+    let mut worker = connect_from([127, 0, 0, 2], register).await;
+    worker.send_line(WORKER_CONNECT).await;
+    assert_eq!(worker.addresses().await, want);
+
+    // Fill the node-wide unauthenticated places from a third address.
+    for _ in 0..MAX_UNAUTHENTICATED - MAX_PER_ADDRESS {
+        held.push(connect_from([127, 0, 0, 3], register).await);
+    }
+    let mut extra = connect_from([127, 0, 0, 4], register).await;
+    extra.send_line(WORKER_CONNECT).await;
+    assert_eq!(extra.next().await, Heard::Closed);
+    assert_eq!(register_errors(&node, "unauthenticated_full").await, 1.0);
+    assert_eq!(register_errors(&node, "too_many_connections").await, 0.0);
+    // The worker already in is still there: a ping is not answered, and
+    // nothing closes it.
+    worker.send_line(r#"{"event":"ping"}"#).await;
+    let quiet = tokio::time::timeout(Duration::from_millis(300), worker.next()).await;
+    assert!(
+        quiet.is_err(),
+        "the worker's connection stays open: {quiet:?}"
+    );
+
+    drop(held);
+    eventually("127.0.0.1 served again", || async {
+        let mut again = connect_from([127, 0, 0, 1], register).await;
+        again.send_line(WORKER_CONNECT).await;
+        matches!(again.next().await, Heard::Line(_))
+    })
+    .await;
+}

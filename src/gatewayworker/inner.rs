@@ -127,7 +127,10 @@ struct Shared {
     /// Per source address: (connections, unauthenticated ones).
     per_address: Mutex<HashMap<IpAddr, (usize, usize)>>,
     in_flight: Arc<Semaphore>,
-    /// Failure logs: at most a line a second, whoever the peers.
+    /// Failure logs: at most a line a second, whoever the peers. Node-wide
+    /// on purpose: a throttle per peer address would let a peer with many
+    /// addresses write a line a second from each; the metrics count every
+    /// failure and each line says how many it stands for (`suppressed`).
     log: Mutex<Throttle>,
     refusals: Mutex<Throttle>,
 }

@@ -96,23 +96,34 @@ pub async fn serve(mut listener: Acceptor, gw: Arc<Gateway>, stop: CancellationT
     let accept_loop = async {
         loop {
             let (stream, peer) = listener.accept().await;
-            let admitted = slots.clone().try_acquire_owned().ok().and_then(|slot| {
-                let pending = unauthenticated.clone().try_acquire_owned().ok()?;
-                let address = AddressSlot::new(&per_address, peer.ip())?;
-                Some((slot, pending, address))
-            });
-            let Some((permit, pending, address)) = admitted else {
-                count(&gw.metrics, "too_many_connections");
-                if let Some(suppressed) = refusals.allow(Instant::now()) {
-                    tracing::warn!(
-                        %peer,
-                        suppressed,
-                        limit = MAX_CONNECTIONS,
-                        "register connection refused: too many open \
-                         (logged at most once a second, `suppressed` since the last line)"
-                    );
+            // Which cap refused it, as the `reason` label.
+            let admitted = (|| {
+                let slot = slots
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| "too_many_connections")?;
+                let pending = unauthenticated
+                    .clone()
+                    .try_acquire_owned()
+                    .map_err(|_| "unauthenticated_full")?;
+                let address = AddressSlot::new(&per_address, peer.ip()).ok_or("address_full")?;
+                Ok((slot, pending, address))
+            })();
+            let (permit, pending, address) = match admitted {
+                Ok(admitted) => admitted,
+                Err(reason) => {
+                    count(&gw.metrics, reason);
+                    if let Some(suppressed) = refusals.allow(Instant::now()) {
+                        tracing::warn!(
+                            %peer,
+                            reason,
+                            suppressed,
+                            "register connection refused: a connection cap is reached \
+                             (logged at most once a second, `suppressed` since the last line)"
+                        );
+                    }
+                    continue;
                 }
-                continue;
             };
             let slot = Slot::new(permit, gw.metrics.clone());
             let peer_conn = PeerConnection {
@@ -220,7 +231,9 @@ struct PeerConnection {
     /// Its place among the unauthenticated connections, given back at
     /// `worker_connect`.
     pending: Option<OwnedSemaphorePermit>,
-    /// Throttles the log of closed connections, node-wide.
+    /// Throttles the log of closed connections, node-wide (not per peer,
+    /// so many source addresses cannot multiply the lines; the metric
+    /// counts every close).
     closes: Arc<Mutex<Throttle>>,
     /// `--gateway-secret-key` (empty: no key).
     secret_key: Arc<GatewayKey>,
