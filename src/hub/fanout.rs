@@ -56,7 +56,9 @@ impl Hub {
                     // A connection has one uid, so distinct uids never overlap.
                     for uid in &uids {
                         for id in index.uids.get(uid.as_str()).into_iter().flatten() {
-                            sender.send(id, &index.conns[id]);
+                            if let Some(local) = index.conns.get(id) {
+                                sender.send(id, local);
+                            }
                         }
                     }
                 }
@@ -70,8 +72,11 @@ impl Hub {
                     let mut seen = HashSet::new();
                     for group in &groups {
                         for id in index.groups.get(group.as_str()).into_iter().flatten() {
+                            let Some(local) = index.conns.get(id) else {
+                                continue;
+                            };
                             if groups.len() == 1 || seen.insert(*id) {
-                                sender.send(id, &index.conns[id]);
+                                sender.send(id, local);
                             }
                         }
                     }
@@ -102,7 +107,9 @@ impl Hub {
         for shard in self.shards.iter() {
             let index = shard.read();
             for id in index.groups.get(group).into_iter().flatten() {
-                let local = &index.conns[id];
+                let Some(local) = index.conns.get(id) else {
+                    continue;
+                };
                 if !earlier.iter().any(|g| local.groups.iter().any(|m| m == g)) {
                     sender.send(id, local);
                 }

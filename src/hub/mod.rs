@@ -475,7 +475,7 @@ impl Hub {
         for shard in self.shards.iter() {
             let index = shard.read();
             let members = index.groups.get(group).into_iter().flatten();
-            out.extend(members.map(|id| (*id, index.conns[id].session())));
+            out.extend(members.filter_map(|id| Some((*id, index.conns.get(id)?.session()))));
         }
         out
     }
@@ -486,7 +486,7 @@ impl Hub {
         for shard in self.shards.iter() {
             let index = shard.read();
             let members = index.groups.get(group).into_iter().flatten();
-            uids.extend(members.filter_map(|id| index.conns[id].uid.clone()));
+            uids.extend(members.filter_map(|id| index.conns.get(id)?.uid.clone()));
         }
         uids.into_iter().collect()
     }

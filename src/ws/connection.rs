@@ -172,7 +172,7 @@ impl Connection {
             setup,
         } = *start;
         let setup = *setup;
-        let id = gw.minter.mint();
+        let id = gw.minter.mint_unused(|id| gw.hub.contains(id));
         let outbox = Arc::new(Outbox::default());
         let _ = outbox.push(
             welcome(&gw, id),
