@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::{eventually, metric, sorted, Client, Node};
+use common::{connect_many, eventually, metric, ready, sorted, Client, Node};
 use fred::prelude::*;
 use futures_util::stream::{self, StreamExt};
 use gatecast_emitter::{Envelope, Op};
@@ -27,21 +27,6 @@ fn nodes(redis: &RedisServer, n: usize, extra: &[&str]) -> Vec<Node> {
     let mut args = vec!["--redis-url", url.as_str(), "--node-heartbeat", "1s"];
     args.extend_from_slice(extra);
     (0..n).map(|_| Node::start(&args)).collect()
-}
-
-async fn ready(nodes: &[Node]) {
-    for node in nodes {
-        node.wait_ready().await;
-    }
-}
-
-/// `n` clients of `url`, connected 100 at a time.
-async fn connect_many(url: &str, n: usize) -> Vec<Client> {
-    stream::iter(0..n)
-        .map(|_| Client::connect(url))
-        .buffer_unordered(100)
-        .collect()
-        .await
 }
 
 async fn fred(redis: &RedisServer) -> fred::clients::Client {

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::redis::{RedisCluster, RedisServer};
-use common::{eventually, metric, within, Client, Node};
-use futures_util::stream::{self, StreamExt};
+use common::{connect_many, eventually, metric, ready, within, Client, Node};
+use futures_util::StreamExt;
 use gatecast_emitter::{Envelope, Op};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -32,20 +32,6 @@ fn nodes(url: &str, n: usize, extra: &[&str]) -> Vec<Node> {
     }
     args.extend_from_slice(extra);
     (0..n).map(|_| Node::start(&args)).collect()
-}
-
-async fn ready(nodes: &[Node]) {
-    for node in nodes {
-        node.wait_ready().await;
-    }
-}
-
-async fn connect_many(url: &str, n: usize) -> Vec<Client> {
-    stream::iter(0..n)
-        .map(|_| Client::connect(url))
-        .buffer_unordered(100)
-        .collect()
-        .await
 }
 
 /// One RESP command.

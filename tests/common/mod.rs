@@ -950,3 +950,19 @@ pub async fn webhook() -> (String, tokio::sync::mpsc::UnboundedReceiver<Value>) 
     tokio::spawn(async move { axum::serve(listener, app).await });
     (hook, rx)
 }
+
+/// Waits until every node is ready.
+pub async fn ready(nodes: &[Node]) {
+    for node in nodes {
+        node.wait_ready().await;
+    }
+}
+
+/// `n` clients of `url`, connected 100 at a time.
+pub async fn connect_many(url: &str, n: usize) -> Vec<Client> {
+    futures_util::stream::iter(0..n)
+        .map(|_| Client::connect(url))
+        .buffer_unordered(100)
+        .collect()
+        .await
+}
