@@ -353,6 +353,13 @@ pub struct Config {
     #[arg(long, env = "GATECAST_WORKER_KEEP_TOKEN", default_value_t = false)]
     pub worker_keep_token: bool,
 
+    /// Serve a demo page at /demo on the public listener: it connects with
+    /// gatecast.js and shows its client_id, state, every message, and the
+    /// curl lines that push to it through the API. For trying gatecast out,
+    /// not for production.
+    #[arg(long, env = "GATECAST_DEMO", default_value_t = false)]
+    pub demo: bool,
+
     /// Log format.
     #[arg(long, env = "GATECAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accept::Acceptor;
 use crate::api;
+use crate::browser;
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
 use crate::engine::redis::{RedisEngine, RedisSettings};
@@ -276,7 +277,7 @@ pub async fn run_with(
         &stop_public,
         public.track_future(serve_public(
             acceptor(listeners.public, "public"),
-            public_router(gw.clone()),
+            public_router(gw.clone(), api_addr),
             PublicBounds {
                 timeout: gw.config.handshake_timeout,
                 head_bytes: gw.config.max_request_head_bytes,
@@ -419,9 +420,11 @@ async fn start_events(
     Ok(Some(Events::new(sink, node, metrics.clone(), bounds)))
 }
 
-fn public_router(gw: Arc<Gateway>) -> Router {
+fn public_router(gw: Arc<Gateway>, api: SocketAddr) -> Router {
+    let demo = gw.config.demo.then_some(api);
     Router::new()
         .route("/ws", get(ws::upgrade))
+        .merge(browser::routes(demo))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .fallback(api::not_found)

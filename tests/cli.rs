@@ -94,6 +94,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--events-stream-bytes", "GATECAST_EVENTS_STREAM_BYTES"),
         ("--events-redis-url", "GATECAST_EVENTS_REDIS_URL"),
         ("--worker-keep-token", "GATECAST_WORKER_KEEP_TOKEN"),
+        ("--demo", "GATECAST_DEMO"),
         ("--log-format", "GATECAST_LOG_FORMAT"),
         ("--log-level", "GATECAST_LOG_LEVEL"),
     ] {
