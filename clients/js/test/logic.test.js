@@ -51,7 +51,7 @@ const last = () => FakeWS.all[FakeWS.all.length - 1];
 
 beforeEach(() => {
   FakeWS.all = [];
-  mock.timers.enable({ apis: ['setTimeout', 'setInterval', 'Date'] });
+  mock.timers.enable({ apis: ['setTimeout', 'setInterval'] });
 });
 afterEach(() => mock.timers.reset());
 
