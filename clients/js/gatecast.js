@@ -89,6 +89,18 @@ function atobSafe(s) {
   }
 }
 
+// `f()`'s result, or a rejection after `ms`: a getToken that never answers
+// must not stall the client.
+function bounded(f, ms) {
+  return new Promise((resolve, reject) => {
+    const t = setTimeout(() => reject(new Error('timed out')), ms);
+    Promise.resolve()
+      .then(f)
+      .then(resolve, reject)
+      .finally(() => clearTimeout(t));
+  });
+}
+
 function validPositions(pos) {
   if (!pos || typeof pos !== 'object' || Array.isArray(pos)) return {};
   const out = {};
@@ -177,7 +189,7 @@ export function connect(url, options = {}) {
     setState('connecting', { attempt });
     if (o.getToken && (needToken || !token || tokenExpired(token))) {
       try {
-        token = await o.getToken();
+        token = await bounded(o.getToken, o.connectTimeout);
         needToken = false;
       } catch (e) {
         if (my === gen && !stopped) retry({ code: 0, reason: 'getToken failed: ' + e });
@@ -343,12 +355,13 @@ export function connect(url, options = {}) {
   }
 
   // The network is back or the page is shown again: reconnect now instead
-  // of waiting out the backoff (not a delay the server asked for), or check
-  // that the connection still lives.
+  // of waiting out the backoff (not a delay the server asked for), with the
+  // backoff started afresh, or check that the connection still lives.
   function wake() {
     if (stopped) return;
     if (timer && !serverDelay) {
       clearTimeout(timer);
+      attempt = 0;
       open();
     } else if (c && c.welcomed) {
       ping(c);

@@ -283,20 +283,34 @@ test('online and visibilitychange reconnect at once instead of waiting out the b
   await flush();
   last().shut(1006);
   assert.equal(states[states.length - 1].state, 'disconnected');
+  mock.timers.tick(states[states.length - 1].delay);
+  await flush();
+  last().shut(1006);
+  assert.equal(states[states.length - 1].delay, 1250, 'the backoff grew');
   win.dispatchEvent(new Event('online'));
   await flush();
-  assert.equal(FakeWS.all.length, 2);
+  assert.equal(FakeWS.all.length, 3, 'online: an attempt at once');
   last().shut(1006);
+  assert.equal(states[states.length - 1].delay, 750, 'online started the backoff afresh');
+  win.document.dispatchEvent(new Event('visibilitychange')); // still hidden
+  await flush();
+  assert.equal(FakeWS.all.length, 3);
   win.document.visibilityState = 'visible';
   win.document.dispatchEvent(new Event('visibilitychange'));
   await flush();
-  assert.equal(FakeWS.all.length, 3);
+  assert.equal(FakeWS.all.length, 4, 'shown: an attempt at once');
   // A delay the server asked for is not cut short.
   last().welcome(ID1);
   last().shut(1001, '{"reason":"drain","retry_ms":5000}');
   win.dispatchEvent(new Event('online'));
   await flush();
-  assert.equal(FakeWS.all.length, 3);
+  assert.equal(FakeWS.all.length, 4);
+  // While connected, online checks the connection with a ping.
+  mock.timers.tick(5250);
+  await flush();
+  last().welcome(ID2);
+  win.dispatchEvent(new Event('online'));
+  assert.deepEqual(last().sent, ['{"type":"ping"}']);
 });
 
 test('recovery: positions and token kept in storage, resumed with them, duplicates dropped', async () => {
@@ -363,4 +377,20 @@ test('recovery against a server that does not speak it: plain frames, and a disc
   last().msg('plain\ntext');
   assert.deepEqual(messages, ['plain\ntext']);
   assert.deepEqual(events, [{ resumed: false, streams: ['g:a'] }]);
+});
+
+test('a getToken that never answers counts as a failed attempt after connectTimeout', async () => {
+  let calls = 0;
+  const { states } = client({ connectTimeout: 2000, getToken: () => (calls++, new Promise(() => {})) });
+  await flush();
+  assert.equal(calls, 1);
+  mock.timers.tick(2000);
+  await flush();
+  const s = states[states.length - 1];
+  assert.equal(s.state, 'disconnected');
+  assert.match(s.reason, /getToken failed/);
+  mock.timers.tick(s.delay);
+  await flush();
+  assert.equal(calls, 2);
+  assert.equal(FakeWS.all.length, 0);
 });
