@@ -370,6 +370,9 @@ export function connect(url, options = {}) {
   function visible() {
     if (doc.visibilityState === 'visible') wake();
   }
+  function off(event, f) {
+    handlers[event] = (handlers[event] || []).filter((g) => g !== f);
+  }
   if (win) win.addEventListener('online', wake);
   if (doc) doc.addEventListener('visibilitychange', visible);
 
@@ -384,11 +387,9 @@ export function connect(url, options = {}) {
     },
     on(event, f) {
       (handlers[event] = handlers[event] || []).push(f);
-      return () => this.off(event, f);
+      return () => off(event, f);
     },
-    off(event, f) {
-      handlers[event] = (handlers[event] || []).filter((g) => g !== f);
-    },
+    off,
     send(data) {
       if (!ws || !c || !c.welcomed) return false;
       ws.send(data);

@@ -394,3 +394,33 @@ test('a getToken that never answers counts as a failed attempt after connectTime
   assert.equal(calls, 2);
   assert.equal(FakeWS.all.length, 0);
 });
+
+test('on() returns its own remover; off() removes a handler', async () => {
+  const { c } = client();
+  const seen = [];
+  const { on, off } = c;
+  const stop = on('message', (d) => seen.push('a' + d));
+  const b = (d) => seen.push('b' + d);
+  on('message', b);
+  await flush();
+  last().welcome(ID1);
+  last().msg('1');
+  stop();
+  last().msg('2');
+  off('message', b);
+  last().msg('3');
+  assert.deepEqual(seen, ['a1', 'b1', 'b2']);
+});
+
+test('a handler that throws does not stop the others nor the client', async () => {
+  const { c, messages } = client();
+  c.on('message', () => {
+    throw new Error('app bug');
+  });
+  await flush();
+  last().welcome(ID1);
+  last().msg('1');
+  last().msg('2');
+  assert.deepEqual(messages, ['1', '2']);
+  assert.equal(c.state, 'connected');
+});
