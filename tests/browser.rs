@@ -207,7 +207,7 @@ async fn an_expired_token_is_refreshed_with_get_token_after_4001() {
             "ws": [nodes[0].ws_url("")],
             "api": api(&nodes[1]),
             "secret": secret,
-            "token_secs": 2,
+            "token_secs": 4,
         }),
     );
 }

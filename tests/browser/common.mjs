@@ -102,9 +102,10 @@ export async function run(name, body) {
  * Opens a page served by a node (`origin`) that loads the library it
  * serves and records everything the client reports in `window.t`.
  * `options` are connect()'s options; `urls` the /ws URLs tried in turn.
+ * `navigate: false` uses the page as it is (after a reload).
  */
-export async function libraryPage(page, origin, urls, options = {}) {
-  await page.goto(`${origin}/healthz`, { timeout: WAIT });
+export async function libraryPage(page, origin, urls, options = {}, navigate = true) {
+  if (navigate) await page.goto(`${origin}/healthz`, { timeout: WAIT });
   await page.evaluate(
     async ({ urls, options }) => {
       const { connect } = await import('/gatecast.js');

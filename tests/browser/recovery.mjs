@@ -55,7 +55,7 @@ run('recovery', async (page) => {
   // A reload, with a push in between.
   await page.reload();
   await push('r1');
-  await libraryPage(page, config.page, config.ws, OPTIONS);
+  await libraryPage(page, config.page, config.ws, OPTIONS, false);
   await until(page, 'r1 after the reload', () => window.t.messages.includes('r1'));
   await push('r2');
   await until(page, 'r2 live', () => window.t.messages.includes('r2'));
