@@ -185,7 +185,7 @@ async fn backoff_stays_within_bounds_while_every_node_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_expired_token_is_refreshed_with_get_token_after_4001() {
+async fn get_token_replaces_a_refused_token_and_an_expired_one_after_4001() {
     let secret = "browser-test-secret-0123456789abcdef";
     let redis = RedisServer::start();
     let args = [
