@@ -116,6 +116,12 @@ async fn the_demo_page_and_the_library_are_served() {
     let (status, page) = demo.get_raw(true, "/demo").await;
     assert_eq!(status, 200);
     assert!(page.contains(&format!("http://{}/api", demo.api)), "{page}");
+    // The npm package and the versioned path carry the crate's version.
+    let package: Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("clients/js/package.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(package["version"], env!("CARGO_PKG_VERSION"));
     // Both names serve the library compiled in, with their cache lifetimes.
     let http = reqwest::Client::new();
     for (path, cache) in [
