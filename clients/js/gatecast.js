@@ -197,22 +197,23 @@ export function connect(url, options = {}) {
       }
       if (my !== gen || stopped) return;
     }
-    const u = new URL(typeof url === 'function' ? url() : url, globalThis.location && location.href);
-    u.protocol = u.protocol.replace(/^http/, 'ws');
-    const q = u.searchParams;
-    if (token) q.set('token', token);
     const conn = { opened: false, welcomed: false, framed: false, resuming: false, posSent: false };
-    if (recover) {
-      q.set('recover', '1');
-      if (saved.resume) q.set('resume', saved.resume);
-      conn.resuming = !!saved.resume || Object.keys(saved.pos).length > 0;
-      if (Object.keys(saved.pos).length) {
-        q.set('pos', encodePos(saved.pos));
-        conn.posSent = true;
-      }
-    }
     let sock;
     try {
+      // A bad URL (or a url() that throws) is a failed attempt, not a stuck client.
+      const u = new URL(typeof url === 'function' ? url() : url, globalThis.location && location.href);
+      u.protocol = u.protocol.replace(/^http/, 'ws');
+      const q = u.searchParams;
+      if (token) q.set('token', token);
+      if (recover) {
+        q.set('recover', '1');
+        if (saved.resume) q.set('resume', saved.resume);
+        conn.resuming = !!saved.resume || Object.keys(saved.pos).length > 0;
+        if (Object.keys(saved.pos).length) {
+          q.set('pos', encodePos(saved.pos));
+          conn.posSent = true;
+        }
+      }
       sock = new WS(u.href);
     } catch (e) {
       retry({ code: 0, reason: String(e) });

@@ -424,3 +424,17 @@ test('a handler that throws does not stop the others nor the client', async () =
   assert.deepEqual(messages, ['1', '2']);
   assert.equal(c.state, 'connected');
 });
+
+test('a URL that cannot be used is a failed attempt with a reason, then backoff', async () => {
+  let n = 0;
+  const bad = connect(() => (n++ === 0 ? 'not a url' : 'ws://gw.test/ws'), { WebSocket: FakeWS, window: null, random: () => 0.5 });
+  const seen = [];
+  bad.on('state', (s) => seen.push(s));
+  await flush();
+  assert.equal(seen[1].state, 'disconnected');
+  assert.match(seen[1].reason, /URL/i);
+  mock.timers.tick(seen[1].delay);
+  await flush();
+  assert.equal(FakeWS.all.length, 1);
+  assert.equal(last().url.href, 'ws://gw.test/ws');
+});
