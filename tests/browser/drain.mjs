@@ -1,5 +1,6 @@
 // The library's node drains (SIGTERM): the client reconnects to another
-// node and receives pushes there (sent through a third node's API).
+// node and receives pushes there (sent through a third node's API). Then
+// the backend kicks it (close_client): it stays closed.
 import { config, run, api, until, assert, log, libraryPage, newClientId } from './common.mjs';
 
 run('drain', async (page) => {
@@ -30,4 +31,12 @@ run('drain', async (page) => {
   const got = await until(page, 'the pushes after the drain', () =>
     window.t.messages.length >= 3 && window.t.messages);
   assert(JSON.stringify(got) === JSON.stringify(['before', 'after', 'bytes:1,2,3']), `messages ${JSON.stringify(got)}`);
+
+  await api(config.api, 'close_client', { client_id: second });
+  const closed = await until(page, 'closed for good', () => window.t.client.state === 'closed' && window.t.states.at(-1));
+  assert(closed.code === 1000 && closed.reason === 'closed by server', `kicked: ${JSON.stringify(closed)}`);
+  // A retry would come within maxDelay.
+  await page.waitForTimeout(2500);
+  const after = await page.evaluate((at) => window.t.states.filter((s) => s.at > at).length, closed.at);
+  assert(after === 0, `no attempt after the kick (${after} state changes)`);
 });
