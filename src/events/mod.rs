@@ -82,6 +82,12 @@ pub enum Detail {
     },
     /// A connection closed.
     Close,
+    /// A connection resumed another one (docs/recovery.md): it has the
+    /// uid, groups and session of `old_client_id` now.
+    Resumed {
+        /// The connection it took over.
+        old_client_id: ClientId,
+    },
 }
 
 /// One event.
@@ -126,6 +132,7 @@ impl Event {
             } => remote_addr.len() + query.len() + json_object_size(headers),
             Detail::Message { data, .. } => data.len(),
             Detail::Close => 0,
+            Detail::Resumed { .. } => 20,
         };
         std::mem::size_of::<Event>()
             + self.uid.as_ref().map_or(0, String::len)
@@ -138,6 +145,7 @@ impl Event {
             Detail::Connect { .. } => "connect",
             Detail::Message { .. } => "message",
             Detail::Close => "close",
+            Detail::Resumed { .. } => "resumed",
         }
     }
 
@@ -170,6 +178,10 @@ impl Event {
                 fields.push(("binary", text(if *binary { "1" } else { "0" }.into())));
             }
             Detail::Close => {}
+            Detail::Resumed { old_client_id } => {
+                fields.push(("old_client_id", text(old_client_id.to_string())));
+                fields.push(("new_client_id", text(self.client_id.to_string())));
+            }
         }
         fields
     }
@@ -202,6 +214,10 @@ impl Event {
                 }
             },
             Detail::Close => {}
+            Detail::Resumed { old_client_id } => {
+                body["old_client_id"] = json!(old_client_id.to_string());
+                body["new_client_id"] = json!(self.client_id.to_string());
+            }
         }
         body
     }

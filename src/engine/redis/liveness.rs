@@ -218,7 +218,11 @@ async fn purge(s: &Shared, node: NodeId) -> Result<bool, fred::error::Error> {
     let removed: i64 = s
         .scripts
         .clear
-        .run(&s.redis.client, s.keys.partition(node), vec!["dead"])
+        .run(
+            &s.redis.client,
+            s.keys.partition(node),
+            vec!["dead".to_owned(), String::new(), s.resume_window_ms()],
+        )
         .await?;
     if removed > 0 {
         tracing::info!(node = %node, addr = %node.addr(), connections = removed, "purged a dead node");
