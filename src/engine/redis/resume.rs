@@ -109,7 +109,11 @@ pub async fn redis_lost(s: Arc<Shared>) {
             _ = tick.tick() => {}
             () = s.stop.cancelled() => return,
         }
-        let reachable = s.redis.client.is_connected() && s.responsive.load(Ordering::Acquire);
+        // Writes refused for as long (out of memory, read-only) fail the
+        // heartbeat too: the node is purged all the same.
+        let reachable = s.redis.client.is_connected()
+            && s.responsive.load(Ordering::Acquire)
+            && s.writable.load(Ordering::Acquire);
         if reachable {
             if closed > 0 {
                 tracing::info!(closed, "redis reachable again");
