@@ -42,7 +42,7 @@ use crate::session::Session;
 mod request;
 mod sinks;
 
-pub use request::{forwarded_headers, forwarded_query};
+pub use request::{forwarded_headers, forwarded_query, without_resume_token};
 pub use sinks::install_crypto_provider;
 use sinks::{post_all, webhook_client, write_stream};
 
@@ -520,6 +520,11 @@ mod tests {
     fn connect_events_never_carry_the_token() {
         assert_eq!(forwarded_query("room=7&token=abc.def&x=1"), "room=7&x=1");
         assert_eq!(forwarded_query("token=abc"), "");
+        assert_eq!(forwarded_query("recover=1&resume=abc&x=1"), "recover=1&x=1");
+        assert_eq!(
+            without_resume_token("recover=1&resume=abc&token=t"),
+            "recover=1&token=t"
+        );
         assert_eq!(forwarded_query("tokens=1"), "tokens=1");
         // Encoded keys are keys too.
         assert_eq!(forwarded_query("%74oken=abc&x=1"), "x=1");
