@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use common::redis::RedisServer;
 use common::{eventually, webhook, within, Client, Node, Seen, WAIT};
 use futures_util::StreamExt;
+use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -685,4 +686,109 @@ async fn on_redis_cluster_a_live_connection_is_taken_over_from_another_node() {
     // stays spent.
     let (_, welcome) = opt_in(a, &format!("&resume={resume}")).await;
     assert_eq!(welcome["resumed"], json!(false), "{welcome}");
+}
+
+/// An HS256 token for `sub` with groups and a session, valid for an hour.
+fn jwt_with(sub: &str, groups: &[&str], session: Value) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": sub, "exp": exp, "groups": groups, "session": session}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// Sends packets on the inner port as a BusinessWorker does, and waits
+/// until the node closed its side (everything sent was handled).
+async fn send_inner(inner: SocketAddr, packets: &[Packet]) {
+    let mut s = TcpStream::connect(inner).await.unwrap();
+    for p in packets {
+        s.write_all(&protocol::encode(p)).await.unwrap();
+    }
+    s.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_path_that_changes_membership_writes_the_record() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes: Vec<Node> = (0..2)
+        .map(|_| node(&redis.url(), &["--client-jwt-secret", SECRET]))
+        .collect();
+    common::ready(&nodes).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+
+    // The JWT's claims at connect.
+    let claims = jwt_with("hana", &["jwt-room"], json!({"from": "jwt"}));
+    let (client, welcome) = opt_in(a, &format!("&token={claims}")).await;
+    let (id, resume) = (client.id.clone(), token(&welcome));
+    // A command published straight to Redis.
+    let fred = fred::types::Builder::from_config(
+        fred::types::config::Config::from_url(&redis.url()).unwrap(),
+    )
+    .build()
+    .unwrap();
+    fred::interfaces::ClientLike::init(&fred).await.unwrap();
+    let emitter = gatecast_emitter::Emitter::new(fred, "gatecast");
+    emitter.join_group(&id, "redis-room").await.unwrap();
+    emitter.join_group(&id, "temp").await.unwrap();
+    // The GatewayWorker inner port.
+    let conn = u32::from_str_radix(&id[12..], 16).unwrap();
+    let mut join = Packet::new(cmd::JOIN_GROUP);
+    join.connection_id = conn;
+    join.flag = flag::BODY_IS_SCALAR;
+    join.ext_data = bytes::Bytes::from_static(b"inner-room");
+    send_inner(a.inner, &[join]).await;
+    // The API, on the other node.
+    let groups = || async {
+        common::sorted(
+            b.ok("get_client_id_list_by_group", json!({"group": "temp"}))
+                .await,
+        ) == vec![id.clone()]
+            && common::sorted(
+                b.ok(
+                    "get_client_id_list_by_group",
+                    json!({"group": "inner-room"}),
+                )
+                .await,
+            ) == vec![id.clone()]
+    };
+    eventually("the published and inner-port joins are applied", groups).await;
+    b.ok("leave_group", json!({"client_id": id, "group": "temp"}))
+        .await;
+    b.ok(
+        "update_session",
+        json!({"client_id": id, "session": {"api": 1}}),
+    )
+    .await;
+
+    a.signal("KILL");
+    drop(client);
+    let plain = jwt("hana");
+    let (back, welcome) = opt_in(b, &format!("&token={plain}&resume={resume}")).await;
+    assert_eq!(welcome["resumed"], json!(true), "{welcome}");
+    let mut groups = Vec::new();
+    for g in ["jwt-room", "redis-room", "inner-room", "temp"] {
+        let members = b
+            .ok("get_client_id_list_by_group", json!({"group": g}))
+            .await;
+        if common::sorted(members).contains(&back.id) {
+            groups.push(g);
+        }
+    }
+    assert_eq!(groups, ["jwt-room", "redis-room", "inner-room"]);
+    let session = b.ok("get_session", json!({"client_id": back.id})).await;
+    assert_eq!(session, json!({"from": "jwt", "api": 1}));
+    let uid = b
+        .ok("get_uid_by_client_id", json!({"client_id": back.id}))
+        .await;
+    assert_eq!(uid, json!("hana"));
 }
