@@ -792,3 +792,42 @@ async fn every_path_that_changes_membership_writes_the_record() {
         .await;
     assert_eq!(uid, json!("hana"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_worker_hears_of_the_resume() {
+    let _serial = SERIAL.lock().await;
+    const KEY: &str = "resume-test-gateway-key";
+    let n = Node::start(&["--gateway-secret-key", KEY]);
+    let mut worker = TcpStream::connect(n.inner).await.unwrap();
+    let mut hello = Packet::new(cmd::WORKER_CONNECT);
+    hello.flag = flag::BODY_IS_SCALAR;
+    hello.body = bytes::Bytes::from(json!({"worker_key": "w:0", "secret_key": KEY}).to_string());
+    worker.write_all(&protocol::encode(&hello)).await.unwrap();
+    eventually("the worker is connected", || async {
+        common::metric(&n.get_text("/metrics").await, "gatecast_workers") == 1.0
+    })
+    .await;
+
+    let (client, welcome) = opt_in(&n, "").await;
+    let (old, resume) = (client.id.clone(), token(&welcome));
+    client.close().await;
+    let (back, welcome) = opt_in(&n, &format!("&resume={resume}")).await;
+    assert_eq!(welcome["resumed"], json!(true), "{welcome}");
+
+    let mut buf = bytes::BytesMut::new();
+    let resumed = tokio::time::timeout(WAIT, async {
+        loop {
+            while let Some(p) = protocol::decode(&mut buf, 1 << 24).unwrap() {
+                if p.cmd == cmd::ON_RESUMED {
+                    return p;
+                }
+            }
+            assert!(worker.read_buf(&mut buf).await.unwrap() > 0, "closed");
+        }
+    })
+    .await
+    .expect("an ON_RESUMED packet");
+    assert_eq!(&resumed.body[..], old.as_bytes());
+    let number = u32::from_str_radix(&back.id[12..], 16).unwrap();
+    assert_eq!(resumed.connection_id, number, "about the new connection");
+}

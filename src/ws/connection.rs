@@ -243,21 +243,23 @@ impl Connection {
                 },
             );
         }
-        if let Some(old) = setup.recovery.as_ref().and_then(|r| r.old_client_id) {
-            gw.event(id, Detail::Resumed { old_client_id: old });
-            // The connection it took over, if its node has not noticed it
-            // is gone yet: its client came back, and its record is used.
-            let engine = gw.engine.clone();
-            tokio::spawn(async move {
-                let _ = engine.close_client(old, None).await;
-            });
-        }
         // GatewayWorker sends onConnect at accept, before the handshake; here
         // both come once the connection is registered, back to back.
         gw.worker_event(route, id, WorkerEvent::Connect);
         if let Some(handshake) = setup.handshake {
             let data = handshake.to_php();
             gw.worker_event(route, id, WorkerEvent::WebSocketConnect(&data));
+        }
+        if let Some(old) = setup.recovery.as_ref().and_then(|r| r.old_client_id) {
+            gw.event(id, Detail::Resumed { old_client_id: old });
+            let old_text = old.to_string();
+            gw.worker_event(route, id, WorkerEvent::Resumed(old_text.as_bytes()));
+            // The connection it took over, if its node has not noticed it
+            // is gone yet: its client came back, and its record is used.
+            let engine = gw.engine.clone();
+            tokio::spawn(async move {
+                let _ = engine.close_client(old, None).await;
+            });
         }
         // They may be a slice of hyper's whole read buffer: read and
         // dropped now, not kept.
