@@ -285,12 +285,12 @@ impl Engine for RedisEngine {
 
     async fn disconnect(&self, id: ClientId) {
         let s = &self.shared;
-        let Some(m) = s.hub.remove(id) else {
-            return;
-        };
         // Its record expires when the removal is written (the script finds
         // the record in the partition).
         s.resumable.remove(id);
+        let Some(m) = s.hub.remove(id) else {
+            return;
+        };
         // In the background: the connection is already out of the hub (so
         // out of every push), and its close frame does not wait for Redis.
         s.mirror.mark([id], mirror::follows_of(&m));
