@@ -831,3 +831,50 @@ async fn a_business_worker_hears_of_the_resume() {
     let number = u32::from_str_radix(&back.id[12..], 16).unwrap();
     assert_eq!(resumed.connection_id, number, "about the new connection");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_left_without_expiry_by_an_older_purge_are_swept() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let nodes: Vec<Node> = (0..2).map(|_| node(&redis.url(), &[])).collect();
+    common::ready(&nodes).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    let (client, welcome) = opt_in(a, "").await;
+    let resume = token(&welcome);
+    b.ok("bind_uid", json!({"client_id": client.id, "uid": "ida"}))
+        .await;
+    let node_id = client.id[..12].to_owned();
+
+    // A dies and a node of a version without resume records purges it: the
+    // partition goes, its `:rs` and records stay, without expiry.
+    a.signal("KILL");
+    let partition = format!("gatecast:{{{node_id}}}");
+    redis.cli(&["SREM", "gatecast:nodes", &node_id]);
+    let keys = redis.cli(&["--scan", "--pattern", &format!("{partition}*")]);
+    let records: Vec<&str> = keys.lines().filter(|k| k.contains("}:r:")).collect();
+    assert_eq!(records.len(), 1, "{keys}");
+    for key in keys.lines() {
+        if !key.ends_with(":rs") && !key.contains("}:r:") {
+            redis.cli(&["DEL", key]);
+        }
+    }
+    assert_eq!(redis.cli(&["TTL", records[0]]).trim(), "-1");
+
+    // The orphan sweep (every 10 heartbeats) gives them their expiry.
+    within("the record expires", HEARTBEAT * 25, || async {
+        redis
+            .cli(&["TTL", records[0]])
+            .trim()
+            .parse::<i64>()
+            .unwrap_or(-1)
+            > 0
+    })
+    .await;
+    assert_eq!(
+        redis.cli(&["EXISTS", &format!("{partition}:rs")]).trim(),
+        "0"
+    );
+    drop(client);
+    let (_, welcome) = opt_in(b, &format!("&resume={resume}")).await;
+    assert_eq!(welcome["resumed"], json!(true), "within the window still");
+}

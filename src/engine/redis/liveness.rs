@@ -15,7 +15,6 @@ use std::sync::Arc;
 use fred::prelude::*;
 use futures_util::TryStreamExt;
 
-use super::keys::suffix;
 use super::Shared;
 use crate::gatewayworker::secret::GatewayKey;
 use crate::ids::NodeId;
@@ -231,9 +230,14 @@ async fn purge(s: &Shared, node: NodeId) -> Result<bool, fred::error::Error> {
 }
 
 /// Finds partitions of nodes missing from the node set and purges those
-/// whose liveness expired.
+/// whose liveness expired. A partition is found by its `:clients` hash, or
+/// by its `:rs` hash alone: a node purged by a node of a version without
+/// resume records keeps its records (without expiry) and `:rs`, which the
+/// purge here then expires.
 async fn sweep_orphans(s: &Shared, nodes: &HashSet<NodeId>) -> Result<(), fred::error::Error> {
-    let pattern = format!("{}:{{*}}{}", s.keys.prefix(), suffix::CLIENTS);
+    // `:clients` or `:rs` in one SCAN: `[cr][ls]*` matches those two
+    // suffixes and no other (`:cg`, `:r:<id>`, `:uid`... do not match).
+    let pattern = format!("{}:{{*}}:[cr][ls]*", s.keys.prefix());
     let mut keys = if s.redis.sharded {
         Box::pin(
             s.redis
