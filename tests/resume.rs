@@ -383,8 +383,19 @@ async fn a_token_works_once_with_its_secret_within_the_window() {
         .map(|_| node(&redis.url(), &["--resume-window", "3s"]))
         .collect();
     common::ready(&nodes).await;
-    let (a, b) = (&nodes[0], &nodes[1]);
+    token_rules(&nodes[0], &nodes[1]).await;
+}
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_in_process_engine_keeps_the_same_token_rules() {
+    let _serial = SERIAL.lock().await;
+    let n = Node::start(&["--resume-window", "3s"]);
+    token_rules(&n, &n).await;
+}
+
+/// Single use, forged tokens, the window: clients connect to `a` and
+/// resume on `b` (the same node on the in-process engine).
+async fn token_rules(a: &Node, b: &Node) {
     // Closed by the client: the record stays for the window.
     let (client, welcome) = opt_in(a, "").await;
     let resume = token(&welcome);
