@@ -112,6 +112,9 @@ pub async fn upgrade(
         )
         .into_response();
     }
+    // Every recovery parameter is checked here (a 400 before anything is
+    // done), so a bad one never costs the client its resume token, which
+    // `resume_setup` below consumes.
     let recovery = match query.recovery() {
         Ok(recovery) => recovery,
         Err(e) => return e.into_response(),
