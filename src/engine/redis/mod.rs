@@ -119,6 +119,8 @@ struct Shared {
     /// This node's connections that opted in to recovery, with the keys
     /// of their resume records.
     resumable: crate::recovery::resume::Resumable,
+    /// Turns of resumes asking Redis ([`resume::IN_FLIGHT`]).
+    resumes: tokio::sync::Semaphore,
     /// The partition and subscriptions were written since the last
     /// (re)connection: the node is ready.
     registered: AtomicBool,
@@ -184,6 +186,7 @@ impl RedisEngine {
             mirror: Mirror::default(),
             rpc: Rpc::default(),
             resumable: Default::default(),
+            resumes: tokio::sync::Semaphore::new(resume::IN_FLIGHT),
             registered: AtomicBool::new(false),
             responsive: AtomicBool::new(true),
             writable: AtomicBool::new(true),

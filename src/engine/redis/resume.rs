@@ -20,11 +20,23 @@ use std::time::{Duration, Instant};
 
 use super::client::unavailable;
 use super::Shared;
-use crate::engine::EngineResult;
+use crate::engine::{EngineError, EngineResult};
 use crate::frame::close_code;
 use crate::hub::Membership;
 use crate::recovery::resume::{jitter_ms, retry_reason, Refusal, Restored, Taken, Token, UidCheck};
 use crate::session::Session;
+
+/// Resumes asking Redis at once, per node. When a node dies its clients
+/// come back all at once: past this they wait here, in order, instead of
+/// queueing thousands of scripts on the node's Redis connection, where each
+/// would wait behind the others past the command timeout (and a consume
+/// that ran but whose answer came too late would spend the token for
+/// nothing).
+pub const IN_FLIGHT: usize = 64;
+
+/// Longest a resume waits for its turn before the client is told to come
+/// back later (503, the token kept).
+const QUEUE_WAIT: Duration = Duration::from_secs(5);
 
 /// Shortest `retry_ms` in a `redis_lost` close.
 const RETRY_FROM: Duration = Duration::from_millis(250);
@@ -40,6 +52,10 @@ impl Shared {
         check: UidCheck<'_>,
     ) -> EngineResult<Taken> {
         self.check()?;
+        let _turn = tokio::time::timeout(QUEUE_WAIT, self.resumes.acquire())
+            .await
+            .map_err(|_| EngineError::Unavailable("too many resumes at once".into()))?
+            .map_err(|_| EngineError::Unavailable("the node is stopping".into()))?;
         let key = token.key();
         let (must, uid) = match check {
             Some(sub) => ("1", sub),
