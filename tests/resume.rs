@@ -889,3 +889,53 @@ async fn records_left_without_expiry_by_an_older_purge_are_swept() {
     let (_, welcome) = opt_in(b, &format!("&resume={resume}")).await;
     assert_eq!(welcome["resumed"], json!(true), "within the window still");
 }
+
+/// The consume script on a real Redis: once per token, but the attempt
+/// that consumed it may ask again (its answer lost in a timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consume_whose_answer_was_lost_can_be_asked_again_by_its_attempt() {
+    const SCRIPT: &str = include_str!("../src/engine/redis/scripts/take_resume.lua");
+    let redis = RedisServer::start();
+    let p = "gatecast:{7f0000010b54}";
+    let record = format!("{p}:r:rec1");
+    redis.cli(&[
+        "HSET",
+        &record,
+        "d",
+        "digest",
+        "c",
+        "7f0000010b5400000001",
+        "u",
+        "una",
+        "g",
+        r#"["room"]"#,
+        "s",
+        "{}",
+    ]);
+    redis.cli(&["HSET", &format!("{p}:rs"), "7f0000010b5400000001", "rec1"]);
+    let take = |digest: &str, attempt: &str| {
+        redis.cli(&[
+            "EVAL", SCRIPT, "1", p, "rec1", digest, "60000", "0", "", attempt,
+        ])
+    };
+    assert!(
+        take("wrong", "a1").starts_with("forged"),
+        "{}",
+        take("wrong", "a1")
+    );
+    let first = take("digest", "a1");
+    assert!(
+        first.starts_with("ok\n7f0000010b5400000001\nuna"),
+        "{first}"
+    );
+    assert_eq!(take("digest", "a1"), first, "the same attempt again");
+    assert_eq!(take("digest", "a2").trim(), "used", "another attempt");
+    let ttl: i64 = redis.cli(&["PTTL", &record]).trim().parse().unwrap();
+    assert!(ttl > 0 && ttl <= 60_000, "{ttl}");
+    assert_eq!(
+        redis
+            .cli(&["HGET", &format!("{p}:rs"), "7f0000010b5400000001"])
+            .trim(),
+        ""
+    );
+}

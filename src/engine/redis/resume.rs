@@ -61,22 +61,32 @@ impl Shared {
             Some(sub) => ("1", sub),
             None => ("0", ""),
         };
-        let reply: Vec<String> = self
-            .scripts
-            .take_resume
-            .run(
+        let args = vec![
+            key.record,
+            key.digest,
+            self.resume_window_ms(),
+            must.to_owned(),
+            uid.to_owned(),
+            // This attempt: asked again with it, the script answers again.
+            format!("{:016x}", rand::random::<u64>()),
+        ];
+        let partition = self.keys.partition(token.node());
+        let run = || {
+            self.scripts.take_resume.run::<Vec<String>, _, _>(
                 &self.redis.client,
-                self.keys.partition(token.node()),
-                vec![
-                    key.record,
-                    key.digest,
-                    self.resume_window_ms(),
-                    must.to_owned(),
-                    uid.to_owned(),
-                ],
+                partition.clone(),
+                args.clone(),
             )
-            .await
-            .map_err(unavailable)?;
+        };
+        // Once more after a failure: the first may have run and only its
+        // answer been lost (a timeout), and the record is then spent.
+        let reply = match run().await {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::debug!(error = %e, "resume lookup failed: asking once more");
+                run().await.map_err(unavailable)?
+            }
+        };
         Ok(match reply.first().map(String::as_str) {
             Some("ok") => restored(&reply).ok_or_else(|| {
                 tracing::warn!("a resume record in redis is malformed: not restored");
