@@ -939,3 +939,38 @@ async fn a_consume_whose_answer_was_lost_can_be_asked_again_by_its_attempt() {
         ""
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_come_back_when_redis_restarts_empty() {
+    let _serial = SERIAL.lock().await;
+    let mut redis = RedisServer::start();
+    let port = redis.port;
+    let nodes: Vec<Node> = (0..3).map(|_| node(&redis.url(), &[])).collect();
+    common::ready(&nodes).await;
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    let (client, welcome) = opt_in(a, "").await;
+    let (old, resume) = (client.id.clone(), token(&welcome));
+    give_state(c, &old, "jon").await;
+
+    // Redis loses everything; A writes its connections back, records too.
+    redis.stop();
+    let redis = RedisServer::start_on(port);
+    common::ready(&nodes).await;
+    within("A's client is back in Redis", WAIT, || async {
+        let by_uid = c.ok("get_client_id_by_uid", json!({"uid": "jon"})).await;
+        common::sorted(by_uid) == vec![old.clone()]
+    })
+    .await;
+
+    a.signal("KILL");
+    drop(client);
+    let (mut back, welcome) = opt_in(b, &format!("&resume={resume}")).await;
+    assert_eq!(welcome["resumed"], json!(true), "{welcome}");
+    within("A's connection purged", HEARTBEAT * 8, || async {
+        !is_online(c, &old).await
+    })
+    .await;
+    assert_restored(c, &back.id, "jon").await;
+    pushes_reach(c, &mut back, "jon").await;
+    drop(redis);
+}
