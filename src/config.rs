@@ -297,6 +297,13 @@ pub struct Config {
     #[arg(long, env = "GATECAST_NODE_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub node_heartbeat: Duration,
 
+    // Resume records (docs/recovery.md section 2.1).
+    /// How long a connection that opted in to recovery (`/ws?recover=1`)
+    /// can be resumed, on any node, after it is gone (closed, drained, or
+    /// its node died); at least 100ms.
+    #[arg(long, env = "GATECAST_RESUME_WINDOW", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub resume_window: Duration,
+
     /// Largest HTTP API request body, in bytes (413 above it).
     #[arg(long, env = "GATECAST_API_MAX_BODY_BYTES", default_value_t = 1 << 20)]
     pub api_max_body_bytes: usize,
@@ -499,6 +506,7 @@ impl Config {
         }
         at_least("--message-timeout", self.message_timeout, MIN_PING_INTERVAL)?;
         at_least("--node-heartbeat", self.node_heartbeat, MIN_NODE_HEARTBEAT)?;
+        at_least("--resume-window", self.resume_window, MIN_NODE_HEARTBEAT)?;
         at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
         // The clients closed last still need time to answer and the node to
         // leave Redis: at most three quarters of the grace.
@@ -757,6 +765,7 @@ mod tests {
         assert_eq!(c.ping_timeout, Duration::from_secs(60));
         assert_eq!(c.shutdown_grace, Duration::from_secs(20));
         assert_eq!(c.node_heartbeat, Duration::from_secs(5));
+        assert_eq!(c.resume_window, Duration::from_secs(120));
         assert!(c.redis_url.is_none());
         assert_eq!(c.events_queue_bytes, 64 << 20);
         // Issue 25's budgets.

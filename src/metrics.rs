@@ -23,6 +23,13 @@ pub struct ReasonLabel {
     pub reason: &'static str,
 }
 
+/// Label: how an attempt ended (`resumed`, `unknown`, `used`...).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// A short snake_case result.
+    pub result: &'static str,
+}
+
 /// Labels of an API request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ApiLabels {
@@ -127,6 +134,9 @@ pub struct Metrics {
     pub partial_closed: Counter,
     /// Events larger than `--events-max-bytes`, dropped.
     pub events_too_large: Counter,
+    /// Resume attempts by result (`resumed`, `unknown`, `used`, `forged`,
+    /// `sub_mismatch`, `unavailable`).
+    pub resumes: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -180,6 +190,7 @@ impl Metrics {
             partial_bytes: Gauge::default(),
             partial_closed: Counter::default(),
             events_too_large: Counter::default(),
+            resumes: Family::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -378,6 +389,11 @@ impl Metrics {
             "events_too_large",
             "Events larger than --events-max-bytes, dropped",
             m.events_too_large.clone(),
+        );
+        r.register(
+            "resumes",
+            "Resume attempts by result (resumed, unknown, used, forged, sub_mismatch, unavailable)",
+            m.resumes.clone(),
         );
         Metrics { registry, ..m }
     }

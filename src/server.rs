@@ -162,7 +162,10 @@ pub async fn run_with(
         None => {
             // A single node is the whole gateway.
             metrics.nodes_alive.set(1);
-            Arc::new(MemoryEngine::new(hub.clone(), metrics.clone(), node))
+            Arc::new(
+                MemoryEngine::new(hub.clone(), metrics.clone(), node)
+                    .with_resume_window(config.resume_window),
+            )
         }
         Some(url) => {
             let settings = RedisSettings {
@@ -183,6 +186,7 @@ pub async fn run_with(
                 liveness_key: crate::gatewayworker::secret::GatewayKey::new(
                     &config.gateway_secret_key,
                 ),
+                resume_window: config.resume_window,
             };
             let engine =
                 RedisEngine::start(settings, node, hub.clone(), metrics.clone(), fatal.clone())

@@ -77,6 +77,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--shutdown-grace", "GATECAST_SHUTDOWN_GRACE"),
         ("--drain-spread", "GATECAST_DRAIN_SPREAD"),
         ("--node-heartbeat", "GATECAST_NODE_HEARTBEAT"),
+        ("--resume-window", "GATECAST_RESUME_WINDOW"),
         ("--api-max-body-bytes", "GATECAST_API_MAX_BODY_BYTES"),
         ("--events", "GATECAST_EVENTS"),
         ("--events-max-len", "GATECAST_EVENTS_MAX_LEN"),

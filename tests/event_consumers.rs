@@ -232,6 +232,46 @@ async fn consumer_prints_every_event(lang: Lang) {
     assert_eq!(pending(&c, "backend"), 0, "every event acknowledged");
 }
 
+/// A client that opted in to recovery resumes on another node: the
+/// consumer gets the `resumed` event with both ids, and acknowledges it like
+/// any other.
+async fn consumer_hears_of_a_resume(lang: Lang) {
+    let c = Cluster::start(Engine::Redis, &["--events"]).await;
+    let (first, welcome) = Client::connect_welcome(&c.nodes[0].ws_url("?recover=1")).await;
+    let token = welcome["resume"]
+        .as_str()
+        .expect("a resume token")
+        .to_owned();
+    let old = first.id.clone();
+    first.close().await;
+    let url = c.nodes[1].ws_url(&format!("?recover=1&resume={token}"));
+    let (back, welcome) = Client::connect_welcome(&url).await;
+    assert_eq!(welcome["resumed"], true, "{welcome}");
+
+    let events = Consumer::run(lang, &c, &["--start", "0", "--max-events", "4"]).await;
+    assert_eq!(
+        kinds(&events),
+        ["connect", "close", "connect", "resumed"],
+        "{events:?}"
+    );
+    let resumed = &events[3];
+    assert_eq!(resumed["client_id"], back.id.as_str(), "{resumed}");
+    assert_eq!(resumed["old_client_id"], old.as_str(), "{resumed}");
+    // The resume token is never copied into events.
+    assert_eq!(events[2]["query"], "recover=1", "{}", events[2]);
+    assert_eq!(pending(&c, "backend"), 0, "every event acknowledged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_consumer_hears_of_a_resume() {
+    consumer_hears_of_a_resume(Lang::Python).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn php_consumer_hears_of_a_resume() {
+    consumer_hears_of_a_resume(Lang::Php).await;
+}
+
 /// The round trip of a chat backend: the consumer, already running, answers
 /// each message through the HTTP API, and the client gets the answer.
 async fn consumer_echoes_through_the_api(lang: Lang) {

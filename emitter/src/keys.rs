@@ -29,8 +29,16 @@ pub mod suffix {
     pub const UID_MEMBERS: &str = ":u:";
     /// Followed by a group: set of its client_ids.
     pub const GROUP_MEMBERS: &str = ":g:";
+    /// Hash client_id -> resume record id, for connections that opted in
+    /// to recovery (`''` once its record was consumed).
+    pub const RESUME_IDS: &str = ":rs";
+    /// Followed by a record id: hash of one resume record (`d` digest of
+    /// the token's secret, `c` client_id, `u` uid, `g` groups as a JSON
+    /// array, `s` session JSON; `used` once consumed). No TTL while the
+    /// connection lives; `--resume-window` after it is gone.
+    pub const RESUME_RECORD: &str = ":r:";
     /// Every suffix, for checks.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         ALIVE,
         CLIENTS,
         UID,
@@ -39,6 +47,8 @@ pub mod suffix {
         GROUPS,
         UID_MEMBERS,
         GROUP_MEMBERS,
+        RESUME_IDS,
+        RESUME_RECORD,
     ];
 }
 

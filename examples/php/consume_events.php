@@ -121,6 +121,15 @@ function on_close(Gatecast $api, array $event): void
 {
 }
 
+/**
+ * A client that opted in to recovery came back with its resume token:
+ * $event['client_id'] (its new id) has the uid, groups and session of
+ * $event['old_client_id'] now. Move any state kept per client_id over.
+ */
+function on_resumed(Gatecast $api, array $event): void
+{
+}
+
 // ----- the stream ------------------------------------------------------------------
 
 /** A stream entry (field => raw value) as PHP values. */
@@ -140,6 +149,8 @@ function decode_event(string $id, array $f): array
         $event['remote_addr'] = $f['remote_addr'];
         $event['query'] = $f['query'];
         $event['headers'] = json_decode($f['headers'], true, 512, JSON_THROW_ON_ERROR);
+    } elseif ($f['type'] === 'resumed') {
+        $event['old_client_id'] = $f['old_client_id'];
     } elseif ($f['type'] === 'message') {
         // Text frames are UTF-8 (gatecast checks); binary frames are bytes.
         $event['binary'] = $f['binary'] === '1';
@@ -210,7 +221,7 @@ final class Consumer
     private function handle(string $id, array $fields, bool $reclaimed = false): void
     {
         $event = decode_event($id, $fields);
-        $handler = ['connect' => 'on_connect', 'message' => 'on_message', 'close' => 'on_close'][$event['type']] ?? null;
+        $handler = ['connect' => 'on_connect', 'message' => 'on_message', 'close' => 'on_close', 'resumed' => 'on_resumed'][$event['type']] ?? null;
         try {
             if ($handler !== null) {
                 $handler($this->api, $event);

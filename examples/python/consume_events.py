@@ -116,7 +116,18 @@ def on_close(api, event):
     has already forgotten them (and its groups)."""
 
 
-HANDLERS = {"connect": on_connect, "message": on_message, "close": on_close}
+def on_resumed(api, event):
+    """A client that opted in to recovery came back with its resume token:
+    event["client_id"] (its new id) has the uid, groups and session of
+    event["old_client_id"] now. Move any state kept per client_id over."""
+
+
+HANDLERS = {
+    "connect": on_connect,
+    "message": on_message,
+    "close": on_close,
+    "resumed": on_resumed,
+}
 
 
 # ----- the stream --------------------------------------------------------------
@@ -138,6 +149,8 @@ def decode(entry_id, fields):
         event["remote_addr"] = text["remote_addr"].decode()
         event["query"] = text["query"].decode()
         event["headers"] = json.loads(text["headers"])
+    elif event["type"] == "resumed":
+        event["old_client_id"] = text["old_client_id"].decode()
     elif event["type"] == "message":
         event["binary"] = text["binary"] == b"1"
         # Text frames are UTF-8 (gatecast checks); binary frames are bytes.
@@ -187,7 +200,10 @@ class Consumer:
             return
         event = decode(entry_id, fields)
         try:
-            HANDLERS[event["type"]](self.api, event)
+            # Types added later are acknowledged and skipped, not retried.
+            handler = HANDLERS.get(event["type"])
+            if handler is not None:
+                handler(self.api, event)
         except Exception as e:  # noqa: BLE001 - left pending, retried later
             print(f"event {event['id']} failed, left pending: {e}", file=sys.stderr)
             return

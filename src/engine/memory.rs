@@ -11,6 +11,9 @@ use crate::ids::{ClientId, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
 use crate::push::{Message, Push};
+use crate::recovery::resume::{
+    MemoryRecords, Refusal, Resumable, ResumeKey, Taken, Token, UidCheck, DEFAULT_WINDOW,
+};
 use crate::session::Session;
 
 /// A single node's engine: the hub is the whole state.
@@ -19,12 +22,29 @@ pub struct MemoryEngine {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     node: NodeId,
+    /// Connections that opted in to recovery, with their keys.
+    resumable: Resumable,
+    /// Records of closed connections, until `--resume-window` passes.
+    records: MemoryRecords,
 }
 
 impl MemoryEngine {
     /// An engine over `hub`, for node `node`.
     pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, node: NodeId) -> Self {
-        MemoryEngine { hub, metrics, node }
+        MemoryEngine {
+            hub,
+            metrics,
+            node,
+            resumable: Resumable::default(),
+            records: MemoryRecords::new(DEFAULT_WINDOW),
+        }
+    }
+
+    /// This engine, keeping closed connections' resume records for
+    /// `window` (`--resume-window`).
+    pub fn with_resume_window(mut self, window: std::time::Duration) -> Self {
+        self.records = MemoryRecords::new(window);
+        self
     }
 }
 
@@ -44,7 +64,10 @@ impl Engine for MemoryEngine {
     }
 
     async fn disconnect(&self, id: ClientId) {
-        self.hub.remove(id);
+        let membership = self.hub.remove(id);
+        if let (Some(key), Some(m)) = (self.resumable.remove(id), membership) {
+            self.records.closed(key, m);
+        }
     }
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
@@ -158,6 +181,21 @@ impl Engine for MemoryEngine {
 
     async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>> {
         Ok(vec![self.node.addr()])
+    }
+
+    fn track_resume(&self, id: ClientId, key: ResumeKey) {
+        self.records.track(id, key.clone());
+        self.resumable.insert(id, key);
+    }
+
+    async fn take_resume(&self, token: &Token, check: UidCheck<'_>) -> EngineResult<Taken> {
+        if token.node() != self.node {
+            // Another node's connection: a single node knows nothing of it.
+            return Ok(Err(Refusal::Unknown));
+        }
+        Ok(self
+            .records
+            .take(token, check, |old| self.hub.membership(old)))
     }
 
     async fn shutdown(&self) {}

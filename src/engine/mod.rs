@@ -17,6 +17,7 @@ use crate::hub::Membership;
 use crate::ids::ClientId;
 use crate::outbox::Outbox;
 use crate::push::{Message, Push};
+use crate::recovery::resume::{ResumeKey, Taken, Token, UidCheck};
 use crate::session::Session;
 
 /// Why an engine could not do what was asked.
@@ -110,6 +111,22 @@ pub trait Engine: Send + Sync + 'static {
     /// node of the gateway, this one included: what GatewayWorker's
     /// Register lists.
     async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>>;
+
+    // Resume records (docs/recovery.md section 2.1), only for connections
+    // that opted in to recovery. Every membership change rewrites the
+    // record with the connection's partition (no round trip of its own);
+    // it has no expiry while the connection lives and expires
+    // `--resume-window` after it closed, was drained, or its node was
+    // purged as dead.
+
+    /// Makes `id` resumable with `key`. Called before [`Engine::connect`],
+    /// so the record is written with the connection's first membership.
+    fn track_resume(&self, id: ClientId, key: ResumeKey);
+
+    /// Consumes the record `token` names, once and atomically: a second
+    /// use, a wrong secret, an expired record or (with client auth) a uid
+    /// other than `check` is refused, and nothing is consumed by a refusal.
+    async fn take_resume(&self, token: &Token, check: UidCheck<'_>) -> EngineResult<Taken>;
 
     /// Leaves the cluster: removes this node's entries from storage at once.
     /// Called once at shutdown, right after every connection was asked to

@@ -42,7 +42,7 @@ use crate::session::Session;
 mod request;
 mod sinks;
 
-pub use request::{forwarded_headers, forwarded_query};
+pub use request::{forwarded_headers, forwarded_query, without_resume_token};
 pub use sinks::install_crypto_provider;
 use sinks::{post_all, webhook_client, write_stream};
 
@@ -82,6 +82,12 @@ pub enum Detail {
     },
     /// A connection closed.
     Close,
+    /// A connection resumed another one (docs/recovery.md): it has the
+    /// uid, groups and session of `old_client_id` now.
+    Resumed {
+        /// The connection it took over.
+        old_client_id: ClientId,
+    },
 }
 
 /// One event.
@@ -126,6 +132,7 @@ impl Event {
             } => remote_addr.len() + query.len() + json_object_size(headers),
             Detail::Message { data, .. } => data.len(),
             Detail::Close => 0,
+            Detail::Resumed { .. } => 20,
         };
         std::mem::size_of::<Event>()
             + self.uid.as_ref().map_or(0, String::len)
@@ -138,6 +145,7 @@ impl Event {
             Detail::Connect { .. } => "connect",
             Detail::Message { .. } => "message",
             Detail::Close => "close",
+            Detail::Resumed { .. } => "resumed",
         }
     }
 
@@ -170,6 +178,10 @@ impl Event {
                 fields.push(("binary", text(if *binary { "1" } else { "0" }.into())));
             }
             Detail::Close => {}
+            Detail::Resumed { old_client_id } => {
+                fields.push(("old_client_id", text(old_client_id.to_string())));
+                fields.push(("new_client_id", text(self.client_id.to_string())));
+            }
         }
         fields
     }
@@ -202,6 +214,10 @@ impl Event {
                 }
             },
             Detail::Close => {}
+            Detail::Resumed { old_client_id } => {
+                body["old_client_id"] = json!(old_client_id.to_string());
+                body["new_client_id"] = json!(self.client_id.to_string());
+            }
         }
         body
     }
@@ -504,6 +520,11 @@ mod tests {
     fn connect_events_never_carry_the_token() {
         assert_eq!(forwarded_query("room=7&token=abc.def&x=1"), "room=7&x=1");
         assert_eq!(forwarded_query("token=abc"), "");
+        assert_eq!(forwarded_query("recover=1&resume=abc&x=1"), "recover=1&x=1");
+        assert_eq!(
+            without_resume_token("recover=1&resume=abc&token=t"),
+            "recover=1&token=t"
+        );
         assert_eq!(forwarded_query("tokens=1"), "tokens=1");
         // Encoded keys are keys too.
         assert_eq!(forwarded_query("%74oken=abc&x=1"), "x=1");

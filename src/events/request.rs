@@ -3,15 +3,25 @@
 
 use serde_json::{Map, Value};
 
-/// The query string of `/ws` as connect events carry it: without `token`,
-/// so client credentials do not end up in the stream. Keys are compared
-/// decoded, as the token is read: `?%74oken=` is a token too.
+/// The query string of `/ws` as connect events carry it: without `token`
+/// nor `resume`, so client credentials do not end up in the stream. Keys
+/// are compared decoded, as the token is read: `?%74oken=` is a token too.
 pub fn forwarded_query(query: &str) -> String {
+    without_keys(query, &[b"token", b"resume"])
+}
+
+/// The query string without `resume`: a resume token is a credential (a
+/// refused one may still be good), never handed on, whatever else is.
+pub fn without_resume_token(query: &str) -> String {
+    without_keys(query, &[b"resume"])
+}
+
+fn without_keys(query: &str, keys: &[&[u8]]) -> String {
     query
         .split('&')
         .filter(|pair| {
-            let key = pair.split('=').next().unwrap_or_default();
-            !pair.is_empty() && form_decode(key) != b"token"
+            let key = form_decode(pair.split('=').next().unwrap_or_default());
+            !pair.is_empty() && !keys.contains(&key.as_slice())
         })
         .collect::<Vec<_>>()
         .join("&")

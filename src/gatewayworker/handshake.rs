@@ -65,7 +65,7 @@ impl Handshake {
         let query = if self.strip_token {
             crate::events::forwarded_query(raw_query)
         } else {
-            raw_query.to_owned()
+            crate::events::without_resume_token(raw_query)
         };
         let body = self.serialize(&query, true);
         if body.len() <= MAX_HANDSHAKE_BYTES {

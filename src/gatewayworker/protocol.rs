@@ -159,9 +159,14 @@ pub mod cmd {
     /// Gateway → worker: a client's WebSocket handshake completed (body:
     /// serialized `['get'=>…, 'server'=>…, 'cookie'=>…]`).
     pub const ON_WEBSOCKET_CONNECT: u8 = 205;
+    /// Gateway → worker, gatecast's own (GatewayWorker has none): a client
+    /// resumed another connection with its resume token (docs/recovery.md);
+    /// the body is the old client_id, the packet is about the new one. A
+    /// stock BusinessWorker ignores it.
+    pub const ON_RESUMED: u8 = 240;
 
     /// Every code with its name.
-    pub const ALL: [(u8, &str); 30] = [
+    pub const ALL: [(u8, &str); 31] = [
         (ON_CONNECT, "ON_CONNECT"),
         (ON_MESSAGE, "ON_MESSAGE"),
         (ON_CLOSE, "ON_CLOSE"),
@@ -195,6 +200,7 @@ pub mod cmd {
         (GET_SESSION_BY_CLIENT_ID, "GET_SESSION_BY_CLIENT_ID"),
         (SET_SESSION, "SET_SESSION"),
         (ON_WEBSOCKET_CONNECT, "ON_WEBSOCKET_CONNECT"),
+        (ON_RESUMED, "ON_RESUMED"),
     ];
 
     /// The name of a code, for logs and metric labels; `None` for a code

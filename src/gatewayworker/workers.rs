@@ -97,6 +97,9 @@ pub enum Event<'a> {
     Message(&'a [u8]),
     /// `onClose`.
     Close,
+    /// gatecast's own: the connection resumed the one whose client_id is
+    /// given (a stock BusinessWorker ignores it).
+    Resumed(&'a [u8]),
 }
 
 /// One connected worker.
@@ -254,6 +257,7 @@ impl Workers {
             Event::WebSocketConnect(data) => (cmd::ON_WEBSOCKET_CONNECT, data, false),
             Event::Message(data) => (cmd::ON_MESSAGE, data, true),
             Event::Close => (cmd::ON_CLOSE, &[][..], true),
+            Event::Resumed(old) => (cmd::ON_RESUMED, old, true),
         };
         let session = session();
         if session.len() + body.len() > MAX_EVENT_BYTES {

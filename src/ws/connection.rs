@@ -28,6 +28,7 @@ use crate::gatewayworker::workers::{Event as WorkerEvent, Route};
 use crate::hub::Membership;
 use crate::ids::ClientId;
 use crate::outbox::{Close, Limits, Outbox, BATCH};
+use crate::recovery::resume::{self, ResumeSetup};
 use crate::ws::limits::{MessageBudget, MessageRate, Overspent};
 
 /// How long a closing connection gets to take its last frames and answer the
@@ -61,6 +62,8 @@ pub struct Setup {
     /// The handshake for BusinessWorkers' `onWebSocketConnect`, when any
     /// is connected.
     pub handshake: Option<Handshake>,
+    /// Recovery state, when the client opted in (`/ws?recover=1`).
+    pub recovery: Option<Box<ResumeSetup>>,
 }
 
 /// An upgraded connection, handed to [`serve`] in one box: the task keeps
@@ -107,9 +110,14 @@ struct Registration {
     early: Bytes,
 }
 
-/// The first frame: `--welcome-frame` with the client's id.
-fn welcome(gw: &Gateway, id: ClientId) -> Bytes {
-    let text = gw.config.welcome_frame.render(id);
+/// The first frame: `--welcome-frame` with the client's id, or for a
+/// connection that opted in to recovery, the default welcome with its
+/// resume token (and whether it resumed).
+fn welcome(gw: &Gateway, id: ClientId, recovery: Option<&ResumeSetup>) -> Bytes {
+    let text = match recovery {
+        None => gw.config.welcome_frame.render(id),
+        Some(r) => resume::welcome(id, &r.token.encode(), r.resumed),
+    };
     frame::encode(Opcode::Text, text.as_bytes())
 }
 
@@ -175,7 +183,7 @@ impl Connection {
         let id = gw.minter.mint_unused(|id| gw.hub.contains(id));
         let outbox = Arc::new(Outbox::default());
         let _ = outbox.push(
-            welcome(&gw, id),
+            welcome(&gw, id, setup.recovery.as_deref()),
             &Limits {
                 frames: usize::MAX,
                 bytes: usize::MAX,
@@ -208,6 +216,11 @@ impl Connection {
     async fn register(&mut self, registration: Registration) -> bool {
         let Registration { setup, early } = registration;
         let (gw, id, outbox, route) = (&*self.gw, self.id, &self.outbox, &self.route);
+        if let Some(recovery) = &setup.recovery {
+            // Before the connection is registered: its record is written
+            // with its first membership.
+            gw.engine.track_resume(id, recovery.token.key());
+        }
         let connect = gw.engine.connect(id, outbox.clone(), setup.membership);
         if let Err(e) = connect.instrument(self.span()).await {
             tracing::warn!(client_id = %id, error = %e, "could not register connection");
@@ -236,6 +249,17 @@ impl Connection {
         if let Some(handshake) = setup.handshake {
             let data = handshake.to_php();
             gw.worker_event(route, id, WorkerEvent::WebSocketConnect(&data));
+        }
+        if let Some(old) = setup.recovery.as_ref().and_then(|r| r.old_client_id) {
+            gw.event(id, Detail::Resumed { old_client_id: old });
+            let old_text = old.to_string();
+            gw.worker_event(route, id, WorkerEvent::Resumed(old_text.as_bytes()));
+            // The connection it took over, if its node has not noticed it
+            // is gone yet: its client came back, and its record is used.
+            let engine = gw.engine.clone();
+            tokio::spawn(async move {
+                let _ = engine.close_client(old, None).await;
+            });
         }
         // They may be a slice of hyper's whole read buffer: read and
         // dropped now, not kept.

@@ -23,6 +23,8 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::gatewayworker::handshake::Handshake;
 use crate::hub::Membership;
+use crate::recovery::resume::{self, ResumeSetup, Token};
+use crate::recovery::RecoveryQuery;
 use auth::Verified;
 
 /// The parts of the upgrade request that connect events carry.
@@ -39,6 +41,39 @@ pub struct RequestInfo {
 pub struct WsQuery {
     /// The client's JWT, when client auth is on.
     token: Option<String>,
+    /// `recover=1`: opt in to recovery (docs/recovery.md).
+    recover: Option<String>,
+    /// The resume token of the connection to resume (opts in too).
+    resume: Option<String>,
+    /// Positions per stream to replay from, raw.
+    pos: Option<String>,
+}
+
+impl WsQuery {
+    /// The recovery parameters, when the client opted in; a `recover`
+    /// value other than `1`/`true`/`0`/`false` is a 400.
+    fn recovery(&mut self) -> Result<Option<RecoveryQuery>, ApiError> {
+        let recover = match self.recover.as_deref() {
+            None | Some("0" | "false") => false,
+            Some("1" | "true") => true,
+            Some(_) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "recover must be 1 or 0",
+                ))
+            }
+        };
+        let resume = self.resume.take().filter(|t| !t.is_empty());
+        if !recover && resume.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(RecoveryQuery {
+            recover: true,
+            resume,
+            pos: self.pos.take(),
+        }))
+    }
 }
 
 /// `GET /ws`: checks origin and token, answers 101 and hands the socket to a
@@ -46,7 +81,7 @@ pub struct WsQuery {
 pub async fn upgrade(
     State(gw): State<Arc<Gateway>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    Query(query): Query<WsQuery>,
+    Query(mut query): Query<WsQuery>,
     headers: HeaderMap,
     mut request: Request,
 ) -> Response {
@@ -77,7 +112,14 @@ pub async fn upgrade(
         )
         .into_response();
     }
-    let verified = match &gw.client_auth {
+    // Every recovery parameter is checked here (a 400 before anything is
+    // done), so a bad one never costs the client its resume token, which
+    // `resume_setup` below consumes.
+    let recovery = match query.recovery() {
+        Ok(recovery) => recovery,
+        Err(e) => return e.into_response(),
+    };
+    let mut verified = match &gw.client_auth {
         None => Verified {
             membership: Membership::default(),
             close_at_unix_ms: None,
@@ -106,6 +148,13 @@ pub async fn upgrade(
             return refuse(&gw, refused);
         }
     }
+    let recovery = match recovery {
+        None => None,
+        Some(query) => match resume_setup(&gw, query, &mut verified).await {
+            Ok(setup) => Some(setup),
+            Err(response) => return *response,
+        },
+    };
     // What connect events tell backends, captured only when they are on.
     let request_info = gw.events.is_some().then(|| RequestInfo {
         query: crate::events::forwarded_query(request.uri().query().unwrap_or_default()),
@@ -132,6 +181,7 @@ pub async fn upgrade(
         request: request_info,
         client,
         handshake,
+        recovery,
     });
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_gw = gw.clone();
@@ -153,6 +203,56 @@ pub async fn upgrade(
         .header(header::SEC_WEBSOCKET_ACCEPT, accept_key(key.as_bytes()))
         .body(axum::body::Body::empty())
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response())
+}
+
+/// The recovery state of a connection that opted in: its own token, and
+/// when it came with one, the membership it resumes (in place of what its
+/// client token grants). Redis unreachable answers 503 with when to come
+/// back: the token was not consumed, and may be tried again.
+async fn resume_setup(
+    gw: &Gateway,
+    query: RecoveryQuery,
+    verified: &mut Verified,
+) -> Result<Box<ResumeSetup>, Box<Response>> {
+    let (mut resumed, mut old_client_id) = (None, None);
+    if let Some(text) = &query.resume {
+        let sub = verified.membership.uid.as_deref().unwrap_or("");
+        let check = gw.client_auth.is_some().then_some(sub);
+        match resume::attempt(gw, text, check).await {
+            Ok(Ok(restored)) => {
+                verified.membership = restored.membership;
+                old_client_id = Some(restored.old_client_id);
+                resumed = Some(true);
+            }
+            Ok(Err(_)) => resumed = Some(false),
+            Err(e) => {
+                tracing::debug!(error = %e, "resume not possible now");
+                let retry_ms = resume::jitter_ms(
+                    std::time::Duration::from_secs(1),
+                    std::time::Duration::from_secs(3),
+                );
+                let mut response = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(serde_json::json!({
+                        "error": {"code": "unavailable", "message": "cannot resume now: try again"},
+                        "retry_ms": retry_ms,
+                    })),
+                )
+                    .into_response();
+                let seconds = retry_ms.div_ceil(1000).to_string();
+                if let Ok(value) = HeaderValue::from_str(&seconds) {
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                return Err(Box::new(response));
+            }
+        }
+    }
+    Ok(Box::new(ResumeSetup {
+        query,
+        token: Token::new(gw.minter.node()),
+        resumed,
+        old_client_id,
+    }))
 }
 
 /// Says once per process, at the first handshake a BusinessWorker gets,

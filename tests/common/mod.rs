@@ -461,6 +461,27 @@ impl Client {
         Self::welcomed(ws).await
     }
 
+    /// Connects and returns the client with its welcome frame, parsed (a
+    /// welcome with more than the client_id: recovery's token).
+    pub async fn connect_welcome(url: &str) -> (Client, Value) {
+        let (ws, _) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
+            .await
+            .expect("connect in time")
+            .expect("WebSocket handshake");
+        let mut client = Client {
+            ws,
+            id: String::new(),
+        };
+        let welcome = client.next().await;
+        let Seen::Text(text) = welcome else {
+            panic!("expected a welcome frame, got {welcome:?}")
+        };
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["type"], "welcome", "{text}");
+        client.id = v["client_id"].as_str().unwrap().to_owned();
+        (client, v)
+    }
+
     /// Reads the welcome frame of a fresh connection; the client's id.
     async fn welcomed(ws: Ws) -> Client {
         let mut client = Client {

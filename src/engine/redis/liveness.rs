@@ -15,7 +15,6 @@ use std::sync::Arc;
 use fred::prelude::*;
 use futures_util::TryStreamExt;
 
-use super::keys::suffix;
 use super::Shared;
 use crate::gatewayworker::secret::GatewayKey;
 use crate::ids::NodeId;
@@ -218,7 +217,11 @@ async fn purge(s: &Shared, node: NodeId) -> Result<bool, fred::error::Error> {
     let removed: i64 = s
         .scripts
         .clear
-        .run(&s.redis.client, s.keys.partition(node), vec!["dead"])
+        .run(
+            &s.redis.client,
+            s.keys.partition(node),
+            vec!["dead".to_owned(), String::new(), s.resume_window_ms()],
+        )
         .await?;
     if removed > 0 {
         tracing::info!(node = %node, addr = %node.addr(), connections = removed, "purged a dead node");
@@ -227,9 +230,14 @@ async fn purge(s: &Shared, node: NodeId) -> Result<bool, fred::error::Error> {
 }
 
 /// Finds partitions of nodes missing from the node set and purges those
-/// whose liveness expired.
+/// whose liveness expired. A partition is found by its `:clients` hash, or
+/// by its `:rs` hash alone: a node purged by a node of a version without
+/// resume records keeps its records (without expiry) and `:rs`, which the
+/// purge here then expires.
 async fn sweep_orphans(s: &Shared, nodes: &HashSet<NodeId>) -> Result<(), fred::error::Error> {
-    let pattern = format!("{}:{{*}}{}", s.keys.prefix(), suffix::CLIENTS);
+    // `:clients` or `:rs` in one SCAN: `[cr][ls]*` matches those two
+    // suffixes and no other (`:cg`, `:r:<id>`, `:uid`... do not match).
+    let pattern = format!("{}:{{*}}:[cr][ls]*", s.keys.prefix());
     let mut keys = if s.redis.sharded {
         Box::pin(
             s.redis

@@ -35,6 +35,7 @@ mod partition;
 mod probe;
 mod queries;
 mod registration;
+mod resume;
 mod rpc;
 mod scripts;
 mod subscriber;
@@ -87,6 +88,8 @@ pub struct RedisSettings {
     /// nodes whose record it verifies are listed to the Register (none set:
     /// records are neither signed nor checked).
     pub liveness_key: crate::gatewayworker::secret::GatewayKey,
+    /// `--resume-window`: how long a resume record outlives its connection.
+    pub resume_window: Duration,
 }
 
 /// The Redis engine. Cheap to clone.
@@ -113,6 +116,11 @@ struct Shared {
     mirror: Mirror,
     /// Commands sent to other nodes, waiting for their reply.
     rpc: Rpc,
+    /// This node's connections that opted in to recovery, with the keys
+    /// of their resume records.
+    resumable: crate::recovery::resume::Resumable,
+    /// Turns of resumes asking Redis ([`resume::IN_FLIGHT`]).
+    resumes: tokio::sync::Semaphore,
     /// The partition and subscriptions were written since the last
     /// (re)connection: the node is ready.
     registered: AtomicBool,
@@ -177,6 +185,8 @@ impl RedisEngine {
             settings,
             mirror: Mirror::default(),
             rpc: Rpc::default(),
+            resumable: Default::default(),
+            resumes: tokio::sync::Semaphore::new(resume::IN_FLIGHT),
             registered: AtomicBool::new(false),
             responsive: AtomicBool::new(true),
             writable: AtomicBool::new(true),
@@ -196,6 +206,12 @@ impl RedisEngine {
         spawn_critical("mirror", fatal, stop, mirror::run(shared.clone()));
         spawn_critical("liveness", fatal, stop, liveness::run(shared.clone()));
         spawn_critical("probe", fatal, stop, probe::run(shared.clone()));
+        spawn_critical(
+            "redis lost",
+            fatal,
+            stop,
+            resume::redis_lost(shared.clone()),
+        );
         shared.redis.client.connect();
         // After the registration task listens, so the first connection's
         // events are seen too.
@@ -211,6 +227,11 @@ impl Shared {
         } else {
             Err(EngineError::Unavailable("redis is not connected".into()))
         }
+    }
+
+    /// `--resume-window` in milliseconds, as the scripts take it.
+    fn resume_window_ms(&self) -> String {
+        self.settings.resume_window.as_millis().max(1).to_string()
     }
 
     fn is_local(&self, id: ClientId) -> bool {
@@ -267,6 +288,9 @@ impl Engine for RedisEngine {
 
     async fn disconnect(&self, id: ClientId) {
         let s = &self.shared;
+        // Its record expires when the removal is written (the script finds
+        // the record in the partition).
+        s.resumable.remove(id);
         let Some(m) = s.hub.remove(id) else {
             return;
         };
@@ -459,6 +483,18 @@ impl Engine for RedisEngine {
 
     async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>> {
         self.shared.node_addresses().await
+    }
+
+    fn track_resume(&self, id: ClientId, key: crate::recovery::resume::ResumeKey) {
+        self.shared.resumable.insert(id, key);
+    }
+
+    async fn take_resume(
+        &self,
+        token: &crate::recovery::resume::Token,
+        check: crate::recovery::resume::UidCheck<'_>,
+    ) -> EngineResult<crate::recovery::resume::Taken> {
+        self.shared.take_resume(token, check).await
     }
 
     async fn shutdown(&self) {

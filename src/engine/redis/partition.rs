@@ -55,9 +55,11 @@ pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> R
 }
 
 /// The put_clients script's arguments, chunked; each call starts with this
-/// process's instance id.
+/// process's instance id and the resume window. A connection that opted in
+/// to recovery carries its resume record's id and digest: its record is
+/// written in the same script call as its partition entries.
 fn records(s: &Shared, clients: &[ClientId]) -> Vec<Vec<String>> {
-    let start = || vec![s.instance.clone()];
+    let start = || vec![s.instance.clone(), s.resume_window_ms()];
     let mut calls = Vec::new();
     let mut args: Vec<String> = start();
     let (mut records, mut bytes) = (0, 0);
@@ -66,13 +68,25 @@ fn records(s: &Shared, clients: &[ClientId]) -> Vec<Vec<String>> {
             Some(m) => {
                 let session = serde_json::to_string(&m.session).unwrap_or_else(|_| "{}".into());
                 bytes += session.len();
-                args.extend([id.to_string(), "1".into(), session]);
+                let (record, digest) = match s.resumable.get(*id) {
+                    Some(key) => (key.record, key.digest),
+                    None => (String::new(), String::new()),
+                };
+                args.extend([id.to_string(), "1".into(), record, digest, session]);
                 args.push(m.uid.unwrap_or_default());
                 args.push(m.groups.len().to_string());
                 args.extend(m.groups);
             }
             None => {
-                args.extend([id.to_string(), "0".into(), String::new(), String::new()]);
+                let blank = String::new;
+                args.extend([
+                    id.to_string(),
+                    "0".into(),
+                    blank(),
+                    blank(),
+                    blank(),
+                    blank(),
+                ]);
                 args.push("0".into());
             }
         }
@@ -109,7 +123,7 @@ pub async fn leave(s: &Shared) -> Result<(), fred::error::Error> {
         .run::<i64, _, _>(
             &s.redis.client,
             s.keys.partition(s.node),
-            vec!["leave".to_owned(), s.instance.clone()],
+            vec!["leave".to_owned(), s.instance.clone(), s.resume_window_ms()],
         )
         .await?;
     if removed < 0 {

@@ -7,10 +7,15 @@
 -- key is gone (the node was purged, or Redis lost it: the node must
 -- register again and write everything), -1 when another process holds the
 -- node id (a stale writer from another life of the node writes nothing).
+-- A connection that opted in to recovery has a resume record (':r:<id>',
+-- named in ':rs'): rewritten with the connection, without expiry while it
+-- lives; when the connection is gone it expires after the resume window.
+-- A record consumed by a resume (':rs' holds '') is never written again.
 -- KEYS[1] partition
--- ARGV[1] the writer's instance id; then records, each: client_id, present
---       ('1' or '0' = gone), session JSON, uid ('' = none), group count n,
---       then n groups
+-- ARGV[1] the writer's instance id, ARGV[2] the resume window (ms); then
+--       records, each: client_id, present ('1' or '0' = gone), resume
+--       record id ('' = none), digest of its secret, session JSON, uid
+--       ('' = none), group count n, then n groups
 local p = KEYS[1]
 local alive = redis.call('GET', p .. ':alive')
 if not alive then return 0 end
@@ -22,21 +27,48 @@ local function leave(set, index, name, id)
   if redis.call('SCARD', set) == 0 then redis.call('SREM', index, name) end
 end
 
-local i = 2
+local function resume_record(id, rid, digest, session, uid, groups)
+  local current = redis.call('HGET', p .. ':rs', id)
+  if not current then
+    redis.call('HSET', p .. ':rs', id, rid)
+    current = rid
+  end
+  if current ~= rid then return end
+  local record = p .. ':r:' .. rid
+  if redis.call('HEXISTS', record, 'used') == 1 then
+    -- Consumed while this partition was gone (purged, Redis restarted).
+    redis.call('HSET', p .. ':rs', id, '')
+    return
+  end
+  local listed = '[]'
+  if #groups > 0 then listed = cjson.encode(groups) end
+  redis.call('HSET', record, 'd', digest, 'c', id, 'u', uid, 'g', listed, 's', session)
+  redis.call('PERSIST', record)
+end
+
+local function resume_gone(id)
+  local rid = redis.call('HGET', p .. ':rs', id)
+  if not rid then return end
+  if rid ~= '' then redis.call('PEXPIRE', p .. ':r:' .. rid, ARGV[2]) end
+  redis.call('HDEL', p .. ':rs', id)
+end
+
+local i = 3
 while i <= #ARGV do
-  local id, present, session, uid = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local n = tonumber(ARGV[i + 4])
+  local id, present, rid, digest = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local session, uid = ARGV[i + 4], ARGV[i + 5]
+  local n = tonumber(ARGV[i + 6])
   local groups, wanted = {}, {}
   if present == '1' then
     for j = 1, n do
-      local g = ARGV[i + 4 + j]
+      local g = ARGV[i + 6 + j]
       groups[#groups + 1] = g
       wanted[g] = true
     end
   else
     uid = ''
   end
-  i = i + 5 + n
+  i = i + 7 + n
 
   local old_uid = redis.call('HGET', p .. ':uid', id)
   if old_uid and old_uid ~= uid then leave(p .. ':u:' .. old_uid, p .. ':uids', old_uid, id) end
@@ -65,10 +97,12 @@ while i <= #ARGV do
     else
       redis.call('HDEL', p .. ':cg', id)
     end
+    if rid ~= '' then resume_record(id, rid, digest, session, uid, groups) end
   else
     redis.call('HDEL', p .. ':clients', id)
     redis.call('HDEL', p .. ':uid', id)
     redis.call('HDEL', p .. ':cg', id)
+    resume_gone(id)
   end
 end
 return 1
