@@ -87,11 +87,16 @@ impl Shared {
     fn dispatch(&self, channel: Channel<'_>, e: EnvelopeRef<'_>) -> Result<(), &'static str> {
         match (channel, e.op) {
             (_, Op::Push) => self.deliver(channel, &e),
-            (Channel::Node(_), Op::Reply) => {
-                let req = e.req.ok_or("reply without req")?;
-                self.rpc.resolve(req, e.error);
+            (Channel::Node(_) | Channel::Reply(_), Op::Reply) => {
+                if e.req.is_none() && e.reqs.is_empty() {
+                    return Err("reply without req");
+                }
+                for req in e.req.iter().chain(&e.reqs) {
+                    self.rpc.resolve(*req, e.error);
+                }
                 Ok(())
             }
+            (Channel::Reply(_), _) => Err("only replies go on a reply channel"),
             (Channel::Node(_), Op::Close) => {
                 let id = parse_id(e.client_id).ok_or("close without client_id")?;
                 let last = match e.data.as_deref() {
@@ -132,7 +137,7 @@ impl Shared {
     fn reply_later(&self, e: &EnvelopeRef<'_>) {
         let to = e.reply_to.and_then(|n| n.parse::<NodeId>().ok());
         if let (Some(req), Some(node)) = (e.req, to) {
-            self.mirror.reply(node, req);
+            self.mirror.reply(node, req, e.reply_channel);
         }
     }
 
@@ -154,6 +159,7 @@ impl Shared {
                 let target = Target::Uids(vec![uid.to_owned()]);
                 ("uid", hub.deliver_with(&target, &exclude, &encode))
             }
+            Channel::Reply(_) => return Err("only replies go on a reply channel"),
             Channel::Node(_) => {
                 let ids = e.client_ids.iter().filter_map(|s| s.parse().ok()).collect();
                 let target = Target::Clients(ids);

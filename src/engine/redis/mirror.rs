@@ -49,6 +49,10 @@ const MAX_REPLIES: usize = 1 << 20;
 /// Replies published at once (pipelined on one connection).
 const REPLIES_IN_FLIGHT: usize = 256;
 
+/// Most commands answered by one message on a reply channel (about 9
+/// bytes each): 2^20 replies to one node are 256 messages, not 2^20.
+const REPLIES_PER_MESSAGE: usize = 4096;
+
 /// A channel whose subscription follows the hub's membership.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Follow {
@@ -101,8 +105,10 @@ pub struct Mirror {
 struct Batch {
     clients: HashSet<ClientId>,
     follows: HashSet<Follow>,
-    /// Commands from other nodes to answer once the batch is written.
-    replies: Vec<(NodeId, u64)>,
+    /// Commands from other nodes to answer once the batch is written:
+    /// the node, the command's number, and whether it reads its reply
+    /// channel (else one reply per command on its node channel).
+    replies: Vec<(NodeId, u64, bool)>,
     waiters: Vec<oneshot::Sender<Outcome>>,
     /// Write everything again (after a reconnection).
     resync: bool,
@@ -141,14 +147,15 @@ impl Mirror {
         self.wake.notify_one();
     }
 
-    /// Answers a command of `node` after the next batch.
-    pub fn reply(&self, node: NodeId, req: u64) {
+    /// Answers a command of `node` after the next batch, on its reply
+    /// channel when `batched` (the command asked for it).
+    pub fn reply(&self, node: NodeId, req: u64, batched: bool) {
         let mut pending = self.pending.lock();
         if pending.replies.len() >= MAX_REPLIES {
             tracing::warn!(%node, req, "too many replies waiting: one dropped");
             return;
         }
-        pending.replies.push((node, req));
+        pending.replies.push((node, req, batched));
         drop(pending);
         self.wake.notify_one();
     }
@@ -485,10 +492,10 @@ async fn answer(s: &Shared, batch: &mut Batch, outcome: Outcome) {
         return;
     }
     let error = outcome.err();
-    let replies = batch.replies.drain(..).map(|(node, req)| {
-        let bytes = super::rpc::reply(req, error.clone());
-        s.redis.publish(s.keys.node_channel(node), bytes)
-    });
+    let messages = reply_messages(s, std::mem::take(&mut batch.replies), error);
+    let replies = messages
+        .into_iter()
+        .map(|(channel, bytes)| s.redis.publish(channel, bytes));
     // A bounded number at a time: up to MAX_REPLIES published at once
     // would fill fred's command queue and fail unrelated commands (API
     // calls, heartbeats) for as long as they wait.
@@ -498,4 +505,32 @@ async fn answer(s: &Shared, batch: &mut Batch, outcome: Outcome) {
             tracing::debug!(error = %e, "could not answer a command");
         }
     }
+}
+
+/// The messages that answer `replies`: on a node's reply channel, up to
+/// [`REPLIES_PER_MESSAGE`] commands per message; for a node that did not
+/// ask for it (older than the reply channel, or a backend), one message
+/// per command on its node channel, as it reads them.
+fn reply_messages(
+    s: &Shared,
+    replies: Vec<(NodeId, u64, bool)>,
+    error: Option<String>,
+) -> Vec<(String, bytes::Bytes)> {
+    let mut batched: std::collections::HashMap<NodeId, Vec<u64>> = Default::default();
+    let mut messages = Vec::new();
+    for (node, req, on_reply_channel) in replies {
+        if on_reply_channel {
+            batched.entry(node).or_default().push(req);
+        } else {
+            let bytes = super::rpc::reply(req, error.clone());
+            messages.push((s.keys.node_channel(node), bytes));
+        }
+    }
+    for (node, reqs) in batched {
+        for chunk in reqs.chunks(REPLIES_PER_MESSAGE) {
+            let bytes = super::rpc::replies(chunk, error.clone());
+            messages.push((s.keys.reply_channel(node), bytes));
+        }
+    }
+    messages
 }

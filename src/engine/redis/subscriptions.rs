@@ -1,5 +1,5 @@
-//! Which channels this node follows: its own node channel and `all`
-//! always, a group's or uid's channel exactly while the hub holds a member.
+//! Which channels this node follows: its own node and reply channels and
+//! `all` always, a group's or uid's channel exactly while the hub holds a member.
 //! Only the mirror changes subscriptions, one batch at a time, so a
 //! subscribe and an unsubscribe of one channel never cross, and a batch of
 //! 5,000 new uids is a few SUBSCRIBE commands, not 5,000 round trips in
@@ -47,6 +47,7 @@ impl Subscriptions {
     pub async fn resync(&mut self, s: &Shared) -> Result<(), fred::error::Error> {
         let mut wanted: HashSet<String> = HashSet::new();
         wanted.insert(s.keys.node_channel(s.node));
+        wanted.insert(s.keys.reply_channel(s.node));
         wanted.insert(s.keys.all_channel());
         wanted.extend(s.hub.groups().iter().map(|g| s.keys.group_channel(g)));
         wanted.extend(s.hub.uids().iter().map(|u| s.keys.uid_channel(u)));

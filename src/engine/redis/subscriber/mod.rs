@@ -3,9 +3,10 @@
 //!
 //! - Back-pressure: each connection's reader hands messages to the
 //!   bounded [`Inbox`] and stops reading while its lane is full.
-//! - Two lanes: this node's own channel has its own connection(s), so
-//!   membership commands, closes and replies never wait behind group
-//!   pushes; the dispatcher empties that lane first.
+//! - Two lanes: this node's reply channel has its own connection(s), so
+//!   replies to the commands it sent never wait behind pushes; the
+//!   dispatcher empties that lane first. Everything else, this node's own
+//!   channel included, shares one connection per server, in Redis's order.
 //! - Confirmed: (un)subscribing returns once Redis confirmed every channel,
 //!   and fails with Redis's error (`-NOPERM` from an ACL).
 //! - Topologies: one server; Sentinel (the primary the command client is
@@ -69,6 +70,8 @@ struct Inner {
     /// (Cluster) it knows.
     client: Client,
     node_channel: String,
+    /// Read on the control lane.
+    reply_channel: String,
     inbox: Arc<Inbox>,
     conns: tokio::sync::Mutex<HashMap<(Endpoint, Lane), Arc<Conn>>>,
     /// The server subscribed to (one server, Sentinel).
@@ -99,6 +102,7 @@ impl Subscriber {
         config: &RedisConfig,
         client: Client,
         node_channel: String,
+        reply_channel: String,
         inbox: Arc<Inbox>,
         metrics: Arc<Metrics>,
         wanted: Wanted,
@@ -127,6 +131,7 @@ impl Subscriber {
                 topology,
                 client,
                 node_channel,
+                reply_channel,
                 inbox,
                 conns: Default::default(),
                 primary: Default::default(),
@@ -191,9 +196,14 @@ impl Inner {
     /// server: a push to a single client or a close must keep its order
     /// with the group and uid pushes published before it (the examples of
     /// docs/publishing.md rely on it). Back-pressure means a command waits
-    /// behind a flood but is never dropped.
-    fn lane(&self, _channel: &str) -> Lane {
-        Lane::Bulk
+    /// behind a flood but is never dropped. Only replies, which have no
+    /// order with anything, go on a connection of their own, read first.
+    fn lane(&self, channel: &str) -> Lane {
+        if channel == self.reply_channel {
+            Lane::Control
+        } else {
+            Lane::Bulk
+        }
     }
 
     fn sharded(&self) -> bool {
@@ -248,8 +258,8 @@ impl Inner {
         }
     }
 
-    /// Opens the connections that prove Redis reachable: this node's
-    /// channel's, and on one server or Sentinel the bulk one too.
+    /// Opens the connections that prove Redis reachable: those of this
+    /// node's channel and of its reply channel.
     async fn establish(&self) -> Result<(), String> {
         match &self.topology {
             Topology::Single(_) => {}
@@ -271,8 +281,10 @@ impl Inner {
                 }
             }
         }
-        let home = self.route(&self.node_channel)?;
-        self.conn(&home, self.lane(&self.node_channel)).await?;
+        for channel in [&self.node_channel, &self.reply_channel] {
+            let home = self.route(channel)?;
+            self.conn(&home, self.lane(channel)).await?;
+        }
         Ok(())
     }
 
