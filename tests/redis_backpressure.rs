@@ -462,6 +462,35 @@ async fn a_channel_the_acl_refuses_answers_503_not_200() {
         status, 503,
         "a uid whose channel Redis refuses is not bound with 200: {body}"
     );
+    let why = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("refused the subscription to gatecast:uid:alice") && why.contains("NOPERM"),
+        "a clear error: {body}"
+    );
+    // Through another node too: the owner's reply carries the refusal.
+    let b = Client::connect(&n[0].ws_url("")).await;
+    let (status, body) = n[1]
+        .call("bind_uid", json!({"client_id": b.id, "uid": "bob"}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let why = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("gatecast:uid:bob"), "a clear error: {body}");
+    // Counted, and bounded: the node does not retry the refused channel in
+    // a loop, stays ready while the clients stay, and other changes work.
+    assert!(metric_of(&n[0], "gatecast_redis_subscribe_refused_total").await >= 2.0);
+    n[1].ok("join_group", json!({"client_id": b.id, "group": "other"}))
+        .await;
+    n[0].ok(
+        "set_session",
+        json!({"client_id": a.id, "session": {"k": 1}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(n[0].get_status(false, "/readyz").await, 200, "still ready");
+    assert_eq!(
+        metric_of(&n[0], "gatecast_redis_write_failures_total").await,
+        0.0
+    );
 }
 
 /// A TCP proxy to Redis that can stop forwarding the subscriber's

@@ -109,14 +109,20 @@ impl Shared {
             }
             (Channel::Group(group), Op::Ungroup) => {
                 self.ungroup_here(group);
-                self.reply_later(&e);
+                self.reply_later(&e, None);
                 Ok(())
             }
             (Channel::Node(_), _) => {
                 let id = parse_id(e.client_id).ok_or("command without client_id")?;
                 let change = Change::from_envelope(&e)?;
+                // The channel the change needs (a bind's or join's):
+                // the reply says so if Redis refuses it.
+                let mut needs = None;
                 match self.apply(id, change) {
-                    Ok(Some(follows)) => self.mirror.mark([id], follows),
+                    Ok(Some(follows)) => {
+                        needs = follows.first().cloned();
+                        self.mirror.mark([id], follows)
+                    }
                     Ok(None) => {}
                     // Counted by `apply`; the sender (another node, whose
                     // caller got the same check first, or a backend
@@ -125,7 +131,7 @@ impl Shared {
                         tracing::warn!(client_id = %id, error = %e, "session command refused")
                     }
                 }
-                self.reply_later(&e);
+                self.reply_later(&e, needs.as_ref());
                 Ok(())
             }
             _ => Err("operation not valid on this channel"),
@@ -134,10 +140,10 @@ impl Shared {
 
     /// A command with a request number is answered after the mirror wrote
     /// what it changed.
-    fn reply_later(&self, e: &EnvelopeRef<'_>) {
+    fn reply_later(&self, e: &EnvelopeRef<'_>, needs: Option<&super::mirror::Follow>) {
         let to = e.reply_to.and_then(|n| n.parse::<NodeId>().ok());
         if let (Some(req), Some(node)) = (e.req, to) {
-            self.mirror.reply(node, req, e.reply_channel);
+            self.mirror.reply(node, req, e.reply_channel, needs);
         }
     }
 

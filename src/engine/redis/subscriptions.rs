@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 
 use super::mirror::Follow;
+use super::subscriber::Refused;
 use super::Shared;
 
 /// The channels subscribed, as far as this node knows.
@@ -19,12 +20,13 @@ pub struct Subscriptions {
 }
 
 impl Subscriptions {
-    /// Subscribes or unsubscribes `follows` to match the hub now.
+    /// Subscribes or unsubscribes `follows` to match the hub now. Returns
+    /// the channels Redis refused (ACL), left unsubscribed.
     pub async fn follow(
         &mut self,
         s: &Shared,
         follows: &HashSet<Follow>,
-    ) -> Result<(), fred::error::Error> {
+    ) -> Result<Refused, fred::error::Error> {
         let mut subscribe = Vec::new();
         let mut unsubscribe = Vec::new();
         for follow in follows {
@@ -43,8 +45,8 @@ impl Subscriptions {
 
     /// After a reconnection: subscribes to every channel the node needs
     /// (the subscriber connection may have lost them all) and drops those
-    /// it no longer needs.
-    pub async fn resync(&mut self, s: &Shared) -> Result<(), fred::error::Error> {
+    /// it no longer needs. Returns the channels Redis refused (ACL).
+    pub async fn resync(&mut self, s: &Shared) -> Result<Refused, fred::error::Error> {
         let mut wanted: HashSet<String> = HashSet::new();
         wanted.insert(s.keys.node_channel(s.node));
         wanted.insert(s.keys.reply_channel(s.node));
@@ -62,20 +64,29 @@ impl Subscriptions {
         self.apply(s, wanted.into_iter().collect(), stale).await
     }
 
-    /// Subscribes first, then unsubscribes, each confirmed by Redis (an ACL
-    /// refusal fails the batch, so the caller answers 503). A channel stays known as
-    /// subscribed until Redis confirmed the UNSUBSCRIBE: a failed one is
-    /// tried again (the batch is retried), never forgotten while live.
+    /// Subscribes first, then unsubscribes, each confirmed by Redis. A
+    /// channel Redis refuses (an ACL without it) stays unsubscribed and is
+    /// returned: the batch goes on, and whoever waited for that channel
+    /// gets the error (it is tried again at its next change or resync, not
+    /// in a loop). A channel stays known as subscribed until Redis
+    /// confirmed the UNSUBSCRIBE: a failed one is tried again (the batch is
+    /// retried), never forgotten while live.
     async fn apply(
         &mut self,
         s: &Shared,
         subscribe: Vec<String>,
         unsubscribe: Vec<String>,
-    ) -> Result<(), fred::error::Error> {
+    ) -> Result<Refused, fred::error::Error> {
+        let mut refused = Refused::new();
         if !subscribe.is_empty() {
-            s.redis.subscriber.subscribe(subscribe.clone()).await?;
-            self.channels
-                .extend(subscribe.into_iter().map(String::into_boxed_str));
+            refused = s.redis.subscriber.subscribe(subscribe.clone()).await?;
+            let no: HashSet<&str> = refused.iter().map(|(c, _)| c.as_str()).collect();
+            self.channels.extend(
+                subscribe
+                    .into_iter()
+                    .filter(|c| !no.contains(c.as_str()))
+                    .map(String::into_boxed_str),
+            );
         }
         if !unsubscribe.is_empty() {
             s.redis.subscriber.unsubscribe(unsubscribe.clone()).await?;
@@ -86,6 +97,6 @@ impl Subscriptions {
         s.metrics
             .redis_subscriptions
             .set(self.channels.len() as i64);
-        Ok(())
+        Ok(refused)
     }
 }

@@ -45,6 +45,10 @@ const CHUNK: usize = 512;
 /// Times a command refused with MOVED or ASK is routed again.
 const REROUTES: usize = 5;
 
+/// Channels Redis refused to subscribe (an ACL without them), each with
+/// Redis's error.
+pub type Refused = Vec<(String, String)>;
+
 /// Whether the node still needs a channel (after Redis dropped it).
 pub type Wanted = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -170,14 +174,20 @@ impl Subscriber {
         self.inner.down.subscribe()
     }
 
-    /// Subscribes, and returns once Redis confirmed every channel.
-    pub async fn subscribe(&self, channels: Vec<String>) -> Result<(), fred::error::Error> {
+    /// Subscribes, and returns once Redis confirmed every channel but
+    /// those it refused for this user's ACL (`-NOPERM`), returned with
+    /// Redis's error. Any other error fails the whole call.
+    pub async fn subscribe(&self, channels: Vec<String>) -> Result<Refused, fred::error::Error> {
         self.inner.request(true, channels).await.map_err(to_fred)
     }
 
     /// Unsubscribes, and returns once Redis confirmed every channel.
     pub async fn unsubscribe(&self, channels: Vec<String>) -> Result<(), fred::error::Error> {
-        self.inner.request(false, channels).await.map_err(to_fred)
+        self.inner
+            .request(false, channels)
+            .await
+            .map(|_| ())
+            .map_err(to_fred)
     }
 
     /// Closes every connection (the node is stopping).
@@ -289,8 +299,11 @@ impl Inner {
     }
 
     /// (Un)subscribes `channels`: batched per server, lane and (Cluster)
-    /// slot; routed again after MOVED or ASK.
-    async fn request(&self, on: bool, channels: Vec<String>) -> Result<(), String> {
+    /// slot; routed again after MOVED or ASK. Redis refuses a whole
+    /// SUBSCRIBE for one channel its ACL denies (`-NOPERM`): such a batch
+    /// is sent again one channel per command, to tell which, and those are
+    /// returned rather than failing the rest.
+    async fn request(&self, on: bool, channels: Vec<String>) -> Result<Refused, String> {
         if !self.connected.load(Ordering::Acquire) {
             return Err("the subscriber is not connected to redis".into());
         }
@@ -305,8 +318,13 @@ impl Inner {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        for attempt in 0..REROUTES {
-            let mut groups: HashMap<(Endpoint, Lane, u16), Vec<String>> = HashMap::new();
+        let mut alone: HashSet<String> = HashSet::new();
+        let mut refused = Refused::new();
+        let mut attempt = 0;
+        while attempt < REROUTES {
+            // Channels to send one per command get a batch of their own.
+            let mut groups: HashMap<(Endpoint, Lane, u16, Option<String>), Vec<String>> =
+                HashMap::new();
             for channel in todo.drain(..) {
                 let endpoint = self.route(&channel)?;
                 let slot = if self.sharded() {
@@ -315,13 +333,14 @@ impl Inner {
                     0
                 };
                 let lane = self.lane(&channel);
+                let single = alone.contains(&channel).then(|| channel.clone());
                 groups
-                    .entry((endpoint, lane, slot))
+                    .entry((endpoint, lane, slot, single))
                     .or_default()
                     .push(channel);
             }
             let mut sends = Vec::new();
-            for ((endpoint, lane, _), channels) in groups {
+            for ((endpoint, lane, _, _), channels) in groups {
                 let conn = self.conn(&endpoint, lane).await?;
                 for chunk in channels.chunks(CHUNK) {
                     let conn = conn.clone();
@@ -337,6 +356,7 @@ impl Inner {
                     });
                 }
             }
+            let mut moved = false;
             for (chunk, reply) in join_all(sends).await {
                 match reply {
                     Ok(()) => {}
@@ -344,6 +364,15 @@ impl Inner {
                         // An unsubscribe from a slot that moved is done:
                         // Redis dropped the channel when the slot left.
                         if on {
+                            moved = true;
+                            todo.extend(chunk);
+                        }
+                    }
+                    Err(e) if on && e.starts_with("NOPERM") => {
+                        if let [channel] = &chunk[..] {
+                            refused.push((channel.clone(), e));
+                        } else {
+                            alone.extend(chunk.iter().cloned());
                             todo.extend(chunk);
                         }
                     }
@@ -351,13 +380,18 @@ impl Inner {
                 }
             }
             if todo.is_empty() {
-                return Ok(());
+                return Ok(refused);
+            }
+            if !moved {
+                // Only the split of a refused batch: no slot to refresh.
+                continue;
             }
             tracing::debug!(attempt, channels = todo.len(), "slot moved: routing again");
             if let Err(e) = self.client.sync_cluster().await {
                 tracing::debug!(error = %e, "cannot refresh the cluster's slots");
             }
             tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            attempt += 1;
         }
         Err(format!(
             "{} channels kept moving between cluster nodes",
@@ -378,7 +412,10 @@ impl Inner {
             }
         }
         let n = wanted.len();
-        self.request(true, wanted).await?;
+        let refused = self.request(true, wanted).await?;
+        if let Some((channel, e)) = refused.first() {
+            return Err(format!("{channel}: {e}"));
+        }
         self.metrics.redis_resubscribed.inc_by(n as u64);
         tracing::info!(
             channels = n,
