@@ -848,3 +848,39 @@ async fn a_million_replies_fail_no_unrelated_command() {
         "{messages} reply messages for {COMMANDS} commands"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uid_count_never_blocks_redis_for_every_uid_and_stays_exact() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let n = nodes(&redis.url(), 2, &["--node-heartbeat", "10s"]);
+    ready(&n).await;
+    let a = Client::connect(&n[0].ws_url("")).await;
+    let b = Client::connect(&n[1].ws_url("")).await;
+    n[0].ok("bind_uid", json!({"client_id": a.id, "uid": "shared"}))
+        .await;
+    n[1].ok("bind_uid", json!({"client_id": b.id, "uid": "shared"}))
+        .await;
+    // Two more (live) nodes' partitions with 100,000 uids each, half of
+    // them on both: 150,000 distinct, plus "shared". (A SUNION of them
+    // holds Redis for 150 ms or more.)
+    for (node, from) in [("7f000001f001", 0), ("7f000001f002", 50_000)] {
+        let fill = "for i = tonumber(ARGV[1]), tonumber(ARGV[1]) + 99999 do redis.call('SADD', KEYS[1], 'u' .. i) end";
+        let set = format!("gatecast:{{{node}}}:uids");
+        redis.cli(&["EVAL", fill, "1", &set, &from.to_string()]);
+        let alive = format!("gatecast:{{{node}}}:alive");
+        redis.cli(&["SET", &alive, "{}", "EX", "600"]);
+        redis.cli(&["SADD", "gatecast:nodes", node]);
+    }
+    // Any command that holds Redis for 50 ms or more is logged.
+    redis.cli(&["CONFIG", "SET", "slowlog-log-slower-than", "50000"]);
+    redis.cli(&["SLOWLOG", "RESET"]);
+    let count = n[0].ok("get_all_uid_count", json!({})).await;
+    assert_eq!(count, 150_001, "exact");
+    let slow = redis.cli(&["SLOWLOG", "GET", "5"]);
+    assert_eq!(
+        redis.cli(&["SLOWLOG", "LEN"]).trim(),
+        "0",
+        "no command held Redis for 50 ms: {slow}"
+    );
+}
