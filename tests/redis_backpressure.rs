@@ -776,6 +776,34 @@ async fn replies_go_where_the_asking_node_reads_them_old_or_new() {
     }
     answered.sort_unstable();
     assert_eq!(answered, (100..110).collect::<Vec<u64>>());
+
+    // The other way round: this node asks an owner older than the reply
+    // channel, which ignores the flag and answers on the node channel.
+    let old_owner = "7f000001ffee";
+    let mut owner_rx = Listener::new(&redis, &[format!("gatecast:node:{old_owner}")]).await;
+    let api = n[0].api;
+    let call = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("http://{api}/api/bind_uid"))
+            .json(&json!({"client_id": format!("{old_owner}00000001"), "uid": "x"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    let (_, command) = owner_rx.envelope().await;
+    assert_eq!(command.op, Op::BindUid);
+    assert!(
+        command.reply_channel,
+        "a new node asks for its reply channel"
+    );
+    let asked = command.reply_to.clone().unwrap();
+    let mut reply = Envelope::new(Op::Reply);
+    reply.req = command.req;
+    let back = format!("gatecast:node:{asked}");
+    publish_pipelined(redis.port, &[(back, reply.encode().to_vec())]).await;
+    assert_eq!(call.await.unwrap(), 200, "an old owner's reply is taken");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
