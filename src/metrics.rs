@@ -84,6 +84,8 @@ pub struct Metrics {
     pub redis_subscriber_reconnects: Family<ReasonLabel, Counter>,
     /// Channels subscribed again after Redis Cluster moved their slot.
     pub redis_resubscribed: Counter,
+    /// Channels Redis refused to subscribe (`-NOPERM`: an ACL without them).
+    pub redis_subscribe_refused: Counter,
     /// Channels this node is subscribed to in Redis.
     pub redis_subscriptions: Gauge,
     /// Inner-port (GatewayWorker protocol) connections closed on an error:
@@ -169,6 +171,7 @@ impl Metrics {
             pubsub_dropped: Counter::default(),
             redis_subscriber_reconnects: Family::default(),
             redis_resubscribed: Counter::default(),
+            redis_subscribe_refused: Counter::default(),
             redis_subscriptions: Gauge::default(),
             inner_errors: Counter::default(),
             inner_refused: Family::default(),
@@ -284,6 +287,11 @@ impl Metrics {
             "redis_resubscribed",
             "Channels subscribed again after Redis Cluster moved their slot",
             m.redis_resubscribed.clone(),
+        );
+        r.register(
+            "redis_subscribe_refused",
+            "Channels Redis refused to subscribe (NOPERM: the ACL user lacks the channel pattern); the change stays on this node only",
+            m.redis_subscribe_refused.clone(),
         );
         r.register(
             "redis_subscriptions",

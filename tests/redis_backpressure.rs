@@ -462,6 +462,35 @@ async fn a_channel_the_acl_refuses_answers_503_not_200() {
         status, 503,
         "a uid whose channel Redis refuses is not bound with 200: {body}"
     );
+    let why = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("refused the subscription to gatecast:uid:alice") && why.contains("NOPERM"),
+        "a clear error: {body}"
+    );
+    // Through another node too: the owner's reply carries the refusal.
+    let b = Client::connect(&n[0].ws_url("")).await;
+    let (status, body) = n[1]
+        .call("bind_uid", json!({"client_id": b.id, "uid": "bob"}))
+        .await;
+    assert_eq!(status, 503, "{body}");
+    let why = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(why.contains("gatecast:uid:bob"), "a clear error: {body}");
+    // Counted, and bounded: the node does not retry the refused channel in
+    // a loop, stays ready while the clients stay, and other changes work.
+    assert!(metric_of(&n[0], "gatecast_redis_subscribe_refused_total").await >= 2.0);
+    n[1].ok("join_group", json!({"client_id": b.id, "group": "other"}))
+        .await;
+    n[0].ok(
+        "set_session",
+        json!({"client_id": a.id, "session": {"k": 1}}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(n[0].get_status(false, "/readyz").await, 200, "still ready");
+    assert_eq!(
+        metric_of(&n[0], "gatecast_redis_write_failures_total").await,
+        0.0
+    );
 }
 
 /// A TCP proxy to Redis that can stop forwarding the subscriber's
@@ -561,4 +590,325 @@ async fn a_subscriber_connection_gone_silent_makes_the_node_unready_until_it_ans
         .ok("send_to_group", json!({"group": "room", "data": "back"}))
         .await;
     a.expect_text("back").await;
+}
+
+/// Pushes to client_ids of `node_id` that no connection has: cheap for
+/// Redis and for the node, so a flood of them is long only by its count.
+fn node_flood(node_id: &str, n: usize) -> Vec<(String, Vec<u8>)> {
+    let mut e = Envelope::new(Op::Push);
+    e.client_ids = vec![format!("{node_id}ffffffff")];
+    e.data = Some(bytes::Bytes::from_static(b"flood"));
+    let bytes = e.encode().to_vec();
+    let channel = format!("gatecast:node:{node_id}");
+    (0..n).map(|_| (channel.clone(), bytes.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_overtakes_a_flood_of_pushes_on_the_node_channel() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    // Redis keeps the whole flood for the paused node.
+    let unlimited = [
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 0 0 0",
+    ];
+    assert_eq!(redis.cli(&unlimited).trim(), "OK");
+    let n = nodes(&redis.url(), 2, &["--node-heartbeat", "10s"]);
+    ready(&n).await;
+    let a = Client::connect(&n[0].ws_url("")).await;
+    let mut b = Client::connect(&n[1].ws_url("")).await;
+    let a_node = a.id[..12].to_owned();
+    let before = metric_of(&n[0], "gatecast_pubsub_received_total").await;
+    // Node A stops reading while a pipelined burst of pushes to its node
+    // channel piles up in Redis, then reads it in order.
+    const FLOOD: usize = 300_000;
+    n[0].signal("STOP");
+    let receivers = publish_pipelined(redis.port, &node_flood(&a_node, FLOOD)).await;
+    n[0].signal("CONT");
+    assert!(receivers.iter().all(|r| *r == 1), "node A listened");
+    // A membership change through A for B's connection: B's reply to A
+    // must not wait behind the flood on A's node channel.
+    let (status, body) = n[0]
+        .call("bind_uid", json!({"client_id": b.id, "uid": "bob"}))
+        .await;
+    let received = metric_of(&n[0], "gatecast_pubsub_received_total").await - before;
+    assert_eq!(status, 200, "answered within its deadline: {body}");
+    assert!(
+        received < FLOOD as f64,
+        "the reply overtook the flood: A had read {received} of its {FLOOD} messages"
+    );
+    n[0].ok("send_to_uid", json!({"uid": "bob", "data": "bound"}))
+        .await;
+    b.expect_text("bound").await;
+    // The flood is read whole, nothing dropped.
+    eventually("A read the whole flood", || async {
+        metric_of(&n[0], "gatecast_pubsub_received_total").await - before >= FLOOD as f64
+    })
+    .await;
+    assert_eq!(metric_of(&n[0], "gatecast_pubsub_dropped_total").await, 0.0);
+}
+
+/// A plain RESP2 subscriber to `channels` (as another node, or an older
+/// one, would be): every message, in order, none dropped.
+struct Listener {
+    socket: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Listener {
+    async fn new(redis: &RedisServer, channels: &[String]) -> Listener {
+        let socket = TcpStream::connect(("127.0.0.1", redis.port)).await.unwrap();
+        let mut l = Listener {
+            socket,
+            buf: Vec::new(),
+        };
+        let mut out = Vec::new();
+        let mut args: Vec<&[u8]> = vec![b"SUBSCRIBE"];
+        args.extend(channels.iter().map(|c| c.as_bytes()));
+        resp(&mut out, &args);
+        l.socket.write_all(&out).await.unwrap();
+        for _ in channels {
+            l.next().await;
+        }
+        l
+    }
+
+    /// The next line, without its CRLF.
+    async fn line(&mut self) -> Vec<u8> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = self.buf[..end].to_vec();
+                self.buf.drain(..end + 2);
+                return line;
+            }
+            self.fill().await;
+        }
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = vec![0u8; 64 << 10];
+        let n = tokio::time::timeout(Duration::from_secs(60), self.socket.read(&mut chunk))
+            .await
+            .expect("redis sends on")
+            .unwrap();
+        assert!(n > 0, "redis closed the listener");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// The next push (`kind`, channel, payload).
+    async fn next(&mut self) -> (Vec<u8>, String, Vec<u8>) {
+        let head = self.line().await;
+        assert_eq!(head[0], b'*');
+        let mut parts = Vec::new();
+        for _ in 0..3 {
+            let l = self.line().await;
+            if l[0] == b':' {
+                parts.push(l[1..].to_vec());
+                continue;
+            }
+            let len: usize = std::str::from_utf8(&l[1..]).unwrap().parse().unwrap();
+            while self.buf.len() < len + 2 {
+                self.fill().await;
+            }
+            parts.push(self.buf[..len].to_vec());
+            self.buf.drain(..len + 2);
+        }
+        let payload = parts.pop().unwrap();
+        let channel = String::from_utf8(parts.pop().unwrap()).unwrap();
+        (parts.pop().unwrap(), channel, payload)
+    }
+
+    /// The next message: channel and envelope.
+    async fn envelope(&mut self) -> (String, Envelope) {
+        let (kind, channel, payload) = self.next().await;
+        assert_eq!(kind, b"message");
+        (channel, Envelope::decode(&payload).unwrap())
+    }
+}
+
+/// A join_group for `client_id` with a request number, answered to node
+/// `reply_to`.
+fn join_command(client_id: &str, group: &str, req: u64, reply_to: &str, new: bool) -> Vec<u8> {
+    let mut e = Envelope::new(Op::JoinGroup);
+    e.client_id = Some(client_id.to_owned());
+    e.group = Some(group.to_owned());
+    e.req = Some(req);
+    e.reply_to = Some(reply_to.to_owned());
+    e.reply_channel = new;
+    e.encode().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_go_where_the_asking_node_reads_them_old_or_new() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let n = nodes(&redis.url(), 1, &[]);
+    ready(&n).await;
+    let a = Client::connect(&n[0].ws_url("")).await;
+    let asker = "7f000001ffff";
+    let node_channel = format!("gatecast:node:{asker}");
+    let reply_channel = format!("gatecast:node:{asker}:reply");
+    let mut rx = Listener::new(&redis, &[node_channel.clone(), reply_channel.clone()]).await;
+    let owner = format!("gatecast:node:{}", &a.id[..12]);
+    // An asker older than the reply channel sends no flag: one reply per
+    // command, with `req`, on its node channel.
+    let old = join_command(&a.id, "old", 11, asker, false);
+    publish_pipelined(redis.port, &[(owner.clone(), old)]).await;
+    let (channel, e) = rx.envelope().await;
+    assert_eq!(channel, node_channel);
+    assert_eq!(
+        (e.op, e.req, e.reqs.len(), e.error),
+        (Op::Reply, Some(11), 0, None)
+    );
+    // A new one asks for its reply channel: replies there, batched.
+    let new: Vec<(String, Vec<u8>)> = (100..110)
+        .map(|req| (owner.clone(), join_command(&a.id, "new", req, asker, true)))
+        .collect();
+    publish_pipelined(redis.port, &new).await;
+    let mut answered = Vec::new();
+    while answered.len() < 10 {
+        let (channel, e) = rx.envelope().await;
+        assert_eq!(channel, reply_channel);
+        assert_eq!((e.op, e.error), (Op::Reply, None));
+        answered.extend(e.req.into_iter().chain(e.reqs));
+    }
+    answered.sort_unstable();
+    assert_eq!(answered, (100..110).collect::<Vec<u64>>());
+
+    // The other way round: this node asks an owner older than the reply
+    // channel, which ignores the flag and answers on the node channel.
+    let old_owner = "7f000001ffee";
+    let mut owner_rx = Listener::new(&redis, &[format!("gatecast:node:{old_owner}")]).await;
+    let api = n[0].api;
+    let call = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("http://{api}/api/bind_uid"))
+            .json(&json!({"client_id": format!("{old_owner}00000001"), "uid": "x"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    let (_, command) = owner_rx.envelope().await;
+    assert_eq!(command.op, Op::BindUid);
+    assert!(
+        command.reply_channel,
+        "a new node asks for its reply channel"
+    );
+    let asked = command.reply_to.clone().unwrap();
+    let mut reply = Envelope::new(Op::Reply);
+    reply.req = command.req;
+    let back = format!("gatecast:node:{asked}");
+    publish_pipelined(redis.port, &[(back, reply.encode().to_vec())]).await;
+    assert_eq!(call.await.unwrap(), 200, "an old owner's reply is taken");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_replies_fail_no_unrelated_command() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let unlimited = [
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 0 0 0",
+    ];
+    assert_eq!(redis.cli(&unlimited).trim(), "OK");
+    let n = nodes(&redis.url(), 1, &["--node-heartbeat", "10s"]);
+    ready(&n).await;
+    let a = Client::connect(&n[0].ws_url("")).await;
+    let mut d = Client::connect(&n[0].ws_url("")).await;
+    n[0].ok("join_group", json!({"client_id": d.id, "group": "room"}))
+        .await;
+    let asker = "7f000001fffe";
+    let reply_channel = format!("gatecast:node:{asker}:reply");
+    let mut rx = Listener::new(&redis, &[reply_channel]).await;
+    // 2^20 commands asking for a reply (session writes: no subscription
+    // to wait for), all in Redis before the node reads one: it owes 2^20
+    // replies to one node.
+    const COMMANDS: u64 = 1 << 20;
+    let owner = format!("gatecast:node:{}", &a.id[..12]);
+    let mut e = Envelope::new(Op::UpdateSession);
+    e.client_id = Some(a.id.clone());
+    e.session = Some(serde_json::from_value(json!({"k": 1})).unwrap());
+    e.reply_to = Some(asker.to_owned());
+    e.reply_channel = true;
+    let flood: Vec<(String, Vec<u8>)> = (0..COMMANDS)
+        .map(|req| {
+            e.req = Some(req);
+            (owner.clone(), e.encode().to_vec())
+        })
+        .collect();
+    n[0].signal("STOP");
+    publish_pipelined(redis.port, &flood).await;
+    drop(flood);
+    n[0].signal("CONT");
+    // Meanwhile, unrelated calls on the node answer within their deadline.
+    for k in 0..5 {
+        let (status, body) = n[0]
+            .call(
+                "set_session",
+                json!({"client_id": d.id, "session": {"k": k}}),
+            )
+            .await;
+        assert_eq!(status, 200, "unrelated call {k}: {body}");
+    }
+    n[0].ok("send_to_group", json!({"group": "room", "data": "fine"}))
+        .await;
+    d.expect_text("fine").await;
+    // Every command is answered, in few messages.
+    let mut answered = 0u64;
+    let mut messages = 0u64;
+    while answered < COMMANDS {
+        let (_, e) = rx.envelope().await;
+        assert_eq!(e.error, None);
+        answered += e.reqs.len() as u64 + u64::from(e.req.is_some());
+        messages += 1;
+    }
+    assert_eq!(answered, COMMANDS);
+    // At most one message per mirror batch (and per 4,096 commands), not
+    // one per command.
+    assert!(
+        messages * 10 <= COMMANDS,
+        "{messages} reply messages for {COMMANDS} commands"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uid_count_never_blocks_redis_for_every_uid_and_stays_exact() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let n = nodes(&redis.url(), 2, &["--node-heartbeat", "10s"]);
+    ready(&n).await;
+    let a = Client::connect(&n[0].ws_url("")).await;
+    let b = Client::connect(&n[1].ws_url("")).await;
+    n[0].ok("bind_uid", json!({"client_id": a.id, "uid": "shared"}))
+        .await;
+    n[1].ok("bind_uid", json!({"client_id": b.id, "uid": "shared"}))
+        .await;
+    // Two more (live) nodes' partitions with 100,000 uids each, half of
+    // them on both: 150,000 distinct, plus "shared". (A SUNION of them
+    // holds Redis for 150 ms or more.)
+    for (node, from) in [("7f000001f001", 0), ("7f000001f002", 50_000)] {
+        let fill = "for i = tonumber(ARGV[1]), tonumber(ARGV[1]) + 99999 do redis.call('SADD', KEYS[1], 'u' .. i) end";
+        let set = format!("gatecast:{{{node}}}:uids");
+        redis.cli(&["EVAL", fill, "1", &set, &from.to_string()]);
+        let alive = format!("gatecast:{{{node}}}:alive");
+        redis.cli(&["SET", &alive, "{}", "EX", "600"]);
+        redis.cli(&["SADD", "gatecast:nodes", node]);
+    }
+    // Any command that holds Redis for 50 ms or more is logged.
+    redis.cli(&["CONFIG", "SET", "slowlog-log-slower-than", "50000"]);
+    redis.cli(&["SLOWLOG", "RESET"]);
+    let count = n[0].ok("get_all_uid_count", json!({})).await;
+    assert_eq!(count, 150_001, "exact");
+    let slow = redis.cli(&["SLOWLOG", "GET", "5"]);
+    assert_eq!(
+        redis.cli(&["SLOWLOG", "LEN"]).trim(),
+        "0",
+        "no command held Redis for 50 ms: {slow}"
+    );
 }

@@ -90,9 +90,18 @@ pub struct Envelope {
     /// The node to reply to.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reply_to: Option<String>,
+    /// A command: reply on `reply_to`'s reply channel, where replies may be
+    /// batched (`reqs`). Left out by nodes older than the reply channel,
+    /// which get one reply per command on their node channel.
+    #[serde(skip_serializing_if = "is_false")]
+    pub reply_channel: bool,
     /// Reply: what went wrong.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Reply on a reply channel: the numbers of several commands answered
+    /// at once (with `req`, if given), all with the same `error`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub reqs: Vec<u64>,
 }
 
 /// An envelope read in place: strings and the payload borrow from the
@@ -140,9 +149,15 @@ pub struct EnvelopeRef<'a> {
     /// See [`Envelope::reply_to`].
     #[serde(default, borrow)]
     pub reply_to: Option<&'a str>,
+    /// See [`Envelope::reply_channel`].
+    #[serde(default)]
+    pub reply_channel: bool,
     /// See [`Envelope::error`].
     #[serde(default, borrow)]
     pub error: Option<&'a str>,
+    /// See [`Envelope::reqs`].
+    #[serde(default)]
+    pub reqs: Vec<u64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -182,7 +197,9 @@ impl Envelope {
             session: None,
             req: None,
             reply_to: None,
+            reply_channel: false,
             error: None,
+            reqs: Vec::new(),
         }
     }
 
@@ -245,7 +262,9 @@ impl<'a> EnvelopeRef<'a> {
             session: self.session.clone(),
             req: self.req,
             reply_to: string(self.reply_to),
+            reply_channel: self.reply_channel,
             error: string(self.error),
+            reqs: self.reqs.clone(),
         }
     }
 }

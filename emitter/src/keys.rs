@@ -112,6 +112,13 @@ impl Keys {
         format!("{}:node:{node}", self.prefix)
     }
 
+    /// Channel of one node's replies: answers to the commands it sent,
+    /// read on a connection of their own so they never wait behind pushes
+    /// on [`Keys::node_channel`] (nothing on it has an order with pushes).
+    pub fn reply_channel(&self, node: NodeId) -> String {
+        format!("{}:node:{node}:reply", self.prefix)
+    }
+
     /// Channel of a group, subscribed by nodes that hold a member.
     pub fn group_channel(&self, group: &str) -> String {
         format!("{}:group:{group}", self.prefix)
@@ -142,9 +149,11 @@ impl Keys {
         if let Some(uid) = rest.strip_prefix("uid:") {
             return Some(Channel::Uid(uid));
         }
-        rest.strip_prefix("node:")
-            .and_then(|n| n.parse().ok())
-            .map(Channel::Node)
+        let node = rest.strip_prefix("node:")?;
+        if let Some(n) = node.strip_suffix(":reply") {
+            return n.parse().ok().map(Channel::Reply);
+        }
+        node.parse().ok().map(Channel::Node)
     }
 }
 
@@ -155,6 +164,8 @@ pub enum Channel<'a> {
     All,
     /// A node.
     Node(NodeId),
+    /// A node's replies.
+    Reply(NodeId),
     /// A group.
     Group(&'a str),
     /// A uid.
@@ -187,5 +198,11 @@ mod tests {
         assert_eq!(keys.parse_channel("gc:all"), Some(Channel::All));
         assert_eq!(keys.parse_channel("other:all"), None);
         assert_eq!(keys.parse_channel("gc:node:zz"), None);
+        assert_eq!(keys.reply_channel(node), "gc:node:0a0102030b54:reply");
+        assert_eq!(
+            keys.parse_channel(&keys.reply_channel(node)),
+            Some(Channel::Reply(node))
+        );
+        assert_eq!(keys.parse_channel("gc:node:zz:reply"), None);
     }
 }

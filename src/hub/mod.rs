@@ -613,6 +613,33 @@ mod tests {
     }
 
     #[test]
+    fn a_group_part_listing_many_groups_costs_linear_work() {
+        // 500 members of "last", each in 200 other groups, none listed
+        // before it among 20,000: the quadratic check compared 500 × 20,000
+        // × 200 names (many seconds); the linear one 500 × 200 lookups.
+        let (hub, conns) = hub_with(500);
+        for (id, _) in &conns {
+            hub.join_group(*id, "last");
+            for g in 0..200 {
+                hub.join_group(*id, &format!("mine{g:05}"));
+            }
+        }
+        let names: Vec<String> = (0..20_000).map(|g| format!("list{g:05}")).collect();
+        let mut groups: Vec<&str> = names.iter().map(String::as_str).collect();
+        groups.push("last");
+        let frame = || bytes::Bytes::from_static(b"x");
+        let started = std::time::Instant::now();
+        let delivered = hub.deliver_group_part(&groups, "last", &[], &frame);
+        let took = started.elapsed();
+        assert_eq!(delivered.queued, 500, "every member, once");
+        assert!(took < std::time::Duration::from_secs(2), "took {took:?}");
+        // A member of an earlier group is still skipped here.
+        hub.join_group(conns[0].0, "list12345");
+        let delivered = hub.deliver_group_part(&groups, "last", &[], &frame);
+        assert_eq!(delivered.queued, 499);
+    }
+
+    #[test]
     fn group_push_reaches_each_member_once_sharing_one_frame() {
         let (hub, conns) = hub_with(3);
         let (a, b, c) = (conns[0].0, conns[1].0, conns[2].0);

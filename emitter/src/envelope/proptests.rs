@@ -73,13 +73,15 @@ fn arb_envelope() -> impl Strategy<Value = Envelope> {
             proptest::option::of(any::<u64>()),
             proptest::option::of(".{0,12}"),
             proptest::option::of(".{0,12}"),
+            any::<bool>(),
+            prop::collection::vec(any::<u64>(), 0..4),
         ),
     )
         .prop_map(
             |(
                 (origin, op, client_ids, client_id, uid, group),
                 (groups, exclude, data, binary, session),
-                (req, reply_to, error),
+                (req, reply_to, error, reply_channel, reqs),
             )| Envelope {
                 origin,
                 v: VERSION,
@@ -95,7 +97,9 @@ fn arb_envelope() -> impl Strategy<Value = Envelope> {
                 session,
                 req,
                 reply_to,
+                reply_channel,
                 error,
+                reqs,
             },
         )
 }

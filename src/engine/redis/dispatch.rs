@@ -87,11 +87,16 @@ impl Shared {
     fn dispatch(&self, channel: Channel<'_>, e: EnvelopeRef<'_>) -> Result<(), &'static str> {
         match (channel, e.op) {
             (_, Op::Push) => self.deliver(channel, &e),
-            (Channel::Node(_), Op::Reply) => {
-                let req = e.req.ok_or("reply without req")?;
-                self.rpc.resolve(req, e.error);
+            (Channel::Node(_) | Channel::Reply(_), Op::Reply) => {
+                if e.req.is_none() && e.reqs.is_empty() {
+                    return Err("reply without req");
+                }
+                for req in e.req.iter().chain(&e.reqs) {
+                    self.rpc.resolve(*req, e.error);
+                }
                 Ok(())
             }
+            (Channel::Reply(_), _) => Err("only replies go on a reply channel"),
             (Channel::Node(_), Op::Close) => {
                 let id = parse_id(e.client_id).ok_or("close without client_id")?;
                 let last = match e.data.as_deref() {
@@ -104,14 +109,20 @@ impl Shared {
             }
             (Channel::Group(group), Op::Ungroup) => {
                 self.ungroup_here(group);
-                self.reply_later(&e);
+                self.reply_later(&e, None);
                 Ok(())
             }
             (Channel::Node(_), _) => {
                 let id = parse_id(e.client_id).ok_or("command without client_id")?;
                 let change = Change::from_envelope(&e)?;
+                // The channel the change needs (a bind's or join's):
+                // the reply says so if Redis refuses it.
+                let mut needs = None;
                 match self.apply(id, change) {
-                    Ok(Some(follows)) => self.mirror.mark([id], follows),
+                    Ok(Some(follows)) => {
+                        needs = follows.first().cloned();
+                        self.mirror.mark([id], follows)
+                    }
                     Ok(None) => {}
                     // Counted by `apply`; the sender (another node, whose
                     // caller got the same check first, or a backend
@@ -120,7 +131,7 @@ impl Shared {
                         tracing::warn!(client_id = %id, error = %e, "session command refused")
                     }
                 }
-                self.reply_later(&e);
+                self.reply_later(&e, needs.as_ref());
                 Ok(())
             }
             _ => Err("operation not valid on this channel"),
@@ -129,10 +140,10 @@ impl Shared {
 
     /// A command with a request number is answered after the mirror wrote
     /// what it changed.
-    fn reply_later(&self, e: &EnvelopeRef<'_>) {
+    fn reply_later(&self, e: &EnvelopeRef<'_>, needs: Option<&super::mirror::Follow>) {
         let to = e.reply_to.and_then(|n| n.parse::<NodeId>().ok());
         if let (Some(req), Some(node)) = (e.req, to) {
-            self.mirror.reply(node, req);
+            self.mirror.reply(node, req, e.reply_channel, needs);
         }
     }
 
@@ -154,6 +165,7 @@ impl Shared {
                 let target = Target::Uids(vec![uid.to_owned()]);
                 ("uid", hub.deliver_with(&target, &exclude, &encode))
             }
+            Channel::Reply(_) => return Err("only replies go on a reply channel"),
             Channel::Node(_) => {
                 let ids = e.client_ids.iter().filter_map(|s| s.parse().ok()).collect();
                 let target = Target::Clients(ids);

@@ -1,9 +1,9 @@
 //! The node's bounded inbox between the subscriber connections and the
 //! dispatcher thread, in two lanes:
 //!
-//! - `Control`: messages the dispatcher always takes first (reserved for
-//!   node-to-node commands and replies; see [`Lane::Control`]).
-//! - `Bulk`: every channel today (groups, uids, `all`, this node's own).
+//! - `Control`: messages the dispatcher always takes first: this node's
+//!   reply channel (see [`Lane::Control`]).
+//! - `Bulk`: every other channel (groups, uids, `all`, this node's own).
 //!
 //! Each lane is bounded by bytes. A full lane does not drop: the
 //! connection that tries to add to it waits, so it stops reading its
@@ -36,12 +36,11 @@ const BULK_BATCH: usize = 256;
 /// Which lane a message goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Lane {
-    /// Messages that go before the bulk. Unused for now: this node's own
-    /// channel also carries pushes and closes whose order with group and
-    /// uid pushes users rely on, so it shares the bulk lane; node-to-node
-    /// commands and replies come here once they have a channel of their
-    /// own (docs/redis.md, section 6).
-    #[allow(dead_code)]
+    /// Messages that go before the bulk: replies to this node's commands
+    /// (its reply channel), which have no order with any push. This node's
+    /// own channel also carries pushes and closes whose order with group
+    /// and uid pushes users rely on, so it stays in the bulk lane
+    /// (docs/redis.md, section 6).
     Control,
     /// Every other channel.
     Bulk,

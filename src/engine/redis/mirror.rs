@@ -25,6 +25,7 @@ use tokio::sync::{oneshot, Notify};
 use super::client::COMMAND_TIMEOUT;
 use super::keys::Keys;
 use super::liveness::{self, Beat};
+use super::subscriber::Refused;
 use super::subscriptions::Subscriptions;
 use super::{partition, Shared};
 use crate::hub::{Hub, Membership};
@@ -48,6 +49,10 @@ const MAX_REPLIES: usize = 1 << 20;
 
 /// Replies published at once (pipelined on one connection).
 const REPLIES_IN_FLIGHT: usize = 256;
+
+/// Most commands answered by one message on a reply channel (about 9
+/// bytes each): 2^20 replies to one node are 256 messages, not 2^20.
+const REPLIES_PER_MESSAGE: usize = 4096;
 
 /// A channel whose subscription follows the hub's membership.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -102,8 +107,10 @@ struct Batch {
     clients: HashSet<ClientId>,
     follows: HashSet<Follow>,
     /// Commands from other nodes to answer once the batch is written.
-    replies: Vec<(NodeId, u64)>,
-    waiters: Vec<oneshot::Sender<Outcome>>,
+    replies: Vec<Reply>,
+    /// Callers waiting for the batch, with the [`tag`]s of the channels
+    /// their change needs.
+    waiters: Vec<(oneshot::Sender<Outcome>, Vec<u64>)>,
     /// Write everything again (after a reconnection).
     resync: bool,
     /// Delete the partition and stop.
@@ -120,9 +127,45 @@ impl Batch {
             && self.leave.is_none()
     }
 
-    fn finish(&mut self, outcome: &Outcome) {
-        for waiter in self.waiters.drain(..) {
-            let _ = waiter.send(outcome.clone());
+    /// Answers the callers: `outcome`, or the refusal of a channel their
+    /// change needs.
+    fn finish(&mut self, outcome: &Outcome, refused: &Refusals) {
+        for (waiter, tags) in self.waiters.drain(..) {
+            let _ = waiter.send(refused.outcome(outcome, &tags));
+        }
+    }
+}
+
+/// A command of another node to answer after the batch.
+struct Reply {
+    node: NodeId,
+    req: u64,
+    /// The node reads its reply channel (else one reply per command on its
+    /// node channel).
+    batched: bool,
+    /// The [`tag`] of the channel the command needed, or 0.
+    tag: u64,
+}
+
+/// A short fingerprint of a channel: what a waiting reply remembers of the
+/// channel it needs (8 bytes, however long the name; a clash only gives
+/// a caller another channel's refusal).
+pub fn tag(follow: &Follow) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    follow.hash(&mut h);
+    h.finish() | 1
+}
+
+/// The channels Redis refused in a batch, by [`tag`], with why.
+#[derive(Default)]
+pub struct Refusals(std::collections::HashMap<u64, String>);
+
+impl Refusals {
+    fn outcome(&self, outcome: &Outcome, tags: &[u64]) -> Outcome {
+        match tags.iter().find_map(|t| self.0.get(t)) {
+            Some(why) if outcome.is_ok() => Err(why.clone()),
+            _ => outcome.clone(),
         }
     }
 }
@@ -141,14 +184,21 @@ impl Mirror {
         self.wake.notify_one();
     }
 
-    /// Answers a command of `node` after the next batch.
-    pub fn reply(&self, node: NodeId, req: u64) {
+    /// Answers a command of `node` after the next batch, on its reply
+    /// channel when `batched` (the command asked for it); with an error if
+    /// Redis refuses `follow`, the channel the command needs.
+    pub fn reply(&self, node: NodeId, req: u64, batched: bool, follow: Option<&Follow>) {
         let mut pending = self.pending.lock();
         if pending.replies.len() >= MAX_REPLIES {
             tracing::warn!(%node, req, "too many replies waiting: one dropped");
             return;
         }
-        pending.replies.push((node, req));
+        pending.replies.push(Reply {
+            node,
+            req,
+            batched,
+            tag: follow.map_or(0, tag),
+        });
         drop(pending);
         self.wake.notify_one();
     }
@@ -161,11 +211,13 @@ impl Mirror {
         follows: impl IntoIterator<Item = Follow>,
     ) -> Outcome {
         let (tx, rx) = oneshot::channel();
+        let follows: Vec<Follow> = follows.into_iter().collect();
+        let tags = follows.iter().map(tag).collect();
         {
             let mut pending = self.pending.lock();
             pending.clients.extend(clients);
             pending.follows.extend(follows);
-            pending.waiters.push(tx);
+            pending.waiters.push((tx, tags));
         }
         self.wake.notify_one();
         match tokio::time::timeout(COMMAND_TIMEOUT, rx).await {
@@ -261,6 +313,7 @@ struct Task {
     /// more, and the node is stopping.
     conflicted: bool,
     beat_failures: liveness::Throttle,
+    refusals: liveness::Throttle,
 }
 
 /// The mirror task: batches until the node leaves.
@@ -272,6 +325,7 @@ pub async fn run(s: Arc<Shared>) {
         ever_registered: false,
         conflicted: false,
         beat_failures: liveness::Throttle::default(),
+        refusals: liveness::Throttle::default(),
     };
     let mut tick = tokio::time::interval(s.settings.heartbeat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -301,7 +355,7 @@ pub async fn run(s: Arc<Shared>) {
                 } else {
                     Ok(())
                 };
-                batch.finish(&outcome);
+                batch.finish(&outcome, &Refusals::default());
                 let _ = done.send(outcome);
                 // Nothing more is written; the engine stops the tasks next.
                 s.stop.cancelled().await;
@@ -311,12 +365,15 @@ pub async fn run(s: Arc<Shared>) {
                 break;
             }
             if task.conflicted {
-                batch.finish(&Err("another process holds this node id".into()));
+                batch.finish(
+                    &Err("another process holds this node id".into()),
+                    &Refusals::default(),
+                );
                 break;
             }
             if !s.redis.is_connected() {
                 // The reconnection asks for a resync that writes it all.
-                batch.finish(&Err("redis is not connected".into()));
+                batch.finish(&Err("redis is not connected".into()), &Refusals::default());
                 s.mirror.restore(batch);
                 waiting = true;
                 break;
@@ -328,14 +385,15 @@ pub async fn run(s: Arc<Shared>) {
                 batch.resync = true;
             }
             match write(&s, &mut task.subs, &mut batch, &mut task.last_beat).await {
-                Ok(()) => {
+                Ok(refused) => {
+                    let refused = task.refused(&s, refused);
                     if batch.resync {
                         task.registered(&s);
                     }
                     retry_after = RETRY_AFTER;
                     s.writable.store(true, Ordering::Release);
                     s.mirror.written();
-                    answer(&s, &mut batch, Ok(())).await;
+                    answer(&s, &mut batch, Ok(()), &refused).await;
                 }
                 Err(failure) => {
                     let reason = match failure {
@@ -353,7 +411,10 @@ pub async fn run(s: Arc<Shared>) {
                         Failure::Conflict => match task.conflict(&s) {
                             Some(reason) => reason,
                             None => {
-                                batch.finish(&Err("another process holds this node id".into()));
+                                batch.finish(
+                                    &Err("another process holds this node id".into()),
+                                    &Refusals::default(),
+                                );
                                 break;
                             }
                         },
@@ -365,7 +426,7 @@ pub async fn run(s: Arc<Shared>) {
                     s.writable.store(false, Ordering::Release);
                     s.metrics.redis_write_failures.inc();
                     tracing::warn!(error = %reason, retry_in = ?retry_after, "writing to redis failed; not ready until it works again");
-                    answer(&s, &mut batch, Err(reason)).await;
+                    answer(&s, &mut batch, Err(reason), &Refusals::default()).await;
                     s.mirror.restore(batch);
                     tokio::select! {
                         () = tokio::time::sleep(retry_after) => {}
@@ -379,6 +440,40 @@ pub async fn run(s: Arc<Shared>) {
 }
 
 impl Task {
+    /// Channels Redis refused for this user's ACL: counted, logged (at
+    /// most a line per 10 s), and answered to whoever waited for them. The
+    /// batch itself is written and the node stays ready: one client's
+    /// group must not keep the node unready until that client leaves.
+    fn refused(&mut self, s: &Shared, refused: Refused) -> Refusals {
+        let mut out = Refusals::default();
+        if refused.is_empty() {
+            return out;
+        }
+        s.metrics
+            .redis_subscribe_refused
+            .inc_by(refused.len() as u64);
+        if let Some(skipped) = self.refusals.allow() {
+            let (channel, e) = &refused[0];
+            tracing::warn!(
+                %channel,
+                error = %e,
+                channels = refused.len(),
+                skipped,
+                "redis refused to subscribe: give the gateway's ACL user the channel pattern &<prefix>:*; the change stays on this node, pushes through other nodes miss it"
+            );
+        }
+        for (channel, e) in refused {
+            let follow = match s.keys.parse_channel(&channel) {
+                Some(super::keys::Channel::Group(g)) => Follow::Group(g.to_owned()),
+                Some(super::keys::Channel::Uid(u)) => Follow::Uid(u.to_owned()),
+                _ => continue,
+            };
+            let why = format!("redis refused the subscription to {channel} (check the ACL user's channel patterns): {e}");
+            out.0.insert(tag(&follow), why);
+        }
+        out
+    }
+
     /// Refreshes liveness when registered; asks for a registration when
     /// not (a reconnection whose event was missed).
     async fn heartbeat(&mut self, s: &Shared) {
@@ -452,8 +547,8 @@ async fn write(
     subs: &mut Subscriptions,
     batch: &mut Batch,
     last_beat: &mut Instant,
-) -> Result<(), Failure> {
-    if batch.resync {
+) -> Result<Refused, Failure> {
+    let refused = if batch.resync {
         for script in s.scripts.all() {
             script.load(&s.redis.client).await?;
         }
@@ -463,7 +558,7 @@ async fn write(
             return Err(Failure::Conflict);
         }
         *last_beat = Instant::now();
-        subs.resync(s).await?;
+        let refused = subs.resync(s).await?;
         // Every connection the hub holds, and whatever the partition holds
         // that the hub does not (closed while Redis was away). Nothing is
         // cleared first: other nodes go on seeing this node's connections.
@@ -471,24 +566,25 @@ async fn write(
         batch.clients.extend(partition::stale(s).await?);
         // What the resync followed covers the marked channels too.
         batch.follows.clear();
+        refused
     } else {
-        subs.follow(s, &batch.follows).await?;
-    }
+        subs.follow(s, &batch.follows).await?
+    };
     let clients: Vec<ClientId> = batch.clients.iter().copied().collect();
-    partition::put(s, &clients, last_beat).await
+    partition::put(s, &clients, last_beat).await?;
+    Ok(refused)
 }
 
 /// Answers the commands and callers that waited for a batch.
-async fn answer(s: &Shared, batch: &mut Batch, outcome: Outcome) {
-    batch.finish(&outcome);
+async fn answer(s: &Shared, batch: &mut Batch, outcome: Outcome, refused: &Refusals) {
+    batch.finish(&outcome, refused);
     if batch.replies.is_empty() {
         return;
     }
-    let error = outcome.err();
-    let replies = batch.replies.drain(..).map(|(node, req)| {
-        let bytes = super::rpc::reply(req, error.clone());
-        s.redis.publish(s.keys.node_channel(node), bytes)
-    });
+    let messages = reply_messages(s, std::mem::take(&mut batch.replies), &outcome, refused);
+    let replies = messages
+        .into_iter()
+        .map(|(channel, bytes)| s.redis.publish(channel, bytes));
     // A bounded number at a time: up to MAX_REPLIES published at once
     // would fill fred's command queue and fail unrelated commands (API
     // calls, heartbeats) for as long as they wait.
@@ -498,4 +594,38 @@ async fn answer(s: &Shared, batch: &mut Batch, outcome: Outcome) {
             tracing::debug!(error = %e, "could not answer a command");
         }
     }
+}
+
+/// The messages that answer `replies`: on a node's reply channel, up to
+/// [`REPLIES_PER_MESSAGE`] commands per message; for a node that did not
+/// ask for it (older than the reply channel, or a backend), one message
+/// per command on its node channel, as it reads them.
+fn reply_messages(
+    s: &Shared,
+    replies: Vec<Reply>,
+    outcome: &Outcome,
+    refused: &Refusals,
+) -> Vec<(String, bytes::Bytes)> {
+    let mut batched: std::collections::HashMap<(NodeId, Option<String>), Vec<u64>> =
+        Default::default();
+    let mut messages = Vec::new();
+    for reply in replies {
+        let error = refused.outcome(outcome, &[reply.tag]).err();
+        if reply.batched {
+            batched
+                .entry((reply.node, error))
+                .or_default()
+                .push(reply.req);
+        } else {
+            let bytes = super::rpc::reply(reply.req, error);
+            messages.push((s.keys.node_channel(reply.node), bytes));
+        }
+    }
+    for ((node, error), reqs) in batched {
+        for chunk in reqs.chunks(REPLIES_PER_MESSAGE) {
+            let bytes = super::rpc::replies(chunk, error.clone());
+            messages.push((s.keys.reply_channel(node), bytes));
+        }
+    }
+    messages
 }

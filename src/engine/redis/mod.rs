@@ -153,7 +153,7 @@ impl RedisEngine {
             let (hub, keys) = (hub.clone(), keys.clone());
             Box::new(move |channel: &str| match keys.parse_channel(channel) {
                 Some(keys::Channel::All) => true,
-                Some(keys::Channel::Node(n)) => n == node,
+                Some(keys::Channel::Node(n) | keys::Channel::Reply(n)) => n == node,
                 Some(keys::Channel::Group(g)) => hub.has_group(g),
                 Some(keys::Channel::Uid(u)) => hub.has_uid(u),
                 None => false,
@@ -163,6 +163,7 @@ impl RedisEngine {
             &settings.url,
             settings.password.as_deref(),
             keys.node_channel(node),
+            keys.reply_channel(node),
             inbox.clone(),
             metrics.clone(),
             wanted,

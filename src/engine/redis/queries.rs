@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use fred::prelude::*;
 use futures_util::future::try_join_all;
+use futures_util::StreamExt;
 
 use super::client::unavailable;
 use super::keys::suffix;
@@ -17,6 +18,10 @@ use crate::session::Session;
 /// Most other nodes a query reads (the node set's real size is the
 /// replica count).
 pub const MAX_NODES: usize = 1_000;
+
+/// Members of one node's uid set a step of `get_all_uid_count` reads
+/// (`SSCAN ... COUNT`): a few milliseconds of Redis at most.
+const UID_COUNT_STEP: usize = 10_000;
 
 impl Shared {
     /// Before the hub answers about `follow`'s group or uid: waits until
@@ -247,28 +252,66 @@ impl Shared {
 
     /// Distinct uids across nodes. A uid bound on several nodes is in each
     /// of their `:uids` sets, so the count needs the union. Alone, the node
-    /// counts from the hub; otherwise the union is taken (and only its size
-    /// returned) in Redis when every set lives on one server.
+    /// counts from the hub. Otherwise it reads every node's set (its own
+    /// included, once settled) with `SSCAN` in steps of
+    /// [`UID_COUNT_STEP`], concurrently per node, and counts the distinct
+    /// uids in a set of their 64-bit hashes (keyed per call, so nobody
+    /// can pick uids that collide): no command holds Redis for time
+    /// proportional to every uid (a `SUNION` of every set did), on every
+    /// topology. Exact when no uid is bound or unbound meanwhile (SSCAN may
+    /// then miss one that changed; the set absorbs repeats).
     pub(super) async fn uid_count(&self) -> EngineResult<u64> {
         self.all_settled().await?;
         let nodes = self.other_nodes().await?;
         if nodes.is_empty() {
             return Ok(self.hub.uid_count() as u64);
         }
-        if self.redis.sharded {
-            // Sets on several shards: no server-side union.
-            return Ok(self.uids().await?.len() as u64);
-        }
-        let keys: Vec<String> = nodes
+        let keys = nodes
             .into_iter()
             .chain([self.node])
-            .map(|n| self.keys.partition_key(n, suffix::UIDS, ""))
-            .collect();
-        self.scripts
-            .count_union
-            .run::<u64, _, _>(&self.redis.client, keys, Vec::<String>::new())
-            .await
-            .map_err(unavailable)
+            .map(|n| self.keys.partition_key(n, suffix::UIDS, ""));
+        use std::hash::BuildHasher;
+        let hasher = std::hash::RandomState::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut scans =
+            futures_util::stream::iter(keys.map(|k| self.scan_set(k))).buffer_unordered(16);
+        while let Some(members) = scans.next().await {
+            seen.extend(members?.iter().map(|m| hasher.hash_one(m)));
+        }
+        Ok(seen.len() as u64)
+    }
+
+    /// Every member of `key`, read in bounded steps.
+    async fn scan_set(&self, key: String) -> EngineResult<Vec<bytes::Bytes>> {
+        use fred::types::{ClusterHash, CustomCommand, Value};
+        let sscan = CustomCommand::new_static("SSCAN", ClusterHash::FirstKey, false);
+        let mut members = Vec::new();
+        let mut cursor = Value::from("0");
+        loop {
+            let args = vec![
+                Value::from(key.as_str()),
+                cursor,
+                Value::from("COUNT"),
+                Value::from(UID_COUNT_STEP as i64),
+            ];
+            let reply: Vec<Value> = self
+                .redis
+                .client
+                .custom(sscan.clone(), args)
+                .await
+                .map_err(unavailable)?;
+            let mut reply = reply.into_iter();
+            let (Some(next), Some(Value::Array(page))) = (reply.next(), reply.next()) else {
+                return Err(EngineError::Unavailable(
+                    "redis answered SSCAN with something else".into(),
+                ));
+            };
+            members.extend(page.into_iter().filter_map(|m| m.into_bytes()));
+            if next.as_str().as_deref() == Some("0") {
+                return Ok(members);
+            }
+            cursor = next;
+        }
     }
 
     /// This node and every other registered node whose liveness key is

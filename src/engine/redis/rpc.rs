@@ -2,7 +2,13 @@
 //!
 //! A membership change for another node's connection is published on that
 //! node's channel with a request number and this node's id; the owner
-//! applies it, mirrors it, then publishes a reply on this node's channel.
+//! applies it, mirrors it, then publishes a reply on this node's reply
+//! channel (`<prefix>:node:<id>:reply`), which this node reads on a
+//! connection of its own and handles before any push: a reply never waits
+//! behind a flood of pushes to this node. Owners batch replies to one node
+//! (`reqs`). A command says it wants that (`reply_channel`); an owner older
+//! than the reply channel ignores the flag and replies on the node channel,
+//! which this node still reads (a rolling upgrade works both ways).
 //! `ungroup` goes on the group's channel and is answered by every node
 //! that holds a member.
 //!
@@ -73,10 +79,19 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// A reply to command `req`.
+/// A reply to command `req`, as every version reads it (on a node
+/// channel).
 pub fn reply(req: u64, error: Option<String>) -> Bytes {
     let mut e = Envelope::new(Op::Reply);
     e.req = Some(req);
+    e.error = error;
+    e.encode()
+}
+
+/// One reply to several commands (on a reply channel).
+pub fn replies(reqs: &[u64], error: Option<String>) -> Bytes {
+    let mut e = Envelope::new(Op::Reply);
+    e.reqs = reqs.to_vec();
     e.error = error;
     e.encode()
 }
@@ -88,6 +103,7 @@ impl Shared {
         let (pending, mut rx) = self.rpc.open(1);
         e.req = Some(pending.req);
         e.reply_to = Some(self.node_name.clone());
+        e.reply_channel = true;
         let receivers = self
             .publish_one(self.keys.node_channel(node), e.encode())
             .await?;
@@ -120,6 +136,7 @@ impl Shared {
         let (pending, mut rx) = self.rpc.open(1024);
         e.req = Some(pending.req);
         e.reply_to = Some(self.node_name.clone());
+        e.reply_channel = true;
         let receivers = self.publish_one(channel, e.encode()).await?;
         let mut answered = 0;
         let deadline = tokio::time::Instant::now() + RPC_TIMEOUT;

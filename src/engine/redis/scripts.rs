@@ -69,8 +69,6 @@ pub struct Scripts {
     pub heartbeat: Lua,
     /// Members of a set with one hash field each.
     pub members_with: Lua,
-    /// The size of a union of sets.
-    pub count_union: Lua,
     /// Consumes a resume record.
     pub take_resume: Lua,
 }
@@ -79,7 +77,6 @@ const PUT_CLIENTS: &str = include_str!("scripts/put_clients.lua");
 const CLEAR: &str = include_str!("scripts/clear.lua");
 const HEARTBEAT: &str = include_str!("scripts/heartbeat.lua");
 const MEMBERS_WITH: &str = include_str!("scripts/members_with.lua");
-const COUNT_UNION: &str = include_str!("scripts/count_union.lua");
 const TAKE_RESUME: &str = include_str!("scripts/take_resume.lua");
 
 impl Default for Scripts {
@@ -89,7 +86,6 @@ impl Default for Scripts {
             clear: Lua::new(CLEAR),
             heartbeat: Lua::new(HEARTBEAT),
             members_with: Lua::new(MEMBERS_WITH),
-            count_union: Lua::new(COUNT_UNION),
             take_resume: Lua::new(TAKE_RESUME),
         }
     }
@@ -97,13 +93,12 @@ impl Default for Scripts {
 
 impl Scripts {
     /// All scripts, for loading.
-    pub fn all(&self) -> [&Lua; 6] {
+    pub fn all(&self) -> [&Lua; 5] {
         [
             &self.put_clients,
             &self.clear,
             &self.heartbeat,
             &self.members_with,
-            &self.count_union,
             &self.take_resume,
         ]
     }
@@ -118,14 +113,7 @@ mod tests {
     /// the Rust side (and the emitter crate) knows.
     #[test]
     fn scripts_use_only_the_documented_key_suffixes() {
-        for source in [
-            PUT_CLIENTS,
-            CLEAR,
-            HEARTBEAT,
-            MEMBERS_WITH,
-            COUNT_UNION,
-            TAKE_RESUME,
-        ] {
+        for source in [PUT_CLIENTS, CLEAR, HEARTBEAT, MEMBERS_WITH, TAKE_RESUME] {
             for (pos, _) in source.match_indices(" .. '") {
                 let rest = &source[pos + 5..];
                 let literal = &rest[..rest.find('\'').unwrap()];

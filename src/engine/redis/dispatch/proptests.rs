@@ -65,6 +65,7 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
             &url,
             None,
             "gatecast:node:x".into(),
+            "gatecast:node:x:reply".into(),
             Arc::default(),
             Arc::new(Metrics::new()),
             Box::new(|_| true),

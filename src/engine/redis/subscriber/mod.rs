@@ -3,9 +3,10 @@
 //!
 //! - Back-pressure: each connection's reader hands messages to the
 //!   bounded [`Inbox`] and stops reading while its lane is full.
-//! - Two lanes: this node's own channel has its own connection(s), so
-//!   membership commands, closes and replies never wait behind group
-//!   pushes; the dispatcher empties that lane first.
+//! - Two lanes: this node's reply channel has its own connection(s), so
+//!   replies to the commands it sent never wait behind pushes; the
+//!   dispatcher empties that lane first. Everything else, this node's own
+//!   channel included, shares one connection per server, in Redis's order.
 //! - Confirmed: (un)subscribing returns once Redis confirmed every channel,
 //!   and fails with Redis's error (`-NOPERM` from an ACL).
 //! - Topologies: one server; Sentinel (the primary the command client is
@@ -44,6 +45,10 @@ const CHUNK: usize = 512;
 /// Times a command refused with MOVED or ASK is routed again.
 const REROUTES: usize = 5;
 
+/// Channels Redis refused to subscribe (an ACL without them), each with
+/// Redis's error.
+pub type Refused = Vec<(String, String)>;
+
 /// Whether the node still needs a channel (after Redis dropped it).
 pub type Wanted = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
@@ -69,6 +74,8 @@ struct Inner {
     /// (Cluster) it knows.
     client: Client,
     node_channel: String,
+    /// Read on the control lane.
+    reply_channel: String,
     inbox: Arc<Inbox>,
     conns: tokio::sync::Mutex<HashMap<(Endpoint, Lane), Arc<Conn>>>,
     /// The server subscribed to (one server, Sentinel).
@@ -99,6 +106,7 @@ impl Subscriber {
         config: &RedisConfig,
         client: Client,
         node_channel: String,
+        reply_channel: String,
         inbox: Arc<Inbox>,
         metrics: Arc<Metrics>,
         wanted: Wanted,
@@ -127,6 +135,7 @@ impl Subscriber {
                 topology,
                 client,
                 node_channel,
+                reply_channel,
                 inbox,
                 conns: Default::default(),
                 primary: Default::default(),
@@ -165,14 +174,20 @@ impl Subscriber {
         self.inner.down.subscribe()
     }
 
-    /// Subscribes, and returns once Redis confirmed every channel.
-    pub async fn subscribe(&self, channels: Vec<String>) -> Result<(), fred::error::Error> {
+    /// Subscribes, and returns once Redis confirmed every channel but
+    /// those it refused for this user's ACL (`-NOPERM`), returned with
+    /// Redis's error. Any other error fails the whole call.
+    pub async fn subscribe(&self, channels: Vec<String>) -> Result<Refused, fred::error::Error> {
         self.inner.request(true, channels).await.map_err(to_fred)
     }
 
     /// Unsubscribes, and returns once Redis confirmed every channel.
     pub async fn unsubscribe(&self, channels: Vec<String>) -> Result<(), fred::error::Error> {
-        self.inner.request(false, channels).await.map_err(to_fred)
+        self.inner
+            .request(false, channels)
+            .await
+            .map(|_| ())
+            .map_err(to_fred)
     }
 
     /// Closes every connection (the node is stopping).
@@ -191,9 +206,14 @@ impl Inner {
     /// server: a push to a single client or a close must keep its order
     /// with the group and uid pushes published before it (the examples of
     /// docs/publishing.md rely on it). Back-pressure means a command waits
-    /// behind a flood but is never dropped.
-    fn lane(&self, _channel: &str) -> Lane {
-        Lane::Bulk
+    /// behind a flood but is never dropped. Only replies, which have no
+    /// order with anything, go on a connection of their own, read first.
+    fn lane(&self, channel: &str) -> Lane {
+        if channel == self.reply_channel {
+            Lane::Control
+        } else {
+            Lane::Bulk
+        }
     }
 
     fn sharded(&self) -> bool {
@@ -248,8 +268,8 @@ impl Inner {
         }
     }
 
-    /// Opens the connections that prove Redis reachable: this node's
-    /// channel's, and on one server or Sentinel the bulk one too.
+    /// Opens the connections that prove Redis reachable: those of this
+    /// node's channel and of its reply channel.
     async fn establish(&self) -> Result<(), String> {
         match &self.topology {
             Topology::Single(_) => {}
@@ -271,14 +291,19 @@ impl Inner {
                 }
             }
         }
-        let home = self.route(&self.node_channel)?;
-        self.conn(&home, self.lane(&self.node_channel)).await?;
+        for channel in [&self.node_channel, &self.reply_channel] {
+            let home = self.route(channel)?;
+            self.conn(&home, self.lane(channel)).await?;
+        }
         Ok(())
     }
 
     /// (Un)subscribes `channels`: batched per server, lane and (Cluster)
-    /// slot; routed again after MOVED or ASK.
-    async fn request(&self, on: bool, channels: Vec<String>) -> Result<(), String> {
+    /// slot; routed again after MOVED or ASK. Redis refuses a whole
+    /// SUBSCRIBE for one channel its ACL denies (`-NOPERM`): such a batch
+    /// is sent again one channel per command, to tell which, and those are
+    /// returned rather than failing the rest.
+    async fn request(&self, on: bool, channels: Vec<String>) -> Result<Refused, String> {
         if !self.connected.load(Ordering::Acquire) {
             return Err("the subscriber is not connected to redis".into());
         }
@@ -293,8 +318,13 @@ impl Inner {
             .collect::<HashSet<_>>()
             .into_iter()
             .collect();
-        for attempt in 0..REROUTES {
-            let mut groups: HashMap<(Endpoint, Lane, u16), Vec<String>> = HashMap::new();
+        let mut alone: HashSet<String> = HashSet::new();
+        let mut refused = Refused::new();
+        let mut attempt = 0;
+        while attempt < REROUTES {
+            // Channels to send one per command get a batch of their own.
+            let mut groups: HashMap<(Endpoint, Lane, u16, Option<String>), Vec<String>> =
+                HashMap::new();
             for channel in todo.drain(..) {
                 let endpoint = self.route(&channel)?;
                 let slot = if self.sharded() {
@@ -303,13 +333,14 @@ impl Inner {
                     0
                 };
                 let lane = self.lane(&channel);
+                let single = alone.contains(&channel).then(|| channel.clone());
                 groups
-                    .entry((endpoint, lane, slot))
+                    .entry((endpoint, lane, slot, single))
                     .or_default()
                     .push(channel);
             }
             let mut sends = Vec::new();
-            for ((endpoint, lane, _), channels) in groups {
+            for ((endpoint, lane, _, _), channels) in groups {
                 let conn = self.conn(&endpoint, lane).await?;
                 for chunk in channels.chunks(CHUNK) {
                     let conn = conn.clone();
@@ -325,6 +356,7 @@ impl Inner {
                     });
                 }
             }
+            let mut moved = false;
             for (chunk, reply) in join_all(sends).await {
                 match reply {
                     Ok(()) => {}
@@ -332,6 +364,15 @@ impl Inner {
                         // An unsubscribe from a slot that moved is done:
                         // Redis dropped the channel when the slot left.
                         if on {
+                            moved = true;
+                            todo.extend(chunk);
+                        }
+                    }
+                    Err(e) if on && e.starts_with("NOPERM") => {
+                        if let [channel] = &chunk[..] {
+                            refused.push((channel.clone(), e));
+                        } else {
+                            alone.extend(chunk.iter().cloned());
                             todo.extend(chunk);
                         }
                     }
@@ -339,13 +380,18 @@ impl Inner {
                 }
             }
             if todo.is_empty() {
-                return Ok(());
+                return Ok(refused);
+            }
+            if !moved {
+                // Only the split of a refused batch: no slot to refresh.
+                continue;
             }
             tracing::debug!(attempt, channels = todo.len(), "slot moved: routing again");
             if let Err(e) = self.client.sync_cluster().await {
                 tracing::debug!(error = %e, "cannot refresh the cluster's slots");
             }
             tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+            attempt += 1;
         }
         Err(format!(
             "{} channels kept moving between cluster nodes",
@@ -366,7 +412,10 @@ impl Inner {
             }
         }
         let n = wanted.len();
-        self.request(true, wanted).await?;
+        let refused = self.request(true, wanted).await?;
+        if let Some((channel, e)) = refused.first() {
+            return Err(format!("{channel}: {e}"));
+        }
         self.metrics.redis_resubscribed.inc_by(n as u64);
         tracing::info!(
             channels = n,
