@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod name;
 pub mod outbox;
 pub mod push;
+pub mod recovery;
 pub mod redact;
 pub mod server;
 pub mod session;

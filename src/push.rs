@@ -82,6 +82,9 @@ pub struct Push {
     pub exclude: Vec<ClientId>,
     /// What they receive.
     pub message: Message,
+    /// Keep it in its streams' history (`Some(true)`), not (`Some(false)`),
+    /// or as `--history-streams` says (`None`).
+    pub history: Option<bool>,
 }
 
 /// What a push did on this node.

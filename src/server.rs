@@ -157,11 +157,16 @@ pub async fn run_with(
         })
         .with_max_session_bytes(config.max_session_bytes),
     );
+    let history = crate::recovery::history::HistorySettings::new(
+        config.history_size,
+        config.history_ttl,
+        &config.history_streams,
+    );
     let engine: Arc<dyn Engine> = match &config.redis_url {
         None => {
             // A single node is the whole gateway.
             metrics.nodes_alive.set(1);
-            Arc::new(MemoryEngine::new(hub.clone(), metrics.clone(), node))
+            Arc::new(MemoryEngine::new(hub.clone(), metrics.clone(), node).with_history(history))
         }
         Some(url) => {
             let settings = RedisSettings {
@@ -182,6 +187,7 @@ pub async fn run_with(
                 liveness_key: crate::gatewayworker::secret::GatewayKey::new(
                     &config.gateway_secret_key,
                 ),
+                history,
             };
             let engine =
                 RedisEngine::start(settings, node, hub.clone(), metrics.clone(), fatal.clone())

@@ -10,7 +10,11 @@ use crate::hub::{Hub, Membership};
 use crate::ids::{ClientId, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::push::{Message, Push};
+use crate::push::{Delivered, Message, Push, Target};
+use crate::recovery::framing::PositionRef;
+use crate::recovery::history::{
+    group_stream, uid_stream, HistoryRead, HistorySettings, MemoryHistory, ALL_STREAM,
+};
 use crate::session::Session;
 
 /// A single node's engine: the hub is the whole state.
@@ -19,12 +23,83 @@ pub struct MemoryEngine {
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     node: NodeId,
+    history: MemoryHistory,
 }
 
 impl MemoryEngine {
-    /// An engine over `hub`, for node `node`.
+    /// An engine over `hub`, for node `node`, history off.
     pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, node: NodeId) -> Self {
-        MemoryEngine { hub, metrics, node }
+        MemoryEngine {
+            hub,
+            metrics,
+            node,
+            history: MemoryHistory::new(HistorySettings::default()),
+        }
+    }
+
+    /// This engine with these history settings.
+    pub fn with_history(mut self, settings: HistorySettings) -> Self {
+        self.history = MemoryHistory::new(settings);
+        self
+    }
+
+    /// Delivers a push with history on for some of its streams: each stream
+    /// apart, appended and delivered under the history's lock.
+    fn publish_kept(&self, push: &Push) -> Delivered {
+        let m = &push.message;
+        let (hub, exclude) = (&self.hub, push.exclude.as_slice());
+        let one = |stream: &str, deliver: &dyn Fn(Option<PositionRef<'_>>) -> Delivered| {
+            if self.history.settings().keeps(stream, push.history) {
+                self.history.append_then(stream, m, |p| deliver(Some(p)))
+            } else {
+                deliver(None)
+            }
+        };
+        let mut total = Delivered::default();
+        let mut add = |d: Delivered| {
+            total.queued += d.queued;
+            total.overflowed += d.overflowed;
+        };
+        match &push.target {
+            Target::Uids(uids) => {
+                let mut seen = std::collections::HashSet::new();
+                for uid in uids.iter().filter(|u| seen.insert(*u)) {
+                    let target = Target::Uids(vec![uid.clone()]);
+                    add(one(&uid_stream(uid), &|p| {
+                        hub.deliver_message(&target, exclude, m.binary, &m.data, p)
+                    }));
+                }
+            }
+            Target::Groups(groups) => {
+                let mut seen = std::collections::HashSet::new();
+                let names: Vec<&str> = groups
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|g| seen.insert(*g))
+                    .collect();
+                for group in &names {
+                    add(one(&group_stream(group), &|p| {
+                        hub.deliver_group_message(&names, group, exclude, m.binary, &m.data, p)
+                    }));
+                }
+            }
+            Target::All => add(one(ALL_STREAM, &|p| {
+                hub.deliver_message(&Target::All, exclude, m.binary, &m.data, p)
+            })),
+            Target::Client(_) | Target::Clients(_) => add(hub.deliver(push)),
+        }
+        total
+    }
+}
+
+/// Whether any stream a push goes to keeps history.
+pub(crate) fn keeps_any(settings: &HistorySettings, push: &Push) -> bool {
+    let keeps = |s: &str| settings.keeps(s, push.history);
+    match &push.target {
+        Target::Uids(uids) => uids.iter().any(|u| keeps(&uid_stream(u))),
+        Target::Groups(groups) => groups.iter().any(|g| keeps(&group_stream(g))),
+        Target::All => keeps(ALL_STREAM),
+        Target::Client(_) | Target::Clients(_) => false,
     }
 }
 
@@ -48,7 +123,11 @@ impl Engine for MemoryEngine {
     }
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
-        let delivered = self.hub.deliver(&push);
+        let delivered = if keeps_any(self.history.settings(), &push) {
+            self.publish_kept(&push)
+        } else {
+            self.hub.deliver(&push)
+        };
         self.metrics.delivered(push.target.kind(), delivered);
         Ok(())
     }
@@ -158,6 +237,10 @@ impl Engine for MemoryEngine {
 
     async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>> {
         Ok(vec![self.node.addr()])
+    }
+
+    async fn history_since(&self, stream: &str, offset: u64) -> EngineResult<HistoryRead> {
+        Ok(self.history.read(stream, offset))
     }
 
     async fn shutdown(&self) {}

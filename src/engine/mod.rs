@@ -17,6 +17,7 @@ use crate::hub::Membership;
 use crate::ids::ClientId;
 use crate::outbox::Outbox;
 use crate::push::{Message, Push};
+use crate::recovery::history::HistoryRead;
 use crate::session::Session;
 
 /// Why an engine could not do what was asked.
@@ -110,6 +111,15 @@ pub trait Engine: Send + Sync + 'static {
     /// node of the gateway, this one included: what GatewayWorker's
     /// Register lists.
     async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>>;
+
+    // --- History (issue 27, docs/recovery.md section 2.2) ---
+    // Pushes are appended by `publish` (as `Push::history` and
+    // `--history-streams` say), atomically with their delivery.
+
+    /// What `stream` (`u:<uid>`, `g:<group>`, `all`) keeps after `offset`:
+    /// its epoch, top offset and entries (those past `--history-ttl` left
+    /// out).
+    async fn history_since(&self, stream: &str, offset: u64) -> EngineResult<HistoryRead>;
 
     /// Leaves the cluster: removes this node's entries from storage at once.
     /// Called once at shutdown, right after every connection was asked to

@@ -28,6 +28,8 @@ use crate::session::{self, Session, SessionError};
 
 mod fanout;
 
+pub use fanout::Frames;
+
 /// One local connection's state.
 #[derive(Debug)]
 pub struct Local {
@@ -72,6 +74,8 @@ pub struct Hub {
     limits: Limits,
     /// `--max-session-bytes`.
     max_session_bytes: usize,
+    /// Replays running here and what they already gave (recovery).
+    pub replays: Arc<crate::recovery::history::Replays>,
 }
 
 /// A connection with an unfinished client message (see [`Hub::incomplete`]).
@@ -93,6 +97,7 @@ impl Hub {
             clock: Instant::now(),
             limits,
             max_session_bytes: session::DEFAULT_MAX_BYTES,
+            replays: Arc::default(),
         }
     }
 
@@ -159,6 +164,7 @@ impl Hub {
 
     /// Removes a connection from every index; returns what it was in.
     pub fn remove(&self, id: ClientId) -> Option<Membership> {
+        self.replays.clear(id);
         let mut index = self.shard(id).write();
         let local = index.conns.remove(&id)?;
         if let Some(uid) = &local.uid {
@@ -624,6 +630,7 @@ mod tests {
             target: Target::Groups(vec!["g1".into(), "g2".into()]),
             exclude: vec![c],
             message: Message::text("hi"),
+            history: None,
         };
         assert_eq!(hub.deliver(&push).queued, 2);
         let mut frames = Vec::new();

@@ -23,6 +23,7 @@ use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::gatewayworker::handshake::Handshake;
 use crate::hub::Membership;
+use crate::recovery::positions::Positions;
 use auth::Verified;
 
 /// The parts of the upgrade request that connect events carry.
@@ -39,6 +40,29 @@ pub struct RequestInfo {
 pub struct WsQuery {
     /// The client's JWT, when client auth is on.
     token: Option<String>,
+    /// `recover=1`: opt in to recovery (docs/recovery.md).
+    recover: Option<String>,
+    /// `pos=`: the last position per stream, for a replay.
+    pos: Option<String>,
+}
+
+/// The recovery part of `/ws`'s query: opted in, and the positions to
+/// replay from (HTTP 400 before the upgrade when malformed).
+fn recovery_of(query: &WsQuery) -> Result<(bool, Option<Positions>), Box<Response>> {
+    let bad = |message: String| {
+        Box::new(ApiError::new(StatusCode::BAD_REQUEST, "invalid_pos", message).into_response())
+    };
+    let recover = matches!(query.recover.as_deref(), Some("1" | "true"));
+    let Some(pos) = query.pos.as_deref() else {
+        return Ok((recover, None));
+    };
+    if !recover {
+        return Err(bad("pos needs recover=1".into()));
+    }
+    match crate::recovery::positions::parse(pos) {
+        Ok(positions) => Ok((true, Some(positions))),
+        Err(e) => Err(bad(e.to_string())),
+    }
 }
 
 /// `GET /ws`: checks origin and token, answers 101 and hands the socket to a
@@ -67,6 +91,10 @@ pub async fn upgrade(
     };
     let key = match handshake_key(&headers) {
         Ok(key) => key,
+        Err(response) => return *response,
+    };
+    let (recover, positions) = match recovery_of(&query) {
+        Ok(recovery) => recovery,
         Err(response) => return *response,
     };
     if !origin_allowed(&gw.config.allowed_origins, &headers) {
@@ -132,6 +160,8 @@ pub async fn upgrade(
         request: request_info,
         client,
         handshake,
+        recover,
+        positions,
     });
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_gw = gw.clone();

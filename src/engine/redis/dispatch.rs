@@ -17,8 +17,10 @@ use super::keys::Channel;
 use super::membership::Change;
 use super::Shared;
 use crate::frame::close_code;
+use crate::hub::Frames;
 use crate::ids::{ClientId, NodeId};
 use crate::push::{encode_frame, Target};
+use crate::recovery::framing::{self, PositionRef};
 use crate::task::spawn_critical_thread;
 
 /// How long the dispatcher waits for more messages before it hands back
@@ -139,25 +141,41 @@ impl Shared {
     fn deliver(&self, channel: Channel<'_>, e: &EnvelopeRef<'_>) -> Result<(), &'static str> {
         let data = e.data.as_deref().ok_or("push without data")?;
         self.check_message(e.binary, data)?;
-        // The payload is copied once, into the frame, at the first
-        // recipient on this node.
-        let encode = || encode_frame(e.binary, data);
+        // The payload is copied once per variant (plain, or framed for
+        // connections that opted in to recovery), at the first recipient
+        // on this node that needs it.
+        let position = match (e.s, e.e, e.o) {
+            (Some(stream), Some(epoch), Some(offset)) => Some(PositionRef {
+                stream,
+                epoch,
+                offset,
+            }),
+            _ => None,
+        };
+        let binary = e.binary;
+        let plain = || encode_frame(binary, data);
+        let framed = || framing::encode(binary, position, data);
+        let frames = Frames {
+            plain: &plain,
+            framed: &framed,
+            position,
+        };
         let exclude: Vec<ClientId> = e.exclude.iter().filter_map(|s| s.parse().ok()).collect();
         let hub = &self.hub;
         let (kind, delivered) = match channel {
-            Channel::All => ("all", hub.deliver_with(&Target::All, &exclude, &encode)),
+            Channel::All => ("all", hub.deliver_with(&Target::All, &exclude, &frames)),
             Channel::Group(group) => (
                 "group",
-                hub.deliver_group_part(&e.groups, group, &exclude, &encode),
+                hub.deliver_group_part(&e.groups, group, &exclude, &frames),
             ),
             Channel::Uid(uid) => {
                 let target = Target::Uids(vec![uid.to_owned()]);
-                ("uid", hub.deliver_with(&target, &exclude, &encode))
+                ("uid", hub.deliver_with(&target, &exclude, &frames))
             }
             Channel::Node(_) => {
                 let ids = e.client_ids.iter().filter_map(|s| s.parse().ok()).collect();
                 let target = Target::Clients(ids);
-                ("client", hub.deliver_with(&target, &exclude, &encode))
+                ("client", hub.deliver_with(&target, &exclude, &frames))
             }
         };
         self.metrics.delivered(kind, delivered);

@@ -27,6 +27,7 @@
 
 mod client;
 mod dispatch;
+mod history;
 mod inbox;
 mod liveness;
 mod membership;
@@ -87,6 +88,8 @@ pub struct RedisSettings {
     /// nodes whose record it verifies are listed to the Register (none set:
     /// records are neither signed nor checked).
     pub liveness_key: crate::gatewayworker::secret::GatewayKey,
+    /// `--history-*`: which pushes are kept, how many, how long.
+    pub history: crate::recovery::history::HistorySettings,
 }
 
 /// The Redis engine. Cheap to clone.
@@ -113,6 +116,8 @@ struct Shared {
     mirror: Mirror,
     /// Commands sent to other nodes, waiting for their reply.
     rpc: Rpc,
+    /// History reads in flight, shared by concurrent resumes.
+    reads: history::Reads,
     /// The partition and subscriptions were written since the last
     /// (re)connection: the node is ready.
     registered: AtomicBool,
@@ -177,6 +182,7 @@ impl RedisEngine {
             settings,
             mirror: Mirror::default(),
             rpc: Rpc::default(),
+            reads: history::Reads::default(),
             registered: AtomicBool::new(false),
             responsive: AtomicBool::new(true),
             writable: AtomicBool::new(true),
@@ -277,6 +283,9 @@ impl Engine for RedisEngine {
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
         let s = &self.shared;
+        if crate::engine::memory::keeps_any(&s.settings.history, &push) {
+            return s.publish_kept(&push).await;
+        }
         let mut e = Envelope::new(Op::Push);
         e.data = Some(push.message.data.clone());
         e.binary = push.message.binary;
@@ -459,6 +468,14 @@ impl Engine for RedisEngine {
 
     async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>> {
         self.shared.node_addresses().await
+    }
+
+    async fn history_since(
+        &self,
+        stream: &str,
+        offset: u64,
+    ) -> EngineResult<crate::recovery::history::HistoryRead> {
+        self.shared.history_since(stream, offset).await
     }
 
     async fn shutdown(&self) {

@@ -23,8 +23,10 @@ use super::{json_ext, keys, name, strings, values};
 use crate::engine::EngineResult;
 use crate::frame::close_code;
 use crate::gateway::Gateway;
+use crate::hub::Frames;
 use crate::ids::ClientId;
 use crate::push::{encode_frame, Target};
+use crate::recovery::framing;
 
 /// A Redis write still running after its change was applied to the hub.
 pub(crate) type Mirror = Pin<Box<dyn Future<Output = EngineResult<()>> + Send>>;
@@ -213,11 +215,16 @@ fn frame(gw: &Gateway, p: &Packet) -> Result<Bytes, Refused> {
             max,
         });
     }
-    let binary = std::str::from_utf8(&p.body).is_err();
+    let binary = is_binary(&p.body);
     if binary {
         gw.metrics.inner_binary_pushes.inc();
     }
     Ok(encode_frame(binary, &p.body))
+}
+
+/// Whether an inner push's body goes out as a binary frame (not UTF-8).
+fn is_binary(body: &[u8]) -> bool {
+    std::str::from_utf8(body).is_err()
 }
 
 /// Local delivery only: the GatewayClient sends to every node itself.
@@ -236,7 +243,17 @@ fn deliver(
         }
     };
     let encode = || frame.clone();
-    let delivered = gw.hub.deliver_with(target, exclude, &encode);
+    // A raw body is whole frames already: sent as given, framed or not.
+    let framed = || match p.is_raw() {
+        true => frame.clone(),
+        false => framing::encode(is_binary(&p.body), None, &p.body),
+    };
+    let frames = Frames {
+        plain: &encode,
+        framed: &framed,
+        position: None,
+    };
+    let delivered = gw.hub.deliver_with(target, exclude, &frames);
     gw.metrics.delivered(target.kind(), delivered);
     Outcome::Done
 }
