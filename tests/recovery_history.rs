@@ -1,0 +1,457 @@
+//! Recovery's history half (docs/recovery.md section 2.2): pushes kept per
+//! stream with an epoch and offsets, framed for connections that opted in,
+//! replayed after `pos` on any node, then live pushes, then `recovered`;
+//! an honest `false` when the history is gone. Real redis-server, real
+//! nodes, real WebSocket clients.
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::redis::RedisServer;
+use common::{eventually, Client, Node, Seen, WAIT};
+use fred::prelude::*;
+use gatecast::recovery::positions;
+use serde_json::{json, Value};
+
+const SECRET: &str = "recovery-history-test-jwt-secret";
+
+/// An HS256 token for `sub` in `groups`, valid for an hour.
+fn token(sub: &str, groups: &[&str]) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": sub, "groups": groups, "exp": exp}),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A push as an opted-in client saw it.
+#[derive(Debug, Clone, PartialEq)]
+struct Framed {
+    header: Value,
+    payload: Vec<u8>,
+    binary: bool,
+}
+
+impl Framed {
+    fn stream(&self) -> &str {
+        self.header["s"].as_str().unwrap_or("")
+    }
+    fn epoch(&self) -> String {
+        self.header["e"].as_str().unwrap_or("").to_owned()
+    }
+    fn offset(&self) -> u64 {
+        self.header["o"].as_u64().unwrap_or(0)
+    }
+    fn text(&self) -> String {
+        String::from_utf8(self.payload.clone()).unwrap()
+    }
+}
+
+fn split(bytes: &[u8], binary: bool) -> Framed {
+    let nl = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .unwrap_or_else(|| panic!("a push frame has a header line: {bytes:?}"));
+    Framed {
+        header: serde_json::from_slice(&bytes[..nl]).expect("the header is JSON"),
+        payload: bytes[nl + 1..].to_vec(),
+        binary,
+    }
+}
+
+/// What an opted-in client sees next: a push (framed) or a control frame.
+#[derive(Debug)]
+enum Got {
+    Push(Framed),
+    Control(Value),
+}
+
+async fn next(c: &mut Client) -> Got {
+    match c.next().await {
+        Seen::Text(t) if !t.contains('\n') => Got::Control(serde_json::from_str(&t).unwrap()),
+        Seen::Text(t) => Got::Push(split(t.as_bytes(), false)),
+        Seen::Binary(b) => Got::Push(split(&b, true)),
+        other => panic!("expected a frame, got {other:?}"),
+    }
+}
+
+async fn push(c: &mut Client) -> Framed {
+    match next(c).await {
+        Got::Push(p) => p,
+        Got::Control(v) => panic!("expected a push, got {v}"),
+    }
+}
+
+async fn connect(
+    node: &Node,
+    sub: &str,
+    groups: &[&str],
+    pos: Option<&positions::Positions>,
+) -> Client {
+    let mut query = format!("?recover=1&token={}", token(sub, groups));
+    if let Some(pos) = pos {
+        query.push_str(&format!("&pos={}", positions::encode(pos)));
+    }
+    Client::connect(&node.ws_url(&query)).await
+}
+
+fn at(list: &[(&str, &Framed)]) -> positions::Positions {
+    list.iter()
+        .map(|(s, f)| (s.to_string(), (f.epoch(), f.offset())))
+        .collect()
+}
+
+fn redis_node(redis: &RedisServer, extra: &[&str]) -> Node {
+    let url = redis.url();
+    let mut args = vec![
+        "--redis-url",
+        url.as_str(),
+        "--node-heartbeat",
+        "1s",
+        "--client-jwt-secret",
+        SECRET,
+    ];
+    args.extend_from_slice(extra);
+    Node::start(&args)
+}
+
+async fn send_uid(api: &Node, uid: &str, text: &str) {
+    api.ok("send_to_uid", json!({"uid": uid, "data": text}))
+        .await;
+}
+
+async fn send_group(api: &Node, group: &str, text: &str) {
+    api.ok("send_to_group", json!({"group": group, "data": text}))
+        .await;
+}
+
+/// Waits until `uid` is online as seen from `api` (membership is written
+/// before the welcome, but a push from another node must find the
+/// subscription too).
+async fn online(api: &Node, uid: &str) {
+    eventually("uid online", || async {
+        api.ok("is_uid_online", json!({"uid": uid})).await == true
+    })
+    .await;
+}
+
+/// A client in uid alice and group room1 on node A; 50 pushes through node
+/// B while it is away; it resumes on B with its positions and gets exactly
+/// those 50 (each stream in order), then held and live pushes, then
+/// recovered true. Then history lost (FLUSHALL, Functions flushed too):
+/// recovered false and nothing stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missed_pushes_are_replayed_on_another_node_then_live_then_recovered() {
+    let redis = RedisServer::start();
+    let a = redis_node(&redis, &["--history-streams", "u:,g:"]);
+    let b = redis_node(&redis, &["--history-streams", "u:,g:"]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    let mut c = connect(&a, "alice", &["room1"], None).await;
+    online(&b, "alice").await;
+    send_uid(&b, "alice", "u0").await;
+    send_group(&b, "room1", "g0").await;
+    let u0 = push(&mut c).await;
+    let g0 = push(&mut c).await;
+    assert_eq!(
+        (u0.stream(), u0.offset(), u0.text().as_str()),
+        ("u:alice", 1, "u0")
+    );
+    assert_eq!(
+        (g0.stream(), g0.offset(), g0.text().as_str()),
+        ("g:room1", 1, "g0")
+    );
+    assert!(!u0.epoch().is_empty());
+    c.close().await;
+
+    for i in 1..=25 {
+        send_uid(&b, "alice", &format!("u{i}")).await;
+        send_group(&b, "room1", &format!("g{i}")).await;
+    }
+    let pos = at(&[("u:alice", &u0), ("g:room1", &g0)]);
+    let mut c = connect(&b, "alice", &["room1"], Some(&pos)).await;
+    // Streams in name order, each in offset order: exactly the 50 missed.
+    for i in 1..=25 {
+        let p = push(&mut c).await;
+        assert_eq!(
+            (p.stream(), p.offset(), p.text()),
+            ("g:room1", i + 1, format!("g{i}"))
+        );
+        assert_eq!(p.epoch(), g0.epoch());
+    }
+    for i in 1..=25 {
+        let p = push(&mut c).await;
+        assert_eq!(
+            (p.stream(), p.offset(), p.text()),
+            ("u:alice", i + 1, format!("u{i}"))
+        );
+    }
+    match next(&mut c).await {
+        Got::Control(v) => assert_eq!(
+            v,
+            json!({"type": "recovered", "streams": {"u:alice": true, "g:room1": true}})
+        ),
+        Got::Push(p) => panic!("expected recovered, got a push {p:?}"),
+    }
+    send_uid(&a, "alice", "live").await;
+    let live = push(&mut c).await;
+    assert_eq!((live.offset(), live.text().as_str()), (27, "live"));
+    c.close().await;
+
+    // History lost: Redis emptied, Functions with it (a restart without
+    // persistence). The next push loads them again, under a new epoch.
+    redis.cli(&["FUNCTION", "FLUSH"]);
+    redis.cli(&["FLUSHALL"]);
+    eventually("nodes registered again", || async {
+        b.ok("is_uid_online", json!({"uid": "ghost"})).await == false
+    })
+    .await;
+    send_uid(&b, "alice", "after-loss").await;
+    let pos = at(&[("u:alice", &live), ("g:room1", &g0)]);
+    let mut c = connect(&a, "alice", &["room1"], Some(&pos)).await;
+    match next(&mut c).await {
+        Got::Control(v) => assert_eq!(
+            v,
+            json!({"type": "recovered", "streams": {"u:alice": false, "g:room1": false}})
+        ),
+        Got::Push(p) => panic!("no stale replay after the history was lost: {p:?}"),
+    }
+    online(&b, "alice").await;
+    send_uid(&b, "alice", "new-epoch").await;
+    let p = push(&mut c).await;
+    assert_eq!((p.offset(), p.text().as_str()), (2, "new-epoch"));
+    assert_ne!(p.epoch(), live.epoch());
+}
+
+/// Trimmed past the position (--history-size 5, 10 missed): not recovered,
+/// nothing replayed; a stream the client is not a member of: false.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_trimmed_past_the_position_is_not_recovered() {
+    let redis = RedisServer::start();
+    let a = redis_node(&redis, &["--history-streams", "u:", "--history-size", "5"]);
+    let b = redis_node(&redis, &["--history-streams", "u:", "--history-size", "5"]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut c = connect(&a, "bob", &[], None).await;
+    online(&b, "bob").await;
+    send_uid(&b, "bob", "first").await;
+    let first = push(&mut c).await;
+    c.close().await;
+    for i in 0..10 {
+        send_uid(&b, "bob", &format!("m{i}")).await;
+    }
+    let mut pos = at(&[("u:bob", &first)]);
+    pos.insert("g:not-mine".into(), (first.epoch(), 0));
+    let mut c = connect(&b, "bob", &[], Some(&pos)).await;
+    match next(&mut c).await {
+        Got::Control(v) => assert_eq!(
+            v,
+            json!({"type": "recovered", "streams": {"u:bob": false, "g:not-mine": false}})
+        ),
+        Got::Push(p) => panic!("never a partial replay: {p:?}"),
+    }
+    // Within the size, the same stream recovers.
+    let last = {
+        send_uid(&b, "bob", "x").await;
+        push(&mut c).await
+    };
+    c.close().await;
+    for i in 0..3 {
+        send_uid(&a, "bob", &format!("y{i}")).await;
+    }
+    let mut c = connect(&a, "bob", &[], Some(&at(&[("u:bob", &last)]))).await;
+    for i in 0..3 {
+        assert_eq!(push(&mut c).await.text(), format!("y{i}"));
+    }
+    assert!(matches!(next(&mut c).await, Got::Control(v) if v["streams"]["u:bob"] == true));
+}
+
+/// Clients that did not opt in get exactly the bytes pushed, history or
+/// not; opted-in ones get the header then exactly the bytes, binary as
+/// binary (newlines and all bytes kept).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_clients_get_exact_bytes_and_framed_payloads_are_exact() {
+    let redis = RedisServer::start();
+    let a = redis_node(&redis, &["--history-streams", "g:"]);
+    let b = redis_node(&redis, &["--history-streams", "g:"]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut plain = Client::connect(&a.ws_url(&format!("?token={}", token("p", &["room"])))).await;
+    let mut framed = connect(&a, "f", &["room"], None).await;
+    eventually("members", || async {
+        b.ok("get_client_count_by_group", json!({"group": "room"}))
+            .await
+            == 2
+    })
+    .await;
+    let bytes: Vec<u8> = (0..=255u8).chain([b'\n', b'\n']).collect();
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&bytes);
+    b.ok(
+        "send_to_group",
+        json!({"group": "room", "data_base64": b64}),
+    )
+    .await;
+    b.ok(
+        "send_to_group",
+        json!({"group": "room", "data": "line\n{}", "history": false}),
+    )
+    .await;
+    b.ok("send_to_uid", json!({"uid": "p", "data": "{\"a\":1}\n"}))
+        .await;
+    assert_eq!(plain.next().await, Seen::Binary(bytes.clone()));
+    assert_eq!(plain.next().await, Seen::Text("line\n{}".into()));
+    assert_eq!(plain.next().await, Seen::Text("{\"a\":1}\n".into()));
+    let p = push(&mut framed).await;
+    assert!(p.binary);
+    assert_eq!((p.stream(), p.offset()), ("g:room", 1));
+    assert_eq!(p.payload, bytes);
+    let p = push(&mut framed).await;
+    assert_eq!(p.header, json!({}));
+    assert_eq!(p.text(), "line\n{}");
+    assert!(!p.binary);
+}
+
+/// A backend with only a Redis client publishes with history by one
+/// command, FCALL <prefix>_push 1 <channel> <envelope>; plain PUBLISH
+/// still works, without history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raw_redis_client_publishes_with_history_by_one_fcall() {
+    use gatecast::engine::redis::envelope::{Envelope, Op};
+    let redis = RedisServer::start();
+    let a = redis_node(&redis, &[]);
+    let b = redis_node(&redis, &[]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let raw = Builder::from_config(Config::from_url(&redis.url()).unwrap())
+        .build()
+        .unwrap();
+    raw.init().await.unwrap();
+    let mut c = connect(&a, "carol", &[], None).await;
+    online(&b, "carol").await;
+    let envelope = |text: &str| {
+        let mut e = Envelope::new(Op::Push);
+        e.data = Some(bytes::Bytes::copy_from_slice(text.as_bytes()));
+        e.encode()
+    };
+    for i in 1..=3 {
+        let reply: Value = {
+            let r: fred::types::Value = raw
+                .fcall(
+                    "gatecast_push",
+                    vec!["gatecast:uid:carol"],
+                    vec![envelope(&format!("r{i}"))],
+                )
+                .await
+                .unwrap();
+            let fred::types::Value::Array(parts) = r else {
+                panic!("FCALL answers an array")
+            };
+            json!([parts[0].as_string(), parts[1].as_u64()])
+        };
+        assert_eq!(reply[1], i);
+    }
+    let _: i64 = raw
+        .publish("gatecast:uid:carol", envelope("plain"))
+        .await
+        .unwrap();
+    let first = push(&mut c).await;
+    assert_eq!(
+        (first.stream(), first.offset(), first.text().as_str()),
+        ("u:carol", 1, "r1")
+    );
+    assert_eq!(push(&mut c).await.offset(), 2);
+    assert_eq!(push(&mut c).await.offset(), 3);
+    let p = push(&mut c).await;
+    assert_eq!(
+        (p.header.clone(), p.text()),
+        (json!({}), "plain".to_owned())
+    );
+    c.close().await;
+    // The history the Function kept replays on the other node.
+    let mut c = connect(&b, "carol", &[], Some(&at(&[("u:carol", &first)]))).await;
+    assert_eq!(push(&mut c).await.text(), "r2");
+    assert_eq!(push(&mut c).await.text(), "r3");
+    assert!(matches!(next(&mut c).await, Got::Control(v) if v["streams"]["u:carol"] == true));
+}
+
+/// The in-process engine keeps and replays history the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_engine_replays_the_same_way() {
+    let node = Node::start(&["--client-jwt-secret", SECRET, "--history-streams", "u:"]);
+    node.wait_ready().await;
+    let mut c = connect(&node, "dan", &["g1"], None).await;
+    send_uid(&node, "dan", "d0").await;
+    // Asked for per push, for a stream no prefix names.
+    node.ok("send_to_all", json!({"data": "a0", "history": true}))
+        .await;
+    let d0 = push(&mut c).await;
+    let a0 = push(&mut c).await;
+    assert_eq!((d0.stream(), d0.offset()), ("u:dan", 1));
+    assert_eq!((a0.stream(), a0.offset()), ("all", 1));
+    c.close().await;
+    for i in 1..=10 {
+        send_uid(&node, "dan", &format!("d{i}")).await;
+    }
+    node.ok("send_to_all", json!({"data": "a1", "history": true}))
+        .await;
+    let pos = at(&[("u:dan", &d0), ("all", &a0)]);
+    let mut c = connect(&node, "dan", &["g1"], Some(&pos)).await;
+    let a1 = push(&mut c).await;
+    assert_eq!((a1.stream(), a1.text().as_str()), ("all", "a1"));
+    for i in 1..=10 {
+        let p = push(&mut c).await;
+        assert_eq!((p.offset(), p.text()), (i + 1, format!("d{i}")));
+    }
+    match next(&mut c).await {
+        Got::Control(v) => assert_eq!(
+            v,
+            json!({"type": "recovered", "streams": {"u:dan": true, "all": true}})
+        ),
+        Got::Push(p) => panic!("expected recovered, got {p:?}"),
+    }
+}
+
+/// A malformed `pos` is refused before the upgrade with a JSON error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_pos_is_refused_with_400_before_the_upgrade() {
+    let node = Node::start(&[]);
+    node.wait_ready().await;
+    let http = reqwest::Client::new();
+    let bad: BTreeMap<&str, &str> = [("x", "not base64 !!")].into();
+    for pos in [
+        bad["x"].to_owned(),
+        positions_of(r#"{"room":["e",1]}"#),
+        positions_of("[]"),
+    ] {
+        let resp = tokio::time::timeout(
+            WAIT,
+            http.get(format!("http://{}/ws?recover=1&pos={}", node.public, pos))
+                .header("connection", "Upgrade")
+                .header("upgrade", "websocket")
+                .header("sec-websocket-version", "13")
+                .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+                .send(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(resp.status().as_u16(), 400);
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_pos", "{body}");
+    }
+}
+
+fn positions_of(json: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
+}
