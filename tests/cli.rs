@@ -94,6 +94,9 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--events-stream-bytes", "GATECAST_EVENTS_STREAM_BYTES"),
         ("--events-redis-url", "GATECAST_EVENTS_REDIS_URL"),
         ("--worker-keep-token", "GATECAST_WORKER_KEEP_TOKEN"),
+        ("--history-size", "GATECAST_HISTORY_SIZE"),
+        ("--history-ttl", "GATECAST_HISTORY_TTL"),
+        ("--history-streams", "GATECAST_HISTORY_STREAMS"),
         ("--log-format", "GATECAST_LOG_FORMAT"),
         ("--log-level", "GATECAST_LOG_LEVEL"),
     ] {

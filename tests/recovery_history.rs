@@ -455,3 +455,71 @@ fn positions_of(json: &str) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(json)
 }
+
+/// A GatewayClient sends each push to every node itself: a push to a kept
+/// stream is kept once (not once per node), delivered once, and replays;
+/// the same content sent twice on purpose is kept twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gatewayworker_pushes_on_the_inner_port_are_kept_once() {
+    use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn to_every_node(nodes: &[&Node], command: u8, body: &[u8], ext: &[u8]) {
+        for node in nodes {
+            let mut p = Packet::new(command);
+            p.flag = flag::BODY_IS_SCALAR;
+            p.body = bytes::Bytes::copy_from_slice(body);
+            p.ext_data = bytes::Bytes::copy_from_slice(ext);
+            let mut s = tokio::net::TcpStream::connect(node.inner).await.unwrap();
+            s.write_all(&protocol::encode(&p)).await.unwrap();
+            s.shutdown().await.unwrap();
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await;
+        }
+    }
+    let redis = RedisServer::start();
+    let a = redis_node(&redis, &["--history-streams", "u:,g:"]);
+    let b = redis_node(&redis, &["--history-streams", "u:,g:"]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let nodes = [&a, &b];
+    let mut c = connect(&a, "erin", &["team"], None).await;
+    online(&b, "erin").await;
+    to_every_node(&nodes, cmd::SEND_TO_UID, b"same", br#"["erin"]"#).await;
+    to_every_node(&nodes, cmd::SEND_TO_UID, b"same", br#"["erin"]"#).await;
+    to_every_node(
+        &nodes,
+        cmd::SEND_TO_GROUP,
+        b"to team",
+        br#"{"group":["team"]}"#,
+    )
+    .await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let p = push(&mut c).await;
+        got.push((p.stream().to_owned(), p.offset(), p.text()));
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("g:team".to_owned(), 1, "to team".to_owned()),
+            ("u:erin".to_owned(), 1, "same".to_owned()),
+            ("u:erin".to_owned(), 2, "same".to_owned()),
+        ]
+    );
+    let last = {
+        to_every_node(&nodes, cmd::SEND_TO_UID, b"marker", br#"["erin"]"#).await;
+        push(&mut c).await
+    };
+    assert_eq!((last.offset(), last.text().as_str()), (3, "marker"));
+    c.close().await;
+    to_every_node(&nodes, cmd::SEND_TO_UID, b"away1", br#"["erin"]"#).await;
+    to_every_node(&nodes, cmd::SEND_TO_UID, b"away2", br#"["erin"]"#).await;
+    let mut c = connect(&b, "erin", &["team"], Some(&at(&[("u:erin", &last)]))).await;
+    assert_eq!(push(&mut c).await.text(), "away1");
+    assert_eq!(push(&mut c).await.text(), "away2");
+    match next(&mut c).await {
+        Got::Control(v) => assert_eq!(v["streams"], json!({"u:erin": true})),
+        Got::Push(p) => panic!("each push kept once: {p:?}"),
+    }
+}

@@ -243,5 +243,10 @@ impl Engine for MemoryEngine {
         Ok(self.history.read(stream, offset))
     }
 
+    async fn publish_once(&self, push: Push, _dedup: String) -> EngineResult<()> {
+        // One node: it is the only one that got the push.
+        self.publish(push).await
+    }
+
     async fn shutdown(&self) {}
 }

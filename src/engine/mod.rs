@@ -121,6 +121,13 @@ pub trait Engine: Send + Sync + 'static {
     /// out).
     async fn history_since(&self, stream: &str, offset: u64) -> EngineResult<HistoryRead>;
 
+    /// A push every node receives at once (GatewayWorker's inner port: the
+    /// GatewayClient sends it to each node itself) to streams that keep
+    /// history: kept and published once, by the first node that brings it
+    /// under `dedup` (the same id on every node), and delivered to every
+    /// node's clients from there.
+    async fn publish_once(&self, push: Push, dedup: String) -> EngineResult<()>;
+
     /// Leaves the cluster: removes this node's entries from storage at once.
     /// Called once at shutdown, right after every connection was asked to
     /// close; later disconnects only update the hub.

@@ -76,6 +76,8 @@ pub struct Hub {
     max_session_bytes: usize,
     /// Replays running here and what they already gave (recovery).
     pub replays: Arc<crate::recovery::history::Replays>,
+    /// Inner-port pushes seen lately, to keep each in history once.
+    pub inner_pushes: crate::recovery::history::InnerPushes,
 }
 
 /// A connection with an unfinished client message (see [`Hub::incomplete`]).
@@ -98,6 +100,7 @@ impl Hub {
             limits,
             max_session_bytes: session::DEFAULT_MAX_BYTES,
             replays: Arc::default(),
+            inner_pushes: Default::default(),
         }
     }
 

@@ -66,7 +66,58 @@ impl HistorySettings {
 
     /// Whether a push to `stream` is kept: as the push asked, else by prefix.
     pub fn keeps(&self, stream: &str, asked: Option<bool>) -> bool {
-        asked.unwrap_or_else(|| self.prefixes.iter().any(|p| stream.starts_with(p.as_str())))
+        asked.unwrap_or_else(|| prefix_keeps(&self.prefixes, stream))
+    }
+}
+
+/// Whether `--history-streams` (`prefixes`, empty ones ignored) names
+/// `stream`.
+pub fn prefix_keeps(prefixes: &[String], stream: &str) -> bool {
+    prefixes
+        .iter()
+        .map(|p| p.trim())
+        .any(|p| !p.is_empty() && stream.starts_with(p))
+}
+
+/// How long the nodes remember an inner push they kept, to keep it once.
+pub const INNER_DEDUP_WINDOW: Duration = Duration::from_secs(10);
+
+/// Inner-port pushes seen lately, by content. A GatewayClient sends each
+/// push to every node itself; for a push kept in history each node asks
+/// Redis to keep it under the same id (its content's digest and how many
+/// times this node saw that content within [`INNER_DEDUP_WINDOW`]), and
+/// only the first to ask appends and publishes it. Two identical pushes
+/// sent on purpose get two ids on every node, so both are kept.
+#[derive(Debug, Default)]
+pub struct InnerPushes {
+    seen: Mutex<HashMap<[u8; 16], (u32, Instant)>>,
+}
+
+impl InnerPushes {
+    /// The id of an inner push of `parts`, the same on every node.
+    pub fn id(&self, parts: &[&[u8]]) -> String {
+        use sha2::Digest;
+        let mut sha = sha2::Sha256::new();
+        for part in parts {
+            sha.update((part.len() as u64).to_be_bytes());
+            sha.update(part);
+        }
+        let digest = sha.finalize();
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        let now = Instant::now();
+        let mut seen = self.seen.lock();
+        if seen.len() > 4096 {
+            seen.retain(|_, (_, at)| now.duration_since(*at) < INNER_DEDUP_WINDOW);
+        }
+        let entry = seen.entry(key).or_insert((0, now));
+        if now.duration_since(entry.1) >= INNER_DEDUP_WINDOW {
+            entry.0 = 0;
+        }
+        entry.0 += 1;
+        entry.1 = now;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        format!("{hex}.{}", entry.0)
     }
 }
 

@@ -60,6 +60,12 @@ pub fn library(prefix: &str, settings: &HistorySettings, sharded: bool) -> Strin
             &META_TTL_SECS.max(settings.ttl.as_secs()).to_string(),
         )
         .replace("__SHARDED__", if sharded { "true" } else { "false" })
+        .replace(
+            "__DEDUP_TTL__",
+            &crate::recovery::history::INNER_DEDUP_WINDOW
+                .as_secs()
+                .to_string(),
+        )
         .replace("__PUSH_NAME__", &format!("'{push}'"))
         .replace("__SINCE_NAME__", &format!("'{since}'"));
     format!("#!lua name={lib}\n{source}")
@@ -104,7 +110,10 @@ impl Shared {
     /// channel, the kept ones through the push Function (append, then
     /// publish). This node's own clients get it from the echo, like every
     /// other node's, so every node delivers a stream in history order.
-    pub(super) async fn publish_kept(&self, push: &Push) -> EngineResult<()> {
+    /// With `dedup` (a push every node got from a GatewayClient), only the
+    /// kept streams are sent, and the first node to send one appends and
+    /// publishes it.
+    pub(super) async fn publish_kept(&self, push: &Push, dedup: Option<&str>) -> EngineResult<()> {
         self.check()?;
         let mut e = Envelope::new(Op::Push);
         e.data = Some(push.message.data.clone());
@@ -136,8 +145,12 @@ impl Shared {
             let push_fn = &push_fn;
             async move {
                 if self.settings.history.keeps(&stream, push.history) {
-                    let args = vec![Value::Bytes(bytes)];
+                    let mut args = vec![Value::Bytes(bytes)];
+                    args.extend(dedup.map(Value::from));
                     self.fcall(push_fn, channel, args).await.map(|_| ())
+                } else if dedup.is_some() {
+                    // Every node delivers this part itself.
+                    Ok(())
                 } else {
                     self.publish_one(channel, bytes).await.map(|_| ())
                 }

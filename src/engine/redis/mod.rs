@@ -284,7 +284,7 @@ impl Engine for RedisEngine {
     async fn publish(&self, push: Push) -> EngineResult<()> {
         let s = &self.shared;
         if crate::engine::memory::keeps_any(&s.settings.history, &push) {
-            return s.publish_kept(&push).await;
+            return s.publish_kept(&push, None).await;
         }
         let mut e = Envelope::new(Op::Push);
         e.data = Some(push.message.data.clone());
@@ -476,6 +476,10 @@ impl Engine for RedisEngine {
         offset: u64,
     ) -> EngineResult<crate::recovery::history::HistoryRead> {
         self.shared.history_since(stream, offset).await
+    }
+
+    async fn publish_once(&self, push: Push, dedup: String) -> EngineResult<()> {
+        self.shared.publish_kept(&push, Some(&dedup)).await
     }
 
     async fn shutdown(&self) {

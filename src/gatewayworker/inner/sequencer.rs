@@ -25,8 +25,9 @@ use crate::frame::close_code;
 use crate::gateway::Gateway;
 use crate::hub::Frames;
 use crate::ids::ClientId;
-use crate::push::{encode_frame, Target};
+use crate::push::{encode_frame, Message, Push, Target};
 use crate::recovery::framing;
+use crate::recovery::history::{group_stream, prefix_keeps, uid_stream, ALL_STREAM};
 
 /// A Redis write still running after its change was applied to the hub.
 pub(crate) type Mirror = Pin<Box<dyn Future<Output = EngineResult<()>> + Send>>;
@@ -228,6 +229,9 @@ fn is_binary(body: &[u8]) -> bool {
 }
 
 /// Local delivery only: the GatewayClient sends to every node itself.
+/// Except for the streams `--history-streams` keeps: those go through the
+/// engine once for all nodes (kept in history, then published), so that
+/// every node delivers them in history order.
 fn deliver(
     gw: &Gateway,
     target: &Target,
@@ -242,6 +246,58 @@ fn deliver(
             return Outcome::Done;
         }
     };
+    let (kept, local) = match p.is_raw() {
+        // Whole frames already: nothing to keep a payload of.
+        true => (None, Some(target.clone())),
+        false => split_kept(&gw.config.history_streams, target),
+    };
+    if let Some(local) = local {
+        deliver_here(gw, &local, exclude, p, &frame);
+    }
+    let Some(kept) = kept else {
+        return Outcome::Done;
+    };
+    let push = Push {
+        target: kept,
+        exclude: exclude.to_vec(),
+        message: Message {
+            binary: is_binary(&p.body),
+            data: Bytes::copy_from_slice(&p.body),
+        },
+        history: Some(true),
+    };
+    let dedup = gw.hub.inner_pushes.id(&[&[p.cmd], &p.ext_data, &p.body]);
+    let engine = gw.engine.clone();
+    change("history_push", async move {
+        engine.publish_once(push, dedup).await
+    })
+}
+
+/// The part of `target` whose streams `--history-streams` keeps, and the
+/// rest.
+fn split_kept(prefixes: &[String], target: &Target) -> (Option<Target>, Option<Target>) {
+    let some = |v: Vec<String>, f: fn(Vec<String>) -> Target| (!v.is_empty()).then(|| f(v));
+    match target {
+        Target::Uids(uids) => {
+            let (kept, rest): (Vec<String>, Vec<String>) = uids
+                .iter()
+                .cloned()
+                .partition(|u| prefix_keeps(prefixes, &uid_stream(u)));
+            (some(kept, Target::Uids), some(rest, Target::Uids))
+        }
+        Target::Groups(groups) => {
+            let (kept, rest): (Vec<String>, Vec<String>) = groups
+                .iter()
+                .cloned()
+                .partition(|g| prefix_keeps(prefixes, &group_stream(g)));
+            (some(kept, Target::Groups), some(rest, Target::Groups))
+        }
+        Target::All if prefix_keeps(prefixes, ALL_STREAM) => (Some(Target::All), None),
+        other => (None, Some(other.clone())),
+    }
+}
+
+fn deliver_here(gw: &Gateway, target: &Target, exclude: &[ClientId], p: &Packet, frame: &Bytes) {
     let encode = || frame.clone();
     // A raw body is whole frames already: sent as given, framed or not.
     let framed = || match p.is_raw() {
@@ -255,7 +311,6 @@ fn deliver(
     };
     let delivered = gw.hub.deliver_with(target, exclude, &frames);
     gw.metrics.delivered(target.kind(), delivered);
-    Outcome::Done
 }
 
 /// A push that was not sent: counted, and logged at most once a second.

@@ -7,6 +7,7 @@ local SIZE = __SIZE__
 local TTL = __TTL__
 local META_TTL = __META_TTL__
 local SHARDED = __SHARDED__
+local DEDUP_TTL = __DEDUP_TTL__
 
 -- The stream of a uid, group or all channel.
 local function stream_of(channel)
@@ -58,6 +59,13 @@ local function push(keys, args)
     return redis.error_reply('ERR gatecast: the envelope must be a MessagePack map')
   end
   local meta, list = keys_of(channel)
+  if args[2] then
+    -- A push every node got (GatewayWorker's inner port): the first node
+    -- to bring this id keeps and publishes it, the others do nothing.
+    if not redis.call('SET', list .. ':d:' .. args[2], '1', 'NX', 'EX', DEDUP_TTL) then
+      return {false, 0, 0}
+    end
+  end
   local epoch = redis.call('HGET', meta, 'e')
   local t = redis.call('TIME')
   if not epoch then
