@@ -523,3 +523,44 @@ async fn gatewayworker_pushes_on_the_inner_port_are_kept_once() {
         Got::Push(p) => panic!("each push kept once: {p:?}"),
     }
 }
+
+/// On Redis Cluster each stream's keys sit in its channel's slot and the
+/// Function publishes sharded (SPUBLISH): kept, delivered and replayed the
+/// same way across nodes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_works_on_redis_cluster_with_sharded_pubsub() {
+    let args = ["--client-jwt-secret", SECRET, "--history-streams", "u:,g:"];
+    let c = common::Cluster::start(common::Engine::RedisCluster, &args).await;
+    let (a, b, api) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+    let mut client = connect(a, "zed", &["room{x}", "plain"], None).await;
+    online(api, "zed").await;
+    send_uid(api, "zed", "z1").await;
+    send_group(api, "room{x}", "r1").await;
+    send_group(api, "plain", "p1").await;
+    let z1 = push(&mut client).await;
+    let r1 = push(&mut client).await;
+    let p1 = push(&mut client).await;
+    assert_eq!((z1.stream(), z1.offset()), ("u:zed", 1));
+    assert_eq!((r1.stream(), r1.offset()), ("g:room{x}", 1));
+    assert_eq!((p1.stream(), p1.offset()), ("g:plain", 1));
+    client.close().await;
+    for i in 2..=4 {
+        send_uid(api, "zed", &format!("z{i}")).await;
+        send_group(api, "room{x}", &format!("r{i}")).await;
+        send_group(api, "plain", &format!("p{i}")).await;
+    }
+    let pos = at(&[("u:zed", &z1), ("g:room{x}", &r1), ("g:plain", &p1)]);
+    let mut client = connect(b, "zed", &["room{x}", "plain"], Some(&pos)).await;
+    let mut got = Vec::new();
+    for _ in 0..9 {
+        got.push(push(&mut client).await.text());
+    }
+    assert_eq!(got, ["p2", "p3", "p4", "r2", "r3", "r4", "z2", "z3", "z4"]);
+    match next(&mut client).await {
+        Got::Control(v) => assert_eq!(
+            v["streams"],
+            json!({"u:zed": true, "g:room{x}": true, "g:plain": true})
+        ),
+        Got::Push(p) => panic!("expected recovered, got {p:?}"),
+    }
+}
