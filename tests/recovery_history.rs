@@ -564,3 +564,65 @@ async fn history_works_on_redis_cluster_with_sharded_pubsub() {
         Got::Push(p) => panic!("expected recovered, got {p:?}"),
     }
 }
+
+/// Pushes keep coming while the client resumes: every offset arrives
+/// exactly once and in order across replay, held and live pushes, with
+/// `recovered` once in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_during_a_replay_are_neither_lost_nor_doubled() {
+    let redis = RedisServer::start();
+    let a = redis_node(
+        &redis,
+        &["--history-streams", "u:", "--history-size", "1000"],
+    );
+    let b = redis_node(
+        &redis,
+        &["--history-streams", "u:", "--history-size", "1000"],
+    );
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut c = connect(&a, "fay", &[], None).await;
+    online(&b, "fay").await;
+    send_uid(&b, "fay", "0").await;
+    let first = push(&mut c).await;
+    c.close().await;
+    for i in 1..=50 {
+        send_uid(&b, "fay", &i.to_string()).await;
+    }
+    const TOTAL: u64 = 400;
+    let writer = {
+        let api = reqwest::Client::new();
+        let url = format!("http://{}/api/send_to_uid", a.api);
+        tokio::spawn(async move {
+            for i in 51..=TOTAL {
+                let body = json!({"uid": "fay", "data": i.to_string()});
+                let resp = api.post(&url).json(&body).send().await.unwrap();
+                assert_eq!(resp.status().as_u16(), 200);
+            }
+        })
+    };
+    // Resume while the writer runs (on the other node than it pushes to).
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let mut c = connect(&b, "fay", &[], Some(&at(&[("u:fay", &first)]))).await;
+    let mut want = 2u64;
+    let mut recovered = 0;
+    while want <= TOTAL + 1 {
+        match next(&mut c).await {
+            Got::Push(p) => {
+                assert_eq!(
+                    p.offset(),
+                    want,
+                    "offsets in order, none twice, none missing"
+                );
+                assert_eq!(p.text(), (want - 1).to_string());
+                want += 1;
+            }
+            Got::Control(v) => {
+                assert_eq!(v["streams"]["u:fay"], true, "{v}");
+                recovered += 1;
+            }
+        }
+    }
+    assert_eq!(recovered, 1);
+    writer.await.unwrap();
+}
