@@ -626,3 +626,70 @@ async fn pushes_during_a_replay_are_neither_lost_nor_doubled() {
     assert_eq!(recovered, 1);
     writer.await.unwrap();
 }
+
+/// A node whose pub/sub connection lost a push (Redis dropped it past its
+/// output buffer limit) sees the next offset jump, reads the gap back from
+/// history once and delivers it, in order, to its clients still connected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_repairs_a_gap_in_a_stream_from_history() {
+    let redis = RedisServer::start();
+    let a = redis_node(&redis, &["--history-streams", "u:"]);
+    let b = redis_node(&redis, &["--history-streams", "u:"]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut c = connect(&a, "gus", &[], None).await;
+    online(&b, "gus").await;
+    send_uid(&b, "gus", "one").await;
+    assert_eq!(push(&mut c).await.offset(), 1);
+    // A 40 KB push is past the subscribers' hard limit: Redis drops their
+    // connections, and the push with them (kept in history all the same).
+    redis.cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 32768 32768 0",
+    ]);
+    let before = reconnects(&a).await;
+    let big = "x".repeat(40_000);
+    send_uid(&b, "gus", &big).await;
+    eventually("node A's subscriber dropped", || async {
+        reconnects(&a).await > before
+    })
+    .await;
+    redis.cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 33554432 8388608 60",
+    ]);
+    eventually("node A back on Redis", || async {
+        a.get_status(false, "/readyz").await == 200
+    })
+    .await;
+    online(&b, "gus").await;
+    send_uid(&b, "gus", "three").await;
+    let p = push(&mut c).await;
+    assert_eq!(
+        (p.offset(), p.payload.len()),
+        (2, 40_000),
+        "the lost push, read back"
+    );
+    let p = push(&mut c).await;
+    assert_eq!((p.offset(), p.text().as_str()), (3, "three"));
+    assert!(
+        common::metric(
+            &a.get_text("/metrics").await,
+            "gatecast_history_gap_repairs_total"
+        ) >= 1.0
+    );
+}
+
+/// Times node's subscriber connections were replaced, all reasons.
+async fn reconnects(node: &Node) -> f64 {
+    node.get_text("/metrics")
+        .await
+        .lines()
+        .filter(|l| l.starts_with("gatecast_redis_subscriber_reconnects_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use super::envelope::{peek_origin, EnvelopeRef, Op};
+use super::history::Gate;
 use super::inbox::{Batch, Inbox};
 use super::keys::Channel;
 use super::membership::Change;
@@ -35,7 +36,7 @@ pub fn start(s: &Arc<Shared>, inbox: Arc<Inbox>) -> std::io::Result<()> {
     })
 }
 
-fn dispatch_all(s: &Shared, inbox: &Inbox) {
+fn dispatch_all(s: &Arc<Shared>, inbox: &Inbox) {
     let mut batch = Batch::default();
     // Idle after a burst: hand back what it freed (frames this thread
     // encoded, dropped by the connections), then sleep.
@@ -48,8 +49,9 @@ fn dispatch_all(s: &Shared, inbox: &Inbox) {
 }
 
 impl Shared {
-    fn on_message(&self, channel: &[u8], bytes: &[u8]) {
+    fn on_message(self: &Arc<Self>, channel: &[u8], bytes: &[u8]) {
         self.metrics.pubsub_received.inc();
+        let raw_channel = channel;
         let Some(channel) = std::str::from_utf8(channel)
             .ok()
             .and_then(|c| self.keys.parse_channel(c))
@@ -76,6 +78,28 @@ impl Shared {
         if longest > self.settings.max_list_items {
             return self.malformed(channel, "a list longer than --max-list-items");
         }
+        if let (Op::Push, Some(stream), Some(epoch), Some(offset)) =
+            (envelope.op, envelope.s, envelope.e, envelope.o)
+        {
+            // A push kept in history: delivered in offset order, gaps read
+            // back (`history::Gaps`).
+            let name = std::str::from_utf8(raw_channel).unwrap_or_default();
+            match self.gaps.gate(stream, epoch, offset, name, bytes) {
+                Gate::Deliver => {}
+                Gate::Duplicate | Gate::Held => return,
+                Gate::Repair { after, repair } => {
+                    return self.spawn_repair(stream.to_owned(), after, repair)
+                }
+                Gate::Flush(held) => {
+                    for (c, raw) in held {
+                        let c = self.keys.parse_channel(&c);
+                        if let (Some(c), Ok(e)) = (c, EnvelopeRef::decode(&raw)) {
+                            let _ = self.deliver_now(c, &e);
+                        }
+                    }
+                }
+            }
+        }
         if let Err(reason) = self.dispatch(channel, envelope) {
             self.malformed(channel, reason);
         }
@@ -88,7 +112,7 @@ impl Shared {
 
     fn dispatch(&self, channel: Channel<'_>, e: EnvelopeRef<'_>) -> Result<(), &'static str> {
         match (channel, e.op) {
-            (_, Op::Push) => self.deliver(channel, &e),
+            (_, Op::Push) => self.deliver_now(channel, &e),
             (Channel::Node(_), Op::Reply) => {
                 let req = e.req.ok_or("reply without req")?;
                 self.rpc.resolve(req, e.error);
@@ -138,7 +162,12 @@ impl Shared {
         }
     }
 
-    fn deliver(&self, channel: Channel<'_>, e: &EnvelopeRef<'_>) -> Result<(), &'static str> {
+    /// Delivers a push to the local connections its channel names.
+    pub(super) fn deliver_now(
+        &self,
+        channel: Channel<'_>,
+        e: &EnvelopeRef<'_>,
+    ) -> Result<(), &'static str> {
         let data = e.data.as_deref().ok_or("push without data")?;
         self.check_message(e.binary, data)?;
         // The payload is copied once per variant (plain, or framed for

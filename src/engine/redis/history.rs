@@ -314,3 +314,216 @@ mod tests {
         assert!(!lib.contains("__SIZE__") && !lib.contains("__PREFIX__"));
     }
 }
+
+/// Most pushes of one stream held while its gap is read; past it the node
+/// gives up on that gap and delivers what it holds.
+const MAX_HELD: usize = 10_000;
+
+/// How long a gap's read may take before the node delivers what it holds
+/// without it.
+const REPAIR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Gap repair at the node: per stream, the last offset this node
+/// delivered. A push whose offset jumps past the next one (its pub/sub
+/// connection dropped messages, or was replaced) holds the stream's pushes
+/// while the node reads the gap from history once, for all its clients, then
+/// delivers the gap and the held pushes in order. A push at or below the last
+/// offset is a duplicate and is dropped.
+#[derive(Default)]
+pub struct Gaps {
+    streams: Mutex<HashMap<String, Track>>,
+    /// The runtime repairs run on (the dispatcher is a plain thread).
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+    repairs: std::sync::atomic::AtomicU64,
+}
+
+struct Track {
+    epoch: String,
+    last: u64,
+    /// Held while a repair runs: its number and the pushes (channel, raw
+    /// envelope) in arrival order.
+    held: Option<(u64, Vec<(String, bytes::Bytes)>)>,
+}
+
+/// What to do with a push kept in history.
+pub enum Gate {
+    /// Deliver it now.
+    Deliver,
+    /// Already delivered.
+    Duplicate,
+    /// Held behind a repair.
+    Held,
+    /// Held; read the gap after `after` (repair number `repair`).
+    Repair { after: u64, repair: u64 },
+    /// Held pushes to deliver now, then this one (too many held).
+    Flush(Vec<(String, bytes::Bytes)>),
+}
+
+/// Most streams tracked; past it tracking starts over (no repair for a
+/// moment, never a wrong one).
+const MAX_TRACKED: usize = 200_000;
+
+impl Gaps {
+    /// Remembers the runtime repairs are spawned on.
+    pub fn set_runtime(&self, handle: tokio::runtime::Handle) {
+        let _ = self.runtime.set(handle);
+    }
+
+    /// Forgets what this node delivered on `stream`: it starts following
+    /// the stream now, and what was published before is not its clients'.
+    pub fn forget(&self, stream: &str) {
+        self.streams.lock().remove(stream);
+    }
+
+    /// Decides about a push at (`stream`, `epoch`, `offset`) arriving on
+    /// `channel` as `raw`.
+    pub fn gate(&self, stream: &str, epoch: &str, offset: u64, channel: &str, raw: &[u8]) -> Gate {
+        let mut streams = self.streams.lock();
+        if streams.len() >= MAX_TRACKED && !streams.contains_key(stream) {
+            streams.retain(|_, t| t.held.is_some());
+        }
+        let track = match streams.get_mut(stream) {
+            Some(t) if t.epoch == epoch => t,
+            _ => {
+                streams.insert(
+                    stream.to_owned(),
+                    Track {
+                        epoch: epoch.to_owned(),
+                        last: offset,
+                        held: None,
+                    },
+                );
+                return Gate::Deliver;
+            }
+        };
+        if let Some((_, held)) = &mut track.held {
+            held.push((channel.to_owned(), bytes::Bytes::copy_from_slice(raw)));
+            if held.len() > MAX_HELD {
+                let held = track.held.take().map(|(_, h)| h).unwrap_or_default();
+                track.last = offset;
+                // The last one is this push: the caller delivers it.
+                let mut held = held;
+                held.pop();
+                return Gate::Flush(held);
+            }
+            return Gate::Held;
+        }
+        if offset <= track.last {
+            return Gate::Duplicate;
+        }
+        if offset == track.last + 1 {
+            track.last = offset;
+            return Gate::Deliver;
+        }
+        let repair = self
+            .repairs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let after = track.last;
+        track.held = Some((
+            repair,
+            vec![(channel.to_owned(), bytes::Bytes::copy_from_slice(raw))],
+        ));
+        Gate::Repair { after, repair }
+    }
+}
+
+impl Shared {
+    /// This node starts following `channel` for a member that just came:
+    /// what the stream carried before is not its clients' to repair.
+    pub(super) fn forget_gaps(&self, channel: &str) {
+        let stream = match self.keys.parse_channel(channel) {
+            Some(super::keys::Channel::Uid(u)) => uid_stream(u),
+            Some(super::keys::Channel::Group(g)) => group_stream(g),
+            _ => return,
+        };
+        self.gaps.forget(&stream);
+    }
+
+    /// Starts the repair of `stream`'s gap after `after`.
+    pub(super) fn spawn_repair(self: &Arc<Self>, stream: String, after: u64, repair: u64) {
+        let Some(runtime) = self.gaps.runtime.get() else {
+            return;
+        };
+        self.metrics.history_gap_repairs.inc();
+        let s = self.clone();
+        runtime.spawn(async move {
+            let read = tokio::time::timeout(REPAIR_TIMEOUT, s.read_raw(&stream, after)).await;
+            let missing = match read {
+                Ok(Ok(entries)) => entries,
+                Ok(Err(e)) => {
+                    tracing::warn!(%stream, error = %e, "history gap not read");
+                    Vec::new()
+                }
+                Err(_) => {
+                    tracing::warn!(%stream, "history gap not read in time");
+                    Vec::new()
+                }
+            };
+            s.finish_repair(&stream, repair, missing);
+        });
+    }
+
+    /// Delivers the gap's entries then the held pushes, in offset order,
+    /// under the tracker's lock (so the dispatcher holds newer pushes of the
+    /// stream meanwhile).
+    fn finish_repair(&self, stream: &str, repair: u64, missing: Vec<bytes::Bytes>) {
+        let mut streams = self.gaps.streams.lock();
+        let Some(track) = streams.get_mut(stream) else {
+            return;
+        };
+        let Some((number, held)) = track.held.take() else {
+            return;
+        };
+        if number != repair {
+            track.held = Some((number, held));
+            return;
+        }
+        let channel = self.stream_channel(stream).unwrap_or_default();
+        let mut last = track.last;
+        let epoch = track.epoch.clone();
+        let all = missing
+            .into_iter()
+            .map(|raw| (channel.clone(), raw))
+            .chain(held);
+        for (channel, raw) in all {
+            let Ok(e) = EnvelopeRef::decode(&raw) else {
+                continue;
+            };
+            let (Some(o), Some(ep)) = (e.o, e.e) else {
+                continue;
+            };
+            if ep != epoch || o <= last {
+                continue;
+            }
+            last = o;
+            if let Some(c) = self.keys.parse_channel(&channel) {
+                if let Err(reason) = self.deliver_now(c, &e) {
+                    tracing::debug!(reason, "a repaired push was skipped");
+                }
+            }
+        }
+        track.last = last;
+    }
+
+    /// The raw entries of `stream` after `offset`.
+    async fn read_raw(&self, stream: &str, offset: u64) -> EngineResult<Vec<bytes::Bytes>> {
+        self.check()?;
+        let channel = self
+            .stream_channel(stream)
+            .ok_or_else(|| unavailable("not a stream"))?;
+        let (_, _, since_fn) = function_names(self.keys.prefix());
+        let reply = self
+            .fcall(&since_fn, channel, vec![Value::from(offset as i64)])
+            .await?;
+        let Value::Array(mut parts) = reply else {
+            return Ok(Vec::new());
+        };
+        let Some(Value::Array(items)) = parts.pop() else {
+            return Ok(Vec::new());
+        };
+        Ok(items
+            .into_iter()
+            .filter_map(|v| v.as_bytes().map(bytes::Bytes::copy_from_slice))
+            .collect())
+    }
+}

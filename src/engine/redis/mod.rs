@@ -118,6 +118,8 @@ struct Shared {
     rpc: Rpc,
     /// History reads in flight, shared by concurrent resumes.
     reads: history::Reads,
+    /// Offsets delivered per stream, for gap repair.
+    gaps: history::Gaps,
     /// The partition and subscriptions were written since the last
     /// (re)connection: the node is ready.
     registered: AtomicBool,
@@ -183,6 +185,7 @@ impl RedisEngine {
             mirror: Mirror::default(),
             rpc: Rpc::default(),
             reads: history::Reads::default(),
+            gaps: history::Gaps::default(),
             registered: AtomicBool::new(false),
             responsive: AtomicBool::new(true),
             writable: AtomicBool::new(true),
@@ -190,6 +193,7 @@ impl RedisEngine {
             fatal,
         });
 
+        shared.gaps.set_runtime(tokio::runtime::Handle::current());
         dispatch::start(&shared, inbox.clone())
             .map_err(|e| format!("cannot start the dispatcher threads: {e}"))?;
         let (fatal, stop) = (&shared.fatal, &shared.stop);

@@ -38,6 +38,9 @@ impl Subscriptions {
                 _ => {}
             }
         }
+        for channel in &subscribe {
+            s.forget_gaps(channel);
+        }
         self.apply(s, subscribe, unsubscribe).await
     }
 

@@ -86,6 +86,7 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
         mirror: Mirror::default(),
         rpc: Rpc::default(),
         reads: Default::default(),
+        gaps: Default::default(),
         registered: AtomicBool::new(true),
         responsive: AtomicBool::new(true),
         writable: AtomicBool::new(true),
