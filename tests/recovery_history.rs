@@ -693,3 +693,87 @@ async fn reconnects(node: &Node) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Measurement (run by hand, `--ignored --nocapture`): a storm of resumes
+/// of one group onto one node: resumes/s, p99 time to `recovered`, and
+/// history reads (FCALLs) per resume, which coalescing keeps below one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_a_resume_storm() {
+    const N: usize = 2000;
+    const MISSED: u64 = 50;
+    let redis = RedisServer::start();
+    let args = [
+        "--history-streams",
+        "g:",
+        "--max-connections-per-ip",
+        "0",
+        "--connect-rate-per-ip",
+        "100000",
+        "--connect-burst-per-ip",
+        "100000",
+        "--max-connections-per-sub",
+        "100000",
+    ];
+    let a = redis_node(&redis, &args);
+    let b = redis_node(&redis, &args);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut c = connect(&a, "first", &["storm"], None).await;
+    eventually("member", || async {
+        b.ok("get_client_count_by_group", json!({"group": "storm"}))
+            .await
+            == 1
+    })
+    .await;
+    send_group(&b, "storm", "0").await;
+    let first = push(&mut c).await;
+    c.close().await;
+    for i in 1..=MISSED {
+        send_group(&b, "storm", &i.to_string()).await;
+    }
+    let pos = at(&[("g:storm", &first)]);
+    let stats = |r: &RedisServer| {
+        r.cli(&["INFO", "commandstats"])
+            .lines()
+            .find(|l| l.starts_with("cmdstat_fcall:"))
+            .and_then(|l| l.split(['=', ',']).nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let calls_before = stats(&redis);
+    let url = b.ws_url(&format!(
+        "?recover=1&token={}&pos={}",
+        token("u", &["storm"]),
+        positions::encode(&pos)
+    ));
+    let started = std::time::Instant::now();
+    let tasks = (0..N).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let t = std::time::Instant::now();
+            let mut c = Client::connect(&url).await;
+            for _ in 0..MISSED {
+                push(&mut c).await;
+            }
+            assert!(
+                matches!(next(&mut c).await, Got::Control(v) if v["streams"]["g:storm"] == true)
+            );
+            let took = t.elapsed();
+            (took, c)
+        })
+    });
+    let mut results = futures_util::future::join_all(tasks).await;
+    let total = started.elapsed();
+    let mut times: Vec<_> = results.iter().map(|r| r.as_ref().unwrap().0).collect();
+    times.sort();
+    let reads = stats(&redis) - calls_before;
+    eprintln!(
+        "{N} resumes of {MISSED} pushes in {total:?}: {:.0} resumes/s, p50 {:?}, p99 {:?}, \
+         {reads} history reads ({:.3} per resume)",
+        N as f64 / total.as_secs_f64(),
+        times[N / 2],
+        times[N * 99 / 100],
+        reads as f64 / N as f64
+    );
+    results.clear();
+}
