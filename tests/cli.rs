@@ -118,6 +118,10 @@ fn options_come_from_the_environment_and_bad_values_are_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--client-queue"));
 
+    let out = gatecast().args(["--history-size", "0"]).output_within(WAIT);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--history-size"));
+
     let out = gatecast()
         .args(["--ping-interval", "soon"])
         .output_within(WAIT);

@@ -11,7 +11,20 @@ use std::collections::BTreeMap;
 use common::redis::RedisServer;
 use common::{eventually, Client, Node, Seen, WAIT};
 use fred::prelude::*;
-use gatecast::recovery::positions;
+
+/// Positions as a client keeps them, and `pos` as it sends them (written
+/// here from docs/recovery.md, not taken from the crate).
+mod positions {
+    use base64::Engine as _;
+
+    /// Stream → (epoch, offset).
+    pub type Positions = std::collections::BTreeMap<String, (String, u64)>;
+
+    /// URL-safe base64 without padding of the JSON object.
+    pub fn encode(p: &Positions) -> String {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(p).unwrap())
+    }
+}
 use serde_json::{json, Value};
 
 const SECRET: &str = "recovery-history-test-jwt-secret";
