@@ -522,6 +522,36 @@ mod tests {
     }
 
     #[test]
+    fn a_replay_filter_drops_only_what_was_replayed_and_is_cleared() {
+        use crate::ids::{IdMinter, NodeId};
+        let minter = IdMinter::new(NodeId::new(std::net::Ipv4Addr::LOCALHOST, 1));
+        let (id, other) = (minter.mint(), minter.mint());
+        let replays = Replays::default();
+        let at = |s: &'static str, e: &'static str, o| PositionRef {
+            stream: s,
+            epoch: e,
+            offset: o,
+        };
+        assert!(replays.admits(&id, at("u:a", "e", 1)));
+        replays.set(
+            id,
+            vec![Position {
+                stream: "u:a".into(),
+                epoch: "e".into(),
+                offset: 5,
+            }],
+        );
+        assert!(!replays.admits(&id, at("u:a", "e", 5)));
+        assert!(replays.admits(&id, at("u:a", "e", 6)));
+        assert!(replays.admits(&id, at("u:a", "f", 2)));
+        assert!(replays.admits(&id, at("g:a", "e", 2)));
+        assert!(replays.admits(&other, at("u:a", "e", 2)));
+        replays.clear(id);
+        assert!(replays.admits(&id, at("u:a", "e", 2)));
+        assert_eq!(replays.active.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
     fn prefixes_choose_streams_and_a_push_overrides_them() {
         let s = HistorySettings::new(10, Duration::from_secs(1), &["u:".into(), "".into()]);
         assert!(s.keeps("u:a", None));

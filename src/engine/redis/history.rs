@@ -298,6 +298,60 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_gate_delivers_in_order_holds_behind_a_gap_and_drops_duplicates() {
+        let gaps = Gaps::default();
+        let gate = |o: u64| gaps.gate("u:a", "e1", o, "gc:uid:a", b"x");
+        assert!(matches!(gate(5), Gate::Deliver));
+        assert!(matches!(gate(6), Gate::Deliver));
+        assert!(matches!(gate(6), Gate::Duplicate));
+        assert!(matches!(gate(9), Gate::Repair { after: 6, .. }));
+        assert!(matches!(gate(10), Gate::Held));
+        // Another epoch starts over.
+        assert!(matches!(
+            gaps.gate("u:a", "e2", 1, "gc:uid:a", b"x"),
+            Gate::Deliver
+        ));
+        gaps.forget("u:a");
+        assert!(matches!(gate(40), Gate::Deliver));
+    }
+
+    #[tokio::test]
+    async fn concurrent_reads_of_one_range_read_once() {
+        let reads = Arc::new(Reads::default());
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let rx = futures_util::FutureExt::shared(rx);
+        let read = |runs: Arc<std::sync::atomic::AtomicUsize>,
+                    rx: futures_util::future::Shared<_>| async move {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = rx.await;
+            Ok(HistoryRead {
+                epoch: Some("e".into()),
+                top: 3,
+                entries: Vec::new(),
+            })
+        };
+        let a = tokio::spawn({
+            let (reads, f) = (reads.clone(), read(runs.clone(), rx.clone()));
+            async move { reads.read("g:x", 1, f).await }
+        });
+        let b = tokio::spawn({
+            let (reads, f) = (reads.clone(), read(runs.clone(), rx.clone()));
+            async move { reads.read("g:x", 1, f).await }
+        });
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tx.send(()).unwrap();
+        assert_eq!(a.await.unwrap().unwrap().top, 3);
+        assert_eq!(b.await.unwrap().unwrap().top, 3);
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Finished: a later read reads again.
+        let f = read(runs.clone(), rx.clone());
+        reads.read("g:x", 1, f).await.unwrap();
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
     fn names_and_the_library_follow_the_prefix() {
         assert_eq!(
             function_names("app1:gc"),
