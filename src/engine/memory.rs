@@ -92,17 +92,6 @@ impl MemoryEngine {
     }
 }
 
-/// Whether any stream a push goes to keeps history.
-pub(crate) fn keeps_any(settings: &HistorySettings, push: &Push) -> bool {
-    let keeps = |s: &str| settings.keeps(s, push.history);
-    match &push.target {
-        Target::Uids(uids) => uids.iter().any(|u| keeps(&uid_stream(u))),
-        Target::Groups(groups) => groups.iter().any(|g| keeps(&group_stream(g))),
-        Target::All => keeps(ALL_STREAM),
-        Target::Client(_) | Target::Clients(_) => false,
-    }
-}
-
 fn count(n: usize) -> u64 {
     n as u64
 }
@@ -123,7 +112,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
-        let delivered = if keeps_any(self.history.settings(), &push) {
+        let delivered = if self.history.settings().keeps_any(&push) {
             self.publish_kept(&push)
         } else {
             self.hub.deliver(&push)

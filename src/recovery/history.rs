@@ -27,7 +27,7 @@ use super::positions::Positions;
 use crate::engine::{Engine, EngineResult};
 use crate::ids::ClientId;
 use crate::outbox::Outbox;
-use crate::push::Message;
+use crate::push::{Message, Push, Target};
 
 /// `--history-size`, `--history-ttl`, `--history-streams`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +67,18 @@ impl HistorySettings {
     /// Whether a push to `stream` is kept: as the push asked, else by prefix.
     pub fn keeps(&self, stream: &str, asked: Option<bool>) -> bool {
         asked.unwrap_or_else(|| prefix_keeps(&self.prefixes, stream))
+    }
+
+    /// Whether any stream `push` goes to keeps it (never a push to
+    /// client_ids).
+    pub fn keeps_any(&self, push: &Push) -> bool {
+        let keeps = |s: &str| self.keeps(s, push.history);
+        match &push.target {
+            Target::Uids(uids) => uids.iter().any(|u| keeps(&uid_stream(u))),
+            Target::Groups(groups) => groups.iter().any(|g| keeps(&group_stream(g))),
+            Target::All => keeps(ALL_STREAM),
+            Target::Client(_) | Target::Clients(_) => false,
+        }
     }
 }
 

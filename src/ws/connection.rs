@@ -238,7 +238,7 @@ impl Connection {
             tracing::warn!(client_id = %id, error = %e, "could not register connection");
             outbox.close(close_code::INTERNAL_ERROR, "try again later", true);
         }
-        if let Some(positions) = setup.positions {
+        if let Some(positions) = setup.positions.filter(|_| !outbox.is_closing()) {
             // After the membership the connection starts with (its token's,
             // or a resume's), before anything is written: its live pushes
             // wait in the outbox meanwhile.

@@ -287,7 +287,7 @@ impl Engine for RedisEngine {
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
         let s = &self.shared;
-        if crate::engine::memory::keeps_any(&s.settings.history, &push) {
+        if s.settings.history.keeps_any(&push) {
             return s.publish_kept(&push, None).await;
         }
         let mut e = Envelope::new(Op::Push);
