@@ -300,6 +300,7 @@ async fn plain_clients_get_exact_bytes_and_framed_payloads_are_exact() {
     b.wait_ready().await;
     let mut plain = Client::connect(&a.ws_url(&format!("?token={}", token("p", &["room"])))).await;
     let mut framed = connect(&a, "f", &["room"], None).await;
+    let (plain_id, framed_id) = (plain.id.clone(), framed.id.clone());
     eventually("members", || async {
         b.ok("get_client_count_by_group", json!({"group": "room"}))
             .await
@@ -332,6 +333,17 @@ async fn plain_clients_get_exact_bytes_and_framed_payloads_are_exact() {
     assert_eq!(p.header, json!({}));
     assert_eq!(p.text(), "line\n{}");
     assert!(!p.binary);
+    // A close's last message is a push too: framed for the one, exact for
+    // the other.
+    for id in [framed_id, plain_id] {
+        b.ok("close_client", json!({"client_id": id, "data": "bye"}))
+            .await;
+    }
+    let p = push(&mut framed).await;
+    assert_eq!((p.header.clone(), p.text()), (json!({}), "bye".to_owned()));
+    framed.expect_close(1000).await;
+    plain.expect_text("bye").await;
+    plain.expect_close(1000).await;
 }
 
 /// A backend with only a Redis client publishes with history by one

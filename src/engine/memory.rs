@@ -122,7 +122,7 @@ impl Engine for MemoryEngine {
     }
 
     async fn close_client(&self, id: ClientId, last: Option<Message>) -> EngineResult<()> {
-        let frame = last.map(|m| m.frame());
+        let frame = last.map(|m| crate::push::LastFrame::of(m.binary, &m.data));
         self.hub
             .close_client(id, frame, close_code::NORMAL, "closed by server");
         Ok(())

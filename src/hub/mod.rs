@@ -306,12 +306,22 @@ impl Hub {
 
     /// Asks `id` to close, after `last` (if any) and what is already
     /// queued. Returns whether the connection is here.
-    pub fn close_client(&self, id: ClientId, last: Option<Bytes>, code: u16, reason: &str) -> bool {
+    pub fn close_client(
+        &self,
+        id: ClientId,
+        last: Option<crate::push::LastFrame>,
+        code: u16,
+        reason: &str,
+    ) -> bool {
         let index = self.shard(id).read();
         let Some(local) = index.conns.get(&id) else {
             return false;
         };
-        if let Some(frame) = last {
+        if let Some(last) = last {
+            let frame = match local.outbox.is_framed() {
+                true => last.framed,
+                false => last.plain,
+            };
             // Room is made for the last message even in a full queue.
             let _ = local.outbox.push(frame, &self.limits.one_more());
         }

@@ -20,7 +20,7 @@ use super::Shared;
 use crate::frame::close_code;
 use crate::hub::Frames;
 use crate::ids::{ClientId, NodeId};
-use crate::push::{encode_frame, Target};
+use crate::push::{encode_frame, LastFrame, Target};
 use crate::recovery::framing::{self, PositionRef};
 use crate::task::spawn_critical_thread;
 
@@ -121,7 +121,10 @@ impl Shared {
             (Channel::Node(_), Op::Close) => {
                 let id = parse_id(e.client_id).ok_or("close without client_id")?;
                 let last = match e.data.as_deref() {
-                    Some(data) => Some(self.checked_frame(e.binary, data)?),
+                    Some(data) => {
+                        self.check_message(e.binary, data)?;
+                        Some(LastFrame::of(e.binary, data))
+                    }
                     None => None,
                 };
                 self.hub
@@ -222,11 +225,6 @@ impl Shared {
             return Err("text message is not UTF-8");
         }
         Ok(())
-    }
-
-    fn checked_frame(&self, binary: bool, data: &[u8]) -> Result<bytes::Bytes, &'static str> {
-        self.check_message(binary, data)?;
-        Ok(encode_frame(binary, data))
     }
 }
 

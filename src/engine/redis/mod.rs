@@ -364,7 +364,7 @@ impl Engine for RedisEngine {
     async fn close_client(&self, id: ClientId, last: Option<Message>) -> EngineResult<()> {
         let s = &self.shared;
         if s.is_local(id) {
-            let frame = last.map(|m| m.frame());
+            let frame = last.map(|m| crate::push::LastFrame::of(m.binary, &m.data));
             s.hub
                 .close_client(id, frame, close_code::NORMAL, "closed by server");
             return Ok(());

@@ -25,7 +25,7 @@ use crate::frame::close_code;
 use crate::gateway::Gateway;
 use crate::hub::Frames;
 use crate::ids::ClientId;
-use crate::push::{encode_frame, Message, Push, Target};
+use crate::push::{encode_frame, LastFrame, Message, Push, Target};
 use crate::recovery::framing;
 use crate::recovery::history::{group_stream, prefix_keeps, uid_stream, ALL_STREAM};
 
@@ -88,7 +88,11 @@ pub(crate) fn apply(gw: &Gateway, p: Packet, log: &mut crate::accept::Throttle) 
             let message = p.body_is_scalar() && !p.body.is_empty();
             let last = if message {
                 match frame(gw, &p) {
-                    Ok(frame) => Some(frame),
+                    Ok(frame) if p.is_raw() => Some(LastFrame::raw(frame)),
+                    Ok(frame) => Some(LastFrame {
+                        plain: frame,
+                        framed: framing::encode(is_binary(&p.body), None, &p.body),
+                    }),
                     Err(why) => {
                         refused(gw, why, log);
                         None
