@@ -802,3 +802,34 @@ async fn measure_a_resume_storm() {
     );
     results.clear();
 }
+
+/// A replay larger than the connection's queue (`--client-queue-bytes`)
+/// is not sent at all: `false`, never a replay that would close the
+/// connection as too slow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_would_not_fit_the_queue_is_not_recovered() {
+    let node = Node::start(&[
+        "--client-jwt-secret",
+        SECRET,
+        "--history-streams",
+        "u:",
+        "--client-queue-bytes",
+        "10000",
+    ]);
+    node.wait_ready().await;
+    let mut c = connect(&node, "hal", &[], None).await;
+    send_uid(&node, "hal", "small").await;
+    let first = push(&mut c).await;
+    c.close().await;
+    let big = "y".repeat(4000);
+    for _ in 0..3 {
+        send_uid(&node, "hal", &big).await;
+    }
+    let mut c = connect(&node, "hal", &[], Some(&at(&[("u:hal", &first)]))).await;
+    match next(&mut c).await {
+        Got::Control(v) => assert_eq!(v["streams"]["u:hal"], false, "{v}"),
+        Got::Push(p) => panic!("nothing replayed: {} bytes", p.payload.len()),
+    }
+    send_uid(&node, "hal", "live").await;
+    assert_eq!(push(&mut c).await.offset(), 5);
+}

@@ -377,6 +377,8 @@ pub struct ReplayContext<'a> {
     /// Most frames the replay may queue in all (`--client-queue`): a
     /// stream whose replay would not fit is not recovered.
     pub budget: usize,
+    /// Most bytes the replay may queue in all (`--client-queue-bytes`).
+    pub budget_bytes: usize,
 }
 
 /// Replays to the registered connection `id` what it missed after
@@ -427,6 +429,7 @@ pub async fn replay(
     };
     drop(turn);
     let mut budget = cx.budget;
+    let mut budget_bytes = cx.budget_bytes;
     let mut replayed: Vec<Bytes> = Vec::new();
     let mut done: Vec<Position> = Vec::new();
     let mut outcome: Vec<(String, bool)> = Vec::new();
@@ -443,9 +446,17 @@ pub async fn replay(
                 continue;
             }
         };
-        match read.replay_after(epoch, *offset) {
-            Some(entries) if entries.len() <= budget => {
+        let replay = read.replay_after(epoch, *offset).filter(|entries| {
+            let bytes: usize = entries.iter().map(|e| e.message.data.len() + 64).sum();
+            entries.len() <= budget && bytes <= budget_bytes
+        });
+        match replay {
+            Some(entries) => {
                 budget -= entries.len();
+                budget_bytes -= entries
+                    .iter()
+                    .map(|e| e.message.data.len() + 64)
+                    .sum::<usize>();
                 for e in entries {
                     let position = PositionRef {
                         stream,
@@ -465,7 +476,7 @@ pub async fn replay(
                 });
                 outcome.push((stream.clone(), true));
             }
-            _ => outcome.push((stream.clone(), false)),
+            None => outcome.push((stream.clone(), false)),
         }
     }
     // From now on live pushes up to each replayed top are dropped on their

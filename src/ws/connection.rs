@@ -124,6 +124,7 @@ async fn replay(
         engine: &*gw.engine,
         replays: &gw.hub.replays,
         budget: gw.config.client_queue.saturating_sub(outbox.len() + 2),
+        budget_bytes: gw.config.client_queue_bytes,
     };
     let (uid, groups) = (membership.uid.as_deref(), &membership.groups);
     crate::recovery::history::replay(cx, id, uid, groups, outbox, positions).await;
