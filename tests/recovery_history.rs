@@ -833,3 +833,65 @@ async fn a_replay_that_would_not_fit_the_queue_is_not_recovered() {
     send_uid(&node, "hal", "live").await;
     assert_eq!(push(&mut c).await.offset(), 5);
 }
+
+/// The example ACL user `history-pusher` (deploy/redis-acl.conf) can publish
+/// with history and nothing else; the gateway's own user loads and runs the
+/// Functions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_example_acl_users_run_the_history_function() {
+    use gatecast::engine::redis::envelope::{Envelope, Op};
+    let redis = RedisServer::start();
+    let rules: Vec<Vec<String>> = include_str!("../deploy/redis-acl.conf")
+        .lines()
+        .filter_map(|l| l.strip_prefix("user "))
+        .map(|l| l.split_whitespace().map(str::to_owned).collect())
+        .collect();
+    for rule in &rules {
+        let mut args = vec!["ACL", "SETUSER"];
+        args.extend(rule.iter().map(String::as_str));
+        assert_eq!(redis.cli(&args).trim(), "OK", "{rule:?}");
+    }
+    let password = |user: &str| {
+        rules
+            .iter()
+            .find(|r| r[0] == user)
+            .and_then(|r| r.iter().find_map(|w| w.strip_prefix('>')))
+            .unwrap()
+            .to_owned()
+    };
+    let url_as = |user: &str| {
+        let rest = redis.url().strip_prefix("redis://").unwrap().to_owned();
+        format!("redis://{user}:{}@{rest}", password(user))
+    };
+    let gateway = url_as("gatecast");
+    let node = Node::start(&[
+        "--redis-url",
+        &gateway,
+        "--client-jwt-secret",
+        SECRET,
+        "--history-streams",
+        "u:",
+    ]);
+    node.wait_ready().await;
+    let mut c = connect(&node, "ivy", &[], None).await;
+    online(&node, "ivy").await;
+    // The gateway's user: the API path.
+    send_uid(&node, "ivy", "api").await;
+    assert_eq!(push(&mut c).await.offset(), 1);
+    // The backend's user: one FCALL.
+    let backend = Builder::from_config(Config::from_url(&url_as("history-pusher")).unwrap())
+        .build()
+        .unwrap();
+    backend.init().await.unwrap();
+    let mut e = Envelope::new(Op::Push);
+    e.data = Some(bytes::Bytes::from_static(b"backend"));
+    let _: fred::types::Value = backend
+        .fcall("gatecast_push", vec!["gatecast:uid:ivy"], vec![e.encode()])
+        .await
+        .unwrap();
+    let p = push(&mut c).await;
+    assert_eq!((p.offset(), p.text().as_str()), (2, "backend"));
+    // Nothing but pushes: no other key.
+    let refused: Result<Option<String>, _> = backend.get("gatecast:nodes").await;
+    assert!(refused.is_err());
+}
