@@ -80,10 +80,9 @@ pub fn encode(binary: bool, position: Option<PositionRef<'_>>, data: &[u8]) -> B
     frame::encode(opcode, &payload)
 }
 
-/// The position in the header of an encoded frame (server frames are not
-/// masked), when it is a push kept in history: how held frames are matched
-/// against a replay.
-pub fn position_of_frame(frame: &[u8]) -> Option<Position> {
+/// The header line of an encoded push frame (server frames are not masked);
+/// `None` for a control frame (welcome, pong, ping, close).
+fn header_of_frame(frame: &[u8]) -> Option<&[u8]> {
     let opcode = frame.first()? & 0x0f;
     if opcode != Opcode::Text as u8 && opcode != Opcode::Binary as u8 {
         return None;
@@ -95,7 +94,19 @@ pub fn position_of_frame(frame: &[u8]) -> Option<Position> {
     };
     let payload = frame.get(start..)?;
     let end = payload.iter().position(|b| *b == b'\n')?;
-    serde_json::from_slice(&payload[..end]).ok()
+    Some(&payload[..end])
+}
+
+/// Whether an encoded frame is a push (it has a header line), not a control
+/// frame.
+pub fn is_push_frame(frame: &[u8]) -> bool {
+    header_of_frame(frame).is_some_and(|h| h.first() == Some(&b'{'))
+}
+
+/// The position in the header of an encoded frame, when it is a push kept
+/// in history: how held frames are matched against a replay.
+pub fn position_of_frame(frame: &[u8]) -> Option<Position> {
+    serde_json::from_slice(header_of_frame(frame)?).ok()
 }
 
 /// The `recovered` control frame: every stream named in the client's
@@ -130,6 +141,12 @@ mod tests {
         let plain = encode(false, None, b"hi");
         assert_eq!(&plain[2..], b"{}\nhi");
         assert_eq!(position_of_frame(&plain), None);
+        assert!(is_push_frame(&plain) && is_push_frame(&frame));
+        assert!(!is_push_frame(&frame::encode(
+            Opcode::Text,
+            br#"{"type":"welcome"}"#
+        )));
+        assert!(!is_push_frame(&frame::encode(Opcode::Ping, b"")));
         let big = encode(false, None, &vec![b'x'; 70_000]);
         assert_eq!(position_of_frame(&big), None);
     }

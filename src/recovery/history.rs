@@ -485,9 +485,14 @@ pub async fn replay(
     let recovered = framing::recovered(&outcome);
     outbox.rewrite(|queue| {
         let held = std::mem::take(queue);
+        // Control frames queued before the first held push (the welcome)
+        // stay first.
+        let first_push = held
+            .iter()
+            .position(|f| framing::is_push_frame(f))
+            .unwrap_or(held.len());
         let mut held = held.into_iter();
-        // The welcome, queued before registration.
-        queue.extend(held.next());
+        queue.extend(held.by_ref().take(first_push));
         queue.extend(replayed);
         queue.extend(held.filter(|frame| {
             match framing::position_of_frame(frame) {
