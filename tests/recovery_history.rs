@@ -895,3 +895,50 @@ async fn the_example_acl_users_run_the_history_function() {
     let refused: Result<Option<String>, _> = backend.get("gatecast:nodes").await;
     assert!(refused.is_err());
 }
+
+/// Node A SIGKILLed under an opted-in client in a uid and a group; 50
+/// pushes through node B meanwhile; the client comes back on B with its
+/// positions: exactly those 50, then live pushes, recovered true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_its_node_is_killed_a_client_gets_what_it_missed_on_another() {
+    let redis = RedisServer::start();
+    let mut a = redis_node(&redis, &["--history-streams", "u:,g:"]);
+    let b = redis_node(&redis, &["--history-streams", "u:,g:"]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut c = connect(&a, "kim", &["crew"], None).await;
+    online(&b, "kim").await;
+    send_uid(&b, "kim", "u0").await;
+    send_group(&b, "crew", "g0").await;
+    let u0 = push(&mut c).await;
+    let g0 = push(&mut c).await;
+    a.signal("KILL");
+    a.wait_exit(WAIT).await;
+    assert!(matches!(
+        c.next().await,
+        Seen::Broken(_) | Seen::Ended | Seen::Close(_)
+    ));
+    for i in 1..=25 {
+        send_uid(&b, "kim", &format!("u{i}")).await;
+        send_group(&b, "crew", &format!("g{i}")).await;
+    }
+    let pos = at(&[("u:kim", &u0), ("g:crew", &g0)]);
+    let mut c = connect(&b, "kim", &["crew"], Some(&pos)).await;
+    let mut got = Vec::new();
+    for _ in 0..50 {
+        let p = push(&mut c).await;
+        got.push((p.stream().to_owned(), p.offset(), p.text()));
+    }
+    let want: Vec<_> = (1..=25)
+        .map(|i| ("g:crew".to_owned(), i + 1, format!("g{i}")))
+        .chain((1..=25).map(|i| ("u:kim".to_owned(), i + 1, format!("u{i}"))))
+        .collect();
+    assert_eq!(got, want);
+    match next(&mut c).await {
+        Got::Control(v) => assert_eq!(v["streams"], json!({"u:kim": true, "g:crew": true})),
+        Got::Push(p) => panic!("expected recovered, got {p:?}"),
+    }
+    send_group(&b, "crew", "live").await;
+    let live = push(&mut c).await;
+    assert_eq!((live.offset(), live.text().as_str()), (27, "live"));
+}
