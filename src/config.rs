@@ -366,6 +366,28 @@ pub struct Config {
     /// not for production.
     #[arg(long, env = "GATECAST_DEMO", default_value_t = false)]
     pub demo: bool,
+    // --- History (issue 27, docs/recovery.md section 2.2) ---
+    /// Pushes kept per stream (`u:<uid>`, `g:<group>`, `all`) for
+    /// clients that resume with `?recover=1` (1 to 10000).
+    #[arg(long, env = "GATECAST_HISTORY_SIZE", default_value_t = 100)]
+    pub history_size: usize,
+
+    /// How long a stream's history is kept after its last push, and the
+    /// oldest entry a replay uses (at least 1s).
+    #[arg(long, env = "GATECAST_HISTORY_TTL", default_value = "300s", value_parser = humantime::parse_duration)]
+    pub history_ttl: Duration,
+
+    /// Streams whose pushes are kept in history by default: comma-separated
+    /// name prefixes (`u:` every uid, `g:chat-` groups starting with
+    /// `chat-`, `all`). Empty: history only for pushes that ask for it
+    /// (`"history": true`); `"history": false` overrides either way.
+    #[arg(
+        long,
+        env = "GATECAST_HISTORY_STREAMS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub history_streams: Vec<String>,
 
     /// Log format.
     #[arg(long, env = "GATECAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -505,6 +527,7 @@ impl Config {
             ));
         }
         at_least("--message-timeout", self.message_timeout, MIN_PING_INTERVAL)?;
+        self.validate_history()?;
         at_least("--node-heartbeat", self.node_heartbeat, MIN_NODE_HEARTBEAT)?;
         at_least("--resume-window", self.resume_window, MIN_NODE_HEARTBEAT)?;
         at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
@@ -630,6 +653,14 @@ impl Config {
 
     /// The GatewayWorker ports: a key (strong unless
     /// --gateway-weak-key-ok) whenever they are reachable from other hosts.
+    /// `--history-*` (issue 27).
+    fn validate_history(&self) -> Result<(), String> {
+        if !(1..=10_000).contains(&self.history_size) {
+            return Err("--history-size must be between 1 and 10000".into());
+        }
+        at_least("--history-ttl", self.history_ttl, Duration::from_secs(1))
+    }
+
     fn validate_gateway(&self) -> Result<(), String> {
         let key = self.gateway_secret_key.as_str();
         if !key.is_empty() && !self.gateway_weak_key_ok {

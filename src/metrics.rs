@@ -78,6 +78,9 @@ pub struct Metrics {
     pub pubsub_received: Counter,
     /// Pub/sub messages that could not be decoded and were skipped.
     pub pubsub_malformed: Counter,
+    /// Gaps in a stream's offsets this node read back from history
+    /// (recovery, issue 27).
+    pub history_gap_repairs: Counter,
     /// Pub/sub messages dropped because this node fell behind Redis.
     pub pubsub_dropped: Counter,
     /// Subscriber connections lost and made again, by why.
@@ -168,6 +171,7 @@ impl Metrics {
             redis_write_failures: Counter::default(),
             pubsub_received: Counter::default(),
             pubsub_malformed: Counter::default(),
+            history_gap_repairs: Counter::default(),
             pubsub_dropped: Counter::default(),
             redis_subscriber_reconnects: Family::default(),
             redis_resubscribed: Counter::default(),
@@ -272,6 +276,11 @@ impl Metrics {
             "pubsub_malformed",
             "Pub/sub messages that failed to decode and were skipped",
             m.pubsub_malformed.clone(),
+        );
+        r.register(
+            "history_gap_repairs",
+            "Gaps in a stream's offsets read back from history by this node",
+            m.history_gap_repairs.clone(),
         );
         r.register(
             "pubsub_dropped",

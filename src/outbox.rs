@@ -7,10 +7,16 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU8;
 use std::task::{Context, Poll};
 
 use crate::frame::{self, close_code};
+
+/// [`Outbox::flags`]: the writer was woken since it last looked.
+const WOKEN: u8 = 1;
+/// [`Outbox::flags`]: the connection opted in to recovery, so it gets each
+/// push as `<header>\n<payload>` (docs/recovery.md).
+const FRAMED: u8 = 2;
 
 /// Most frames a writer takes in one go, to write with one vectored write.
 pub const BATCH: usize = 64;
@@ -46,10 +52,12 @@ impl Limits {
 #[derive(Debug, Default)]
 pub struct Outbox {
     state: Mutex<State>,
-    /// The writer's waker, and whether it was woken since it last looked:
-    /// smaller than a `Notify`, and waited on without a waiter node.
+    /// The writer's waker, and whether it was woken since it last looked
+    /// ([`WOKEN`]): smaller than a `Notify`, and waited on without a waiter
+    /// node. The same byte holds [`FRAMED`], so opting in to recovery costs
+    /// a connection nothing.
     waker: AtomicWaker,
-    woken: AtomicBool,
+    flags: AtomicU8,
     /// Milliseconds (on the hub's clock) of the last frame from the client.
     last_seen: AtomicU64,
     /// Since when (hub clock, ms + 1; 0 = not) the client has left a frame
@@ -199,18 +207,46 @@ impl Outbox {
     }
 
     fn wake(&self) {
-        self.woken.store(true, Ordering::Release);
+        self.flags.fetch_or(WOKEN, Ordering::Release);
         self.waker.wake();
+    }
+
+    fn take_woken(&self) -> bool {
+        self.flags.fetch_and(!WOKEN, Ordering::AcqRel) & WOKEN != 0
+    }
+
+    /// Marks the connection as opted in to recovery: pushes reach it framed.
+    pub fn set_framed(&self) {
+        self.flags.fetch_or(FRAMED, Ordering::Release);
+    }
+
+    /// Whether the connection opted in to recovery.
+    pub fn is_framed(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & FRAMED != 0
+    }
+
+    /// Rewrites the queue in one locked step (a replay puts its frames
+    /// before the live pushes held meanwhile). Not bounded by the limits: the
+    /// caller bounds what it adds. Nothing happens once a close was asked.
+    pub fn rewrite(&self, f: impl FnOnce(&mut VecDeque<Bytes>)) {
+        let mut state = self.state.lock();
+        if state.close.is_some() {
+            return;
+        }
+        f(&mut state.frames);
+        state.bytes = state.frames.iter().map(Bytes::len).sum();
+        drop(state);
+        self.wake();
     }
 
     /// Ready once something was pushed or a close was asked for since the
     /// last time it was ready.
     pub fn poll_wake(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.woken.swap(false, Ordering::AcqRel) {
+        if self.take_woken() {
             return Poll::Ready(());
         }
         self.waker.register(cx.waker());
-        if self.woken.swap(false, Ordering::AcqRel) {
+        if self.take_woken() {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -293,6 +329,21 @@ mod tests {
             frames: n,
             bytes: usize::MAX,
         }
+    }
+
+    #[test]
+    fn the_recovery_flag_costs_no_byte_and_keeps_wakes_apart() {
+        // 120 bytes, as before the flag existed: it shares the wake-up byte.
+        assert_eq!(std::mem::size_of::<Outbox>(), 120);
+        let outbox = Outbox::default();
+        assert!(!outbox.is_framed());
+        outbox.set_framed();
+        assert!(outbox.is_framed());
+        assert!(!outbox.take_woken());
+        outbox.push(Bytes::from_static(b"x"), &frames(3)).unwrap();
+        assert!(outbox.take_woken());
+        assert!(!outbox.take_woken());
+        assert!(outbox.is_framed());
     }
 
     #[test]

@@ -44,6 +44,35 @@ pub fn encode_frame(binary: bool, data: &[u8]) -> Bytes {
     frame::encode(opcode, data)
 }
 
+/// The last message of a close, in both shapes: exactly as pushed, and
+/// framed for a connection that opted in to recovery (docs/recovery.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastFrame {
+    /// The frame of exactly the bytes pushed.
+    pub plain: Bytes,
+    /// The frame with the header `{}` (never kept in history).
+    pub framed: Bytes,
+}
+
+impl LastFrame {
+    /// Both frames of a message.
+    pub fn of(binary: bool, data: &[u8]) -> Self {
+        LastFrame {
+            plain: encode_frame(binary, data),
+            framed: crate::recovery::framing::encode(binary, None, data),
+        }
+    }
+
+    /// Whole frames built by the caller (GatewayWorker's raw pushes): sent
+    /// as given to every connection.
+    pub fn raw(frame: Bytes) -> Self {
+        LastFrame {
+            plain: frame.clone(),
+            framed: frame,
+        }
+    }
+}
+
 /// Who a push goes to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
@@ -82,6 +111,9 @@ pub struct Push {
     pub exclude: Vec<ClientId>,
     /// What they receive.
     pub message: Message,
+    /// Keep it in its streams' history (`Some(true)`), not (`Some(false)`),
+    /// or as `--history-streams` says (`None`).
+    pub history: Option<bool>,
 }
 
 /// What a push did on this node.

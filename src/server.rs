@@ -158,13 +158,19 @@ pub async fn run_with(
         })
         .with_max_session_bytes(config.max_session_bytes),
     );
+    let history = crate::recovery::history::HistorySettings::new(
+        config.history_size,
+        config.history_ttl,
+        &config.history_streams,
+    );
     let engine: Arc<dyn Engine> = match &config.redis_url {
         None => {
             // A single node is the whole gateway.
             metrics.nodes_alive.set(1);
             Arc::new(
                 MemoryEngine::new(hub.clone(), metrics.clone(), node)
-                    .with_resume_window(config.resume_window),
+                    .with_resume_window(config.resume_window)
+                    .with_history(history),
             )
         }
         Some(url) => {
@@ -187,6 +193,7 @@ pub async fn run_with(
                     &config.gateway_secret_key,
                 ),
                 resume_window: config.resume_window,
+                history,
             };
             let engine =
                 RedisEngine::start(settings, node, hub.clone(), metrics.clone(), fatal.clone())

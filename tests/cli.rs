@@ -96,6 +96,9 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--events-redis-url", "GATECAST_EVENTS_REDIS_URL"),
         ("--worker-keep-token", "GATECAST_WORKER_KEEP_TOKEN"),
         ("--demo", "GATECAST_DEMO"),
+        ("--history-size", "GATECAST_HISTORY_SIZE"),
+        ("--history-ttl", "GATECAST_HISTORY_TTL"),
+        ("--history-streams", "GATECAST_HISTORY_STREAMS"),
         ("--log-format", "GATECAST_LOG_FORMAT"),
         ("--log-level", "GATECAST_LOG_LEVEL"),
     ] {
@@ -116,6 +119,10 @@ fn options_come_from_the_environment_and_bad_values_are_refused() {
         .output_within(WAIT);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--client-queue"));
+
+    let out = gatecast().args(["--history-size", "0"]).output_within(WAIT);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--history-size"));
 
     let out = gatecast()
         .args(["--ping-interval", "soon"])

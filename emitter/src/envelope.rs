@@ -158,6 +158,20 @@ pub struct EnvelopeRef<'a> {
     /// See [`Envelope::reqs`].
     #[serde(default)]
     pub reqs: Vec<u64>,
+    /// Push kept in history: its stream (`u:<uid>`, `g:<group>`, `all`).
+    /// Added by the `<prefix>_push` Redis Function (docs/publishing.md),
+    /// never written by a publisher itself, like `e`, `o` and `t`.
+    #[serde(default, borrow)]
+    pub s: Option<&'a str>,
+    /// Push kept in history: the stream's epoch.
+    #[serde(default, borrow)]
+    pub e: Option<&'a str>,
+    /// Push kept in history: its offset in the stream.
+    #[serde(default)]
+    pub o: Option<u64>,
+    /// Push kept in history: when it was appended (Unix ms, Redis clock).
+    #[serde(default)]
+    pub t: Option<u64>,
 }
 
 fn is_false(b: &bool) -> bool {

@@ -105,6 +105,9 @@ struct SendToAll {
     #[serde(default, deserialize_with = "null_as_empty")]
     exclude_client_ids: Vec<ClientId>,
     client_ids: Option<Vec<ClientId>>,
+    /// Keep it in history (docs/recovery.md): overrides --history-streams.
+    #[serde(default)]
+    history: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -120,6 +123,9 @@ struct SendToUid {
     uids: Option<OneOrMany>,
     #[serde(flatten)]
     data: Data,
+    /// Keep it in history (docs/recovery.md): overrides --history-streams.
+    #[serde(default)]
+    history: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,6 +136,9 @@ struct SendToGroup {
     exclude_client_ids: Vec<ClientId>,
     #[serde(flatten)]
     data: Data,
+    /// Keep it in history (docs/recovery.md): overrides --history-streams.
+    #[serde(default)]
+    history: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -262,19 +271,22 @@ pub async fn call(gw: &Gateway, method: &str, params: Value) -> Result<Value, Ap
                 Some(ids) => Target::Clients(ids),
                 None => Target::All,
             };
-            publish(gw, target, p.exclude_client_ids, p.data.required(max)?).await?;
+            let message = p.data.required(max)?;
+            publish(gw, target, p.exclude_client_ids, message, p.history).await?;
             null
         }
         "send_to_client" => {
             let p: SendToClient = parse(params)?;
             let message = p.data.required(max)?;
-            publish(gw, Target::Client(p.client_id), Vec::new(), message).await?;
+            let target = Target::Client(p.client_id);
+            publish(gw, target, Vec::new(), message, Some(false)).await?;
             null
         }
         "send_to_uid" => {
             let p: SendToUid = parse(params)?;
             let uids = names(p.uid, p.uids, "uid", items)?;
-            publish(gw, Target::Uids(uids), Vec::new(), p.data.required(max)?).await?;
+            let message = p.data.required(max)?;
+            publish(gw, Target::Uids(uids), Vec::new(), message, p.history).await?;
             null
         }
         "send_to_group" => {
@@ -282,7 +294,8 @@ pub async fn call(gw: &Gateway, method: &str, params: Value) -> Result<Value, Ap
             let groups = names(p.group, p.groups, "group", items.min(MAX_PUSH_GROUPS))?;
             at_most(&p.exclude_client_ids, items, "exclude_client_ids")?;
             let message = p.data.required(max)?;
-            publish(gw, Target::Groups(groups), p.exclude_client_ids, message).await?;
+            let target = Target::Groups(groups);
+            publish(gw, target, p.exclude_client_ids, message, p.history).await?;
             null
         }
         "close_client" => {
@@ -388,6 +401,7 @@ async fn publish(
     target: Target,
     exclude: Vec<ClientId>,
     message: Message,
+    history: Option<bool>,
 ) -> Result<(), ApiError> {
     gw.metrics
         .pushes
@@ -399,6 +413,7 @@ async fn publish(
         target,
         exclude,
         message,
+        history,
     };
     gw.engine.publish(push).await?;
     Ok(())

@@ -10,7 +10,11 @@ use crate::hub::{Hub, Membership};
 use crate::ids::{ClientId, NodeId};
 use crate::metrics::Metrics;
 use crate::outbox::Outbox;
-use crate::push::{Message, Push};
+use crate::push::{Delivered, Message, Push, Target};
+use crate::recovery::framing::PositionRef;
+use crate::recovery::history::{
+    group_stream, uid_stream, HistoryRead, HistorySettings, MemoryHistory, ALL_STREAM,
+};
 use crate::recovery::resume::{
     MemoryRecords, Refusal, Resumable, ResumeKey, Taken, Token, UidCheck, DEFAULT_WINDOW,
 };
@@ -26,10 +30,11 @@ pub struct MemoryEngine {
     resumable: Resumable,
     /// Records of closed connections, until `--resume-window` passes.
     records: MemoryRecords,
+    history: MemoryHistory,
 }
 
 impl MemoryEngine {
-    /// An engine over `hub`, for node `node`.
+    /// An engine over `hub`, for node `node`, history off.
     pub fn new(hub: Arc<Hub>, metrics: Arc<Metrics>, node: NodeId) -> Self {
         MemoryEngine {
             hub,
@@ -37,6 +42,7 @@ impl MemoryEngine {
             node,
             resumable: Resumable::default(),
             records: MemoryRecords::new(DEFAULT_WINDOW),
+            history: MemoryHistory::new(HistorySettings::default()),
         }
     }
 
@@ -45,6 +51,60 @@ impl MemoryEngine {
     pub fn with_resume_window(mut self, window: std::time::Duration) -> Self {
         self.records = MemoryRecords::new(window);
         self
+    }
+
+    /// This engine with these history settings.
+    pub fn with_history(mut self, settings: HistorySettings) -> Self {
+        self.history = MemoryHistory::new(settings);
+        self
+    }
+
+    /// Delivers a push with history on for some of its streams: each stream
+    /// apart, appended and delivered under the history's lock.
+    fn publish_kept(&self, push: &Push) -> Delivered {
+        let m = &push.message;
+        let (hub, exclude) = (&self.hub, push.exclude.as_slice());
+        let one = |stream: &str, deliver: &dyn Fn(Option<PositionRef<'_>>) -> Delivered| {
+            if self.history.settings().keeps(stream, push.history) {
+                self.history.append_then(stream, m, |p| deliver(Some(p)))
+            } else {
+                deliver(None)
+            }
+        };
+        let mut total = Delivered::default();
+        let mut add = |d: Delivered| {
+            total.queued += d.queued;
+            total.overflowed += d.overflowed;
+        };
+        match &push.target {
+            Target::Uids(uids) => {
+                let mut seen = std::collections::HashSet::new();
+                for uid in uids.iter().filter(|u| seen.insert(*u)) {
+                    let target = Target::Uids(vec![uid.clone()]);
+                    add(one(&uid_stream(uid), &|p| {
+                        hub.deliver_message(&target, exclude, m.binary, &m.data, p)
+                    }));
+                }
+            }
+            Target::Groups(groups) => {
+                let mut seen = std::collections::HashSet::new();
+                let names: Vec<&str> = groups
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|g| seen.insert(*g))
+                    .collect();
+                for group in &names {
+                    add(one(&group_stream(group), &|p| {
+                        hub.deliver_group_message(&names, group, exclude, m.binary, &m.data, p)
+                    }));
+                }
+            }
+            Target::All => add(one(ALL_STREAM, &|p| {
+                hub.deliver_message(&Target::All, exclude, m.binary, &m.data, p)
+            })),
+            Target::Client(_) | Target::Clients(_) => add(hub.deliver(push)),
+        }
+        total
     }
 }
 
@@ -71,13 +131,17 @@ impl Engine for MemoryEngine {
     }
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
-        let delivered = self.hub.deliver(&push);
+        let delivered = if self.history.settings().keeps_any(&push) {
+            self.publish_kept(&push)
+        } else {
+            self.hub.deliver(&push)
+        };
         self.metrics.delivered(push.target.kind(), delivered);
         Ok(())
     }
 
     async fn close_client(&self, id: ClientId, last: Option<Message>) -> EngineResult<()> {
-        let frame = last.map(|m| m.frame());
+        let frame = last.map(|m| crate::push::LastFrame::of(m.binary, &m.data));
         self.hub
             .close_client(id, frame, close_code::NORMAL, "closed by server");
         Ok(())
@@ -196,6 +260,15 @@ impl Engine for MemoryEngine {
         Ok(self
             .records
             .take(token, check, |old| self.hub.membership(old)))
+    }
+
+    async fn history_since(&self, stream: &str, offset: u64) -> EngineResult<HistoryRead> {
+        Ok(self.history.read(stream, offset))
+    }
+
+    async fn publish_once(&self, push: Push, _dedup: String) -> EngineResult<()> {
+        // One node: it is the only one that got the push.
+        self.publish(push).await
     }
 
     async fn shutdown(&self) {}

@@ -17,6 +17,7 @@ use crate::hub::Membership;
 use crate::ids::ClientId;
 use crate::outbox::Outbox;
 use crate::push::{Message, Push};
+use crate::recovery::history::HistoryRead;
 use crate::recovery::resume::{ResumeKey, Taken, Token, UidCheck};
 use crate::session::Session;
 
@@ -127,6 +128,21 @@ pub trait Engine: Send + Sync + 'static {
     /// use, a wrong secret, an expired record or (with client auth) a uid
     /// other than `check` is refused, and nothing is consumed by a refusal.
     async fn take_resume(&self, token: &Token, check: UidCheck<'_>) -> EngineResult<Taken>;
+    // --- History (issue 27, docs/recovery.md section 2.2) ---
+    // Pushes are appended by `publish` (as `Push::history` and
+    // `--history-streams` say), atomically with their delivery.
+
+    /// What `stream` (`u:<uid>`, `g:<group>`, `all`) keeps after `offset`:
+    /// its epoch, top offset and entries (those past `--history-ttl` left
+    /// out).
+    async fn history_since(&self, stream: &str, offset: u64) -> EngineResult<HistoryRead>;
+
+    /// A push every node receives at once (GatewayWorker's inner port: the
+    /// GatewayClient sends it to each node itself) to streams that keep
+    /// history: kept and published once, by the first node that brings it
+    /// under `dedup` (the same id on every node), and delivered to every
+    /// node's clients from there.
+    async fn publish_once(&self, push: Push, dedup: String) -> EngineResult<()>;
 
     /// Leaves the cluster: removes this node's entries from storage at once.
     /// Called once at shutdown, right after every connection was asked to

@@ -10,26 +10,86 @@ use super::{Hub, Local};
 use crate::ids::ClientId;
 use crate::outbox::Limits;
 use crate::push::{Delivered, Push, Target};
+use crate::recovery::framing::{self, PositionRef};
+use crate::recovery::history::Replays;
+
+/// The frames of one push, each encoded at the first recipient that needs
+/// it and shared by the others: `plain`, exactly the bytes pushed, for most
+/// connections; `framed`, header and payload, for those that opted in to
+/// recovery.
+pub struct Frames<'a> {
+    /// The frame of exactly the bytes pushed.
+    pub plain: &'a dyn Fn() -> Bytes,
+    /// The frame with the recovery header.
+    pub framed: &'a dyn Fn() -> Bytes,
+    /// Where the push sits in its stream's history, if kept.
+    pub position: Option<PositionRef<'a>>,
+}
+
+impl Hub {
+    /// Enqueues a message at `position` (kept in history, or not) to the
+    /// local connections `target` names, except `exclude`: both variants
+    /// encoded from the message at most once.
+    pub fn deliver_message(
+        &self,
+        target: &Target,
+        exclude: &[ClientId],
+        binary: bool,
+        data: &[u8],
+        position: Option<PositionRef<'_>>,
+    ) -> Delivered {
+        let plain = || crate::push::encode_frame(binary, data);
+        let framed = || framing::encode(binary, position, data);
+        let frames = Frames {
+            plain: &plain,
+            framed: &framed,
+            position,
+        };
+        self.deliver_with(target, exclude, &frames)
+    }
+
+    /// [`Hub::deliver_group_part`] of a message at `position`.
+    pub fn deliver_group_message(
+        &self,
+        groups: &[&str],
+        group: &str,
+        exclude: &[ClientId],
+        binary: bool,
+        data: &[u8],
+        position: Option<PositionRef<'_>>,
+    ) -> Delivered {
+        let plain = || crate::push::encode_frame(binary, data);
+        let framed = || framing::encode(binary, position, data);
+        let frames = Frames {
+            plain: &plain,
+            framed: &framed,
+            position,
+        };
+        self.deliver_group_part(groups, group, exclude, &frames)
+    }
+}
 
 impl Hub {
     /// Enqueues `push` to every local connection it targets. The frame is
     /// encoded once; each queue gets a reference to the same bytes.
     pub fn deliver(&self, push: &Push) -> Delivered {
-        self.deliver_with(&push.target, &push.exclude, &|| push.message.frame())
+        let m = &push.message;
+        self.deliver_message(&push.target, &push.exclude, m.binary, &m.data, None)
     }
 
     /// Enqueues to the local connections `target` names, except those in
-    /// `exclude`, the frame `encode` makes: called once, at the first
-    /// recipient, so a push with no recipient here costs no copy of its
-    /// payload (the Redis engine hears of many of those).
+    /// `exclude`, the frames `frames` makes: each variant encoded once, at
+    /// the first recipient that needs it, so a push with no recipient here
+    /// costs no copy of its payload (the Redis engine hears of many of
+    /// those).
     pub fn deliver_with(
         &self,
         target: &Target,
         exclude: &[ClientId],
-        encode: &dyn Fn() -> Bytes,
+        frames: &Frames<'_>,
     ) -> Delivered {
         let excluded = Exclusion::new(exclude);
-        let mut sender = Sender::new(encode, &excluded, &self.limits);
+        let mut sender = Sender::new(frames, &excluded, &self.limits, &self.replays);
         match target {
             Target::All => {
                 for shard in self.shards.iter() {
@@ -96,7 +156,7 @@ impl Hub {
         groups: &[&str],
         group: &str,
         exclude: &[ClientId],
-        encode: &dyn Fn() -> Bytes,
+        frames: &Frames<'_>,
     ) -> Delivered {
         let earlier = match groups.iter().position(|g| *g == group) {
             Some(pos) => &groups[..pos],
@@ -108,7 +168,7 @@ impl Hub {
         // member).
         let earlier = Earlier::new(earlier);
         let excluded = Exclusion::new(exclude);
-        let mut sender = Sender::new(encode, &excluded, &self.limits);
+        let mut sender = Sender::new(frames, &excluded, &self.limits, &self.replays);
         for shard in self.shards.iter() {
             let index = shard.read();
             for id in index.groups.get(group).into_iter().flatten() {
@@ -124,22 +184,32 @@ impl Hub {
     }
 }
 
-/// Enqueues one push's frame, encoded at the first recipient.
+/// Enqueues one push's frames, each encoded at the first recipient that
+/// needs it.
 struct Sender<'a> {
-    frame: OnceCell<Bytes>,
-    encode: &'a dyn Fn() -> Bytes,
+    plain: OnceCell<Bytes>,
+    framed: OnceCell<Bytes>,
+    frames: &'a Frames<'a>,
     excluded: &'a Exclusion<'a>,
     limits: &'a Limits,
+    replays: &'a Replays,
     out: Delivered,
 }
 
 impl<'a> Sender<'a> {
-    fn new(encode: &'a dyn Fn() -> Bytes, excluded: &'a Exclusion<'a>, limits: &'a Limits) -> Self {
+    fn new(
+        frames: &'a Frames<'a>,
+        excluded: &'a Exclusion<'a>,
+        limits: &'a Limits,
+        replays: &'a Replays,
+    ) -> Self {
         Sender {
-            frame: OnceCell::new(),
-            encode,
+            plain: OnceCell::new(),
+            framed: OnceCell::new(),
+            frames,
             excluded,
             limits,
+            replays,
             out: Delivered::default(),
         }
     }
@@ -148,7 +218,17 @@ impl<'a> Sender<'a> {
         if self.excluded.contains(id) {
             return;
         }
-        let frame = self.frame.get_or_init(self.encode).clone();
+        let frame = if local.outbox.is_framed() {
+            if let Some(position) = self.frames.position {
+                // Already given by this connection's replay.
+                if !self.replays.admits(id, position) {
+                    return;
+                }
+            }
+            self.framed.get_or_init(self.frames.framed).clone()
+        } else {
+            self.plain.get_or_init(self.frames.plain).clone()
+        };
         match local.outbox.push(frame, self.limits) {
             Ok(()) => self.out.queued += 1,
             Err(_) => self.out.overflowed += 1,

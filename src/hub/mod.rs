@@ -28,6 +28,8 @@ use crate::session::{self, Session, SessionError};
 
 mod fanout;
 
+pub use fanout::Frames;
+
 /// One local connection's state.
 #[derive(Debug)]
 pub struct Local {
@@ -72,6 +74,10 @@ pub struct Hub {
     limits: Limits,
     /// `--max-session-bytes`.
     max_session_bytes: usize,
+    /// Replays running here and what they already gave (recovery).
+    pub replays: Arc<crate::recovery::history::Replays>,
+    /// Inner-port pushes seen lately, to keep each in history once.
+    pub inner_pushes: crate::recovery::history::InnerPushes,
 }
 
 /// A connection with an unfinished client message (see [`Hub::incomplete`]).
@@ -93,6 +99,8 @@ impl Hub {
             clock: Instant::now(),
             limits,
             max_session_bytes: session::DEFAULT_MAX_BYTES,
+            replays: Arc::default(),
+            inner_pushes: Default::default(),
         }
     }
 
@@ -159,6 +167,7 @@ impl Hub {
 
     /// Removes a connection from every index; returns what it was in.
     pub fn remove(&self, id: ClientId) -> Option<Membership> {
+        self.replays.clear(id);
         let mut index = self.shard(id).write();
         let local = index.conns.remove(&id)?;
         if let Some(uid) = &local.uid {
@@ -297,12 +306,22 @@ impl Hub {
 
     /// Asks `id` to close, after `last` (if any) and what is already
     /// queued. Returns whether the connection is here.
-    pub fn close_client(&self, id: ClientId, last: Option<Bytes>, code: u16, reason: &str) -> bool {
+    pub fn close_client(
+        &self,
+        id: ClientId,
+        last: Option<crate::push::LastFrame>,
+        code: u16,
+        reason: &str,
+    ) -> bool {
         let index = self.shard(id).read();
         let Some(local) = index.conns.get(&id) else {
             return false;
         };
-        if let Some(frame) = last {
+        if let Some(last) = last {
+            let frame = match local.outbox.is_framed() {
+                true => last.framed,
+                false => last.plain,
+            };
             // Room is made for the last message even in a full queue.
             let _ = local.outbox.push(frame, &self.limits.one_more());
         }
@@ -627,7 +646,12 @@ mod tests {
         let names: Vec<String> = (0..20_000).map(|g| format!("list{g:05}")).collect();
         let mut groups: Vec<&str> = names.iter().map(String::as_str).collect();
         groups.push("last");
-        let frame = || bytes::Bytes::from_static(b"x");
+        let x = || bytes::Bytes::from_static(b"x");
+        let frame = super::fanout::Frames {
+            plain: &x,
+            framed: &x,
+            position: None,
+        };
         let started = std::time::Instant::now();
         let delivered = hub.deliver_group_part(&groups, "last", &[], &frame);
         let took = started.elapsed();
@@ -651,6 +675,7 @@ mod tests {
             target: Target::Groups(vec!["g1".into(), "g2".into()]),
             exclude: vec![c],
             message: Message::text("hi"),
+            history: None,
         };
         assert_eq!(hub.deliver(&push).queued, 2);
         let mut frames = Vec::new();

@@ -64,6 +64,10 @@ pub struct Setup {
     pub handshake: Option<Handshake>,
     /// Recovery state, when the client opted in (`/ws?recover=1`).
     pub recovery: Option<Box<ResumeSetup>>,
+    /// `recover=1`: pushes reach it framed (docs/recovery.md).
+    pub recover: bool,
+    /// `pos=`: what to replay once registered.
+    pub positions: Option<crate::recovery::positions::Positions>,
 }
 
 /// An upgraded connection, handed to [`serve`] in one box: the task keeps
@@ -108,6 +112,25 @@ pub async fn serve(start: Box<Start>) {
 struct Registration {
     setup: Setup,
     early: Bytes,
+}
+
+/// Replays what the connection missed after `positions`, with the
+/// membership it has now.
+async fn replay(
+    gw: &Gateway,
+    id: ClientId,
+    outbox: &Outbox,
+    positions: crate::recovery::positions::Positions,
+) {
+    let membership = gw.hub.membership(id).unwrap_or_default();
+    let cx = crate::recovery::history::ReplayContext {
+        engine: &*gw.engine,
+        replays: &gw.hub.replays,
+        budget: gw.config.client_queue.saturating_sub(outbox.len() + 2),
+        budget_bytes: gw.config.client_queue_bytes,
+    };
+    let (uid, groups) = (membership.uid.as_deref(), &membership.groups);
+    crate::recovery::history::replay(cx, id, uid, groups, outbox, positions).await;
 }
 
 /// The first frame: `--welcome-frame` with the client's id, or for a
@@ -182,6 +205,9 @@ impl Connection {
         let setup = *setup;
         let id = gw.minter.mint_unused(|id| gw.hub.contains(id));
         let outbox = Arc::new(Outbox::default());
+        if setup.recover {
+            outbox.set_framed();
+        }
         let _ = outbox.push(
             welcome(&gw, id, setup.recovery.as_deref()),
             &Limits {
@@ -225,6 +251,12 @@ impl Connection {
         if let Err(e) = connect.instrument(self.span()).await {
             tracing::warn!(client_id = %id, error = %e, "could not register connection");
             outbox.close(close_code::INTERNAL_ERROR, "try again later", true);
+        }
+        if let Some(positions) = setup.positions.filter(|_| !outbox.is_closing()) {
+            // After the membership the connection starts with (its token's,
+            // or a resume's), before anything is written: its live pushes
+            // wait in the outbox meanwhile.
+            Box::pin(replay(gw, id, outbox, positions)).await;
         }
         if gw.is_draining() {
             // Upgraded while the drain began: close_all did not see it.

@@ -66,6 +66,13 @@ impl WsQuery {
         };
         let resume = self.resume.take().filter(|t| !t.is_empty());
         if !recover && resume.is_none() {
+            if self.pos.is_some() {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_pos",
+                    "pos needs recover=1",
+                ));
+            }
             return Ok(None);
         }
         Ok(Some(RecoveryQuery {
@@ -119,6 +126,17 @@ pub async fn upgrade(
         Ok(recovery) => recovery,
         Err(e) => return e.into_response(),
     };
+    let positions = match recovery.as_ref().and_then(|r| r.pos.as_deref()) {
+        None => None,
+        Some(pos) => match crate::recovery::positions::parse(pos) {
+            Ok(positions) => Some(positions),
+            Err(e) => {
+                return ApiError::new(StatusCode::BAD_REQUEST, "invalid_pos", e.to_string())
+                    .into_response()
+            }
+        },
+    };
+    let recover = recovery.is_some();
     let mut verified = match &gw.client_auth {
         None => Verified {
             membership: Membership::default(),
@@ -182,6 +200,8 @@ pub async fn upgrade(
         client,
         handshake,
         recovery,
+        recover,
+        positions,
     });
     let on_upgrade = hyper::upgrade::on(&mut request);
     let task_gw = gw.clone();

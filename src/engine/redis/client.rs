@@ -34,8 +34,9 @@ pub struct Redis {
     pub subscriber: Subscriber,
     /// Redis Cluster: sharded pub/sub.
     pub sharded: bool,
-    /// PUBLISH is never retried (see [`Redis::publish`]).
-    once: Options,
+    /// PUBLISH (and the history Function that publishes) is never retried
+    /// (see [`Redis::publish`]).
+    pub once: Options,
 }
 
 impl Redis {

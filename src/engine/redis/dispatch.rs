@@ -12,13 +12,16 @@
 use std::sync::Arc;
 
 use super::envelope::{peek_origin, EnvelopeRef, Op};
+use super::history::Gate;
 use super::inbox::{Batch, Inbox};
 use super::keys::Channel;
 use super::membership::Change;
 use super::Shared;
 use crate::frame::close_code;
+use crate::hub::Frames;
 use crate::ids::{ClientId, NodeId};
-use crate::push::{encode_frame, Target};
+use crate::push::{encode_frame, LastFrame, Target};
+use crate::recovery::framing::{self, PositionRef};
 use crate::task::spawn_critical_thread;
 
 /// How long the dispatcher waits for more messages before it hands back
@@ -33,7 +36,7 @@ pub fn start(s: &Arc<Shared>, inbox: Arc<Inbox>) -> std::io::Result<()> {
     })
 }
 
-fn dispatch_all(s: &Shared, inbox: &Inbox) {
+fn dispatch_all(s: &Arc<Shared>, inbox: &Inbox) {
     let mut batch = Batch::default();
     // Idle after a burst: hand back what it freed (frames this thread
     // encoded, dropped by the connections), then sleep.
@@ -46,8 +49,9 @@ fn dispatch_all(s: &Shared, inbox: &Inbox) {
 }
 
 impl Shared {
-    fn on_message(&self, channel: &[u8], bytes: &[u8]) {
+    fn on_message(self: &Arc<Self>, channel: &[u8], bytes: &[u8]) {
         self.metrics.pubsub_received.inc();
+        let raw_channel = channel;
         let Some(channel) = std::str::from_utf8(channel)
             .ok()
             .and_then(|c| self.keys.parse_channel(c))
@@ -74,6 +78,28 @@ impl Shared {
         if longest > self.settings.max_list_items {
             return self.malformed(channel, "a list longer than --max-list-items");
         }
+        if let (Op::Push, Some(stream), Some(epoch), Some(offset)) =
+            (envelope.op, envelope.s, envelope.e, envelope.o)
+        {
+            // A push kept in history: delivered in offset order, gaps read
+            // back (`history::Gaps`).
+            let name = std::str::from_utf8(raw_channel).unwrap_or_default();
+            match self.gaps.gate(stream, epoch, offset, name, bytes) {
+                Gate::Deliver => {}
+                Gate::Duplicate | Gate::Held => return,
+                Gate::Repair { after, repair } => {
+                    return self.spawn_repair(stream.to_owned(), after, repair)
+                }
+                Gate::Flush(held) => {
+                    for (c, raw) in held {
+                        let c = self.keys.parse_channel(&c);
+                        if let (Some(c), Ok(e)) = (c, EnvelopeRef::decode(&raw)) {
+                            let _ = self.deliver_now(c, &e);
+                        }
+                    }
+                }
+            }
+        }
         if let Err(reason) = self.dispatch(channel, envelope) {
             self.malformed(channel, reason);
         }
@@ -86,7 +112,7 @@ impl Shared {
 
     fn dispatch(&self, channel: Channel<'_>, e: EnvelopeRef<'_>) -> Result<(), &'static str> {
         match (channel, e.op) {
-            (_, Op::Push) => self.deliver(channel, &e),
+            (_, Op::Push) => self.deliver_now(channel, &e),
             (Channel::Node(_) | Channel::Reply(_), Op::Reply) => {
                 if e.req.is_none() && e.reqs.is_empty() {
                     return Err("reply without req");
@@ -100,7 +126,10 @@ impl Shared {
             (Channel::Node(_), Op::Close) => {
                 let id = parse_id(e.client_id).ok_or("close without client_id")?;
                 let last = match e.data.as_deref() {
-                    Some(data) => Some(self.checked_frame(e.binary, data)?),
+                    Some(data) => {
+                        self.check_message(e.binary, data)?;
+                        Some(LastFrame::of(e.binary, data))
+                    }
                     None => None,
                 };
                 self.hub
@@ -147,29 +176,50 @@ impl Shared {
         }
     }
 
-    fn deliver(&self, channel: Channel<'_>, e: &EnvelopeRef<'_>) -> Result<(), &'static str> {
+    /// Delivers a push to the local connections its channel names.
+    pub(super) fn deliver_now(
+        &self,
+        channel: Channel<'_>,
+        e: &EnvelopeRef<'_>,
+    ) -> Result<(), &'static str> {
         let data = e.data.as_deref().ok_or("push without data")?;
         self.check_message(e.binary, data)?;
-        // The payload is copied once, into the frame, at the first
-        // recipient on this node.
-        let encode = || encode_frame(e.binary, data);
+        // The payload is copied once per variant (plain, or framed for
+        // connections that opted in to recovery), at the first recipient
+        // on this node that needs it.
+        let position = match (e.s, e.e, e.o) {
+            (Some(stream), Some(epoch), Some(offset)) => Some(PositionRef {
+                stream,
+                epoch,
+                offset,
+            }),
+            _ => None,
+        };
+        let binary = e.binary;
+        let plain = || encode_frame(binary, data);
+        let framed = || framing::encode(binary, position, data);
+        let frames = Frames {
+            plain: &plain,
+            framed: &framed,
+            position,
+        };
         let exclude: Vec<ClientId> = e.exclude.iter().filter_map(|s| s.parse().ok()).collect();
         let hub = &self.hub;
         let (kind, delivered) = match channel {
-            Channel::All => ("all", hub.deliver_with(&Target::All, &exclude, &encode)),
+            Channel::All => ("all", hub.deliver_with(&Target::All, &exclude, &frames)),
             Channel::Group(group) => (
                 "group",
-                hub.deliver_group_part(&e.groups, group, &exclude, &encode),
+                hub.deliver_group_part(&e.groups, group, &exclude, &frames),
             ),
             Channel::Uid(uid) => {
                 let target = Target::Uids(vec![uid.to_owned()]);
-                ("uid", hub.deliver_with(&target, &exclude, &encode))
+                ("uid", hub.deliver_with(&target, &exclude, &frames))
             }
             Channel::Reply(_) => return Err("only replies go on a reply channel"),
             Channel::Node(_) => {
                 let ids = e.client_ids.iter().filter_map(|s| s.parse().ok()).collect();
                 let target = Target::Clients(ids);
-                ("client", hub.deliver_with(&target, &exclude, &encode))
+                ("client", hub.deliver_with(&target, &exclude, &frames))
             }
         };
         self.metrics.delivered(kind, delivered);
@@ -187,11 +237,6 @@ impl Shared {
             return Err("text message is not UTF-8");
         }
         Ok(())
-    }
-
-    fn checked_frame(&self, binary: bool, data: &[u8]) -> Result<bytes::Bytes, &'static str> {
-        self.check_message(binary, data)?;
-        Ok(encode_frame(binary, data))
     }
 }
 

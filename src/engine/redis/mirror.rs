@@ -552,6 +552,11 @@ async fn write(
         for script in s.scripts.all() {
             script.load(&s.redis.client).await?;
         }
+        // History is optional: a Redis that refuses Functions (older than
+        // 7.0, an ACL) still serves everything else.
+        if let Err(e) = s.load_history().await {
+            tracing::warn!(error = %e, "history Functions not loaded: pushes kept in history will fail");
+        }
         // Alive first: a node that purges dead partitions must not take
         // this one for dead while it is being rewritten.
         if liveness::beat(s, true).await? == Beat::Conflict {

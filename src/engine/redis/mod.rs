@@ -27,6 +27,7 @@
 
 mod client;
 mod dispatch;
+mod history;
 mod inbox;
 mod liveness;
 mod membership;
@@ -90,6 +91,8 @@ pub struct RedisSettings {
     pub liveness_key: crate::gatewayworker::secret::GatewayKey,
     /// `--resume-window`: how long a resume record outlives its connection.
     pub resume_window: Duration,
+    /// `--history-*`: which pushes are kept, how many, how long.
+    pub history: crate::recovery::history::HistorySettings,
 }
 
 /// The Redis engine. Cheap to clone.
@@ -121,6 +124,10 @@ struct Shared {
     resumable: crate::recovery::resume::Resumable,
     /// Turns of resumes asking Redis ([`resume::IN_FLIGHT`]).
     resumes: tokio::sync::Semaphore,
+    /// History reads in flight, shared by concurrent resumes.
+    reads: history::Reads,
+    /// Offsets delivered per stream, for gap repair.
+    gaps: history::Gaps,
     /// The partition and subscriptions were written since the last
     /// (re)connection: the node is ready.
     registered: AtomicBool,
@@ -188,6 +195,8 @@ impl RedisEngine {
             rpc: Rpc::default(),
             resumable: Default::default(),
             resumes: tokio::sync::Semaphore::new(resume::IN_FLIGHT),
+            reads: history::Reads::default(),
+            gaps: history::Gaps::default(),
             registered: AtomicBool::new(false),
             responsive: AtomicBool::new(true),
             writable: AtomicBool::new(true),
@@ -195,6 +204,7 @@ impl RedisEngine {
             fatal,
         });
 
+        shared.gaps.set_runtime(tokio::runtime::Handle::current());
         dispatch::start(&shared, inbox.clone())
             .map_err(|e| format!("cannot start the dispatcher threads: {e}"))?;
         let (fatal, stop) = (&shared.fatal, &shared.stop);
@@ -302,6 +312,9 @@ impl Engine for RedisEngine {
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
         let s = &self.shared;
+        if s.settings.history.keeps_any(&push) {
+            return s.publish_kept(&push, None).await;
+        }
         let mut e = Envelope::new(Op::Push);
         e.data = Some(push.message.data.clone());
         e.binary = push.message.binary;
@@ -376,7 +389,7 @@ impl Engine for RedisEngine {
     async fn close_client(&self, id: ClientId, last: Option<Message>) -> EngineResult<()> {
         let s = &self.shared;
         if s.is_local(id) {
-            let frame = last.map(|m| m.frame());
+            let frame = last.map(|m| crate::push::LastFrame::of(m.binary, &m.data));
             s.hub
                 .close_client(id, frame, close_code::NORMAL, "closed by server");
             return Ok(());
@@ -496,6 +509,18 @@ impl Engine for RedisEngine {
         check: crate::recovery::resume::UidCheck<'_>,
     ) -> EngineResult<crate::recovery::resume::Taken> {
         self.shared.take_resume(token, check).await
+    }
+
+    async fn history_since(
+        &self,
+        stream: &str,
+        offset: u64,
+    ) -> EngineResult<crate::recovery::history::HistoryRead> {
+        self.shared.history_since(stream, offset).await
+    }
+
+    async fn publish_once(&self, push: Push, dedup: String) -> EngineResult<()> {
+        self.shared.publish_kept(&push, Some(&dedup)).await
     }
 
     async fn shutdown(&self) {

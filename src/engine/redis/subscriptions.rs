@@ -40,6 +40,9 @@ impl Subscriptions {
                 _ => {}
             }
         }
+        for channel in &subscribe {
+            s.forget_gaps(channel);
+        }
         self.apply(s, subscribe, unsubscribe).await
     }
 

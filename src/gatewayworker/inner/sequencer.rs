@@ -23,8 +23,11 @@ use super::{json_ext, keys, name, strings, values};
 use crate::engine::EngineResult;
 use crate::frame::close_code;
 use crate::gateway::Gateway;
+use crate::hub::Frames;
 use crate::ids::ClientId;
-use crate::push::{encode_frame, Target};
+use crate::push::{encode_frame, LastFrame, Message, Push, Target};
+use crate::recovery::framing;
+use crate::recovery::history::{group_stream, prefix_keeps, uid_stream, ALL_STREAM};
 
 /// A Redis write still running after its change was applied to the hub.
 pub(crate) type Mirror = Pin<Box<dyn Future<Output = EngineResult<()>> + Send>>;
@@ -85,7 +88,11 @@ pub(crate) fn apply(gw: &Gateway, p: Packet, log: &mut crate::accept::Throttle) 
             let message = p.body_is_scalar() && !p.body.is_empty();
             let last = if message {
                 match frame(gw, &p) {
-                    Ok(frame) => Some(frame),
+                    Ok(frame) if p.is_raw() => Some(LastFrame::raw(frame)),
+                    Ok(frame) => Some(LastFrame {
+                        plain: frame,
+                        framed: framing::encode(is_binary(&p.body), None, &p.body),
+                    }),
                     Err(why) => {
                         refused(gw, why, log);
                         None
@@ -213,14 +220,22 @@ fn frame(gw: &Gateway, p: &Packet) -> Result<Bytes, Refused> {
             max,
         });
     }
-    let binary = std::str::from_utf8(&p.body).is_err();
+    let binary = is_binary(&p.body);
     if binary {
         gw.metrics.inner_binary_pushes.inc();
     }
     Ok(encode_frame(binary, &p.body))
 }
 
+/// Whether an inner push's body goes out as a binary frame (not UTF-8).
+fn is_binary(body: &[u8]) -> bool {
+    std::str::from_utf8(body).is_err()
+}
+
 /// Local delivery only: the GatewayClient sends to every node itself.
+/// Except for the streams `--history-streams` keeps: those go through the
+/// engine once for all nodes (kept in history, then published), so that
+/// every node delivers them in history order.
 fn deliver(
     gw: &Gateway,
     target: &Target,
@@ -235,10 +250,71 @@ fn deliver(
             return Outcome::Done;
         }
     };
+    let (kept, local) = match p.is_raw() {
+        // Whole frames already: nothing to keep a payload of.
+        true => (None, Some(target.clone())),
+        false => split_kept(&gw.config.history_streams, target),
+    };
+    if let Some(local) = local {
+        deliver_here(gw, &local, exclude, p, &frame);
+    }
+    let Some(kept) = kept else {
+        return Outcome::Done;
+    };
+    let push = Push {
+        target: kept,
+        exclude: exclude.to_vec(),
+        message: Message {
+            binary: is_binary(&p.body),
+            data: Bytes::copy_from_slice(&p.body),
+        },
+        history: Some(true),
+    };
+    let dedup = gw.hub.inner_pushes.id(&[&[p.cmd], &p.ext_data, &p.body]);
+    let engine = gw.engine.clone();
+    change("history_push", async move {
+        engine.publish_once(push, dedup).await
+    })
+}
+
+/// The part of `target` whose streams `--history-streams` keeps, and the
+/// rest.
+fn split_kept(prefixes: &[String], target: &Target) -> (Option<Target>, Option<Target>) {
+    let some = |v: Vec<String>, f: fn(Vec<String>) -> Target| (!v.is_empty()).then(|| f(v));
+    match target {
+        Target::Uids(uids) => {
+            let (kept, rest): (Vec<String>, Vec<String>) = uids
+                .iter()
+                .cloned()
+                .partition(|u| prefix_keeps(prefixes, &uid_stream(u)));
+            (some(kept, Target::Uids), some(rest, Target::Uids))
+        }
+        Target::Groups(groups) => {
+            let (kept, rest): (Vec<String>, Vec<String>) = groups
+                .iter()
+                .cloned()
+                .partition(|g| prefix_keeps(prefixes, &group_stream(g)));
+            (some(kept, Target::Groups), some(rest, Target::Groups))
+        }
+        Target::All if prefix_keeps(prefixes, ALL_STREAM) => (Some(Target::All), None),
+        other => (None, Some(other.clone())),
+    }
+}
+
+fn deliver_here(gw: &Gateway, target: &Target, exclude: &[ClientId], p: &Packet, frame: &Bytes) {
     let encode = || frame.clone();
-    let delivered = gw.hub.deliver_with(target, exclude, &encode);
+    // A raw body is whole frames already: sent as given, framed or not.
+    let framed = || match p.is_raw() {
+        true => frame.clone(),
+        false => framing::encode(is_binary(&p.body), None, &p.body),
+    };
+    let frames = Frames {
+        plain: &encode,
+        framed: &framed,
+        position: None,
+    };
+    let delivered = gw.hub.deliver_with(target, exclude, &frames);
     gw.metrics.delivered(target.kind(), delivered);
-    Outcome::Done
 }
 
 /// A push that was not sent: counted, and logged at most once a second.

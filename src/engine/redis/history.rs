@@ -1,0 +1,583 @@
+//! History in Redis (docs/redis.md, "History"): per stream a meta HASH
+//! (`e` epoch, `o` top offset) and a LIST of entries, in the Cluster slot
+//! of the stream's channel. Appending and publishing are one Redis Function
+//! call (`<prefix>_push`), so live order is history order on every node;
+//! backends call the same Function (docs/publishing.md).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use fred::prelude::*;
+use fred::types::Value;
+use futures_util::future::{BoxFuture, FutureExt, Shared as SharedFuture};
+use parking_lot::Mutex;
+
+use super::client::unavailable;
+use super::envelope::{Envelope, EnvelopeRef, Op};
+use super::{ids_to_strings, Shared};
+use crate::engine::{EngineError, EngineResult};
+use crate::push::{Message, Push, Target};
+use crate::recovery::history::{
+    group_stream, uid_stream, Entry, HistoryRead, HistorySettings, ALL_STREAM,
+};
+
+const SOURCE: &str = include_str!("functions/history.lua");
+
+/// How long a stream's meta (epoch and top offset) outlives its last push:
+/// a client idle longer than `--history-ttl` with nothing missed still
+/// recovers.
+const META_TTL_SECS: u64 = 24 * 3600;
+
+/// The name of the Function library and its functions for `prefix`: only
+/// letters, digits and `_` (`gatecast` → `gatecast_push`).
+pub fn function_names(prefix: &str) -> (String, String, String) {
+    let lib: String = prefix
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    (lib.clone(), format!("{lib}_push"), format!("{lib}_since"))
+}
+
+fn lua_string(s: &str) -> String {
+    // A Lua long string cannot be closed by any prefix without `]]`.
+    let mut level = String::new();
+    while s.contains(&format!("]{level}]")) {
+        level.push('=');
+    }
+    format!("[{level}[{s}]{level}]")
+}
+
+/// The library's source for this node's options.
+pub fn library(prefix: &str, settings: &HistorySettings, sharded: bool) -> String {
+    let (lib, push, since) = function_names(prefix);
+    let source = SOURCE
+        .replace("__PREFIX__", &lua_string(prefix))
+        .replace("__SIZE__", &settings.size.to_string())
+        .replace("__TTL__", &settings.ttl.as_secs().max(1).to_string())
+        .replace(
+            "__META_TTL__",
+            &META_TTL_SECS.max(settings.ttl.as_secs()).to_string(),
+        )
+        .replace("__SHARDED__", if sharded { "true" } else { "false" })
+        .replace(
+            "__DEDUP_TTL__",
+            &crate::recovery::history::INNER_DEDUP_WINDOW
+                .as_secs()
+                .to_string(),
+        )
+        .replace("__PUSH_NAME__", &format!("'{push}'"))
+        .replace("__SINCE_NAME__", &format!("'{since}'"));
+    format!("#!lua name={lib}\n{source}")
+}
+
+impl Shared {
+    /// Loads (or replaces) the history Functions on every primary.
+    pub(super) async fn load_history(&self) -> Result<(), fred::error::Error> {
+        let code = library(
+            self.keys.prefix(),
+            &self.settings.history,
+            self.redis.sharded,
+        );
+        if self.redis.sharded {
+            self.redis.client.function_load_cluster(true, code).await
+        } else {
+            self.redis
+                .client
+                .function_load::<String, _>(true, code)
+                .await
+                .map(|_| ())
+        }
+    }
+
+    /// Runs a history Function, loading the library once if Redis lost it
+    /// (restarted empty, FUNCTION FLUSH). Never retried otherwise: a push
+    /// that may have run is an error for the caller, not a double append.
+    async fn fcall(&self, name: &str, channel: String, args: Vec<Value>) -> EngineResult<Value> {
+        let client = self.redis.client.with_options(&self.redis.once);
+        let run = || client.fcall::<Value, _, _, _>(name, vec![channel.clone()], args.clone());
+        match run().await {
+            Err(e) if e.details().contains("Function not found") => {
+                tracing::warn!("redis had lost gatecast's history Functions: loading them again");
+                self.load_history().await.map_err(unavailable)?;
+                run().await.map_err(unavailable)
+            }
+            result => result.map_err(unavailable),
+        }
+    }
+
+    /// Publishes a push some of whose streams keep history: one call per
+    /// channel, the kept ones through the push Function (append, then
+    /// publish). This node's own clients get it from the echo, like every
+    /// other node's, so every node delivers a stream in history order.
+    /// With `dedup` (a push every node got from a GatewayClient), only the
+    /// kept streams are sent, and the first node to send one appends and
+    /// publishes it.
+    pub(super) async fn publish_kept(&self, push: &Push, dedup: Option<&str>) -> EngineResult<()> {
+        self.check()?;
+        let mut e = Envelope::new(Op::Push);
+        e.data = Some(push.message.data.clone());
+        e.binary = push.message.binary;
+        e.exclude = ids_to_strings(&push.exclude);
+        let mut sends: Vec<(String, String, bytes::Bytes)> = Vec::new();
+        match &push.target {
+            Target::Uids(uids) => {
+                let mut seen = std::collections::HashSet::new();
+                for uid in uids.iter().filter(|u| seen.insert(*u)) {
+                    sends.push((self.keys.uid_channel(uid), uid_stream(uid), e.encode()));
+                }
+            }
+            Target::Groups(groups) => {
+                let mut seen = std::collections::HashSet::new();
+                let groups: Vec<&String> = groups.iter().filter(|g| seen.insert(*g)).collect();
+                for (i, g) in groups.iter().enumerate() {
+                    if groups.len() > 1 {
+                        e.groups = groups[..=i].iter().map(|g| (*g).clone()).collect();
+                    }
+                    sends.push((self.keys.group_channel(g), group_stream(g), e.encode()));
+                }
+            }
+            Target::All => sends.push((self.keys.all_channel(), ALL_STREAM.into(), e.encode())),
+            Target::Client(_) | Target::Clients(_) => return Err(unavailable("not a stream")),
+        }
+        let (_, push_fn, _) = function_names(self.keys.prefix());
+        let calls = sends.into_iter().map(|(channel, stream, bytes)| {
+            let push_fn = &push_fn;
+            async move {
+                if self.settings.history.keeps(&stream, push.history) {
+                    let mut args = vec![Value::Bytes(bytes)];
+                    args.extend(dedup.map(Value::from));
+                    self.fcall(push_fn, channel, args).await.map(|_| ())
+                } else if dedup.is_some() {
+                    // Every node delivers this part itself.
+                    Ok(())
+                } else {
+                    self.publish_one(channel, bytes).await.map(|_| ())
+                }
+            }
+        });
+        futures_util::future::try_join_all(calls).await.map(|_| ())
+    }
+
+    /// The channel of a stream name.
+    fn stream_channel(&self, stream: &str) -> Option<String> {
+        if stream == ALL_STREAM {
+            return Some(self.keys.all_channel());
+        }
+        if let Some(uid) = stream.strip_prefix("u:") {
+            return Some(self.keys.uid_channel(uid));
+        }
+        stream
+            .strip_prefix("g:")
+            .map(|group| self.keys.group_channel(group))
+    }
+
+    /// What `stream` keeps after `offset`, read once for every concurrent
+    /// resume of this node asking for the same range.
+    pub(super) async fn history_since(
+        self: &Arc<Self>,
+        stream: &str,
+        offset: u64,
+    ) -> EngineResult<HistoryRead> {
+        let s = self.clone();
+        let owned = stream.to_owned();
+        let read = async move { s.read_since(&owned, offset).await };
+        self.reads.read(stream, offset, read).await
+    }
+
+    async fn read_since(&self, stream: &str, offset: u64) -> EngineResult<HistoryRead> {
+        self.check()?;
+        let channel = self
+            .stream_channel(stream)
+            .ok_or_else(|| unavailable("not a stream"))?;
+        let (_, _, since_fn) = function_names(self.keys.prefix());
+        let reply = self
+            .fcall(&since_fn, channel, vec![Value::from(offset as i64)])
+            .await?;
+        Ok(self.parse_since(reply))
+    }
+
+    fn parse_since(&self, reply: Value) -> HistoryRead {
+        let Value::Array(mut parts) = reply else {
+            return HistoryRead::default();
+        };
+        if parts.len() != 3 {
+            return HistoryRead::default();
+        }
+        let entries = parts.pop().unwrap_or(Value::Null);
+        let top = parts.pop().and_then(|v| v.as_u64()).unwrap_or(0);
+        let Some(epoch) = parts.pop().and_then(|v| v.as_string()) else {
+            return HistoryRead::default();
+        };
+        let cutoff = unix_ms().saturating_sub(self.settings.history.ttl.as_millis() as u64);
+        let mut out = Vec::new();
+        if let Value::Array(items) = entries {
+            for item in items {
+                let Some(bytes) = item.as_bytes() else {
+                    continue;
+                };
+                let Ok(e) = EnvelopeRef::decode(bytes) else {
+                    continue;
+                };
+                let (Some(o), Some(data)) = (e.o, e.data.as_deref()) else {
+                    continue;
+                };
+                if e.t.is_some_and(|t| t < cutoff) {
+                    // Older than --history-ttl: as good as gone.
+                    continue;
+                }
+                out.push(Entry {
+                    offset: o,
+                    message: Message {
+                        binary: e.binary,
+                        data: bytes::Bytes::copy_from_slice(data),
+                    },
+                });
+            }
+        }
+        HistoryRead {
+            epoch: Some(epoch),
+            top,
+            entries: out,
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+type Read = SharedFuture<BoxFuture<'static, Result<Arc<HistoryRead>, String>>>;
+
+/// History reads in flight on this node, by stream and position: a resume
+/// storm asking for one group's history reads it once.
+#[derive(Default)]
+pub struct Reads {
+    inflight: Mutex<HashMap<(String, u64), Read>>,
+}
+
+impl Reads {
+    /// The result of `read`, or of the same read already in flight.
+    pub async fn read<F>(&self, stream: &str, offset: u64, read: F) -> EngineResult<HistoryRead>
+    where
+        F: Future<Output = EngineResult<HistoryRead>> + Send + 'static,
+    {
+        let key = (stream.to_owned(), offset);
+        let shared = {
+            let mut inflight = self.inflight.lock();
+            match inflight.get(&key) {
+                // A finished one is stale: history moved on since.
+                Some(f) if f.peek().is_none() => f.clone(),
+                _ => {
+                    let f = read
+                        .map(|r| r.map(Arc::new).map_err(|e| e.to_string()))
+                        .boxed()
+                        .shared();
+                    inflight.insert(key.clone(), f.clone());
+                    f
+                }
+            }
+        };
+        let result = shared.clone().await;
+        {
+            let mut inflight = self.inflight.lock();
+            if inflight.get(&key).is_some_and(|f| f.ptr_eq(&shared)) {
+                inflight.remove(&key);
+            }
+        }
+        result
+            .map(|r| (*r).clone())
+            .map_err(EngineError::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_delivers_in_order_holds_behind_a_gap_and_drops_duplicates() {
+        let gaps = Gaps::default();
+        let gate = |o: u64| gaps.gate("u:a", "e1", o, "gc:uid:a", b"x");
+        assert!(matches!(gate(5), Gate::Deliver));
+        assert!(matches!(gate(6), Gate::Deliver));
+        assert!(matches!(gate(6), Gate::Duplicate));
+        assert!(matches!(gate(9), Gate::Repair { after: 6, .. }));
+        assert!(matches!(gate(10), Gate::Held));
+        // Another epoch starts over.
+        assert!(matches!(
+            gaps.gate("u:a", "e2", 1, "gc:uid:a", b"x"),
+            Gate::Deliver
+        ));
+        gaps.forget("u:a");
+        assert!(matches!(gate(40), Gate::Deliver));
+    }
+
+    #[tokio::test]
+    async fn concurrent_reads_of_one_range_read_once() {
+        let reads = Arc::new(Reads::default());
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let rx = futures_util::FutureExt::shared(rx);
+        let read = |runs: Arc<std::sync::atomic::AtomicUsize>,
+                    rx: futures_util::future::Shared<_>| async move {
+            runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = rx.await;
+            Ok(HistoryRead {
+                epoch: Some("e".into()),
+                top: 3,
+                entries: Vec::new(),
+            })
+        };
+        let a = tokio::spawn({
+            let (reads, f) = (reads.clone(), read(runs.clone(), rx.clone()));
+            async move { reads.read("g:x", 1, f).await }
+        });
+        let b = tokio::spawn({
+            let (reads, f) = (reads.clone(), read(runs.clone(), rx.clone()));
+            async move { reads.read("g:x", 1, f).await }
+        });
+        tokio::task::yield_now().await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tx.send(()).unwrap();
+        assert_eq!(a.await.unwrap().unwrap().top, 3);
+        assert_eq!(b.await.unwrap().unwrap().top, 3);
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Finished: a later read reads again.
+        let f = read(runs.clone(), rx.clone());
+        reads.read("g:x", 1, f).await.unwrap();
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn names_and_the_library_follow_the_prefix() {
+        assert_eq!(
+            function_names("app1:gc"),
+            (
+                "app1_gc".into(),
+                "app1_gc_push".into(),
+                "app1_gc_since".into()
+            )
+        );
+        let lib = library("gate]]cast", &HistorySettings::default(), true);
+        assert!(lib.starts_with("#!lua name=gate__cast\n"));
+        assert!(lib.contains("[=[gate]]cast]=]"));
+        assert!(lib.contains("local SHARDED = true"));
+        assert!(!lib.contains("__SIZE__") && !lib.contains("__PREFIX__"));
+    }
+}
+
+/// Most pushes of one stream held while its gap is read; past it the node
+/// gives up on that gap and delivers what it holds.
+const MAX_HELD: usize = 10_000;
+
+/// How long a gap's read may take before the node delivers what it holds
+/// without it.
+const REPAIR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Gap repair at the node: per stream, the last offset this node
+/// delivered. A push whose offset jumps past the next one (its pub/sub
+/// connection dropped messages, or was replaced) holds the stream's pushes
+/// while the node reads the gap from history once, for all its clients, then
+/// delivers the gap and the held pushes in order. A push at or below the last
+/// offset is a duplicate and is dropped.
+#[derive(Default)]
+pub struct Gaps {
+    streams: Mutex<HashMap<String, Track>>,
+    /// The runtime repairs run on (the dispatcher is a plain thread).
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+    repairs: std::sync::atomic::AtomicU64,
+}
+
+struct Track {
+    epoch: String,
+    last: u64,
+    /// Held while a repair runs: its number and the pushes (channel, raw
+    /// envelope) in arrival order.
+    held: Option<(u64, Vec<(String, bytes::Bytes)>)>,
+}
+
+/// What to do with a push kept in history.
+pub enum Gate {
+    /// Deliver it now.
+    Deliver,
+    /// Already delivered.
+    Duplicate,
+    /// Held behind a repair.
+    Held,
+    /// Held; read the gap after `after` (repair number `repair`).
+    Repair { after: u64, repair: u64 },
+    /// Held pushes to deliver now, then this one (too many held).
+    Flush(Vec<(String, bytes::Bytes)>),
+}
+
+/// Most streams tracked; past it tracking starts over (no repair for a
+/// moment, never a wrong one).
+const MAX_TRACKED: usize = 200_000;
+
+impl Gaps {
+    /// Remembers the runtime repairs are spawned on.
+    pub fn set_runtime(&self, handle: tokio::runtime::Handle) {
+        let _ = self.runtime.set(handle);
+    }
+
+    /// Forgets what this node delivered on `stream`: it starts following
+    /// the stream now, and what was published before is not its clients'.
+    pub fn forget(&self, stream: &str) {
+        self.streams.lock().remove(stream);
+    }
+
+    /// Decides about a push at (`stream`, `epoch`, `offset`) arriving on
+    /// `channel` as `raw`.
+    pub fn gate(&self, stream: &str, epoch: &str, offset: u64, channel: &str, raw: &[u8]) -> Gate {
+        let mut streams = self.streams.lock();
+        if streams.len() >= MAX_TRACKED && !streams.contains_key(stream) {
+            streams.retain(|_, t| t.held.is_some());
+        }
+        let track = match streams.get_mut(stream) {
+            Some(t) if t.epoch == epoch => t,
+            _ => {
+                streams.insert(
+                    stream.to_owned(),
+                    Track {
+                        epoch: epoch.to_owned(),
+                        last: offset,
+                        held: None,
+                    },
+                );
+                return Gate::Deliver;
+            }
+        };
+        if let Some((_, held)) = &mut track.held {
+            held.push((channel.to_owned(), bytes::Bytes::copy_from_slice(raw)));
+            if held.len() > MAX_HELD {
+                let held = track.held.take().map(|(_, h)| h).unwrap_or_default();
+                track.last = offset;
+                // The last one is this push: the caller delivers it.
+                let mut held = held;
+                held.pop();
+                return Gate::Flush(held);
+            }
+            return Gate::Held;
+        }
+        if offset <= track.last {
+            return Gate::Duplicate;
+        }
+        if offset == track.last + 1 {
+            track.last = offset;
+            return Gate::Deliver;
+        }
+        let repair = self
+            .repairs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let after = track.last;
+        track.held = Some((
+            repair,
+            vec![(channel.to_owned(), bytes::Bytes::copy_from_slice(raw))],
+        ));
+        Gate::Repair { after, repair }
+    }
+}
+
+impl Shared {
+    /// This node starts following `channel` for a member that just came:
+    /// what the stream carried before is not its clients' to repair.
+    pub(super) fn forget_gaps(&self, channel: &str) {
+        let stream = match self.keys.parse_channel(channel) {
+            Some(super::keys::Channel::Uid(u)) => uid_stream(u),
+            Some(super::keys::Channel::Group(g)) => group_stream(g),
+            _ => return,
+        };
+        self.gaps.forget(&stream);
+    }
+
+    /// Starts the repair of `stream`'s gap after `after`.
+    pub(super) fn spawn_repair(self: &Arc<Self>, stream: String, after: u64, repair: u64) {
+        let Some(runtime) = self.gaps.runtime.get() else {
+            return;
+        };
+        self.metrics.history_gap_repairs.inc();
+        let s = self.clone();
+        runtime.spawn(async move {
+            let read = tokio::time::timeout(REPAIR_TIMEOUT, s.read_raw(&stream, after)).await;
+            let missing = match read {
+                Ok(Ok(entries)) => entries,
+                Ok(Err(e)) => {
+                    tracing::warn!(%stream, error = %e, "history gap not read");
+                    Vec::new()
+                }
+                Err(_) => {
+                    tracing::warn!(%stream, "history gap not read in time");
+                    Vec::new()
+                }
+            };
+            s.finish_repair(&stream, repair, missing);
+        });
+    }
+
+    /// Delivers the gap's entries then the held pushes, in offset order,
+    /// under the tracker's lock (so the dispatcher holds newer pushes of the
+    /// stream meanwhile).
+    fn finish_repair(&self, stream: &str, repair: u64, missing: Vec<bytes::Bytes>) {
+        let mut streams = self.gaps.streams.lock();
+        let Some(track) = streams.get_mut(stream) else {
+            return;
+        };
+        let Some((number, held)) = track.held.take() else {
+            return;
+        };
+        if number != repair {
+            track.held = Some((number, held));
+            return;
+        }
+        let channel = self.stream_channel(stream).unwrap_or_default();
+        let mut last = track.last;
+        let epoch = track.epoch.clone();
+        let all = missing
+            .into_iter()
+            .map(|raw| (channel.clone(), raw))
+            .chain(held);
+        for (channel, raw) in all {
+            let Ok(e) = EnvelopeRef::decode(&raw) else {
+                continue;
+            };
+            let (Some(o), Some(ep)) = (e.o, e.e) else {
+                continue;
+            };
+            if ep != epoch || o <= last {
+                continue;
+            }
+            last = o;
+            if let Some(c) = self.keys.parse_channel(&channel) {
+                if let Err(reason) = self.deliver_now(c, &e) {
+                    tracing::debug!(reason, "a repaired push was skipped");
+                }
+            }
+        }
+        track.last = last;
+    }
+
+    /// The raw entries of `stream` after `offset`.
+    async fn read_raw(&self, stream: &str, offset: u64) -> EngineResult<Vec<bytes::Bytes>> {
+        self.check()?;
+        let channel = self
+            .stream_channel(stream)
+            .ok_or_else(|| unavailable("not a stream"))?;
+        let (_, _, since_fn) = function_names(self.keys.prefix());
+        let reply = self
+            .fcall(&since_fn, channel, vec![Value::from(offset as i64)])
+            .await?;
+        let Value::Array(mut parts) = reply else {
+            return Ok(Vec::new());
+        };
+        let Some(Value::Array(items)) = parts.pop() else {
+            return Ok(Vec::new());
+        };
+        Ok(items
+            .into_iter()
+            .filter_map(|v| v.as_bytes().map(bytes::Bytes::copy_from_slice))
+            .collect())
+    }
+}
