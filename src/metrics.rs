@@ -127,6 +127,8 @@ pub struct Metrics {
     pub partial_closed: Counter,
     /// Events larger than `--events-max-bytes`, dropped.
     pub events_too_large: Counter,
+    /// Admission control, evacuation and rebalancing.
+    pub autoscale: crate::autoscale::metrics::AutoscaleMetrics,
 }
 
 impl Default for Metrics {
@@ -180,6 +182,7 @@ impl Metrics {
             partial_bytes: Gauge::default(),
             partial_closed: Counter::default(),
             events_too_large: Counter::default(),
+            autoscale: Default::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -379,6 +382,7 @@ impl Metrics {
             "Events larger than --events-max-bytes, dropped",
             m.events_too_large.clone(),
         );
+        m.autoscale.register(r);
         Metrics { registry, ..m }
     }
 

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accept::Acceptor;
 use crate::api;
+use crate::autoscale::reconnect::{pick_retry_ms, Operational};
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
 use crate::engine::redis::{RedisEngine, RedisSettings};
@@ -247,9 +248,30 @@ pub async fn run_with(
             gw.hub.clone(),
             gw.partial.clone(),
             gw.metrics.clone(),
+            gw.config.reconnect_window,
             stop_internal.clone(),
         )),
     );
+    spawn_critical(
+        "handshake ramp",
+        &fatal,
+        &stop_internal,
+        background.track_future(crate::autoscale::admission::follow_readiness(
+            gw.clone(),
+            stop_internal.clone(),
+        )),
+    );
+    if gw.config.redis_url.is_some() {
+        spawn_critical(
+            "rebalancing",
+            &fatal,
+            &stop_internal,
+            background.track_future(crate::autoscale::rebalance::run(
+                gw.clone(),
+                stop_internal.clone(),
+            )),
+        );
+    }
     spawn_critical(
         "inner listener",
         &fatal,
@@ -314,22 +336,24 @@ pub async fn run_with(
     let grace = gw.config.shutdown_grace;
     let drain = async {
         gw.start_draining();
+        gw.autoscale.evacuation.stop();
         stop_public.cancel();
-        let spread = gw.config.drain_spread;
-        if spread.is_zero() {
-            gw.hub
-                .close_all(frame::close_code::GOING_AWAY, "server shutting down");
+        // The node stays in the cluster while its clients are closed
+        // slice by slice: messages still reach those not closed yet. Each
+        // is told to wait a delay of its own within the spread before it
+        // reconnects (1 s at most when everyone goes at once).
+        let spread = gw.config.drain_spread();
+        let window = if spread.is_zero() {
+            std::time::Duration::from_secs(1)
         } else {
-            // The node stays in the cluster while its clients are closed
-            // slice by slice: messages still reach those not closed yet.
-            gw.hub
-                .close_all_spread(
-                    frame::close_code::GOING_AWAY,
-                    "server shutting down",
-                    spread,
-                )
-                .await;
-        }
+            spread
+        };
+        let drain = Operational::Drain;
+        let before = gw.hub.client_count() as u64;
+        gw.hub
+            .close_all_spread(drain.code(), || drain.reason(pick_retry_ms(window)), spread)
+            .await;
+        gw.metrics.autoscale.closed(drain.name(), before);
         // Leave the cluster now, not after the last client said goodbye:
         // other nodes must stop routing to this one at once.
         gw.engine.shutdown().await;
