@@ -19,6 +19,17 @@ use tokio_tungstenite::tungstenite::Message;
 /// 401 for its bad token, cheaply and without a connection.
 const SECRET: &str = "autoscale-test-jwt-secret";
 
+/// A node with `GATECAST_<name>` options from the
+/// environment (so that a binary without them still starts, and the test
+/// fails on what it checks), plus `args`.
+fn with_env(vars: &[(&str, &str)], args: &[&str]) -> Node {
+    let mut command = common::gatecast_command();
+    for (name, value) in vars {
+        command.env(format!("GATECAST_{name}"), value);
+    }
+    Node::start_command(command, args)
+}
+
 /// What the node answered a WebSocket handshake.
 struct Answer {
     status: u16,
@@ -101,14 +112,14 @@ fn assert_overloaded(answer: &Answer, error: &str) -> u64 {
 /// refusals are counted. Today's code checks every token (all 401).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_past_the_handshake_rate_gets_503_before_any_token_check() {
-    let node = Node::start(&[
-        "--client-jwt-secret",
-        SECRET,
-        "--handshake-rate",
-        "10",
-        "--handshake-ramp",
-        "0s",
-    ]);
+    let node = with_env(
+        &[
+            ("CLIENT_JWT_SECRET", SECRET),
+            ("HANDSHAKE_RATE", "10"),
+            ("HANDSHAKE_RAMP", "0s"),
+        ],
+        &[],
+    );
     node.wait_ready().await;
     let answers = burst(&node, 60).await;
     let checked = answers.iter().filter(|a| a.status == 401).count();
@@ -145,14 +156,14 @@ async fn a_burst_past_the_handshake_rate_gets_503_before_any_token_check() {
 /// burst once ramped mostly passes. Today's code admits both whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fresh_node_ramps_its_handshake_rate_up() {
-    let node = Node::start(&[
-        "--client-jwt-secret",
-        SECRET,
-        "--handshake-rate",
-        "400",
-        "--handshake-ramp",
-        "4s",
-    ]);
+    let node = with_env(
+        &[
+            ("CLIENT_JWT_SECRET", SECRET),
+            ("HANDSHAKE_RATE", "400"),
+            ("HANDSHAKE_RAMP", "4s"),
+        ],
+        &[],
+    );
     node.wait_ready().await;
     let early = burst(&node, 100).await;
     let early_in = early.iter().filter(|a| a.status == 401).count();
@@ -243,16 +254,10 @@ async fn evacuate_moves_every_client_to_the_other_node_without_stopping() {
     const CLIENTS: usize = 20;
     let redis = RedisServer::start();
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--reconnect-window",
-        "500ms",
-    ];
-    let a = Node::start(&args);
-    let b = Node::start(&args);
+    let args = ["--redis-url", url.as_str(), "--node-heartbeat", "1s"];
+    let window = [("RECONNECT_WINDOW", "500ms")];
+    let a = with_env(&window, &args);
+    let b = with_env(&window, &args);
     a.wait_ready().await;
     b.wait_ready().await;
     let clients = common::connect_many(&a.ws_url(""), CLIENTS).await;
