@@ -228,6 +228,27 @@ async fn drain_close_frames_carry_a_retry_delay_within_the_spread() {
     assert!(node.wait_exit(Duration::from_secs(8)).await.success());
 }
 
+/// Without --drain-spread the spread is `auto`: half the grace (at most
+/// 10s). With a 4s grace the delays spread over 2s: some past 1s (the
+/// window of a drain that closes everyone at once), none past 2s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_drain_spread_is_half_the_grace() {
+    let mut command = common::gatecast_command();
+    command.env_remove("GATECAST_DRAIN_SPREAD");
+    let mut node = Node::start_command(command, &["--shutdown-grace", "4s"]);
+    let mut clients = common::connect_many(&node.ws_url(""), 20).await;
+    node.signal("TERM");
+    let mut delays = Vec::new();
+    for client in &mut clients {
+        let (_, reason) = operational_close(client).await;
+        delays.push(reason["retry_ms"].as_u64().expect("retry_ms"));
+    }
+    // 20 uniform picks all below 1s: one chance in a million.
+    assert!(delays.iter().any(|&d| d > 1000), "{delays:?}");
+    assert!(delays.iter().all(|&d| d <= 2000), "{delays:?}");
+    assert!(node.wait_exit(Duration::from_secs(6)).await.success());
+}
+
 /// Connects to the first of `nodes` that takes it (a load balancer with
 /// health checks, in a few lines); panics when none does in time.
 async fn connect_anywhere(nodes: &[&Node]) -> (usize, Client) {

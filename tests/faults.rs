@@ -115,6 +115,7 @@ fn start_node(redis: &RedisServer, stderr: &PathBuf) -> Node {
         // As the harness's nodes (tests/common): clients stay where put.
         .env("GATECAST_HANDSHAKE_RATE", "0")
         .env("GATECAST_REBALANCE", "off")
+        .env("GATECAST_DRAIN_SPREAD", "0s")
         .env_remove("GATECAST_API_KEY");
     let url = redis.url();
     let heartbeat = format!("{}ms", HEARTBEAT.as_millis());

@@ -168,7 +168,7 @@ async fn run(evacuation: Arc<Evacuation>, gw: Arc<Gateway>, stop: CancellationTo
             let kind = Operational::Evacuate;
             if gw
                 .hub
-                .close_client(id, None, kind.code(), &kind.reason(retry_ms))
+                .close_if_open(id, kind.code(), &kind.reason(retry_ms))
             {
                 closed += 1;
                 owed -= 1.0;

@@ -310,6 +310,22 @@ impl Hub {
         true
     }
 
+    /// Asks `id` to close after what is queued, unless it is closing
+    /// already. Returns whether this call started its close (a connection
+    /// that is closing stays here until its close handshake ends, and must
+    /// not be counted twice).
+    pub fn close_if_open(&self, id: ClientId, code: u16, reason: &str) -> bool {
+        let index = self.shard(id).read();
+        let Some(local) = index.conns.get(&id) else {
+            return false;
+        };
+        if local.outbox.is_closing() {
+            return false;
+        }
+        local.outbox.close(code, reason, false);
+        true
+    }
+
     /// Closes `id` at once, dropping what is queued for it (GatewayWorker's
     /// `destroyClient`). Returns whether the connection is here.
     pub fn destroy_client(&self, id: ClientId, code: u16, reason: &str) -> bool {

@@ -111,7 +111,7 @@ async fn shed(gw: &Gateway, n: usize, per_second: u64, stop: &CancellationToken)
         let kind = Operational::Rebalance;
         for id in slice {
             let reason = kind.reason(pick_retry_ms(gw.config.reconnect_window));
-            if gw.hub.close_client(*id, None, kind.code(), &reason) {
+            if gw.hub.close_if_open(*id, kind.code(), &reason) {
                 closed += 1;
             }
         }
