@@ -98,11 +98,20 @@ impl Drop for Haproxy {
     }
 }
 
+/// What the reconnecting clients saw.
+#[derive(Default)]
+struct Stats {
+    /// Closes with a `retry_ms` they waited.
+    honoured: AtomicUsize,
+    /// Handshakes refused with 503.
+    refused: AtomicUsize,
+}
+
 /// A client that reconnects as the browser client does: after a close
 /// with `retry_ms` it waits that long, after a refused handshake its
 /// `Retry-After`, else a short jittered backoff, then connects through the
 /// balancer again. Counts the closes it honoured.
-async fn reconnecting_client(url: String, honoured: Arc<AtomicUsize>) {
+async fn reconnecting_client(url: String, stats: Arc<Stats>) {
     use rand::Rng;
     let jitter = || Duration::from_millis(rand::rng().random_range(0..200));
     loop {
@@ -110,6 +119,9 @@ async fn reconnecting_client(url: String, honoured: Arc<AtomicUsize>) {
         {
             Ok(Ok((ws, _))) => ws,
             Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
+                if response.status() == 503 {
+                    stats.refused.fetch_add(1, Ordering::Relaxed);
+                }
                 let after = response
                     .headers()
                     .get("retry-after")
@@ -129,7 +141,7 @@ async fn reconnecting_client(url: String, honoured: Arc<AtomicUsize>) {
                 if let Ok(reason) = serde_json::from_str::<Value>(&frame.reason) {
                     if let Some(ms) = reason["retry_ms"].as_u64() {
                         wait = Duration::from_millis(ms);
-                        honoured.fetch_add(1, Ordering::Relaxed);
+                        stats.honoured.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
@@ -177,16 +189,16 @@ async fn a_third_node_added_to_the_balancer_gets_its_share() {
     b.wait_ready().await;
     let lb = Haproxy::start(&[("a", a.public), ("b", b.public)]);
     let lb_url = format!("ws://127.0.0.1:{}/ws", lb.port);
-    let honoured = Arc::new(AtomicUsize::new(0));
+    let stats = Arc::new(Stats::default());
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| tokio::spawn(reconnecting_client(lb_url.clone(), honoured.clone())))
+        .map(|_| tokio::spawn(reconnecting_client(lb_url.clone(), stats.clone())))
         .collect();
     common::eventually("every client connected through the balancer", || async {
         connections(&a).await + connections(&b).await == CLIENTS
     })
     .await;
     // Two nodes evenly loaded: nothing moves.
-    assert_eq!(honoured.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.honoured.load(Ordering::Relaxed), 0);
 
     // Scale out: a third node, added once ready as an autoscaler's pod.
     let c = Node::start(&args);
@@ -208,10 +220,82 @@ async fn a_third_node_added_to_the_balancer_gets_its_share() {
         },
     )
     .await;
-    let moved = honoured.load(Ordering::Relaxed);
+    let moved = stats.honoured.load(Ordering::Relaxed);
     eprintln!("rebalanced: {moved} connections moved (ideal {mean})");
     assert!(moved >= mean / 2, "moved {moved}");
     assert!(moved <= mean * 4, "moved {moved}: far more than needed");
+    for client in clients {
+        client.abort();
+    }
+}
+
+/// A node lost under load: one of three nodes behind HAProxy is killed
+/// and its clients all reconnect at once through the balancer. The
+/// survivors admit them at their handshake rate (here 5 a second each, a
+/// bucket of 5) and answer the rest 503 with `Retry-After`; clients that
+/// wait what they are told are all back on the survivors within a bound
+/// the rate allows, and the refusals are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_s_clients_come_back_through_the_survivors_at_their_rate() {
+    const CLIENTS: usize = 60;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--node-heartbeat",
+        "1s",
+        "--handshake-rate",
+        "5",
+        "--handshake-ramp",
+        "0s",
+    ];
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&args)).collect();
+    for node in &nodes {
+        node.wait_ready().await;
+    }
+    let lb = Haproxy::start(&[
+        ("a", nodes[0].public),
+        ("b", nodes[1].public),
+        ("c", nodes[2].public),
+    ]);
+    let lb_url = format!("ws://127.0.0.1:{}/ws", lb.port);
+    let stats = Arc::new(Stats::default());
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(reconnecting_client(lb_url.clone(), stats.clone())))
+        .collect();
+    common::within(
+        "every client connected",
+        Duration::from_secs(40),
+        || async { counts(&nodes).await.iter().sum::<usize>() == CLIENTS },
+    )
+    .await;
+    let refused_before = stats.refused.load(Ordering::Relaxed);
+    let lost = counts(&nodes[2..]).await[0];
+    assert!(lost > 5, "node c holds {lost}");
+    nodes[2].signal("KILL");
+    // `lost` clients at 5 a second on each of two nodes: a few seconds,
+    // plus the turns they are given; 30 s is far more.
+    common::within(
+        "every client back on the survivors",
+        Duration::from_secs(30),
+        || async { counts(&nodes[..2]).await.iter().sum::<usize>() == CLIENTS },
+    )
+    .await;
+    let refused = stats.refused.load(Ordering::Relaxed) - refused_before;
+    let mut counted = 0.0;
+    for node in &nodes[..2] {
+        counted += metric(
+            &node.get_text("/metrics").await,
+            r#"gatecast_connections_refused_total{reason="handshake_rate"}"#,
+        );
+    }
+    eprintln!("{lost} clients of the lost node back; {refused} handshakes refused with 503");
+    assert!(refused > 0, "the herd of {lost} never met the rate");
+    assert!(
+        counted as usize >= refused,
+        "{counted} counted, {refused} seen"
+    );
     for client in clients {
         client.abort();
     }
@@ -254,12 +338,12 @@ async fn scale_out_full_size() {
     let servers: Vec<(&str, std::net::SocketAddr)> =
         named.iter().map(|(n, a)| (n.as_str(), *a)).collect();
     let lbs = [Haproxy::start(&servers), Haproxy::start(&servers)];
-    let honoured = Arc::new(AtomicUsize::new(0));
+    let stats = Arc::new(Stats::default());
     let started = std::time::Instant::now();
     let tasks: Vec<_> = (0..clients)
         .map(|i| {
             let url = format!("ws://127.0.0.1:{}/ws", lbs[i % 2].port);
-            tokio::spawn(reconnecting_client(url, honoured.clone()))
+            tokio::spawn(reconnecting_client(url, stats.clone()))
         })
         .collect();
     loop {
@@ -275,7 +359,7 @@ async fn scale_out_full_size() {
         started.elapsed(),
         counts(&nodes).await
     );
-    honoured.store(0, Ordering::Relaxed);
+    stats.honoured.store(0, Ordering::Relaxed);
     for i in 3..6 {
         let node = Node::start(&args);
         node.wait_ready().await;
@@ -295,7 +379,7 @@ async fn scale_out_full_size() {
         eprintln!(
             "bench: +{:>3}s {now:?} max/mean {ratio:.3} moved {}",
             added.elapsed().as_secs(),
-            honoured.load(Ordering::Relaxed)
+            stats.honoured.load(Ordering::Relaxed)
         );
         // Against the mean of all clients: those between two nodes
         // (waiting their delay) only lower the counts.
