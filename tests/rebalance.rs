@@ -301,6 +301,102 @@ async fn a_lost_node_s_clients_come_back_through_the_survivors_at_their_rate() {
     }
 }
 
+/// A rolling restart behind HAProxy, as a Deployment does it: for each of
+/// two nodes a replacement starts and joins the balancer, the old one is
+/// put in maintenance there and gets SIGTERM; its clients get a drain
+/// close with `retry_ms` and reconnect through the balancer. Every client
+/// ends up on the new nodes, and API calls (`send_to_all`, a query) made
+/// all along through a node that is not restarting never fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_brings_every_client_back_without_api_errors() {
+    const CLIENTS: usize = 40;
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--node-heartbeat",
+        "1s",
+        "--shutdown-grace",
+        "4s",
+        "--drain-spread",
+        "1s",
+    ];
+    let mut old: Vec<Node> = (0..2).map(|_| Node::start(&args)).collect();
+    for node in &old {
+        node.wait_ready().await;
+    }
+    let lb = Haproxy::start(&[("old0", old[0].public), ("old1", old[1].public)]);
+    let lb_url = format!("ws://127.0.0.1:{}/ws", lb.port);
+    let stats = Arc::new(Stats::default());
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| tokio::spawn(reconnecting_client(lb_url.clone(), stats.clone())))
+        .collect();
+    common::eventually("every client connected", || async {
+        counts(&old).await.iter().sum::<usize>() == CLIENTS
+    })
+    .await;
+    let mut new = Vec::new();
+    for i in 0..2 {
+        let node = Node::start(&args);
+        node.wait_ready().await;
+        lb.add_server(&format!("new{i}"), node.public).await;
+        new.push(node);
+        // API calls all along, through the newest node (never the one
+        // restarting), as a backend behind the internal Service.
+        let api = new.last().unwrap();
+        let calls = async {
+            let mut failures = Vec::new();
+            for _ in 0..30 {
+                for (method, params) in [
+                    ("send_to_all", serde_json::json!({"data": "tick"})),
+                    ("get_all_client_count", serde_json::json!({})),
+                ] {
+                    let (status, body) = api.call(method, params).await;
+                    if status != 200 {
+                        failures.push(format!("{method}: {status} {body}"));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            failures
+        };
+        let restart = async {
+            let answer = lb
+                .command(&format!("set server nodes/old{i} state maint"))
+                .await;
+            assert!(answer.trim().is_empty(), "{answer}");
+            old[i].signal("TERM");
+            assert!(old[i].wait_exit(Duration::from_secs(8)).await.success());
+        };
+        let (failures, ()) = tokio::join!(calls, restart);
+        assert!(
+            failures.is_empty(),
+            "API errors during the restart: {failures:?}"
+        );
+        let answer = lb.command(&format!("del server nodes/old{i}")).await;
+        assert!(answer.contains("Server deleted"), "{answer}");
+    }
+    common::within(
+        "every client back on the new nodes",
+        Duration::from_secs(20),
+        || async { counts(&new).await.iter().sum::<usize>() == CLIENTS },
+    )
+    .await;
+    assert_eq!(
+        new[0]
+            .ok("get_all_client_count", serde_json::json!({}))
+            .await,
+        CLIENTS
+    );
+    // Each client was drained at least once, and waited its retry_ms.
+    assert!(stats.honoured.load(Ordering::Relaxed) >= CLIENTS);
+    drop(old.drain(..));
+    for client in clients {
+        client.abort();
+    }
+}
+
 /// The scale-out of the issue at full size, for docs/benchmarks.md (not
 /// part of the suite): 3 nodes behind HAProxy hold 15,000 connections,
 /// 3 more are added, and the test reports how long until max/mean is at
