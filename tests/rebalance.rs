@@ -337,7 +337,7 @@ async fn a_rolling_restart_brings_every_client_back_without_api_errors() {
     })
     .await;
     let mut new = Vec::new();
-    for i in 0..2 {
+    for (i, retiring) in old.iter_mut().enumerate() {
         let node = Node::start(&args);
         node.wait_ready().await;
         lb.add_server(&format!("new{i}"), node.public).await;
@@ -366,8 +366,8 @@ async fn a_rolling_restart_brings_every_client_back_without_api_errors() {
                 .command(&format!("set server nodes/old{i} state maint"))
                 .await;
             assert!(answer.trim().is_empty(), "{answer}");
-            old[i].signal("TERM");
-            assert!(old[i].wait_exit(Duration::from_secs(8)).await.success());
+            retiring.signal("TERM");
+            assert!(retiring.wait_exit(Duration::from_secs(8)).await.success());
         };
         let (failures, ()) = tokio::join!(calls, restart);
         assert!(
