@@ -816,6 +816,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn autoscaling_defaults_and_the_auto_drain_spread() {
+        let c = Config::try_parse_from(["gatecast"]).unwrap();
+        assert_eq!(c.handshake_rate, 2000);
+        assert_eq!(c.handshake_ramp, Duration::from_secs(10));
+        assert_eq!(c.rebalance, Rebalance::On);
+        assert_eq!(c.drain_spread, DrainSpread::Auto);
+        // Half the grace, at most 10s, so it fits any grace.
+        assert_eq!(c.drain_spread(), Duration::from_secs(10));
+        let short = Config::try_parse_from(["gatecast", "--shutdown-grace", "4s"]).unwrap();
+        assert_eq!(short.drain_spread(), Duration::from_secs(2));
+        short.validate().unwrap();
+        let fixed = Config::try_parse_from(["gatecast", "--drain-spread", "1500ms"]).unwrap();
+        assert_eq!(fixed.drain_spread(), Duration::from_millis(1500));
+        assert!(Config::try_parse_from(["gatecast", "--drain-spread", "soon"]).is_err());
+        let bad = Config::try_parse_from(["gatecast", "--rebalance-rate", "0"]).unwrap();
+        assert!(bad.validate().unwrap_err().contains("--rebalance-rate"));
+    }
+
+    #[test]
     fn defaults_match_the_spec() {
         let c = Config::try_parse_from(["gatecast"]).unwrap();
         assert_eq!(c.listen, "0.0.0.0:8080".parse().unwrap());
