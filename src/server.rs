@@ -105,10 +105,23 @@ struct PublicBounds {
 }
 
 /// The answer to a connection past `--max-handshakes`: written straight to
-/// the socket (no HTTP parsing spent on it) and the socket closed.
-const HANDSHAKES_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 89\r\n\r\n\
-{\"error\":{\"code\":\"unavailable\",\"message\":\"too many handshakes in progress: retry later\"}}";
+/// the socket (no HTTP parsing spent on it) and the socket closed. An
+/// admission refusal like the handshake rate's: `Retry-After` and the
+/// client's own `retry_ms` (0.5 to 1.5 s: handshakes in progress end
+/// within `--handshake-timeout`, most far sooner).
+fn handshakes_full() -> Vec<u8> {
+    let retry_ms = 500 + pick_retry_ms(std::time::Duration::from_millis(1000));
+    let body = format!(
+        r#"{{"error":"overloaded","retry_ms":{retry_ms},"message":"too many handshakes in progress: retry later"}}"#
+    );
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        crate::autoscale::admission::retry_after_seconds(retry_ms),
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// Runs a node until `shutdown` resolves, then drains it (SPEC section 1):
 /// not ready, no new connections, clients closed with 1001, entries removed
@@ -502,7 +515,7 @@ async fn serve_public(
                         .inc();
                     // Best effort: a socket that cannot take it at once
                     // is dropped all the same.
-                    let _ = stream.try_write(HANDSHAKES_FULL);
+                    let _ = stream.try_write(&handshakes_full());
                     continue;
                 }
             },

@@ -151,6 +151,31 @@ async fn a_burst_past_the_handshake_rate_gets_503_before_any_token_check() {
     assert_eq!(handshake(&node).await.status, 401);
 }
 
+/// Past --max-handshakes (the cap on handshakes in progress) the refusal
+/// has the same shape as the rate's: 503, `Retry-After`, `retry_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_handshake_cap_the_refusal_says_when_to_come_back() {
+    let node = with_env(&[("MAX_HANDSHAKES", "1")], &[]);
+    node.wait_ready().await;
+    // A socket that never sends its request holds the only place.
+    let _idle = tokio::net::TcpStream::connect(node.public).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    let refused = loop {
+        let answer = handshake(&node).await;
+        if answer.status == 503 {
+            break answer;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never refused: {}",
+            answer.status
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let retry_ms = assert_overloaded(&refused, "overloaded");
+    assert!((500..=1500).contains(&retry_ms), "{retry_ms}");
+}
+
 /// After the node turns ready the rate rises from a tenth over
 /// --handshake-ramp: a burst right after ready is mostly refused, the same
 /// burst once ramped mostly passes. Today's code admits both whole.
