@@ -42,7 +42,7 @@ impl Haproxy {
              timeout server 60s\n  timeout tunnel 1h\n\
              frontend ws\n  bind 127.0.0.1:{port}\n  default_backend nodes\n\
              backend nodes\n  balance roundrobin\n  option httpchk GET /readyz\n\
-             default-server check inter 200ms fall 1 rise 1\n",
+             timeout check 2s\n  default-server check inter 200ms fall 3 rise 1\n",
             dir.display()
         );
         for (name, addr) in servers {
@@ -155,10 +155,10 @@ async fn connections(node: &Node) -> usize {
 }
 
 /// Every node's connection count.
-async fn counts(nodes: &[Node]) -> Vec<usize> {
+async fn counts(nodes: &[impl std::borrow::Borrow<Node>]) -> Vec<usize> {
     let mut out = Vec::new();
     for node in nodes {
-        out.push(connections(node).await);
+        out.push(connections(node.borrow()).await);
     }
     out
 }
@@ -193,12 +193,17 @@ async fn a_third_node_added_to_the_balancer_gets_its_share() {
     let clients: Vec<_> = (0..CLIENTS)
         .map(|_| tokio::spawn(reconnecting_client(lb_url.clone(), stats.clone())))
         .collect();
-    common::eventually("every client connected through the balancer", || async {
-        connections(&a).await + connections(&b).await == CLIENTS
+    // Roundrobin spreads them evenly (or, had a health check failed on the
+    // loaded machine, rebalancing evens them out).
+    common::eventually("every client connected, 30 on each node", || async {
+        counts(&[&a, &b]).await == [CLIENTS / 2, CLIENTS / 2]
     })
     .await;
-    // Two nodes evenly loaded: nothing moves.
-    assert_eq!(stats.honoured.load(Ordering::Relaxed), 0);
+    // Two nodes evenly loaded: nothing moves, round after round.
+    let before = stats.honoured.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stats.honoured.load(Ordering::Relaxed), before);
+    assert_eq!(counts(&[&a, &b]).await, [CLIENTS / 2, CLIENTS / 2]);
 
     // Scale out: a third node, added once ready as an autoscaler's pod.
     let c = Node::start(&args);

@@ -6,9 +6,12 @@
 //! - Only ready nodes count: a node that just started (not ready yet), is
 //!   draining or evacuating is neither a reason to shed nor part of the
 //!   mean.
-//! - A node sheds when it holds more than `mean × (1 + tolerance)`, and then
-//!   keeps shedding down to `mean × (1 + tolerance / 2)` (hysteresis: the
-//!   node does not start and stop on every round), never below the mean.
+//! - A node sheds when it held more than `mean × (1 + tolerance)` for
+//!   `patience` rounds in a row (the others' counts are a round old: a
+//!   herd arriving on this node would otherwise look like an excess), and
+//!   then keeps shedding down to `mean × (1 + tolerance / 2)` (hysteresis:
+//!   the node does not start and stop on every round), never below the
+//!   mean.
 //! - At most `rate` of its connections per second, and at least one.
 //! - So a node that received connections (it was below the mean) would
 //!   have to climb past the whole tolerance above the mean before it sheds
@@ -37,6 +40,23 @@ pub struct Tuning {
     pub tolerance: f64,
     /// Most closes per second, as a fraction of the node's connections.
     pub rate: f64,
+    /// Rounds in a row above the tolerance before shedding starts.
+    pub patience: u32,
+}
+
+/// Rounds in a row above the tolerance before a node sheds.
+pub const PATIENCE: u32 = 3;
+
+/// Where a node stands between rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Within the tolerance.
+    #[default]
+    Idle,
+    /// Above it for this many rounds in a row, not shedding yet.
+    Above(u32),
+    /// Shedding, until half the tolerance above the mean.
+    Shedding,
 }
 
 /// What this node does this round.
@@ -45,8 +65,8 @@ pub struct Decision {
     /// The mean connection count of the ready nodes (0 when fewer than
     /// two are ready: nothing to balance).
     pub mean: f64,
-    /// Whether the node is shedding (carried to the next round).
-    pub shedding: bool,
+    /// Where the node stands (carried to the next round).
+    pub phase: Phase,
     /// Connections above the count it sheds down to.
     pub excess: u64,
     /// Connections to close per second.
@@ -54,8 +74,8 @@ pub struct Decision {
 }
 
 /// Decides for node `me` from every node's load (`me` included), given
-/// whether it was shedding last round.
-pub fn decide(me: &str, nodes: &[NodeLoad], was_shedding: bool, tuning: &Tuning) -> Decision {
+/// where it stood last round.
+pub fn decide(me: &str, nodes: &[NodeLoad], was: Phase, tuning: &Tuning) -> Decision {
     let Some(mine) = nodes.iter().find(|n| n.node == me) else {
         return Decision::default();
     };
@@ -74,14 +94,19 @@ pub fn decide(me: &str, nodes: &[NodeLoad], was_shedding: bool, tuning: &Tuning)
         .ceil()
         .max(mean.ceil()) as u64;
     let count = mine.connections;
-    let shedding = if was_shedding {
-        count > stop
-    } else {
-        count as f64 > start && count > stop
+    let above = count as f64 > start && count > stop;
+    let phase = match was {
+        Phase::Shedding if count > stop => Phase::Shedding,
+        Phase::Above(rounds) if above && rounds + 1 >= tuning.patience => Phase::Shedding,
+        Phase::Above(rounds) if above => Phase::Above(rounds + 1),
+        Phase::Idle if above && tuning.patience <= 1 => Phase::Shedding,
+        Phase::Idle if above => Phase::Above(1),
+        _ => Phase::Idle,
     };
-    if !shedding {
+    if phase != Phase::Shedding {
         return Decision {
             mean,
+            phase,
             ..Decision::default()
         };
     }
@@ -91,7 +116,7 @@ pub fn decide(me: &str, nodes: &[NodeLoad], was_shedding: bool, tuning: &Tuning)
         .min(excess);
     Decision {
         mean,
-        shedding,
+        phase,
         excess,
         per_second,
     }
@@ -103,9 +128,11 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
+    /// Sheds on the first round above: most tests look at one round.
     const TUNING: Tuning = Tuning {
         tolerance: 0.1,
         rate: 0.01,
+        patience: 1,
     };
 
     fn loads(counts: &[u64]) -> Vec<NodeLoad> {
@@ -120,41 +147,70 @@ mod tests {
             .collect()
     }
 
+    /// The defaults: three rounds in a row above before shedding.
+    const REAL: Tuning = Tuning {
+        tolerance: 0.1,
+        rate: 0.01,
+        patience: PATIENCE,
+    };
+
+    #[test]
+    fn a_node_sheds_only_after_patience_rounds_in_a_row_above() {
+        let high = loads(&[2000, 500, 500]);
+        let fine = loads(&[1000, 1000, 1000]);
+        let first = decide("n0", &high, Phase::Idle, &REAL);
+        assert_eq!((first.phase, first.per_second), (Phase::Above(1), 0));
+        let second = decide("n0", &high, first.phase, &REAL);
+        assert_eq!((second.phase, second.per_second), (Phase::Above(2), 0));
+        // A round within the tolerance starts the count again: a count a
+        // round old (a herd just arrived here) does not start shedding.
+        assert_eq!(decide("n0", &fine, second.phase, &REAL).phase, Phase::Idle);
+        let third = decide("n0", &high, second.phase, &REAL);
+        assert_eq!(third.phase, Phase::Shedding);
+        assert_eq!(third.per_second, 20);
+    }
+
     #[test]
     fn within_the_tolerance_nothing_moves() {
         let nodes = loads(&[1100, 1000, 900]);
         for n in &nodes {
-            assert_eq!(decide(&n.node, &nodes, false, &TUNING).per_second, 0);
+            assert_eq!(decide(&n.node, &nodes, Phase::Idle, &TUNING).per_second, 0);
         }
     }
 
     #[test]
     fn above_the_tolerance_a_node_sheds_at_most_one_percent_a_second() {
         let nodes = loads(&[2000, 500, 500]);
-        let d = decide("n0", &nodes, false, &TUNING);
+        let d = decide("n0", &nodes, Phase::Idle, &TUNING);
         assert_eq!(d.mean, 1000.0);
-        assert!(d.shedding);
+        assert_eq!(d.phase, Phase::Shedding);
         assert_eq!(d.per_second, 20);
         // Down to 5 % above the mean, not to the mean.
         assert_eq!(d.excess, 2000 - 1050);
         // The low nodes do nothing.
-        assert_eq!(decide("n1", &nodes, false, &TUNING).per_second, 0);
+        assert_eq!(decide("n1", &nodes, Phase::Idle, &TUNING).per_second, 0);
         // A small node still moves one a second.
         let small = loads(&[30, 10, 10]);
-        assert_eq!(decide("n0", &small, false, &TUNING).per_second, 1);
+        assert_eq!(decide("n0", &small, Phase::Idle, &TUNING).per_second, 1);
     }
 
     #[test]
     fn hysteresis_keeps_shedding_down_to_half_the_tolerance_then_stops() {
         let nodes = loads(&[1080, 960, 960]);
         // 8 % above the mean: a node that was not shedding does not start...
-        assert!(!decide("n0", &nodes, false, &TUNING).shedding);
+        assert_eq!(
+            decide("n0", &nodes, Phase::Idle, &TUNING).phase,
+            Phase::Idle
+        );
         // ...one that was goes on, down to 5 %.
-        let d = decide("n0", &nodes, true, &TUNING);
-        assert!(d.shedding);
+        let d = decide("n0", &nodes, Phase::Shedding, &TUNING);
+        assert_eq!(d.phase, Phase::Shedding);
         assert_eq!(d.excess, 30);
         let at_stop = loads(&[1050, 975, 975]);
-        assert!(!decide("n0", &at_stop, true, &TUNING).shedding);
+        assert_eq!(
+            decide("n0", &at_stop, Phase::Shedding, &TUNING).phase,
+            Phase::Idle
+        );
     }
 
     #[test]
@@ -162,9 +218,10 @@ mod tests {
         let tuning = Tuning {
             tolerance: 0.0,
             rate: 1.0,
+            patience: 1,
         };
         let nodes = loads(&[1010, 990]);
-        let d = decide("n0", &nodes, false, &tuning);
+        let d = decide("n0", &nodes, Phase::Idle, &tuning);
         assert_eq!(d.excess, 10);
         assert!(d.per_second <= 10);
     }
@@ -174,7 +231,7 @@ mod tests {
         let mut nodes = loads(&[5000, 5000, 0]);
         nodes[2].ready = false;
         assert_eq!(
-            decide("n0", &nodes, false, &TUNING),
+            decide("n0", &nodes, Phase::Idle, &TUNING),
             Decision {
                 mean: 5000.0,
                 ..Decision::default()
@@ -182,15 +239,18 @@ mod tests {
         );
         // Once ready it is: the others shed towards it.
         nodes[2].ready = true;
-        assert!(decide("n0", &nodes, false, &TUNING).per_second > 0);
+        assert!(decide("n0", &nodes, Phase::Idle, &TUNING).per_second > 0);
         // A node that is not ready itself (draining, evacuating) leaves
         // its clients to that, and one node alone has nobody to shed to.
         let mut nodes = loads(&[5000, 100]);
         nodes[0].ready = false;
-        assert_eq!(decide("n0", &nodes, false, &TUNING).per_second, 0);
-        assert_eq!(decide("n0", &loads(&[5000]), false, &TUNING).per_second, 0);
+        assert_eq!(decide("n0", &nodes, Phase::Idle, &TUNING).per_second, 0);
         assert_eq!(
-            decide("nx", &loads(&[5000, 1]), false, &TUNING).per_second,
+            decide("n0", &loads(&[5000]), Phase::Idle, &TUNING).per_second,
+            0
+        );
+        assert_eq!(
+            decide("nx", &loads(&[5000, 1]), Phase::Idle, &TUNING).per_second,
             0
         );
     }
@@ -206,7 +266,7 @@ mod tests {
             let mut counts = vec![5000u64, 5000, 5000, 0, 0, 0];
             let total: u64 = counts.iter().sum();
             let mean = total as f64 / counts.len() as f64;
-            let mut shedding = vec![false; counts.len()];
+            let mut phases = vec![Phase::Idle; counts.len()];
             let mut received = vec![false; counts.len()];
             let mut moved = 0u64;
             let mut balanced_at = None;
@@ -215,11 +275,11 @@ mod tests {
                 let decisions: Vec<Decision> = nodes
                     .iter()
                     .enumerate()
-                    .map(|(i, n)| decide(&n.node, &nodes, shedding[i], &TUNING))
+                    .map(|(i, n)| decide(&n.node, &nodes, phases[i], &REAL))
                     .collect();
                 let mut closed = 0;
                 for (i, d) in decisions.iter().enumerate() {
-                    shedding[i] = d.shedding;
+                    phases[i] = d.phase;
                     assert!(d.per_second as f64 <= (counts[i] as f64 * 0.01).max(1.0));
                     if d.per_second > 0 {
                         assert!(counts[i] - d.per_second >= mean as u64, "below the mean");

@@ -15,7 +15,7 @@ use std::time::Duration;
 use rand::seq::SliceRandom;
 use tokio_util::sync::CancellationToken;
 
-use self::decide::{decide, NodeLoad, Tuning};
+use self::decide::{decide, NodeLoad, Phase, Tuning, PATIENCE};
 use super::reconnect::{pick_retry_ms, Operational};
 use crate::config::Rebalance;
 use crate::gateway::Gateway;
@@ -31,10 +31,11 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
     let tuning = Tuning {
         tolerance: gw.config.rebalance_tolerance,
         rate: gw.config.rebalance_rate,
+        patience: PATIENCE,
     };
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut shedding = false;
+    let mut phase = Phase::Idle;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -62,8 +63,8 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
         // This node's own count as it is now, not as published.
         nodes.retain(|n| n.node != me);
         nodes.push(load.clone());
-        let decision = decide(&me, &nodes, shedding, &tuning);
-        shedding = decision.shedding;
+        let decision = decide(&me, &nodes, phase, &tuning);
+        phase = decision.phase;
         let metrics = &gw.metrics.autoscale;
         metrics.rebalance_rounds.inc();
         metrics.rebalance_mean.set(decision.mean.round() as i64);
