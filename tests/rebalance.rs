@@ -150,6 +150,17 @@ async fn reconnecting_client(url: String, stats: Arc<Stats>) {
     }
 }
 
+/// A node on Redis `url` (heartbeat 1s) with `GATECAST_<name>` options
+/// from the environment, so that a binary without them still starts and
+/// the test fails on what it checks.
+fn node_on(url: &str, options: &[(&str, &str)]) -> Node {
+    let mut command = common::gatecast_command();
+    for (name, value) in options {
+        command.env(format!("GATECAST_{name}"), value);
+    }
+    Node::start_command(command, &["--redis-url", url, "--node-heartbeat", "1s"])
+}
+
 async fn connections(node: &Node) -> usize {
     metric(&node.get_text("/metrics").await, "gatecast_connections") as usize
 }
@@ -168,23 +179,16 @@ async fn a_third_node_added_to_the_balancer_gets_its_share() {
     const CLIENTS: usize = 60;
     let redis = RedisServer::start();
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--rebalance",
-        "on",
-        "--rebalance-interval",
-        "500ms",
+    let options = [
+        ("REBALANCE", "on"),
+        ("REBALANCE_INTERVAL", "500ms"),
         // Fast enough for CI: a tenth of the connections a second.
-        "--rebalance-rate",
-        "0.1",
-        "--reconnect-window",
-        "300ms",
+        ("REBALANCE_RATE", "0.1"),
+        ("RECONNECT_WINDOW", "300ms"),
     ];
-    let a = Node::start(&args);
-    let b = Node::start(&args);
+    let start = || node_on(&url, &options);
+    let a = start();
+    let b = start();
     a.wait_ready().await;
     b.wait_ready().await;
     let lb = Haproxy::start(&[("a", a.public), ("b", b.public)]);
@@ -206,7 +210,7 @@ async fn a_third_node_added_to_the_balancer_gets_its_share() {
     assert_eq!(counts(&[&a, &b]).await, [CLIENTS / 2, CLIENTS / 2]);
 
     // Scale out: a third node, added once ready as an autoscaler's pod.
-    let c = Node::start(&args);
+    let c = start();
     c.wait_ready().await;
     lb.add_server("c", c.public).await;
     let nodes = [&a, &b, &c];
@@ -245,17 +249,8 @@ async fn a_lost_node_s_clients_come_back_through_the_survivors_at_their_rate() {
     const CLIENTS: usize = 60;
     let redis = RedisServer::start();
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--handshake-rate",
-        "5",
-        "--handshake-ramp",
-        "0s",
-    ];
-    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&args)).collect();
+    let options = [("HANDSHAKE_RATE", "5"), ("HANDSHAKE_RAMP", "0s")];
+    let nodes: Vec<Node> = (0..3).map(|_| node_on(&url, &options)).collect();
     for node in &nodes {
         node.wait_ready().await;
     }
