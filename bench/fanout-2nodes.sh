@@ -5,7 +5,7 @@
 set -u
 BIN=$1; NET=$2
 redis-cli -p 6390 FLUSHALL >/dev/null
-common=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --redis-url redis://127.0.0.1:6390 --log-level warn)
+common=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --handshake-rate 0 --rebalance off --redis-url redis://127.0.0.1:6390 --log-level warn)
 $BIN --listen 127.0.0.1:8180 --api-listen 127.0.0.1:8181 "${common[@]}" & a=$!
 $BIN --listen 127.0.0.1:8280 --api-listen 127.0.0.1:8281 "${common[@]}" & b=$!
 for i in $(seq 100); do curl -sf 127.0.0.1:8181/readyz >/dev/null && curl -sf 127.0.0.1:8281/readyz >/dev/null && break; sleep 0.1; done

@@ -36,7 +36,7 @@ for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; slee
 RURL=redis://127.0.0.1:$RPORT
 
 start() { # nodes
-  local gc=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --log-level error --redis-url "$RURL")
+  local gc=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --handshake-rate 0 --rebalance off --log-level error --redis-url "$RURL")
   PIDS=(); ADDRS=(); API=""
   for k in $(seq 0 $(($1 - 1))); do
     local ws=$((PORT_BASE + 10 * k)) api=$((PORT_BASE + 10 * k + 1))

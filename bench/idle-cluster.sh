@@ -14,7 +14,7 @@ BENCH=./target/release/gatecast-bench
 if redis-cli -p $RPORT ping >/dev/null 2>&1; then echo "port $RPORT is taken: set RPORT" >&2; exit 1; fi
 redis-server --port $RPORT --save '' --appendonly no --bind 127.0.0.1 --loglevel warning >/dev/null & r=$!
 for i in $(seq 50); do redis-cli -p $RPORT ping >/dev/null 2>&1 && break; sleep 0.1; done
-common=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --log-level warn)
+common=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --handshake-rate 0 --rebalance off --log-level warn)
 [ "$SETUP" != memory ] && common+=(--redis-url redis://127.0.0.1:$RPORT)
 $BIN --listen 127.0.0.1:9180 --api-listen 127.0.0.1:9181 "${common[@]}" & a=$!
 pids=($a); api=127.0.0.1:9181

@@ -80,7 +80,7 @@ supported() {
 }
 
 start() { # setup scenario
-  local gc=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --log-level error)
+  local gc=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --handshake-rate 0 --rebalance off --log-level error)
   [ "$2" = storm ] && gc+=(--client-jwt-secret $JWT_SECRET)
   ADDR=127.0.0.1:$A_WS; API=127.0.0.1:$A_API; PIDS=(); MEM_PIDS=
   case $1 in

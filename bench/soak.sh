@@ -47,7 +47,7 @@ redis-server --port "$RPORT" --bind 127.0.0.1 --save "" --appendonly no \
 pids+=($!)
 for _ in $(seq 100); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 
-common=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1
+common=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --handshake-rate 0 --rebalance off
     --redis-url "redis://127.0.0.1:$RPORT" --node-heartbeat "$HEARTBEAT" --log-level warn)
 $BIN --listen "127.0.0.1:$A_PUB" --api-listen "127.0.0.1:$A_API" "${common[@]}" >"$OUT/a.log" 2>&1 &
 a=$!

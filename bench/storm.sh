@@ -5,7 +5,7 @@
 set -u
 BIN=$1; ENGINE=$2; COUNT=$3; NET=${4:-0}
 S=bench-secret-0123456789
-args=(--listen 127.0.0.1:8180 --api-listen 127.0.0.1:8181 --inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --client-jwt-secret $S --log-level warn)
+args=(--listen 127.0.0.1:8180 --api-listen 127.0.0.1:8181 --inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --handshake-rate 0 --rebalance off --client-jwt-secret $S --log-level warn)
 [ "$ENGINE" = redis ] && args+=(--redis-url redis://127.0.0.1:${RPORT:-6390})
 redis-cli -p 6390 FLUSHALL >/dev/null
 $BIN "${args[@]}" & pid=$!

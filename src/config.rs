@@ -9,7 +9,7 @@ use clap::Parser;
 
 mod values;
 
-pub use values::{LogFormat, Secret, WelcomeFrame};
+pub use values::{DrainSpread, LogFormat, Rebalance, Secret, WelcomeFrame};
 
 /// gatecast: a WebSocket push gateway with GatewayWorker's API over HTTP.
 ///
@@ -286,11 +286,14 @@ pub struct Config {
     pub shutdown_grace: Duration,
 
     /// Spread the drain's 1001 closes over this part of --shutdown-grace
-    /// (in slices every 100ms), so the clients do not all reconnect to the
-    /// other nodes in the same instant. 0: close every client at once.
-    /// Shorter than --shutdown-grace.
-    #[arg(long, env = "GATECAST_DRAIN_SPREAD", default_value = "0s", value_parser = humantime::parse_duration)]
-    pub drain_spread: Duration,
+    /// (in slices every 100ms), and tell each client to wait a delay picked
+    /// at random within it before reconnecting (`retry_ms` in the close
+    /// reason), so the clients do not all reconnect to the other nodes in
+    /// the same instant. `auto`: half of --shutdown-grace, at most 10s. 0:
+    /// close every client at once. At most three quarters of
+    /// --shutdown-grace.
+    #[arg(long, env = "GATECAST_DRAIN_SPREAD", default_value = "auto", value_parser = DrainSpread::parse)]
+    pub drain_spread: DrainSpread,
 
     /// Interval of this node's heartbeat in Redis; a node that stops beating
     /// is purged by the others within three intervals (at least 100ms).
@@ -303,6 +306,55 @@ pub struct Config {
     /// its node died); at least 100ms.
     #[arg(long, env = "GATECAST_RESUME_WINDOW", default_value = "120s", value_parser = humantime::parse_duration)]
     pub resume_window: Duration,
+
+    // Autoscaling (issue 29): admission control, reconnect delays,
+    // evacuation and rebalancing.
+    /// New WebSocket handshakes per second this node admits, all clients
+    /// together, checked before the token and any Redis write; past it the
+    /// handshake is answered 503 with `Retry-After`. Behind a load balancer
+    /// every client has another address, so only a node-wide rate holds a
+    /// reconnecting herd back. 0: no limit.
+    #[arg(long, env = "GATECAST_HANDSHAKE_RATE", default_value_t = 2000)]
+    pub handshake_rate: u32,
+
+    /// After the node first turns ready, --handshake-rate rises linearly
+    /// from a tenth to the whole over this time, so a fresh pod is not
+    /// flattened by the whole herd the moment it is ready. 0: no ramp.
+    #[arg(long, env = "GATECAST_HANDSHAKE_RAMP", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_ramp: Duration,
+
+    /// Evacuation, rebalancing and overload closes tell each client to wait
+    /// a delay picked at random up to this long before reconnecting
+    /// (`retry_ms` in the close reason).
+    #[arg(long, env = "GATECAST_RECONNECT_WINDOW", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub reconnect_window: Duration,
+
+    /// Clients closed per second by `POST /api/evacuate` when the request
+    /// names no `rate`.
+    #[arg(long, env = "GATECAST_EVACUATE_RATE", default_value_t = 200)]
+    pub evacuate_rate: u32,
+
+    /// Move connections from nodes above the cluster's mean to the others
+    /// (`on`), or not (`off`). Needs --redis-url; nodes publish their
+    /// connection count in Redis either way.
+    #[arg(long, env = "GATECAST_REBALANCE", value_enum, default_value_t = Rebalance::On)]
+    pub rebalance: Rebalance,
+
+    /// How far above the mean of the ready nodes a node may be before it
+    /// sheds connections (0.1: 10 %). It then sheds down to half of that
+    /// above the mean, never below the mean.
+    #[arg(long, env = "GATECAST_REBALANCE_TOLERANCE", default_value_t = 0.1)]
+    pub rebalance_tolerance: f64,
+
+    /// Most connections a shedding node closes per second, as a fraction of
+    /// those it holds (0.01: 1 %).
+    #[arg(long, env = "GATECAST_REBALANCE_RATE", default_value_t = 0.01)]
+    pub rebalance_rate: f64,
+
+    /// Time between two rebalancing rounds: each publishes the node's
+    /// count, reads the others' and decides (at least 100ms).
+    #[arg(long, env = "GATECAST_REBALANCE_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub rebalance_interval: Duration,
 
     /// Largest HTTP API request body, in bytes (413 above it).
     #[arg(long, env = "GATECAST_API_MAX_BODY_BYTES", default_value_t = 1 << 20)]
@@ -533,13 +585,29 @@ impl Config {
         at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
         // The clients closed last still need time to answer and the node to
         // leave Redis: at most three quarters of the grace.
-        if self.drain_spread > self.shutdown_grace * 3 / 4 {
-            return Err(format!(
-                "--drain-spread must be at most three quarters of --shutdown-grace \
-                 (got {} and {})",
-                humantime::format_duration(self.drain_spread),
-                humantime::format_duration(self.shutdown_grace)
-            ));
+        if let DrainSpread::Fixed(spread) = self.drain_spread {
+            if spread > self.shutdown_grace * 3 / 4 {
+                return Err(format!(
+                    "--drain-spread must be at most three quarters of --shutdown-grace \
+                     (got {} and {})",
+                    humantime::format_duration(spread),
+                    humantime::format_duration(self.shutdown_grace)
+                ));
+            }
+        }
+        at_least(
+            "--rebalance-interval",
+            self.rebalance_interval,
+            MIN_PING_INTERVAL,
+        )?;
+        if !(0.0..=10.0).contains(&self.rebalance_tolerance) {
+            return Err("--rebalance-tolerance must be between 0 and 10".into());
+        }
+        if !(self.rebalance_rate > 0.0 && self.rebalance_rate <= 1.0) {
+            return Err("--rebalance-rate must be above 0 and at most 1".into());
+        }
+        if self.evacuate_rate == 0 {
+            return Err("--evacuate-rate must be at least 1".into());
         }
         if let Some(key) = &self.api_key {
             strong_secret("--api-key", key)?;
@@ -599,6 +667,15 @@ impl Config {
             })
             .or_else(default_route_ipv4)
             .unwrap_or(Ipv4Addr::LOCALHOST)
+    }
+
+    /// The drain's spread: `--drain-spread`, or for `auto` half of
+    /// `--shutdown-grace`, at most 10s.
+    pub fn drain_spread(&self) -> Duration {
+        match self.drain_spread {
+            DrainSpread::Fixed(spread) => spread,
+            DrainSpread::Auto => (self.shutdown_grace / 2).min(Duration::from_secs(10)),
+        }
     }
 
     /// The address the inner listener binds: `--inner-listen`, else
@@ -783,6 +860,25 @@ fn default_route_ipv4() -> Option<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn autoscaling_defaults_and_the_auto_drain_spread() {
+        let c = Config::try_parse_from(["gatecast"]).unwrap();
+        assert_eq!(c.handshake_rate, 2000);
+        assert_eq!(c.handshake_ramp, Duration::from_secs(10));
+        assert_eq!(c.rebalance, Rebalance::On);
+        assert_eq!(c.drain_spread, DrainSpread::Auto);
+        // Half the grace, at most 10s, so it fits any grace.
+        assert_eq!(c.drain_spread(), Duration::from_secs(10));
+        let short = Config::try_parse_from(["gatecast", "--shutdown-grace", "4s"]).unwrap();
+        assert_eq!(short.drain_spread(), Duration::from_secs(2));
+        short.validate().unwrap();
+        let fixed = Config::try_parse_from(["gatecast", "--drain-spread", "1500ms"]).unwrap();
+        assert_eq!(fixed.drain_spread(), Duration::from_millis(1500));
+        assert!(Config::try_parse_from(["gatecast", "--drain-spread", "soon"]).is_err());
+        let bad = Config::try_parse_from(["gatecast", "--rebalance-rate", "0"]).unwrap();
+        assert!(bad.validate().unwrap_err().contains("--rebalance-rate"));
+    }
 
     #[test]
     fn defaults_match_the_spec() {

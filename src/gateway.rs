@@ -47,6 +47,8 @@ pub struct Gateway {
     /// Tripped by a critical background task that failed: the node stops.
     /// Parts that spawn such tasks (the engine) take a clone.
     pub fatal: Fatal,
+    /// Admission control, evacuation (issue 29).
+    pub autoscale: crate::autoscale::Autoscale,
     draining: AtomicBool,
 }
 
@@ -65,6 +67,7 @@ impl Gateway {
         fatal: Fatal,
     ) -> Self {
         let limits = Arc::new(ConnectionLimits::from_config(&config));
+        let autoscale = crate::autoscale::Autoscale::from_config(&config);
         let partial = Arc::new(PartialBudget::new(config.max_partial_bytes));
         // `listen` is the bound address by now (port 0 resolved).
         let workers = Workers::new(minter.node(), config.listen.port(), metrics.clone());
@@ -81,6 +84,7 @@ impl Gateway {
             limits,
             connections: TaskTracker::new(),
             fatal,
+            autoscale,
             draining: AtomicBool::new(false),
         }
     }
@@ -118,8 +122,9 @@ impl Gateway {
         });
     }
 
-    /// Whether the node should receive traffic.
+    /// Whether the node should receive traffic: not draining, not
+    /// evacuating, and the engine usable.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.engine.is_ready()
+        !self.is_draining() && !self.autoscale.evacuation.is_active() && self.engine.is_ready()
     }
 }

@@ -16,6 +16,7 @@
 pub mod accept;
 pub mod allocator;
 pub mod api;
+pub mod autoscale;
 pub mod browser;
 pub mod config;
 pub mod engine;

@@ -142,6 +142,8 @@ pub struct Metrics {
     /// Resume attempts by result (`resumed`, `unknown`, `used`, `forged`,
     /// `sub_mismatch`, `unavailable`).
     pub resumes: Family<ResultLabel, Counter>,
+    /// Admission control, evacuation and rebalancing.
+    pub autoscale: crate::autoscale::metrics::AutoscaleMetrics,
 }
 
 impl Default for Metrics {
@@ -198,6 +200,7 @@ impl Metrics {
             partial_closed: Counter::default(),
             events_too_large: Counter::default(),
             resumes: Family::default(),
+            autoscale: Default::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -412,6 +415,7 @@ impl Metrics {
             "Resume attempts by result (resumed, unknown, used, forged, sub_mismatch, unavailable)",
             m.resumes.clone(),
         );
+        m.autoscale.register(r);
         Metrics { registry, ..m }
     }
 

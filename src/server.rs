@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::accept::Acceptor;
 use crate::api;
+use crate::autoscale::reconnect::{pick_retry_ms, Operational};
 use crate::browser;
 use crate::config::Config;
 use crate::engine::memory::MemoryEngine;
@@ -105,10 +106,23 @@ struct PublicBounds {
 }
 
 /// The answer to a connection past `--max-handshakes`: written straight to
-/// the socket (no HTTP parsing spent on it) and the socket closed.
-const HANDSHAKES_FULL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
-content-type: application/json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 89\r\n\r\n\
-{\"error\":{\"code\":\"unavailable\",\"message\":\"too many handshakes in progress: retry later\"}}";
+/// the socket (no HTTP parsing spent on it) and the socket closed. An
+/// admission refusal like the handshake rate's: `Retry-After` and the
+/// client's own `retry_ms` (0.5 to 1.5 s: handshakes in progress end
+/// within `--handshake-timeout`, most far sooner).
+fn handshakes_full() -> Vec<u8> {
+    let retry_ms = 500 + pick_retry_ms(std::time::Duration::from_millis(1000));
+    let body = format!(
+        r#"{{"error":"overloaded","retry_ms":{retry_ms},"message":"too many handshakes in progress: retry later"}}"#
+    );
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n\
+         retry-after: {}\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        crate::autoscale::admission::retry_after_seconds(retry_ms),
+        body.len()
+    )
+    .into_bytes()
+}
 
 /// Runs a node until `shutdown` resolves, then drains it (SPEC section 1):
 /// not ready, no new connections, clients closed with 1001, entries removed
@@ -259,9 +273,30 @@ pub async fn run_with(
             gw.hub.clone(),
             gw.partial.clone(),
             gw.metrics.clone(),
+            gw.config.reconnect_window,
             stop_internal.clone(),
         )),
     );
+    spawn_critical(
+        "handshake ramp",
+        &fatal,
+        &stop_internal,
+        background.track_future(crate::autoscale::admission::follow_readiness(
+            gw.clone(),
+            stop_internal.clone(),
+        )),
+    );
+    if gw.config.redis_url.is_some() {
+        spawn_critical(
+            "rebalancing",
+            &fatal,
+            &stop_internal,
+            background.track_future(crate::autoscale::rebalance::run(
+                gw.clone(),
+                stop_internal.clone(),
+            )),
+        );
+    }
     spawn_critical(
         "inner listener",
         &fatal,
@@ -326,22 +361,24 @@ pub async fn run_with(
     let grace = gw.config.shutdown_grace;
     let drain = async {
         gw.start_draining();
+        gw.autoscale.evacuation.stop();
         stop_public.cancel();
-        let spread = gw.config.drain_spread;
-        if spread.is_zero() {
-            gw.hub
-                .close_all(frame::close_code::GOING_AWAY, "server shutting down");
+        // The node stays in the cluster while its clients are closed
+        // slice by slice: messages still reach those not closed yet. Each
+        // is told to wait a delay of its own within the spread before it
+        // reconnects (1 s at most when everyone goes at once).
+        let spread = gw.config.drain_spread();
+        let window = if spread.is_zero() {
+            std::time::Duration::from_secs(1)
         } else {
-            // The node stays in the cluster while its clients are closed
-            // slice by slice: messages still reach those not closed yet.
-            gw.hub
-                .close_all_spread(
-                    frame::close_code::GOING_AWAY,
-                    "server shutting down",
-                    spread,
-                )
-                .await;
-        }
+            spread
+        };
+        let drain = Operational::Drain;
+        let before = gw.hub.client_count() as u64;
+        gw.hub
+            .close_all_spread(drain.code(), || drain.reason(pick_retry_ms(window)), spread)
+            .await;
+        gw.metrics.autoscale.closed(drain.name(), before);
         // Leave the cluster now, not after the last client said goodbye:
         // other nodes must stop routing to this one at once.
         gw.engine.shutdown().await;
@@ -492,7 +529,7 @@ async fn serve_public(
                         .inc();
                     // Best effort: a socket that cannot take it at once
                     // is dropped all the same.
-                    let _ = stream.try_write(HANDSHAKES_FULL);
+                    let _ = stream.try_write(&handshakes_full());
                     continue;
                 }
             },

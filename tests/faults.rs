@@ -112,6 +112,10 @@ fn start_node(redis: &RedisServer, stderr: &PathBuf) -> Node {
         .args(["--advertise-ip", "127.0.0.1", "--log-format", "json"])
         .env("GATECAST_INNER_LISTEN", "127.0.0.1:0")
         .env("FAULTS_STDERR", stderr)
+        // As the harness's nodes (tests/common): clients stay where put.
+        .env("GATECAST_HANDSHAKE_RATE", "0")
+        .env("GATECAST_REBALANCE", "off")
+        .env("GATECAST_DRAIN_SPREAD", "0s")
         .env_remove("GATECAST_API_KEY");
     let url = redis.url();
     let heartbeat = format!("{}ms", HEARTBEAT.as_millis());

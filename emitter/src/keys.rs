@@ -107,6 +107,12 @@ impl Keys {
         format!("{}:nodes", self.prefix)
     }
 
+    /// Hash of every node's load (connection count, readiness, when), one
+    /// field per node id, for rebalancing.
+    pub fn load(&self) -> String {
+        format!("{}:load", self.prefix)
+    }
+
     /// Channel of one node: pushes to its clients and commands for it.
     pub fn node_channel(&self, node: NodeId) -> String {
         format!("{}:node:{node}", self.prefix)

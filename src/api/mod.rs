@@ -1,6 +1,7 @@
 //! The HTTP API on the internal listener: `POST /api/<method>` and
 //! `POST /api/batch`, plus `/metrics` and the health endpoints.
 
+pub mod evacuate;
 pub mod methods;
 #[cfg(test)]
 mod proptests;
@@ -36,6 +37,12 @@ pub fn router(gw: Arc<Gateway>) -> Router {
     let body_limit = gw.config.api_max_body_bytes;
     Router::new()
         .route("/api/{method}", post(api_call))
+        .route(
+            "/api/evacuate",
+            get(evacuate::evacuate)
+                .post(evacuate::evacuate)
+                .delete(evacuate::evacuate),
+        )
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -56,6 +63,8 @@ pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
         "ready\n".into_response()
     } else if gw.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if gw.autoscale.evacuation.is_active() {
+        (StatusCode::SERVICE_UNAVAILABLE, "evacuating\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "engine not ready\n").into_response()
     }

@@ -99,3 +99,33 @@ impl WelcomeFrame {
         text
     }
 }
+
+/// `--drain-spread`: a duration, or `auto` (see `Config::drain_spread`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainSpread {
+    /// Half of `--shutdown-grace`, at most 10s: fits any grace.
+    Auto,
+    /// This long.
+    Fixed(std::time::Duration),
+}
+
+impl DrainSpread {
+    /// `auto` or a duration (`10s`, `2500ms`).
+    pub fn parse(value: &str) -> Result<Self, String> {
+        if value.trim().eq_ignore_ascii_case("auto") {
+            return Ok(DrainSpread::Auto);
+        }
+        humantime::parse_duration(value)
+            .map(DrainSpread::Fixed)
+            .map_err(|e| format!("{e} (expected `auto` or a duration such as 10s)"))
+    }
+}
+
+/// `--rebalance`.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebalance {
+    /// Nodes above the mean move their excess to the others.
+    On,
+    /// Connections stay where they are.
+    Off,
+}

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::autoscale::rebalance::decide::NodeLoad;
 use crate::hub::Membership;
 use crate::ids::ClientId;
 use crate::outbox::Outbox;
@@ -143,6 +144,23 @@ pub trait Engine: Send + Sync + 'static {
     /// under `dedup` (the same id on every node), and delivered to every
     /// node's clients from there.
     async fn publish_once(&self, push: Push, dedup: String) -> EngineResult<()>;
+
+    // Load, for rebalancing (issue 29). A single node has nobody to
+    // balance with: the defaults do nothing.
+    /// Publishes this node's load for the others' rebalancing decisions,
+    /// valid for `valid_for` (then it no longer counts): O(1) in storage
+    /// per call.
+    async fn publish_load(
+        &self,
+        _load: &NodeLoad,
+        _valid_for: std::time::Duration,
+    ) -> EngineResult<()> {
+        Ok(())
+    }
+    /// The load every live node published lately, this one included.
+    async fn cluster_load(&self) -> EngineResult<Vec<NodeLoad>> {
+        Ok(Vec::new())
+    }
 
     /// Leaves the cluster: removes this node's entries from storage at once.
     /// Called once at shutdown, right after every connection was asked to

@@ -329,6 +329,22 @@ impl Hub {
         true
     }
 
+    /// Asks `id` to close after what is queued, unless it is closing
+    /// already. Returns whether this call started its close (a connection
+    /// that is closing stays here until its close handshake ends, and must
+    /// not be counted twice).
+    pub fn close_if_open(&self, id: ClientId, code: u16, reason: &str) -> bool {
+        let index = self.shard(id).read();
+        let Some(local) = index.conns.get(&id) else {
+            return false;
+        };
+        if local.outbox.is_closing() {
+            return false;
+        }
+        local.outbox.close(code, reason, false);
+        true
+    }
+
     /// Closes `id` at once, dropping what is queued for it (GatewayWorker's
     /// `destroyClient`). Returns whether the connection is here.
     pub fn destroy_client(&self, id: ClientId, code: u16, reason: &str) -> bool {
@@ -351,10 +367,15 @@ impl Hub {
 
     /// Asks every connection to close, in slices spread over `spread` (one
     /// every 100ms), so the clients' reconnects reach the other nodes over
-    /// that time rather than in one burst. No lock is held across a sleep;
-    /// connections that arrive meanwhile are closed with the last slice.
-    pub async fn close_all_spread(&self, code: u16, reason: &str, spread: Duration) {
+    /// that time rather than in one burst. Each close gets its own
+    /// `reason()` (a reconnect delay of its own). No lock is held across a
+    /// sleep; connections that arrive meanwhile are closed with the last
+    /// slice. A zero `spread` closes every connection at once.
+    pub async fn close_all_spread(&self, code: u16, reason: impl Fn() -> String, spread: Duration) {
         const STEP: Duration = Duration::from_millis(100);
+        if spread.is_zero() {
+            return self.close_rest(code, &reason);
+        }
         let ids: Vec<ClientId> = self
             .shards
             .iter()
@@ -367,11 +388,22 @@ impl Hub {
             ticker.tick().await;
             for id in chunk {
                 if let Some(local) = self.shard(*id).read().conns.get(id) {
-                    local.outbox.close(code, reason, false);
+                    local.outbox.close(code, &reason(), false);
                 }
             }
         }
-        self.close_all(code, reason);
+        self.close_rest(code, &reason);
+    }
+
+    /// Closes every connection not closing yet, each with its own reason.
+    fn close_rest(&self, code: u16, reason: &impl Fn() -> String) {
+        for shard in self.shards.iter() {
+            for local in shard.read().conns.values() {
+                if !local.outbox.is_closing() {
+                    local.outbox.close(code, &reason(), false);
+                }
+            }
+        }
     }
 
     /// Sends `ping` to every connection and closes those silent for longer

@@ -260,7 +260,13 @@ impl Connection {
         }
         if gw.is_draining() {
             // Upgraded while the drain began: close_all did not see it.
-            outbox.close(close_code::GOING_AWAY, "server shutting down", false);
+            let drain = crate::autoscale::reconnect::Operational::Drain;
+            let window = gw
+                .config
+                .drain_spread()
+                .max(std::time::Duration::from_secs(1));
+            let retry_ms = crate::autoscale::reconnect::pick_retry_ms(window);
+            outbox.close(drain.code(), &drain.reason(retry_ms), false);
         }
         gw.metrics.connections.inc();
         gw.metrics.connections_opened.inc();

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use sha1::{Digest, Sha1};
 use tokio::net::TcpStream;
 
+use crate::autoscale::reconnect::pick_retry_ms;
 use crate::error::ApiError;
 use crate::gateway::Gateway;
 use crate::gatewayworker::handshake::Handshake;
@@ -95,6 +96,10 @@ pub async fn upgrade(
     if gw.is_draining() {
         return ApiError::unavailable("the node is shutting down").into_response();
     }
+    if gw.autoscale.evacuation.is_active() {
+        let retry_ms = pick_retry_ms(gw.config.reconnect_window);
+        return overloaded(&gw, Overloaded::Evacuating, retry_ms);
+    }
     if let Some(value) = gw
         .limits
         .peers
@@ -118,6 +123,11 @@ pub async fn upgrade(
             "origin not allowed",
         )
         .into_response();
+    }
+    // Node-wide, before anything costly (the token, Redis writes): a herd
+    // arrives from as many addresses as it has clients.
+    if let Err(retry_ms) = gw.autoscale.admission.admit(std::time::Instant::now()) {
+        return overloaded(&gw, Overloaded::Rate, retry_ms);
     }
     // Every recovery parameter is checked here (a 400 before anything is
     // done), so a bad one never costs the client its resume token, which
@@ -362,6 +372,45 @@ fn refuse(gw: &Gateway, refused: limits::Refused) -> Response {
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
+    response
+}
+
+/// Why a handshake is refused for the node's sake rather than the
+/// client's.
+#[derive(Debug, Clone, Copy)]
+enum Overloaded {
+    /// Past `--handshake-rate` (on its ramp).
+    Rate,
+    /// `POST /api/evacuate`.
+    Evacuating,
+}
+
+/// 503 with `Retry-After` and `{"error":"overloaded","retry_ms":N,...}`
+/// (or `"evacuating"`), counted. The body's shape is the reconnect-delay
+/// contract (docs/api.md), not the API's error object.
+fn overloaded(gw: &Gateway, why: Overloaded, retry_ms: u64) -> Response {
+    let (reason, error, message) = match why {
+        Overloaded::Rate => (
+            "handshake_rate",
+            "overloaded",
+            "this node admits --handshake-rate new connections a second: retry after retry_ms",
+        ),
+        Overloaded::Evacuating => (
+            "evacuating",
+            "evacuating",
+            "this node is being evacuated: retry after retry_ms (another node will take it)",
+        ),
+    };
+    gw.metrics
+        .connections_refused
+        .get_or_create(&crate::metrics::ReasonLabel { reason })
+        .inc();
+    let body = serde_json::json!({ "error": error, "retry_ms": retry_ms, "message": message });
+    let mut response = (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
+    let seconds = crate::autoscale::admission::retry_after_seconds(retry_ms);
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     response
 }
 

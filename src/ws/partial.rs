@@ -16,7 +16,6 @@ use std::sync::Arc;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::frame::close_code;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 
@@ -67,6 +66,7 @@ pub async fn evictor(
     hub: Arc<Hub>,
     budget: Arc<PartialBudget>,
     metrics: Arc<Metrics>,
+    reconnect_window: std::time::Duration,
     stop: CancellationToken,
 ) {
     loop {
@@ -97,16 +97,18 @@ pub async fn evictor(
             if excess == 0 {
                 break;
             }
-            candidate.outbox.close(
-                close_code::TRY_AGAIN_LATER,
-                "server busy: too many unfinished messages",
-                true,
-            );
+            // An overload close: the client is told when to come back.
+            let overload = crate::autoscale::reconnect::Operational::Overload;
+            let retry_ms = crate::autoscale::reconnect::pick_retry_ms(reconnect_window);
+            candidate
+                .outbox
+                .close(overload.code(), &overload.reason(retry_ms), true);
             excess = excess.saturating_sub(candidate.bytes);
             closed += 1;
         }
         if closed > 0 {
             metrics.partial_closed.inc_by(closed);
+            metrics.autoscale.closed("overload", closed);
             tracing::warn!(
                 closed,
                 used,

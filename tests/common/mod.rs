@@ -114,6 +114,15 @@ pub fn gatecast_command() -> Command {
         .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
         // Through the environment, so a test may still pass the flag.
         .env("GATECAST_INNER_LISTEN", "127.0.0.1:0")
+        // Suites open hundreds of connections the moment a node is up, and
+        // put clients on chosen nodes: admission control and rebalancing
+        // are tested on their own (tests/autoscale.rs, tests/rebalance.rs).
+        .env("GATECAST_HANDSHAKE_RATE", "0")
+        .env("GATECAST_REBALANCE", "off")
+        // Suites wait a bounded time for a node to exit after SIGTERM; the
+        // default spreads the drain over up to 10s (tests/shutdown.rs and
+        // tests/autoscale.rs test the spread).
+        .env("GATECAST_DRAIN_SPREAD", "0s")
         .args(["--advertise-ip", "127.0.0.1"])
         .args(["--log-format", "json"])
         .env_remove("GATECAST_API_KEY");

@@ -30,6 +30,7 @@ mod dispatch;
 mod history;
 mod inbox;
 mod liveness;
+mod load;
 mod membership;
 mod mirror;
 mod partition;
@@ -523,9 +524,26 @@ impl Engine for RedisEngine {
         self.shared.publish_kept(&push, Some(&dedup)).await
     }
 
+    async fn publish_load(
+        &self,
+        load: &crate::autoscale::rebalance::decide::NodeLoad,
+        valid_for: Duration,
+    ) -> EngineResult<()> {
+        load::publish(&self.shared, load, valid_for)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn cluster_load(
+        &self,
+    ) -> EngineResult<Vec<crate::autoscale::rebalance::decide::NodeLoad>> {
+        load::read(&self.shared).await.map_err(unavailable)
+    }
+
     async fn shutdown(&self) {
         let s = &self.shared;
         s.registered.store(false, Ordering::Release);
+        load::forget(s).await;
         // The mirror finishes the batch it is writing, then deletes the
         // partition as its last write: nothing lands after the delete.
         match tokio::time::timeout(Duration::from_secs(3), s.mirror.leave()).await {
