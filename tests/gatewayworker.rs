@@ -277,6 +277,15 @@ async fn a_php_backend_drives_two_nodes_through_the_register() {
     let mut b = Client::connect(&nodes[0].ws_url("")).await;
     let mut c = Client::connect(&nodes[1].ws_url("")).await;
     let register = nodes[1].register.expect("register address");
+    // Ready is not "listed": the Register reads the node list from Redis
+    // once a second, and GatewayClient takes the list it gets first.
+    eventually("the Register lists both nodes", || async {
+        register_list(register, "php-gateway-secret-key-01")
+            .await
+            .len()
+            == 2
+    })
+    .await;
     let ids = json!([a.id, b.id, c.id]).to_string();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/gatewayworker/e2e.php");
     let register = register.to_string();
@@ -447,4 +456,23 @@ async fn raw_frames_non_utf8_text_destroy_and_batch_queries() {
         ask(inner, packet(cmd::IS_ONLINE, m, b"", b"")).await == Value::Int(0)
     })
     .await;
+}
+
+/// The addresses a Register gives a GatewayClient that connects now.
+async fn register_list(register: SocketAddr, key: &str) -> Vec<serde_json::Value> {
+    use tokio::io::AsyncBufReadExt;
+    let stream = tokio::time::timeout(common::WAIT, TcpStream::connect(register))
+        .await
+        .expect("TCP connect in time")
+        .expect("the Register accepts");
+    let mut stream = tokio::io::BufReader::new(stream);
+    let hello = json!({"event": "worker_connect", "secret_key": key}).to_string() + "\n";
+    stream.get_mut().write_all(hello.as_bytes()).await.unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(common::WAIT, stream.read_line(&mut line))
+        .await
+        .expect("the Register answers in time")
+        .expect("a line");
+    let message: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+    message["addresses"].as_array().cloned().unwrap_or_default()
 }

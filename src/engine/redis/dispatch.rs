@@ -146,11 +146,15 @@ impl Shared {
                 let change = Change::from_envelope(&e)?;
                 // The channel the change needs (a bind's or join's):
                 // the reply says so if Redis refuses it.
-                let mut needs = None;
                 match self.apply(id, change) {
                     Ok(Some(follows)) => {
-                        needs = follows.first().cloned();
-                        self.mirror.mark([id], follows)
+                        // Marked and queued for a reply under one lock: a
+                        // batch taken in between would write the change and
+                        // answer in the next one, without the refusal of the
+                        // channel it needs.
+                        let reply = self.reply_target(&e);
+                        self.mirror.mark_then_reply([id], follows, reply);
+                        return Ok(());
                     }
                     Ok(None) => {}
                     // Counted by `apply`; the sender (another node, whose
@@ -160,7 +164,7 @@ impl Shared {
                         tracing::warn!(client_id = %id, error = %e, "session command refused")
                     }
                 }
-                self.reply_later(&e, needs.as_ref());
+                self.reply_later(&e, None);
                 Ok(())
             }
             _ => Err("operation not valid on this channel"),
@@ -170,10 +174,16 @@ impl Shared {
     /// A command with a request number is answered after the mirror wrote
     /// what it changed.
     fn reply_later(&self, e: &EnvelopeRef<'_>, needs: Option<&super::mirror::Follow>) {
-        let to = e.reply_to.and_then(|n| n.parse::<NodeId>().ok());
-        if let (Some(req), Some(node)) = (e.req, to) {
-            self.mirror.reply(node, req, e.reply_channel, needs);
+        if let Some((node, req, batched)) = self.reply_target(e) {
+            self.mirror.reply(node, req, batched, needs);
         }
+    }
+
+    /// Where and how a command asks to be answered: its node, request
+    /// number, and whether that node reads its reply channel.
+    fn reply_target(&self, e: &EnvelopeRef<'_>) -> Option<(NodeId, u64, bool)> {
+        let node = e.reply_to.and_then(|n| n.parse::<NodeId>().ok())?;
+        Some((node, e.req?, e.reply_channel))
     }
 
     /// Delivers a push to the local connections its channel names.

@@ -203,6 +203,34 @@ impl Mirror {
         self.wake.notify_one();
     }
 
+    /// Marks `follows` (the first is the channel the command needs) and,
+    /// in the same batch, answers a command of another node (`reply`: its
+    /// node, request number and whether it reads its reply channel).
+    pub fn mark_then_reply(
+        &self,
+        clients: impl IntoIterator<Item = ClientId>,
+        follows: Vec<Follow>,
+        reply: Option<(NodeId, u64, bool)>,
+    ) {
+        let mut pending = self.pending.lock();
+        if let Some((node, req, batched)) = reply {
+            if pending.replies.len() >= MAX_REPLIES {
+                tracing::warn!(%node, req, "too many replies waiting: one dropped");
+            } else {
+                pending.replies.push(Reply {
+                    node,
+                    req,
+                    batched,
+                    tag: follows.first().map_or(0, tag),
+                });
+            }
+        }
+        pending.clients.extend(clients);
+        pending.follows.extend(follows);
+        drop(pending);
+        self.wake.notify_one();
+    }
+
     /// Marks and waits until the batch that carries the marks is written
     /// (bounded by the Redis command timeout).
     pub async fn flush(
