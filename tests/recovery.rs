@@ -548,7 +548,7 @@ async fn rolling_restart(clients: usize, rate: u64) {
             log,
             received.clone(),
             stop.clone(),
-            Rng(0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1) * 0x2545_f491),
+            Rng(0x9e37_79b9_7f4a_7c15 ^ ((i as u64 + 1) * 0x2545_f491)),
         )));
     }
 
