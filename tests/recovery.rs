@@ -477,8 +477,6 @@ async fn rolling_restart(clients: usize, rate: u64) {
     let args: Vec<String> = [
         "--redis-url",
         &url,
-        "--node-heartbeat",
-        "1s",
         "--history-streams",
         "u:,g:",
         "--shutdown-grace",
@@ -577,43 +575,56 @@ async fn rolling_restart(clients: usize, rate: u64) {
     )
     .await;
 
-    // The pusher: `rate` a second, in batches every 100 ms, to the API of
-    // a node that is not being restarted (held while a batch is out, so
-    // none is in flight to a node going away).
-    let api_addr = Arc::new(tokio::sync::Mutex::new(nodes[1].api));
-    let (stop_pushes, mut pushes_stopped) = watch::channel(false);
-    let pusher = {
-        let (api_addr, sent, http) = (api_addr.clone(), sent.clone(), http.clone());
-        tokio::spawn(async move {
-            let mut rng = Rng(0x1234_5678_9abc_def1);
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            let per_tick = (rate / 10).max(1);
-            let mut unsure = 0;
-            loop {
-                tokio::select! {
-                    _ = pushes_stopped.wait_for(|s| *s) => return (seq, unsure),
-                    _ = tick.tick() => {}
+    // The pushers: `rate` a second in all, in batches every 100 ms, to the
+    // API of a node that is not being restarted (a read lock held while a
+    // batch is out, so none is in flight to a node going away). One lane
+    // per 100 pushes/s, each with its own uids and groups (index modulo the
+    // lanes), so each stream's pushes are sent one after the other.
+    let api_addr = Arc::new(tokio::sync::RwLock::new(nodes[1].api));
+    let (stop_pushes, pushes_stopped) = watch::channel(false);
+    let lanes = (rate / 100).max(1) as usize;
+    let pushers: Vec<_> = (0..lanes)
+        .map(|lane| {
+            let (api_addr, sent, http) = (api_addr.clone(), sent.clone(), http.clone());
+            let mut stopped = pushes_stopped.clone();
+            let per_tick = (rate / 10 / lanes as u64).max(1);
+            let first = seq + 1;
+            tokio::spawn(async move {
+                let mut rng = Rng(0x1234_5678_9abc_def1 + lane as u64);
+                let mut tick = tokio::time::interval(Duration::from_millis(100));
+                let (mut n, mut unsure) = (0u64, 0);
+                // Index `lane + lanes * k` below `count`.
+                let mut own = |count: usize| {
+                    let k = rng.below(count.saturating_sub(lane).div_ceil(lanes) as u64);
+                    lane + lanes * k as usize
+                };
+                loop {
+                    tokio::select! {
+                        _ = stopped.wait_for(|s| *s) => return (n, unsure),
+                        _ = tick.tick() => {}
+                    }
+                    let commands: Vec<Value> = (0..per_tick)
+                        .map(|_| {
+                            n += 1;
+                            let seq = first + (n * lanes as u64) + lane as u64;
+                            if n % 2 == 0 {
+                                push_command(seq, Some(format!("u{}", own(clients))), None)
+                            } else {
+                                push_command(seq, None, Some(format!("g{}", own(groups))))
+                            }
+                        })
+                        .collect();
+                    let api = api_addr.read().await;
+                    unsure += push_batch(&http, *api, commands, &sent).await;
                 }
-                let commands: Vec<Value> = (0..per_tick)
-                    .map(|_| {
-                        seq += 1;
-                        if seq % 2 == 0 {
-                            push_command(seq, Some(format!("u{}", rng.below(clients as u64))), None)
-                        } else {
-                            push_command(seq, None, Some(format!("g{}", rng.below(groups as u64))))
-                        }
-                    })
-                    .collect();
-                let api = api_addr.lock().await;
-                unsure += push_batch(&http, *api, commands, &sent).await;
-            }
+            })
         })
-    };
+        .collect();
 
     let began = std::time::Instant::now();
     for i in 0..3 {
         // Pushes go through a node that stays.
-        *api_addr.lock().await = nodes[(i + 1) % 3].api;
+        *api_addr.write().await = nodes[(i + 1) % 3].api;
         slots.lock().unwrap()[i] = None;
         nodes[i].signal("TERM");
         nodes[i].wait_exit(Duration::from_secs(30)).await;
@@ -624,14 +635,20 @@ async fn rolling_restart(clients: usize, rate: u64) {
     }
     let restart_took = began.elapsed();
     stop_pushes.send_replace(true);
-    let (pushes, unsure) = pusher.await.unwrap();
+    let (mut pushes, mut unsure) = (0, 0);
+    for pusher in pushers {
+        let (n, u) = pusher.await.expect("a pusher failed");
+        pushes += n;
+        unsure += u;
+    }
+    let pushed_for = began.elapsed();
 
     // Every client's two streams, checked until they are whole (bounded);
     // then what is wrong is listed, per client.
     let check = || {
         let sent = sent.lock().unwrap();
         let mut wrong = Vec::new();
-        let (mut reconnects, mut deliveries) = (0, 0);
+        let (mut reconnects, mut deliveries, mut silent) = (0, 0, 0);
         for (i, log) in logs.iter().enumerate() {
             let log = log.lock().unwrap();
             reconnects += log.reconnects;
@@ -641,6 +658,10 @@ async fn rolling_restart(clients: usize, rate: u64) {
                 let got = log.streams.get(stream).cloned().unwrap_or_default();
                 deliveries += got.len();
                 if !exactly(&got, &want) {
+                    // Said so (`recovered: false` for it) or silent.
+                    if !log.not_recovered.contains(stream) {
+                        silent += 1;
+                    }
                     wrong.push(format!("client {i} {stream}: sent {want:?}, got {got:?}"));
                 }
             }
@@ -656,10 +677,10 @@ async fn rolling_restart(clients: usize, rate: u64) {
                 ));
             }
         }
-        (wrong, reconnects, deliveries)
+        (wrong, reconnects, deliveries, silent)
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let (wrong, reconnects, deliveries) = loop {
+    let (wrong, reconnects, deliveries, silent) = loop {
         let checked = check();
         if checked.0.is_empty() || std::time::Instant::now() >= deadline {
             break checked;
@@ -673,8 +694,9 @@ async fn rolling_restart(clients: usize, rate: u64) {
     }
     eprintln!(
         "rolling restart of 3 nodes in {restart_took:.1?} (every client whole after \
-         {caught_up:.1?}): {clients} clients, {pushes} pushes ({rate}/s; {unsure} answered \
-         503), {deliveries} deliveries, {reconnects} resumes, {} wrong",
+         {caught_up:.1?}): {clients} clients, {pushes} pushes in {pushed_for:.1?} (asked \
+         {rate}/s; {unsure} answered 503), {deliveries} deliveries, {reconnects} resumes, {} wrong ({silent} streams \
+         short without a recovered false)",
         wrong.len()
     );
     assert!(
