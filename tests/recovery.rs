@@ -432,6 +432,17 @@ fn push_command(seq: u64, uid: Option<String>, group: Option<String>) -> Value {
     }
 }
 
+/// Runs `commands` as batches through `api`; every one must succeed.
+async fn batch_ok(api: &Node, commands: &[Value]) {
+    for chunk in commands.chunks(500) {
+        let (status, body) = api.call("batch", json!({ "commands": chunk })).await;
+        assert_eq!(status, 200, "{body}");
+        for reply in body["replies"].as_array().expect("replies") {
+            assert!(reply.get("result").is_some(), "a command failed: {reply}");
+        }
+    }
+}
+
 /// Waits until every uid `u0..` is online and the groups `g0..` hold
 /// `clients` members in all, as `api` sees them (a push sent before that
 /// could beat the subscription).
@@ -525,10 +536,7 @@ async fn rolling_restart(clients: usize, rate: u64) {
         );
         commands.push(json!({"method": "join_group", "params": {"client_id": id, "group": format!("g{}", i % groups)}}));
     }
-    for chunk in commands.chunks(500) {
-        let body = api.ok("batch", json!({ "commands": chunk })).await;
-        let _ = body;
-    }
+    batch_ok(api, &commands).await;
     all_bound(api, clients, groups).await;
 
     let (stop_clients, stop) = watch::channel(false);
@@ -797,9 +805,7 @@ async fn measure_a_resume_storm_with_replay() {
         );
         commands.push(json!({"method": "join_group", "params": {"client_id": id, "group": format!("g{}", i % groups)}}));
     }
-    for chunk in commands.chunks(500) {
-        c.ok("batch", json!({ "commands": chunk })).await;
-    }
+    batch_ok(&c, &commands).await;
     all_bound(&c, n, groups).await;
     let sent: Sent = Arc::default();
     let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
