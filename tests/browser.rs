@@ -233,16 +233,15 @@ async fn a_silent_node_is_left_on_a_missing_pong_and_online_cuts_the_backoff_sho
     );
 }
 
-/// What the recovery server (issue 27) needs that is not settled on this
-/// branch: node options turning history on, and push parameters keeping a
-/// push in history. Fill them in when the server side is merged.
-const RECOVERY_NODE_ARGS: &[&str] = &[];
+/// History on for the scenario's pushes (docs/recovery.md section 2.2):
+/// every group's stream kept by the nodes' prefixes, and each push asks for
+/// it too (the push API's `history` field).
+const RECOVERY_NODE_ARGS: &[&str] = &["--history-streams", "g:"];
 fn recovery_push_extra() -> Value {
-    json!({})
+    json!({"history": true})
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the recovery server (issue 27)"]
 async fn pushes_missed_while_away_arrive_exactly_once_in_order_also_after_a_reload() {
     let redis = RedisServer::start();
     let mut args = vec!["--shutdown-grace", "5s"];

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use common::proxy::Proxy;
 use common::redis::RedisServer;
 use common::{eventually, metric, within, Client, Node, WAIT};
 use gatecast::gatewayworker::php::{self, Value as Php};
@@ -19,9 +20,7 @@ use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
 use gatecast_emitter::{Emitter, Message};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpStream;
 
 /// One test at a time: each holds a cut or an outage for seconds, and two
 /// side by side on two cores would stretch each other's bounds.
@@ -30,84 +29,6 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Short, so a purge (liveness TTL 2 heartbeats, then a purge round) comes
 /// within a few seconds.
 const HEARTBEAT: Duration = Duration::from_secs(1);
-
-/// Which ways the proxy forwards.
-#[derive(Debug, Clone, Copy)]
-struct Flow {
-    /// Node to Redis.
-    up: bool,
-    /// Redis to node.
-    down: bool,
-}
-
-/// A TCP proxy in front of Redis. Cut, it stops reading: bytes wait in the
-/// sockets' buffers, nothing is dropped or reset, and they flow again when
-/// it resumes.
-struct Proxy {
-    addr: SocketAddr,
-    flow: watch::Sender<Flow>,
-}
-
-impl Proxy {
-    async fn start(redis_port: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (flow, _) = watch::channel(Flow {
-            up: true,
-            down: true,
-        });
-        let flows = flow.clone();
-        // Ends with the test's runtime, with every pump.
-        tokio::spawn(async move {
-            while let Ok((node, _)) = listener.accept().await {
-                let Ok(redis) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
-                    continue;
-                };
-                let (node_read, node_write) = node.into_split();
-                let (redis_read, redis_write) = redis.into_split();
-                tokio::spawn(pump(node_read, redis_write, flows.subscribe(), |f| f.up));
-                tokio::spawn(pump(redis_read, node_write, flows.subscribe(), |f| f.down));
-            }
-        });
-        Proxy { addr, flow }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://{}", self.addr)
-    }
-
-    fn set(&self, up: bool, down: bool) {
-        self.flow.send_replace(Flow { up, down });
-    }
-}
-
-async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    mut flow: watch::Receiver<Flow>,
-    open: fn(&Flow) -> bool,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if flow.wait_for(open).await.is_err() {
-            return;
-        }
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = to.shutdown().await;
-                return;
-            }
-            Ok(n) => n,
-        };
-        // Read just before a cut: held until the link is back.
-        if flow.wait_for(open).await.is_err() {
-            return;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
 
 fn node(redis_url: &str) -> Node {
     let heartbeat = format!("{}ms", HEARTBEAT.as_millis());

@@ -8,23 +8,10 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use common::recovery::{self as positions, split, Framed};
 use common::redis::RedisServer;
 use common::{eventually, Client, Node, Seen, WAIT};
 use fred::prelude::*;
-
-/// Positions as a client keeps them, and `pos` as it sends them (written
-/// here from docs/recovery.md, not taken from the crate).
-mod positions {
-    use base64::Engine as _;
-
-    /// Stream → (epoch, offset).
-    pub type Positions = std::collections::BTreeMap<String, (String, u64)>;
-
-    /// URL-safe base64 without padding of the JSON object.
-    pub fn encode(p: &Positions) -> String {
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(p).unwrap())
-    }
-}
 use serde_json::{json, Value};
 
 const SECRET: &str = "recovery-history-test-jwt-secret";
@@ -43,41 +30,6 @@ fn token(sub: &str, groups: &[&str]) -> String {
         &EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .unwrap()
-}
-
-/// A push as an opted-in client saw it.
-#[derive(Debug, Clone, PartialEq)]
-struct Framed {
-    header: Value,
-    payload: Vec<u8>,
-    binary: bool,
-}
-
-impl Framed {
-    fn stream(&self) -> &str {
-        self.header["s"].as_str().unwrap_or("")
-    }
-    fn epoch(&self) -> String {
-        self.header["e"].as_str().unwrap_or("").to_owned()
-    }
-    fn offset(&self) -> u64 {
-        self.header["o"].as_u64().unwrap_or(0)
-    }
-    fn text(&self) -> String {
-        String::from_utf8(self.payload.clone()).unwrap()
-    }
-}
-
-fn split(bytes: &[u8], binary: bool) -> Framed {
-    let nl = bytes
-        .iter()
-        .position(|b| *b == b'\n')
-        .unwrap_or_else(|| panic!("a push frame has a header line: {bytes:?}"));
-    Framed {
-        header: serde_json::from_slice(&bytes[..nl]).expect("the header is JSON"),
-        payload: bytes[nl + 1..].to_vec(),
-        binary,
-    }
 }
 
 /// What an opted-in client sees next: a push (framed) or a control frame.

@@ -11,15 +11,14 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use common::proxy::Proxy;
 use common::redis::RedisServer;
 use common::{eventually, webhook, within, Client, Node, Seen, WAIT};
 use futures_util::StreamExt;
 use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 /// One test at a time: each runs several nodes, kills or cuts one, and
@@ -239,79 +238,6 @@ async fn a_client_of_a_drained_node_resumes_on_another_with_its_membership() {
     assert_restored(c, &back.id, "bob").await;
     pushes_reach(c, &mut back, "bob").await;
     drop(nodes.remove(0));
-}
-
-/// Which ways the proxy forwards.
-#[derive(Debug, Clone, Copy)]
-struct Flow {
-    up: bool,
-    down: bool,
-}
-
-/// A TCP proxy in front of Redis (as in tests/outages.rs). Cut, it stops
-/// reading: nothing is dropped or reset, as a switch dropping packets.
-struct Proxy {
-    addr: SocketAddr,
-    flow: watch::Sender<Flow>,
-}
-
-impl Proxy {
-    async fn start(redis_port: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (flow, _) = watch::channel(Flow {
-            up: true,
-            down: true,
-        });
-        let flows = flow.clone();
-        tokio::spawn(async move {
-            while let Ok((node, _)) = listener.accept().await {
-                let Ok(redis) = TcpStream::connect(("127.0.0.1", redis_port)).await else {
-                    continue;
-                };
-                let (node_read, node_write) = node.into_split();
-                let (redis_read, redis_write) = redis.into_split();
-                tokio::spawn(pump(node_read, redis_write, flows.subscribe(), |f| f.up));
-                tokio::spawn(pump(redis_read, node_write, flows.subscribe(), |f| f.down));
-            }
-        });
-        Proxy { addr, flow }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://{}", self.addr)
-    }
-
-    fn set(&self, up: bool, down: bool) {
-        self.flow.send_replace(Flow { up, down });
-    }
-}
-
-async fn pump(
-    mut from: OwnedReadHalf,
-    mut to: OwnedWriteHalf,
-    mut flow: watch::Receiver<Flow>,
-    open: fn(&Flow) -> bool,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if flow.wait_for(open).await.is_err() {
-            return;
-        }
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => {
-                let _ = to.shutdown().await;
-                return;
-            }
-            Ok(n) => n,
-        };
-        if flow.wait_for(open).await.is_err() {
-            return;
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
