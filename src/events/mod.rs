@@ -88,6 +88,49 @@ pub enum Detail {
         /// The connection it took over.
         old_client_id: ClientId,
     },
+    /// A presence transition (`--presence-events`): not about one
+    /// connection; `client_id` is the deciding node's id with number 0.
+    Presence {
+        /// What changed.
+        change: PresenceChange,
+        /// The uid or group.
+        name: String,
+        /// Orders the transitions of one name.
+        seq: u64,
+    },
+}
+
+/// A presence transition, cluster-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// A uid's first connection anywhere.
+    Online,
+    /// A uid's last connection anywhere is gone (after the grace).
+    Offline,
+    /// A group's first member anywhere.
+    Occupied,
+    /// A group's last member anywhere is gone (after the grace).
+    Vacated,
+}
+
+impl PresenceChange {
+    /// The event type.
+    pub fn kind(self) -> &'static str {
+        match self {
+            PresenceChange::Online => "online",
+            PresenceChange::Offline => "offline",
+            PresenceChange::Occupied => "occupied",
+            PresenceChange::Vacated => "vacated",
+        }
+    }
+
+    /// The field that names what changed: `uid` or `group`.
+    pub fn field(self) -> &'static str {
+        match self {
+            PresenceChange::Online | PresenceChange::Offline => "uid",
+            PresenceChange::Occupied | PresenceChange::Vacated => "group",
+        }
+    }
 }
 
 /// One event.
@@ -133,6 +176,7 @@ impl Event {
             Detail::Message { data, .. } => data.len(),
             Detail::Close => 0,
             Detail::Resumed { .. } => 20,
+            Detail::Presence { name, .. } => name.len() + 20,
         };
         std::mem::size_of::<Event>()
             + self.uid.as_ref().map_or(0, String::len)
@@ -146,12 +190,25 @@ impl Event {
             Detail::Message { .. } => "message",
             Detail::Close => "close",
             Detail::Resumed { .. } => "resumed",
+            Detail::Presence { change, .. } => change.kind(),
         }
     }
 
     /// The stream entry: flat fields, strings except `data` (raw bytes).
     fn stream_fields(&self, node: NodeId) -> Vec<(&'static str, RedisValue)> {
         let text = |s: String| RedisValue::from(s);
+        if let Detail::Presence { change, name, seq } = &self.detail {
+            return vec![
+                ("type", text(self.kind().into())),
+                (change.field(), text(name.clone())),
+                ("node", text(node.to_string())),
+                ("time_ms", text(self.time_ms.to_string())),
+                ("seq", text(seq.to_string())),
+            ];
+        }
+        // The connection's node: a dead node's, for the close events of
+        // its connections that another node purged.
+        let node = self.client_id.node();
         let mut fields = vec![
             ("type", text(self.kind().into())),
             ("client_id", text(self.client_id.to_string())),
@@ -182,12 +239,24 @@ impl Event {
                 fields.push(("old_client_id", text(old_client_id.to_string())));
                 fields.push(("new_client_id", text(self.client_id.to_string())));
             }
+            Detail::Presence { .. } => {}
         }
         fields
     }
 
     /// The webhook body.
     fn json(&self, node: NodeId) -> Value {
+        if let Detail::Presence { change, name, seq } = &self.detail {
+            let mut body = json!({
+                "type": self.kind(),
+                "node": node.to_string(),
+                "time_ms": self.time_ms,
+                "seq": seq,
+            });
+            body[change.field()] = json!(name);
+            return body;
+        }
+        let node = self.client_id.node();
         let mut body = json!({
             "type": self.kind(),
             "client_id": self.client_id.to_string(),
@@ -218,6 +287,7 @@ impl Event {
                 body["old_client_id"] = json!(old_client_id.to_string());
                 body["new_client_id"] = json!(self.client_id.to_string());
             }
+            Detail::Presence { .. } => {}
         }
         body
     }

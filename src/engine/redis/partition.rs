@@ -29,14 +29,20 @@ const IN_FLIGHT: usize = 16;
 pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> Result<(), Failure> {
     let calls = records(s, clients);
     for round in calls.chunks(IN_FLIGHT) {
-        let written: Vec<i64> = try_join_all(round.iter().map(|args| {
-            s.scripts.put_clients.run::<i64, _, _>(
+        let answers: Vec<Value> = try_join_all(round.iter().map(|args| {
+            s.scripts.put_clients.run::<Value, _, _>(
                 &s.redis.client,
                 s.keys.partition(s.node),
                 args.clone(),
             )
         }))
         .await?;
+        let mut written = Vec::with_capacity(answers.len());
+        for answer in answers {
+            let (code, transitions) = super::presence::split(answer);
+            written.push(code);
+            s.notify(crate::presence::transitions(&transitions));
+        }
         if written.iter().any(|w| *w < 0) {
             return Err(Failure::Conflict);
         }
@@ -59,7 +65,12 @@ pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> R
 /// to recovery carries its resume record's id and digest: its record is
 /// written in the same script call as its partition entries.
 fn records(s: &Shared, clients: &[ClientId]) -> Vec<Vec<String>> {
-    let start = || vec![s.instance.clone(), s.resume_window_ms()];
+    let presence = s.presence_args();
+    let start = || {
+        let mut args = vec![s.instance.clone(), s.resume_window_ms()];
+        args.extend(presence.iter().cloned());
+        args
+    };
     let mut calls = Vec::new();
     let mut args: Vec<String> = start();
     let (mut records, mut bytes) = (0, 0);
@@ -117,15 +128,16 @@ pub async fn stale(s: &Shared) -> Result<Vec<ClientId>, fred::error::Error> {
 /// Deletes the partition and the liveness key in one step, then leaves the
 /// node set.
 pub async fn leave(s: &Shared) -> Result<(), fred::error::Error> {
-    let removed: i64 = s
+    let mut args = vec!["leave".to_owned(), s.instance.clone(), s.resume_window_ms()];
+    // The leaving node's connections emit their own close events.
+    args.extend(s.presence_args());
+    let answer: Value = s
         .scripts
         .clear
-        .run::<i64, _, _>(
-            &s.redis.client,
-            s.keys.partition(s.node),
-            vec!["leave".to_owned(), s.instance.clone(), s.resume_window_ms()],
-        )
+        .run(&s.redis.client, s.keys.partition(s.node), args)
         .await?;
+    let (removed, notices) = super::presence::cleared(answer);
+    s.notify(notices);
     if removed < 0 {
         // Another process holds the node id now: its partition stays.
         return Ok(());

@@ -1,0 +1,328 @@
+//! `--presence-events`: online / offline of uids and occupied / vacated of
+//! groups, exact across nodes and node crashes, debounced by
+//! `--presence-grace`; the node that purges a dead node emits its
+//! connections' close events. Real Redis, real nodes, real clients.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::redis::RedisServer;
+use common::{within, Client, Node};
+use fred::prelude::*;
+use fred::types::Value as RedisValue;
+use serde_json::json;
+
+type Entry = (String, HashMap<String, RedisValue>);
+
+fn field(entry: &Entry, name: &str) -> String {
+    entry
+        .1
+        .get(name)
+        .and_then(|v| v.as_string())
+        .unwrap_or_default()
+}
+
+async fn redis_client(server: &RedisServer) -> fred::clients::Client {
+    let redis = Builder::from_config(Config::from_url(&server.url()).unwrap())
+        .build()
+        .unwrap();
+    redis.init().await.unwrap();
+    redis
+}
+
+/// The stream's entries of the given types, in stream order.
+async fn events(redis: &fred::clients::Client, kinds: &[&str]) -> Vec<Entry> {
+    let entries: Vec<Entry> = redis
+        .xrange("gatecast:events", "-", "+", None)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .filter(|e| kinds.contains(&field(e, "type").as_str()))
+        .collect()
+}
+
+const PRESENCE: [&str; 4] = ["online", "offline", "occupied", "vacated"];
+
+/// `n` nodes on `server` with presence events and `grace`.
+fn nodes(server: &RedisServer, n: usize, grace: &str) -> Vec<Node> {
+    let url = server.url();
+    (0..n)
+        .map(|_| {
+            Node::start(&[
+                "--redis-url",
+                &url,
+                "--node-heartbeat",
+                "1s",
+                "--events",
+                "--presence-events",
+                "uid,group",
+                "--presence-grace",
+                grace,
+            ])
+        })
+        .collect()
+}
+
+async fn bind(api: &Node, client: &Client, uid: &str) {
+    api.ok("bind_uid", json!({"client_id": client.id, "uid": uid}))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uid_on_three_nodes_is_online_once_and_offline_once_after_the_grace() {
+    let server = RedisServer::start();
+    let nodes = nodes(&server, 3, "1s");
+    common::ready(&nodes).await;
+    let redis = redis_client(&server).await;
+
+    let mut clients = Vec::new();
+    for node in &nodes {
+        let c = Client::connect(&node.ws_url("")).await;
+        // Bound through another node: the command crosses Redis.
+        bind(&nodes[(clients.len() + 1) % 3], &c, "alice").await;
+        clients.push(c);
+    }
+    within("one online", Duration::from_secs(10), || async {
+        !events(&redis, &PRESENCE).await.is_empty()
+    })
+    .await;
+    let last = clients.pop().unwrap();
+    for c in clients.drain(..) {
+        c.close().await;
+    }
+    // Both closes are mirrored (the uid is on one node only), and still
+    // nothing but the one online, even past the grace.
+    within("two closes", Duration::from_secs(10), || async {
+        events(&redis, &["close"]).await.len() == 2
+    })
+    .await;
+    within(
+        "alice on one node only",
+        Duration::from_secs(10),
+        || async {
+            let ids = nodes[0]
+                .ok("get_client_id_by_uid", json!({"uid": "alice"}))
+                .await;
+            ids.as_array().map(Vec::len) == Some(1)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen = events(&redis, &PRESENCE).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(field(&seen[0], "type"), "online");
+    assert_eq!(field(&seen[0], "uid"), "alice");
+
+    let closed_at = std::time::Instant::now();
+    last.close().await;
+    within("one offline", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() >= 2
+    })
+    .await;
+    let waited = closed_at.elapsed();
+    let seen = events(&redis, &PRESENCE).await;
+    let kinds: Vec<String> = seen.iter().map(|e| field(e, "type")).collect();
+    assert_eq!(kinds, ["online", "offline"]);
+    assert_eq!(field(&seen[1], "uid"), "alice");
+    assert!(
+        waited >= Duration::from_secs(1),
+        "offline before the grace: {waited:?}"
+    );
+    assert!(
+        field(&seen[1], "seq").parse::<u64>().unwrap()
+            > field(&seen[0], "seq").parse::<u64>().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_within_the_grace_produces_no_event() {
+    let server = RedisServer::start();
+    let nodes = nodes(&server, 2, "3s");
+    common::ready(&nodes).await;
+    let redis = redis_client(&server).await;
+
+    let a = Client::connect(&nodes[0].ws_url("")).await;
+    bind(&nodes[1], &a, "bob").await;
+    nodes[1]
+        .ok("join_group", json!({"client_id": a.id, "group": "room"}))
+        .await;
+    within("online and occupied", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 2
+    })
+    .await;
+    // The page reloads: the old connection goes, a new one on the other
+    // node comes back with the same uid and group within the grace.
+    a.close().await;
+    within("the close", Duration::from_secs(10), || async {
+        events(&redis, &["close"]).await.len() == 1
+    })
+    .await;
+    let b = Client::connect(&nodes[1].ws_url("")).await;
+    bind(&nodes[0], &b, "bob").await;
+    nodes[0]
+        .ok("join_group", json!({"client_id": b.id, "group": "room"}))
+        .await;
+    // Past the grace of the first close: still only the first two.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let seen = events(&redis, &PRESENCE).await;
+    let kinds: Vec<String> = seen.iter().map(|e| field(e, "type")).collect();
+    assert_eq!(kinds, ["online", "occupied"], "{seen:?}");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_uids_go_offline_and_its_closes_are_emitted_once() {
+    const UIDS: usize = 100;
+    const GROUPS: usize = 20;
+    let server = RedisServer::start();
+    let nodes = nodes(&server, 3, "500ms");
+    common::ready(&nodes).await;
+    let redis = redis_client(&server).await;
+
+    // Node 2 holds the only connection of 100 uids and the only members
+    // of 20 groups; "shared" has members on node 0 too, which stays.
+    let victim = &nodes[2];
+    let clients = common::connect_many(&victim.ws_url(""), UIDS).await;
+    for (i, c) in clients.iter().enumerate() {
+        bind(&nodes[0], c, &format!("u{i}")).await;
+        nodes[1]
+            .ok(
+                "join_group",
+                json!({"client_id": c.id, "group": format!("g{}", i % GROUPS)}),
+            )
+            .await;
+    }
+    let keeper = Client::connect(&nodes[0].ws_url("")).await;
+    nodes[1]
+        .ok("join_group", json!({"client_id": keeper.id, "group": "g0"}))
+        .await;
+    within("online and occupied", Duration::from_secs(20), || async {
+        events(&redis, &PRESENCE).await.len() == UIDS + GROUPS
+    })
+    .await;
+
+    victim.signal("KILL");
+    let killed = std::time::Instant::now();
+    // Within 3 heartbeats (1 s) plus the grace.
+    within(
+        "offline, vacated and closes",
+        Duration::from_secs(4),
+        || async {
+            events(&redis, &["offline", "vacated", "close"]).await.len() >= UIDS + GROUPS - 1 + UIDS
+        },
+    )
+    .await;
+    // Let any duplicate show up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let gone = events(&redis, &["offline", "vacated", "close"]).await;
+    let count = |kind: &str| gone.iter().filter(|e| field(e, "type") == kind).count();
+    assert_eq!(count("offline"), UIDS, "{:?}", killed.elapsed());
+    assert_eq!(count("vacated"), GROUPS - 1, "g0 still has a member");
+    assert_eq!(count("close"), UIDS);
+    let mut ids: Vec<String> = gone
+        .iter()
+        .filter(|e| field(e, "type") == "close")
+        .map(|e| field(e, "client_id"))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let mut want: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
+    want.sort();
+    assert_eq!(ids, want, "each close exactly once");
+    for e in gone.iter().filter(|e| field(e, "type") == "close") {
+        let id = field(e, "client_id");
+        assert_eq!(field(e, "node"), &id[..12], "the dead node's id");
+        let i = clients.iter().position(|c| c.id == id).unwrap();
+        assert_eq!(field(e, "uid"), format!("u{i}"));
+    }
+    let mut offline: Vec<String> = gone
+        .iter()
+        .filter(|e| field(e, "type") == "offline")
+        .map(|e| field(e, "uid"))
+        .collect();
+    offline.sort();
+    offline.dedup();
+    assert_eq!(offline.len(), UIDS);
+    assert!(!gone
+        .iter()
+        .any(|e| field(e, "type") == "vacated" && field(e, "group") == "g0"));
+    drop(keeper);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_connects_and_disconnects_of_one_uid_alternate_and_end_true() {
+    let server = RedisServer::start();
+    let nodes = nodes(&server, 2, "200ms");
+    common::ready(&nodes).await;
+    let redis = redis_client(&server).await;
+
+    // Two nodes, each churning connections of "carol" (a JWT-less bind
+    // through the other node), in overlapping waves.
+    let churn = |n: usize| {
+        let (node, api) = (&nodes[n], &nodes[1 - n]);
+        async move {
+            let mut seed = 7u64 + n as u64;
+            let mut held: Vec<Client> = Vec::new();
+            let end = std::time::Instant::now() + Duration::from_secs(6);
+            while std::time::Instant::now() < end {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if held.is_empty() || (seed >> 33) % 2 == 0 && held.len() < 5 {
+                    let c = Client::connect(&node.ws_url("")).await;
+                    bind(api, &c, "carol").await;
+                    held.push(c);
+                } else {
+                    let i = (seed >> 40) as usize % held.len();
+                    held.swap_remove(i).close().await;
+                }
+                tokio::time::sleep(Duration::from_millis((seed >> 50) % 150)).await;
+            }
+            held
+        }
+    };
+    let (mut kept, closed) = tokio::join!(churn(0), churn(1));
+    if kept.is_empty() {
+        let c = Client::connect(&nodes[0].ws_url("")).await;
+        bind(&nodes[1], &c, "carol").await;
+        kept.push(c);
+    }
+    for c in closed {
+        c.close().await;
+    }
+    // carol is online (node 0 keeps its clients): the last event says so.
+    let check = |want: &'static str| {
+        let redis = redis.clone();
+        async move {
+            let seen = events(&redis, &["online", "offline"]).await;
+            let mut by_seq: Vec<(u64, String)> = seen
+                .iter()
+                .map(|e| (field(e, "seq").parse().unwrap(), field(e, "type")))
+                .collect();
+            by_seq.sort();
+            let kinds: Vec<&str> = by_seq.iter().map(|(_, k)| k.as_str()).collect();
+            for pair in kinds.windows(2) {
+                assert_ne!(pair[0], pair[1], "two in a row: {kinds:?}");
+            }
+            assert_eq!(kinds.first(), Some(&"online"), "{kinds:?}");
+            kinds.last() == Some(&want)
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    within("carol online at the end", Duration::from_secs(10), || {
+        check("online")
+    })
+    .await;
+    for c in kept {
+        c.close().await;
+    }
+    within("carol offline at the end", Duration::from_secs(10), || {
+        check("offline")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(check("offline").await);
+}
