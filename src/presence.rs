@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::events::{Detail, Event, PresenceChange};
 use crate::gateway::Gateway;
+use crate::gatewayworker::workers::{Event as WorkerEvent, Route};
 use crate::hub::Hub;
 use crate::ids::{ClientId, NodeId};
 use crate::session::Session;
@@ -241,12 +242,25 @@ pub async fn deliver(
         };
         let Some(events) = &gw.events else { continue };
         let event = match notice {
-            Notice::Presence { change, name, seq } => Event::new(
-                ClientId::new(node, 0),
-                None,
-                Session::new(),
-                Detail::Presence { change, name, seq },
-            ),
+            Notice::Presence { change, name, seq } => {
+                // BusinessWorkers hear it too, as gatecast's command 241.
+                let mut body = serde_json::json!({"type": change.kind(), "seq": seq});
+                body[change.field()] = serde_json::json!(name);
+                let body = body.to_string();
+                let route = Route::new(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                gw.workers.send(
+                    &route,
+                    ClientId::new(node, 0),
+                    WorkerEvent::Presence(body.as_bytes()),
+                    Vec::new,
+                );
+                Event::new(
+                    ClientId::new(node, 0),
+                    None,
+                    Session::new(),
+                    Detail::Presence { change, name, seq },
+                )
+            }
             Notice::Closed {
                 client_id,
                 uid,

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use common::redis::RedisServer;
-use common::{within, Client, Node};
+use common::{within, Client, Node, OutputWithin};
 use fred::prelude::*;
 use fred::types::Value as RedisValue;
 use serde_json::json;
@@ -325,4 +325,243 @@ async fn racing_connects_and_disconnects_of_one_uid_alternate_and_end_true() {
     .await;
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(check("offline").await);
+}
+
+/// The in-process engine decides the same from its hub, to the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_without_redis_posts_presence_to_the_webhook() {
+    let (hook, mut rx) = common::webhook().await;
+    let node = Node::start(&[
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--presence-events",
+        "uid,group",
+        "--presence-grace",
+        "500ms",
+    ]);
+    let a = Client::connect(&node.ws_url("")).await;
+    let b = Client::connect(&node.ws_url("")).await;
+    for c in [&a, &b] {
+        bind(&node, c, "dave").await;
+        node.ok("join_group", json!({"client_id": c.id, "group": "lobby"}))
+            .await;
+    }
+    a.close().await;
+    // A reload of b within the grace: neither event.
+    b.close().await;
+    let c = Client::connect(&node.ws_url("")).await;
+    bind(&node, &c, "dave").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // dave stays online; lobby has no member since b left.
+    c.close().await;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seen.len() < 4 {
+        let body = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("presence events in time")
+            .unwrap();
+        if PRESENCE.contains(&body["type"].as_str().unwrap_or("")) {
+            seen.push(body);
+        }
+    }
+    let got: Vec<(String, String)> = seen
+        .iter()
+        .map(|e| {
+            let name = e.get("uid").or(e.get("group")).unwrap();
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                name.as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("online", "dave"),
+        ("occupied", "lobby"),
+        ("vacated", "lobby"),
+        ("offline", "dave"),
+    ];
+    assert_eq!(
+        got,
+        want.map(|(k, n)| (k.to_owned(), n.to_owned())),
+        "{seen:?}"
+    );
+    // Nothing more.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    while let Ok(body) = rx.try_recv() {
+        assert!(
+            !PRESENCE.contains(&body["type"].as_str().unwrap_or("")),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_options_are_checked_at_start() {
+    for (args, says) in [
+        (
+            &["--presence-events", "uid"][..],
+            "--presence-events needs --events",
+        ),
+        (
+            &[
+                "--events",
+                "--events-webhook",
+                "http://127.0.0.1:9/h",
+                "--presence-events",
+                "uid,room",
+            ],
+            "--presence-events takes uid and group",
+        ),
+        (
+            &[
+                "--events",
+                "--redis-url",
+                "redis-cluster://127.0.0.1:7000",
+                "--presence-events",
+                "group",
+            ],
+            "not supported on Redis Cluster",
+        ),
+    ] {
+        let out = common::gatecast_command()
+            .args(args)
+            .output_within(Duration::from_secs(30));
+        assert!(!out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(says), "{args:?}: {text}");
+    }
+}
+
+/// Redis commands by name (INFO commandstats), scripts' inner calls
+/// included.
+fn commandstats(server: &RedisServer) -> HashMap<String, u64> {
+    server
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats.strip_prefix("calls=")?.split(',').next()?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The extra Redis work of presence events per connect + bind + join and
+/// per close (docs/benchmarks.md): none when off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
+    const N: usize = 200;
+    let mut measured = Vec::new();
+    for on in [false, true] {
+        let server = RedisServer::start();
+        let url = server.url();
+        let mut args = vec!["--redis-url", &url, "--node-heartbeat", "1s", "--events"];
+        if on {
+            args.extend(["--presence-events", "uid,group", "--presence-grace", "0s"]);
+        }
+        let nodes: Vec<Node> = (0..2).map(|_| Node::start(&args)).collect();
+        common::ready(&nodes).await;
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        let clients = common::connect_many(&nodes[0].ws_url(""), N).await;
+        for (i, c) in clients.iter().enumerate() {
+            bind(&nodes[1], c, &format!("u{i}")).await;
+            nodes[1]
+                .ok(
+                    "join_group",
+                    json!({"client_id": c.id, "group": format!("g{i}")}),
+                )
+                .await;
+        }
+        within("all mirrored", Duration::from_secs(20), || async {
+            nodes[1].ok("get_all_uid_count", json!({})).await == json!(N)
+        })
+        .await;
+        let joined = commandstats(&server);
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        for c in clients {
+            c.close().await;
+        }
+        within("all gone", Duration::from_secs(20), || async {
+            nodes[1].ok("get_all_client_count", json!({})).await == json!(0)
+        })
+        .await;
+        let closed = commandstats(&server);
+        measured.push((on, joined, closed));
+    }
+    let get = |m: &HashMap<String, u64>, c: &str| m.get(c).copied().unwrap_or(0);
+    for (on, joined, closed) in &measured {
+        eprintln!("presence {on}: per connect+bind+join: {joined:?}");
+        eprintln!("presence {on}: per close: {closed:?}");
+    }
+    let (_, off_joined, off_closed) = &measured[0];
+    for command in ["hincrby", "zrem", "zadd", "time"] {
+        assert_eq!(get(off_joined, command), 0, "{command} with presence off");
+        assert_eq!(get(off_closed, command), 0, "{command} with presence off");
+    }
+    let (_, on_joined, on_closed) = &measured[1];
+    // One counter per uid and per group, each counted once per change of
+    // a node's holding, not per rewrite.
+    assert_eq!(get(on_joined, "hincrby"), 2 * N as u64);
+    assert_eq!(get(on_closed, "hincrby"), 2 * N as u64);
+}
+
+/// BusinessWorkers hear presence too: gatecast's command 241 with the
+/// event as JSON, about no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_worker_hears_presence_as_command_241() {
+    use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const KEY: &str = "presence-test-gateway-key";
+    let (hook, _rx) = common::webhook().await;
+    let node = Node::start(&[
+        "--gateway-secret-key",
+        KEY,
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--presence-events",
+        "uid",
+        "--presence-grace",
+        "0s",
+    ]);
+    let mut worker = tokio::net::TcpStream::connect(node.inner).await.unwrap();
+    let mut hello = Packet::new(cmd::WORKER_CONNECT);
+    hello.flag = flag::BODY_IS_SCALAR;
+    hello.body = bytes::Bytes::from(json!({"worker_key": "w:0", "secret_key": KEY}).to_string());
+    worker.write_all(&protocol::encode(&hello)).await.unwrap();
+    within(
+        "the worker is connected",
+        Duration::from_secs(10),
+        || async { common::metric(&node.get_text("/metrics").await, "gatecast_workers") == 1.0 },
+    )
+    .await;
+    let c = Client::connect(&node.ws_url("")).await;
+    bind(&node, &c, "erin").await;
+    c.close().await;
+
+    let mut buf = bytes::BytesMut::new();
+    let mut bodies = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while bodies.len() < 2 {
+            while let Some(p) = protocol::decode(&mut buf, 1 << 24).unwrap() {
+                if p.cmd == cmd::ON_PRESENCE {
+                    assert_eq!(p.connection_id, 0);
+                    bodies.push(serde_json::from_slice::<serde_json::Value>(&p.body).unwrap());
+                }
+            }
+            if bodies.len() < 2 {
+                assert!(worker.read_buf(&mut buf).await.unwrap() > 0, "closed");
+            }
+        }
+    })
+    .await
+    .expect("two ON_PRESENCE packets");
+    assert_eq!(bodies[0]["type"], "online");
+    assert_eq!(bodies[0]["uid"], "erin");
+    assert_eq!(bodies[1]["type"], "offline");
+    assert!(bodies[1]["seq"].as_u64() > bodies[0]["seq"].as_u64());
 }
