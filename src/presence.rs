@@ -89,6 +89,14 @@ impl Notices {
     pub fn send(&self, notice: Notice) -> bool {
         self.tx.try_send(notice).is_ok()
     }
+
+    /// Queues a notice, waiting up to [`WAIT`] for room: for background
+    /// tasks (purges, due transitions) whose bursts may pass the queue.
+    pub async fn send_wait(&self, notice: Notice) -> bool {
+        tokio::time::timeout(WAIT, self.tx.send(notice))
+            .await
+            .is_ok_and(|sent| sent.is_ok())
+    }
 }
 
 /// Presence decided from the hub, for the in-process engine (one node: the
@@ -267,9 +275,13 @@ pub async fn deliver(
                 session,
             } => Event::new(client_id, uid, session, Detail::Close),
         };
-        events.emit(event, &gw.metrics);
+        events.emit_wait(event, &gw.metrics, WAIT).await;
     }
 }
+
+/// Longest wait for room in the events queue, per notice (a purge of a
+/// large node is a burst), and in the notices queue for background tasks.
+pub const WAIT: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 mod tests {

@@ -455,7 +455,9 @@ impl Events {
             return;
         }
         let client = event.client_id;
-        let fair = !matches!(event.detail, Detail::Close);
+        // Close and presence events have no share to keep: presence ones
+        // all count for one pseudo-connection (the node's number 0).
+        let fair = !matches!(event.detail, Detail::Close | Detail::Presence { .. });
         if !self.bytes.take(client, size, fair) {
             metrics.events_dropped.inc();
             return;
@@ -465,6 +467,36 @@ impl Events {
             .try_send(Item::Event(Box::new(event), size))
             .is_err()
         {
+            self.bytes.release(client, size);
+            metrics.events_dropped.inc();
+        }
+    }
+
+    /// Queues an event like [`Events::emit`], but waits (at most `limit`)
+    /// for room in the queue instead of dropping at once: for bursts from
+    /// background tasks (a dead node's close events, presence transitions),
+    /// never for a connection.
+    pub async fn emit_wait(&self, event: Event, metrics: &Metrics, limit: Duration) {
+        let size = event.approx_size();
+        if size > self.max_event_bytes {
+            metrics.events_too_large.inc();
+            metrics.events_dropped.inc();
+            return;
+        }
+        let client = event.client_id;
+        let deadline = tokio::time::Instant::now() + limit;
+        // The byte bound: wait for the sink to take some.
+        while !self.bytes.take(client, size, false) {
+            if tokio::time::Instant::now() >= deadline {
+                metrics.events_dropped.inc();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sent =
+            tokio::time::timeout_at(deadline, self.tx.send(Item::Event(Box::new(event), size)))
+                .await;
+        if !matches!(sent, Ok(Ok(()))) {
             self.bytes.release(client, size);
             metrics.events_dropped.inc();
         }

@@ -231,7 +231,7 @@ async fn purge(s: &Shared, node: NodeId) -> Result<bool, fred::error::Error> {
         .run(&s.redis.client, s.keys.partition(node), args)
         .await?;
     let (removed, notices) = super::presence::cleared(answer);
-    s.notify(notices);
+    s.notify_wait(notices).await;
     if removed > 0 {
         tracing::info!(node = %node, addr = %node.addr(), connections = removed, "purged a dead node");
     }

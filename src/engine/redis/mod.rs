@@ -277,6 +277,20 @@ impl Shared {
         }
     }
 
+    /// The same, waiting for room (bounded): for the purge and the due
+    /// transitions, background tasks whose bursts may pass the queue. The
+    /// mirror never waits (events must not hold up membership writes).
+    async fn notify_wait(&self, notices: Vec<crate::presence::Notice>) {
+        let Some(to) = &self.settings.notices else {
+            return;
+        };
+        for notice in notices {
+            if !to.send_wait(notice).await {
+                self.metrics.events_dropped.inc();
+            }
+        }
+    }
+
     fn resume_window_ms(&self) -> String {
         self.settings.resume_window.as_millis().max(1).to_string()
     }

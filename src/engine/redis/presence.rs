@@ -110,7 +110,7 @@ pub async fn run(s: Arc<Shared>) {
             )
             .await;
         match due {
-            Ok(flat) => s.notify(transitions(&flat)),
+            Ok(flat) => s.notify_wait(transitions(&flat)).await,
             Err(e) => {
                 if let Some(skipped) = failures.allow() {
                     tracing::warn!(error = %e, skipped, "announcing due presence transitions failed");
