@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use fred::prelude::*;
-use futures_util::future::try_join_all;
+use futures_util::future::join_all;
 
 use super::keys::suffix;
 use super::liveness::{self, Beat};
@@ -29,19 +29,31 @@ const IN_FLIGHT: usize = 16;
 pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> Result<(), Failure> {
     let calls = records(s, clients);
     for round in calls.chunks(IN_FLIGHT) {
-        let answers: Vec<Value> = try_join_all(round.iter().map(|args| {
+        // Every answer is read before an error is returned: a call that
+        // succeeded next to one that failed has decided its presence
+        // transitions once and for all (the retry finds nothing to change).
+        let answers = join_all(round.iter().map(|args| {
             s.scripts.put_clients.run::<Value, _, _>(
                 &s.redis.client,
                 s.keys.partition(s.node),
                 args.clone(),
             )
         }))
-        .await?;
+        .await;
         let mut written = Vec::with_capacity(answers.len());
+        let mut failed = None;
         for answer in answers {
-            let (code, transitions) = super::presence::split(answer);
-            written.push(code);
-            s.notify(crate::presence::transitions(&transitions));
+            match answer {
+                Ok(answer) => {
+                    let (code, transitions) = super::presence::split(answer);
+                    written.push(code);
+                    s.notify(crate::presence::transitions(&transitions));
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
         }
         if written.iter().any(|w| *w < 0) {
             return Err(Failure::Conflict);
