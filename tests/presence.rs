@@ -607,3 +607,55 @@ async fn a_business_worker_hears_presence_as_command_241() {
     assert_eq!(bodies[1]["type"], "offline");
     assert!(bodies[1]["seq"].as_u64() > bodies[0]["seq"].as_u64());
 }
+
+/// A drained node (a rolling restart): its clients come back on another
+/// node within the grace, and no offline / online pair is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_whose_clients_come_back_within_the_grace_produces_no_event() {
+    let server = RedisServer::start();
+    let mut nodes = nodes(&server, 2, "3s");
+    let redis = redis_client(&server).await;
+    events_flowing(&nodes, &redis).await;
+
+    let a = Client::connect(&nodes[0].ws_url("")).await;
+    bind(&nodes[1], &a, "frank").await;
+    nodes[1]
+        .ok("join_group", json!({"client_id": a.id, "group": "desk"}))
+        .await;
+    within("online and occupied", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 2
+    })
+    .await;
+    nodes[0].signal("TERM");
+    // The client is told to go (1001) and comes back on the other node at
+    // once, as gatecast.js does.
+    let mut a = a;
+    assert!(matches!(a.next().await, common::Seen::Close(Some(1001))));
+    drop(a);
+    let back = Client::connect(&nodes[1].ws_url("")).await;
+    bind(&nodes[1], &back, "frank").await;
+    nodes[1]
+        .ok("join_group", json!({"client_id": back.id, "group": "desk"}))
+        .await;
+    nodes[0].wait_exit(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let kinds: Vec<String> = events(&redis, &PRESENCE)
+        .await
+        .iter()
+        .map(|e| field(e, "type"))
+        .collect();
+    assert_eq!(kinds, ["online", "occupied"]);
+    // And when the client goes for good, both go, once.
+    back.close().await;
+    within("offline and vacated", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 4
+    })
+    .await;
+    let mut rest: Vec<String> = events(&redis, &PRESENCE).await[2..]
+        .iter()
+        .map(|e| field(e, "type"))
+        .collect();
+    rest.sort();
+    assert_eq!(rest, ["offline", "vacated"]);
+    nodes.clear();
+}
