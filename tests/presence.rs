@@ -142,6 +142,9 @@ async fn a_uid_on_three_nodes_is_online_once_and_offline_once_after_the_grace() 
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert_eq!(field(&seen[0], "type"), "online");
     assert_eq!(field(&seen[0], "uid"), "alice");
+    // The fields every entry has, empty: about no connection.
+    assert_eq!(field(&seen[0], "client_id"), "");
+    assert_eq!(field(&seen[0], "session"), "{}");
 
     let closed_at = std::time::Instant::now();
     last.close().await;
@@ -411,7 +414,7 @@ async fn one_node_without_redis_posts_presence_to_the_webhook() {
     let got: Vec<(String, String)> = seen
         .iter()
         .map(|e| {
-            let name = e.get("uid").or(e.get("group")).unwrap();
+            let name = e["uid"].as_str().map_or(&e["group"], |_| &e["uid"]);
             (
                 e["type"].as_str().unwrap().to_owned(),
                 name.as_str().unwrap().to_owned(),

@@ -198,13 +198,27 @@ impl Event {
     fn stream_fields(&self, node: NodeId) -> Vec<(&'static str, RedisValue)> {
         let text = |s: String| RedisValue::from(s);
         if let Detail::Presence { change, name, seq } = &self.detail {
-            return vec![
+            // The fields every entry has are here too (`client_id` empty,
+            // `session` `{}`), so consumers written for the other events
+            // read these without special cases.
+            let uid = if change.field() == "uid" {
+                name.clone()
+            } else {
+                String::new()
+            };
+            let mut fields = vec![
                 ("type", text(self.kind().into())),
-                (change.field(), text(name.clone())),
+                ("client_id", text(String::new())),
                 ("node", text(node.to_string())),
+                ("uid", text(uid)),
+                ("session", text("{}".into())),
                 ("time_ms", text(self.time_ms.to_string())),
                 ("seq", text(seq.to_string())),
             ];
+            if change.field() == "group" {
+                fields.push(("group", text(name.clone())));
+            }
+            return fields;
         }
         // The connection's node: a dead node's, for the close events of
         // its connections that another node purged.
@@ -249,7 +263,10 @@ impl Event {
         if let Detail::Presence { change, name, seq } = &self.detail {
             let mut body = json!({
                 "type": self.kind(),
+                "client_id": null,
                 "node": node.to_string(),
+                "uid": null,
+                "session": {},
                 "time_ms": self.time_ms,
                 "seq": seq,
             });
