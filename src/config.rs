@@ -441,6 +441,25 @@ pub struct Config {
     )]
     pub history_streams: Vec<String>,
 
+    // --- Presence events (issue 31, docs/events.md section 8) ---
+    /// Presence events to emit, comma-separated: `uid` (online/offline:
+    /// a uid's first connection anywhere / its last gone), `group`
+    /// (occupied/vacated). Needs --events. Empty: none, and no extra Redis
+    /// work.
+    #[arg(
+        long,
+        env = "GATECAST_PRESENCE_EVENTS",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub presence_events: Vec<String>,
+
+    /// An offline (vacated) followed by an online (occupied) within this
+    /// time produces neither (a page reload); offline and vacated are sent
+    /// this late. 0: at once.
+    #[arg(long, env = "GATECAST_PRESENCE_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub presence_grace: Duration,
+
     /// Log format.
     #[arg(long, env = "GATECAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -580,6 +599,7 @@ impl Config {
         }
         at_least("--message-timeout", self.message_timeout, MIN_PING_INTERVAL)?;
         self.validate_history()?;
+        self.validate_presence()?;
         at_least("--node-heartbeat", self.node_heartbeat, MIN_NODE_HEARTBEAT)?;
         at_least("--resume-window", self.resume_window, MIN_NODE_HEARTBEAT)?;
         at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
@@ -731,6 +751,43 @@ impl Config {
     /// The GatewayWorker ports: a key (strong unless
     /// --gateway-weak-key-ok) whenever they are reachable from other hosts.
     /// `--history-*` (issue 27).
+    fn validate_presence(&self) -> Result<(), String> {
+        let presence = self.presence();
+        if let Some(bad) = self
+            .presence_events
+            .iter()
+            .find(|p| !p.is_empty() && p.as_str() != "uid" && p.as_str() != "group")
+        {
+            return Err(format!(
+                "--presence-events takes uid and group, comma-separated (got {bad:?})"
+            ));
+        }
+        if (presence.uid || presence.group) && !self.events {
+            return Err("--presence-events needs --events".into());
+        }
+        let cluster = self
+            .redis_url
+            .as_ref()
+            .is_some_and(|u| u.expose().contains("-cluster://"));
+        if (presence.uid || presence.group) && cluster {
+            return Err(
+                "--presence-events is not supported on Redis Cluster (its counters span slots)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Which presence events are on, and their grace.
+    pub fn presence(&self) -> crate::presence::PresenceSettings {
+        let on = |name: &str| self.presence_events.iter().any(|p| p == name);
+        crate::presence::PresenceSettings {
+            uid: on("uid"),
+            group: on("group"),
+            grace: self.presence_grace,
+        }
+    }
+
     fn validate_history(&self) -> Result<(), String> {
         if !(1..=10_000).contains(&self.history_size) {
             return Err("--history-size must be between 1 and 10000".into());

@@ -31,6 +31,7 @@ pub mod ids;
 pub mod metrics;
 pub mod name;
 pub mod outbox;
+pub mod presence;
 pub mod push;
 pub mod recovery;
 pub mod redact;

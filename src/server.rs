@@ -177,6 +177,10 @@ pub async fn run_with(
         config.history_ttl,
         &config.history_streams,
     );
+    // Presence transitions and purged nodes' closes, from the engine to
+    // the events (only with --events on).
+    let (notices, notices_rx) = crate::presence::Notices::new();
+    let notices = config.events.then_some(notices);
     let engine: Arc<dyn Engine> = match &config.redis_url {
         None => {
             // A single node is the whole gateway.
@@ -184,7 +188,8 @@ pub async fn run_with(
             Arc::new(
                 MemoryEngine::new(hub.clone(), metrics.clone(), node)
                     .with_resume_window(config.resume_window)
-                    .with_history(history),
+                    .with_history(history)
+                    .with_presence(config.presence(), notices.clone()),
             )
         }
         Some(url) => {
@@ -208,6 +213,8 @@ pub async fn run_with(
                 ),
                 resume_window: config.resume_window,
                 history,
+                presence: config.presence(),
+                notices: notices.clone(),
             };
             let engine =
                 RedisEngine::start(settings, node, hub.clone(), metrics.clone(), fatal.clone())
@@ -253,6 +260,14 @@ pub async fn run_with(
         events_webhook = gw.config.events_webhook.as_deref().map(|u| redact_url(u)),
         "listening"
     );
+
+    // Not critical: it only forwards, and ends with the node.
+    tokio::spawn(crate::presence::deliver(
+        gw.clone(),
+        node,
+        notices_rx,
+        stop_internal.clone(),
+    ));
 
     // Every task here must live as long as the node: one that panics or
     // ends early trips `fatal`. The trackers let the drain wait for them.

@@ -107,6 +107,8 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--history-size", "GATECAST_HISTORY_SIZE"),
         ("--history-ttl", "GATECAST_HISTORY_TTL"),
         ("--history-streams", "GATECAST_HISTORY_STREAMS"),
+        ("--presence-events", "GATECAST_PRESENCE_EVENTS"),
+        ("--presence-grace", "GATECAST_PRESENCE_GRACE"),
         ("--log-format", "GATECAST_LOG_FORMAT"),
         ("--log-level", "GATECAST_LOG_LEVEL"),
     ] {

@@ -31,6 +31,8 @@ pub struct MemoryEngine {
     /// Records of closed connections, until `--resume-window` passes.
     records: MemoryRecords,
     history: MemoryHistory,
+    /// Presence events, from the hub.
+    presence: crate::presence::LocalPresence,
 }
 
 impl MemoryEngine {
@@ -43,6 +45,31 @@ impl MemoryEngine {
             resumable: Resumable::default(),
             records: MemoryRecords::new(DEFAULT_WINDOW),
             history: MemoryHistory::new(HistorySettings::default()),
+            presence: Default::default(),
+        }
+    }
+
+    /// This engine, emitting presence events as `settings` say.
+    pub fn with_presence(
+        mut self,
+        settings: crate::presence::PresenceSettings,
+        notices: Option<crate::presence::Notices>,
+    ) -> Self {
+        self.presence = crate::presence::LocalPresence::new(settings, notices);
+        self
+    }
+
+    /// Reconciles the presence of a uid and groups a change touched.
+    fn touched(&self, uid: Option<&str>, groups: &[String]) {
+        if self.presence.uids() {
+            if let Some(uid) = uid {
+                self.presence.reconcile(&self.hub, true, uid);
+            }
+        }
+        if self.presence.groups() {
+            for group in groups {
+                self.presence.reconcile(&self.hub, false, group);
+            }
         }
     }
 
@@ -119,12 +146,17 @@ impl Engine for MemoryEngine {
     }
 
     async fn connect(&self, id: ClientId, outbox: Arc<Outbox>, m: Membership) -> EngineResult<()> {
+        let (uid, groups) = (m.uid.clone(), m.groups.clone());
         self.hub.insert(id, outbox, m);
+        self.touched(uid.as_deref(), &groups);
         Ok(())
     }
 
     async fn disconnect(&self, id: ClientId) {
         let membership = self.hub.remove(id);
+        if let Some(m) = &membership {
+            self.touched(m.uid.as_deref(), &m.groups);
+        }
         if let (Some(key), Some(m)) = (self.resumable.remove(id), membership) {
             self.records.closed(key, m);
         }
@@ -148,27 +180,34 @@ impl Engine for MemoryEngine {
     }
 
     async fn bind_uid(&self, id: ClientId, uid: String) -> EngineResult<()> {
-        self.hub.bind_uid(id, &uid);
+        if let Some(Some(old)) = self.hub.bind_uid(id, &uid) {
+            self.touched(Some(&old), &[]);
+        }
+        self.touched(Some(&uid), &[]);
         Ok(())
     }
 
     async fn unbind_uid(&self, id: ClientId, uid: String) -> EngineResult<()> {
         self.hub.unbind_uid(id, &uid);
+        self.touched(Some(&uid), &[]);
         Ok(())
     }
 
     async fn join_group(&self, id: ClientId, group: String) -> EngineResult<()> {
         self.hub.join_group(id, &group);
+        self.touched(None, std::slice::from_ref(&group));
         Ok(())
     }
 
     async fn leave_group(&self, id: ClientId, group: String) -> EngineResult<()> {
         self.hub.leave_group(id, &group);
+        self.touched(None, std::slice::from_ref(&group));
         Ok(())
     }
 
     async fn ungroup(&self, group: String) -> EngineResult<()> {
         self.hub.ungroup(&group);
+        self.touched(None, std::slice::from_ref(&group));
         Ok(())
     }
 

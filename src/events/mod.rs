@@ -88,6 +88,49 @@ pub enum Detail {
         /// The connection it took over.
         old_client_id: ClientId,
     },
+    /// A presence transition (`--presence-events`): not about one
+    /// connection; `client_id` is the deciding node's id with number 0.
+    Presence {
+        /// What changed.
+        change: PresenceChange,
+        /// The uid or group.
+        name: String,
+        /// Orders the transitions of one name.
+        seq: u64,
+    },
+}
+
+/// A presence transition, cluster-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// A uid's first connection anywhere.
+    Online,
+    /// A uid's last connection anywhere is gone (after the grace).
+    Offline,
+    /// A group's first member anywhere.
+    Occupied,
+    /// A group's last member anywhere is gone (after the grace).
+    Vacated,
+}
+
+impl PresenceChange {
+    /// The event type.
+    pub fn kind(self) -> &'static str {
+        match self {
+            PresenceChange::Online => "online",
+            PresenceChange::Offline => "offline",
+            PresenceChange::Occupied => "occupied",
+            PresenceChange::Vacated => "vacated",
+        }
+    }
+
+    /// The field that names what changed: `uid` or `group`.
+    pub fn field(self) -> &'static str {
+        match self {
+            PresenceChange::Online | PresenceChange::Offline => "uid",
+            PresenceChange::Occupied | PresenceChange::Vacated => "group",
+        }
+    }
 }
 
 /// One event.
@@ -133,6 +176,7 @@ impl Event {
             Detail::Message { data, .. } => data.len(),
             Detail::Close => 0,
             Detail::Resumed { .. } => 20,
+            Detail::Presence { name, .. } => name.len() + 20,
         };
         std::mem::size_of::<Event>()
             + self.uid.as_ref().map_or(0, String::len)
@@ -146,12 +190,39 @@ impl Event {
             Detail::Message { .. } => "message",
             Detail::Close => "close",
             Detail::Resumed { .. } => "resumed",
+            Detail::Presence { change, .. } => change.kind(),
         }
     }
 
     /// The stream entry: flat fields, strings except `data` (raw bytes).
     fn stream_fields(&self, node: NodeId) -> Vec<(&'static str, RedisValue)> {
         let text = |s: String| RedisValue::from(s);
+        if let Detail::Presence { change, name, seq } = &self.detail {
+            // The fields every entry has are here too (`client_id` empty,
+            // `session` `{}`), so consumers written for the other events
+            // read these without special cases.
+            let uid = if change.field() == "uid" {
+                name.clone()
+            } else {
+                String::new()
+            };
+            let mut fields = vec![
+                ("type", text(self.kind().into())),
+                ("client_id", text(String::new())),
+                ("node", text(node.to_string())),
+                ("uid", text(uid)),
+                ("session", text("{}".into())),
+                ("time_ms", text(self.time_ms.to_string())),
+                ("seq", text(seq.to_string())),
+            ];
+            if change.field() == "group" {
+                fields.push(("group", text(name.clone())));
+            }
+            return fields;
+        }
+        // The connection's node: a dead node's, for the close events of
+        // its connections that another node purged.
+        let node = self.client_id.node();
         let mut fields = vec![
             ("type", text(self.kind().into())),
             ("client_id", text(self.client_id.to_string())),
@@ -182,12 +253,27 @@ impl Event {
                 fields.push(("old_client_id", text(old_client_id.to_string())));
                 fields.push(("new_client_id", text(self.client_id.to_string())));
             }
+            Detail::Presence { .. } => {}
         }
         fields
     }
 
     /// The webhook body.
     fn json(&self, node: NodeId) -> Value {
+        if let Detail::Presence { change, name, seq } = &self.detail {
+            let mut body = json!({
+                "type": self.kind(),
+                "client_id": null,
+                "node": node.to_string(),
+                "uid": null,
+                "session": {},
+                "time_ms": self.time_ms,
+                "seq": seq,
+            });
+            body[change.field()] = json!(name);
+            return body;
+        }
+        let node = self.client_id.node();
         let mut body = json!({
             "type": self.kind(),
             "client_id": self.client_id.to_string(),
@@ -218,6 +304,7 @@ impl Event {
                 body["old_client_id"] = json!(old_client_id.to_string());
                 body["new_client_id"] = json!(self.client_id.to_string());
             }
+            Detail::Presence { .. } => {}
         }
         body
     }
@@ -385,7 +472,9 @@ impl Events {
             return;
         }
         let client = event.client_id;
-        let fair = !matches!(event.detail, Detail::Close);
+        // Close and presence events have no share to keep: presence ones
+        // all count for one pseudo-connection (the node's number 0).
+        let fair = !matches!(event.detail, Detail::Close | Detail::Presence { .. });
         if !self.bytes.take(client, size, fair) {
             metrics.events_dropped.inc();
             return;
@@ -395,6 +484,36 @@ impl Events {
             .try_send(Item::Event(Box::new(event), size))
             .is_err()
         {
+            self.bytes.release(client, size);
+            metrics.events_dropped.inc();
+        }
+    }
+
+    /// Queues an event like [`Events::emit`], but waits (at most `limit`)
+    /// for room in the queue instead of dropping at once: for bursts from
+    /// background tasks (a dead node's close events, presence transitions),
+    /// never for a connection.
+    pub async fn emit_wait(&self, event: Event, metrics: &Metrics, limit: Duration) {
+        let size = event.approx_size();
+        if size > self.max_event_bytes {
+            metrics.events_too_large.inc();
+            metrics.events_dropped.inc();
+            return;
+        }
+        let client = event.client_id;
+        let deadline = tokio::time::Instant::now() + limit;
+        // The byte bound: wait for the sink to take some.
+        while !self.bytes.take(client, size, false) {
+            if tokio::time::Instant::now() >= deadline {
+                metrics.events_dropped.inc();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let sent =
+            tokio::time::timeout_at(deadline, self.tx.send(Item::Event(Box::new(event), size)))
+                .await;
+        if !matches!(sent, Ok(Ok(()))) {
             self.bytes.release(client, size);
             metrics.events_dropped.inc();
         }

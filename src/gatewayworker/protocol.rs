@@ -164,9 +164,14 @@ pub mod cmd {
     /// the body is the old client_id, the packet is about the new one. A
     /// stock BusinessWorker ignores it.
     pub const ON_RESUMED: u8 = 240;
+    /// Gateway → worker, gatecast's own: a presence transition
+    /// (`--presence-events`); the body is the event as JSON text
+    /// (`{"type":"online","uid":"alice","seq":…}`), connection id 0. A
+    /// stock BusinessWorker ignores it.
+    pub const ON_PRESENCE: u8 = 241;
 
     /// Every code with its name.
-    pub const ALL: [(u8, &str); 31] = [
+    pub const ALL: [(u8, &str); 32] = [
         (ON_CONNECT, "ON_CONNECT"),
         (ON_MESSAGE, "ON_MESSAGE"),
         (ON_CLOSE, "ON_CLOSE"),
@@ -201,6 +206,7 @@ pub mod cmd {
         (SET_SESSION, "SET_SESSION"),
         (ON_WEBSOCKET_CONNECT, "ON_WEBSOCKET_CONNECT"),
         (ON_RESUMED, "ON_RESUMED"),
+        (ON_PRESENCE, "ON_PRESENCE"),
     ];
 
     /// The name of a code, for logs and metric labels; `None` for a code

@@ -100,6 +100,9 @@ pub enum Event<'a> {
     /// gatecast's own: the connection resumed the one whose client_id is
     /// given (a stock BusinessWorker ignores it).
     Resumed(&'a [u8]),
+    /// gatecast's own: a presence transition, as JSON text (not about a
+    /// connection: sent with connection id 0 to any worker).
+    Presence(&'a [u8]),
 }
 
 /// One connected worker.
@@ -258,6 +261,7 @@ impl Workers {
             Event::Message(data) => (cmd::ON_MESSAGE, data, true),
             Event::Close => (cmd::ON_CLOSE, &[][..], true),
             Event::Resumed(old) => (cmd::ON_RESUMED, old, true),
+            Event::Presence(body) => (cmd::ON_PRESENCE, body, true),
         };
         let session = session();
         if session.len() + body.len() > MAX_EVENT_BYTES {

@@ -214,15 +214,24 @@ async fn purge_dead(s: &Shared) -> Result<HashSet<NodeId>, fred::error::Error> {
 /// Deletes `node`'s partition if its liveness key expired. Returns whether
 /// the node is dead.
 async fn purge(s: &Shared, node: NodeId) -> Result<bool, fred::error::Error> {
-    let removed: i64 = s
+    let mut args = vec!["dead".to_owned(), String::new(), s.resume_window_ms()];
+    args.extend(s.presence_args());
+    // The dead node's close events come from here (the first purger).
+    args.push(
+        if s.settings.notices.is_some() {
+            "1"
+        } else {
+            "0"
+        }
+        .to_owned(),
+    );
+    let answer: Value = s
         .scripts
         .clear
-        .run(
-            &s.redis.client,
-            s.keys.partition(node),
-            vec!["dead".to_owned(), String::new(), s.resume_window_ms()],
-        )
+        .run(&s.redis.client, s.keys.partition(node), args)
         .await?;
+    let (removed, notices) = super::presence::cleared(answer);
+    s.notify_wait(notices).await;
     if removed > 0 {
         tracing::info!(node = %node, addr = %node.addr(), connections = removed, "purged a dead node");
     }

@@ -34,6 +34,7 @@ mod load;
 mod membership;
 mod mirror;
 mod partition;
+mod presence;
 mod probe;
 mod queries;
 mod registration;
@@ -94,6 +95,11 @@ pub struct RedisSettings {
     pub resume_window: Duration,
     /// `--history-*`: which pushes are kept, how many, how long.
     pub history: crate::recovery::history::HistorySettings,
+    /// `--presence-events` and `--presence-grace`.
+    pub presence: crate::presence::PresenceSettings,
+    /// Where presence transitions and the close events of purged
+    /// connections go (`--events` on); none: not collected.
+    pub notices: Option<crate::presence::Notices>,
 }
 
 /// The Redis engine. Cheap to clone.
@@ -218,6 +224,9 @@ impl RedisEngine {
         spawn_critical("mirror", fatal, stop, mirror::run(shared.clone()));
         spawn_critical("liveness", fatal, stop, liveness::run(shared.clone()));
         spawn_critical("probe", fatal, stop, probe::run(shared.clone()));
+        if presence::polls(&shared) {
+            spawn_critical("presence", fatal, stop, presence::run(shared.clone()));
+        }
         spawn_critical(
             "redis lost",
             fatal,
@@ -242,6 +251,47 @@ impl Shared {
     }
 
     /// `--resume-window` in milliseconds, as the scripts take it.
+    /// The presence arguments of the partition scripts: base, flags,
+    /// grace in ms (`''` base: off).
+    fn presence_args(&self) -> [String; 3] {
+        let p = &self.settings.presence;
+        if !p.any() || self.settings.notices.is_none() {
+            return [String::new(), String::new(), "0".into()];
+        }
+        [
+            format!("{}:pr", self.keys.prefix()),
+            p.flags().into(),
+            p.grace.as_millis().to_string(),
+        ]
+    }
+
+    /// Hands notices (presence transitions, purged connections' closes)
+    /// on to the events; dropped (counted) when their queue is full.
+    fn notify(&self, notices: Vec<crate::presence::Notice>) {
+        let Some(to) = &self.settings.notices else {
+            return;
+        };
+        for notice in notices {
+            if !to.send(notice) {
+                self.metrics.events_dropped.inc();
+            }
+        }
+    }
+
+    /// The same, waiting for room (bounded): for the purge and the due
+    /// transitions, background tasks whose bursts may pass the queue. The
+    /// mirror never waits (events must not hold up membership writes).
+    async fn notify_wait(&self, notices: Vec<crate::presence::Notice>) {
+        let Some(to) = &self.settings.notices else {
+            return;
+        };
+        for notice in notices {
+            if !to.send_wait(notice).await {
+                self.metrics.events_dropped.inc();
+            }
+        }
+    }
+
     fn resume_window_ms(&self) -> String {
         self.settings.resume_window.as_millis().max(1).to_string()
     }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use fred::prelude::*;
-use futures_util::future::try_join_all;
+use futures_util::future::join_all;
 
 use super::keys::suffix;
 use super::liveness::{self, Beat};
@@ -29,14 +29,32 @@ const IN_FLIGHT: usize = 16;
 pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> Result<(), Failure> {
     let calls = records(s, clients);
     for round in calls.chunks(IN_FLIGHT) {
-        let written: Vec<i64> = try_join_all(round.iter().map(|args| {
-            s.scripts.put_clients.run::<i64, _, _>(
+        // Every answer is read before an error is returned: a call that
+        // succeeded next to one that failed has decided its presence
+        // transitions once and for all (the retry finds nothing to change).
+        let answers = join_all(round.iter().map(|args| {
+            s.scripts.put_clients.run::<Value, _, _>(
                 &s.redis.client,
                 s.keys.partition(s.node),
                 args.clone(),
             )
         }))
-        .await?;
+        .await;
+        let mut written = Vec::with_capacity(answers.len());
+        let mut failed = None;
+        for answer in answers {
+            match answer {
+                Ok(answer) => {
+                    let (code, transitions) = super::presence::split(answer);
+                    written.push(code);
+                    s.notify(crate::presence::transitions(&transitions));
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
         if written.iter().any(|w| *w < 0) {
             return Err(Failure::Conflict);
         }
@@ -59,7 +77,12 @@ pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> R
 /// to recovery carries its resume record's id and digest: its record is
 /// written in the same script call as its partition entries.
 fn records(s: &Shared, clients: &[ClientId]) -> Vec<Vec<String>> {
-    let start = || vec![s.instance.clone(), s.resume_window_ms()];
+    let presence = s.presence_args();
+    let start = || {
+        let mut args = vec![s.instance.clone(), s.resume_window_ms()];
+        args.extend(presence.iter().cloned());
+        args
+    };
     let mut calls = Vec::new();
     let mut args: Vec<String> = start();
     let (mut records, mut bytes) = (0, 0);
@@ -117,15 +140,16 @@ pub async fn stale(s: &Shared) -> Result<Vec<ClientId>, fred::error::Error> {
 /// Deletes the partition and the liveness key in one step, then leaves the
 /// node set.
 pub async fn leave(s: &Shared) -> Result<(), fred::error::Error> {
-    let removed: i64 = s
+    let mut args = vec!["leave".to_owned(), s.instance.clone(), s.resume_window_ms()];
+    // The leaving node's connections emit their own close events.
+    args.extend(s.presence_args());
+    let answer: Value = s
         .scripts
         .clear
-        .run::<i64, _, _>(
-            &s.redis.client,
-            s.keys.partition(s.node),
-            vec!["leave".to_owned(), s.instance.clone(), s.resume_window_ms()],
-        )
+        .run(&s.redis.client, s.keys.partition(s.node), args)
         .await?;
+    let (removed, notices) = super::presence::cleared(answer);
+    s.notify(notices);
     if removed < 0 {
         // Another process holds the node id now: its partition stays.
         return Ok(());

@@ -71,10 +71,21 @@ pub struct Scripts {
     pub members_with: Lua,
     /// Consumes a resume record.
     pub take_resume: Lua,
+    /// Announces the offline / vacated transitions whose grace is over.
+    pub presence_due: Lua,
 }
 
-const PUT_CLIENTS: &str = include_str!("scripts/put_clients.lua");
-const CLEAR: &str = include_str!("scripts/clear.lua");
+// The presence counters' functions come first in the scripts that write
+// partitions (they do nothing with presence events off).
+const PUT_CLIENTS: &str = concat!(
+    include_str!("scripts/presence.lua"),
+    include_str!("scripts/put_clients.lua")
+);
+const CLEAR: &str = concat!(
+    include_str!("scripts/presence.lua"),
+    include_str!("scripts/clear.lua")
+);
+const PRESENCE_DUE: &str = include_str!("scripts/presence_due.lua");
 const HEARTBEAT: &str = include_str!("scripts/heartbeat.lua");
 const MEMBERS_WITH: &str = include_str!("scripts/members_with.lua");
 const TAKE_RESUME: &str = include_str!("scripts/take_resume.lua");
@@ -87,14 +98,16 @@ impl Default for Scripts {
             heartbeat: Lua::new(HEARTBEAT),
             members_with: Lua::new(MEMBERS_WITH),
             take_resume: Lua::new(TAKE_RESUME),
+            presence_due: Lua::new(PRESENCE_DUE),
         }
     }
 }
 
 impl Scripts {
     /// All scripts, for loading.
-    pub fn all(&self) -> [&Lua; 5] {
+    pub fn all(&self) -> [&Lua; 6] {
         [
+            &self.presence_due,
             &self.put_clients,
             &self.clear,
             &self.heartbeat,
@@ -113,7 +126,14 @@ mod tests {
     /// the Rust side (and the emitter crate) knows.
     #[test]
     fn scripts_use_only_the_documented_key_suffixes() {
-        for source in [PUT_CLIENTS, CLEAR, HEARTBEAT, MEMBERS_WITH, TAKE_RESUME] {
+        for source in [
+            PUT_CLIENTS,
+            CLEAR,
+            HEARTBEAT,
+            MEMBERS_WITH,
+            TAKE_RESUME,
+            PRESENCE_DUE,
+        ] {
             for (pos, _) in source.match_indices(" .. '") {
                 let rest = &source[pos + 5..];
                 let literal = &rest[..rest.find('\'').unwrap()];

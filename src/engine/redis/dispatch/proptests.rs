@@ -84,6 +84,8 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
             liveness_key: crate::gatewayworker::secret::GatewayKey::new(""),
             resume_window: Duration::from_secs(120),
             history: Default::default(),
+            presence: Default::default(),
+            notices: None,
         },
         mirror: Mirror::default(),
         rpc: Rpc::default(),

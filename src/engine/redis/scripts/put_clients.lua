@@ -11,8 +11,12 @@
 -- named in ':rs'): rewritten with the connection, without expiry while it
 -- lives; when the connection is gone it expires after the resume window.
 -- A record consumed by a resume (':rs' holds '') is never written again.
+-- With presence events on (ARGV[3] non-empty, see presence.lua), returns
+-- {1, transitions...} instead of 1 when written.
 -- KEYS[1] partition
--- ARGV[1] the writer's instance id, ARGV[2] the resume window (ms); then
+-- ARGV[1] the writer's instance id, ARGV[2] the resume window (ms),
+--       ARGV[3] the presence base ('' = off), ARGV[4] its flags, ARGV[5]
+--       its grace (ms); then
 --       records, each: client_id, present ('1' or '0' = gone), resume
 --       record id ('' = none), digest of its secret, session JSON, uid
 --       ('' = none), group count n, then n groups
@@ -22,9 +26,13 @@ if not alive then return 0 end
 local ok, info = pcall(cjson.decode, alive)
 if not ok or type(info) ~= 'table' or info.instance ~= ARGV[1] then return -1 end
 
-local function leave(set, index, name, id)
+presence_init(ARGV[3], ARGV[4], ARGV[5])
+
+local function leave(set, index, name, id, kind)
   redis.call('SREM', set, id)
-  if redis.call('SCARD', set) == 0 then redis.call('SREM', index, name) end
+  if redis.call('SCARD', set) == 0 and redis.call('SREM', index, name) == 1 then
+    presence_went(kind, name)
+  end
 end
 
 local function resume_record(id, rid, digest, session, uid, groups)
@@ -53,7 +61,7 @@ local function resume_gone(id)
   redis.call('HDEL', p .. ':rs', id)
 end
 
-local i = 3
+local i = 6
 while i <= #ARGV do
   local id, present, rid, digest = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local session, uid = ARGV[i + 4], ARGV[i + 5]
@@ -71,11 +79,11 @@ while i <= #ARGV do
   i = i + 7 + n
 
   local old_uid = redis.call('HGET', p .. ':uid', id)
-  if old_uid and old_uid ~= uid then leave(p .. ':u:' .. old_uid, p .. ':uids', old_uid, id) end
+  if old_uid and old_uid ~= uid then leave(p .. ':u:' .. old_uid, p .. ':uids', old_uid, id, 'u') end
   local old_groups = redis.call('HGET', p .. ':cg', id)
   if old_groups then
     for _, g in ipairs(cjson.decode(old_groups)) do
-      if not wanted[g] then leave(p .. ':g:' .. g, p .. ':groups', g, id) end
+      if not wanted[g] then leave(p .. ':g:' .. g, p .. ':groups', g, id, 'g') end
     end
   end
 
@@ -84,13 +92,13 @@ while i <= #ARGV do
     if uid ~= '' then
       redis.call('HSET', p .. ':uid', id, uid)
       redis.call('SADD', p .. ':u:' .. uid, id)
-      redis.call('SADD', p .. ':uids', uid)
+      if redis.call('SADD', p .. ':uids', uid) == 1 then presence_came('u', uid) end
     else
       redis.call('HDEL', p .. ':uid', id)
     end
     for _, g in ipairs(groups) do
       redis.call('SADD', p .. ':g:' .. g, id)
-      redis.call('SADD', p .. ':groups', g)
+      if redis.call('SADD', p .. ':groups', g) == 1 then presence_came('g', g) end
     end
     if #groups > 0 then
       redis.call('HSET', p .. ':cg', id, cjson.encode(groups))
@@ -105,4 +113,7 @@ while i <= #ARGV do
     resume_gone(id)
   end
 end
-return 1
+if PRESENCE_BASE == '' then return 1 end
+local out = {1}
+for _, v in ipairs(PRESENCE_OUT) do out[#out + 1] = v end
+return out

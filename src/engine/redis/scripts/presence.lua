@@ -1,0 +1,68 @@
+-- Presence counters (--presence-events), prepended to the scripts that
+-- write partitions. Per uid and group, outside the partitions (single Redis
+-- and Sentinel only: these keys are not declared and span slots), the hash
+-- '<base>:u:<uid>' / '<base>:g:<group>': 'n' how many nodes' partitions hold
+-- it, 's' the seq of its last transition. A partition gaining a name (its
+-- ':uids' / ':groups' index gains it) counts up, losing it counts down, in
+-- the same atomic script as the write, so the 0 -> 1 and 1 -> 0
+-- transitions are decided once for the cluster. Going to 0 with a grace
+-- puts the name in the sorted set '<base>:off' (due time, ms): coming back
+-- before it is due cancels both (a page reload); presence_due.lua
+-- announces the due ones. The transitions found are appended to the
+-- table PRESENCE_OUT as kind ('+u' online, '-u' offline, '+g', '-g'),
+-- name, seq.
+local PRESENCE_BASE, PRESENCE_FLAGS, PRESENCE_GRACE = '', '', 0
+local PRESENCE_OUT = {}
+
+local function presence_init(base, flags, grace)
+  PRESENCE_BASE, PRESENCE_FLAGS, PRESENCE_GRACE = base or '', flags or '', tonumber(grace) or 0
+end
+
+local function presence_on(kind)
+  return PRESENCE_BASE ~= '' and string.find(PRESENCE_FLAGS, kind, 1, true) ~= nil
+end
+
+local function presence_seq(key)
+  local t = redis.call('TIME')
+  local s = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  local last = tonumber(redis.call('HGET', key, 's') or '0') or 0
+  if last >= s then s = last + 1 end
+  s = string.format('%.0f', s)
+  redis.call('HSET', key, 's', s)
+  return s
+end
+
+local function presence_emit(sign, kind, name, key)
+  local n = #PRESENCE_OUT
+  PRESENCE_OUT[n + 1] = sign .. kind
+  PRESENCE_OUT[n + 2] = name
+  PRESENCE_OUT[n + 3] = presence_seq(key)
+end
+
+-- A partition now holds `name`.
+local function presence_came(kind, name)
+  if not presence_on(kind) then return end
+  local key = string.format('%s:%s:%s', PRESENCE_BASE, kind, name)
+  if redis.call('HINCRBY', key, 'n', 1) ~= 1 then return end
+  local pending = string.format('%s:off', PRESENCE_BASE)
+  if redis.call('ZREM', pending, string.format('%s:%s', kind, name)) == 1 then return end
+  presence_emit('+', kind, name, key)
+end
+
+-- A partition no longer holds `name`.
+local function presence_went(kind, name)
+  if not presence_on(kind) then return end
+  local key = string.format('%s:%s:%s', PRESENCE_BASE, kind, name)
+  local n = redis.call('HINCRBY', key, 'n', -1)
+  if n > 0 then return end
+  if n < 0 then redis.call('HSET', key, 'n', 0) end
+  if PRESENCE_GRACE > 0 then
+    local t = redis.call('TIME')
+    local due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + PRESENCE_GRACE
+    redis.call('ZADD', string.format('%s:off', PRESENCE_BASE), due, string.format('%s:%s', kind, name))
+  else
+    presence_emit('-', kind, name, key)
+    redis.call('DEL', key)
+  end
+end
+

@@ -1,0 +1,664 @@
+//! `--presence-events`: online / offline of uids and occupied / vacated of
+//! groups, exact across nodes and node crashes, debounced by
+//! `--presence-grace`; the node that purges a dead node emits its
+//! connections' close events. Real Redis, real nodes, real clients.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::redis::RedisServer;
+use common::{within, Client, Node, OutputWithin};
+use fred::prelude::*;
+use fred::types::Value as RedisValue;
+use serde_json::json;
+
+type Entry = (String, HashMap<String, RedisValue>);
+
+fn field(entry: &Entry, name: &str) -> String {
+    entry
+        .1
+        .get(name)
+        .and_then(|v| v.as_string())
+        .unwrap_or_default()
+}
+
+async fn redis_client(server: &RedisServer) -> fred::clients::Client {
+    let redis = Builder::from_config(Config::from_url(&server.url()).unwrap())
+        .build()
+        .unwrap();
+    redis.init().await.unwrap();
+    redis
+}
+
+/// The stream's entries of the given types, in stream order.
+async fn events(redis: &fred::clients::Client, kinds: &[&str]) -> Vec<Entry> {
+    let entries: Vec<Entry> = redis
+        .xrange("gatecast:events", "-", "+", None)
+        .await
+        .unwrap();
+    entries
+        .into_iter()
+        .filter(|e| kinds.contains(&field(e, "type").as_str()))
+        .collect()
+}
+
+/// The close events of connections bound to a uid (not the probes of
+/// [`events_flowing`]).
+async fn bound_closes(redis: &fred::clients::Client) -> Vec<Entry> {
+    let mut closes = events(redis, &["close"]).await;
+    closes.retain(|e| !field(e, "uid").is_empty());
+    closes
+}
+
+const PRESENCE: [&str; 4] = ["online", "offline", "occupied", "vacated"];
+
+/// `n` nodes on `server` with presence events and `grace`.
+fn nodes(server: &RedisServer, n: usize, grace: &str) -> Vec<Node> {
+    let url = server.url();
+    (0..n)
+        .map(|_| {
+            Node::start(&[
+                "--redis-url",
+                &url,
+                "--node-heartbeat",
+                "1s",
+                "--events",
+                "--presence-events",
+                "uid,group",
+                "--presence-grace",
+                grace,
+            ])
+        })
+        .collect()
+}
+
+/// Waits until each node's events reach the stream: a node is ready before
+/// its events connection is up, and drops the events of that moment.
+async fn events_flowing(nodes: &[Node], redis: &fred::clients::Client) {
+    common::ready(nodes).await;
+    for node in nodes {
+        within("events flowing", Duration::from_secs(20), || async {
+            let probe = Client::connect(&node.ws_url("")).await;
+            let id = probe.id.clone();
+            probe.close().await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            events(redis, &["connect"])
+                .await
+                .iter()
+                .any(|e| field(e, "client_id") == id)
+        })
+        .await;
+    }
+}
+
+async fn bind(api: &Node, client: &Client, uid: &str) {
+    api.ok("bind_uid", json!({"client_id": client.id, "uid": uid}))
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_uid_on_three_nodes_is_online_once_and_offline_once_after_the_grace() {
+    let server = RedisServer::start();
+    let nodes = nodes(&server, 3, "1s");
+    let redis = redis_client(&server).await;
+    events_flowing(&nodes, &redis).await;
+
+    let mut clients = Vec::new();
+    for node in &nodes {
+        let c = Client::connect(&node.ws_url("")).await;
+        // Bound through another node: the command crosses Redis.
+        bind(&nodes[(clients.len() + 1) % 3], &c, "alice").await;
+        clients.push(c);
+    }
+    within("one online", Duration::from_secs(10), || async {
+        !events(&redis, &PRESENCE).await.is_empty()
+    })
+    .await;
+    let last = clients.pop().unwrap();
+    for c in clients.drain(..) {
+        c.close().await;
+    }
+    // Both closes are mirrored (the uid is on one node only), and still
+    // nothing but the one online, even past the grace.
+    within("two closes", Duration::from_secs(10), || async {
+        bound_closes(&redis).await.len() == 2
+    })
+    .await;
+    within(
+        "alice on one node only",
+        Duration::from_secs(10),
+        || async {
+            let ids = nodes[0]
+                .ok("get_client_id_by_uid", json!({"uid": "alice"}))
+                .await;
+            ids.as_array().map(Vec::len) == Some(1)
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let seen = events(&redis, &PRESENCE).await;
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(field(&seen[0], "type"), "online");
+    assert_eq!(field(&seen[0], "uid"), "alice");
+    // The fields every entry has, empty: about no connection.
+    assert_eq!(field(&seen[0], "client_id"), "");
+    assert_eq!(field(&seen[0], "session"), "{}");
+
+    let closed_at = std::time::Instant::now();
+    last.close().await;
+    within("one offline", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() >= 2
+    })
+    .await;
+    let waited = closed_at.elapsed();
+    let seen = events(&redis, &PRESENCE).await;
+    let kinds: Vec<String> = seen.iter().map(|e| field(e, "type")).collect();
+    assert_eq!(kinds, ["online", "offline"]);
+    assert_eq!(field(&seen[1], "uid"), "alice");
+    assert!(
+        waited >= Duration::from_secs(1),
+        "offline before the grace: {waited:?}"
+    );
+    assert!(
+        field(&seen[1], "seq").parse::<u64>().unwrap()
+            > field(&seen[0], "seq").parse::<u64>().unwrap()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_within_the_grace_produces_no_event() {
+    let server = RedisServer::start();
+    let nodes = nodes(&server, 2, "3s");
+    let redis = redis_client(&server).await;
+    events_flowing(&nodes, &redis).await;
+
+    let a = Client::connect(&nodes[0].ws_url("")).await;
+    bind(&nodes[1], &a, "bob").await;
+    nodes[1]
+        .ok("join_group", json!({"client_id": a.id, "group": "room"}))
+        .await;
+    within("online and occupied", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 2
+    })
+    .await;
+    // The page reloads: the old connection goes, a new one on the other
+    // node comes back with the same uid and group within the grace.
+    a.close().await;
+    within("the close", Duration::from_secs(10), || async {
+        bound_closes(&redis).await.len() == 1
+    })
+    .await;
+    let b = Client::connect(&nodes[1].ws_url("")).await;
+    bind(&nodes[0], &b, "bob").await;
+    nodes[0]
+        .ok("join_group", json!({"client_id": b.id, "group": "room"}))
+        .await;
+    // Past the grace of the first close: still only the first two.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let seen = events(&redis, &PRESENCE).await;
+    let kinds: Vec<String> = seen.iter().map(|e| field(e, "type")).collect();
+    assert_eq!(kinds, ["online", "occupied"], "{seen:?}");
+    drop(b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_s_uids_go_offline_and_its_closes_are_emitted_once() {
+    const UIDS: usize = 100;
+    const GROUPS: usize = 20;
+    let server = RedisServer::start();
+    let nodes = nodes(&server, 3, "500ms");
+    let redis = redis_client(&server).await;
+    events_flowing(&nodes, &redis).await;
+
+    // Node 2 holds the only connection of 100 uids and the only members
+    // of 20 groups; "shared" has members on node 0 too, which stays.
+    let victim = &nodes[2];
+    let clients = common::connect_many(&victim.ws_url(""), UIDS).await;
+    for (i, c) in clients.iter().enumerate() {
+        bind(&nodes[0], c, &format!("u{i}")).await;
+        nodes[1]
+            .ok(
+                "join_group",
+                json!({"client_id": c.id, "group": format!("g{}", i % GROUPS)}),
+            )
+            .await;
+    }
+    let keeper = Client::connect(&nodes[0].ws_url("")).await;
+    nodes[1]
+        .ok("join_group", json!({"client_id": keeper.id, "group": "g0"}))
+        .await;
+    within("online and occupied", Duration::from_secs(20), || async {
+        events(&redis, &PRESENCE).await.len() == UIDS + GROUPS
+    })
+    .await;
+
+    victim.signal("KILL");
+    let killed = std::time::Instant::now();
+    // Within 3 heartbeats (1 s) plus the grace.
+    within(
+        "offline, vacated and closes",
+        Duration::from_secs(4),
+        || async {
+            events(&redis, &["offline", "vacated"]).await.len() + bound_closes(&redis).await.len()
+                >= UIDS + GROUPS - 1 + UIDS
+        },
+    )
+    .await;
+    // Let any duplicate show up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut gone = events(&redis, &["offline", "vacated"]).await;
+    gone.extend(bound_closes(&redis).await);
+    let count = |kind: &str| gone.iter().filter(|e| field(e, "type") == kind).count();
+    assert_eq!(count("offline"), UIDS, "{:?}", killed.elapsed());
+    assert_eq!(count("vacated"), GROUPS - 1, "g0 still has a member");
+    assert_eq!(count("close"), UIDS);
+    let mut ids: Vec<String> = gone
+        .iter()
+        .filter(|e| field(e, "type") == "close")
+        .map(|e| field(e, "client_id"))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    let mut want: Vec<String> = clients.iter().map(|c| c.id.clone()).collect();
+    want.sort();
+    assert_eq!(ids, want, "each close exactly once");
+    for e in gone.iter().filter(|e| field(e, "type") == "close") {
+        let id = field(e, "client_id");
+        assert_eq!(field(e, "node"), &id[..12], "the dead node's id");
+        let i = clients.iter().position(|c| c.id == id).unwrap();
+        assert_eq!(field(e, "uid"), format!("u{i}"));
+    }
+    let mut offline: Vec<String> = gone
+        .iter()
+        .filter(|e| field(e, "type") == "offline")
+        .map(|e| field(e, "uid"))
+        .collect();
+    offline.sort();
+    offline.dedup();
+    assert_eq!(offline.len(), UIDS);
+    assert!(!gone
+        .iter()
+        .any(|e| field(e, "type") == "vacated" && field(e, "group") == "g0"));
+    drop(keeper);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_connects_and_disconnects_of_one_uid_alternate_and_end_true() {
+    let server = RedisServer::start();
+    let nodes = nodes(&server, 2, "0s");
+    let redis = redis_client(&server).await;
+    events_flowing(&nodes, &redis).await;
+
+    // Two nodes, each churning one or two connections of "carol" (bound
+    // through the other node), in overlapping waves. No grace: every time
+    // both nodes hold none is a transition, decided by whichever node's
+    // script runs first.
+    let churn = |n: usize| {
+        let (node, api) = (&nodes[n], &nodes[1 - n]);
+        async move {
+            let mut seed = 7u64 + n as u64;
+            let mut held: Vec<Client> = Vec::new();
+            let end = std::time::Instant::now() + Duration::from_secs(6);
+            while std::time::Instant::now() < end {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                if held.is_empty() || (seed >> 33) % 2 == 0 && held.len() < 2 {
+                    let c = Client::connect(&node.ws_url("")).await;
+                    bind(api, &c, "carol").await;
+                    held.push(c);
+                } else {
+                    let i = (seed >> 40) as usize % held.len();
+                    held.swap_remove(i).close().await;
+                }
+                tokio::time::sleep(Duration::from_millis((seed >> 50) % 400)).await;
+            }
+            held
+        }
+    };
+    let (mut kept, closed) = tokio::join!(churn(0), churn(1));
+    if kept.is_empty() {
+        let c = Client::connect(&nodes[0].ws_url("")).await;
+        bind(&nodes[1], &c, "carol").await;
+        kept.push(c);
+    }
+    for c in closed {
+        c.close().await;
+    }
+    // carol is online (node 0 keeps its clients): the last event says so.
+    let check = |want: &'static str| {
+        let redis = redis.clone();
+        async move {
+            let seen = events(&redis, &["online", "offline"]).await;
+            let mut by_seq: Vec<(u64, String)> = seen
+                .iter()
+                .map(|e| (field(e, "seq").parse().unwrap(), field(e, "type")))
+                .collect();
+            by_seq.sort();
+            let kinds: Vec<&str> = by_seq.iter().map(|(_, k)| k.as_str()).collect();
+            for pair in kinds.windows(2) {
+                assert_ne!(pair[0], pair[1], "two in a row: {kinds:?}");
+            }
+            if kinds.is_empty() {
+                let all = events(&redis, &["connect", "close", "online", "offline"]).await;
+                let types: Vec<String> = all.iter().map(|e| field(e, "type")).collect();
+                panic!("no presence event; the stream: {types:?}");
+            }
+            assert_eq!(kinds.first(), Some(&"online"), "{kinds:?}");
+            kinds.last() == Some(&want)
+        }
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    within("carol online at the end", Duration::from_secs(10), || {
+        check("online")
+    })
+    .await;
+    for c in kept {
+        c.close().await;
+    }
+    within("carol offline at the end", Duration::from_secs(10), || {
+        check("offline")
+    })
+    .await;
+    let transitions = events(&redis, &["online", "offline"]).await.len();
+    eprintln!("{transitions} transitions of carol");
+    assert!(
+        transitions >= 4,
+        "the churn made carol come and go: {transitions}"
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(check("offline").await);
+}
+
+/// The in-process engine decides the same from its hub, to the webhook.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_without_redis_posts_presence_to_the_webhook() {
+    let (hook, mut rx) = common::webhook().await;
+    let node = Node::start(&[
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--presence-events",
+        "uid,group",
+        "--presence-grace",
+        "500ms",
+    ]);
+    let a = Client::connect(&node.ws_url("")).await;
+    let b = Client::connect(&node.ws_url("")).await;
+    for c in [&a, &b] {
+        bind(&node, c, "dave").await;
+        node.ok("join_group", json!({"client_id": c.id, "group": "lobby"}))
+            .await;
+    }
+    a.close().await;
+    // A reload of b within the grace: neither event.
+    b.close().await;
+    let c = Client::connect(&node.ws_url("")).await;
+    bind(&node, &c, "dave").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // dave stays online; lobby has no member since b left.
+    c.close().await;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while seen.len() < 4 {
+        let body = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("presence events in time")
+            .unwrap();
+        if PRESENCE.contains(&body["type"].as_str().unwrap_or("")) {
+            seen.push(body);
+        }
+    }
+    let got: Vec<(String, String)> = seen
+        .iter()
+        .map(|e| {
+            let name = e["uid"].as_str().map_or(&e["group"], |_| &e["uid"]);
+            (
+                e["type"].as_str().unwrap().to_owned(),
+                name.as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let want = [
+        ("online", "dave"),
+        ("occupied", "lobby"),
+        ("vacated", "lobby"),
+        ("offline", "dave"),
+    ];
+    assert_eq!(
+        got,
+        want.map(|(k, n)| (k.to_owned(), n.to_owned())),
+        "{seen:?}"
+    );
+    // Nothing more.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    while let Ok(body) = rx.try_recv() {
+        assert!(
+            !PRESENCE.contains(&body["type"].as_str().unwrap_or("")),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_options_are_checked_at_start() {
+    for (args, says) in [
+        (
+            &["--presence-events", "uid"][..],
+            "--presence-events needs --events",
+        ),
+        (
+            &[
+                "--events",
+                "--events-webhook",
+                "http://127.0.0.1:9/h",
+                "--presence-events",
+                "uid,room",
+            ],
+            "--presence-events takes uid and group",
+        ),
+        (
+            &[
+                "--events",
+                "--redis-url",
+                "redis-cluster://127.0.0.1:7000",
+                "--presence-events",
+                "group",
+            ],
+            "not supported on Redis Cluster",
+        ),
+    ] {
+        let out = common::gatecast_command()
+            .args(args)
+            .output_within(Duration::from_secs(30));
+        assert!(!out.status.success(), "{args:?}");
+        let text = String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(says), "{args:?}: {text}");
+    }
+}
+
+/// Redis commands by name (INFO commandstats), scripts' inner calls
+/// included.
+fn commandstats(server: &RedisServer) -> HashMap<String, u64> {
+    server
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("cmdstat_")?;
+            let (name, stats) = rest.split_once(':')?;
+            let calls = stats.strip_prefix("calls=")?.split(',').next()?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The extra Redis work of presence events per connect + bind + join and
+/// per close (docs/benchmarks.md): none when off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
+    const N: usize = 200;
+    let mut measured = Vec::new();
+    for on in [false, true] {
+        let server = RedisServer::start();
+        let url = server.url();
+        let mut args = vec!["--redis-url", &url, "--node-heartbeat", "1s", "--events"];
+        if on {
+            args.extend(["--presence-events", "uid,group", "--presence-grace", "0s"]);
+        }
+        let nodes: Vec<Node> = (0..2).map(|_| Node::start(&args)).collect();
+        common::ready(&nodes).await;
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        let clients = common::connect_many(&nodes[0].ws_url(""), N).await;
+        for (i, c) in clients.iter().enumerate() {
+            bind(&nodes[1], c, &format!("u{i}")).await;
+            nodes[1]
+                .ok(
+                    "join_group",
+                    json!({"client_id": c.id, "group": format!("g{i}")}),
+                )
+                .await;
+        }
+        within("all mirrored", Duration::from_secs(20), || async {
+            nodes[1].ok("get_all_uid_count", json!({})).await == json!(N)
+        })
+        .await;
+        let joined = commandstats(&server);
+        server.cli(&["CONFIG", "RESETSTAT"]);
+        for c in clients {
+            c.close().await;
+        }
+        within("all gone", Duration::from_secs(20), || async {
+            nodes[1].ok("get_all_client_count", json!({})).await == json!(0)
+        })
+        .await;
+        let closed = commandstats(&server);
+        measured.push((on, joined, closed));
+    }
+    let get = |m: &HashMap<String, u64>, c: &str| m.get(c).copied().unwrap_or(0);
+    for (on, joined, closed) in &measured {
+        eprintln!("presence {on}: per connect+bind+join: {joined:?}");
+        eprintln!("presence {on}: per close: {closed:?}");
+    }
+    let (_, off_joined, off_closed) = &measured[0];
+    for command in ["hincrby", "zrem", "zadd", "time"] {
+        assert_eq!(get(off_joined, command), 0, "{command} with presence off");
+        assert_eq!(get(off_closed, command), 0, "{command} with presence off");
+    }
+    let (_, on_joined, on_closed) = &measured[1];
+    // One counter per uid and per group, each counted once per change of
+    // a node's holding, not per rewrite.
+    assert_eq!(get(on_joined, "hincrby"), 2 * N as u64);
+    assert_eq!(get(on_closed, "hincrby"), 2 * N as u64);
+}
+
+/// BusinessWorkers hear presence too: gatecast's command 241 with the
+/// event as JSON, about no connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_worker_hears_presence_as_command_241() {
+    use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    const KEY: &str = "presence-test-gateway-key";
+    let (hook, _rx) = common::webhook().await;
+    let node = Node::start(&[
+        "--gateway-secret-key",
+        KEY,
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--presence-events",
+        "uid",
+        "--presence-grace",
+        "0s",
+    ]);
+    let mut worker = tokio::net::TcpStream::connect(node.inner).await.unwrap();
+    let mut hello = Packet::new(cmd::WORKER_CONNECT);
+    hello.flag = flag::BODY_IS_SCALAR;
+    hello.body = bytes::Bytes::from(json!({"worker_key": "w:0", "secret_key": KEY}).to_string());
+    worker.write_all(&protocol::encode(&hello)).await.unwrap();
+    within(
+        "the worker is connected",
+        Duration::from_secs(10),
+        || async { common::metric(&node.get_text("/metrics").await, "gatecast_workers") == 1.0 },
+    )
+    .await;
+    let c = Client::connect(&node.ws_url("")).await;
+    bind(&node, &c, "erin").await;
+    c.close().await;
+
+    let mut buf = bytes::BytesMut::new();
+    let mut bodies = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while bodies.len() < 2 {
+            while let Some(p) = protocol::decode(&mut buf, 1 << 24).unwrap() {
+                if p.cmd == cmd::ON_PRESENCE {
+                    assert_eq!(p.connection_id, 0);
+                    bodies.push(serde_json::from_slice::<serde_json::Value>(&p.body).unwrap());
+                }
+            }
+            if bodies.len() < 2 {
+                assert!(worker.read_buf(&mut buf).await.unwrap() > 0, "closed");
+            }
+        }
+    })
+    .await
+    .expect("two ON_PRESENCE packets");
+    assert_eq!(bodies[0]["type"], "online");
+    assert_eq!(bodies[0]["uid"], "erin");
+    assert_eq!(bodies[1]["type"], "offline");
+    assert!(bodies[1]["seq"].as_u64() > bodies[0]["seq"].as_u64());
+}
+
+/// A drained node (a rolling restart): its clients come back on another
+/// node within the grace, and no offline / online pair is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_whose_clients_come_back_within_the_grace_produces_no_event() {
+    let server = RedisServer::start();
+    let mut nodes = nodes(&server, 2, "3s");
+    let redis = redis_client(&server).await;
+    events_flowing(&nodes, &redis).await;
+
+    let a = Client::connect(&nodes[0].ws_url("")).await;
+    bind(&nodes[1], &a, "frank").await;
+    nodes[1]
+        .ok("join_group", json!({"client_id": a.id, "group": "desk"}))
+        .await;
+    within("online and occupied", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 2
+    })
+    .await;
+    nodes[0].signal("TERM");
+    // The client is told to go (1001) and comes back on the other node at
+    // once, as gatecast.js does.
+    let mut a = a;
+    assert!(matches!(a.next().await, common::Seen::Close(Some(1001))));
+    drop(a);
+    let back = Client::connect(&nodes[1].ws_url("")).await;
+    bind(&nodes[1], &back, "frank").await;
+    nodes[1]
+        .ok("join_group", json!({"client_id": back.id, "group": "desk"}))
+        .await;
+    nodes[0].wait_exit(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let kinds: Vec<String> = events(&redis, &PRESENCE)
+        .await
+        .iter()
+        .map(|e| field(e, "type"))
+        .collect();
+    assert_eq!(kinds, ["online", "occupied"]);
+    // And when the client goes for good, both go, once.
+    back.close().await;
+    within("offline and vacated", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 4
+    })
+    .await;
+    let mut rest: Vec<String> = events(&redis, &PRESENCE).await[2..]
+        .iter()
+        .map(|e| field(e, "type"))
+        .collect();
+    rest.sort();
+    assert_eq!(rest, ["offline", "vacated"]);
+    nodes.clear();
+}
