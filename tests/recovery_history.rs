@@ -18,18 +18,7 @@ const SECRET: &str = "recovery-history-test-jwt-secret";
 
 /// An HS256 token for `sub` in `groups`, valid for an hour.
 fn token(sub: &str, groups: &[&str]) -> String {
-    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "groups": groups, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    common::hs256_token(SECRET, json!({"sub": sub, "groups": groups}))
 }
 
 /// What an opted-in client sees next: a push (framed) or a control frame.

@@ -400,18 +400,7 @@ const SECRET: &str = "resume-test-jwt-secret";
 
 /// An HS256 token for `sub`, valid for an hour.
 fn jwt(sub: &str) -> String {
-    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    encode(
-        &Header::new(Algorithm::HS256),
-        &json!({"sub": sub, "exp": exp}),
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    common::hs256_token(SECRET, json!({"sub": sub}))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,14 +38,9 @@ impl Hub {
         data: &[u8],
         position: Option<PositionRef<'_>>,
     ) -> Delivered {
-        let plain = || crate::push::encode_frame(binary, data);
-        let framed = || framing::encode(binary, position, data);
-        let frames = Frames {
-            plain: &plain,
-            framed: &framed,
-            position,
-        };
-        self.deliver_with(target, exclude, &frames)
+        with_frames(binary, data, position, |frames| {
+            self.deliver_with(target, exclude, frames)
+        })
     }
 
     /// [`Hub::deliver_group_part`] of a message at `position`.
@@ -58,15 +53,27 @@ impl Hub {
         data: &[u8],
         position: Option<PositionRef<'_>>,
     ) -> Delivered {
-        let plain = || crate::push::encode_frame(binary, data);
-        let framed = || framing::encode(binary, position, data);
-        let frames = Frames {
-            plain: &plain,
-            framed: &framed,
-            position,
-        };
-        self.deliver_group_part(groups, group, exclude, &frames)
+        with_frames(binary, data, position, |frames| {
+            self.deliver_group_part(groups, group, exclude, frames)
+        })
     }
+}
+
+/// Runs `f` with the two variants of a message at `position`, each encoded
+/// only if some recipient needs it.
+fn with_frames<R>(
+    binary: bool,
+    data: &[u8],
+    position: Option<PositionRef<'_>>,
+    f: impl FnOnce(&Frames<'_>) -> R,
+) -> R {
+    let plain = || crate::push::encode_frame(binary, data);
+    let framed = || framing::encode(binary, position, data);
+    f(&Frames {
+        plain: &plain,
+        framed: &framed,
+        position,
+    })
 }
 
 impl Hub {

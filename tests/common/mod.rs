@@ -998,3 +998,21 @@ pub async fn connect_many(url: &str, n: usize) -> Vec<Client> {
         .collect()
         .await
 }
+
+/// An HS256 client token signed with `secret`: `claims` plus an `exp` an
+/// hour from now.
+pub fn hs256_token(secret: &str, mut claims: Value) -> String {
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    claims["exp"] = exp.into();
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
