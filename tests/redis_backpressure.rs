@@ -279,13 +279,22 @@ async fn a_subscriber_redis_cut_off_for_its_output_buffer_reconnects_and_resyncs
     let mut a = Client::connect(&n[0].ws_url("")).await;
     n[1].ok("join_group", json!({"client_id": a.id, "group": "room"}))
         .await;
+    // The flood goes to another group, whose member does not read: what
+    // the node reads of it before Redis cuts the connection may close that
+    // member as a slow client, which must not be taken for a lost `room`.
+    let sink = Client::connect(&n[0].ws_url("")).await;
+    n[1].ok(
+        "join_group",
+        json!({"client_id": sink.id, "group": "flood"}),
+    )
+    .await;
     // The node stops reading (paused), a flood of 20 MB of pushes piles up
     // in the socket and then in Redis, past the 64 kB limit.
     n[0].signal("STOP");
     let mut e = Envelope::new(Op::Push);
     e.data = Some(bytes::Bytes::from(vec![b'x'; 1000]));
     let flood: Vec<(String, Vec<u8>)> = (0..20_000)
-        .map(|_| ("gatecast:group:room".to_owned(), e.encode().to_vec()))
+        .map(|_| ("gatecast:group:flood".to_owned(), e.encode().to_vec()))
         .collect();
     publish_pipelined(redis.port, &flood).await;
     n[0].signal("CONT");
