@@ -373,6 +373,65 @@ async fn a_stream_the_client_had_no_position_in_is_replayed_or_said_not_recovere
     assert_eq!(p.epoch(), crew.0);
 }
 
+/// A history read that times out during a resume (Redis stalled for a
+/// moment: longer than the node's 1.5 s command timeout, shorter than two)
+/// is asked once more before the stream is said not recovered: the client
+/// gets its missed push and `recovered: true`. Before the retry, the one
+/// timeout cost it the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_read_that_times_out_once_is_asked_again() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port).await;
+    // A slow heartbeat: the stall must not get B purged or closing clients.
+    let args = |url: &str| {
+        let url = url.to_owned();
+        move || {
+            Node::start(&[
+                "--redis-url",
+                &url,
+                "--node-heartbeat",
+                "5s",
+                "--history-streams",
+                "u:",
+            ])
+        }
+    };
+    let a = args(&redis.url())();
+    let b = args(&proxy.url())();
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    let mut client = Recovering::connect(&a).await;
+    let id = client.client.id.clone();
+    a.ok("bind_uid", json!({"client_id": id, "uid": "ann"}))
+        .await;
+    a.ok("send_to_uid", json!({"uid": "ann", "data": "seen"}))
+        .await;
+    assert_eq!(client.push().await.text(), "seen");
+    client.leave().await;
+    eventually("ann gone", || async {
+        a.ok("is_uid_online", json!({"uid": "ann"})).await == false
+    })
+    .await;
+    a.ok("send_to_uid", json!({"uid": "ann", "data": "missed"}))
+        .await;
+
+    // B's next history read (the resume's) stalls 2 s.
+    proxy.stall_next(b"gatecast_since", Duration::from_secs(2));
+    client.resume(&b).await;
+    let (before, recovered) = until_recovered(&mut client).await;
+    let pushes: Vec<String> = before
+        .iter()
+        .filter_map(|g| match g {
+            Got::Push(p) => Some(p.text()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pushes, ["missed"], "{before:?}");
+    assert_eq!(recovered["streams"]["u:ann"], true, "{recovered}");
+}
+
 // ---------------------------------------------------------------------------
 // A rolling restart of a whole cluster under a steady push rate.
 

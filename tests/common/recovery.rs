@@ -189,6 +189,14 @@ impl Recovering {
         assert_eq!(welcome["resumed"], true, "{welcome}");
     }
 
+    /// Sends a normal close on the current connection (the client goes
+    /// away, keeping its token and positions).
+    pub async fn leave(&mut self) {
+        use futures_util::SinkExt;
+        let _ = self.client.ws.close(None).await;
+        let _ = self.client.ws.flush().await;
+    }
+
     /// The next thing, within [`WAIT`]; a push's position is kept.
     pub async fn next(&mut self) -> Got {
         self.next_within(WAIT).await
