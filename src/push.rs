@@ -64,11 +64,12 @@ impl LastFrame {
     }
 
     /// Whole frames built by the caller (GatewayWorker's raw pushes): sent
-    /// as given to every connection.
+    /// as given, and to connections that opted in to recovery each message
+    /// with the header `{}` ([`crate::recovery::framing::reframe`]).
     pub fn raw(frame: Bytes) -> Self {
         LastFrame {
-            plain: frame.clone(),
-            framed: frame,
+            framed: crate::recovery::framing::reframe(&frame).unwrap_or_else(|| frame.clone()),
+            plain: frame,
         }
     }
 }

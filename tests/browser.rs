@@ -258,3 +258,20 @@ async fn pushes_missed_while_away_arrive_exactly_once_in_order_also_after_a_relo
         }),
     );
 }
+
+/// gatecast.js keeps the position the node tells it when it is bound to a
+/// uid that has a history, so a push to that uid missed while the page was
+/// away is replayed when it comes back (tests/browser/position.mjs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_first_joined_is_recovered_from_the_position_the_node_told() {
+    let redis = RedisServer::start();
+    let nodes = cluster(&redis, 2, &[]).await;
+    scenario(
+        "position",
+        json!({
+            "page": origin(&nodes[1]),
+            "ws": [nodes[0].ws_url(""), nodes[1].ws_url("")],
+            "api": api(&nodes[1]),
+        }),
+    );
+}

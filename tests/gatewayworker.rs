@@ -476,3 +476,69 @@ async fn register_list(register: SocketAddr, key: &str) -> Vec<serde_json::Value
     let message: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
     message["addresses"].as_array().cloned().unwrap_or_default()
 }
+
+/// A raw push (the caller built whole frames) to a connection that opted
+/// in to recovery comes framed like every other push there: each message
+/// with the header `{}`, a fragmented one joined, control frames as given;
+/// a connection that did not opt in gets the bytes exactly as sent. The
+/// same for a raw last message of a kick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn raw_pushes_reach_opted_in_connections_framed() {
+    use common::RawClient;
+    let node = Node::start(&[]);
+    let inner = node.inner;
+    let mut plain = RawClient::connect(node.public, "/ws", &[]).await.unwrap();
+    let mut framed = RawClient::connect(node.public, "/ws?recover=1", &[])
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for c in [&mut plain, &mut framed] {
+        let welcome = c.read_frame().await.unwrap();
+        let welcome: serde_json::Value = serde_json::from_slice(&welcome.payload).unwrap();
+        ids.push(number(welcome["client_id"].as_str().unwrap()));
+    }
+    // A text message with a newline in it, a binary one, and a text
+    // message in two fragments.
+    let body: &[u8] = &[
+        0x81, 3, b'a', b'\n', b'b', 0x82, 3, 1, 2, 3, 0x01, 2, b'h', b'e', 0x80, 1, b'y',
+    ];
+    let mut p = packet(cmd::SEND_TO_ALL, 0, body, b"");
+    p.flag |= flag::NOT_CALL_ENCODE;
+    send(inner, &[p]).await;
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let f = plain.read_frame().await.unwrap();
+        got.push((f.fin, f.opcode, f.payload));
+    }
+    assert_eq!(
+        got,
+        [
+            (true, 1, b"a\nb".to_vec()),
+            (true, 2, vec![1, 2, 3]),
+            (false, 1, b"he".to_vec()),
+            (true, 0, b"y".to_vec()),
+        ],
+        "exactly the caller's frames"
+    );
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let f = framed.read_frame().await.unwrap();
+        got.push((f.fin, f.opcode, f.payload));
+    }
+    assert_eq!(
+        got,
+        [
+            (true, 1, b"{}\na\nb".to_vec()),
+            (true, 2, b"{}\n\x01\x02\x03".to_vec()),
+            (true, 1, b"{}\nhey".to_vec()),
+        ],
+        "each message with its header, as docs/recovery.md says every push is"
+    );
+    // A kick with a raw last message.
+    let mut kick = packet(cmd::KICK, ids[1], &[0x81, 3, b'b', b'y', b'e'], b"");
+    kick.flag |= flag::NOT_CALL_ENCODE | flag::BODY_IS_SCALAR;
+    send(inner, &[kick]).await;
+    let f = framed.read_frame().await.unwrap();
+    assert_eq!((f.opcode, f.payload), (1, b"{}\nbye".to_vec()));
+    assert_eq!(framed.read_frame().await.unwrap().close_code(), Some(1000));
+}

@@ -251,6 +251,187 @@ async fn after_its_node_lost_redis_the_client_resumes_elsewhere_with_exactly_wha
     missed_while_away(Fault::Cut, Kept::ByPrefix).await;
 }
 
+/// Frames until `recovered` (within [`WAIT`] each): the pushes and
+/// `position` frames before it, and it.
+async fn until_recovered(client: &mut Recovering) -> (Vec<Got>, Value) {
+    let mut before = Vec::new();
+    loop {
+        match client.next().await {
+            Got::Control(v) if v["type"] == "recovered" => return (before, v),
+            got @ (Got::Push(_) | Got::Control(_)) => before.push(got),
+            other => panic!("expected frames up to recovered, got {other:?}"),
+        }
+    }
+}
+
+/// A stream the client holds no position in yet is never a silent gap
+/// (docs/recovery.md, the `position` frame). The client, on node A, is
+/// bound to uid ann, whose history already has a push, and joins group
+/// crew, which keeps history but has none yet: it is told where it stands
+/// in ann (a `position` frame), and of crew nothing, for there is nothing.
+/// A is SIGKILLed; one push to each, kept, goes out through B. Resumed on
+/// B with the token and the positions it holds: ann's push is replayed and
+/// ann recovered; crew, which it could not name, is said not recovered
+/// (with where it stands now), and its live pushes follow. Before the
+/// `position` frame, ann's push was lost without a word, and crew's too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_the_client_had_no_position_in_is_replayed_or_said_not_recovered() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let mut a = node(&redis.url(), Kept::ByPrefix);
+    let b = node(&redis.url(), Kept::ByPrefix);
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    // ann's history has one push from before this client.
+    send(
+        &b,
+        Kept::ByPrefix,
+        "send_to_uid",
+        json!({"uid": "ann", "data": "old"}),
+    )
+    .await;
+    let mut client = Recovering::connect(&a).await;
+    let old = client.client.id.clone();
+    b.ok("bind_uid", json!({"client_id": old, "uid": "ann"}))
+        .await;
+    match client.next().await {
+        Got::Control(v) => {
+            assert_eq!(
+                (&v["type"], &v["s"], &v["o"]),
+                (&json!("position"), &json!("u:ann"), &json!(1)),
+                "{v}"
+            );
+        }
+        other => panic!("expected ann's position, got {other:?}"),
+    }
+    b.ok("join_group", json!({"client_id": old, "group": "crew"}))
+        .await;
+    eventually("ann in crew, seen from B", || async {
+        b.ok("get_client_count_by_group", json!({"group": "crew"}))
+            .await
+            == 1
+    })
+    .await;
+    assert_eq!(
+        client.pos.keys().collect::<Vec<_>>(),
+        ["u:ann"],
+        "no history in crew yet"
+    );
+
+    a.signal("KILL");
+    a.wait_exit(WAIT).await;
+    let got = client.next().await;
+    assert!(matches!(got, Got::Gone(_) | Got::Closed(..)), "{got:?}");
+    send(
+        &b,
+        Kept::ByPrefix,
+        "send_to_uid",
+        json!({"uid": "ann", "data": "missed-u"}),
+    )
+    .await;
+    send(
+        &b,
+        Kept::ByPrefix,
+        "send_to_group",
+        json!({"group": "crew", "data": "missed-g"}),
+    )
+    .await;
+
+    client.resume(&b).await;
+    let (before, recovered) = until_recovered(&mut client).await;
+    assert_eq!(
+        recovered,
+        json!({"type": "recovered", "streams": {"u:ann": true, "g:crew": false}}),
+        "ann named and replayed; crew not named: said not recovered, never silent"
+    );
+    let pushes: Vec<(String, u64, String)> = before
+        .iter()
+        .filter_map(|g| match g {
+            Got::Push(p) => Some((p.stream().to_owned(), p.offset(), p.text())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pushes, [("u:ann".to_owned(), 2, "missed-u".to_owned())]);
+    let crew = client.pos["g:crew"].clone();
+    assert_eq!(crew.1, 1, "told where it stands in crew: {before:?}");
+
+    // From there on crew is followed: its next push, and a resume after it,
+    // are whole.
+    send(
+        &b,
+        Kept::ByPrefix,
+        "send_to_group",
+        json!({"group": "crew", "data": "live-g"}),
+    )
+    .await;
+    let p = client.push().await;
+    assert_eq!(
+        (p.stream(), p.offset(), p.text().as_str()),
+        ("g:crew", 2, "live-g")
+    );
+    assert_eq!(p.epoch(), crew.0);
+}
+
+/// A history read that times out during a resume (Redis stalled for a
+/// moment: longer than the node's 1.5 s command timeout, shorter than two)
+/// is asked once more before the stream is said not recovered: the client
+/// gets its missed push and `recovered: true`. Before the retry, the one
+/// timeout cost it the replay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_read_that_times_out_once_is_asked_again() {
+    let _serial = SERIAL.lock().await;
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port).await;
+    // A slow heartbeat: the stall must not get B purged or closing clients.
+    let args = |url: &str| {
+        let url = url.to_owned();
+        move || {
+            Node::start(&[
+                "--redis-url",
+                &url,
+                "--node-heartbeat",
+                "5s",
+                "--history-streams",
+                "u:",
+            ])
+        }
+    };
+    let a = args(&redis.url())();
+    let b = args(&proxy.url())();
+    a.wait_ready().await;
+    b.wait_ready().await;
+
+    let mut client = Recovering::connect(&a).await;
+    let id = client.client.id.clone();
+    a.ok("bind_uid", json!({"client_id": id, "uid": "ann"}))
+        .await;
+    a.ok("send_to_uid", json!({"uid": "ann", "data": "seen"}))
+        .await;
+    assert_eq!(client.push().await.text(), "seen");
+    client.leave().await;
+    eventually("ann gone", || async {
+        a.ok("is_uid_online", json!({"uid": "ann"})).await == false
+    })
+    .await;
+    a.ok("send_to_uid", json!({"uid": "ann", "data": "missed"}))
+        .await;
+
+    // B's next history read (the resume's) stalls 2 s.
+    proxy.stall_next(b"gatecast_since", Duration::from_secs(2));
+    client.resume(&b).await;
+    let (before, recovered) = until_recovered(&mut client).await;
+    let pushes: Vec<String> = before
+        .iter()
+        .filter_map(|g| match g {
+            Got::Push(p) => Some(p.text()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(pushes, ["missed"], "{before:?}");
+    assert_eq!(recovered["streams"]["u:ann"], true, "{recovered}");
+}
+
 // ---------------------------------------------------------------------------
 // A rolling restart of a whole cluster under a steady push rate.
 

@@ -37,6 +37,15 @@ async fn next(c: &mut Client) -> Got {
     }
 }
 
+/// The next frame, which must be a control frame (`why` says what a push
+/// there would break).
+async fn control(c: &mut Client, why: &str) -> Value {
+    match next(c).await {
+        Got::Control(v) => v,
+        Got::Push(p) => panic!("{why}: expected a control frame, got {p:?}"),
+    }
+}
+
 async fn push(c: &mut Client) -> Framed {
     match next(c).await {
         Got::Push(p) => p,
@@ -172,13 +181,16 @@ async fn missed_pushes_are_replayed_on_another_node_then_live_then_recovered() {
     send_uid(&b, "alice", "after-loss").await;
     let pos = at(&[("u:alice", &live), ("g:room1", &g0)]);
     let mut c = connect(&a, "alice", &["room1"], Some(&pos)).await;
-    match next(&mut c).await {
-        Got::Control(v) => assert_eq!(
-            v,
-            json!({"type": "recovered", "streams": {"u:alice": false, "g:room1": false}})
-        ),
-        Got::Push(p) => panic!("no stale replay after the history was lost: {p:?}"),
-    }
+    // Not recovered, and told where it stands in the new epoch (room1
+    // keeps nothing now: no position there).
+    let told = control(&mut c, "no stale replay after the history was lost").await;
+    assert_eq!(told["type"], "position", "{told}");
+    assert_eq!((&told["s"], &told["o"]), (&json!("u:alice"), &json!(1)));
+    assert_ne!(told["e"], json!(live.epoch()));
+    assert_eq!(
+        control(&mut c, "recovered").await,
+        json!({"type": "recovered", "streams": {"u:alice": false, "g:room1": false}})
+    );
     online(&b, "alice").await;
     send_uid(&b, "alice", "new-epoch").await;
     let p = push(&mut c).await;
@@ -206,13 +218,15 @@ async fn a_history_trimmed_past_the_position_is_not_recovered() {
     let mut pos = at(&[("u:bob", &first)]);
     pos.insert("g:not-mine".into(), (first.epoch(), 0));
     let mut c = connect(&b, "bob", &[], Some(&pos)).await;
-    match next(&mut c).await {
-        Got::Control(v) => assert_eq!(
-            v,
-            json!({"type": "recovered", "streams": {"u:bob": false, "g:not-mine": false}})
-        ),
-        Got::Push(p) => panic!("never a partial replay: {p:?}"),
-    }
+    let told = control(&mut c, "never a partial replay").await;
+    assert_eq!(
+        told,
+        json!({"type": "position", "s": "u:bob", "e": first.epoch(), "o": 11})
+    );
+    assert_eq!(
+        control(&mut c, "never a partial replay").await,
+        json!({"type": "recovered", "streams": {"u:bob": false, "g:not-mine": false}})
+    );
     // Within the size, the same stream recovers.
     let last = {
         send_uid(&b, "bob", "x").await;
@@ -484,10 +498,11 @@ async fn gatewayworker_pushes_on_the_inner_port_are_kept_once() {
     let mut c = connect(&b, "erin", &["team"], Some(&at(&[("u:erin", &last)]))).await;
     assert_eq!(push(&mut c).await.text(), "away1");
     assert_eq!(push(&mut c).await.text(), "away2");
-    match next(&mut c).await {
-        Got::Control(v) => assert_eq!(v["streams"], json!({"u:erin": true})),
-        Got::Push(p) => panic!("each push kept once: {p:?}"),
-    }
+    // team was not named: where it stands, and not recovered.
+    let told = control(&mut c, "each push kept once").await;
+    assert_eq!((&told["s"], &told["o"]), (&json!("g:team"), &json!(1)));
+    let v = control(&mut c, "each push kept once").await;
+    assert_eq!(v["streams"], json!({"u:erin": true, "g:team": false}));
 }
 
 /// On Redis Cluster each stream's keys sit in its channel's slot and the
@@ -767,10 +782,10 @@ async fn a_replay_that_would_not_fit_the_queue_is_not_recovered() {
         send_uid(&node, "hal", &big).await;
     }
     let mut c = connect(&node, "hal", &[], Some(&at(&[("u:hal", &first)]))).await;
-    match next(&mut c).await {
-        Got::Control(v) => assert_eq!(v["streams"]["u:hal"], false, "{v}"),
-        Got::Push(p) => panic!("nothing replayed: {} bytes", p.payload.len()),
-    }
+    let told = control(&mut c, "nothing replayed").await;
+    assert_eq!((&told["type"], &told["o"]), (&json!("position"), &json!(4)));
+    let v = control(&mut c, "nothing replayed").await;
+    assert_eq!(v["streams"]["u:hal"], false, "{v}");
     send_uid(&node, "hal", "live").await;
     assert_eq!(push(&mut c).await.offset(), 5);
 }

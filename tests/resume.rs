@@ -117,8 +117,14 @@ fn payload(seen: Seen) -> String {
     }
 }
 
-/// Pushes to `uid`, room1 and room2 through `api` reach `client`.
+/// Pushes to `uid`, room1 and room2 through `api` reach `client`, a
+/// connection that came back with a token: `recovered` first (every such
+/// connection hears it; nothing keeps history here, so it lists nothing).
 async fn pushes_reach(api: &Node, client: &mut Client, uid: &str) {
+    match client.next().await {
+        Seen::Text(t) => assert_eq!(t, r#"{"type":"recovered","streams":{}}"#),
+        other => panic!("expected recovered, got {other:?}"),
+    }
     api.ok("send_to_uid", json!({"uid": uid, "data": "to-uid"}))
         .await;
     api.ok(

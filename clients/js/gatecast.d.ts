@@ -33,7 +33,7 @@ export interface Position {
 export interface RecoveredEvent {
   /** true: uid, groups and session restored; false: they were not; undefined: no resume token was sent. */
   resumed?: boolean;
-  /** Each stream whose position was sent: true if every missed push was replayed. */
+  /** Each stream whose position was sent, and each stream kept in history that the connection is in but had no position for: true if every missed push was replayed. */
   streams: Record<string, boolean>;
 }
 
@@ -102,8 +102,14 @@ export function closeReason(text: string): { reason: string; retryMs?: number } 
 export function splitFrame(
   data: string | ArrayBuffer,
 ): { control: any } | { header: { s?: string; e?: string; o?: number } | null; data: string | ArrayBuffer };
-/** Records a position; false for a push already seen. */
-export function track(pos: Record<string, [string, number]>, header: { s?: string; e?: string; o?: number } | null): boolean;
+/** Records a push's position in `seen` and `pos` (default: the same map); false for a push already seen. */
+export function track(
+  pos: Record<string, [string, number]>,
+  header: { s?: string; e?: string; o?: number } | null,
+  seen?: Record<string, [string, number]>,
+): boolean;
+/** Keeps a position (of a push or a `position` frame) unless it moves the stream back within its epoch; true when it changed. */
+export function place(pos: Record<string, [string, number]>, stream: string, epoch: string, offset: number): boolean;
 /** Encodes positions for `pos=`. */
 export function encodePos(pos: Record<string, [string, number]>): string;
 /** Whether a JWT's exp is past or within `margin` ms. */

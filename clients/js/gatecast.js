@@ -48,14 +48,30 @@ export function splitFrame(data) {
 }
 
 /**
- * Records a push's position in `pos` ({stream: [epoch, offset]}); false when
- * the push was already seen (same epoch, offset not past the last one).
+ * Records a push's position ({stream: [epoch, offset]}) in `seen`, the
+ * pushes received, and in `pos`, where to resume from (by default the
+ * same map); false when the push was already seen (same epoch, offset not
+ * past the last one received).
  */
-export function track(pos, h) {
+export function track(pos, h, seen = pos) {
   if (!h || typeof h.s !== 'string' || typeof h.o !== 'number') return true;
-  const p = pos[h.s];
+  const p = seen[h.s];
   if (p && p[0] === h.e && h.o <= p[1]) return false;
-  pos[h.s] = [h.e, h.o];
+  seen[h.s] = [h.e, h.o];
+  if (seen !== pos) place(pos, h.s, h.e, h.o);
+  return true;
+}
+
+/**
+ * Keeps `[epoch, offset]` as the position of `stream` in `pos`, unless it
+ * would move it back within its epoch: a `position` frame (docs/recovery.md)
+ * may arrive after a live push it was read before. True when it changed.
+ */
+export function place(pos, stream, epoch, offset) {
+  if (typeof stream !== 'string' || typeof epoch !== 'string' || !Number.isInteger(offset) || offset < 0) return false;
+  const p = pos[stream];
+  if (p && p[0] === epoch && offset <= p[1]) return false;
+  pos[stream] = [epoch, offset];
   return true;
 }
 
@@ -151,6 +167,9 @@ export function connect(url, options = {}) {
   let stopped = false;
   let gen = 0;
   let saved = load();
+  // Positions of the pushes received (saved.pos also holds positions the
+  // server told): a push is dropped as a duplicate only against these.
+  const seen = { ...saved.pos };
 
   function load() {
     const v = store && json(store.getItem(key));
@@ -197,7 +216,7 @@ export function connect(url, options = {}) {
       }
       if (my !== gen || stopped) return;
     }
-    const conn = { opened: false, welcomed: false, framed: false, resuming: false, posSent: false };
+    const conn = { opened: false, welcomed: false, framed: false, resuming: false, fresh: new Set() };
     let sock;
     try {
       // A bad URL (or a url() that throws) is a failed attempt, not a stuck client.
@@ -209,10 +228,7 @@ export function connect(url, options = {}) {
         q.set('recover', '1');
         if (saved.resume) q.set('resume', saved.resume);
         conn.resuming = !!saved.resume || Object.keys(saved.pos).length > 0;
-        if (Object.keys(saved.pos).length) {
-          q.set('pos', encodePos(saved.pos));
-          conn.posSent = true;
-        }
+        if (Object.keys(saved.pos).length) q.set('pos', encodePos(saved.pos));
       }
       sock = new WS(u.href);
     } catch (e) {
@@ -244,12 +260,22 @@ export function connect(url, options = {}) {
     }
     const f = splitFrame(data);
     if (f.control) {
-      if (f.control.type === 'recovered') recovered(conn, f.control.streams || {});
+      const k = f.control;
+      if (k.type === 'recovered') recovered(conn, k.streams || {});
+      // Where the connection stands in a stream it holds no position in:
+      // kept so that the next resume names the stream.
+      if (k.type === 'position' && place(saved.pos, k.s, k.e, k.o)) {
+        conn.fresh.add(k.s);
+        persist();
+      }
       return;
     }
     const h = f.header;
-    if (!track(saved.pos, h)) return;
-    if (h && h.s) persist();
+    if (!track(saved.pos, h, seen)) return;
+    if (h && h.s) {
+      conn.fresh.add(h.s);
+      persist();
+    }
     emit('message', f.data, h && h.s ? { stream: h.s, epoch: h.e, offset: h.o } : undefined);
   }
 
@@ -271,20 +297,21 @@ export function connect(url, options = {}) {
       emit('clientId', id);
     }
     setState('connected', { clientId: id });
-    if (conn.resuming) {
-      if (!conn.framed) {
-        // A server without recovery: nothing of the saved state comes back.
-        recovered(conn, Object.fromEntries(Object.keys(saved.pos).map((s) => [s, false])), false);
-      } else if (!conn.posSent) {
-        recovered(conn, {});
-      }
+    if (conn.resuming && !conn.framed) {
+      // A server without recovery: nothing of the saved state comes back.
+      // (One with it always ends a resume with its own `recovered`.)
+      recovered(conn, Object.fromEntries(Object.keys(saved.pos).map((s) => [s, false])), false);
     }
   }
 
   function recovered(conn, streams, resumed = conn.resumed) {
     const lost = Object.keys(streams).filter((s) => !streams[s]);
-    // A lost stream's position is worthless; its next push starts it again.
-    for (const s of lost) delete saved.pos[s];
+    // A lost stream's old position is worthless; its next push, or the
+    // position the server told on this connection, starts it again.
+    for (const s of lost) {
+      if (!conn.fresh.has(s)) delete saved.pos[s];
+      delete seen[s];
+    }
     persist();
     emit('recovered', { resumed, streams });
     if (resumed === false || lost.length) emit('discontinuity', { resumed, streams: lost });

@@ -80,6 +80,26 @@ impl MemoryEngine {
         self
     }
 
+    /// Tells `id`, when it opted in to recovery, where it stands in
+    /// `stream`, which it just became a member of, if that stream keeps
+    /// history (docs/recovery.md, the `position` frame).
+    fn tell_position(&self, id: ClientId, stream: &str) {
+        let Some(outbox) = self.hub.framed_member(id, stream) else {
+            return;
+        };
+        let read = self
+            .history
+            .read(stream, crate::recovery::history::TOP_ONLY);
+        if let Some(epoch) = read.epoch.as_deref() {
+            let frame = crate::recovery::framing::position(PositionRef {
+                stream,
+                epoch,
+                offset: read.top,
+            });
+            let _ = outbox.push(frame, &self.hub.limits().one_more());
+        }
+    }
+
     /// This engine with these history settings.
     pub fn with_history(mut self, settings: HistorySettings) -> Self {
         self.history = MemoryHistory::new(settings);
@@ -180,8 +200,12 @@ impl Engine for MemoryEngine {
     }
 
     async fn bind_uid(&self, id: ClientId, uid: String) -> EngineResult<()> {
-        if let Some(Some(old)) = self.hub.bind_uid(id, &uid) {
-            self.touched(Some(&old), &[]);
+        let previous = self.hub.bind_uid(id, &uid);
+        if let Some(Some(old)) = &previous {
+            self.touched(Some(old), &[]);
+        }
+        if previous.is_some_and(|p| p.as_deref() != Some(uid.as_str())) {
+            self.tell_position(id, &crate::recovery::history::uid_stream(&uid));
         }
         self.touched(Some(&uid), &[]);
         Ok(())
@@ -194,7 +218,9 @@ impl Engine for MemoryEngine {
     }
 
     async fn join_group(&self, id: ClientId, group: String) -> EngineResult<()> {
-        self.hub.join_group(id, &group);
+        if self.hub.join_group(id, &group) == Some(true) {
+            self.tell_position(id, &crate::recovery::history::group_stream(&group));
+        }
         self.touched(None, std::slice::from_ref(&group));
         Ok(())
     }

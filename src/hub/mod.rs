@@ -193,6 +193,22 @@ impl Hub {
         self.shard(id).read().conns.get(&id).map(Local::membership)
     }
 
+    /// The queue of `id` when it is here and opted in to recovery (its
+    /// pushes are framed), and whether it is a member of `stream` (a
+    /// recovery stream name: `u:<uid>`, `g:<group>`, `all`).
+    pub fn framed_member(&self, id: ClientId, stream: &str) -> Option<Arc<Outbox>> {
+        let index = self.shard(id).read();
+        let local = index.conns.get(&id).filter(|l| l.outbox.is_framed())?;
+        let member = stream == "all"
+            || stream
+                .strip_prefix("u:")
+                .is_some_and(|u| local.uid.as_deref() == Some(u))
+            || stream
+                .strip_prefix("g:")
+                .is_some_and(|g| local.groups.iter().any(|m| m == g));
+        member.then(|| local.outbox.clone())
+    }
+
     /// Binds `uid` to `id`, replacing any other uid. Returns `None` when the
     /// connection is not here, else the uid it had before.
     pub fn bind_uid(&self, id: ClientId, uid: &str) -> Option<Option<String>> {

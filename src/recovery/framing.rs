@@ -80,6 +80,61 @@ pub fn encode(binary: bool, position: Option<PositionRef<'_>>, data: &[u8]) -> B
     frame::encode(opcode, &payload)
 }
 
+/// Whole frames built by a GatewayWorker caller (the raw flag: the bytes go
+/// to the socket as given), as a connection that opted in to recovery must
+/// get them: each message (a text or binary frame, or a fragmented one
+/// joined) with the header `{}` (never kept: a raw body is not a payload
+/// the node can keep), control frames (ping, pong, close) as given. `None`
+/// when the bytes are not whole, unmasked, unextended server frames: those
+/// cannot be framed, and go as given, as to every other connection.
+pub fn reframe(raw: &[u8]) -> Option<Bytes> {
+    let mut out = BytesMut::with_capacity(raw.len() + 8);
+    let mut rest = raw;
+    // A fragmented message being joined: binary, and its bytes so far.
+    let mut message: Option<(bool, Vec<u8>)> = None;
+    while !rest.is_empty() {
+        let (b0, b1) = (*rest.first()?, *rest.get(1)?);
+        if b1 & 0x80 != 0 || b0 & 0x70 != 0 {
+            // Masked (a client's frame) or with extension bits.
+            return None;
+        }
+        let (len, start): (usize, usize) = match b1 & 0x7f {
+            126 => (
+                u16::from_be_bytes([*rest.get(2)?, *rest.get(3)?]) as usize,
+                4,
+            ),
+            127 => {
+                let n = u64::from_be_bytes(rest.get(2..10)?.try_into().ok()?);
+                (usize::try_from(n).ok()?, 10)
+            }
+            n => (n as usize, 2),
+        };
+        let end = start.checked_add(len)?;
+        let payload = rest.get(start..end)?;
+        let whole = &rest[..end];
+        rest = &rest[end..];
+        let fin = b0 & 0x80 != 0;
+        match b0 & 0x0f {
+            op @ (1 | 2) if message.is_none() => match fin {
+                true => out.put_slice(&encode(op == 2, None, payload)),
+                false => message = Some((op == 2, payload.to_vec())),
+            },
+            0 => {
+                let (binary, mut data) = message.take()?;
+                data.extend_from_slice(payload);
+                match fin {
+                    true => out.put_slice(&encode(binary, None, &data)),
+                    false => message = Some((binary, data)),
+                }
+            }
+            // Control frames, which may come between fragments.
+            8..=10 => out.put_slice(whole),
+            _ => return None,
+        }
+    }
+    message.is_none().then(|| out.freeze())
+}
+
 /// The header line of an encoded push frame (server frames are not masked);
 /// `None` for a control frame (welcome, pong, ping, close).
 fn header_of_frame(frame: &[u8]) -> Option<&[u8]> {
@@ -107,6 +162,17 @@ pub fn is_push_frame(frame: &[u8]) -> bool {
 /// in history: how held frames are matched against a replay.
 pub fn position_of_frame(frame: &[u8]) -> Option<Position> {
     serde_json::from_slice(header_of_frame(frame)?).ok()
+}
+
+/// The `position` control frame: where the connection stands in a stream
+/// kept in history that it is a member of but holds no position in (it
+/// just became a member, or its resume could not recover the stream). A
+/// client keeps it as it keeps a push's header, so that it can always name
+/// the stream when it resumes.
+pub fn position(p: PositionRef<'_>) -> Bytes {
+    let text = serde_json::json!({"type": "position", "s": p.stream, "e": p.epoch, "o": p.offset})
+        .to_string();
+    frame::encode(Opcode::Text, text.as_bytes())
 }
 
 /// The `recovered` control frame: every stream named in the client's
@@ -137,7 +203,7 @@ mod tests {
         let payload = &frame[2..];
         let nl = payload.iter().position(|b| *b == b'\n').unwrap();
         assert_eq!(&payload[nl + 1..], &data[..]);
-        assert_eq!(position_of_frame(&frame), Some(p));
+        assert_eq!(position_of_frame(&frame), Some(p.clone()));
         let plain = encode(false, None, b"hi");
         assert_eq!(&plain[2..], b"{}\nhi");
         assert_eq!(position_of_frame(&plain), None);
@@ -147,6 +213,29 @@ mod tests {
             br#"{"type":"welcome"}"#
         )));
         assert!(!is_push_frame(&frame::encode(Opcode::Ping, b"")));
+        let at = position(p.as_ref());
+        assert!(!is_push_frame(&at));
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&at[2..]).unwrap(),
+            serde_json::json!({"type":"position","s":"g:room\n1","e":"e1","o":42})
+        );
+        // A caller's raw frames: each message framed, control frames kept.
+        let text = frame::encode(Opcode::Text, b"a\nb");
+        let ping = frame::encode(Opcode::Ping, b"p");
+        let long = frame::encode(Opcode::Binary, &[7u8; 300]);
+        let fragments: &[u8] = &[0x01, 2, b'h', b'e', 0x89, 0, 0x80, 1, b'y'];
+        let raw = [&text[..], &ping[..], &long[..], fragments].concat();
+        let mut want = encode(false, None, b"a\nb").to_vec();
+        want.extend_from_slice(&ping);
+        want.extend_from_slice(&encode(true, None, &[7u8; 300]));
+        want.extend_from_slice(&[0x89, 0]);
+        want.extend_from_slice(&encode(false, None, b"hey"));
+        assert_eq!(reframe(&raw).as_deref(), Some(&want[..]));
+        // Not whole frames, masked, or a fragment never finished.
+        assert_eq!(reframe(&text[..text.len() - 1]), None);
+        assert_eq!(reframe(&[0x81, 0x81, 1, 2, 3, 4, 5]), None);
+        assert_eq!(reframe(&[0x01, 1, b'x']), None);
+        assert_eq!(reframe(&[0x80, 1, b'x']), None);
         let big = encode(false, None, &vec![b'x'; 70_000]);
         assert_eq!(position_of_frame(&big), None);
     }

@@ -381,10 +381,47 @@ pub struct ReplayContext<'a> {
     pub budget_bytes: usize,
 }
 
+/// The offset that asks a history read for the stream's epoch and top
+/// only: no entry is above it.
+pub const TOP_ONLY: u64 = i64::MAX as u64;
+
+/// How long one history read of a replay may take (the Redis engine's own
+/// command timeout is shorter).
+const READ_WAIT: Duration = Duration::from_secs(3);
+
+/// Reads `stream` after `offset`, asked once more when the first read
+/// failed or timed out (a read changes nothing, so asking again is safe): a
+/// Redis that stalled for a moment does not cost the client its replay.
+pub async fn read_with_retry(
+    engine: &dyn Engine,
+    stream: &str,
+    offset: u64,
+) -> EngineResult<HistoryRead> {
+    let read = || async {
+        match tokio::time::timeout(READ_WAIT, engine.history_since(stream, offset)).await {
+            Ok(read) => read,
+            Err(_) => Err(crate::engine::EngineError::Unavailable(
+                "history read timed out".into(),
+            )),
+        }
+    };
+    match read().await {
+        Ok(read) => Ok(read),
+        Err(e) => {
+            tracing::debug!(%stream, error = %e, "history read failed: asking once more");
+            read().await
+        }
+    }
+}
+
 /// Replays to the registered connection `id` what it missed after
-/// `positions`, then its held live pushes, then `recovered`. Its uid and
-/// groups are the membership it has now (from its token, or restored by a
-/// resume).
+/// `positions`, then its held live pushes, then (when `report`: it came
+/// back, with a resume token or positions) `recovered`. Its uid and groups
+/// are the membership it has now (from its token, or restored by a
+/// resume). Every stream it is a member of that keeps history and that it
+/// holds no good position in gets a `position` frame, so that it can name
+/// the stream the next time; when it came back, such a stream is listed as
+/// not recovered: it may have missed pushes there, and is told so.
 pub async fn replay(
     cx: ReplayContext<'_>,
     id: ClientId,
@@ -392,39 +429,58 @@ pub async fn replay(
     groups: &[String],
     outbox: &Outbox,
     positions: Positions,
+    report: bool,
 ) {
     let members = member_streams(uid, groups);
+    let unnamed: Vec<&String> = members
+        .iter()
+        .filter(|s| !positions.contains_key(*s))
+        .collect();
     let wanted: Vec<(String, String, u64)> =
         positions.into_iter().map(|(s, (e, o))| (s, e, o)).collect();
-    // Live pushes at or below the client's position are duplicates from the
-    // start.
-    cx.replays.set(
-        id,
-        wanted
-            .iter()
-            .filter(|(s, _, _)| members.contains(s))
-            .map(|(s, e, o)| Position {
-                stream: s.clone(),
-                epoch: e.clone(),
-                offset: *o,
-            })
-            .collect(),
-    );
+    let filtered = !wanted.is_empty();
+    if filtered {
+        // Live pushes at or below the client's position are duplicates
+        // from the start.
+        cx.replays.set(
+            id,
+            wanted
+                .iter()
+                .filter(|(s, _, _)| members.contains(s))
+                .map(|(s, e, o)| Position {
+                    stream: s.clone(),
+                    epoch: e.clone(),
+                    offset: *o,
+                })
+                .collect(),
+        );
+    }
     let turn = tokio::time::timeout(REPLAY_TURN_WAIT, cx.replays.turns.acquire()).await;
-    let reads: Vec<Option<EngineResult<HistoryRead>>> = match &turn {
+    type Read = Option<EngineResult<HistoryRead>>;
+    let (reads, tops): (Vec<Read>, Vec<Read>) = match &turn {
         Ok(Ok(_)) => {
             let members = &members;
             let reads = wanted.iter().map(|(s, _, o)| async move {
                 if !members.contains(s) {
                     return None;
                 }
-                Some(cx.engine.history_since(s, *o).await)
+                Some(read_with_retry(cx.engine, s, *o).await)
             });
-            futures_util::future::join_all(reads).await
+            let tops = unnamed
+                .iter()
+                .map(|s| async move { Some(read_with_retry(cx.engine, s, TOP_ONLY).await) });
+            futures_util::future::join(
+                futures_util::future::join_all(reads),
+                futures_util::future::join_all(tops),
+            )
+            .await
         }
         _ => {
             tracing::warn!(client_id = %id, "no replay turn in time: not recovered");
-            wanted.iter().map(|_| None).collect()
+            (
+                wanted.iter().map(|_| None).collect(),
+                unnamed.iter().map(|_| None).collect(),
+            )
         }
     };
     drop(turn);
@@ -433,6 +489,18 @@ pub async fn replay(
     let mut replayed: Vec<Bytes> = Vec::new();
     let mut done: Vec<Position> = Vec::new();
     let mut outcome: Vec<(String, bool)> = Vec::new();
+    // Where the connection stands in the streams it could not recover or
+    // never named: sent after the replay, before the held pushes.
+    let mut stands: Vec<Bytes> = Vec::new();
+    let stand = |stream: &str, read: &HistoryRead| {
+        read.epoch.as_deref().map(|epoch| {
+            framing::position(PositionRef {
+                stream,
+                epoch,
+                offset: read.top,
+            })
+        })
+    };
     for ((stream, epoch, offset), read) in wanted.iter().zip(reads) {
         let read = match read {
             Some(Ok(read)) => read,
@@ -476,13 +544,40 @@ pub async fn replay(
                 });
                 outcome.push((stream.clone(), true));
             }
+            None => {
+                stands.extend(stand(stream, &read));
+                outcome.push((stream.clone(), false));
+            }
+        }
+    }
+    for (stream, top) in unnamed.into_iter().zip(tops) {
+        match top {
+            Some(Ok(read)) => {
+                let Some(frame) = stand(stream, &read) else {
+                    // No history: nothing kept can have been missed.
+                    continue;
+                };
+                stands.push(frame);
+                outcome.push((stream.clone(), false));
+            }
+            Some(Err(e)) => {
+                tracing::debug!(client_id = %id, %stream, error = %e, "history top not read");
+                outcome.push((stream.clone(), false));
+            }
             None => outcome.push((stream.clone(), false)),
         }
     }
-    // From now on live pushes up to each replayed top are dropped on their
-    // way in; those already held are dropped below, in the same order.
-    cx.replays.set(id, done.clone());
-    let recovered = framing::recovered(&outcome);
+    if !filtered && stands.is_empty() && !report {
+        // A new connection in no stream that keeps history.
+        return;
+    }
+    if filtered {
+        // From now on live pushes up to each replayed top are dropped on
+        // their way in; those already held are dropped below, in the same
+        // order.
+        cx.replays.set(id, done.clone());
+    }
+    let recovered = report.then(|| framing::recovered(&outcome));
     outbox.rewrite(|queue| {
         let held = std::mem::take(queue);
         // Control frames queued before the first held push (the welcome)
@@ -494,6 +589,7 @@ pub async fn replay(
         let mut held = held.into_iter();
         queue.extend(held.by_ref().take(first_push));
         queue.extend(replayed);
+        queue.extend(stands);
         queue.extend(held.filter(|frame| {
             match framing::position_of_frame(frame) {
                 Some(p) => !done
@@ -502,8 +598,11 @@ pub async fn replay(
                 None => true,
             }
         }));
-        queue.push_back(recovered);
+        queue.extend(recovered);
     });
+    if !filtered {
+        return;
+    }
     let replays = cx.replays.clone();
     tokio::spawn(async move {
         tokio::time::sleep(FILTER_FOR).await;

@@ -115,12 +115,14 @@ struct Registration {
 }
 
 /// Replays what the connection missed after `positions`, with the
-/// membership it has now.
+/// membership it has now, and tells it where it stands in the other
+/// streams it is in (and `recovered` when `report`).
 async fn replay(
     gw: &Gateway,
     id: ClientId,
     outbox: &Outbox,
     positions: crate::recovery::positions::Positions,
+    report: bool,
 ) {
     let membership = gw.hub.membership(id).unwrap_or_default();
     let cx = crate::recovery::history::ReplayContext {
@@ -130,7 +132,7 @@ async fn replay(
         budget_bytes: gw.config.client_queue_bytes,
     };
     let (uid, groups) = (membership.uid.as_deref(), &membership.groups);
-    crate::recovery::history::replay(cx, id, uid, groups, outbox, positions).await;
+    crate::recovery::history::replay(cx, id, uid, groups, outbox, positions, report).await;
 }
 
 /// The first frame: `--welcome-frame` with the client's id, or for a
@@ -252,11 +254,16 @@ impl Connection {
             tracing::warn!(client_id = %id, error = %e, "could not register connection");
             outbox.close(close_code::INTERNAL_ERROR, "try again later", true);
         }
-        if let Some(positions) = setup.positions.filter(|_| !outbox.is_closing()) {
+        if setup.recover && !outbox.is_closing() {
             // After the membership the connection starts with (its token's,
             // or a resume's), before anything is written: its live pushes
-            // wait in the outbox meanwhile.
-            Box::pin(replay(gw, id, outbox, positions)).await;
+            // wait in the outbox meanwhile. A client that came back (with
+            // positions or a token) hears `recovered`; every opted-in one
+            // hears where it stands in the streams it starts in.
+            let came_back = setup.positions.is_some()
+                || setup.recovery.as_ref().is_some_and(|r| r.resumed.is_some());
+            let positions = setup.positions.unwrap_or_default();
+            Box::pin(replay(gw, id, outbox, positions, came_back)).await;
         }
         if gw.is_draining() {
             // Upgraded while the drain began: close_all did not see it.

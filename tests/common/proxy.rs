@@ -4,6 +4,8 @@
 //! tests/recovery.rs.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -26,7 +28,11 @@ pub struct Proxy {
     /// Where nodes connect instead of Redis.
     pub addr: SocketAddr,
     flow: watch::Sender<Flow>,
+    trap: Trap,
 }
+
+/// A stall armed for the next node-to-Redis bytes holding a pattern.
+type Trap = Arc<Mutex<Option<(Vec<u8>, Duration)>>>;
 
 impl Proxy {
     /// Starts forwarding to the Redis on `redis_port`.
@@ -38,6 +44,8 @@ impl Proxy {
             down: true,
         });
         let flows = flow.clone();
+        let trap: Trap = Arc::default();
+        let traps = trap.clone();
         // Ends with the test's runtime, with every pump.
         tokio::spawn(async move {
             while let Ok((node, _)) = listener.accept().await {
@@ -46,16 +54,36 @@ impl Proxy {
                 };
                 let (node_read, node_write) = node.into_split();
                 let (redis_read, redis_write) = redis.into_split();
-                tokio::spawn(pump(node_read, redis_write, flows.subscribe(), |f| f.up));
-                tokio::spawn(pump(redis_read, node_write, flows.subscribe(), |f| f.down));
+                let up = flows.subscribe();
+                tokio::spawn(pump(
+                    node_read,
+                    redis_write,
+                    up,
+                    |f| f.up,
+                    Some(traps.clone()),
+                ));
+                tokio::spawn(pump(
+                    redis_read,
+                    node_write,
+                    flows.subscribe(),
+                    |f| f.down,
+                    None,
+                ));
             }
         });
-        Proxy { addr, flow }
+        Proxy { addr, flow, trap }
     }
 
     /// `redis://` URL of the proxy.
     pub fn url(&self) -> String {
         format!("redis://{}", self.addr)
+    }
+
+    /// Holds the next bytes from a node that contain `pattern` (and all
+    /// that follow on that connection) for `stall` before forwarding them:
+    /// one command stalled as a Redis busy for a moment stalls it.
+    pub fn stall_next(&self, pattern: &[u8], stall: Duration) {
+        *self.trap.lock().unwrap() = Some((pattern.to_vec(), stall));
     }
 
     /// Forwards node to Redis (`up`) and Redis to node (`down`) or not.
@@ -69,6 +97,7 @@ async fn pump(
     mut to: OwnedWriteHalf,
     mut flow: watch::Receiver<Flow>,
     open: fn(&Flow) -> bool,
+    trap: Option<Trap>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -82,6 +111,16 @@ async fn pump(
             }
             Ok(n) => n,
         };
+        let stall = trap.as_ref().and_then(|t| {
+            let mut armed = t.lock().unwrap();
+            let hit = armed
+                .as_ref()
+                .is_some_and(|(p, _)| buf[..n].windows(p.len()).any(|w| w == p));
+            hit.then(|| armed.take().map(|(_, d)| d)).flatten()
+        });
+        if let Some(stall) = stall {
+            tokio::time::sleep(stall).await;
+        }
         // Read just before a cut: held until the link is back.
         if flow.wait_for(open).await.is_err() {
             return;

@@ -71,7 +71,7 @@ pub fn split(bytes: &[u8], binary: bool) -> Framed {
 pub enum Got {
     /// A push, framed.
     Push(Framed),
-    /// A control frame (`welcome`, `pong`, `recovered`).
+    /// A control frame (`welcome`, `pong`, `recovered`, `position`).
     Control(Value),
     /// A close frame: code (1005 when none) and reason.
     Closed(u16, String),
@@ -189,21 +189,47 @@ impl Recovering {
         assert_eq!(welcome["resumed"], true, "{welcome}");
     }
 
+    /// Sends a normal close on the current connection (the client goes
+    /// away, keeping its token and positions).
+    pub async fn leave(&mut self) {
+        use futures_util::SinkExt;
+        let _ = self.client.ws.close(None).await;
+        let _ = self.client.ws.flush().await;
+    }
+
     /// The next thing, within [`WAIT`]; a push's position is kept.
     pub async fn next(&mut self) -> Got {
         self.next_within(WAIT).await
     }
 
-    /// The next thing, within `limit`; a push's position is kept.
+    /// The next thing, within `limit`; a push's position, or a
+    /// `position` frame's, is kept.
     pub async fn next_within(&mut self, limit: Duration) -> Got {
         let got = next_within(&mut self.client, limit).await;
-        if let Got::Push(p) = &got {
-            if !p.stream().is_empty() {
-                self.pos
-                    .insert(p.stream().to_owned(), (p.epoch(), p.offset()));
+        match &got {
+            Got::Push(p) if !p.stream().is_empty() => {
+                self.keep(p.stream(), p.epoch(), p.offset());
             }
+            Got::Control(v) if v["type"] == "position" => {
+                let (s, e, o) = (v["s"].as_str(), v["e"].as_str(), v["o"].as_u64());
+                let (s, e, o) = (s.unwrap(), e.unwrap(), o.unwrap());
+                self.keep(s, e.to_owned(), o);
+            }
+            _ => {}
         }
         got
+    }
+
+    /// Keeps a position, never moving back within an epoch (a `position`
+    /// frame may come after a live push it was read before).
+    fn keep(&mut self, stream: &str, epoch: String, offset: u64) {
+        let back = self
+            .pos
+            .get(stream)
+            .is_some_and(|(e, o)| *e == epoch && *o > offset);
+        if !back {
+            self.pos.insert(stream.to_owned(), (epoch, offset));
+        }
     }
 
     /// The next thing, which must be a push.

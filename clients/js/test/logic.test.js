@@ -2,7 +2,7 @@
 // (the browser tests, tests/browser.rs, run it against real nodes).
 import { test, mock, beforeEach, afterEach } from 'node:test';
 import assert from 'node:assert/strict';
-import { backoff, closeReason, splitFrame, track, encodePos, tokenExpired, connect } from '../gatecast.js';
+import { backoff, closeReason, splitFrame, track, place, encodePos, tokenExpired, connect } from '../gatecast.js';
 
 class FakeWS {
   static all = [];
@@ -347,6 +347,67 @@ test('recovery: positions and token kept in storage, resumed with them, duplicat
   assert.deepEqual(again.messages, [['two', { stream: 'g:r', epoch: 'E', offset: 2 }]]);
   assert.deepEqual(ev2, [['recovered', { resumed: true, streams: { 'g:r': true } }]]);
   assert.equal(JSON.parse(storage.getItem('gatecast:ws://gw.test/ws')).resume, 'tok2');
+});
+
+test('positions told by the server: kept, never moved back within an epoch, never a reason to drop a push', () => {
+  const pos = {};
+  const seen = {};
+  assert.ok(place(pos, 'u:a', 'E', 4));
+  assert.ok(!place(pos, 'u:a', 'E', 3), 'not back within the epoch');
+  assert.ok(place(pos, 'u:a', 'F', 1), 'a new epoch replaces it');
+  assert.ok(!place(pos, 'u:a', 'F', -1) && !place(pos, 7, 'F', 2) && !place(pos, 'u:a', null, 2));
+  assert.deepEqual(pos, { 'u:a': ['F', 1] });
+  // A push below the told position is new to this page: kept, and the
+  // position stays where it was told.
+  assert.ok(track(pos, { s: 'u:a', e: 'F', o: 1 }, seen));
+  assert.ok(!track(pos, { s: 'u:a', e: 'F', o: 1 }, seen), 'a push seen twice is dropped');
+  assert.ok(track(pos, { s: 'u:a', e: 'F', o: 2 }, seen));
+  assert.deepEqual(pos, { 'u:a': ['F', 2] });
+  assert.deepEqual(seen, { 'u:a': ['F', 2] });
+});
+
+test('recovery: a position frame is kept, sent on resume, and survives its stream said not recovered', async () => {
+  const storage = new MemoryStorage();
+  const { c, messages } = client({ recover: true, storage, storageKey: 'k' });
+  const events = [];
+  c.on('recovered', (e) => events.push(['recovered', e]));
+  c.on('discontinuity', (e) => events.push(['discontinuity', e]));
+  await flush();
+  last().welcome(ID1, { resume: 't1' });
+  // Bound to u:a, whose history is at 5: told so.
+  last().msg('{"type":"position","s":"u:a","e":"E","o":5}');
+  // A live push read before the position was told still comes through.
+  last().msg('{"s":"u:a","e":"E","o":5}\nfive');
+  assert.deepEqual(messages, [['five', { stream: 'u:a', epoch: 'E', offset: 5 }]]);
+  assert.deepEqual(JSON.parse(storage.getItem('k')).pos, { 'u:a': ['E', 5] });
+  last().shut(1006);
+  mock.timers.tick(10000);
+  await flush();
+  assert.deepEqual(JSON.parse(Buffer.from(last().url.searchParams.get('pos'), 'base64url')), { 'u:a': ['E', 5] });
+  last().welcome(ID2, { resume: 't2', resumed: true });
+  last().msg('{"s":"u:a","e":"E","o":6}\nsix');
+  // g:b keeps history but was never named: told where it stands, and not recovered.
+  last().msg('{"type":"position","s":"g:b","e":"G","o":9}');
+  last().msg('{"type":"recovered","streams":{"u:a":true,"g:b":false}}');
+  assert.deepEqual(events, [
+    ['recovered', { resumed: true, streams: { 'u:a': true, 'g:b': false } }],
+    ['discontinuity', { resumed: true, streams: ['g:b'] }],
+  ]);
+  assert.deepEqual(JSON.parse(storage.getItem('k')).pos, { 'u:a': ['E', 6], 'g:b': ['G', 9] });
+});
+
+test('recovery: a resume with a token and no positions hears only the server\'s recovered', async () => {
+  const storage = new MemoryStorage();
+  storage.setItem('k', JSON.stringify({ resume: 't' }));
+  const { c } = client({ recover: true, storage, storageKey: 'k' });
+  const events = [];
+  c.on('recovered', (e) => events.push(e));
+  await flush();
+  assert.equal(last().url.searchParams.get('pos'), null);
+  last().welcome(ID1, { resume: 't2', resumed: true });
+  assert.deepEqual(events, []);
+  last().msg('{"type":"recovered","streams":{}}');
+  assert.deepEqual(events, [{ resumed: true, streams: {} }]);
 });
 
 test('recovery: a stream not recovered, or resumed:false, is a discontinuity', async () => {

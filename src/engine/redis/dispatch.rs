@@ -110,7 +110,11 @@ impl Shared {
         tracing::warn!(?channel, reason, "skipped a malformed message from redis");
     }
 
-    fn dispatch(&self, channel: Channel<'_>, e: EnvelopeRef<'_>) -> Result<(), &'static str> {
+    fn dispatch(
+        self: &Arc<Self>,
+        channel: Channel<'_>,
+        e: EnvelopeRef<'_>,
+    ) -> Result<(), &'static str> {
         match (channel, e.op) {
             (_, Op::Push) => self.deliver_now(channel, &e),
             (Channel::Node(_) | Channel::Reply(_), Op::Reply) => {

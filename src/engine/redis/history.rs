@@ -418,6 +418,11 @@ pub enum Gate {
 const MAX_TRACKED: usize = 200_000;
 
 impl Gaps {
+    /// The runtime repairs (and other work of the dispatcher) run on.
+    pub fn runtime(&self) -> Option<&tokio::runtime::Handle> {
+        self.runtime.get()
+    }
+
     /// Remembers the runtime repairs are spawned on.
     pub fn set_runtime(&self, handle: tokio::runtime::Handle) {
         let _ = self.runtime.set(handle);

@@ -3,6 +3,9 @@
 //! answered once its batch is written; one for another node's connection
 //! is a command to that node ([`super::rpc`]).
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use fred::prelude::*;
 
 use super::envelope::{Envelope, EnvelopeRef, Op};
@@ -10,10 +13,17 @@ use super::mirror::Follow;
 use super::Shared;
 use crate::engine::{EngineError, EngineResult};
 use crate::ids::ClientId;
+use crate::recovery::framing::{self, PositionRef};
+use crate::recovery::history::{group_stream, uid_stream, TOP_ONLY};
 use crate::session::{Session, SessionError};
 
 /// Why a change to this node's connection answers 503 while Redis is away.
 const KEPT: &str = "redis is not connected: applied on this node, written to redis when it is back";
+
+/// Longest a `position` frame may take to be told after a bind or join
+/// (the channel followed, the stream's top read); past it, none is sent
+/// and the client's next resume says the stream was not recovered.
+const TELL_WITHIN: Duration = Duration::from_secs(10);
 
 /// One change of one connection's membership or session.
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +101,7 @@ impl Shared {
     /// Changes that changed nothing are mirrored anyway where cheap: the
     /// writes are idempotent, and a retry repairs what a failure left.
     pub(super) fn apply(
-        &self,
+        self: &Arc<Self>,
         id: ClientId,
         change: Change,
     ) -> Result<Option<Vec<Follow>>, SessionError> {
@@ -101,14 +111,19 @@ impl Shared {
                 let Some(previous) = hub.bind_uid(id, &uid) else {
                     return Ok(None);
                 };
+                if previous.as_deref() != Some(uid.as_str()) {
+                    self.tell_position(id, Follow::Uid(uid.clone()));
+                }
                 let mut follows = vec![Follow::Uid(uid.clone())];
                 follows.extend(previous.filter(|p| *p != uid).map(Follow::Uid));
                 Some(follows)
             }
             Change::UnbindUid(uid) => hub.unbind_uid(id, &uid).then(|| vec![Follow::Uid(uid)]),
             Change::JoinGroup(group) => {
-                if hub.join_group(id, &group).is_none() {
-                    return Ok(None);
+                match hub.join_group(id, &group) {
+                    None => return Ok(None),
+                    Some(true) => self.tell_position(id, Follow::Group(group.clone())),
+                    Some(false) => {}
                 }
                 Some(vec![Follow::Group(group)])
             }
@@ -132,7 +147,11 @@ impl Shared {
     /// Runs a change where the connection lives and waits until it is
     /// mirrored: when this returns, the owner follows the channels the
     /// change needs, so a push sent next reaches the connection.
-    pub(super) async fn command(&self, id: ClientId, change: Change) -> EngineResult<()> {
+    pub(super) async fn command(
+        self: &Arc<Self>,
+        id: ClientId,
+        change: Change,
+    ) -> EngineResult<()> {
         if !self.is_local(id) {
             // Refused before anything changes when Redis is away.
             self.check()?;
@@ -142,6 +161,45 @@ impl Shared {
             Some(follows) => self.mirrored([id], follows).await,
             None => Ok(()),
         }
+    }
+
+    /// Tells the connection `id`, when it opted in to recovery, where it
+    /// stands in the stream it just became a member of, if that stream
+    /// keeps history (docs/recovery.md, the `position` frame): read once
+    /// the node follows the stream's channel, so every push after the
+    /// position reaches it live. Without it, a first push on the stream
+    /// missed while it is away could not be named when it resumes.
+    fn tell_position(self: &Arc<Self>, id: ClientId, follow: Follow) {
+        let stream = match &follow {
+            Follow::Uid(u) => uid_stream(u),
+            Follow::Group(g) => group_stream(g),
+        };
+        if self.hub.framed_member(id, &stream).is_none() {
+            return;
+        }
+        let Some(runtime) = self.gaps.runtime() else {
+            return;
+        };
+        let s = self.clone();
+        runtime.spawn(async move {
+            let told = tokio::time::timeout(TELL_WITHIN, async {
+                s.mirror.flush([], [follow]).await.ok()?;
+                let read = s.history_since(&stream, TOP_ONLY).await.ok()?;
+                let epoch = read.epoch.as_deref()?;
+                // Still a member (it may have left meanwhile).
+                let outbox = s.hub.framed_member(id, &stream)?;
+                let frame = framing::position(PositionRef {
+                    stream: &stream,
+                    epoch,
+                    offset: read.top,
+                });
+                let _ = outbox.push(frame, &s.hub.limits().one_more());
+                Some(())
+            });
+            if told.await.is_err() {
+                tracing::debug!(client_id = %id, %stream, "position not told in time");
+            }
+        });
     }
 
     /// Waits until changes already applied to this node's connections are

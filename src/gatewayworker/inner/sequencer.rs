@@ -303,9 +303,13 @@ fn split_kept(prefixes: &[String], target: &Target) -> (Option<Target>, Option<T
 
 fn deliver_here(gw: &Gateway, target: &Target, exclude: &[ClientId], p: &Packet, frame: &Bytes) {
     let encode = || frame.clone();
-    // A raw body is whole frames already: sent as given, framed or not.
+    // A raw body is whole frames already: sent as given, and to connections
+    // that opted in to recovery each message of it with the header `{}`.
     let framed = || match p.is_raw() {
-        true => frame.clone(),
+        true => framing::reframe(frame).unwrap_or_else(|| {
+            tracing::debug!("a raw inner push is not whole frames: sent as given");
+            frame.clone()
+        }),
         false => framing::encode(is_binary(&p.body), None, &p.body),
     };
     let frames = Frames {
