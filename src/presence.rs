@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::events::{Detail, Event, PresenceChange};
 use crate::gateway::Gateway;
+use crate::gatewayworker::php::session_to_php;
 use crate::gatewayworker::workers::{Event as WorkerEvent, Route};
 use crate::hub::Hub;
 use crate::ids::{ClientId, NodeId};
@@ -248,16 +249,14 @@ pub async fn deliver(
             // channel never closes by itself.
             () = stop.cancelled() => return,
         };
-        let Some(events) = &gw.events else { continue };
         let event = match notice {
             Notice::Presence { change, name, seq } => {
                 // BusinessWorkers hear it too, as gatecast's command 241.
                 let mut body = serde_json::json!({"type": change.kind(), "seq": seq});
                 body[change.field()] = serde_json::json!(name);
                 let body = body.to_string();
-                let route = Route::new(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
                 gw.workers.send(
-                    &route,
+                    &nowhere(),
                     ClientId::new(node, 0),
                     WorkerEvent::Presence(body.as_bytes()),
                     Vec::new,
@@ -273,10 +272,30 @@ pub async fn deliver(
                 client_id,
                 uid,
                 session,
-            } => Event::new(client_id, uid, session, Detail::Close),
+            } => {
+                // BusinessWorkers hear it as the dead node would have told
+                // them: onClose of its client_id, with its last session.
+                gw.workers
+                    .send(&nowhere(), client_id, WorkerEvent::Close, || {
+                        if session.is_empty() {
+                            Vec::new()
+                        } else {
+                            session_to_php(&session)
+                        }
+                    });
+                Event::new(client_id, uid, session, Detail::Close)
+            }
         };
+        let Some(events) = &gw.events else { continue };
         events.emit_wait(event, &gw.metrics, WAIT).await;
     }
+}
+
+/// The route of an event that is about no connection of this node (a
+/// presence transition, a purged connection): any worker takes it, and
+/// the client's address is unknown.
+fn nowhere() -> Route {
+    Route::new(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// Longest wait for room in the events queue, per notice (a purge of a

@@ -74,8 +74,8 @@ fn nodes(server: &RedisServer, n: usize, grace: &str) -> Vec<Node> {
         .collect()
 }
 
-/// Waits until each node's events reach the stream: a node is ready before
-/// its events connection is up, and drops the events of that moment.
+/// Waits until each node's events reach the stream (a node is ready before
+/// its events connection is up; its writer waits for it, bounded).
 async fn events_flowing(nodes: &[Node], redis: &fred::clients::Client) {
     common::ready(nodes).await;
     for node in nodes {
