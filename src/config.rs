@@ -765,16 +765,6 @@ impl Config {
         if (presence.uid || presence.group) && !self.events {
             return Err("--presence-events needs --events".into());
         }
-        let cluster = self
-            .redis_url
-            .as_ref()
-            .is_some_and(|u| u.expose().contains("-cluster://"));
-        if (presence.uid || presence.group) && cluster {
-            return Err(
-                "--presence-events is not supported on Redis Cluster (its counters span slots)"
-                    .into(),
-            );
-        }
         Ok(())
     }
 
