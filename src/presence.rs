@@ -22,7 +22,7 @@ use crate::session::Session;
 pub const QUEUE: usize = 10_000;
 
 /// Which presence events are on.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PresenceSettings {
     /// online / offline of uids.
     pub uid: bool,
@@ -30,6 +30,9 @@ pub struct PresenceSettings {
     pub group: bool,
     /// `--presence-grace`.
     pub grace: Duration,
+    /// `--presence-prefixes`: only uids and groups whose name starts with
+    /// one of these have events (empty: all).
+    pub prefixes: Vec<String>,
 }
 
 impl PresenceSettings {
@@ -38,14 +41,26 @@ impl PresenceSettings {
         self.uid || self.group
     }
 
-    /// The flags the scripts take: `u`, `g`, `ug` or `` (off).
-    pub fn flags(&self) -> &'static str {
-        match (self.uid, self.group) {
+    /// Whether `name` (a uid or a group) has events, by its prefix.
+    pub fn watches(&self, name: &str) -> bool {
+        self.prefixes.is_empty() || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
+    }
+
+    /// The flags the scripts take: `u`, `g`, `ug` or `` (off), then the
+    /// prefixes, each after a newline (presence.lua splits them off).
+    pub fn flags(&self) -> String {
+        let kinds = match (self.uid, self.group) {
             (true, true) => "ug",
             (true, false) => "u",
             (false, true) => "g",
             (false, false) => "",
+        };
+        let mut flags = kinds.to_owned();
+        for prefix in &self.prefixes {
+            flags.push('\n');
+            flags.push_str(prefix);
         }
+        flags
     }
 }
 
@@ -122,8 +137,8 @@ impl LocalPresence {
     /// Presence from the hub, as `settings` say, to `notices`.
     pub fn new(settings: PresenceSettings, notices: Option<Notices>) -> Self {
         LocalPresence {
-            settings,
             notices: notices.filter(|_| settings.any()),
+            settings,
             state: Default::default(),
         }
     }
@@ -150,6 +165,9 @@ impl LocalPresence {
             }
         };
         if (uid && !self.settings.uid) || (!uid && !self.settings.group) {
+            return;
+        }
+        if !self.settings.watches(name) {
             return;
         }
         let (on, off) = if uid {

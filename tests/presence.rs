@@ -411,6 +411,14 @@ async fn racing_a_thousand_clients_of_one_uid_for_30_s() {
     race(&server.url(), 1000, 30).await;
 }
 
+/// The same on a real Redis Cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full size of the race: about a minute"]
+async fn on_redis_cluster_racing_a_thousand_clients_of_one_uid_for_30_s() {
+    let cluster = common::redis::RedisCluster::start();
+    race(&cluster.url(), 1000, 30).await;
+}
+
 /// On Redis Cluster (three masters): the same exactness, the counts kept
 /// under one hash tag per instance of a node (presence_hold.lua).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,6 +431,74 @@ async fn on_redis_cluster_a_killed_node_s_uids_go_offline_once() {
 async fn on_redis_cluster_racing_clients_of_one_uid_alternate_and_end_true() {
     let cluster = common::redis::RedisCluster::start();
     race(&cluster.url(), 200, 8).await;
+}
+
+/// `--presence-prefixes`: only uids and groups named with one of the
+/// prefixes have events, and the others cost no presence work in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_names_with_a_watched_prefix_have_presence_events() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let nodes: Vec<Node> = (0..2)
+        .map(|_| {
+            Node::start(&[
+                "--redis-url",
+                &url,
+                "--node-heartbeat",
+                "1s",
+                "--events",
+                "--presence-events",
+                "uid,group",
+                "--presence-grace",
+                "0s",
+                "--presence-prefixes",
+                "room:,vip:",
+            ])
+        })
+        .collect();
+    let redis = redis_client(&server).await;
+    events_flowing(&nodes, &redis).await;
+    let a = Client::connect(&nodes[0].ws_url("")).await;
+    let b = Client::connect(&nodes[1].ws_url("")).await;
+    bind(&nodes[1], &a, "vip:ann").await;
+    bind(&nodes[0], &b, "bob").await;
+    for (c, group) in [(&a, "room:1"), (&b, "lobby"), (&b, "vip:lounge")] {
+        nodes[1]
+            .ok("join_group", json!({"client_id": c.id, "group": group}))
+            .await;
+    }
+    within("watched names online", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 3
+    })
+    .await;
+    a.close().await;
+    b.close().await;
+    within("watched names offline", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut got: Vec<(String, String)> = events(&redis, &PRESENCE)
+        .await
+        .iter()
+        .map(|e| {
+            let name = [field(e, "uid"), field(e, "group")].concat();
+            (field(e, "type"), name)
+        })
+        .collect();
+    got.sort();
+    let want = [
+        ("occupied", "room:1"),
+        ("occupied", "vip:lounge"),
+        ("offline", "vip:ann"),
+        ("online", "vip:ann"),
+        ("vacated", "room:1"),
+        ("vacated", "vip:lounge"),
+    ];
+    assert_eq!(got, want.map(|(k, n)| (k.to_owned(), n.to_owned())));
+    // No counter was ever kept for bob or lobby.
+    let stats = commandstats(&server);
+    assert_eq!(stats.get("hincrby"), Some(&6), "{stats:?}");
 }
 
 /// The in-process engine decides the same from its hub, to the webhook.
@@ -538,23 +614,45 @@ fn commandstats(server: &RedisServer) -> HashMap<String, u64> {
         .collect()
 }
 
-/// The extra Redis work of presence events per connect + bind + join and
-/// per close (docs/benchmarks.md): none when off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
-    const N: usize = 200;
+/// Redis commands of all `servers` by name, summed.
+fn commandstats_of(servers: &[&RedisServer]) -> HashMap<String, u64> {
+    let mut all = HashMap::new();
+    for server in servers {
+        for (name, calls) in commandstats(server) {
+            *all.entry(name).or_insert(0) += calls;
+        }
+    }
+    all
+}
+
+type Measured = (bool, HashMap<String, u64>, HashMap<String, u64>);
+
+/// Redis commands (summed over every server) for `N` clients, each with a
+/// uid and a group of its own, bound and joined through the other node,
+/// then closed; presence off, then on (`--presence-grace 0s`).
+async fn measure(cluster: bool, n: usize) -> Vec<Measured> {
     let mut measured = Vec::new();
     for on in [false, true] {
-        let server = RedisServer::start();
-        let url = server.url();
+        let single = (!cluster).then(RedisServer::start);
+        let many = cluster.then(common::redis::RedisCluster::start);
+        let (url, servers): (String, Vec<&RedisServer>) = match (&single, &many) {
+            (Some(s), _) => (s.url(), vec![s]),
+            (_, Some(c)) => (c.url(), c.servers.iter().collect()),
+            _ => unreachable!(),
+        };
+        let resetstat = || {
+            for s in &servers {
+                s.cli(&["CONFIG", "RESETSTAT"]);
+            }
+        };
         let mut args = vec!["--redis-url", &url, "--node-heartbeat", "1s", "--events"];
         if on {
             args.extend(["--presence-events", "uid,group", "--presence-grace", "0s"]);
         }
         let nodes: Vec<Node> = (0..2).map(|_| Node::start(&args)).collect();
         common::ready(&nodes).await;
-        server.cli(&["CONFIG", "RESETSTAT"]);
-        let clients = common::connect_many(&nodes[0].ws_url(""), N).await;
+        resetstat();
+        let clients = common::connect_many(&nodes[0].ws_url(""), n).await;
         for (i, c) in clients.iter().enumerate() {
             bind(&nodes[1], c, &format!("u{i}")).await;
             nodes[1]
@@ -565,11 +663,11 @@ async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
                 .await;
         }
         within("all mirrored", Duration::from_secs(20), || async {
-            nodes[1].ok("get_all_uid_count", json!({})).await == json!(N)
+            nodes[1].ok("get_all_uid_count", json!({})).await == json!(n)
         })
         .await;
-        let joined = commandstats(&server);
-        server.cli(&["CONFIG", "RESETSTAT"]);
+        let joined = commandstats_of(&servers);
+        resetstat();
         for c in clients {
             c.close().await;
         }
@@ -577,24 +675,61 @@ async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
             nodes[1].ok("get_all_client_count", json!({})).await == json!(0)
         })
         .await;
-        let closed = commandstats(&server);
+        let closed = commandstats_of(&servers);
         measured.push((on, joined, closed));
     }
-    let get = |m: &HashMap<String, u64>, c: &str| m.get(c).copied().unwrap_or(0);
     for (on, joined, closed) in &measured {
-        eprintln!("presence {on}: per connect+bind+join: {joined:?}");
-        eprintln!("presence {on}: per close: {closed:?}");
+        eprintln!("cluster {cluster}, presence {on}: per connect+bind+join: {joined:?}");
+        eprintln!("cluster {cluster}, presence {on}: per close: {closed:?}");
     }
+    measured
+}
+
+fn calls(m: &HashMap<String, u64>, command: &str) -> u64 {
+    m.get(command).copied().unwrap_or(0)
+}
+
+/// The extra Redis work of presence events per connect + bind + join and
+/// per close (docs/benchmarks.md): none when off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
+    const N: usize = 200;
+    let measured = measure(false, N).await;
     let (_, off_joined, off_closed) = &measured[0];
     for command in ["hincrby", "zrem", "zadd", "time"] {
-        assert_eq!(get(off_joined, command), 0, "{command} with presence off");
-        assert_eq!(get(off_closed, command), 0, "{command} with presence off");
+        assert_eq!(calls(off_joined, command), 0, "{command} with presence off");
+        assert_eq!(calls(off_closed, command), 0, "{command} with presence off");
     }
     let (_, on_joined, on_closed) = &measured[1];
     // One counter per uid and per group, each counted once per change of
     // a node's holding, not per rewrite.
-    assert_eq!(get(on_joined, "hincrby"), 2 * N as u64);
-    assert_eq!(get(on_closed, "hincrby"), 2 * N as u64);
+    assert_eq!(calls(on_joined, "hincrby"), 2 * N as u64);
+    assert_eq!(calls(on_closed, "hincrby"), 2 * N as u64);
+}
+
+/// The same on Redis Cluster: the same counts, and at most one more script
+/// call per partition write (the report of its changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_presence_counts_once_per_change() {
+    const N: usize = 200;
+    let measured = measure(true, N).await;
+    let (_, off_joined, off_closed) = &measured[0];
+    assert_eq!(
+        calls(off_joined, "hincrby") + calls(off_closed, "hincrby"),
+        0
+    );
+    let (_, on_joined, on_closed) = &measured[1];
+    assert_eq!(calls(on_joined, "hincrby"), 2 * N as u64);
+    assert_eq!(calls(on_closed, "hincrby"), 2 * N as u64);
+    // Reports are batched per round of writes: never more than one per
+    // partition write, whatever the names it carried.
+    for (off, on) in [(off_joined, on_joined), (off_closed, on_closed)] {
+        let extra = calls(on, "evalsha").saturating_sub(calls(off, "evalsha"));
+        assert!(
+            extra <= calls(off, "evalsha") + 50,
+            "{extra} more script calls"
+        );
+    }
 }
 
 /// BusinessWorkers hear presence too: gatecast's command 241 with the

@@ -266,13 +266,13 @@ impl Shared {
             // scripts collect (see presence::Holds).
             return [
                 format!("{}:{{pr}}", self.keys.prefix()),
-                format!("{}c", p.flags()),
+                format!("c{}", p.flags()),
                 p.grace.as_millis().to_string(),
             ];
         }
         [
             format!("{}:pr", self.keys.prefix()),
-            p.flags().into(),
+            p.flags(),
             p.grace.as_millis().to_string(),
         ]
     }

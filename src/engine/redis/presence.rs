@@ -186,11 +186,12 @@ impl Holds {
 
 /// The arguments every presence_hold call starts with.
 fn hold_args(s: &Shared, mode: &str) -> Vec<String> {
-    let [base, flags, grace] = s.presence_args();
+    let [base, _, grace] = s.presence_args();
     let ttl = (s.settings.heartbeat * 2).as_millis().to_string();
     vec![
         base,
-        flags.replace('c', ""),
+        // Counting, not collecting.
+        s.settings.presence.flags(),
         grace,
         s.instance.clone(),
         mode.to_owned(),
@@ -252,7 +253,12 @@ async fn sync(s: &Shared) -> Result<(), fred::error::Error> {
         }
         let key = s.keys.partition_key(s.node, set, "");
         let names: Vec<String> = s.redis.client.smembers(key).await?;
-        args.extend(names.into_iter().map(|n| format!("{kind}:{n}")));
+        args.extend(
+            names
+                .into_iter()
+                .filter(|n| p.watches(n))
+                .map(|n| format!("{kind}:{n}")),
+        )
     }
     hold(s, args).await.map(|_| ())
 }

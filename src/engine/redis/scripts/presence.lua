@@ -18,14 +18,36 @@
 -- keeps every key of presence under one hash tag ('<prefix>:{pr}') and
 -- counts per process instead (see there).
 local PRESENCE_BASE, PRESENCE_FLAGS, PRESENCE_GRACE = '', '', 0
+local PRESENCE_PREFIXES = {}
 local PRESENCE_OUT = {}
 
+-- flags: 'u' and / or 'g' (and 'c', collect), then the name prefixes
+-- (--presence-prefixes), each after a newline: only names starting with
+-- one of them count (none: every name).
 local function presence_init(base, flags, grace)
-  PRESENCE_BASE, PRESENCE_FLAGS, PRESENCE_GRACE = base or '', flags or '', tonumber(grace) or 0
+  PRESENCE_BASE, PRESENCE_GRACE = base or '', tonumber(grace) or 0
+  flags = flags or ''
+  local cut = string.find(flags, '\n', 1, true)
+  PRESENCE_FLAGS = flags
+  if cut then
+    PRESENCE_FLAGS = string.sub(flags, 1, cut - 1)
+    for prefix in string.gmatch(string.sub(flags, cut + 1), '[^\n]+') do
+      PRESENCE_PREFIXES[#PRESENCE_PREFIXES + 1] = prefix
+    end
+  end
 end
 
-local function presence_on(kind)
+local function presence_watches(name)
+  if #PRESENCE_PREFIXES == 0 then return true end
+  for _, prefix in ipairs(PRESENCE_PREFIXES) do
+    if string.sub(name, 1, #prefix) == prefix then return true end
+  end
+  return false
+end
+
+local function presence_on(kind, name)
   return PRESENCE_BASE ~= '' and string.find(PRESENCE_FLAGS, kind, 1, true) ~= nil
+    and presence_watches(name)
 end
 
 local function presence_collects()
@@ -58,7 +80,7 @@ end
 
 -- A partition now holds `name`.
 local function presence_came(kind, name)
-  if not presence_on(kind) then return end
+  if not presence_on(kind, name) then return end
   if presence_collects() then return presence_collect('>', kind, name) end
   local key = string.format('%s:%s:%s', PRESENCE_BASE, kind, name)
   if redis.call('HINCRBY', key, 'n', 1) ~= 1 then return end
@@ -69,7 +91,7 @@ end
 
 -- A partition no longer holds `name`.
 local function presence_went(kind, name)
-  if not presence_on(kind) then return end
+  if not presence_on(kind, name) then return end
   if presence_collects() then return presence_collect('<', kind, name) end
   local key = string.format('%s:%s:%s', PRESENCE_BASE, kind, name)
   local n = redis.call('HINCRBY', key, 'n', -1)
