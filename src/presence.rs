@@ -341,4 +341,23 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn prefixes_narrow_the_names_and_ride_after_the_flags() {
+        let settings = PresenceSettings {
+            uid: true,
+            group: true,
+            grace: Duration::ZERO,
+            prefixes: vec!["room:".into(), "vip:".into()],
+        };
+        assert!(settings.watches("vip:ann") && settings.watches("room:7"));
+        assert!(!settings.watches("bob") && !settings.watches("lobby"));
+        assert_eq!(settings.flags(), "ug\nroom:\nvip:");
+        let all = PresenceSettings {
+            uid: true,
+            ..Default::default()
+        };
+        assert!(all.watches("anyone"));
+        assert_eq!(all.flags(), "u");
+    }
 }
