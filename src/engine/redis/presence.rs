@@ -79,13 +79,14 @@ pub fn cleared(answer: Value) -> (i64, Vec<Notice>) {
 
 /// How often the due offline / vacated transitions are polled: a tenth of
 /// the grace, between 100 ms and 1 s. On Redis Cluster the poll also
-/// keeps this instance alive ([`Holds`]): without a grace, every quarter
-/// heartbeat.
-fn poll_every(grace: Duration, heartbeat: Duration) -> Duration {
-    let every = if grace.is_zero() {
-        heartbeat / 4
-    } else {
-        grace / 10
+/// keeps this instance alive ([`Holds`]): at least every quarter
+/// heartbeat, eight polls per liveness TTL, so a live instance is not
+/// taken for a dead one for a late poll or two.
+fn poll_every(grace: Duration, heartbeat: Duration, cluster: bool) -> Duration {
+    let every = match (grace.is_zero(), cluster) {
+        (true, _) => heartbeat / 4,
+        (false, true) => (grace / 10).min(heartbeat / 4),
+        (false, false) => grace / 10,
     };
     every.clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
@@ -106,8 +107,11 @@ pub fn clustered(s: &Shared) -> bool {
 /// script hands each to one of them.
 pub async fn run(s: Arc<Shared>) {
     let base = s.presence_args()[0].clone();
-    let mut tick =
-        tokio::time::interval(poll_every(s.settings.presence.grace, s.settings.heartbeat));
+    let mut tick = tokio::time::interval(poll_every(
+        s.settings.presence.grace,
+        s.settings.heartbeat,
+        clustered(&s),
+    ));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failures = Throttle::default();
     loop {
