@@ -501,6 +501,44 @@ async fn only_names_with_a_watched_prefix_have_presence_events() {
     assert_eq!(stats.get("hincrby"), Some(&6), "{stats:?}");
 }
 
+/// Redis Cluster loses the presence slot's keys (a failover to a replica
+/// far behind): each node finds at its next poll that its process is no
+/// longer counted and reports its names again, so what it holds is
+/// announced once more and its last connection going still brings the
+/// offline (without the sync no count would be left to go to 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_a_node_reports_its_names_again_after_presence_keys_are_lost() {
+    let cluster = common::redis::RedisCluster::start();
+    let url = cluster.url();
+    let nodes = nodes_on(&url, 2, "0s");
+    let redis = redis_client_url(&url).await;
+    events_flowing(&nodes, &redis).await;
+    let c = Client::connect(&nodes[0].ws_url("")).await;
+    bind(&nodes[1], &c, "zoe").await;
+    within("online", Duration::from_secs(10), || async {
+        events(&redis, &["online"]).await.len() == 1
+    })
+    .await;
+    let mut lost = 0;
+    for server in &cluster.servers {
+        let keys = server.cli(&["--scan", "--pattern", "gatecast:{pr}*"]);
+        for key in keys.lines().filter(|k| !k.is_empty()) {
+            server.cli(&["DEL", key]);
+            lost += 1;
+        }
+    }
+    assert!(lost >= 3, "the counter, the process's set and the live set");
+    within("zoe announced again", Duration::from_secs(10), || async {
+        events(&redis, &["online"]).await.len() == 2
+    })
+    .await;
+    c.close().await;
+    within("offline after all", Duration::from_secs(10), || async {
+        events(&redis, &["offline"]).await.len() == 1
+    })
+    .await;
+}
+
 /// The in-process engine decides the same from its hub, to the webhook.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_node_without_redis_posts_presence_to_the_webhook() {
@@ -794,8 +832,20 @@ async fn a_business_worker_hears_presence_as_command_241() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_whose_clients_come_back_within_the_grace_produces_no_event() {
     let server = RedisServer::start();
-    let mut nodes = nodes(&server, 2, "3s");
-    let redis = redis_client(&server).await;
+    drain(&server.url()).await;
+}
+
+/// The same on Redis Cluster: the drained node's process leaves (its names
+/// count down, pending their grace) and the client's new node cancels it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_a_drain_whose_clients_come_back_produces_no_event() {
+    let cluster = common::redis::RedisCluster::start();
+    drain(&cluster.url()).await;
+}
+
+async fn drain(url: &str) {
+    let mut nodes = nodes_on(url, 2, "3s");
+    let redis = redis_client_url(url).await;
     events_flowing(&nodes, &redis).await;
 
     let a = Client::connect(&nodes[0].ws_url("")).await;
