@@ -460,6 +460,17 @@ pub struct Config {
     #[arg(long, env = "GATECAST_PRESENCE_GRACE", default_value = "5s", value_parser = humantime::parse_duration)]
     pub presence_grace: Duration,
 
+    /// Only uids and groups whose name starts with one of these prefixes
+    /// have presence events, comma-separated (e.g. `room:,vip:`). Empty:
+    /// every name. Names outside cost no presence work in Redis.
+    #[arg(
+        long,
+        env = "GATECAST_PRESENCE_PREFIXES",
+        value_delimiter = ',',
+        default_value = ""
+    )]
+    pub presence_prefixes: Vec<String>,
+
     /// Log format.
     #[arg(long, env = "GATECAST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -765,15 +776,8 @@ impl Config {
         if (presence.uid || presence.group) && !self.events {
             return Err("--presence-events needs --events".into());
         }
-        let cluster = self
-            .redis_url
-            .as_ref()
-            .is_some_and(|u| u.expose().contains("-cluster://"));
-        if (presence.uid || presence.group) && cluster {
-            return Err(
-                "--presence-events is not supported on Redis Cluster (its counters span slots)"
-                    .into(),
-            );
+        if presence.prefixes.iter().any(|p| p.contains('\n')) {
+            return Err("--presence-prefixes: a prefix cannot hold a newline".into());
         }
         Ok(())
     }
@@ -785,6 +789,12 @@ impl Config {
             uid: on("uid"),
             group: on("group"),
             grace: self.presence_grace,
+            prefixes: self
+                .presence_prefixes
+                .iter()
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .collect(),
         }
     }
 

@@ -70,7 +70,7 @@ impl Gateway {
         let autoscale = crate::autoscale::Autoscale::from_config(&config);
         let partial = Arc::new(PartialBudget::new(config.max_partial_bytes));
         // `listen` is the bound address by now (port 0 resolved).
-        let workers = Workers::new(minter.node(), config.listen.port(), metrics.clone());
+        let workers = Workers::new(config.listen.port(), metrics.clone());
         Gateway {
             workers,
             config,

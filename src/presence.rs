@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::events::{Detail, Event, PresenceChange};
 use crate::gateway::Gateway;
+use crate::gatewayworker::php::session_to_php;
 use crate::gatewayworker::workers::{Event as WorkerEvent, Route};
 use crate::hub::Hub;
 use crate::ids::{ClientId, NodeId};
@@ -21,7 +22,7 @@ use crate::session::Session;
 pub const QUEUE: usize = 10_000;
 
 /// Which presence events are on.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct PresenceSettings {
     /// online / offline of uids.
     pub uid: bool,
@@ -29,6 +30,9 @@ pub struct PresenceSettings {
     pub group: bool,
     /// `--presence-grace`.
     pub grace: Duration,
+    /// `--presence-prefixes`: only uids and groups whose name starts with
+    /// one of these have events (empty: all).
+    pub prefixes: Vec<String>,
 }
 
 impl PresenceSettings {
@@ -37,14 +41,26 @@ impl PresenceSettings {
         self.uid || self.group
     }
 
-    /// The flags the scripts take: `u`, `g`, `ug` or `` (off).
-    pub fn flags(&self) -> &'static str {
-        match (self.uid, self.group) {
+    /// Whether `name` (a uid or a group) has events, by its prefix.
+    pub fn watches(&self, name: &str) -> bool {
+        self.prefixes.is_empty() || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
+    }
+
+    /// The flags the scripts take: `u`, `g`, `ug` or `` (off), then the
+    /// prefixes, each after a newline (presence.lua splits them off).
+    pub fn flags(&self) -> String {
+        let kinds = match (self.uid, self.group) {
             (true, true) => "ug",
             (true, false) => "u",
             (false, true) => "g",
             (false, false) => "",
+        };
+        let mut flags = kinds.to_owned();
+        for prefix in &self.prefixes {
+            flags.push('\n');
+            flags.push_str(prefix);
         }
+        flags
     }
 }
 
@@ -121,8 +137,8 @@ impl LocalPresence {
     /// Presence from the hub, as `settings` say, to `notices`.
     pub fn new(settings: PresenceSettings, notices: Option<Notices>) -> Self {
         LocalPresence {
-            settings,
             notices: notices.filter(|_| settings.any()),
+            settings,
             state: Default::default(),
         }
     }
@@ -149,6 +165,9 @@ impl LocalPresence {
             }
         };
         if (uid && !self.settings.uid) || (!uid && !self.settings.group) {
+            return;
+        }
+        if !self.settings.watches(name) {
             return;
         }
         let (on, off) = if uid {
@@ -248,16 +267,14 @@ pub async fn deliver(
             // channel never closes by itself.
             () = stop.cancelled() => return,
         };
-        let Some(events) = &gw.events else { continue };
         let event = match notice {
             Notice::Presence { change, name, seq } => {
                 // BusinessWorkers hear it too, as gatecast's command 241.
                 let mut body = serde_json::json!({"type": change.kind(), "seq": seq});
                 body[change.field()] = serde_json::json!(name);
                 let body = body.to_string();
-                let route = Route::new(std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
                 gw.workers.send(
-                    &route,
+                    &nowhere(),
                     ClientId::new(node, 0),
                     WorkerEvent::Presence(body.as_bytes()),
                     Vec::new,
@@ -273,10 +290,30 @@ pub async fn deliver(
                 client_id,
                 uid,
                 session,
-            } => Event::new(client_id, uid, session, Detail::Close),
+            } => {
+                // BusinessWorkers hear it as the dead node would have told
+                // them: onClose of its client_id, with its last session.
+                gw.workers
+                    .send(&nowhere(), client_id, WorkerEvent::Close, || {
+                        if session.is_empty() {
+                            Vec::new()
+                        } else {
+                            session_to_php(&session)
+                        }
+                    });
+                Event::new(client_id, uid, session, Detail::Close)
+            }
         };
+        let Some(events) = &gw.events else { continue };
         events.emit_wait(event, &gw.metrics, WAIT).await;
     }
+}
+
+/// The route of an event that is about no connection of this node (a
+/// presence transition, a purged connection): any worker takes it, and
+/// the client's address is unknown.
+fn nowhere() -> Route {
+    Route::new(std::net::SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// Longest wait for room in the events queue, per notice (a purge of a
@@ -303,5 +340,24 @@ mod tests {
                 seq: 18
             }
         );
+    }
+
+    #[test]
+    fn prefixes_narrow_the_names_and_ride_after_the_flags() {
+        let settings = PresenceSettings {
+            uid: true,
+            group: true,
+            grace: Duration::ZERO,
+            prefixes: vec!["room:".into(), "vip:".into()],
+        };
+        assert!(settings.watches("vip:ann") && settings.watches("room:7"));
+        assert!(!settings.watches("bob") && !settings.watches("lobby"));
+        assert_eq!(settings.flags(), "ug\nroom:\nvip:");
+        let all = PresenceSettings {
+            uid: true,
+            ..Default::default()
+        };
+        assert!(all.watches("anyone"));
+        assert_eq!(all.flags(), "u");
     }
 }

@@ -178,9 +178,9 @@ pub async fn run_with(
         &config.history_streams,
     );
     // Presence transitions and purged nodes' closes, from the engine to
-    // the events (only with --events on).
+    // the events (with --events on) and the BusinessWorkers.
     let (notices, notices_rx) = crate::presence::Notices::new();
-    let notices = config.events.then_some(notices);
+    let notices = Some(notices);
     let engine: Arc<dyn Engine> = match &config.redis_url {
         None => {
             // A single node is the whole gateway.

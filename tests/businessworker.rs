@@ -619,3 +619,56 @@ async fn an_oversized_event_is_dropped_and_the_worker_kept() {
     let p = worker.next().await.unwrap();
     assert_eq!((p.cmd, &p.body[..]), (cmd::ON_MESSAGE, &b"after"[..]));
 }
+
+/// A node killed outright tells no worker of its connections' end: the
+/// node that purges it does, as the dead node would have (onClose of the
+/// connection's client_id, with its last session), once. Without
+/// `--events`: BusinessWorkers hear it whether or not the stream is on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purging_node_tells_workers_of_a_killed_node_s_closes() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--node-heartbeat",
+        "1s",
+        "--register-listen",
+        "127.0.0.1:0",
+        "--gateway-secret-key",
+        SECRET,
+    ];
+    let survivor = Node::start(&args);
+    survivor.wait_ready().await;
+    let worker = PhpWorker::start(survivor.register.expect("register"), "gamma");
+    let victim = Node::start(&args);
+    victim.wait_ready().await;
+    for n in [&survivor, &victim] {
+        workers_connected(n, 1.0).await;
+    }
+    let client = Client::connect(&victim.ws_url("?room=r9")).await;
+    let id = client.id.clone();
+    worker
+        .expect_line(&format!("event websocket-connect {id} room=r9"))
+        .await;
+    // The session Events.php wrote is in the dead node's partition.
+    eventually("the session mirrored", || async {
+        survivor
+            .ok("get_session", json!({"client_id": id}))
+            .await
+            .get("room")
+            == Some(&json!("r9"))
+    })
+    .await;
+
+    victim.signal("KILL");
+    worker
+        .expect_line(&format!("event close {id} room=r9"))
+        .await;
+    // Once: no second close of it from another purge.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    while let Ok(line) = worker.lines.try_recv() {
+        assert!(!line.starts_with(&format!("event close {id}")), "{line}");
+    }
+    drop(client);
+}

@@ -109,6 +109,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--history-streams", "GATECAST_HISTORY_STREAMS"),
         ("--presence-events", "GATECAST_PRESENCE_EVENTS"),
         ("--presence-grace", "GATECAST_PRESENCE_GRACE"),
+        ("--presence-prefixes", "GATECAST_PRESENCE_PREFIXES"),
         ("--log-format", "GATECAST_LOG_FORMAT"),
         ("--log-level", "GATECAST_LOG_LEVEL"),
     ] {

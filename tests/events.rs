@@ -367,3 +367,44 @@ async fn the_webhook_follows_no_redirect_and_logs_no_query() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A node is ready before its events connection is up (here a Redis of
+/// their own, `--events-redis-url`, that starts after the node): the
+/// events of that moment wait for the connection (a bounded 2 s) instead
+/// of being dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_of_a_node_ready_before_its_events_redis_wait_for_it() {
+    use common::redis::{free_port, RedisServer};
+    let main = RedisServer::start();
+    let port = free_port();
+    let events_url = format!("redis://127.0.0.1:{port}");
+    let node = Node::start(&[
+        "--redis-url",
+        &main.url(),
+        "--events",
+        "--events-redis-url",
+        &events_url,
+    ]);
+    node.wait_ready().await;
+    // The events Redis is not there yet: the connect event is queued, and
+    // the Redis comes up within the wait.
+    let client = Client::connect(&node.ws_url("")).await;
+    let events = RedisServer::start_on(port);
+    let redis = Builder::from_config(Config::from_url(&events.url()).unwrap())
+        .build()
+        .unwrap();
+    redis.init().await.unwrap();
+    let id = client.id.clone();
+    eventually("the first connect event", || async {
+        let entries: Vec<Entry> = redis
+            .xrange("gatecast:events", "-", "+", None)
+            .await
+            .unwrap();
+        entries
+            .iter()
+            .any(|e| field(e, "type") == "connect" && field(e, "client_id") == id)
+    })
+    .await;
+    let page = node.get_text("/metrics").await;
+    assert_eq!(common::metric(&page, "gatecast_events_dropped_total"), 0.0);
+}

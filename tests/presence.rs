@@ -25,7 +25,12 @@ fn field(entry: &Entry, name: &str) -> String {
 }
 
 async fn redis_client(server: &RedisServer) -> fred::clients::Client {
-    let redis = Builder::from_config(Config::from_url(&server.url()).unwrap())
+    redis_client_url(&server.url()).await
+}
+
+/// A client of the Redis (or Redis Cluster) at `url`.
+async fn redis_client_url(url: &str) -> fred::clients::Client {
+    let redis = Builder::from_config(Config::from_url(url).unwrap())
         .build()
         .unwrap();
     redis.init().await.unwrap();
@@ -56,12 +61,16 @@ const PRESENCE: [&str; 4] = ["online", "offline", "occupied", "vacated"];
 
 /// `n` nodes on `server` with presence events and `grace`.
 fn nodes(server: &RedisServer, n: usize, grace: &str) -> Vec<Node> {
-    let url = server.url();
+    nodes_on(&server.url(), n, grace)
+}
+
+/// `n` nodes on the Redis (or Redis Cluster) at `url`.
+fn nodes_on(url: &str, n: usize, grace: &str) -> Vec<Node> {
     (0..n)
         .map(|_| {
             Node::start(&[
                 "--redis-url",
-                &url,
+                url,
                 "--node-heartbeat",
                 "1s",
                 "--events",
@@ -74,8 +83,8 @@ fn nodes(server: &RedisServer, n: usize, grace: &str) -> Vec<Node> {
         .collect()
 }
 
-/// Waits until each node's events reach the stream: a node is ready before
-/// its events connection is up, and drops the events of that moment.
+/// Waits until each node's events reach the stream (a node is ready before
+/// its events connection is up; its writer waits for it, bounded).
 async fn events_flowing(nodes: &[Node], redis: &fred::clients::Client) {
     common::ready(nodes).await;
     for node in nodes {
@@ -205,11 +214,19 @@ async fn a_reload_within_the_grace_produces_no_event() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_s_uids_go_offline_and_its_closes_are_emitted_once() {
+    let server = RedisServer::start();
+    killed_node(&server.url()).await;
+}
+
+/// A node SIGKILLed holding the last connection of 100 uids and the only
+/// members of 20 groups: 100 offline, 19 vacated (one group has a member
+/// elsewhere) and 100 closes, each once, within 3 heartbeats plus the
+/// grace.
+async fn killed_node(url: &str) {
     const UIDS: usize = 100;
     const GROUPS: usize = 20;
-    let server = RedisServer::start();
-    let nodes = nodes(&server, 3, "500ms");
-    let redis = redis_client(&server).await;
+    let nodes = nodes_on(url, 3, "500ms");
+    let redis = redis_client_url(url).await;
     events_flowing(&nodes, &redis).await;
 
     // Node 2 holds the only connection of 100 uids and the only members
@@ -284,50 +301,51 @@ async fn a_killed_node_s_uids_go_offline_and_its_closes_are_emitted_once() {
     drop(keeper);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_connects_and_disconnects_of_one_uid_alternate_and_end_true() {
-    let server = RedisServer::start();
-    let nodes = nodes(&server, 2, "0s");
-    let redis = redis_client(&server).await;
+/// The race: `total` clients of one uid connecting and
+/// disconnecting at random on two nodes for about `secs` seconds (four
+/// churners, two per node, each bound through the other node), no grace:
+/// every moment no churner holds a connection is a transition, decided by
+/// whichever node's script runs first. The events alternate strictly (by
+/// `seq`) and end in the true state. Returns how many transitions.
+async fn race(url: &str, total: usize, secs: u64) -> usize {
+    let nodes = nodes_on(url, 2, "0s");
+    let redis = redis_client_url(url).await;
     events_flowing(&nodes, &redis).await;
 
-    // Two nodes, each churning one or two connections of "carol" (bound
-    // through the other node), in overlapping waves. No grace: every time
-    // both nodes hold none is a transition, decided by whichever node's
-    // script runs first.
-    let churn = |n: usize| {
-        let (node, api) = (&nodes[n], &nodes[1 - n]);
+    const CHURNERS: usize = 4;
+    let each = total / CHURNERS;
+    // Half of a client's slot connected, half not (at random): all four
+    // churners are often between clients at once.
+    let slot_ms = (secs * 1000 * CHURNERS as u64 / total as u64).max(2);
+    let churn = |k: usize| {
+        let (node, api) = (&nodes[k % 2], &nodes[1 - k % 2]);
         async move {
-            let mut seed = 7u64 + n as u64;
-            let mut held: Vec<Client> = Vec::new();
-            let end = std::time::Instant::now() + Duration::from_secs(6);
-            while std::time::Instant::now() < end {
+            let mut seed = 7u64 + k as u64;
+            let mut next = || {
                 seed = seed
                     .wrapping_mul(6364136223846793005)
                     .wrapping_add(1442695040888963407);
-                if held.is_empty() || (seed >> 33) % 2 == 0 && held.len() < 2 {
-                    let c = Client::connect(&node.ws_url("")).await;
-                    bind(api, &c, "carol").await;
-                    held.push(c);
-                } else {
-                    let i = (seed >> 40) as usize % held.len();
-                    held.swap_remove(i).close().await;
-                }
-                tokio::time::sleep(Duration::from_millis((seed >> 50) % 400)).await;
+                seed >> 33
+            };
+            for _ in 0..each {
+                let c = Client::connect(&node.ws_url("")).await;
+                bind(api, &c, "carol").await;
+                tokio::time::sleep(Duration::from_millis(next() % slot_ms)).await;
+                c.close().await;
+                tokio::time::sleep(Duration::from_millis(next() % slot_ms)).await;
             }
-            held
         }
     };
-    let (mut kept, closed) = tokio::join!(churn(0), churn(1));
-    if kept.is_empty() {
-        let c = Client::connect(&nodes[0].ws_url("")).await;
-        bind(&nodes[1], &c, "carol").await;
-        kept.push(c);
-    }
-    for c in closed {
-        c.close().await;
-    }
-    // carol is online (node 0 keeps its clients): the last event says so.
+    let started = std::time::Instant::now();
+    futures_util::future::join_all((0..CHURNERS).map(churn)).await;
+    eprintln!(
+        "{} clients of one uid in {:?}",
+        each * CHURNERS,
+        started.elapsed()
+    );
+    let kept = Client::connect(&nodes[0].ws_url("")).await;
+    bind(&nodes[1], &kept, "carol").await;
+    // carol is online (the kept client): the last event says so.
     let check = |want: &'static str| {
         let redis = redis.clone();
         async move {
@@ -351,14 +369,12 @@ async fn racing_connects_and_disconnects_of_one_uid_alternate_and_end_true() {
         }
     };
     tokio::time::sleep(Duration::from_secs(1)).await;
-    within("carol online at the end", Duration::from_secs(10), || {
+    within("carol online at the end", Duration::from_secs(20), || {
         check("online")
     })
     .await;
-    for c in kept {
-        c.close().await;
-    }
-    within("carol offline at the end", Duration::from_secs(10), || {
+    kept.close().await;
+    within("carol offline at the end", Duration::from_secs(20), || {
         check("offline")
     })
     .await;
@@ -368,8 +384,159 @@ async fn racing_connects_and_disconnects_of_one_uid_alternate_and_end_true() {
         transitions >= 4,
         "the churn made carol come and go: {transitions}"
     );
+    // Nothing late changes it.
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert!(check("offline").await);
+    assert_eq!(
+        events(&redis, &["online", "offline"]).await.len(),
+        transitions
+    );
+    transitions
+}
+
+/// CI size of the race (200 clients, about 8 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_connects_and_disconnects_of_one_uid_alternate_and_end_true() {
+    let server = RedisServer::start();
+    race(&server.url(), 200, 8).await;
+}
+
+/// The full size: 1,000 clients for 30 s
+/// (`cargo test --test presence -- --ignored --nocapture`;
+/// docs/benchmarks.md has a run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full size of the race: about a minute"]
+async fn racing_a_thousand_clients_of_one_uid_for_30_s() {
+    let server = RedisServer::start();
+    race(&server.url(), 1000, 30).await;
+}
+
+/// The same on a real Redis Cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "full size of the race: about a minute"]
+async fn on_redis_cluster_racing_a_thousand_clients_of_one_uid_for_30_s() {
+    let cluster = common::redis::RedisCluster::start();
+    race(&cluster.url(), 1000, 30).await;
+}
+
+/// On Redis Cluster (three masters): the same exactness, the counts kept
+/// under one hash tag per instance of a node (presence_hold.lua).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_a_killed_node_s_uids_go_offline_once() {
+    let cluster = common::redis::RedisCluster::start();
+    killed_node(&cluster.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_racing_clients_of_one_uid_alternate_and_end_true() {
+    let cluster = common::redis::RedisCluster::start();
+    race(&cluster.url(), 200, 8).await;
+}
+
+/// `--presence-prefixes`: only uids and groups named with one of the
+/// prefixes have events, and the others cost no presence work in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_names_with_a_watched_prefix_have_presence_events() {
+    let server = RedisServer::start();
+    let url = server.url();
+    let nodes: Vec<Node> = (0..2)
+        .map(|_| {
+            Node::start(&[
+                "--redis-url",
+                &url,
+                "--node-heartbeat",
+                "1s",
+                "--events",
+                "--presence-events",
+                "uid,group",
+                "--presence-grace",
+                "0s",
+                "--presence-prefixes",
+                "room:,vip:",
+            ])
+        })
+        .collect();
+    let redis = redis_client(&server).await;
+    events_flowing(&nodes, &redis).await;
+    let a = Client::connect(&nodes[0].ws_url("")).await;
+    let b = Client::connect(&nodes[1].ws_url("")).await;
+    bind(&nodes[1], &a, "vip:ann").await;
+    bind(&nodes[0], &b, "bob").await;
+    for (c, group) in [(&a, "room:1"), (&b, "lobby"), (&b, "vip:lounge")] {
+        nodes[1]
+            .ok("join_group", json!({"client_id": c.id, "group": group}))
+            .await;
+    }
+    within("watched names online", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 3
+    })
+    .await;
+    a.close().await;
+    b.close().await;
+    within("watched names offline", Duration::from_secs(10), || async {
+        events(&redis, &PRESENCE).await.len() == 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut got: Vec<(String, String)> = events(&redis, &PRESENCE)
+        .await
+        .iter()
+        .map(|e| {
+            let name = [field(e, "uid"), field(e, "group")].concat();
+            (field(e, "type"), name)
+        })
+        .collect();
+    got.sort();
+    let want = [
+        ("occupied", "room:1"),
+        ("occupied", "vip:lounge"),
+        ("offline", "vip:ann"),
+        ("online", "vip:ann"),
+        ("vacated", "room:1"),
+        ("vacated", "vip:lounge"),
+    ];
+    assert_eq!(got, want.map(|(k, n)| (k.to_owned(), n.to_owned())));
+    // No counter was ever kept for bob or lobby.
+    let stats = commandstats(&server);
+    assert_eq!(stats.get("hincrby"), Some(&6), "{stats:?}");
+}
+
+/// Redis Cluster loses the presence slot's keys (a failover to a replica
+/// far behind): each node finds at its next poll that its process is no
+/// longer counted and reports its names again, so what it holds is
+/// announced once more and its last connection going still brings the
+/// offline (without the sync no count would be left to go to 0).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_a_node_reports_its_names_again_after_presence_keys_are_lost() {
+    let cluster = common::redis::RedisCluster::start();
+    let url = cluster.url();
+    let nodes = nodes_on(&url, 2, "0s");
+    let redis = redis_client_url(&url).await;
+    events_flowing(&nodes, &redis).await;
+    let c = Client::connect(&nodes[0].ws_url("")).await;
+    bind(&nodes[1], &c, "zoe").await;
+    within("online", Duration::from_secs(10), || async {
+        events(&redis, &["online"]).await.len() == 1
+    })
+    .await;
+    let mut lost = 0;
+    for server in &cluster.servers {
+        let keys = server.cli(&["--scan", "--pattern", "gatecast:{pr}*"]);
+        for key in keys.lines().filter(|k| !k.is_empty()) {
+            server.cli(&["DEL", key]);
+            lost += 1;
+        }
+    }
+    assert!(lost >= 3, "the counter, the process's set and the live set");
+    within("zoe announced again", Duration::from_secs(10), || async {
+        events(&redis, &["online"]).await.len() == 2
+    })
+    .await;
+    c.close().await;
+    within("offline after all", Duration::from_secs(10), || async {
+        events(&redis, &["offline"]).await.len() == 1
+    })
+    .await;
 }
 
 /// The in-process engine decides the same from its hub, to the webhook.
@@ -459,16 +626,6 @@ async fn presence_options_are_checked_at_start() {
             ],
             "--presence-events takes uid and group",
         ),
-        (
-            &[
-                "--events",
-                "--redis-url",
-                "redis-cluster://127.0.0.1:7000",
-                "--presence-events",
-                "group",
-            ],
-            "not supported on Redis Cluster",
-        ),
     ] {
         let out = common::gatecast_command()
             .args(args)
@@ -495,23 +652,45 @@ fn commandstats(server: &RedisServer) -> HashMap<String, u64> {
         .collect()
 }
 
-/// The extra Redis work of presence events per connect + bind + join and
-/// per close (docs/benchmarks.md): none when off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
-    const N: usize = 200;
+/// Redis commands of all `servers` by name, summed.
+fn commandstats_of(servers: &[&RedisServer]) -> HashMap<String, u64> {
+    let mut all = HashMap::new();
+    for server in servers {
+        for (name, calls) in commandstats(server) {
+            *all.entry(name).or_insert(0) += calls;
+        }
+    }
+    all
+}
+
+type Measured = (bool, HashMap<String, u64>, HashMap<String, u64>);
+
+/// Redis commands (summed over every server) for `N` clients, each with a
+/// uid and a group of its own, bound and joined through the other node,
+/// then closed; presence off, then on (`--presence-grace 0s`).
+async fn measure(cluster: bool, n: usize) -> Vec<Measured> {
     let mut measured = Vec::new();
     for on in [false, true] {
-        let server = RedisServer::start();
-        let url = server.url();
+        let single = (!cluster).then(RedisServer::start);
+        let many = cluster.then(common::redis::RedisCluster::start);
+        let (url, servers): (String, Vec<&RedisServer>) = match (&single, &many) {
+            (Some(s), _) => (s.url(), vec![s]),
+            (_, Some(c)) => (c.url(), c.servers.iter().collect()),
+            _ => unreachable!(),
+        };
+        let resetstat = || {
+            for s in &servers {
+                s.cli(&["CONFIG", "RESETSTAT"]);
+            }
+        };
         let mut args = vec!["--redis-url", &url, "--node-heartbeat", "1s", "--events"];
         if on {
             args.extend(["--presence-events", "uid,group", "--presence-grace", "0s"]);
         }
         let nodes: Vec<Node> = (0..2).map(|_| Node::start(&args)).collect();
         common::ready(&nodes).await;
-        server.cli(&["CONFIG", "RESETSTAT"]);
-        let clients = common::connect_many(&nodes[0].ws_url(""), N).await;
+        resetstat();
+        let clients = common::connect_many(&nodes[0].ws_url(""), n).await;
         for (i, c) in clients.iter().enumerate() {
             bind(&nodes[1], c, &format!("u{i}")).await;
             nodes[1]
@@ -522,11 +701,11 @@ async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
                 .await;
         }
         within("all mirrored", Duration::from_secs(20), || async {
-            nodes[1].ok("get_all_uid_count", json!({})).await == json!(N)
+            nodes[1].ok("get_all_uid_count", json!({})).await == json!(n)
         })
         .await;
-        let joined = commandstats(&server);
-        server.cli(&["CONFIG", "RESETSTAT"]);
+        let joined = commandstats_of(&servers);
+        resetstat();
         for c in clients {
             c.close().await;
         }
@@ -534,24 +713,61 @@ async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
             nodes[1].ok("get_all_client_count", json!({})).await == json!(0)
         })
         .await;
-        let closed = commandstats(&server);
+        let closed = commandstats_of(&servers);
         measured.push((on, joined, closed));
     }
-    let get = |m: &HashMap<String, u64>, c: &str| m.get(c).copied().unwrap_or(0);
     for (on, joined, closed) in &measured {
-        eprintln!("presence {on}: per connect+bind+join: {joined:?}");
-        eprintln!("presence {on}: per close: {closed:?}");
+        eprintln!("cluster {cluster}, presence {on}: per connect+bind+join: {joined:?}");
+        eprintln!("cluster {cluster}, presence {on}: per close: {closed:?}");
     }
+    measured
+}
+
+fn calls(m: &HashMap<String, u64>, command: &str) -> u64 {
+    m.get(command).copied().unwrap_or(0)
+}
+
+/// The extra Redis work of presence events per connect + bind + join and
+/// per close (docs/benchmarks.md): none when off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_costs_no_redis_work_when_off_and_a_few_commands_when_on() {
+    const N: usize = 200;
+    let measured = measure(false, N).await;
     let (_, off_joined, off_closed) = &measured[0];
     for command in ["hincrby", "zrem", "zadd", "time"] {
-        assert_eq!(get(off_joined, command), 0, "{command} with presence off");
-        assert_eq!(get(off_closed, command), 0, "{command} with presence off");
+        assert_eq!(calls(off_joined, command), 0, "{command} with presence off");
+        assert_eq!(calls(off_closed, command), 0, "{command} with presence off");
     }
     let (_, on_joined, on_closed) = &measured[1];
     // One counter per uid and per group, each counted once per change of
     // a node's holding, not per rewrite.
-    assert_eq!(get(on_joined, "hincrby"), 2 * N as u64);
-    assert_eq!(get(on_closed, "hincrby"), 2 * N as u64);
+    assert_eq!(calls(on_joined, "hincrby"), 2 * N as u64);
+    assert_eq!(calls(on_closed, "hincrby"), 2 * N as u64);
+}
+
+/// The same on Redis Cluster: the same counts, and at most one more script
+/// call per partition write (the report of its changes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_presence_counts_once_per_change() {
+    const N: usize = 200;
+    let measured = measure(true, N).await;
+    let (_, off_joined, off_closed) = &measured[0];
+    assert_eq!(
+        calls(off_joined, "hincrby") + calls(off_closed, "hincrby"),
+        0
+    );
+    let (_, on_joined, on_closed) = &measured[1];
+    assert_eq!(calls(on_joined, "hincrby"), 2 * N as u64);
+    assert_eq!(calls(on_closed, "hincrby"), 2 * N as u64);
+    // Reports are batched per round of writes: never more than one per
+    // partition write, whatever the names it carried.
+    for (off, on) in [(off_joined, on_joined), (off_closed, on_closed)] {
+        let extra = calls(on, "evalsha").saturating_sub(calls(off, "evalsha"));
+        assert!(
+            extra <= calls(off, "evalsha") + 50,
+            "{extra} more script calls"
+        );
+    }
 }
 
 /// BusinessWorkers hear presence too: gatecast's command 241 with the
@@ -616,8 +832,20 @@ async fn a_business_worker_hears_presence_as_command_241() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_whose_clients_come_back_within_the_grace_produces_no_event() {
     let server = RedisServer::start();
-    let mut nodes = nodes(&server, 2, "3s");
-    let redis = redis_client(&server).await;
+    drain(&server.url()).await;
+}
+
+/// The same on Redis Cluster: the drained node's process leaves (its names
+/// count down, pending their grace) and the client's new node cancels it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_a_drain_whose_clients_come_back_produces_no_event() {
+    let cluster = common::redis::RedisCluster::start();
+    drain(&cluster.url()).await;
+}
+
+async fn drain(url: &str) {
+    let mut nodes = nodes_on(url, 2, "3s");
+    let redis = redis_client_url(url).await;
     events_flowing(&nodes, &redis).await;
 
     let a = Client::connect(&nodes[0].ws_url("")).await;

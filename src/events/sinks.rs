@@ -11,6 +11,32 @@ use super::Event;
 use crate::ids::NodeId;
 use crate::redact::redact_url;
 
+/// Longest wait for the events connection before a batch is dropped: a
+/// node is ready before its events connection is up (a separate
+/// `--events-redis-url`, a reconnection), and the events of that moment
+/// (the first connects) must not be lost. Bounded, so an outage only
+/// slows the queue, which then drops and counts as before.
+pub(super) const CONNECT_WAIT: Duration = Duration::from_secs(2);
+
+/// Whether `client` is connected, waiting up to `limit` for it.
+async fn connected(client: &Client, limit: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !client.is_connected() {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        // Each attempt's outcome, or a short tick (a missed notification
+        // costs at most that).
+        let tick = left.min(Duration::from_millis(50));
+        if let Ok(Err(_)) = tokio::time::timeout(tick, client.wait_for_connect()).await {
+            // A failed attempt: the next one is the reconnection policy's.
+            tokio::time::sleep(tick).await;
+        }
+    }
+    true
+}
+
 pub(super) async fn write_stream(
     client: &Client,
     key: &str,
@@ -18,7 +44,7 @@ pub(super) async fn write_stream(
     node: NodeId,
     batch: &[Event],
 ) -> usize {
-    if !client.is_connected() {
+    if !connected(client, CONNECT_WAIT).await {
         tracing::debug!(events = batch.len(), "redis down: events dropped");
         return 0;
     }

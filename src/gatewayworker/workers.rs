@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 
 use super::protocol::{self, cmd, flag, Packet};
 use crate::accept::Throttle;
-use crate::ids::{ClientId, NodeId};
+use crate::ids::ClientId;
 use crate::metrics::{Metrics, ReasonLabel};
 
 /// Bytes waiting for one worker before it counts as stuck and is
@@ -127,7 +127,6 @@ pub struct Workers {
     used: AtomicBool,
     next_id: AtomicU64,
     next_pick: AtomicUsize,
-    node: NodeId,
     /// The public port, `gateway_port` in every event.
     public_port: u16,
     metrics: Arc<Metrics>,
@@ -136,15 +135,15 @@ pub struct Workers {
 }
 
 impl Workers {
-    /// No workers yet, for `node` whose public listener is on `public_port`.
-    pub fn new(node: NodeId, public_port: u16, metrics: Arc<Metrics>) -> Workers {
+    /// No workers yet, for a node whose public listener is on
+    /// `public_port`.
+    pub fn new(public_port: u16, metrics: Arc<Metrics>) -> Workers {
         Workers {
             live: RwLock::new(Vec::new()),
             count: AtomicUsize::new(0),
             used: AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             next_pick: AtomicUsize::new(0),
-            node,
             public_port,
             metrics,
             log: Mutex::new(Throttle::default()),
@@ -270,8 +269,10 @@ impl Workers {
         }
         let packet = Packet {
             cmd: command,
-            local_ip: u32::from(*self.node.addr().ip()),
-            local_port: self.node.addr().port(),
+            // The connection's node: this one, or a dead one whose
+            // connections this node purged (their onClose).
+            local_ip: u32::from(*id.node().addr().ip()),
+            local_port: id.node().addr().port(),
             client_ip: route.client_ip,
             client_port: route.client_port,
             connection_id: id.number(),

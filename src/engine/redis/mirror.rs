@@ -577,6 +577,8 @@ async fn write(
     last_beat: &mut Instant,
 ) -> Result<Refused, Failure> {
     let refused = if batch.resync {
+        // Redis may have lost what presence held (Redis Cluster).
+        s.holds.resync();
         for script in s.scripts.all() {
             script.load(&s.redis.client).await?;
         }

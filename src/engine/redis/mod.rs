@@ -144,6 +144,8 @@ struct Shared {
     /// The mirror's last batch was written: false while Redis refuses its
     /// writes (out of memory, read-only) or times them out.
     writable: AtomicBool,
+    /// Presence on Redis Cluster: what this instance reported.
+    holds: presence::Holds,
     /// Stops the background tasks.
     stop: CancellationToken,
     /// Trips when the node must stop (another live instance has its id).
@@ -207,6 +209,7 @@ impl RedisEngine {
             registered: AtomicBool::new(false),
             responsive: AtomicBool::new(true),
             writable: AtomicBool::new(true),
+            holds: presence::Holds::default(),
             stop: CancellationToken::new(),
             fatal,
         });
@@ -258,9 +261,18 @@ impl Shared {
         if !p.any() || self.settings.notices.is_none() {
             return [String::new(), String::new(), "0".into()];
         }
+        if self.redis.sharded {
+            // One hash tag for every presence key, and the partition
+            // scripts collect (see presence::Holds).
+            return [
+                format!("{}:{{pr}}", self.keys.prefix()),
+                format!("c{}", p.flags()),
+                p.grace.as_millis().to_string(),
+            ];
+        }
         [
             format!("{}:pr", self.keys.prefix()),
-            p.flags().into(),
+            p.flags(),
             p.grace.as_millis().to_string(),
         ]
     }

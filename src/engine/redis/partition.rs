@@ -28,6 +28,13 @@ const IN_FLIGHT: usize = 16;
 /// [`Failure::Conflict`] when another process holds the node id.
 pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> Result<(), Failure> {
     let calls = records(s, clients);
+    // On Redis Cluster each round's partition changes are reported (in
+    // order, before the next round) under the presence lock.
+    let clustered = super::presence::clustered(s);
+    let _held = match clustered {
+        true => Some(s.holds.lock().await),
+        false => None,
+    };
     for round in calls.chunks(IN_FLIGHT) {
         // Every answer is read before an error is returned: a call that
         // succeeded next to one that failed has decided its presence
@@ -42,15 +49,23 @@ pub async fn put(s: &Shared, clients: &[ClientId], last_beat: &mut Instant) -> R
         .await;
         let mut written = Vec::with_capacity(answers.len());
         let mut failed = None;
+        let mut ops = Vec::new();
         for answer in answers {
             match answer {
                 Ok(answer) => {
                     let (code, transitions) = super::presence::split(answer);
                     written.push(code);
-                    s.notify(crate::presence::transitions(&transitions));
+                    if clustered {
+                        super::presence::collected(&transitions, &mut ops);
+                    } else {
+                        s.notify(crate::presence::transitions(&transitions));
+                    }
                 }
                 Err(e) => failed = failed.or(Some(e)),
             }
+        }
+        if clustered {
+            super::presence::report(s, ops).await;
         }
         if let Some(e) = failed {
             return Err(e.into());
@@ -153,6 +168,9 @@ pub async fn leave(s: &Shared) -> Result<(), fred::error::Error> {
     if removed < 0 {
         // Another process holds the node id now: its partition stays.
         return Ok(());
+    }
+    if super::presence::clustered(s) {
+        super::presence::leave(s).await?;
     }
     s.redis
         .client

@@ -73,6 +73,8 @@ pub struct Scripts {
     pub take_resume: Lua,
     /// Announces the offline / vacated transitions whose grace is over.
     pub presence_due: Lua,
+    /// Presence on Redis Cluster: the names each instance holds.
+    pub presence_hold: Lua,
 }
 
 // The presence counters' functions come first in the scripts that write
@@ -85,7 +87,14 @@ const CLEAR: &str = concat!(
     include_str!("scripts/presence.lua"),
     include_str!("scripts/clear.lua")
 );
-const PRESENCE_DUE: &str = include_str!("scripts/presence_due.lua");
+const PRESENCE_DUE: &str = concat!(
+    include_str!("scripts/presence.lua"),
+    include_str!("scripts/presence_due.lua")
+);
+const PRESENCE_HOLD: &str = concat!(
+    include_str!("scripts/presence.lua"),
+    include_str!("scripts/presence_hold.lua")
+);
 const HEARTBEAT: &str = include_str!("scripts/heartbeat.lua");
 const MEMBERS_WITH: &str = include_str!("scripts/members_with.lua");
 const TAKE_RESUME: &str = include_str!("scripts/take_resume.lua");
@@ -99,15 +108,17 @@ impl Default for Scripts {
             members_with: Lua::new(MEMBERS_WITH),
             take_resume: Lua::new(TAKE_RESUME),
             presence_due: Lua::new(PRESENCE_DUE),
+            presence_hold: Lua::new(PRESENCE_HOLD),
         }
     }
 }
 
 impl Scripts {
     /// All scripts, for loading.
-    pub fn all(&self) -> [&Lua; 6] {
+    pub fn all(&self) -> [&Lua; 7] {
         [
             &self.presence_due,
+            &self.presence_hold,
             &self.put_clients,
             &self.clear,
             &self.heartbeat,
@@ -133,6 +144,7 @@ mod tests {
             MEMBERS_WITH,
             TAKE_RESUME,
             PRESENCE_DUE,
+            PRESENCE_HOLD,
         ] {
             for (pos, _) in source.match_indices(" .. '") {
                 let rest = &source[pos + 5..];

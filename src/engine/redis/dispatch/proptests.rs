@@ -96,6 +96,7 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
         registered: AtomicBool::new(true),
         responsive: AtomicBool::new(true),
         writable: AtomicBool::new(true),
+        holds: Default::default(),
         stop: CancellationToken::new(),
         fatal: Fatal::new(),
     };
