@@ -316,6 +316,12 @@ engine_suite!(
     lookups_show_connections_of_other_nodes,
     the_tail_shows_pushes_made_through_another_node,
 );
+// Sharded pub/sub (SSUBSCRIBE) and the Sentinel's primary for the tail's
+// own connection; the records' hash on a cluster.
+topology_suite!(
+    the_overview_lists_every_node_with_its_connections,
+    the_tail_shows_pushes_made_through_another_node,
+);
 
 // --- Redis: records come and go with the nodes ---
 
