@@ -372,6 +372,61 @@ async fn records_cross_redis_and_leave_with_their_node() {
     assert_eq!(o["totals"]["nodes"], 1, "{o:#}");
 }
 
+/// A tail's Redis subscription lives exactly as long as the tail: nobody
+/// watching costs Redis nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_subscribes_only_while_it_is_open() {
+    let redis = RedisServer::start();
+    let nodes = two_nodes(&redis, &[]).await;
+    let subscribers = || {
+        redis
+            .cli(&["PUBSUB", "NUMSUB", "gatecast:uid:watched"])
+            .lines()
+            .nth(1)
+            .unwrap_or("")
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(subscribers(), "0", "no node holds the uid");
+    let tail = Tail::open(&nodes[0], "uid=watched", None).await;
+    assert_eq!(subscribers(), "1", "the tail's own subscription");
+    drop(tail);
+    eventually("the subscription ends with the tail", || async {
+        subscribers() == "0"
+    })
+    .await;
+}
+
+/// While Redis hangs, the overview and a new tail answer 503 within the
+/// API's deadline; the node lives on and shows its record again after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_redis_gets_503_in_time_never_a_hang() {
+    let redis = RedisServer::start();
+    let nodes = two_nodes(&redis, &[]).await;
+    redis.signal("STOP");
+    for path in ["/api/dashboard/overview", "/api/dashboard/tail?uid=a"] {
+        let started = std::time::Instant::now();
+        let got = get(&nodes[0], path, None).await;
+        redis.signal("CONT");
+        common::assert_api_error(path, &got, 503, "unavailable");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{path} answered in {:?}",
+            started.elapsed()
+        );
+        redis.signal("STOP");
+    }
+    redis.signal("CONT");
+    eventually("the overview is back", || async {
+        let (status, body) = get(&nodes[0], "/api/dashboard/overview", None).await;
+        status == 200
+            && body["result"]["nodes"]
+                .as_array()
+                .is_some_and(|n| n.len() == 2)
+    })
+    .await;
+}
+
 // --- The API key ---
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

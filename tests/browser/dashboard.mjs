@@ -50,6 +50,7 @@ run('dashboard', async (page, browser) => {
       if (!window.welcomed) { window.welcomed = true; resolve(JSON.parse(text).client_id); } else window.got.push(text);
     };
     ws.onerror = () => reject(new Error('websocket failed'));
+    ws.onclose = (e) => { window.closedWith = e.code; };
   }), config.ws_b);
   log('client on B', clientId);
   const bind = await fetch(`${config.api_b}/api/bind_uid`, {
@@ -82,6 +83,17 @@ run('dashboard', async (page, browser) => {
   await until(page, 'the tail shows the push', () =>
     window.dashboard.tail.some((e) => e.preview === 'hello from the dashboard'));
   await screenshot(page, 'dashboard-actions');
+
+  // Close that client from the form (after the confirmation).
+  page.on('dialog', (d) => d.accept());
+  await page.fill('#close-input', clientId);
+  await page.click('#close-form button');
+  await until(user, 'the client on B closed with 1000', () => window.closedWith === 1000);
+
+  // Evacuate this node from its row: the page shows the evacuation.
+  await page.click(`${rowOf(config.node_a)} button`);
+  await until(page, 'the evacuation shown', () =>
+    document.getElementById('evacuate-state').textContent.startsWith('evacuating'));
 
   // Usable on a phone: nothing wider than the screen but the tables' own scroll.
   await page.setViewportSize({ width: 390, height: 844 });

@@ -125,6 +125,8 @@ function renderOverview(o) {
 async function refresh() {
   try {
     renderOverview(await call('/api/dashboard/overview'));
+    const self = state.overview.nodes.find((n) => n.node === state.overview.this_node);
+    if (self && self.draining) evacuationState();
     setStatus(`updated ${new Date().toLocaleTimeString()}`);
     state.errors = 0;
     return true;
@@ -348,7 +350,11 @@ async function closeClient(ev) {
 async function evacuationState() {
   try {
     const p = await call('/api/evacuate');
-    $('evacuate-state').textContent = p ? `evacuating: ${JSON.stringify(p)}` : 'this node is not evacuating';
+    $('evacuate-state').textContent = !p
+      ? 'this node is not evacuating'
+      : p.done
+        ? `evacuated: ${p.closed} of ${p.total} clients closed`
+        : `evacuating: ${p.closed} of ${p.total} clients closed, ${p.remaining} left, at ${p.rate} a second`;
   } catch (e) {
     $('evacuate-state').textContent = `evacuation state unknown: ${e.message}`;
   }

@@ -62,7 +62,10 @@ pub async fn start(s: &Shared, target: TailTarget) -> EngineResult<Tail> {
             ))
         })
     {
-        let _ = client.quit().await;
+        // Not awaited here: a Redis that hangs must not hold the request.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(COMMAND_TIMEOUT, client.quit()).await;
+        });
         return Err(unavailable(e));
     }
     let (sender, entries) = Tail::channel();
