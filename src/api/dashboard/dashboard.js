@@ -151,7 +151,8 @@ async function start() {
   $('key-box').hidden = true;
   $('app').hidden = false;
   $('forget-key').hidden = key() === null;
-  timer = setInterval(refresh, REFRESH_MS);
+  // A hidden tab asks nothing; it catches up when shown.
+  timer = setInterval(() => document.hidden || refresh(), REFRESH_MS);
   evacuationState();
 }
 

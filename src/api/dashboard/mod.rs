@@ -372,3 +372,49 @@ async fn tail(State(gw): State<Arc<Gateway>>, headers: HeaderMap, params: Params
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_loads_nothing_from_elsewhere() {
+        for (name, text) in [
+            ("index.html", PAGE),
+            ("dashboard.js", SCRIPT),
+            ("dashboard.css", STYLE),
+        ] {
+            for outside in [
+                "http://",
+                "https://",
+                "src=\"//",
+                "href=\"//",
+                "@import",
+                "url(",
+            ] {
+                assert!(!text.contains(outside), "{name} refers to {outside}");
+            }
+        }
+        assert!(
+            !PAGE.contains("<script>"),
+            "no inline script: the CSP forbids it"
+        );
+        assert!(
+            !PAGE.contains("style=\""),
+            "no inline style: the CSP forbids it"
+        );
+    }
+
+    #[test]
+    fn every_element_the_script_uses_is_on_the_page() {
+        let mut rest = SCRIPT;
+        let mut seen = 0;
+        while let Some(at) = rest.find("$('") {
+            rest = &rest[at + 3..];
+            let id = &rest[..rest.find('\'').unwrap()];
+            assert!(PAGE.contains(&format!("id=\"{id}\"")), "#{id} is missing");
+            seen += 1;
+        }
+        assert!(seen > 20, "{seen} ids checked");
+    }
+}
