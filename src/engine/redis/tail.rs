@@ -2,7 +2,8 @@
 //! watcher's own, subscribed to the watched uid's or group's channel only
 //! while the watcher lives. So it sees the pushes of every node (and of
 //! backends publishing straight to Redis) exactly as the nodes holding the
-//! recipients do, and costs the push path nothing. It never touches the
+//! recipients do, and costs the push path nothing. (GatewayWorker's
+//! inner-port pushes not kept in history never cross Redis: not seen.) It never touches the
 //! node's own subscriber, whose channels follow the hub.
 //!
 //! The tail ends (its entries stream closes) when the watcher goes, the
