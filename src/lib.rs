@@ -37,6 +37,8 @@ pub mod recovery;
 pub mod redact;
 pub mod server;
 pub mod session;
+pub mod stats;
+pub mod tail;
 pub mod task;
 pub mod ws;
 

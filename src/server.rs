@@ -312,6 +312,21 @@ pub async fn run_with(
             )),
         );
     }
+    // The dashboard's stats record (docs/dashboard.md).
+    spawn_critical(
+        "stats record",
+        &fatal,
+        &stop_internal,
+        background.track_future(crate::stats::run(
+            gw.clone(),
+            crate::stats::Addresses {
+                inner: node.addr().to_string(),
+                public: public_addr.to_string(),
+                api: api_addr.to_string(),
+            },
+            stop_internal.clone(),
+        )),
+    );
     spawn_critical(
         "inner listener",
         &fatal,

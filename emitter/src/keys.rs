@@ -113,6 +113,12 @@ impl Keys {
         format!("{}:load", self.prefix)
     }
 
+    /// Hash of every node's stats record for the dashboard, one field per
+    /// node id (docs/dashboard.md).
+    pub fn stats(&self) -> String {
+        format!("{}:stats", self.prefix)
+    }
+
     /// Channel of one node: pushes to its clients and commands for it.
     pub fn node_channel(&self, node: NodeId) -> String {
         format!("{}:node:{node}", self.prefix)

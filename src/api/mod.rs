@@ -1,6 +1,7 @@
 //! The HTTP API on the internal listener: `POST /api/<method>` and
 //! `POST /api/batch`, plus `/metrics` and the health endpoints.
 
+pub mod dashboard;
 pub mod evacuate;
 pub mod methods;
 #[cfg(test)]
@@ -43,6 +44,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
                 .post(evacuate::evacuate)
                 .delete(evacuate::evacuate),
         )
+        .merge(dashboard::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))

@@ -33,6 +33,10 @@ pub struct MemoryEngine {
     history: MemoryHistory,
     /// Presence events, from the hub.
     presence: crate::presence::LocalPresence,
+    /// The dashboard's live tails (nothing while nobody watches).
+    taps: Arc<crate::tail::Taps>,
+    /// This node's last stats record (the whole cluster's, here).
+    stats: parking_lot::Mutex<Option<crate::stats::NodeStats>>,
 }
 
 impl MemoryEngine {
@@ -46,6 +50,8 @@ impl MemoryEngine {
             records: MemoryRecords::new(DEFAULT_WINDOW),
             history: MemoryHistory::new(HistorySettings::default()),
             presence: Default::default(),
+            taps: Default::default(),
+            stats: Default::default(),
         }
     }
 
@@ -183,6 +189,9 @@ impl Engine for MemoryEngine {
     }
 
     async fn publish(&self, push: Push) -> EngineResult<()> {
+        if self.taps.watched() {
+            self.taps.offer(&push, Some(&self.node.to_string()));
+        }
         let delivered = if self.history.settings().keeps_any(&push) {
             self.publish_kept(&push)
         } else {
@@ -336,5 +345,39 @@ impl Engine for MemoryEngine {
         self.publish(push).await
     }
 
-    async fn shutdown(&self) {}
+    async fn publish_stats(
+        &self,
+        stats: &crate::stats::NodeStats,
+        _valid_for: std::time::Duration,
+    ) -> EngineResult<()> {
+        *self.stats.lock() = Some(stats.clone());
+        Ok(())
+    }
+
+    async fn cluster_stats(&self) -> EngineResult<Vec<crate::stats::NodeStats>> {
+        let now = crate::stats::unix_ms();
+        Ok(self
+            .stats
+            .lock()
+            .iter()
+            .filter(|s| crate::stats::is_fresh(s, now))
+            .cloned()
+            .collect())
+    }
+
+    async fn groups_of(&self, id: ClientId) -> EngineResult<Vec<String>> {
+        Ok(self
+            .hub
+            .membership(id)
+            .map(|m| m.groups)
+            .unwrap_or_default())
+    }
+
+    async fn tail(&self, target: crate::tail::TailTarget) -> EngineResult<crate::tail::Tail> {
+        Ok(self.taps.watch(target))
+    }
+
+    async fn shutdown(&self) {
+        self.stats.lock().take();
+    }
 }

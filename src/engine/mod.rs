@@ -162,6 +162,27 @@ pub trait Engine: Send + Sync + 'static {
         Ok(Vec::new())
     }
 
+    // --- Dashboard (issue 30, docs/dashboard.md) ---
+
+    /// Writes this node's stats record, valid for `valid_for`: one small
+    /// write, replacing the previous record.
+    async fn publish_stats(
+        &self,
+        stats: &crate::stats::NodeStats,
+        valid_for: std::time::Duration,
+    ) -> EngineResult<()>;
+    /// The fresh stats records of every node in the node registry, this
+    /// one included.
+    async fn cluster_stats(&self) -> EngineResult<Vec<crate::stats::NodeStats>>;
+    /// The groups `id` is in (empty when it is not online).
+    async fn groups_of(&self, id: ClientId) -> EngineResult<Vec<String>>;
+    /// Starts a live tail of the pushes to `target` from any node;
+    /// returns once it is in place (a push sent next is seen). Bounded and
+    /// sampled (`crate::tail`); it stops when the [`Tail`] is dropped.
+    ///
+    /// [`Tail`]: crate::tail::Tail
+    async fn tail(&self, target: crate::tail::TailTarget) -> EngineResult<crate::tail::Tail>;
+
     /// Leaves the cluster: removes this node's entries from storage at once.
     /// Called once at shutdown, right after every connection was asked to
     /// close; later disconnects only update the hub.

@@ -41,8 +41,10 @@ mod registration;
 mod resume;
 mod rpc;
 mod scripts;
+mod stats;
 mod subscriber;
 mod subscriptions;
+mod tail;
 
 pub use gatecast_emitter::{envelope, keys};
 
@@ -602,10 +604,35 @@ impl Engine for RedisEngine {
         load::read(&self.shared).await.map_err(unavailable)
     }
 
+    async fn publish_stats(
+        &self,
+        record: &crate::stats::NodeStats,
+        _valid_for: Duration,
+    ) -> EngineResult<()> {
+        self.shared.check()?;
+        stats::publish(&self.shared, record)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn cluster_stats(&self) -> EngineResult<Vec<crate::stats::NodeStats>> {
+        self.shared.check()?;
+        stats::read(&self.shared).await.map_err(unavailable)
+    }
+
+    async fn groups_of(&self, id: ClientId) -> EngineResult<Vec<String>> {
+        self.shared.groups_of(id).await
+    }
+
+    async fn tail(&self, target: crate::tail::TailTarget) -> EngineResult<crate::tail::Tail> {
+        tail::start(&self.shared, target).await
+    }
+
     async fn shutdown(&self) {
         let s = &self.shared;
         s.registered.store(false, Ordering::Release);
         load::forget(s).await;
+        stats::forget(s).await;
         // The mirror finishes the batch it is writing, then deletes the
         // partition as its last write: nothing lands after the delete.
         match tokio::time::timeout(Duration::from_secs(3), s.mirror.leave()).await {

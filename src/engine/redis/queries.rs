@@ -151,6 +151,22 @@ impl Shared {
         self.remote_field(id, suffix::UID).await
     }
 
+    /// The groups of `id`: from the hub when local, else from the
+    /// owner's partition (`:cg`, one HGET).
+    pub(super) async fn groups_of(&self, id: ClientId) -> EngineResult<Vec<String>> {
+        if self.is_local(id) {
+            return Ok(self
+                .hub
+                .membership(id)
+                .map(|m| m.groups)
+                .unwrap_or_default());
+        }
+        let json = self.remote_field(id, suffix::CLIENT_GROUPS).await?;
+        Ok(json
+            .and_then(|j| serde_json::from_str(&j).ok())
+            .unwrap_or_default())
+    }
+
     pub(super) async fn session_of(&self, id: ClientId) -> EngineResult<Option<Session>> {
         if self.is_local(id) {
             return Ok(self.hub.session_of(id));
