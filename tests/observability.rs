@@ -10,8 +10,10 @@ use std::time::Duration;
 use common::redis::RedisServer;
 use common::{eventually, metric, Client, Node, OutputWithin};
 use fred::prelude::*;
+use gatecast::gatewayworker::protocol::{self, cmd, flag, Packet};
 use gatecast_emitter::envelope::{Envelope, Op};
 use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
 
 fn http() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
@@ -84,6 +86,21 @@ async fn push_to_frame_latency_is_measured_on_the_local_and_the_redis_path() {
     })
     .await;
 
+    // Accepted on a's inner port (GatewayWorker's protocol), written by a.
+    let mut packet = Packet::new(cmd::SEND_TO_ONE);
+    packet.connection_id = u32::from_str_radix(&client.id[12..], 16).unwrap();
+    packet.flag = flag::BODY_IS_SCALAR;
+    packet.body = bytes::Bytes::from_static(b"inner");
+    let mut inner = tokio::net::TcpStream::connect(a.inner).await.unwrap();
+    inner.write_all(&protocol::encode(&packet)).await.unwrap();
+    client.expect_text("inner").await;
+    eventually(
+        "a measured the inner-port push on the local path",
+        || async { counts(&a).await == (2.0, 1.0) },
+    )
+    .await;
+    drop(inner);
+
     // Straight to Redis: an old publisher without `ts` is delivered and
     // not measured; one with `ts` (50 ms ago on its clock) is, from it.
     let publisher = Builder::from_config(Config::from_url(&url).unwrap())
@@ -109,7 +126,7 @@ async fn push_to_frame_latency_is_measured_on_the_local_and_the_redis_path() {
     publish("with ts", Some(unix_us() - 50_000)).await;
     client.expect_text("with ts").await;
     eventually("only the envelope with ts was measured", || async {
-        counts(&a).await == (1.0, 2.0)
+        counts(&a).await == (2.0, 2.0)
     })
     .await;
     let added = metric(&a.get_text("/metrics").await, SUM_REDIS) - before;
