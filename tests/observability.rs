@@ -546,3 +546,23 @@ async fn a_real_prometheus_scrapes_two_nodes_and_every_dashboard_and_alert_expre
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+#[test]
+fn the_alert_rules_pass_promtool_check_and_their_unit_tests() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus");
+    for args in [
+        &["check", "rules", "gatecast-alerts.yaml"][..],
+        &["test", "rules", "gatecast-alerts.test.yaml"][..],
+    ] {
+        let out = std::process::Command::new("promtool")
+            .args(args)
+            .current_dir(dir)
+            .output_within(Duration::from_secs(120));
+        assert!(
+            out.status.success(),
+            "promtool {args:?}:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
