@@ -39,6 +39,18 @@ pub struct ApiLabels {
     pub status: u16,
 }
 
+/// Label: how a push reached the node that wrote its frame (`local`:
+/// accepted here; `redis`: accepted elsewhere, timed by the envelope's
+/// `ts`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabel {
+    /// `local` or `redis`.
+    pub path: &'static str,
+}
+
+/// The push-to-frame histograms, by path (see [`crate::push_latency`]).
+pub type PushToFrame = Family<PathLabel, Histogram, fn() -> Histogram>;
+
 /// The node's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -142,6 +154,22 @@ pub struct Metrics {
     /// Resume attempts by result (`resumed`, `unknown`, `used`, `forged`,
     /// `sub_mismatch`, `unavailable`).
     pub resumes: Family<ResultLabel, Counter>,
+    /// WebSocket connections ended since start (for disconnects per
+    /// second).
+    pub connections_closed: Counter,
+    /// Open file descriptors, counted at each scrape (Linux; 0 elsewhere).
+    pub open_files: Gauge,
+    /// Resident memory of the process in bytes, read at each scrape
+    /// (Linux; 0 elsewhere).
+    pub resident_memory: Gauge,
+    /// The memory limit of the process's cgroup in bytes, read at each
+    /// scrape (cgroup v2 `memory.max`; 0 when unlimited or unknown).
+    pub memory_limit: Gauge,
+    /// 1 while `/readyz` answers 200, set at each scrape.
+    pub ready: Gauge,
+    /// Push-to-frame latency by path (`local`, `redis`): from the push's
+    /// accept to its frame written to a recipient's socket (sampled).
+    pub push_to_frame: PushToFrame,
     /// Admission control, evacuation and rebalancing.
     pub autoscale: crate::autoscale::metrics::AutoscaleMetrics,
 }
@@ -200,6 +228,12 @@ impl Metrics {
             partial_closed: Counter::default(),
             events_too_large: Counter::default(),
             resumes: Family::default(),
+            connections_closed: Counter::default(),
+            open_files: Gauge::default(),
+            resident_memory: Gauge::default(),
+            memory_limit: Gauge::default(),
+            ready: Gauge::default(),
+            push_to_frame: Family::new_with_constructor(crate::push_latency::histogram),
             autoscale: Default::default(),
             registry: Registry::default(),
         };
@@ -415,6 +449,41 @@ impl Metrics {
             "Resume attempts by result (resumed, unknown, used, forged, sub_mismatch, unavailable)",
             m.resumes.clone(),
         );
+        // Both paths from the start: dashboards and alerts find the series
+        // before the first push.
+        for path in ["local", "redis"] {
+            let _ = m.push_to_frame.get_or_create(&PathLabel { path });
+        }
+        r.register(
+            "push_to_frame_seconds",
+            "Push accepted (API, inner port, or the envelope's ts) to its frame written to a recipient's socket, by path (local, redis: includes the clocks' skew); sampled",
+            m.push_to_frame.clone(),
+        );
+        r.register(
+            "connections_closed",
+            "WebSocket connections ended",
+            m.connections_closed.clone(),
+        );
+        r.register(
+            "open_files",
+            "File descriptors the process holds (compare with gatecast_open_files_limit)",
+            m.open_files.clone(),
+        );
+        r.register(
+            "resident_memory_bytes",
+            "Resident memory of the process",
+            m.resident_memory.clone(),
+        );
+        r.register(
+            "memory_limit_bytes",
+            "Memory limit of the process's cgroup (0: none or unknown)",
+            m.memory_limit.clone(),
+        );
+        r.register(
+            "ready",
+            "1 while the node is ready (/readyz answers 200)",
+            m.ready.clone(),
+        );
         m.autoscale.register(r);
         Metrics { registry, ..m }
     }
@@ -432,8 +501,45 @@ impl Metrics {
         }
     }
 
+    /// The probes feeding [`Metrics::push_to_frame`], for the hub.
+    pub fn push_latency(&self) -> crate::push_latency::PushLatency {
+        let path = |path| {
+            self.push_to_frame
+                .get_or_create(&PathLabel { path })
+                .clone()
+        };
+        crate::push_latency::PushLatency::new(path("local"), path("redis"))
+    }
+
+    /// Reads what the kernel knows of the process (Linux): descriptors
+    /// and resident memory. At scrape time only, so it costs nothing
+    /// between scrapes.
+    fn sample_process(&self) {
+        if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+            // The directory's own descriptor is one of them.
+            let n = dir.count().saturating_sub(1);
+            self.open_files.set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        // `VmRSS:   1234 kB` (in kB whatever the page size).
+        let resident_kb = std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+                line.split_whitespace().nth(1)?.parse::<i64>().ok()
+            });
+        if let Some(kb) = resident_kb {
+            self.resident_memory.set(kb.saturating_mul(1024));
+        }
+        // cgroup v2 (what Kubernetes and Docker use today): "max" or bytes.
+        let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok());
+        self.memory_limit.set(limit.unwrap_or(0));
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.sample_process();
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

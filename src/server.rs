@@ -170,7 +170,8 @@ pub async fn run_with(
             frames: config.client_queue,
             bytes: config.client_queue_bytes,
         })
-        .with_max_session_bytes(config.max_session_bytes),
+        .with_max_session_bytes(config.max_session_bytes)
+        .with_push_latency(metrics.push_latency()),
     );
     let history = crate::recovery::history::HistorySettings::new(
         config.history_size,

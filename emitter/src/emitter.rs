@@ -87,6 +87,11 @@ impl Emitter {
         e.data = Some(message.data);
         e.binary = message.binary;
         e.exclude = normalize(exclude)?;
+        // The accept time: gateways measure push-to-frame latency from it.
+        e.ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_micros() as u64);
         Ok(e)
     }
 

@@ -102,6 +102,13 @@ pub struct Envelope {
     /// at once (with `req`, if given), all with the same `error`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub reqs: Vec<u64>,
+    /// Push: when it was accepted (by the node that took the API call, or
+    /// by the publisher), Unix time in microseconds on that host's clock.
+    /// Optional: the node that writes the frame measures push-to-frame
+    /// latency from it (`gatecast_push_to_frame_seconds{path="redis"}`);
+    /// without it, nothing is measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ts: Option<u64>,
 }
 
 /// An envelope read in place: strings and the payload borrow from the
@@ -172,6 +179,9 @@ pub struct EnvelopeRef<'a> {
     /// Push kept in history: when it was appended (Unix ms, Redis clock).
     #[serde(default)]
     pub t: Option<u64>,
+    /// See [`Envelope::ts`].
+    #[serde(default)]
+    pub ts: Option<u64>,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -214,6 +224,7 @@ impl Envelope {
             reply_channel: false,
             error: None,
             reqs: Vec::new(),
+            ts: None,
         }
     }
 
@@ -279,6 +290,7 @@ impl<'a> EnvelopeRef<'a> {
             reply_channel: self.reply_channel,
             error: string(self.error),
             reqs: self.reqs.clone(),
+            ts: self.ts,
         }
     }
 }

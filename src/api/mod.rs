@@ -72,13 +72,30 @@ pub async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
     }
 }
 
-async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+/// `/metrics`: the Prometheus text format, or OpenMetrics when the
+/// `Accept` header prefers it (see [`crate::exposition`]).
+async fn metrics(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let accept = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect::<Vec<_>>()
+        .join(",");
+    gw.metrics.ready.set(i64::from(gw.is_ready()));
+    let page = gw.metrics.render();
+    let (content_type, body) = match crate::exposition::wants_openmetrics(&accept) {
+        true => (crate::exposition::OPENMETRICS, page),
+        false => (
+            crate::exposition::TEXT_0_0_4,
+            crate::exposition::to_text_0_0_4(&page),
+        ),
+    };
     (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        gw.metrics.render(),
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::VARY, "Accept"),
+        ],
+        body,
     )
         .into_response()
 }
@@ -105,7 +122,10 @@ async fn api_call(
 ) -> Response {
     let label = methods::label(&method);
     let span = tracing::debug_span!("api", method = label);
-    let result = handle(&gw, &method, &headers, body).instrument(span).await;
+    // The accept time of any push this call makes (push-to-frame latency).
+    let accepted = crate::push_latency::Accepted::now();
+    let call = handle(&gw, &method, &headers, body).instrument(span);
+    let result = crate::push_latency::scope(accepted, call).await;
     let response = match result {
         Ok(value) => Json(value).into_response(),
         Err(e) => {

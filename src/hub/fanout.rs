@@ -10,6 +10,7 @@ use super::{Hub, Local};
 use crate::ids::ClientId;
 use crate::outbox::Limits;
 use crate::push::{Delivered, Push, Target};
+use crate::push_latency::{self, Accepted, Probe, PushLatency};
 use crate::recovery::framing::{self, PositionRef};
 use crate::recovery::history::Replays;
 
@@ -96,7 +97,7 @@ impl Hub {
         frames: &Frames<'_>,
     ) -> Delivered {
         let excluded = Exclusion::new(exclude);
-        let mut sender = Sender::new(frames, &excluded, &self.limits, &self.replays);
+        let mut sender = Sender::new(frames, &excluded, self);
         match target {
             Target::All => {
                 for shard in self.shards.iter() {
@@ -175,7 +176,7 @@ impl Hub {
         // member).
         let earlier = Earlier::new(earlier);
         let excluded = Exclusion::new(exclude);
-        let mut sender = Sender::new(frames, &excluded, &self.limits, &self.replays);
+        let mut sender = Sender::new(frames, &excluded, self);
         for shard in self.shards.iter() {
             let index = shard.read();
             for id in index.groups.get(group).into_iter().flatten() {
@@ -201,44 +202,79 @@ struct Sender<'a> {
     limits: &'a Limits,
     replays: &'a Replays,
     out: Delivered,
+    /// Push-to-frame sampling: the accept time, and for each variant
+    /// (plain, framed) its probe and how many queues took it.
+    latency: &'a PushLatency,
+    accepted: Option<Accepted>,
+    probes: [(Option<Probe>, usize); 2],
 }
 
 impl<'a> Sender<'a> {
-    fn new(
-        frames: &'a Frames<'a>,
-        excluded: &'a Exclusion<'a>,
-        limits: &'a Limits,
-        replays: &'a Replays,
-    ) -> Self {
+    fn new(frames: &'a Frames<'a>, excluded: &'a Exclusion<'a>, hub: &'a Hub) -> Self {
         Sender {
             plain: OnceCell::new(),
             framed: OnceCell::new(),
             frames,
             excluded,
-            limits,
-            replays,
+            limits: &hub.limits,
+            replays: &hub.replays,
             out: Delivered::default(),
+            latency: &hub.push_latency,
+            accepted: push_latency::current(),
+            probes: [(None, 0); 2],
         }
+    }
+
+    /// A variant's frame, encoded (and maybe registered as a probe) by its
+    /// first recipient.
+    fn variant(&mut self, framed: bool) -> Bytes {
+        let (cell, make) = match framed {
+            true => (&self.framed, self.frames.framed),
+            false => (&self.plain, self.frames.plain),
+        };
+        if let Some(frame) = cell.get() {
+            return frame.clone();
+        }
+        let frame = cell.get_or_init(make).clone();
+        if let Some(accepted) = self.accepted {
+            self.probes[usize::from(framed)].0 = self.latency.register(&frame, accepted);
+        }
+        frame
     }
 
     fn send(&mut self, id: &ClientId, local: &Local) {
         if self.excluded.contains(id) {
             return;
         }
-        let frame = if local.outbox.is_framed() {
+        let framed = local.outbox.is_framed();
+        let frame = if framed {
             if let Some(position) = self.frames.position {
                 // Already given by this connection's replay.
                 if !self.replays.admits(id, position) {
                     return;
                 }
             }
-            self.framed.get_or_init(self.frames.framed).clone()
+            self.variant(true)
         } else {
-            self.plain.get_or_init(self.frames.plain).clone()
+            self.variant(false)
         };
+        let variant = usize::from(framed);
         match local.outbox.push(frame, self.limits) {
-            Ok(()) => self.out.queued += 1,
+            Ok(()) => {
+                self.out.queued += 1;
+                self.probes[variant].1 += 1;
+            }
             Err(_) => self.out.overflowed += 1,
+        }
+    }
+}
+
+impl Drop for Sender<'_> {
+    fn drop(&mut self) {
+        for (probe, queued) in self.probes {
+            if let Some(probe) = probe {
+                self.latency.expect(probe, queued);
+            }
         }
     }
 }

@@ -78,6 +78,9 @@ pub struct Hub {
     pub replays: Arc<crate::recovery::history::Replays>,
     /// Inner-port pushes seen lately, to keep each in history once.
     pub inner_pushes: crate::recovery::history::InnerPushes,
+    /// Push-to-frame probes: frames registered at fan-out, measured by
+    /// the writers.
+    pub push_latency: crate::push_latency::PushLatency,
 }
 
 /// A connection with an unfinished client message (see [`Hub::incomplete`]).
@@ -101,7 +104,14 @@ impl Hub {
             max_session_bytes: session::DEFAULT_MAX_BYTES,
             replays: Arc::default(),
             inner_pushes: Default::default(),
+            push_latency: Default::default(),
         }
+    }
+
+    /// This hub, measuring push-to-frame latency into `probes`' histograms.
+    pub fn with_push_latency(mut self, probes: crate::push_latency::PushLatency) -> Self {
+        self.push_latency = probes;
+        self
     }
 
     /// This hub, holding sessions to `max_bytes` (`--max-session-bytes`).

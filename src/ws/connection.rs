@@ -106,6 +106,7 @@ pub async fn serve(start: Box<Start>) {
     Box::pin(conn.leave()).await;
     conn.gw.partial.charge(conn.outbox.swap_partial_bytes(0), 0);
     conn.gw.metrics.connections.dec();
+    conn.gw.metrics.connections_closed.inc();
 }
 
 /// What registering a connection needs, moved into its boxed future.
@@ -496,7 +497,10 @@ impl Connection {
                 if written >= left {
                     written -= left;
                     self.offset = 0;
-                    self.batch.pop_front();
+                    if let Some(frame) = self.batch.pop_front() {
+                        // Measured if it is a sampled push's frame.
+                        self.gw.hub.push_latency.written(&frame);
+                    }
                 } else {
                     self.offset += written;
                     written = 0;

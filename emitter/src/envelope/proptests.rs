@@ -75,13 +75,14 @@ fn arb_envelope() -> impl Strategy<Value = Envelope> {
             proptest::option::of(".{0,12}"),
             any::<bool>(),
             prop::collection::vec(any::<u64>(), 0..4),
+            proptest::option::of(any::<u64>()),
         ),
     )
         .prop_map(
             |(
                 (origin, op, client_ids, client_id, uid, group),
                 (groups, exclude, data, binary, session),
-                (req, reply_to, error, reply_channel, reqs),
+                (req, reply_to, error, reply_channel, reqs, ts),
             )| Envelope {
                 origin,
                 v: VERSION,
@@ -100,6 +101,7 @@ fn arb_envelope() -> impl Strategy<Value = Envelope> {
                 reply_channel,
                 error,
                 reqs,
+                ts,
             },
         )
 }

@@ -21,6 +21,7 @@ use crate::frame::close_code;
 use crate::hub::Frames;
 use crate::ids::{ClientId, NodeId};
 use crate::push::{encode_frame, LastFrame, Target};
+use crate::push_latency::{self, Accepted};
 use crate::recovery::framing::{self, PositionRef};
 use crate::task::spawn_critical_thread;
 
@@ -218,22 +219,36 @@ impl Shared {
             position,
         };
         let exclude: Vec<ClientId> = e.exclude.iter().filter_map(|s| s.parse().ok()).collect();
+        // Timed from the envelope's accept time when it has one (from
+        // another node or a publisher); an envelope without is not timed.
+        let accepted = e.ts.map(|unix_us| Accepted::Remote { unix_us });
+        push_latency::with(accepted, || self.deliver_to(channel, e, &frames, &exclude))
+    }
+
+    /// [`Shared::deliver_now`] once the frames are ready.
+    fn deliver_to(
+        &self,
+        channel: Channel<'_>,
+        e: &EnvelopeRef<'_>,
+        frames: &Frames<'_>,
+        exclude: &[ClientId],
+    ) -> Result<(), &'static str> {
         let hub = &self.hub;
         let (kind, delivered) = match channel {
-            Channel::All => ("all", hub.deliver_with(&Target::All, &exclude, &frames)),
+            Channel::All => ("all", hub.deliver_with(&Target::All, exclude, frames)),
             Channel::Group(group) => (
                 "group",
-                hub.deliver_group_part(&e.groups, group, &exclude, &frames),
+                hub.deliver_group_part(&e.groups, group, exclude, frames),
             ),
             Channel::Uid(uid) => {
                 let target = Target::Uids(vec![uid.to_owned()]);
-                ("uid", hub.deliver_with(&target, &exclude, &frames))
+                ("uid", hub.deliver_with(&target, exclude, frames))
             }
             Channel::Reply(_) => return Err("only replies go on a reply channel"),
             Channel::Node(_) => {
                 let ids = e.client_ids.iter().filter_map(|s| s.parse().ok()).collect();
                 let target = Target::Clients(ids);
-                ("client", hub.deliver_with(&target, &exclude, &frames))
+                ("client", hub.deliver_with(&target, exclude, frames))
             }
         };
         self.metrics.delivered(kind, delivered);

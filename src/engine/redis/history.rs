@@ -119,6 +119,7 @@ impl Shared {
         e.data = Some(push.message.data.clone());
         e.binary = push.message.binary;
         e.exclude = ids_to_strings(&push.exclude);
+        e.ts = Some(super::accept_ts());
         let mut sends: Vec<(String, String, bytes::Bytes)> = Vec::new();
         match &push.target {
             Target::Uids(uids) => {

@@ -330,6 +330,12 @@ impl Shared {
     }
 }
 
+/// The envelope's `ts`: when the push being published was accepted here
+/// (its API call), else now.
+fn accept_ts() -> u64 {
+    crate::push_latency::current().map_or_else(crate::push_latency::unix_us, |a| a.unix_us())
+}
+
 fn ids_to_strings(ids: &[ClientId]) -> Vec<String> {
     ids.iter().map(ClientId::to_string).collect()
 }
@@ -384,6 +390,7 @@ impl Engine for RedisEngine {
         e.data = Some(push.message.data.clone());
         e.binary = push.message.binary;
         e.exclude = ids_to_strings(&push.exclude);
+        e.ts = Some(accept_ts());
         let mut channels = Vec::new();
         match &push.target {
             Target::Client(id) if s.is_local(*id) => {

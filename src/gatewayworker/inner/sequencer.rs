@@ -256,7 +256,9 @@ fn deliver(
         false => split_kept(&gw.config.history_streams, target),
     };
     if let Some(local) = local {
-        deliver_here(gw, &local, exclude, p, &frame);
+        // Accepted now, as far as push-to-frame latency goes.
+        let accepted = Some(crate::push_latency::Accepted::now());
+        crate::push_latency::with(accepted, || deliver_here(gw, &local, exclude, p, &frame));
     }
     let Some(kept) = kept else {
         return Outcome::Done;
