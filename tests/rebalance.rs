@@ -503,3 +503,29 @@ async fn scale_out_full_size() {
         task.abort();
     }
 }
+
+/// A node that stops leaves no load record behind: it deletes its field
+/// of `gatecast:load` when it leaves the cluster, and nothing writes it
+/// again afterwards (a late write would count until it expires, and with
+/// `--rebalance off` on every node nobody would ever prune it). Redis
+/// pauses writes for a moment as the node stops, so that the node's load
+/// task (every 100 ms here) has writes queued around the delete. Today's
+/// code writes the field again after deleting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_node_leaves_no_load_record_behind() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    for round in 0..3 {
+        let mut node = node_on(&url, &[("REBALANCE_INTERVAL", "100ms")]);
+        node.wait_ready().await;
+        common::eventually("the node published its load", || async {
+            !redis.cli(&["HKEYS", "gatecast:load"]).trim().is_empty()
+        })
+        .await;
+        redis.cli(&["CLIENT", "PAUSE", "1000", "WRITE"]);
+        node.signal("TERM");
+        node.wait_exit(Duration::from_secs(15)).await;
+        let left = redis.cli(&["HGETALL", "gatecast:load"]);
+        assert!(left.trim().is_empty(), "round {round}: left behind: {left}");
+    }
+}

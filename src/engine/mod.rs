@@ -161,6 +161,8 @@ pub trait Engine: Send + Sync + 'static {
     async fn cluster_load(&self) -> EngineResult<Vec<NodeLoad>> {
         Ok(Vec::new())
     }
+    /// Deletes this node's load (it stops publishing it: it drains).
+    async fn forget_load(&self) {}
 
     /// Leaves the cluster: removes this node's entries from storage at once.
     /// Called once at shutdown, right after every connection was asked to

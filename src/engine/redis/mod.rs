@@ -590,9 +590,15 @@ impl Engine for RedisEngine {
         load::read(&self.shared).await.map_err(unavailable)
     }
 
+    async fn forget_load(&self) {
+        load::forget(&self.shared).await;
+    }
+
     async fn shutdown(&self) {
         let s = &self.shared;
         s.registered.store(false, Ordering::Release);
+        // The load task deleted it already (src/autoscale/rebalance);
+        // again, in case it could not.
         load::forget(s).await;
         // The mirror finishes the batch it is writing, then deletes the
         // partition as its last write: nothing lands after the delete.
