@@ -1,10 +1,20 @@
-//! Rebalancing after a scale-out, behind a real load balancer: HAProxy
-//! from Debian (`balance roundrobin`, health checks on `/readyz`), with
-//! servers added through its runtime API as an autoscaler would. Two
-//! nodes on one Redis hold the clients; a third is added; clients that
-//! reconnect as the browser client does (wait the close frame's
-//! `retry_ms`, then connect through the balancer again) end up spread
-//! within the tolerance, with no more moves than a few times the ideal.
+//! Autoscaling behind a real load balancer: HAProxy from Debian (`balance
+//! roundrobin`, health checks on `/readyz`), servers added and removed
+//! through its runtime API as an autoscaler would, nodes on one Redis.
+//!
+//! - Scale-out: nodes are added; clients that reconnect as gatecast.js
+//!   does (wait the close frame's `retry_ms`, then resume through the
+//!   balancer with token and positions) end up spread within the
+//!   tolerance, with no more moves than a few times the ideal, and with
+//!   pushes running all along none is lost, doubled or out of order.
+//! - A node lost under load: its clients come back through the survivors
+//!   at their handshake rate, none kept out longer than its `Retry-After`
+//!   said; push latency and Redis's load during the storm are measured.
+//! - A rolling restart: every client back, no API error.
+//! - A stopped node leaves no load record behind.
+//!
+//! The `*_full_size` tests are the benchmarks of docs/benchmarks.md (run
+//! by hand, `--ignored`, in release).
 
 mod common;
 
