@@ -780,7 +780,7 @@ async fn a_third_node_added_to_the_balancer_gets_its_share_losing_no_push() {
 /// lost. Run with
 /// `cargo test --release --test rebalance scale_out_full_size -- --ignored --nocapture`
 /// (`GATECAST_BENCH_CLIENTS` and `GATECAST_BENCH_PUSHES` to change the
-/// size; the test raises its own descriptor limit).
+/// size; `ulimit -n 20000`: this process holds every client).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: minutes and 15,000 connections"]
 async fn scale_out_full_size() {
@@ -791,9 +791,6 @@ async fn scale_out_full_size() {
             .unwrap_or(default)
     };
     let clients = env("GATECAST_BENCH_CLIENTS", 15_000) as usize;
-    if let Err(e) = rlimit::setrlimit(rlimit::Resource::NOFILE, 100_000, 100_000) {
-        eprintln!("could not raise the descriptor limit: {e}");
-    }
     let report = scale_out(&ScaleOut {
         before: 3,
         added: 3,
@@ -824,6 +821,8 @@ struct LostNode {
     handshake_ramp: &'static str,
     /// HAProxy processes sharing the clients.
     proxies: usize,
+    /// Child processes holding the clients ([`Shard`]); 0: this process.
+    shards: usize,
     /// Pushes a second to the probes, all along.
     pushes: u64,
     /// Probe clients on each survivor, connected to it directly, each
@@ -999,12 +998,27 @@ async fn lost_node(setup: &LostNode) -> LostReport {
         .map(|_| Haproxy::start_sized(&servers, setup.clients / setup.proxies + 1000))
         .collect();
     let stats = Arc::new(Stats::default());
-    let tasks: Vec<_> = (0..setup.clients)
-        .map(|i| {
-            let url = format!("ws://127.0.0.1:{}/ws", lbs[i % lbs.len()].port);
-            tokio::spawn(reconnecting_client(url, stats.clone()))
-        })
+    let urls: Vec<String> = lbs
+        .iter()
+        .map(|lb| format!("ws://127.0.0.1:{}/ws", lb.port))
         .collect();
+    let connect_began = Instant::now();
+    let (tasks, shards): (Vec<_>, Vec<_>) = if setup.shards == 0 {
+        let tasks = (0..setup.clients)
+            .map(|i| {
+                tokio::spawn(reconnecting_client(
+                    urls[i % urls.len()].clone(),
+                    stats.clone(),
+                ))
+            })
+            .collect();
+        (tasks, Vec::new())
+    } else {
+        let shards = (0..setup.shards)
+            .map(|_| Shard::start(&urls, setup.clients / setup.shards, stats.clone()))
+            .collect();
+        (Vec::new(), shards)
+    };
 
     // Probes: (sent at, ms since `base`; latency, µs).
     let base = Instant::now();
@@ -1034,7 +1048,6 @@ async fn lost_node(setup: &LostNode) -> LostReport {
         }
     }
     let held = setup.clients + uids.len();
-    let connect_began = Instant::now();
     loop {
         let now = counts(&nodes).await;
         if now.iter().sum::<usize>() == held
@@ -1161,10 +1174,19 @@ async fn lost_node(setup: &LostNode) -> LostReport {
         .filter(|(at, _)| *at > killed_at)
         .map(|r| r.1)
         .fold(0.0, f64::max);
+    // Before: the second half of the steady window (the average Redis
+    // keeps reaches back over the connects).
+    let quiet = killed_at.saturating_sub(setup.steady / 2);
     let instantaneous = |after: bool| {
         samples
             .iter()
-            .filter(|(at, _, _)| (*at > killed_at) == after)
+            .filter(|(at, _, _)| {
+                if after {
+                    *at > killed_at
+                } else {
+                    (quiet..killed_at).contains(at)
+                }
+            })
             .map(|s| s.2)
             .max()
             .unwrap_or(0)
@@ -1185,8 +1207,120 @@ async fn lost_node(setup: &LostNode) -> LostReport {
     for task in tasks.into_iter().chain(probes) {
         task.abort();
     }
+    drop(shards);
     drop(lbs);
     report
+}
+
+/// Reconnecting clients in a child process: this test binary running
+/// [`client_shard`]. Their counts reach the parent's [`Stats`] through
+/// the child's stdout; the child is killed when dropped, and exits when
+/// the parent goes (its stdin closes).
+struct Shard {
+    child: Child,
+}
+
+impl Shard {
+    fn start(urls: &[String], clients: usize, stats: Arc<Stats>) -> Shard {
+        use std::io::BufRead;
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args(["client_shard", "--exact", "--ignored", "--nocapture"])
+            .env("GATECAST_SHARD_URLS", urls.join(","))
+            .env("GATECAST_SHARD_CLIENTS", clients.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the client shard starts");
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let (mut connected, mut refused, mut honoured) = (0usize, 0usize, 0usize);
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let n: Vec<usize> = line
+                    .split(' ')
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                if line.starts_with("shard-stats ") && n.len() == 3 {
+                    // Counts of this shard: the parent's move by the change.
+                    stats.connected.fetch_add(n[0], Ordering::Relaxed);
+                    stats.connected.fetch_sub(connected, Ordering::Relaxed);
+                    stats.refused.fetch_add(n[1] - refused, Ordering::Relaxed);
+                    stats.honoured.fetch_add(n[2] - honoured, Ordering::Relaxed);
+                    (connected, refused, honoured) = (n[0], n[1], n[2]);
+                } else if line.starts_with("shard-episode ") && n.len() == 3 {
+                    stats.episodes.lock().unwrap().push(Episode {
+                        promised_ms: n[0] as u64,
+                        took_ms: n[1] as u64,
+                        refusals: n[2] as u32,
+                    });
+                }
+            }
+        });
+        Shard { child }
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A client shard's body (see [`Shard`]); does nothing unless started by
+/// one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run by the full-size tests in a process of its own"]
+async fn client_shard() {
+    use std::io::Write;
+    let (Ok(urls), Ok(clients)) = (
+        std::env::var("GATECAST_SHARD_URLS"),
+        std::env::var("GATECAST_SHARD_CLIENTS"),
+    ) else {
+        return;
+    };
+    let urls: Vec<String> = urls.split(',').map(str::to_owned).collect();
+    let clients: usize = clients.parse().unwrap();
+    // The parent gone (stdin closed): so is this process.
+    std::thread::spawn(|| {
+        let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+        std::process::exit(0);
+    });
+    let stats = Arc::new(Stats::default());
+    for i in 0..clients {
+        tokio::spawn(reconnecting_client(
+            urls[i % urls.len()].clone(),
+            stats.clone(),
+        ));
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        let episodes = std::mem::take(&mut *stats.episodes.lock().unwrap());
+        let mut out = String::new();
+        for e in episodes {
+            out.push_str(&format!(
+                "shard-episode {} {} {}\n",
+                e.promised_ms, e.took_ms, e.refusals
+            ));
+        }
+        out.push_str(&format!(
+            "shard-stats {} {} {}\n",
+            stats.connected.load(Ordering::Relaxed),
+            stats.refused.load(Ordering::Relaxed),
+            stats.honoured.load(Ordering::Relaxed)
+        ));
+        let mut stdout = std::io::stdout().lock();
+        if stdout
+            .write_all(out.as_bytes())
+            .and_then(|()| stdout.flush())
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 /// A node lost under load: one of four nodes behind HAProxy is killed
@@ -1206,6 +1340,7 @@ async fn a_lost_node_s_clients_come_back_within_their_retry_after() {
         handshake_rate: "5",
         handshake_ramp: "0s",
         proxies: 1,
+        shards: 0,
         pushes: 50,
         probes_per_node: 2,
         steady: Duration::from_secs(3),
@@ -1235,11 +1370,11 @@ async fn a_lost_node_s_clients_come_back_within_their_retry_after() {
 
 /// The node lost under load of the issue at full size, for
 /// docs/benchmarks.md (not part of the suite): 4 nodes with the default
-/// handshake rate behind two HAProxy processes hold 20,000 connections;
-/// one is SIGKILLed. Run with
+/// handshake rate behind four HAProxy processes hold 20,000 connections,
+/// made by two client processes (one process may hold 20,000
+/// descriptors); one node is SIGKILLed. Run with
 /// `cargo test --release --test rebalance a_node_lost_under_load_full_size -- --ignored --nocapture`
-/// (`GATECAST_BENCH_CLIENTS` to change the size; the test raises its own
-/// descriptor limit, which needs root or a hard limit of 100,000).
+/// (`GATECAST_BENCH_CLIENTS` to change the size).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark: 20,000 connections"]
 async fn a_node_lost_under_load_full_size() {
@@ -1247,15 +1382,13 @@ async fn a_node_lost_under_load_full_size() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20_000);
-    if let Err(e) = rlimit::setrlimit(rlimit::Resource::NOFILE, 100_000, 100_000) {
-        eprintln!("could not raise the descriptor limit: {e}");
-    }
     let report = lost_node(&LostNode {
         nodes: 4,
         clients,
         handshake_rate: "2000",
         handshake_ramp: "10s",
-        proxies: 2,
+        proxies: 4,
+        shards: 2,
         pushes: 200,
         probes_per_node: 10,
         steady: Duration::from_secs(15),
