@@ -225,18 +225,17 @@ impl<'a> Sender<'a> {
         if self.excluded.contains(id) {
             return;
         }
-        let frame = if local.outbox.is_framed() {
-            if let Some(position) = self.frames.position {
-                // Already given by this connection's replay.
-                if !self.replays.admits(id, position) {
-                    return;
-                }
-            }
-            self.framed.get_or_init(self.frames.framed).clone()
+        let (frame, position) = if local.outbox.is_framed() {
+            let frame = self.framed.get_or_init(self.frames.framed).clone();
+            (frame, self.frames.position)
         } else {
-            self.plain.get_or_init(self.frames.plain).clone()
+            (self.plain.get_or_init(self.frames.plain).clone(), None)
         };
-        match local.outbox.push(frame, self.limits) {
+        let replays = self.replays;
+        // Not one already given by this connection's replay: checked under
+        // the outbox's lock, where the replay sets it (history::replay).
+        let admits = || position.is_none_or(|p| replays.admits(id, p));
+        match local.outbox.push_if(frame, self.limits, admits) {
             Ok(()) => self.out.queued += 1,
             Err(_) => self.out.overflowed += 1,
         }
