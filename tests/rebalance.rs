@@ -427,6 +427,265 @@ async fn follow_through(
     }
 }
 
+/// Pushes sent per stream, in order.
+type Sent = Arc<StdMutex<std::collections::BTreeMap<String, Vec<String>>>>;
+
+/// Opted-in clients through the balancer, each bound to a uid `u<i>` and
+/// in a group `g<i % groups>` of 10, followed as gatecast.js would; pushes
+/// to their streams, kept in history, and what was sent.
+struct Traffic {
+    clients: usize,
+    groups: usize,
+    stats: Arc<Stats>,
+    seen: Vec<Arc<StdMutex<Seen>>>,
+    sent: Sent,
+    /// The last payload number used.
+    seq: u64,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Pushers at a steady rate; see [`Traffic::push_at`].
+struct Pushing {
+    running: Arc<std::sync::atomic::AtomicBool>,
+    errors: Arc<StdMutex<Vec<String>>>,
+    lanes: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+impl Pushing {
+    /// Stops the pushers; how many pushes they sent, and the pushes the
+    /// API did not answer with a result.
+    async fn stop(self) -> (u64, Vec<String>) {
+        self.running.store(false, Ordering::Relaxed);
+        let mut pushed = 0;
+        for lane in self.lanes {
+            pushed += lane.await.expect("a pusher failed");
+        }
+        let errors = self.errors.lock().unwrap().clone();
+        (pushed, errors)
+    }
+}
+
+impl Traffic {
+    /// Connects `clients` through `bases` (in turn), binds them through
+    /// `api`, follows them, and warms up: a push to every uid and group,
+    /// so that every client has a position on both its streams before
+    /// anything moves.
+    async fn start(bases: &[String], clients: usize, api: &Node) -> Traffic {
+        let groups = (clients / 10).max(1);
+        let began = Instant::now();
+        let connected: Vec<Recovering> = futures_util::stream::iter(0..clients)
+            .map(|i| connect_opted_in(&bases[i % bases.len()]))
+            .buffered(200)
+            .collect()
+            .await;
+        let mut commands = Vec::new();
+        for (i, c) in connected.iter().enumerate() {
+            let id = &c.client.id;
+            commands.push(
+                json!({"method": "bind_uid", "params": {"client_id": id, "uid": format!("u{i}")}}),
+            );
+            commands.push(json!({"method": "join_group",
+                "params": {"client_id": id, "group": format!("g{}", i % groups)}}));
+        }
+        batch_ok(api, &commands).await;
+        all_bound(api, clients, groups).await;
+        eprintln!(
+            "{clients} opted-in clients connected and bound through HAProxy in {:.1?}",
+            began.elapsed()
+        );
+        let stats = Arc::new(Stats::default());
+        let seen: Vec<Arc<StdMutex<Seen>>> = (0..clients).map(|_| Arc::default()).collect();
+        let tasks = connected
+            .into_iter()
+            .enumerate()
+            .map(|(i, client)| {
+                let base = bases[i % bases.len()].clone();
+                tokio::spawn(follow_through(base, client, seen[i].clone(), stats.clone()))
+            })
+            .collect();
+        let sent: Sent = Arc::default();
+        let mut seq = 0u64;
+        let mut warm = Vec::new();
+        for i in 0..clients {
+            seq += 1;
+            warm.push(push(seq, true, i));
+        }
+        for g in 0..groups {
+            seq += 1;
+            warm.push(push(seq, false, g));
+        }
+        {
+            let mut sent = sent.lock().unwrap();
+            for (stream, command) in &warm {
+                let data = command["params"]["data"].as_str().unwrap().to_owned();
+                sent.entry(stream.clone()).or_default().push(data);
+            }
+        }
+        let warm: Vec<Value> = warm.into_iter().map(|(_, c)| c).collect();
+        batch_ok(api, &warm).await;
+        let traffic = Traffic {
+            clients,
+            groups,
+            stats,
+            seen,
+            sent,
+            seq,
+            tasks,
+        };
+        common::within(
+            "every client warmed up",
+            Duration::from_secs(120),
+            || async { traffic.delivered() >= 2 * clients },
+        )
+        .await;
+        traffic
+    }
+
+    /// Pushes received, all clients together.
+    fn delivered(&self) -> usize {
+        self.seen
+            .iter()
+            .map(|s| {
+                s.lock()
+                    .unwrap()
+                    .streams
+                    .values()
+                    .map(Vec::len)
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// Starts pushing `rate` a second, half to uids and half to groups,
+    /// through the API at `api` (read before each batch: the caller moves
+    /// it off a node before that node goes). One lane per 100 pushes a
+    /// second, each with its own uids and groups (index modulo the lanes)
+    /// so that each stream's pushes go one after the other, a batch every
+    /// 100 ms.
+    fn push_at(&self, rate: u64, api: Arc<tokio::sync::RwLock<std::net::SocketAddr>>) -> Pushing {
+        let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let errors: Arc<StdMutex<Vec<String>>> = Arc::default();
+        let lanes = (rate / 100).max(1) as usize;
+        let per_tick = (rate / 10 / lanes as u64).max(1);
+        let (clients, groups, first) = (self.clients, self.groups, self.seq);
+        let handles = (0..lanes)
+            .map(|lane| {
+                let (running, sent, errors, api) = (
+                    running.clone(),
+                    self.sent.clone(),
+                    errors.clone(),
+                    api.clone(),
+                );
+                tokio::spawn(async move {
+                    use rand::Rng;
+                    let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
+                    let mut tick = tokio::time::interval(Duration::from_millis(100));
+                    let mut n = 0u64;
+                    let own = |count: usize| {
+                        let choices = count.saturating_sub(lane).div_ceil(lanes).max(1);
+                        lane + lanes * rand::rng().random_range(0..choices)
+                    };
+                    while running.load(Ordering::Relaxed) {
+                        tick.tick().await;
+                        let batch: Vec<(String, Value)> = (0..per_tick)
+                            .map(|_| {
+                                n += 1;
+                                let seq = first + n * lanes as u64 + lane as u64;
+                                if n % 2 == 0 {
+                                    push(seq, true, own(clients))
+                                } else {
+                                    push(seq, false, own(groups))
+                                }
+                            })
+                            .collect();
+                        let commands: Vec<&Value> = batch.iter().map(|(_, c)| c).collect();
+                        // Held while the batch is out: the node is not
+                        // stopped under it.
+                        let api = api.read().await;
+                        let answer = http
+                            .post(format!("http://{}/api/batch", *api))
+                            .json(&json!({ "commands": commands }))
+                            .send()
+                            .await;
+                        let replies: Vec<Value> = match answer {
+                            Ok(r) if r.status() == 200 => match r.json::<Value>().await {
+                                Ok(body) => body["replies"].as_array().cloned().unwrap_or_default(),
+                                Err(e) => vec![json!({"error": e.to_string()}); batch.len()],
+                            },
+                            Ok(r) => vec![json!({"error": r.status().as_u16()}); batch.len()],
+                            Err(e) => vec![json!({"error": e.to_string()}); batch.len()],
+                        };
+                        drop(api);
+                        let mut sent = sent.lock().unwrap();
+                        for ((stream, command), reply) in batch.iter().zip(replies) {
+                            if reply.get("result").is_none() {
+                                errors.lock().unwrap().push(format!("{command}: {reply}"));
+                            }
+                            let data = command["params"]["data"].as_str().unwrap().to_owned();
+                            sent.entry(stream.clone()).or_default().push(data);
+                        }
+                    }
+                    n
+                })
+            })
+            .collect();
+        Pushing {
+            running,
+            errors,
+            lanes: handles,
+        }
+    }
+
+    /// Every client's two streams against what was sent, until all are
+    /// whole or `limit` passed: what is wrong (lost, doubled, out of
+    /// order, another stream's, not resumed or not recovered), and the
+    /// deliveries counted. Then the clients stop.
+    async fn check(self, limit: Duration) -> (Vec<String>, usize) {
+        let check = || {
+            let sent = self.sent.lock().unwrap();
+            let mut wrong = Vec::new();
+            let mut deliveries = 0;
+            for (i, seen) in self.seen.iter().enumerate() {
+                let seen = seen.lock().unwrap();
+                let mine = [format!("u:u{i}"), format!("g:g{}", i % self.groups)];
+                for stream in &mine {
+                    let want = sent.get(stream).cloned().unwrap_or_default();
+                    let got = seen.streams.get(stream).cloned().unwrap_or_default();
+                    deliveries += got.len();
+                    if got != want {
+                        wrong.push(format!(
+                            "client {i} {stream}: sent {want:?}, got {got:?}; what it saw: {:#?}",
+                            seen.events
+                        ));
+                    }
+                }
+                if seen.streams.keys().any(|s| !mine.contains(s)) {
+                    wrong.push(format!("client {i}: pushes of another stream"));
+                }
+                if seen.not_resumed > 0 || !seen.not_recovered.is_empty() {
+                    wrong.push(format!(
+                        "client {i}: {} resumed:false, recovered false for {:?}",
+                        seen.not_resumed, seen.not_recovered
+                    ));
+                }
+            }
+            (wrong, deliveries)
+        };
+        let deadline = Instant::now() + limit;
+        let checked = loop {
+            let checked = check();
+            if checked.0.is_empty() || Instant::now() >= deadline {
+                break checked;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        for task in &self.tasks {
+            task.abort();
+        }
+        checked
+    }
+}
+
 /// `setup.before` nodes on one Redis behind HAProxy hold the clients;
 /// `setup.added` nodes are started and added through the runtime API;
 /// pushes to uids and groups run all along. Measures how long until the
@@ -434,7 +693,6 @@ async fn follow_through(
 /// every client got every push to its uid and group exactly once, in
 /// order, across its moves.
 async fn scale_out(setup: &ScaleOut) -> ScaleReport {
-    let groups = (setup.clients / 10).max(1);
     let redis = RedisServer::start();
     let url = redis.url();
     let start = || node_on(&url, &setup.options);
@@ -456,149 +714,13 @@ async fn scale_out(setup: &ScaleOut) -> ScaleReport {
         .iter()
         .map(|lb| format!("ws://127.0.0.1:{}/ws", lb.port))
         .collect();
-
-    let began = Instant::now();
-    let connected: Vec<Recovering> = futures_util::stream::iter(0..setup.clients)
-        .map(|i| connect_opted_in(&bases[i % bases.len()]))
-        .buffered(200)
-        .collect()
-        .await;
-    let api = &nodes[0];
-    let mut commands = Vec::new();
-    for (i, c) in connected.iter().enumerate() {
-        let id = &c.client.id;
-        commands.push(
-            json!({"method": "bind_uid", "params": {"client_id": id, "uid": format!("u{i}")}}),
-        );
-        commands.push(json!({"method": "join_group",
-            "params": {"client_id": id, "group": format!("g{}", i % groups)}}));
-    }
-    batch_ok(api, &commands).await;
-    all_bound(api, setup.clients, groups).await;
-    eprintln!(
-        "scale-out: {} opted-in clients connected and bound through HAProxy in {:.1?}: {:?}",
-        setup.clients,
-        began.elapsed(),
-        counts(&nodes).await
+    let traffic = Traffic::start(&bases, setup.clients, &nodes[0]).await;
+    eprintln!("scale-out: {:?}", counts(&nodes).await);
+    // Through the first node: it stays.
+    let pushing = traffic.push_at(
+        setup.pushes,
+        Arc::new(tokio::sync::RwLock::new(nodes[0].api)),
     );
-    let stats = Arc::new(Stats::default());
-    let seen: Vec<Arc<StdMutex<Seen>>> = (0..setup.clients).map(|_| Arc::default()).collect();
-    let tasks: Vec<_> = connected
-        .into_iter()
-        .enumerate()
-        .map(|(i, client)| {
-            let base = bases[i % bases.len()].clone();
-            tokio::spawn(follow_through(base, client, seen[i].clone(), stats.clone()))
-        })
-        .collect();
-
-    // Warm-up: a push to every uid and group, so that every client has a
-    // position on both its streams before anything moves.
-    let sent: Arc<StdMutex<std::collections::BTreeMap<String, Vec<String>>>> = Arc::default();
-    let mut seq = 0u64;
-    let mut warm = Vec::new();
-    for i in 0..setup.clients {
-        seq += 1;
-        warm.push(push(seq, true, i));
-    }
-    for g in 0..groups {
-        seq += 1;
-        warm.push(push(seq, false, g));
-    }
-    {
-        let mut sent = sent.lock().unwrap();
-        for (stream, command) in &warm {
-            let data = command["params"]["data"].as_str().unwrap().to_owned();
-            sent.entry(stream.clone()).or_default().push(data);
-        }
-    }
-    let warm: Vec<Value> = warm.into_iter().map(|(_, c)| c).collect();
-    batch_ok(api, &warm).await;
-    let delivered = || {
-        seen.iter()
-            .map(|s| {
-                s.lock()
-                    .unwrap()
-                    .streams
-                    .values()
-                    .map(Vec::len)
-                    .sum::<usize>()
-            })
-            .sum::<usize>()
-    };
-    common::within(
-        "every client warmed up",
-        Duration::from_secs(120),
-        || async { delivered() >= 2 * setup.clients },
-    )
-    .await;
-
-    // The pushers: one lane per 100 pushes a second, each with its own
-    // uids and groups (index modulo the lanes) so that each stream's
-    // pushes go one after the other, a batch every 100 ms through the API
-    // of the first node (it stays).
-    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let push_errors: Arc<StdMutex<Vec<String>>> = Arc::default();
-    let lanes = (setup.pushes / 100).max(1) as usize;
-    let per_tick = (setup.pushes / 10 / lanes as u64).max(1);
-    let api_addr = api.api;
-    let pushers: Vec<_> = (0..lanes)
-        .map(|lane| {
-            let (running, sent, push_errors) = (running.clone(), sent.clone(), push_errors.clone());
-            let clients = setup.clients;
-            tokio::spawn(async move {
-                use rand::Rng;
-                let http = reqwest::Client::builder().timeout(WAIT).build().unwrap();
-                let mut tick = tokio::time::interval(Duration::from_millis(100));
-                let mut n = 0u64;
-                let own = |count: usize| {
-                    let k = rand::rng()
-                        .random_range(0..count.saturating_sub(lane).div_ceil(lanes).max(1));
-                    lane + lanes * k
-                };
-                while running.load(Ordering::Relaxed) {
-                    tick.tick().await;
-                    let batch: Vec<(String, Value)> = (0..per_tick)
-                        .map(|_| {
-                            n += 1;
-                            let seq = seq + n * lanes as u64 + lane as u64;
-                            if n % 2 == 0 {
-                                push(seq, true, own(clients))
-                            } else {
-                                push(seq, false, own(groups))
-                            }
-                        })
-                        .collect();
-                    let commands: Vec<&Value> = batch.iter().map(|(_, c)| c).collect();
-                    let answer = http
-                        .post(format!("http://{api_addr}/api/batch"))
-                        .json(&json!({ "commands": commands }))
-                        .send()
-                        .await;
-                    let replies: Vec<Value> = match answer {
-                        Ok(r) if r.status() == 200 => match r.json::<Value>().await {
-                            Ok(body) => body["replies"].as_array().cloned().unwrap_or_default(),
-                            Err(e) => vec![json!({"error": e.to_string()}); batch.len()],
-                        },
-                        Ok(r) => vec![json!({"error": r.status().as_u16()}); batch.len()],
-                        Err(e) => vec![json!({"error": e.to_string()}); batch.len()],
-                    };
-                    let mut sent = sent.lock().unwrap();
-                    for ((stream, command), reply) in batch.iter().zip(replies) {
-                        if reply.get("result").is_none() {
-                            push_errors
-                                .lock()
-                                .unwrap()
-                                .push(format!("{command}: {reply}"));
-                        }
-                        let data = command["params"]["data"].as_str().unwrap().to_owned();
-                        sent.entry(stream.clone()).or_default().push(data);
-                    }
-                }
-                n
-            })
-        })
-        .collect();
 
     // Scale out, as an autoscaler's new pods: started, ready, added.
     for i in setup.before..setup.before + setup.added {
@@ -622,7 +744,7 @@ async fn scale_out(setup: &ScaleOut) -> ScaleReport {
             eprintln!(
                 "scale-out: +{:>3}s {now:?} max/mean {ratio:.3} moved {}",
                 added.elapsed().as_secs(),
-                stats.honoured.load(Ordering::Relaxed)
+                traffic.stats.honoured.load(Ordering::Relaxed)
             );
         }
         if ratio <= 1.15 && at_115.is_none() {
@@ -632,11 +754,7 @@ async fn scale_out(setup: &ScaleOut) -> ScaleReport {
             at_110 = Some(added.elapsed());
         }
     }
-    running.store(false, Ordering::Relaxed);
-    let mut pushed = 0;
-    for pusher in pushers {
-        pushed += pusher.await.expect("a pusher failed");
-    }
+    let (pushed, push_errors) = pushing.stop().await;
     let mut moved_by_nodes = 0.0;
     for node in &nodes {
         moved_by_nodes += metric(
@@ -644,50 +762,8 @@ async fn scale_out(setup: &ScaleOut) -> ScaleReport {
             r#"gatecast_operational_closes_total{reason="rebalance"}"#,
         );
     }
-
-    // Every client's two streams, checked until whole (bounded).
-    let check = || {
-        let sent = sent.lock().unwrap();
-        let mut wrong = Vec::new();
-        let mut deliveries = 0;
-        for (i, seen) in seen.iter().enumerate() {
-            let seen = seen.lock().unwrap();
-            let mine = [format!("u:u{i}"), format!("g:g{}", i % groups)];
-            for stream in &mine {
-                let want = sent.get(stream).cloned().unwrap_or_default();
-                let got = seen.streams.get(stream).cloned().unwrap_or_default();
-                deliveries += got.len();
-                if got != want {
-                    wrong.push(format!(
-                        "client {i} {stream}: sent {want:?}, got {got:?}; what it saw: {:#?}",
-                        seen.events
-                    ));
-                }
-            }
-            if seen.streams.keys().any(|s| !mine.contains(s)) {
-                wrong.push(format!("client {i}: pushes of another stream"));
-            }
-            if seen.not_resumed > 0 || !seen.not_recovered.is_empty() {
-                wrong.push(format!(
-                    "client {i}: {} resumed:false, recovered false for {:?}",
-                    seen.not_resumed, seen.not_recovered
-                ));
-            }
-        }
-        (wrong, deliveries)
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (wrong, deliveries) = loop {
-        let checked = check();
-        if checked.0.is_empty() || Instant::now() >= deadline {
-            break checked;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    for task in tasks {
-        task.abort();
-    }
-    let push_errors = push_errors.lock().unwrap().clone();
+    let stats = traffic.stats.clone();
+    let (wrong, deliveries) = traffic.check(Duration::from_secs(60)).await;
     ScaleReport {
         at_115,
         at_110,
@@ -1414,12 +1490,15 @@ async fn a_node_lost_under_load_full_size() {
 
 /// A rolling restart behind HAProxy, as a Deployment does it: for each of
 /// two nodes a replacement starts and joins the balancer, the old one is
-/// put in maintenance there and gets SIGTERM; its clients get a drain
-/// close with `retry_ms` and reconnect through the balancer. Every client
-/// ends up on the new nodes, and API calls (`send_to_all`, a query) made
-/// all along through a node that is not restarting never fail.
+/// put in maintenance there and gets SIGTERM; its clients, opted in to
+/// recovery, get a drain close with `retry_ms` and resume through the
+/// balancer with token and positions. 100 pushes a second to their uids
+/// and groups, kept in history, run all along through the API of the
+/// newest node (never one restarting). Every client ends up on the new
+/// nodes, the API answers every push, and every client gets every push of
+/// its uid and group exactly once and in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rolling_restart_brings_every_client_back_without_api_errors() {
+async fn a_rolling_restart_brings_every_client_back_without_api_errors_or_loss() {
     const CLIENTS: usize = 40;
     let redis = RedisServer::start();
     let url = redis.url();
@@ -1438,53 +1517,24 @@ async fn a_rolling_restart_brings_every_client_back_without_api_errors() {
         node.wait_ready().await;
     }
     let lb = Haproxy::start(&[("old0", old[0].public), ("old1", old[1].public)]);
-    let lb_url = format!("ws://127.0.0.1:{}/ws", lb.port);
-    let stats = Arc::new(Stats::default());
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| tokio::spawn(reconnecting_client(lb_url.clone(), stats.clone())))
-        .collect();
-    common::eventually("every client connected", || async {
-        counts(&old).await.iter().sum::<usize>() == CLIENTS
-    })
-    .await;
+    let bases = [format!("ws://127.0.0.1:{}/ws", lb.port)];
+    let traffic = Traffic::start(&bases, CLIENTS, &old[0]).await;
+    let api = Arc::new(tokio::sync::RwLock::new(old[0].api));
+    let pushing = traffic.push_at(100, api.clone());
     let mut new = Vec::new();
     for (i, retiring) in old.iter_mut().enumerate() {
         let node = Node::start(&args);
         node.wait_ready().await;
         lb.add_server(&format!("new{i}"), node.public).await;
+        // Waits for a batch in flight to the node about to go.
+        *api.write().await = node.api;
         new.push(node);
-        // API calls all along, through the newest node (never the one
-        // restarting), as a backend behind the internal Service.
-        let api = new.last().unwrap();
-        let calls = async {
-            let mut failures = Vec::new();
-            for _ in 0..30 {
-                for (method, params) in [
-                    ("send_to_all", serde_json::json!({"data": "tick"})),
-                    ("get_all_client_count", serde_json::json!({})),
-                ] {
-                    let (status, body) = api.call(method, params).await;
-                    if status != 200 {
-                        failures.push(format!("{method}: {status} {body}"));
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            failures
-        };
-        let restart = async {
-            let answer = lb
-                .command(&format!("set server nodes/old{i} state maint"))
-                .await;
-            assert!(answer.trim().is_empty(), "{answer}");
-            retiring.signal("TERM");
-            assert!(retiring.wait_exit(Duration::from_secs(8)).await.success());
-        };
-        let (failures, ()) = tokio::join!(calls, restart);
-        assert!(
-            failures.is_empty(),
-            "API errors during the restart: {failures:?}"
-        );
+        let answer = lb
+            .command(&format!("set server nodes/old{i} state maint"))
+            .await;
+        assert!(answer.trim().is_empty(), "{answer}");
+        retiring.signal("TERM");
+        assert!(retiring.wait_exit(Duration::from_secs(8)).await.success());
         let answer = lb.command(&format!("del server nodes/old{i}")).await;
         assert!(answer.contains("Server deleted"), "{answer}");
     }
@@ -1494,18 +1544,25 @@ async fn a_rolling_restart_brings_every_client_back_without_api_errors() {
         || async { counts(&new).await.iter().sum::<usize>() == CLIENTS },
     )
     .await;
-    assert_eq!(
-        new[0]
-            .ok("get_all_client_count", serde_json::json!({}))
-            .await,
-        CLIENTS
+    assert_eq!(new[0].ok("get_all_client_count", json!({})).await, CLIENTS);
+    let (pushed, errors) = pushing.stop().await;
+    let drained = traffic.stats.honoured.load(Ordering::Relaxed);
+    let (wrong, deliveries) = traffic.check(Duration::from_secs(60)).await;
+    eprintln!(
+        "rolling restart: {pushed} pushes, {} not answered with a result, {deliveries} \
+         deliveries, {} clients wrong, {drained} drain closes honoured",
+        errors.len(),
+        wrong.len()
     );
+    assert!(pushed > 0);
+    assert!(
+        errors.is_empty(),
+        "API errors during the restart: {errors:?}"
+    );
+    assert!(wrong.is_empty(), "{:#?}", &wrong[..wrong.len().min(3)]);
     // Each client was drained at least once, and waited its retry_ms.
-    assert!(stats.honoured.load(Ordering::Relaxed) >= CLIENTS);
+    assert!(drained >= CLIENTS, "{drained} drained");
     drop(old.drain(..));
-    for client in clients {
-        client.abort();
-    }
 }
 
 /// A node that stops leaves no load record behind: it deletes its field
