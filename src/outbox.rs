@@ -107,10 +107,29 @@ impl Outbox {
     /// Queues a frame unless the queue would go past `limits`, in which
     /// case the connection is closed with 1013 and its queue dropped.
     pub fn push(&self, frame: Bytes, limits: &Limits) -> Result<(), Overflow> {
+        self.push_if(frame, limits, || true).map(|_| ())
+    }
+
+    /// [`push`](Self::push), if `admits` says so when asked under the
+    /// outbox's lock: a decision taken together with the push, never
+    /// between two steps of a [`rewrite`](Self::rewrite) (a replay sets
+    /// what a connection must not get twice inside its rewrite, so a live
+    /// push is either held before it, and filtered by it, or checked
+    /// after it). Returns whether the frame was queued (not when refused
+    /// or when the connection is closing).
+    pub fn push_if(
+        &self,
+        frame: Bytes,
+        limits: &Limits,
+        admits: impl FnOnce() -> bool,
+    ) -> Result<bool, Overflow> {
         let mut state = self.state.lock();
+        if !admits() {
+            return Ok(false);
+        }
         if state.close.is_some() {
             // Closing: what is pushed now would never be read.
-            return Ok(());
+            return Ok(false);
         }
         let too_many = state.frames.len() >= limits.frames;
         let too_big =
@@ -136,7 +155,7 @@ impl Outbox {
         if was_empty {
             self.wake();
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Asks the writer to close the connection, after the frames already
@@ -344,6 +363,35 @@ mod tests {
         assert!(outbox.take_woken());
         assert!(!outbox.take_woken());
         assert!(outbox.is_framed());
+    }
+
+    /// A replay sets its filter inside its rewrite; a push whose filter
+    /// check raced with it is decided after the rewrite, against the new
+    /// filter, never let in by the old one after the rewrite (a push the
+    /// replay gave, delivered twice).
+    #[test]
+    fn a_push_decided_during_a_rewrite_sees_what_the_rewrite_set() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let outbox = Arc::new(Outbox::default());
+        let replayed = Arc::new(AtomicBool::new(false));
+        let mut live = None;
+        outbox.rewrite(|queue| {
+            queue.push_back(Bytes::from_static(b"replayed"));
+            let (outbox, seen) = (outbox.clone(), replayed.clone());
+            live = Some(std::thread::spawn(move || {
+                // The fan-out's check: not already replayed.
+                let admits = || !seen.load(Ordering::SeqCst);
+                outbox.push_if(Bytes::from_static(b"live"), &frames(10), admits)
+            }));
+            // Give the push time to wait for the lock (if it were checked
+            // before it, it would be let in below).
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            replayed.store(true, Ordering::SeqCst);
+        });
+        live.unwrap().join().unwrap().unwrap();
+        let state = outbox.state.lock();
+        assert_eq!(state.frames, [Bytes::from_static(b"replayed")]);
     }
 
     #[test]

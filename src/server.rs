@@ -302,6 +302,11 @@ pub async fn run_with(
             stop_internal.clone(),
         )),
     );
+    // The load task stops publishing when the drain begins and deletes
+    // the node's load field; the drain waits for that (`load_left`) before
+    // the engine leaves, so no write of the field lands after it left.
+    let stop_load = stop_internal.child_token();
+    let (load_left_tx, load_left) = tokio::sync::oneshot::channel::<()>();
     if gw.config.redis_url.is_some() {
         spawn_critical(
             "rebalancing",
@@ -309,9 +314,13 @@ pub async fn run_with(
             &stop_internal,
             background.track_future(crate::autoscale::rebalance::run(
                 gw.clone(),
+                stop_load.clone(),
+                load_left_tx,
                 stop_internal.clone(),
             )),
         );
+    } else {
+        drop(load_left_tx);
     }
     // The dashboard's stats record (docs/dashboard.md).
     spawn_critical(
@@ -392,6 +401,7 @@ pub async fn run_with(
     let grace = gw.config.shutdown_grace;
     let drain = async {
         gw.start_draining();
+        stop_load.cancel();
         gw.autoscale.evacuation.stop();
         stop_public.cancel();
         // The node stays in the cluster while its clients are closed
@@ -410,6 +420,8 @@ pub async fn run_with(
             .close_all_spread(drain.code(), || drain.reason(pick_retry_ms(window)), spread)
             .await;
         gw.metrics.autoscale.closed(drain.name(), before);
+        // Bounded: the load task is between two Redis commands at worst.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), load_left).await;
         // Leave the cluster now, not after the last client said goodbye:
         // other nodes must stop routing to this one at once.
         gw.engine.shutdown().await;

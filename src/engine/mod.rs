@@ -161,6 +161,8 @@ pub trait Engine: Send + Sync + 'static {
     async fn cluster_load(&self) -> EngineResult<Vec<NodeLoad>> {
         Ok(Vec::new())
     }
+    /// Deletes this node's load (it stops publishing it: it drains).
+    async fn forget_load(&self) {}
 
     // --- Dashboard (issue 30, docs/dashboard.md) ---
 

@@ -247,22 +247,17 @@ impl<'a> Sender<'a> {
             return;
         }
         let framed = local.outbox.is_framed();
-        let frame = if framed {
-            if let Some(position) = self.frames.position {
-                // Already given by this connection's replay.
-                if !self.replays.admits(id, position) {
-                    return;
-                }
-            }
-            self.variant(true)
-        } else {
-            self.variant(false)
-        };
-        let variant = usize::from(framed);
-        match local.outbox.push(frame, self.limits) {
-            Ok(()) => {
+        let position = if framed { self.frames.position } else { None };
+        let frame = self.variant(framed);
+        let replays = self.replays;
+        // Not one already given by this connection's replay: checked under
+        // the outbox's lock, where the replay sets it (history::replay).
+        let admits = || position.is_none_or(|p| replays.admits(id, p));
+        match local.outbox.push_if(frame, self.limits, admits) {
+            Ok(queued) => {
                 self.out.queued += 1;
-                self.probes[variant].1 += 1;
+                // A probe waits only for the writes that will happen.
+                self.probes[usize::from(framed)].1 += usize::from(queued);
             }
             Err(_) => self.out.overflowed += 1,
         }

@@ -571,14 +571,15 @@ pub async fn replay(
         // A new connection in no stream that keeps history.
         return;
     }
-    if filtered {
-        // From now on live pushes up to each replayed top are dropped on
-        // their way in; those already held are dropped below, in the same
-        // order.
-        cx.replays.set(id, done.clone());
-    }
     let recovered = report.then(|| framing::recovered(&outcome));
     outbox.rewrite(|queue| {
+        // From now on live pushes up to each replayed top are dropped on
+        // their way in; those already held are dropped below. Under the
+        // outbox's lock, where the fan-out checks it (Outbox::push_if): a
+        // push checked against the old filter cannot land after this.
+        if filtered {
+            cx.replays.set(id, done.clone());
+        }
         let held = std::mem::take(queue);
         // Control frames queued before the first held push (the welcome)
         // stay first.

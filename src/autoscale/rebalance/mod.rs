@@ -6,6 +6,12 @@
 //! ([`decide`]), closes some of its clients, picked at random, each told
 //! to come back after a delay (`{"reason":"rebalance","retry_ms":N}`,
 //! 1001): the load balancer spreads their reconnects over the cluster.
+//!
+//! This task is the only writer of the node's load field: when the node
+//! stops it stops publishing and deletes the field itself, before the
+//! engine leaves the cluster, so that no write of it lands after the
+//! delete (a late write would count until it expires, and on a cluster
+//! with `--rebalance off` nobody would ever prune it).
 
 pub mod decide;
 
@@ -23,9 +29,28 @@ use crate::gateway::Gateway;
 /// Closes of one round go out in slices this far apart.
 const SLICE: Duration = Duration::from_millis(100);
 
+/// Rounds between two prunes of dead nodes' fields with `--rebalance
+/// off` (with it on, every round's read prunes them).
+const PRUNE_ROUNDS: u64 = 12;
+
 /// Publishes this node's load every round and, with `--rebalance on`,
-/// sheds its excess.
-pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
+/// sheds its excess. Once `leave` is cancelled (the node drains), it
+/// deletes the node's field, drops `left` (the drain waits for that before
+/// the engine leaves the cluster) and waits for `stop`.
+pub async fn run(
+    gw: Arc<Gateway>,
+    leave: CancellationToken,
+    left: tokio::sync::oneshot::Sender<()>,
+    stop: CancellationToken,
+) {
+    rounds(&gw, &leave).await;
+    gw.engine.forget_load().await;
+    drop(left);
+    stop.cancelled().await;
+}
+
+/// The rounds, until `leave` is cancelled.
+async fn rounds(gw: &Arc<Gateway>, leave: &CancellationToken) {
     let interval = gw.config.rebalance_interval;
     let me = gw.minter.node().to_string();
     let tuning = Tuning {
@@ -36,11 +61,13 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut phase = Phase::Idle;
+    let mut round = 0u64;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
-            () = stop.cancelled() => return,
+            () = leave.cancelled() => return,
         }
+        round += 1;
         let load = NodeLoad {
             node: me.clone(),
             connections: gw.hub.client_count() as u64,
@@ -51,6 +78,12 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
             continue;
         }
         if gw.config.rebalance == Rebalance::Off {
+            // Nobody reads the hash every round: the fields of nodes that
+            // died (killed, so they could not delete theirs) are pruned
+            // once in a while by the read.
+            if round % PRUNE_ROUNDS == 0 {
+                let _ = gw.engine.cluster_load().await;
+            }
             continue;
         }
         let mut nodes = match gw.engine.cluster_load().await {
@@ -85,7 +118,7 @@ pub async fn run(gw: Arc<Gateway>, stop: CancellationToken) {
             closing = to_close,
             "rebalancing: above the cluster's mean, moving connections to other nodes"
         );
-        let closed = shed(&gw, to_close, decision.per_second, &stop).await;
+        let closed = shed(gw, to_close, decision.per_second, leave).await;
         metrics.closed(Operational::Rebalance.name(), closed);
     }
 }

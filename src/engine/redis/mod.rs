@@ -635,9 +635,15 @@ impl Engine for RedisEngine {
         tail::start(&self.shared, target).await
     }
 
+    async fn forget_load(&self) {
+        load::forget(&self.shared).await;
+    }
+
     async fn shutdown(&self) {
         let s = &self.shared;
         s.registered.store(false, Ordering::Release);
+        // The load task deleted it already (src/autoscale/rebalance);
+        // again, in case it could not.
         load::forget(s).await;
         stats::forget(s).await;
         // The mirror finishes the batch it is writing, then deletes the
