@@ -2,12 +2,13 @@
 # How gatecast's cost grows (issue 18): deliveries/s, push-to-last-delivery
 # latency, server CPU per delivery and the nodes' RSS as one dimension
 # moves, the others fixed (fresh nodes and a flushed Redis for every run;
-# every push one HTTP call through the last node's API, 16 callers):
-#   nodes    1, 2, 3 nodes over Redis, clients spread over all of them;
+# every push one HTTP call, 16 callers in total):
+#   nodes    1, 2, 3 nodes over Redis, clients and API calls spread over all
+#            of them (round robin, as a Service spreads them);
 #            2 groups of 1,000, 1,000 pushes per group, 100 B, open loop
 #   groups   2 nodes; 1 group of 10,000 (100 pushes) against 10,000
 #            groups of 1 (2 pushes each), 100 B, --window 4 (clients on
-#            node A, 10,000 in both)
+#            node A, 10,000 in both; calls through the last node's API)
 #   size     2 nodes; 2 groups of 1,000, 100 B / 4 KiB / 64 KiB (1,000 /
 #            200 / 50 pushes per group), --window 4
 # Prints one JSON line per run, then a table.
@@ -37,11 +38,11 @@ RURL=redis://127.0.0.1:$RPORT
 
 start() { # nodes
   local gc=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --handshake-rate 0 --rebalance off --log-level error --redis-url "$RURL")
-  PIDS=(); ADDRS=(); API=""
+  PIDS=(); ADDRS=(); APIS=(); API=""
   for k in $(seq 0 $(($1 - 1))); do
     local ws=$((PORT_BASE + 10 * k)) api=$((PORT_BASE + 10 * k + 1))
     $GC --listen 127.0.0.1:$ws --api-listen 127.0.0.1:$api "${gc[@]}" & PIDS+=($!)
-    ADDRS+=(127.0.0.1:$ws); API=127.0.0.1:$api
+    ADDRS+=(127.0.0.1:$ws); APIS+=(127.0.0.1:$api); API=127.0.0.1:$api
   done
   for k in $(seq 0 $(($1 - 1))); do
     for _ in $(seq 100); do curl -sf "http://127.0.0.1:$((PORT_BASE + 10 * k + 1))/readyz" >/dev/null && break; sleep 0.1; done
@@ -57,11 +58,13 @@ stop() {
 run() { # label nodes clients-on-all(yes/no) fanout-args...
   local label=$1 nodes=$2 spread=$3; shift 3
   start "$nodes"
-  local pids addrs; pids=$(IFS=,; echo "${PIDS[*]}")
-  if [ "$spread" = yes ]; then addrs=$(IFS=,; echo "${ADDRS[*]}"); else addrs=${ADDRS[0]}; fi
+  local pids addrs api=$API; pids=$(IFS=,; echo "${PIDS[*]}")
+  if [ "$spread" = yes ]; then
+    addrs=$(IFS=,; echo "${ADDRS[*]}"); api=$(IFS=,; echo "${APIS[*]}")
+  else addrs=${ADDRS[0]}; fi
   net=$(( net % 200 + 1 ))
   local line
-  line=$("$BENCH" --source-net $net fanout --pid "$pids" --addr "$addrs" --api "$API" --callers 16 "$@" | tail -1)
+  line=$("$BENCH" --source-net $net fanout --pid "$pids" --addr "$addrs" --api "$api" --callers 16 "$@" | tail -1)
   stop
   local out="{\"run\":\"$label\",\"nodes\":$nodes,\"at\":\"$(date -u +%FT%TZ)\",\"load1\":$(cut -d' ' -f1 /proc/loadavg),\"result\":${line:-null}}"
   echo "$out"; echo "$out" >> "$results"

@@ -3,15 +3,26 @@
 # generator and the same HTTP push API shape against
 #   limit      the bare-Rust limit server (bench/peers/limit: 1 node, no Redis)
 #   node1      the Node.js ws + Redis peer (bench/peers/node), 1 node
-#   node2      the same, 2 nodes (clients on A, API calls to B)
+#   node2      the same, 2 nodes (clients and API calls spread over both)
 #   gc-memory  gatecast, in-process engine
 #   gc-redis1  gatecast, Redis engine, 1 node
-#   gc-redis2  gatecast, 2 nodes over Redis (clients on A, API calls to B)
+#   gc-redis2  gatecast, 2 nodes over Redis (clients and API calls spread)
 #   gw1        GatewayWorker (PHP, bench/peers/gatewayworker), 1 gateway
-#   gw2        the same, 2 gateways (clients on A, API calls to B)
+#   gw2        the same, 2 gateways (clients and API calls spread)
 # with fresh processes (and a flushed Redis) for every scenario. Prints one
 # JSON line per run, then a markdown table (medians over REPEATS) with
 # ratio columns (RATIOS).
+#
+# The 2-node set-ups are run as users run a cluster behind a Service: the
+# clients connect round robin to both nodes, and every API call (joins,
+# binds, pushes) goes to the next node in turn, so each node both takes
+# calls and delivers. (Until 2026-12-06 every client was on node A and
+# every call went to node B, so A only delivered: friendlier.) Only idle
+# keeps clients on A and calls to B: it measures A's memory per connection
+# bound through another node; storm connects to node A.
+# CALLERS (default "4 16") is the number of HTTP calls the load generator
+# keeps in flight at once, in total over every node's API (not per node);
+# every scenario runs once per value, and the table has a row per value.
 #
 # Scenarios (SCENARIOS, in this order by default):
 #   idle        5,000 clients bound to uids, one push each: RSS per connection
@@ -50,7 +61,7 @@ PORT_B=${PORT_B:-$((PORT_BASE + 100))}
 SETUPS=${SETUPS:-"limit node1 node2 gc-memory gc-redis1 gc-redis2"}
 SCENARIOS=${SCENARIOS:-"idle fanout broadcast unicast small fanout4k fanout64k storm fanout-redis"}
 REPEATS=${REPEATS:-1}
-CALLERS=${CALLERS:-16}
+CALLERS=${CALLERS:-"4 16"}
 BIG_WINDOW=${BIG_WINDOW:-4}
 STORM_CONC=${STORM_CONC:-100}
 RATIOS=${RATIOS:-"gc-redis2/node2 gc-redis1/limit gc-redis1/gc-memory"}
@@ -83,26 +94,34 @@ start() { # setup scenario
   local gc=(--inner-listen 127.0.0.1:0 --advertise-ip 127.0.0.1 --handshake-rate 0 --rebalance off --log-level error)
   [ "$2" = storm ] && gc+=(--client-jwt-secret $JWT_SECRET)
   ADDR=127.0.0.1:$A_WS; API=127.0.0.1:$A_API; PIDS=(); MEM_PIDS=
+  # 2 nodes: clients and calls spread over both (ADDR, API); idle binds
+  # A's clients through B (ONE_ADDR, OTHER_API).
+  local both_ws=127.0.0.1:$A_WS,127.0.0.1:$B_WS both_api=127.0.0.1:$A_API,127.0.0.1:$B_API
+  ONE_ADDR=$ADDR; OTHER_API=$API
   case $1 in
     limit) $LIMIT "$ADDR" "$API" & PIDS=($!) ;;
     node1|node2)
       node "$NODE" "$A_WS" "$A_API" a "$RURL" & PIDS=($!)
       if [ "$1" = node2 ]; then
-        node "$NODE" "$B_WS" "$B_API" b "$RURL" & PIDS+=($!); API=127.0.0.1:$B_API
+        node "$NODE" "$B_WS" "$B_API" b "$RURL" & PIDS+=($!)
+        ADDR=$both_ws; API=$both_api; OTHER_API=127.0.0.1:$B_API
       fi ;;
     gc-memory) $GC --listen "$ADDR" --api-listen "$API" "${gc[@]}" & PIDS=($!) ;;
     gc-redis1|gc-redis2)
       $GC --listen "$ADDR" --api-listen "$API" "${gc[@]}" --redis-url "$RURL" & PIDS=($!)
       if [ "$1" = gc-redis2 ]; then
         $GC --listen 127.0.0.1:$B_WS --api-listen 127.0.0.1:$B_API "${gc[@]}" --redis-url "$RURL" & PIDS+=($!)
-        API=127.0.0.1:$B_API
+        ADDR=$both_ws; API=$both_api; OTHER_API=127.0.0.1:$B_API
       fi ;;
     gw1|gw2)
       gw_start "$1" "$A_WS" "$A_API" "$B_WS" "$B_API"
-      if [ "$1" = gw2 ]; then API=127.0.0.1:$B_API; fi ;;
+      if [ "$1" = gw2 ]; then ADDR=$both_ws; API=$both_api; OTHER_API=127.0.0.1:$B_API; fi ;;
   esac
+  local up a
   for _ in $(seq 100); do
-    curl -sf "http://127.0.0.1:$A_API/readyz" >/dev/null && curl -sf "http://$API/readyz" >/dev/null && return
+    up=1
+    for a in ${API//,/ }; do curl -sf "http://$a/readyz" >/dev/null || up=0; done
+    [ $up = 1 ] && return
     sleep 0.1
   done
   echo "$1 did not become ready" >&2
@@ -114,14 +133,14 @@ stop() {
   redis-cli -p "$RPORT" FLUSHALL >/dev/null
 }
 
-run() { # setup scenario
+run() { # setup scenario callers
   local pids; pids=$(IFS=,; echo "${PIDS[*]}")
-  local t=(--pid "$pids" --addr "$ADDR" --api "$API" --callers "$CALLERS")
+  local t=(--pid "$pids" --addr "$ADDR" --api "$API" --callers "$3")
   local fanout=(fanout "${t[@]}" --group-size 1000 --groups 2)
   net=$(( net % 200 + 1 ))
   local b=("$BENCH" --source-net $net)
   case $2 in
-    idle) "${b[@]}" idle --pid "${MEM_PIDS:-${PIDS[0]}}" --addr "$ADDR" --api "$API" --count 5000 --groups 10 --push uid --callers "$CALLERS" ;;
+    idle) "${b[@]}" idle --pid "${MEM_PIDS:-${PIDS[0]}}" --addr "$ONE_ADDR" --api "$OTHER_API" --count 5000 --groups 10 --push uid --callers "$3" ;;
     fanout) "${b[@]}" "${fanout[@]}" --pushes 1000 --size 100 ;;
     fanout-redis) "${b[@]}" "${fanout[@]}" --pushes 1000 --size 100 --via redis --redis-url "$RURL" ;;
     broadcast) "${b[@]}" broadcast "${t[@]}" --clients 5000 --pushes 400 --size 100 ;;
@@ -129,22 +148,26 @@ run() { # setup scenario
     small) "${b[@]}" fanout "${t[@]}" --group-size 2 --groups 1000 --pushes 20 --size 100 --window 4 ;;
     fanout4k) "${b[@]}" "${fanout[@]}" --pushes 200 --size 4096 --window "$BIG_WINDOW" ;;
     fanout64k) "${b[@]}" "${fanout[@]}" --pushes 50 --size 65536 --window "$BIG_WINDOW" ;;
-    storm) "${b[@]}" storm --addr "$ADDR" --count 5000 --concurrency "$STORM_CONC" --jwt-secret $JWT_SECRET ;;
+    storm) "${b[@]}" storm --addr "$ONE_ADDR" --count 5000 --concurrency "$STORM_CONC" --jwt-secret $JWT_SECRET ;;
   esac
 }
 
 for r in $(seq "$REPEATS"); do
   for scenario in $SCENARIOS; do
-    for setup in $SETUPS; do
-      line=""
-      if supported "$setup" "$scenario"; then
-        start "$setup" "$scenario"
-        line=$(run "$setup" "$scenario" | tail -1)
-        stop
-      fi
-      load=$(cut -d' ' -f1 /proc/loadavg)
-      out="{\"setup\":\"$setup\",\"scenario\":\"$scenario\",\"repeat\":$r,\"at\":\"$(date -u +%FT%TZ)\",\"load1\":$load,\"result\":${line:-null}}"
-      echo "$out"; echo "$out" >> "$results"
+    for callers in $CALLERS; do
+      # idle and storm make no pushes: run once, with the first CALLERS.
+      if [[ $scenario == idle || $scenario == storm ]] && [ "$callers" != "${CALLERS%% *}" ]; then continue; fi
+      for setup in $SETUPS; do
+        line=""
+        if supported "$setup" "$scenario"; then
+          start "$setup" "$scenario"
+          line=$(run "$setup" "$scenario" "$callers" | tail -1)
+          stop
+        fi
+        load=$(cut -d' ' -f1 /proc/loadavg)
+        out="{\"setup\":\"$setup\",\"scenario\":\"$scenario\",\"callers\":$callers,\"repeat\":$r,\"at\":\"$(date -u +%FT%TZ)\",\"load1\":$load,\"result\":${line:-null}}"
+        echo "$out"; echo "$out" >> "$results"
+      done
     done
   done
 done
@@ -159,9 +182,10 @@ for r in rows:
     res = r["result"]
     if res and res.get("scenario") == "idle":
         res["kib_after"] = res["bytes_per_connection"]["after"] / 1024
-def med(setup, scen, key):
+def med(setup, scen, key, callers):
     v = [r["result"][key] for r in rows
-         if r["setup"] == setup and r["scenario"] == scen and r["result"] and key in r["result"]]
+         if r["setup"] == setup and r["scenario"] == scen and r.get("callers") == callers
+         and r["result"] and key in r["result"]]
     return statistics.median(v) if v else None
 def fmt(v, f):
     return "—" if v is None else f.format(v)
@@ -195,7 +219,10 @@ print("| --- |" + " --- |" * (len(setups) + len(ratios)))
 for name, scen, keys, f in lines:
     if scen not in scens:
         continue
-    cells = [" / ".join(fmt(med(s, scen, k), f) for k in keys) for s in setups]
-    cells += [" / ".join(ratio(med(a, scen, k), med(b, scen, k)) for k in keys) for a, b in ratios]
-    print(f"| {name} | " + " | ".join(cells) + " |")
+    cs = sorted({r.get("callers") for r in rows if r["scenario"] == scen})
+    for c in cs:
+        label = f"{name} [{c} callers]" if len(cs) > 1 else name
+        cells = [" / ".join(fmt(med(s, scen, k, c), f) for k in keys) for s in setups]
+        cells += [" / ".join(ratio(med(a, scen, k, c), med(b, scen, k, c)) for k in keys) for a, b in ratios]
+        print(f"| {label} | " + " | ".join(cells) + " |")
 PY

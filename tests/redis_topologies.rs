@@ -100,6 +100,17 @@ async fn redis_cluster_of_three_masters() {
     let (holder, api) = (Node::start(&args), Node::start(&args));
     holder.wait_ready().await;
     api.wait_ready().await;
+    // Each node's view of the registry reads the other's liveness key in
+    // its own slot (one GET per node: an MGET across slots is refused).
+    eventually("each node sees both alive", || async {
+        let mut both = true;
+        for node in [&holder, &api] {
+            let page = node.get_text("/metrics").await;
+            both &= common::metric(&page, "gatecast_nodes_alive") == 2.0;
+        }
+        both
+    })
+    .await;
     let mut a = Client::connect(&holder.ws_url("")).await;
     let mut b = Client::connect(&api.ws_url("")).await;
     exercise(&holder, &api, &mut a, "one").await;

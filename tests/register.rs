@@ -454,3 +454,115 @@ async fn connection_caps_refuse_the_excess_and_count_it_by_cap() {
     })
     .await;
 }
+
+/// A node killed (no leave) drops off every Register's list once the
+/// others purge it: the purge tells the other nodes' views, which do not
+/// read the registry again otherwise (issue 33). Heartbeat 1 s: the
+/// liveness key expires within 2 heartbeats, a purge round follows within
+/// half a heartbeat, the Register polls every second; 5 s of slack for a
+/// loaded machine, far below the 30 s after which a view is read whole
+/// anyway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_leaves_the_list_once_purged() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--node-heartbeat",
+        "1s",
+        "--register-listen",
+        "127.0.0.1:0",
+    ];
+    let nodes: Vec<Node> = (0..3).map(|_| Node::start(&args)).collect();
+    common::ready(&nodes).await;
+    let all: BTreeSet<String> = nodes.iter().map(inner).collect();
+    let mut workers = Vec::new();
+    for node in &nodes[..2] {
+        let mut worker = RegisterClient::connect(register_addr(node)).await;
+        worker.send_line(WORKER_CONNECT).await;
+        worker.addresses_until(&all).await;
+        workers.push(worker);
+    }
+    let mut nodes = nodes;
+    nodes[2].signal("KILL");
+    let killed = std::time::Instant::now();
+    let _ = nodes[2].wait_exit(WAIT).await;
+    let left = BTreeSet::from([inner(&nodes[0]), inner(&nodes[1])]);
+    for worker in &mut workers {
+        let limit = Duration::from_secs(9).saturating_sub(killed.elapsed());
+        tokio::time::timeout(limit, worker.addresses_until(&left))
+            .await
+            .unwrap_or_else(|_| panic!("the killed node still listed {limit:?} later"));
+    }
+}
+
+/// Redis commands of idle nodes, summed over `INFO commandstats`, but for
+/// PING (each node and its subscriber connections ping on timers of their
+/// own, a constant per node that would only dilute the comparison) and
+/// the test's own INFO.
+fn idle_commands(redis: &RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?;
+            let counted = !["ping", "info"].contains(&name);
+            counted.then(|| calls.parse::<u64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// Commands per node per second over `window`, once every node sees all
+/// `nodes` alive (so no registration is still under way).
+async fn per_node_rate(redis: &RedisServer, nodes: &[Node], window: Duration) -> f64 {
+    let n = nodes.len() as f64;
+    eventually("every node sees every node", || async {
+        let mut all = true;
+        for node in nodes {
+            all &= metric(&node.get_text("/metrics").await, "gatecast_nodes_alive") == n;
+        }
+        all
+    })
+    .await;
+    let (before, started) = (idle_commands(redis), std::time::Instant::now());
+    tokio::time::sleep(window).await;
+    let count = idle_commands(redis) - before;
+    count as f64 / started.elapsed().as_secs_f64() / n
+}
+
+/// Idle Redis work grows linearly with the nodes (issue 33): the Redis
+/// commands each idle node causes per second (heartbeats, Register polls,
+/// purges) are the same with 10 nodes as with 3. They grew with the number
+/// of nodes before: every node read every other node's liveness key every
+/// second for its Register and ran the purge script for every other node
+/// every half heartbeat (3 nodes: ~21 commands per node per second, 10
+/// nodes: ~56). Commands are counted, not timed: a loaded machine only
+/// fires the timers later, which lowers both figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_redis_commands_per_node_do_not_grow_with_the_nodes() {
+    let redis = RedisServer::start();
+    let url = redis.url();
+    let args = [
+        "--redis-url",
+        url.as_str(),
+        "--node-heartbeat",
+        "1s",
+        "--register-listen",
+        "127.0.0.1:0",
+    ];
+    let window = Duration::from_secs(6);
+    let mut nodes: Vec<Node> = (0..3).map(|_| Node::start(&args)).collect();
+    common::ready(&nodes).await;
+    let three = per_node_rate(&redis, &nodes, window).await;
+    nodes.extend((0..7).map(|_| Node::start(&args)));
+    common::ready(&nodes).await;
+    let ten = per_node_rate(&redis, &nodes, window).await;
+    eprintln!("idle commands per node per second: 3 nodes {three:.1}, 10 nodes {ten:.1}");
+    assert!(
+        ten <= three * 1.5,
+        "idle Redis commands per node grow with the nodes: {three:.1}/s per node with 3 \
+         nodes, {ten:.1}/s with 10"
+    );
+}

@@ -41,9 +41,10 @@ pub struct Target {
     pub pids: Vec<u32>,
     /// The clients' nodes (clients spread round robin).
     pub addrs: Vec<SocketAddr>,
-    /// The API the pushes go through (may be another node's).
-    pub api: SocketAddr,
-    /// Concurrent API callers.
+    /// The APIs the pushes go through (may be another node's; several:
+    /// calls spread round robin).
+    pub api: Vec<SocketAddr>,
+    /// Concurrent API callers, in total over every API.
     pub callers: usize,
     /// Single calls or batches.
     pub mode: Mode,
@@ -77,7 +78,7 @@ enum Pusher {
 impl Pusher {
     async fn new(t: &Target) -> Self {
         match t.via {
-            Via::Http => Pusher::Http(Api::new(t.api)),
+            Via::Http => Pusher::Http(Api::spread(&t.api)),
             Via::Redis => {
                 use fred::prelude::{Builder, ClientLike, Config};
                 let url = t
@@ -170,7 +171,7 @@ pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usi
         exit("--via redis publishes one push at a time: not with --mode batch");
     }
     clock();
-    let api = Api::new(t.api);
+    let api = Api::spread(&t.api);
     let pusher = Pusher::new(&t).await;
     let clients = group_size * groups.max(1);
     let conns = connect_spread(&t.addrs, clients).await;
@@ -306,6 +307,8 @@ pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usi
             "via": format!("{:?}", t.via).to_lowercase(),
             "window": t.window,
             "callers": t.callers,
+            "apis": t.api.len(),
+            "nodes": t.addrs.len(),
             "clients": clients,
             "groups": groups,
             "pushes": sent,
@@ -370,7 +373,7 @@ fn clock() -> Instant {
 /// `clients` clients bound to uids; `rate` pushes/s to random uids for
 /// `seconds`, each carrying its send time; prints latency percentiles.
 pub async fn unicast(t: Target, clients: usize, rate: u64, seconds: u64, size: usize) {
-    let api = Api::new(t.api);
+    let api = Api::spread(&t.api);
     let pusher = Pusher::new(&t).await;
     clock();
     let conns = connect_spread(&t.addrs, clients).await;
@@ -448,6 +451,9 @@ pub async fn unicast(t: Target, clients: usize, rate: u64, seconds: u64, size: u
         json!({
             "scenario": "unicast",
             "via": format!("{:?}", t.via).to_lowercase(),
+            "callers": t.callers,
+            "apis": t.api.len(),
+            "nodes": t.addrs.len(),
             "clients": clients,
             "rate": rate,
             "sent": sent,

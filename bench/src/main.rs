@@ -52,10 +52,13 @@ struct TargetArgs {
     /// spread round robin over them.
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8080")]
     addr: Vec<SocketAddr>,
-    /// The API the pushes go through; may be another node's.
-    #[arg(long, default_value = "127.0.0.1:8081")]
-    api: SocketAddr,
-    /// Concurrent API callers.
+    /// The API the pushes go through; may be another node's. Several,
+    /// comma-separated: every call (push, join, bind) goes to the next one
+    /// in turn, as a Service spreads them.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:8081")]
+    api: Vec<SocketAddr>,
+    /// Concurrent API callers: HTTP calls in flight at once in total,
+    /// over all `--api` addresses (not per node).
     #[arg(long, default_value_t = 16)]
     callers: usize,
     /// One HTTP call per push, or 100 per /api/batch call (gatecast only).

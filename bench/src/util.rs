@@ -118,12 +118,23 @@ pub async fn connect_spread(addrs: &[SocketAddr], count: usize) -> Vec<(Ws, Stri
 #[derive(Clone)]
 pub struct Api {
     http: reqwest::Client,
-    base: Arc<str>,
+    /// Every node's API base; calls go to each in turn.
+    bases: Arc<[String]>,
+    /// Calls made so far (picks the next base).
+    next: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Api {
     /// A client of the API at `addr`.
     pub fn new(addr: SocketAddr) -> Self {
+        Api::spread(&[addr])
+    }
+
+    /// A client of the APIs at `addrs`, one call to each in turn (round
+    /// robin per call, as a Service that balances requests spreads them
+    /// over its pods).
+    pub fn spread(addrs: &[SocketAddr]) -> Self {
+        assert!(!addrs.is_empty(), "at least one API address");
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .timeout(WAIT)
@@ -132,8 +143,14 @@ impl Api {
             .unwrap();
         Api {
             http,
-            base: format!("http://{addr}/api").into(),
+            bases: addrs.iter().map(|a| format!("http://{a}/api")).collect(),
+            next: Arc::default(),
         }
+    }
+
+    fn base(&self) -> &str {
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        &self.bases[n % self.bases.len()]
     }
 
     /// One call; panics on anything but a 2xx (a benchmark with failed
@@ -141,7 +158,7 @@ impl Api {
     pub async fn call(&self, method: &str, body: serde_json::Value) {
         let response = self
             .http
-            .post(format!("{}/{method}", self.base))
+            .post(format!("{}/{method}", self.base()))
             .json(&body)
             .send()
             .await

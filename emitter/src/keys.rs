@@ -107,6 +107,25 @@ impl Keys {
         format!("{}:nodes", self.prefix)
     }
 
+    /// Counter incremented at every change of the node set (a node
+    /// registering, leaving, purged): nodes read the set again only when
+    /// it moved.
+    pub fn nodes_version(&self) -> String {
+        format!("{}:nodes:v", self.prefix)
+    }
+
+    /// Lease of the node running the current purge round (its instance
+    /// id, for less than half a heartbeat).
+    pub fn purge_lease(&self) -> String {
+        format!("{}:purge", self.prefix)
+    }
+
+    /// Lease of the node that last swept for orphaned partitions (its
+    /// instance id, for ten heartbeats).
+    pub fn sweep_lease(&self) -> String {
+        format!("{}:sweep", self.prefix)
+    }
+
     /// Hash of every node's load (connection count, readiness, when), one
     /// field per node id, for rebalancing.
     pub fn load(&self) -> String {

@@ -2,20 +2,25 @@
 //! without leaving.
 //!
 //! Every half heartbeat a node refreshes its `:alive` key (TTL two
-//! heartbeats) and checks every other node in the node set: a node whose
-//! key expired is dead, and its partition is deleted by one atomic script
-//! (several survivors may race; one deletes, the others find nothing). A
-//! dead node is gone from every query within 2.5 heartbeats. Less often,
+//! heartbeats). Every half heartbeat as well, one node (whichever takes the
+//! purge lease first) reads the node set and every liveness record, and a
+//! node whose key expired is dead: its partition is deleted by one atomic
+//! script (a node of an older version purging too may race; one deletes,
+//! the other finds nothing). A dead node is gone from every query within
+//! 2.5 heartbeats. Less often (one node per period, by another lease),
 //! partitions that belong to no node in the set (left by a crash at the
-//! wrong moment) are swept the same way.
+//! wrong moment) are swept the same way. One node doing the round keeps
+//! the cluster's Redis work for liveness linear in the nodes; with every
+//! node checking every other one it grew with their square.
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fred::prelude::*;
 use futures_util::TryStreamExt;
 
-use super::Shared;
+use super::{registry, Shared};
 use crate::gatewayworker::secret::GatewayKey;
 use crate::ids::NodeId;
 
@@ -113,10 +118,16 @@ pub async fn beat(s: &Shared, registering: bool) -> Result<Beat, fred::error::Er
         // Not back in the node set before the partition is.
         return Ok(Beat::Fresh);
     }
-    s.redis
+    let added = s
+        .redis
         .client
         .sadd::<i64, _, _>(s.keys.nodes(), s.node_name.clone())
         .await?;
+    // The others' views change: a new member, or a new record (another
+    // instance of this node id). A plain beat of a member changes nothing.
+    if registering || added > 0 {
+        registry::bump(s).await?;
+    }
     Ok(if found == 1 { Beat::Kept } else { Beat::Fresh })
 }
 
@@ -152,11 +163,12 @@ impl Throttle {
     }
 }
 
-/// The purge task.
+/// The purge task: every half heartbeat, one node of the cluster (the one
+/// that takes the purge lease) purges the dead nodes; every node brings its
+/// view of the registry up to date.
 pub async fn run(s: Arc<Shared>) {
     let mut tick = tokio::time::interval(s.settings.heartbeat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut round = 0u32;
     let mut failures = Throttle::default();
     loop {
         tokio::select! {
@@ -166,49 +178,68 @@ pub async fn run(s: Arc<Shared>) {
         if !s.redis.client.is_connected() {
             continue;
         }
-        match purge_dead(&s).await {
-            Ok(nodes) => {
-                round += 1;
-                if round % SWEEP_EVERY == 0 {
-                    if let Err(e) = sweep_orphans(&s, &nodes).await {
-                        tracing::debug!(error = %e, "sweep for orphaned partitions failed");
-                    }
-                }
-            }
-            Err(e) => {
-                if let Some(skipped) = failures.allow() {
-                    tracing::warn!(error = %e, skipped, "purging dead nodes failed");
-                }
+        if let Err(e) = round(&s).await {
+            if let Some(skipped) = failures.allow() {
+                tracing::warn!(error = %e, skipped, "purging dead nodes failed");
             }
         }
     }
 }
 
-/// Purges the nodes of the node set whose liveness expired; returns the
-/// node set as it was.
-async fn purge_dead(s: &Shared) -> Result<HashSet<NodeId>, fred::error::Error> {
-    let names: Vec<String> = s.redis.client.smembers(s.keys.nodes()).await?;
-    let mut nodes = HashSet::new();
-    let mut alive = 1;
-    for name in names {
-        let Ok(node) = name.parse::<NodeId>() else {
-            continue;
-        };
-        nodes.insert(node);
-        if node == s.node {
-            continue;
-        }
+/// Takes the lease `key` for `ttl` if nobody holds it; returns whether this
+/// node got it.
+async fn lease(s: &Shared, key: String, ttl: Duration) -> Result<bool, fred::error::Error> {
+    let ms = ttl.as_millis().max(1) as i64;
+    let taken: Option<String> = s
+        .redis
+        .client
+        .set(
+            key,
+            s.instance.clone(),
+            Some(Expiration::PX(ms)),
+            Some(SetOptions::NX),
+            false,
+        )
+        .await?;
+    Ok(taken.is_some())
+}
+
+/// One purge round. The lease lasts a little less than the round's
+/// interval, so every node's next tick finds it free again and the first
+/// one takes it: rounds stay at most half a heartbeat apart, however many
+/// nodes there are, and a node that holds the lease and dies delays
+/// nothing (as when every node purged).
+async fn round(s: &Shared) -> Result<(), fred::error::Error> {
+    let every = s.settings.heartbeat / 2;
+    if !lease(s, s.keys.purge_lease(), every * 4 / 5).await? {
+        registry::refresh(s).await?;
+        return Ok(());
+    }
+    let version = registry::version(s).await?;
+    let found = registry::read_whole(s, version).await?;
+    let mut purged = false;
+    for node in found.dead(s.node) {
         if purge(s, node).await? {
             s.redis
                 .client
-                .srem::<i64, _, _>(s.keys.nodes(), name)
+                .srem::<i64, _, _>(s.keys.nodes(), node.to_string())
                 .await?;
-        } else {
-            alive += 1;
+            purged = true;
         }
     }
-    s.metrics.nodes_alive.set(alive);
-    Ok(nodes)
+    if purged {
+        registry::bump(s).await?;
+        s.registry.invalidate();
+    }
+    // The sweep's lease spans SWEEP_EVERY rounds: one sweep per period in
+    // the whole cluster.
+    if lease(s, s.keys.sweep_lease(), every * SWEEP_EVERY).await? {
+        let members: HashSet<NodeId> = found.members.iter().copied().collect();
+        if let Err(e) = sweep_orphans(s, &members).await {
+            tracing::debug!(error = %e, "sweep for orphaned partitions failed");
+        }
+    }
+    Ok(())
 }
 
 /// Deletes `node`'s partition if its liveness key expired. Returns whether

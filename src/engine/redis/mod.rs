@@ -18,8 +18,10 @@
 //! - Ownership: a membership change for a client on another node is a
 //!   command to that node ([`rpc`]), answered once mirrored
 //!   ([`membership`]).
-//! - Liveness: nodes heartbeat a key with a TTL; survivors delete the
-//!   partition of a node whose key expired ([`liveness`]). After any
+//! - Liveness: nodes heartbeat a key with a TTL; one survivor at a time
+//!   deletes the partition of a node whose key expired ([`liveness`]).
+//!   Each node follows the live nodes through a counter that changes with
+//!   the node set ([`registry`]). After any
 //!   reconnection a node registers again ([`registration`]). A PING
 //!   tells a hung Redis from a slow one for readiness ([`probe`]).
 //! - Queries about other nodes' connections read their partitions
@@ -38,6 +40,7 @@ mod presence;
 mod probe;
 mod queries;
 mod registration;
+mod registry;
 mod resume;
 mod rpc;
 mod scripts;
@@ -128,6 +131,8 @@ struct Shared {
     mirror: Mirror,
     /// Commands sent to other nodes, waiting for their reply.
     rpc: Rpc,
+    /// This node's view of the live nodes ([`registry`]).
+    registry: registry::View,
     /// This node's connections that opted in to recovery, with the keys
     /// of their resume records.
     resumable: crate::recovery::resume::Resumable,
@@ -204,6 +209,7 @@ impl RedisEngine {
             settings,
             mirror: Mirror::default(),
             rpc: Rpc::default(),
+            registry: registry::View::default(),
             resumable: Default::default(),
             resumes: tokio::sync::Semaphore::new(resume::IN_FLIGHT),
             reads: history::Reads::default(),

@@ -176,5 +176,5 @@ pub async fn leave(s: &Shared) -> Result<(), fred::error::Error> {
         .client
         .srem::<i64, _, _>(s.keys.nodes(), s.node_name.clone())
         .await?;
-    Ok(())
+    super::registry::bump(s).await
 }

@@ -331,24 +331,13 @@ impl Shared {
     }
 
     /// This node and every other registered node whose liveness key is
-    /// alive (a dead node stays in the node set until purged).
+    /// alive (a dead node stays in the node set until purged) and, with a
+    /// gateway key, signed by a node that has it. From the node's view of
+    /// the registry: usually one GET, whatever the number of nodes.
     pub(super) async fn node_addresses(&self) -> EngineResult<Vec<std::net::SocketAddrV4>> {
-        let nodes = self.other_nodes().await?;
-        let c = &self.redis.client;
-        let records: Vec<Option<String>> = try_join_all(
-            nodes
-                .iter()
-                .map(|n| c.get(self.keys.partition_key(*n, suffix::ALIVE, ""))),
-        )
-        .await
-        .map_err(unavailable)?;
-        // Alive, and (with a gateway key) signed by a node that has it.
-        let key = &self.settings.liveness_key;
-        let live = nodes.iter().zip(records).filter(|(n, record)| {
-            record
-                .as_deref()
-                .is_some_and(|r| super::liveness::verified(r, key, **n))
-        });
+        self.check()?;
+        let registry = super::registry::refresh(self).await.map_err(unavailable)?;
+        let live = registry.alive.iter().filter(|(_, verified)| *verified);
         let mut addrs: Vec<_> = live.map(|(n, _)| n.addr()).collect();
         addrs.push(self.node.addr());
         addrs.sort();

@@ -89,6 +89,7 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
         },
         mirror: Mirror::default(),
         rpc: Rpc::default(),
+        registry: Default::default(),
         resumable: Default::default(),
         resumes: tokio::sync::Semaphore::new(1),
         reads: Default::default(),
