@@ -450,6 +450,21 @@ async fn a_tail_subscribes_only_while_it_is_open() {
     .await;
 }
 
+/// A tail whose Redis connection is lost ends with a reason (the page
+/// starts another), never stays open and silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_ends_when_its_redis_connection_is_lost() {
+    let redis = RedisServer::start();
+    let nodes = two_nodes(&redis, &[]).await;
+    let mut tail = Tail::open(&nodes[0], "group=lost", None).await;
+    // Every subscriber connection: the nodes' own reconnect, the tail's
+    // does not.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let (kind, data) = tail.next().await;
+    assert_eq!(kind, "end", "{data}");
+    assert!(data["reason"].as_str().unwrap().contains("lost"), "{data}");
+}
+
 /// While Redis hangs, the overview and a new tail answer 503 within the
 /// API's deadline; the node lives on and shows its record again after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

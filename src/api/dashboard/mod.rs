@@ -113,10 +113,14 @@ where
         Ok(()) => with_deadline(f()).await,
         Err(e) => Err(e),
     };
-    let response = match result {
+    let mut response = match result {
         Ok(value) => Json(json!({ "result": value })).into_response(),
         Err(e) => e.into_response(),
     };
+    // Sessions and ids: never kept by a browser or a proxy.
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     count(gw, response.status());
     response
 }
