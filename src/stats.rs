@@ -194,11 +194,20 @@ pub async fn run(gw: Arc<Gateway>, addresses: Addresses, stop: CancellationToken
         let record = collect(&gw, &addresses, started, &mut previous, redis_rtt_ms);
         let began = Instant::now();
         // Bounded like any Redis call, and never longer than an interval.
-        let write = gw.engine.publish_stats(&record, interval * VALID_INTERVALS);
+        let write = gw
+            .engine
+            .publish_stats_take_request(&record, interval * VALID_INTERVALS);
         match tokio::time::timeout(interval.max(Duration::from_secs(1)), write).await {
-            Ok(Ok(())) => {
+            Ok(Ok(request)) => {
                 redis_rtt_ms =
                     (record.engine == "redis").then(|| began.elapsed().as_secs_f64() * 1000.0);
+                if let Some(rate) = request {
+                    // Asked from another node's dashboard: as if
+                    // `POST /api/evacuate` had been called here.
+                    let rate = rate.unwrap_or(gw.config.evacuate_rate);
+                    tracing::info!(rate, "evacuating: asked from another node's dashboard");
+                    gw.autoscale.evacuation.start(&gw, rate);
+                }
             }
             Ok(Err(e)) => tracing::debug!(error = %e, "stats record not written"),
             Err(_) => tracing::debug!("stats record not written in time"),

@@ -372,6 +372,59 @@ async fn records_cross_redis_and_leave_with_their_node() {
     assert_eq!(o["totals"]["nodes"], 1, "{o:#}");
 }
 
+/// Node A's dashboard evacuates node B: B takes the request with its next
+/// record and closes its clients with 1001 `evacuate`, as if
+/// `POST /api/evacuate` had been called on B; A keeps its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_of_one_node_evacuates_another() {
+    let redis = RedisServer::start();
+    let nodes = two_nodes(&redis, &[]).await;
+    let mut on_b = Client::connect(&nodes[1].ws_url("")).await;
+    let b = node_id(&on_b);
+    let on_a = Client::connect(&nodes[0].ws_url("")).await;
+    eventually("B's record is there", || async {
+        let o = result(&nodes[0], "/api/dashboard/overview").await;
+        row(&o, &b).is_some()
+    })
+    .await;
+    let post = |body: Value| {
+        let url = format!("http://{}/api/dashboard/evacuate", nodes[0].api);
+        async move {
+            let res = http().post(url).json(&body).send().await.unwrap();
+            let status = res.status().as_u16();
+            (status, res.json::<Value>().await.unwrap())
+        }
+    };
+    for bad in [
+        json!({"node": "0a0000011234"}),
+        json!({"node": "nope"}),
+        json!({"node": b, "rate": 0}),
+        json!({}),
+    ] {
+        let got = post(bad.clone()).await;
+        common::assert_api_error(&bad.to_string(), &got, 400, "invalid_params");
+    }
+    let (status, body) = post(json!({"node": b.to_uppercase(), "rate": 1000})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["requested"], true);
+    match on_b.next().await {
+        common::Seen::Close(Some(1001)) => {}
+        other => panic!("B's client: {other:?}"),
+    }
+    eventually("B reports evacuating", || async {
+        nodes[1].get_text("/readyz").await.contains("evacuating")
+    })
+    .await;
+    assert_eq!(nodes[0].get_status(false, "/readyz").await, 200);
+    let o = result(&nodes[0], "/api/dashboard/overview").await;
+    assert_eq!(row(&o, &node_id(&on_a)).unwrap()["connections"], 1);
+    assert_eq!(
+        redis.cli(&["HLEN", "gatecast:evacuate"]).trim(),
+        "0",
+        "taken once"
+    );
+}
+
 /// A tail's Redis subscription lives exactly as long as the tail: nobody
 /// watching costs Redis nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -395,6 +448,21 @@ async fn a_tail_subscribes_only_while_it_is_open() {
         subscribers() == "0"
     })
     .await;
+}
+
+/// A tail whose Redis connection is lost ends with a reason (the page
+/// starts another), never stays open and silent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tail_ends_when_its_redis_connection_is_lost() {
+    let redis = RedisServer::start();
+    let nodes = two_nodes(&redis, &[]).await;
+    let mut tail = Tail::open(&nodes[0], "group=lost", None).await;
+    // Every subscriber connection: the nodes' own reconnect, the tail's
+    // does not.
+    redis.cli(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    let (kind, data) = tail.next().await;
+    assert_eq!(kind, "end", "{data}");
+    assert!(data["reason"].as_str().unwrap().contains("lost"), "{data}");
 }
 
 /// While Redis hangs, the overview and a new tail answer 503 within the

@@ -138,6 +138,14 @@ impl Keys {
         format!("{}:stats", self.prefix)
     }
 
+    /// Hash of evacuation requests from the dashboard, one field per node
+    /// id asked to evacuate (value: the rate, or empty for the node's
+    /// default); the node takes and deletes its field with its next stats
+    /// record.
+    pub fn evacuate_requests(&self) -> String {
+        format!("{}:evacuate", self.prefix)
+    }
+
     /// Channel of one node: pushes to its clients and commands for it.
     pub fn node_channel(&self, node: NodeId) -> String {
         format!("{}:node:{node}", self.prefix)

@@ -19,7 +19,7 @@ use crate::gateway::Gateway;
 use crate::metrics::ApiLabels;
 
 /// Most clients closed per second an evacuation may be asked for.
-const MAX_RATE: u32 = 100_000;
+pub const MAX_RATE: u32 = 100_000;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

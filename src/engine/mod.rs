@@ -184,6 +184,27 @@ pub trait Engine: Send + Sync + 'static {
     ///
     /// [`Tail`]: crate::tail::Tail
     async fn tail(&self, target: crate::tail::TailTarget) -> EngineResult<crate::tail::Tail>;
+    /// Asks `node` to evacuate itself (`POST /api/evacuate` on that node)
+    /// at `rate` clients a second (its `--evacuate-rate` when `None`): the
+    /// node takes the request with its next stats record. A single node
+    /// has nobody else to ask.
+    async fn request_evacuation(
+        &self,
+        _node: crate::ids::NodeId,
+        _rate: Option<u32>,
+    ) -> EngineResult<()> {
+        Ok(())
+    }
+    /// Writes this node's stats record ([`Engine::publish_stats`]) and
+    /// takes the evacuation request left for this node, if any (its rate,
+    /// `Some(None)` for the default). One round trip.
+    async fn publish_stats_take_request(
+        &self,
+        stats: &crate::stats::NodeStats,
+        valid_for: std::time::Duration,
+    ) -> EngineResult<Option<Option<u32>>> {
+        self.publish_stats(stats, valid_for).await.map(|()| None)
+    }
 
     /// Leaves the cluster: removes this node's entries from storage at once.
     /// Called once at shutdown, right after every connection was asked to

@@ -90,7 +90,13 @@ run('dashboard', async (page, browser) => {
   await page.click('#close-form button');
   await until(user, 'the client on B closed with 1000', () => window.closedWith === 1000);
 
-  // Evacuate this node from its row: the page shows the evacuation.
+  // Evacuate node B from its row (a request B takes with its next
+  // record), then this node: the page shows each.
+  await page.click(`${rowOf(config.node_b)} button`);
+  await until(page, 'the request to B shown', () =>
+    document.getElementById('evacuate-state').textContent.startsWith('asked'));
+  await until(page, 'B shown as draining', (sel) =>
+    document.querySelector(sel)?.textContent.includes('draining'), rowOf(config.node_b));
   await page.click(`${rowOf(config.node_a)} button`);
   await until(page, 'the evacuation shown', () =>
     document.getElementById('evacuate-state').textContent.startsWith('evacuating'));

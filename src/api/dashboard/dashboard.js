@@ -108,10 +108,10 @@ function renderOverview(o) {
     ];
     for (const [text, cls] of cells) tr.append(el('td', text, cls));
     const act = el('td');
-    if (n.node === o.this_node) {
+    if (!n.draining) {
       const b = el('button', 'Evacuate', 'danger');
       b.type = 'button';
-      b.addEventListener('click', evacuate);
+      b.addEventListener('click', () => evacuate(n.node, n.node === o.this_node));
       act.append(b);
     }
     tr.append(act);
@@ -361,10 +361,18 @@ async function evacuationState() {
   }
 }
 
-async function evacuate() {
-  if (!confirm('Evacuate this node? Its clients are closed at a bounded rate and reconnect elsewhere.')) return;
+async function evacuate(node, self) {
+  const which = self ? 'this node' : `node ${node}`;
+  if (!confirm(`Evacuate ${which}? Its clients are closed at a bounded rate and reconnect elsewhere.`)) return;
   try {
-    await call('/api/evacuate', { method: 'POST' });
+    if (self) {
+      await call('/api/evacuate', { method: 'POST' });
+    } else {
+      // The other node takes the request with its next stats record.
+      const r = await call('/api/dashboard/evacuate', { method: 'POST', body: { node } });
+      $('evacuate-state').textContent = `asked ${node} to evacuate (within ${r.within_ms / 1000} s)`;
+      return;
+    }
   } catch (e) {
     $('evacuate-state').textContent = e.message;
     return;

@@ -14,6 +14,9 @@
 //! - `GET /api/dashboard/tail?uid=` or `?group=`: a live tail, as
 //!   `text/event-stream` read with `fetch` (so the key travels in a
 //!   header, never in a URL), bounded and sampled (`crate::tail`).
+//! - `POST /api/dashboard/evacuate` `{"node", "rate"?}`: evacuates any
+//!   live node: this one at once (as `POST /api/evacuate`), another
+//!   through a request it takes with its next stats record.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -74,6 +77,7 @@ pub fn routes() -> Router<Arc<Gateway>> {
         .route("/api/dashboard/uid", get(uid))
         .route("/api/dashboard/group", get(group))
         .route("/api/dashboard/tail", get(tail))
+        .route("/api/dashboard/evacuate", axum::routing::post(evacuate))
 }
 
 /// A static file of the page, never cached (it changes with the binary)
@@ -109,10 +113,14 @@ where
         Ok(()) => with_deadline(f()).await,
         Err(e) => Err(e),
     };
-    let response = match result {
+    let mut response = match result {
         Ok(value) => Json(json!({ "result": value })).into_response(),
         Err(e) => e.into_response(),
     };
+    // Sessions and ids: never kept by a browser or a proxy.
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     count(gw, response.status());
     response
 }
@@ -175,6 +183,50 @@ async fn overview(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Respons
                 "deliveries_per_sec": sum(|s| s.deliveries_per_sec),
                 "memory_rss_bytes": stats.iter().filter_map(|s| s.memory_rss_bytes).sum::<u64>(),
             },
+        }))
+    })
+    .await
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EvacuateParams {
+    node: String,
+    rate: Option<u32>,
+}
+
+async fn evacuate(State(gw): State<Arc<Gateway>>, headers: HeaderMap, body: Bytes) -> Response {
+    answer(&gw, &headers, || async {
+        let p: EvacuateParams =
+            serde_json::from_slice(&body).map_err(|e| ApiError::invalid_params(e.to_string()))?;
+        let node: crate::ids::NodeId = p
+            .node
+            .parse()
+            .map_err(|_| ApiError::invalid_params("node must be a node id (12 hex digits)"))?;
+        let max = super::evacuate::MAX_RATE;
+        if p.rate.is_some_and(|r| r == 0 || r > max) {
+            return Err(ApiError::invalid_params(format!(
+                "rate must be between 1 and {max} clients a second"
+            )));
+        }
+        if node == gw.minter.node() {
+            let rate = p.rate.unwrap_or(gw.config.evacuate_rate);
+            gw.autoscale.evacuation.start(&gw, rate);
+            return Ok(json!({"node": node.to_string(), "started": true}));
+        }
+        let live = gw.engine.cluster_stats().await?;
+        let name = node.to_string();
+        if !live.iter().any(|s| s.node == name) {
+            return Err(ApiError::invalid_params(format!(
+                "no live node {node} (not registered, or no fresh stats record)"
+            )));
+        }
+        gw.engine.request_evacuation(node, p.rate).await?;
+        Ok(json!({
+            "node": name,
+            "started": false,
+            "requested": true,
+            "within_ms": gw.config.node_heartbeat.as_millis() as u64,
         }))
     })
     .await

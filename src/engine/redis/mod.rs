@@ -628,6 +628,24 @@ impl Engine for RedisEngine {
             .map_err(unavailable)
     }
 
+    async fn publish_stats_take_request(
+        &self,
+        record: &crate::stats::NodeStats,
+        _valid_for: Duration,
+    ) -> EngineResult<Option<Option<u32>>> {
+        self.shared.check()?;
+        stats::publish_take(&self.shared, record)
+            .await
+            .map_err(unavailable)
+    }
+
+    async fn request_evacuation(&self, node: NodeId, rate: Option<u32>) -> EngineResult<()> {
+        self.shared.check()?;
+        stats::request_evacuation(&self.shared, node, rate)
+            .await
+            .map_err(unavailable)
+    }
+
     async fn cluster_stats(&self) -> EngineResult<Vec<crate::stats::NodeStats>> {
         self.shared.check()?;
         stats::read(&self.shared).await.map_err(unavailable)

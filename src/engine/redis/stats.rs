@@ -26,6 +26,55 @@ pub async fn publish(s: &Shared, stats: &NodeStats) -> Result<(), fred::error::E
     Ok(())
 }
 
+/// Writes this node's record and reads the evacuation request left for
+/// it, in one round trip; a request found is deleted (taken once: two
+/// takers would only start the same evacuation twice, which is harmless).
+pub async fn publish_take(
+    s: &Shared,
+    stats: &NodeStats,
+) -> Result<Option<Option<u32>>, fred::error::Error> {
+    let record = NodeStats {
+        node: s.node_name.clone(),
+        ..stats.clone()
+    };
+    let value = serde_json::to_string(&record).unwrap_or_default();
+    let pipeline = s.redis.client.pipeline();
+    let _: () = pipeline
+        .hset(s.keys.stats(), (s.node_name.clone(), value))
+        .await?;
+    let _: () = pipeline
+        .hget(s.keys.evacuate_requests(), s.node_name.clone())
+        .await?;
+    let (_, request): (i64, Option<String>) = pipeline.all().await?;
+    let Some(request) = request else {
+        return Ok(None);
+    };
+    s.redis
+        .client
+        .hdel::<i64, _, _>(s.keys.evacuate_requests(), s.node_name.clone())
+        .await?;
+    Ok(Some(request.trim().parse().ok()))
+}
+
+/// Leaves an evacuation request for `node` (the dashboard on another
+/// node): taken by `node` with its next record, or gone after a minute.
+pub async fn request_evacuation(
+    s: &Shared,
+    node: crate::ids::NodeId,
+    rate: Option<u32>,
+) -> Result<(), fred::error::Error> {
+    let value = rate.map(|r| r.to_string()).unwrap_or_default();
+    let key = s.keys.evacuate_requests();
+    s.redis
+        .client
+        .hset::<i64, _, _>(key.clone(), (node.to_string(), value))
+        .await?;
+    // A request for a node that never takes it (it died) must not wait
+    // for its next life.
+    s.redis.client.expire::<i64, _>(key, 60, None).await?;
+    Ok(())
+}
+
 /// The fresh records of registered nodes, sorted by node id.
 pub async fn read(s: &Shared) -> Result<Vec<NodeStats>, fred::error::Error> {
     let c = &s.redis.client;

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use fred::prelude::*;
-use fred::types::config::{Config as RedisConfig, ReconnectPolicy};
+use fred::types::config::Config as RedisConfig;
 
 use super::client::{unavailable, COMMAND_TIMEOUT};
 use super::envelope::{EnvelopeRef, Op};
@@ -41,34 +41,39 @@ pub async fn start(s: &Shared, target: TailTarget) -> EngineResult<Tail> {
             c.connection_timeout = Duration::from_secs(1);
             c.internal_command_timeout = Duration::from_secs(1);
         })
-        // No reconnection: a lost tail ends, and the page starts another.
-        .set_policy(ReconnectPolicy::new_constant(1, 0))
+        // No reconnection policy: a lost connection ends the tail (a
+        // reconnected one would hold no subscription), and the page starts
+        // another.
         .build()
         .map_err(unavailable)?;
     let mut messages = client.message_rx();
     let subscribed = async {
-        client.init().await?;
+        // Ends when the connection does (no reconnection policy).
+        let connection = client.init().await?;
         if s.redis.sharded {
-            client.ssubscribe(channel.clone()).await
+            client.ssubscribe(channel.clone()).await?;
         } else {
-            client.subscribe(channel.clone()).await
+            client.subscribe(channel.clone()).await?;
         }
+        Ok(connection)
     };
-    if let Err(e) = tokio::time::timeout(COMMAND_TIMEOUT, subscribed)
+    let mut connection = match tokio::time::timeout(COMMAND_TIMEOUT, subscribed)
         .await
         .unwrap_or_else(|_| {
             Err(fred::error::Error::new(
                 fred::error::ErrorKind::Timeout,
                 "the tail's subscription timed out",
             ))
-        })
-    {
-        // Not awaited here: a Redis that hangs must not hold the request.
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(COMMAND_TIMEOUT, client.quit()).await;
-        });
-        return Err(unavailable(e));
-    }
+        }) {
+        Ok(connection) => connection,
+        Err(e) => {
+            // Not awaited here: a Redis that hangs must not hold the request.
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(COMMAND_TIMEOUT, client.quit()).await;
+            });
+            return Err(unavailable(e));
+        }
+    };
     let (sender, entries) = Tail::channel();
     let stop = s.stop.clone();
     let watcher = sender;
@@ -95,6 +100,7 @@ pub async fn start(s: &Shared, target: TailTarget) -> EngineResult<Tail> {
                         envelope.origin.map(str::to_owned),
                     ));
                 }
+                _ = &mut connection => break,
                 _ = check.tick() => {
                     if !client.is_connected() {
                         break;
