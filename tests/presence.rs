@@ -110,8 +110,20 @@ async fn bind(api: &Node, client: &Client, uid: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_uid_on_three_nodes_is_online_once_and_offline_once_after_the_grace() {
     let server = RedisServer::start();
-    let nodes = nodes(&server, 3, "1s");
-    let redis = redis_client(&server).await;
+    three_nodes(&server.url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_redis_cluster_a_uid_on_three_nodes_is_online_once_and_offline_once() {
+    let cluster = common::redis::RedisCluster::start();
+    three_nodes(&cluster.url()).await;
+}
+
+/// A uid connected on 3 nodes: one online; closing two: nothing; closing
+/// the last: one offline, after the grace.
+async fn three_nodes(url: &str) {
+    let nodes = nodes_on(url, 3, "1s");
+    let redis = redis_client_url(url).await;
     events_flowing(&nodes, &redis).await;
 
     let mut clients = Vec::new();
@@ -607,6 +619,70 @@ async fn one_node_without_redis_posts_presence_to_the_webhook() {
             "{body}"
         );
     }
+}
+
+/// `--presence-prefixes` without Redis: the node filters the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_without_redis_watches_only_the_prefixes_too() {
+    let (hook, mut rx) = common::webhook().await;
+    let node = Node::start(&[
+        "--events",
+        "--events-webhook",
+        &hook,
+        "--presence-events",
+        "uid,group",
+        "--presence-grace",
+        "0s",
+        "--presence-prefixes",
+        "vip:",
+    ]);
+    let a = Client::connect(&node.ws_url("")).await;
+    let b = Client::connect(&node.ws_url("")).await;
+    bind(&node, &b, "bob").await;
+    node.ok("join_group", json!({"client_id": b.id, "group": "lobby"}))
+        .await;
+    bind(&node, &a, "vip:ann").await;
+    b.close().await;
+    a.close().await;
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // The close of a comes after its offline: everything before is in.
+    loop {
+        let body = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("events in time")
+            .unwrap();
+        let kind = body["type"].as_str().unwrap_or("").to_owned();
+        if PRESENCE.contains(&kind.as_str()) {
+            seen.push((kind.clone(), body["uid"].clone(), body["group"].clone()));
+        }
+        if kind == "offline" {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(body) = rx.try_recv() {
+        let kind = body["type"].as_str().unwrap_or("").to_owned();
+        if PRESENCE.contains(&kind.as_str()) {
+            seen.push((kind, body["uid"].clone(), body["group"].clone()));
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            (
+                "online".to_owned(),
+                json!("vip:ann"),
+                serde_json::Value::Null
+            ),
+            (
+                "offline".to_owned(),
+                json!("vip:ann"),
+                serde_json::Value::Null
+            ),
+        ],
+        "no event of bob nor lobby"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -275,7 +275,9 @@ async fn hold(s: &Shared, args: Vec<String>) -> Result<bool, fred::error::Error>
         .run(&s.redis.client, hold_key(s), args)
         .await?;
     let (code, flat) = split(answer);
-    s.notify_wait(transitions(&flat)).await;
+    // Never waits: the mirror holds the lock around this, and events must
+    // not hold up membership writes (a full queue drops, counted).
+    s.notify(transitions(&flat));
     Ok(code >= 0)
 }
 

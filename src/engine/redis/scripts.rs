@@ -2,6 +2,10 @@
 //! only the keys of one partition (one hash tag), so it runs atomically on
 //! one slot, on a single Redis as on Redis Cluster. They derive the keys
 //! from the partition with the suffixes of [`super::keys::suffix`].
+//! Presence is the exception: on a single Redis its counters (outside the
+//! partitions) are written by the partition scripts themselves; on Redis
+//! Cluster they are written only by `presence_hold.lua`, whose keys share
+//! one hash tag of their own (`scripts/presence.lua` says more).
 
 use fred::clients::Client;
 use fred::error::Error;
