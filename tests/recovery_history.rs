@@ -608,6 +608,47 @@ async fn pushes_during_a_replay_are_neither_lost_nor_doubled() {
     writer.await.unwrap();
 }
 
+/// The same loss with no push after it: once the node's subscriber is
+/// connected and subscribed again, the node reads back what its streams
+/// got meanwhile and delivers it, without waiting for the stream's next
+/// push (which may never come). Before, the lost push waited for one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_reads_back_what_its_subscriber_missed_without_a_next_push() {
+    let redis = RedisServer::start();
+    let a = redis_node(&redis, &["--history-streams", "u:"]);
+    let b = redis_node(&redis, &["--history-streams", "u:"]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut c = connect(&a, "ivy", &[], None).await;
+    online(&b, "ivy").await;
+    send_uid(&b, "ivy", "one").await;
+    assert_eq!(push(&mut c).await.offset(), 1);
+    redis.cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 32768 32768 0",
+    ]);
+    let before = reconnects(&a).await;
+    send_uid(&b, "ivy", &"x".repeat(40_000)).await;
+    eventually("node A's subscriber dropped", || async {
+        reconnects(&a).await > before
+    })
+    .await;
+    redis.cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 33554432 8388608 60",
+    ]);
+    let p = push(&mut c).await;
+    assert_eq!(
+        (p.offset(), p.payload.len()),
+        (2, 40_000),
+        "the lost push, read back with no push after it"
+    );
+}
+
 /// A node whose pub/sub connection lost a push (Redis dropped it past its
 /// output buffer limit) sees the next offset jump, reads the gap back from
 /// history once and delivers it, in order, to its clients still connected.

@@ -414,6 +414,17 @@ pub enum Gate {
     Flush(Vec<(String, bytes::Bytes)>),
 }
 
+/// Most streams read back after the subscriber connection was replaced;
+/// the others are repaired when their next push shows the gap.
+const MAX_RECONNECT_REPAIRS: usize = 4096;
+
+/// Reads at once of those.
+const RECONNECT_REPAIRS_AT_ONCE: usize = 32;
+
+/// How long the streams read back after a reconnection may be held in
+/// all; past it each delivers what it holds without its read.
+const RECONNECT_REPAIR_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Most streams tracked; past it tracking starts over (no repair for a
 /// moment, never a wrong one).
 const MAX_TRACKED: usize = 200_000;
@@ -427,6 +438,27 @@ impl Gaps {
     /// Remembers the runtime repairs are spawned on.
     pub fn set_runtime(&self, handle: tokio::runtime::Handle) {
         let _ = self.runtime.set(handle);
+    }
+
+    /// Holds every tracked stream not being repaired already (at most
+    /// `most`) for a repair after its last offset: (stream, after, repair).
+    fn hold_all(&self, most: usize) -> Vec<(String, u64, u64)> {
+        let mut streams = self.streams.lock();
+        let mut out = Vec::new();
+        for (stream, track) in streams.iter_mut() {
+            if out.len() >= most {
+                break;
+            }
+            if track.held.is_some() {
+                continue;
+            }
+            let repair = self
+                .repairs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            track.held = Some((repair, Vec::new()));
+            out.push((stream.clone(), track.last, repair));
+        }
+        out
     }
 
     /// Forgets what this node delivered on `stream`: it starts following
@@ -497,6 +529,48 @@ impl Shared {
             _ => return,
         };
         self.gaps.forget(&stream);
+    }
+
+    /// After the subscriber connection was replaced and every channel
+    /// subscribed again: reads back, for each stream this node delivered
+    /// (up to [`MAX_RECONNECT_REPAIRS`]), what was published after its
+    /// last offset while the connection was away, and delivers it then,
+    /// not at the stream's next push (which may never come). Pushes of
+    /// those streams arriving meanwhile wait behind, as for any repair.
+    pub(super) fn repair_followed(self: &Arc<Self>) {
+        let Some(runtime) = self.gaps.runtime.get() else {
+            return;
+        };
+        let holds = self.gaps.hold_all(MAX_RECONNECT_REPAIRS);
+        if holds.is_empty() {
+            return;
+        }
+        let s = self.clone();
+        let until = tokio::time::Instant::now() + RECONNECT_REPAIR_WINDOW;
+        runtime.spawn(async move {
+            use futures_util::StreamExt;
+            let each = |(stream, after, repair): (String, u64, u64)| {
+                let s = s.clone();
+                async move {
+                    let read = tokio::time::timeout_at(until, s.read_raw(&stream, after)).await;
+                    let missing = match read {
+                        Ok(Ok(entries)) => entries,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%stream, error = %e, "history not read back after a reconnection");
+                            Vec::new()
+                        }
+                        Err(_) => Vec::new(),
+                    };
+                    if !missing.is_empty() {
+                        s.metrics.history_gap_repairs.inc();
+                    }
+                    s.finish_repair(&stream, repair, missing);
+                }
+            };
+            futures_util::stream::iter(holds)
+                .for_each_concurrent(RECONNECT_REPAIRS_AT_ONCE, each)
+                .await;
+        });
     }
 
     /// Starts the repair of `stream`'s gap after `after`.

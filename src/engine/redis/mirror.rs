@@ -417,6 +417,9 @@ pub async fn run(s: Arc<Shared>) {
                     let refused = task.refused(&s, refused);
                     if batch.resync {
                         task.registered(&s);
+                        // Every channel is subscribed again: what the
+                        // subscriber missed meanwhile is read back now.
+                        s.repair_followed();
                     }
                     retry_after = RETRY_AFTER;
                     s.writable.store(true, Ordering::Release);
