@@ -535,6 +535,25 @@ impl Client {
         }
     }
 
+    /// The next message, close or end within `limit`, skipping pings;
+    /// `None` when nothing came.
+    pub async fn next_within(&mut self, limit: Duration) -> Option<Seen> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let item = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            return Some(match stream_item(item) {
+                None => Seen::Ended,
+                Some(Err(e)) => Seen::Broken(e),
+                Some(Ok(Message::Text(t))) => Seen::Text(t.to_string()),
+                Some(Ok(Message::Binary(b))) => Seen::Binary(b.to_vec()),
+                Some(Ok(Message::Close(frame))) => Seen::Close(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+            });
+        }
+    }
+
     /// The next message, which must be this text.
     pub async fn expect_text(&mut self, want: &str) {
         assert_eq!(

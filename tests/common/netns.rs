@@ -39,6 +39,8 @@ pub const API_PORT: u16 = 8081;
 pub const INNER_PORT: u16 = 2900;
 /// Redis's port on its host.
 pub const REDIS_PORT: u16 = 6379;
+/// A Sentinel's port on its host.
+pub const SENTINEL_PORT: u16 = 26379;
 
 /// One host: a network namespace with one interface (`eth0`) on the lab's
 /// bridge.
@@ -330,17 +332,50 @@ impl Lab {
     }
 
     /// A `redis-server` on `host`, port 6379 of every address, with
-    /// `extra` arguments; waits until it answers.
+    /// `extra` arguments (`--replicaof <ip> 6379`...); waits until it
+    /// answers.
     pub fn redis(&self, host: &Host, extra: &[&str]) -> NsRedis {
-        let dir = std::env::temp_dir().join(format!("gatecast-{}", host.ns));
+        let dir = std::env::temp_dir().join(format!("gatecast-{}-{REDIS_PORT}", host.ns));
         std::fs::create_dir_all(&dir).unwrap();
-        let child = host
-            .command("redis-server")
+        let mut command = host.command("redis-server");
+        command
             .args(["--port", &REDIS_PORT.to_string(), "--bind", "0.0.0.0"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(&dir)
-            .args(extra)
+            .args(extra);
+        NsRedis::until_up(command, host, REDIS_PORT, dir)
+    }
+
+    /// A Sentinel on `host` (port 26379) watching the primary at
+    /// `primary:6379` as `mymaster`, with `quorum`, a 1 s down-after and a
+    /// 5 s failover timeout.
+    pub fn sentinel(&self, host: &Host, primary: &Host, quorum: u32) -> NsRedis {
+        let dir = std::env::temp_dir().join(format!("gatecast-{}-{SENTINEL_PORT}", host.ns));
+        std::fs::create_dir_all(&dir).unwrap();
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {SENTINEL_PORT}\nbind 0.0.0.0\nprotected-mode no\ndir {}\n\
+                 sentinel monitor mymaster {} {REDIS_PORT} {quorum}\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 5000\n",
+                dir.display(),
+                primary.ip
+            ),
+        )
+        .unwrap();
+        let mut command = host.command("redis-server");
+        command.arg(&conf).arg("--sentinel");
+        NsRedis::until_up(command, host, SENTINEL_PORT, dir)
+    }
+}
+
+impl NsRedis {
+    /// Spawns `command` and waits (bounded) until it answers PING.
+    fn until_up(mut command: Command, host: &Host, port: u16, dir: std::path::PathBuf) -> NsRedis {
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -348,6 +383,7 @@ impl Lab {
         let redis = NsRedis {
             child: Some(child),
             host: host.clone(),
+            port,
             dir,
         };
         let deadline = std::time::Instant::now() + WAIT;
@@ -443,18 +479,20 @@ pub fn sweep() {
     }
 }
 
-/// A `redis-server` on a lab host (port 6379).
+/// A `redis-server` (or Sentinel) on a lab host.
 pub struct NsRedis {
     child: Option<std::process::Child>,
     /// Where it runs.
     pub host: Host,
+    /// Its port.
+    pub port: u16,
     dir: std::path::PathBuf,
 }
 
 impl NsRedis {
-    /// `redis://<host ip>:6379`.
+    /// `redis://<host ip>:<port>`.
     pub fn url(&self) -> String {
-        format!("redis://{}:{REDIS_PORT}", self.host.ip)
+        format!("redis://{}:{}", self.host.ip, self.port)
     }
 
     /// `redis-cli` inside its host; trimmed stdout.
@@ -462,7 +500,7 @@ impl NsRedis {
         let out = self
             .host
             .command("redis-cli")
-            .args(["-p", &REDIS_PORT.to_string()])
+            .args(["-p", &self.port.to_string()])
             .args(args)
             .output_within(WAIT);
         String::from_utf8_lossy(&out.stdout).trim().to_owned()

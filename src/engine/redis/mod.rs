@@ -31,6 +31,7 @@ mod history;
 mod inbox;
 mod liveness;
 mod load;
+mod lost;
 mod membership;
 mod mirror;
 mod partition;
@@ -81,6 +82,10 @@ pub struct RedisSettings {
     pub prefix: String,
     /// `--node-heartbeat`.
     pub heartbeat: Duration,
+    /// `--redis-lost-grace`: how long clients stay while Redis is lost.
+    pub lost_grace: Duration,
+    /// `--reconnect-window`: `retry_ms` of the `redis_lost` closes.
+    pub reconnect_window: Duration,
     /// What this node publishes about itself in its liveness key.
     pub info: serde_json::Value,
     /// `--max-message-bytes`: larger pushes from Redis are refused too.
@@ -144,6 +149,9 @@ struct Shared {
     /// The mirror's last batch was written: false while Redis refuses its
     /// writes (out of memory, read-only) or times them out.
     writable: AtomicBool,
+    /// Redis unreachable for longer than `--redis-lost-grace` ([`lost`]):
+    /// new clients are refused and every client is closed.
+    lost: AtomicBool,
     /// Stops the background tasks.
     stop: CancellationToken,
     /// Trips when the node must stop (another live instance has its id).
@@ -207,6 +215,7 @@ impl RedisEngine {
             registered: AtomicBool::new(false),
             responsive: AtomicBool::new(true),
             writable: AtomicBool::new(true),
+            lost: AtomicBool::new(false),
             stop: CancellationToken::new(),
             fatal,
         });
@@ -227,12 +236,7 @@ impl RedisEngine {
         if presence::polls(&shared) {
             spawn_critical("presence", fatal, stop, presence::run(shared.clone()));
         }
-        spawn_critical(
-            "redis lost",
-            fatal,
-            stop,
-            resume::redis_lost(shared.clone()),
-        );
+        spawn_critical("redis lost", fatal, stop, lost::run(shared.clone()));
         shared.redis.client.connect();
         // After the registration task listens, so the first connection's
         // events are seen too.
@@ -328,6 +332,10 @@ impl Engine for RedisEngine {
             && s.registered.load(Ordering::Acquire)
             && s.responsive.load(Ordering::Acquire)
             && s.writable.load(Ordering::Acquire)
+    }
+
+    fn refuses_clients(&self) -> bool {
+        self.shared.lost.load(Ordering::Acquire)
     }
 
     async fn connect(&self, id: ClientId, outbox: Arc<Outbox>, m: Membership) -> EngineResult<()> {
