@@ -626,9 +626,43 @@ fn sentinel_failover(test: &str, n: usize) {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    let _ = &replica;
-    lab.run(&client, async {
-        let args = ["--redis-url", &url, "--node-heartbeat", HEARTBEAT];
+    let want = format!("{}\n{REDIS_PORT_STR}", replica_host.ip);
+    let promoted = || master_of(&sentinels[0]) == want;
+    failover_under_load(
+        &lab,
+        &client,
+        &node_hosts,
+        &url,
+        &primary_host,
+        &promoted,
+        n,
+        "sentinel failover",
+        &[],
+    );
+    drop(sentinels);
+    drop(replica);
+    drop(primary);
+}
+
+/// The part of a failover test after the set-up: nodes on `node_hosts`
+/// on `url`, `n` clients, pushes; `cut` loses its link until `promoted`
+/// says the failover happened; checks and figures (see
+/// [`sentinel_failover`]).
+#[allow(clippy::too_many_arguments)]
+fn failover_under_load(
+    lab: &Lab,
+    client: &Host,
+    node_hosts: &[Host],
+    url: &str,
+    cut_host: &Host,
+    promoted_now: &(dyn Fn() -> bool + Sync),
+    n: usize,
+    what: &str,
+    extra: &[&str],
+) {
+    lab.run(client, async {
+        let mut args = vec!["--redis-url", url, "--node-heartbeat", HEARTBEAT];
+        args.extend_from_slice(extra);
         let nodes: Vec<Node> = node_hosts.iter().map(|h| lab.node(h, &args)).collect();
         for node in &nodes {
             node.wait_ready().await;
@@ -690,10 +724,9 @@ fn sentinel_failover(test: &str, n: usize) {
                 .collect();
             batch_ok(&nodes[2], late).await;
             let cut = Instant::now();
-            lab.link_down(&primary_host);
-            let want = format!("{}\n{REDIS_PORT_STR}", replica_host.ip);
-            within("the Sentinels promote the replica", Duration::from_secs(30), || async {
-                master_of(&sentinels[0]) == want
+            lab.link_down(cut_host);
+            within("the replica is promoted", Duration::from_secs(30), || async {
+                promoted_now()
             })
             .await;
             let promoted = cut.elapsed();
@@ -749,7 +782,7 @@ fn sentinel_failover(test: &str, n: usize) {
             .map(|(_, _, at, _)| *at - cut)
             .max();
         eprintln!(
-            "FIGURES sentinel failover, {n} clients, {} pushes (~50/s): replica promoted {promoted:?} after the cut; every node ready {ready:?} after; first push delivered after the cut at {flowing_again:?}; last push refused at {last_refused:?}; {refused} refused (503), {} accepted but not delivered to every member: {accepted_lost:?}",
+            "FIGURES {what}, {n} clients, {} pushes (~50/s): replica promoted {promoted:?} after the cut; every node ready {ready:?} after; first push delivered after the cut at {flowing_again:?}; last push refused at {last_refused:?}; {refused} refused (503), {} accepted but not delivered to every member: {accepted_lost:?}",
             log.len(),
             accepted_lost.len()
         );
@@ -789,8 +822,90 @@ fn sentinel_failover(test: &str, n: usize) {
             assert_eq!(got, ["after-0", "after-1", "after-2"]);
         }
     });
-    drop(sentinels);
-    drop(primary);
+}
+
+/// A Redis Cluster of three masters and three replicas, each on its own
+/// host (cluster-node-timeout 2 s); the same load and checks as the
+/// Sentinel test; the first master's link is cut, its replica takes over.
+fn cluster_failover(test: &str, n: usize) {
+    if !netns::available(test) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new();
+    let hosts: Vec<Host> = (1..=6).map(|i| lab.host(&format!("r{i}"))).collect();
+    let node_hosts: Vec<Host> = ["a", "b", "c"].iter().map(|r| lab.host(r)).collect();
+    let client = lab.host("client");
+    let servers: Vec<_> = hosts
+        .iter()
+        .map(|h| {
+            lab.redis(
+                h,
+                &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = hosts.iter().map(|h| format!("{}:6379", h.ip)).collect();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(addrs.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", "1", "--cluster-yes"]);
+    hosts[0].sh("redis-cli", &create);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for s in &servers {
+        while !s.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(Instant::now() < deadline, "cluster not ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    // The master cut: the first (masters are the first three given);
+    // its replica must be up to date before the cut.
+    let cut = &hosts[0];
+    let nodes_line = |s: &netns::NsRedis, ip: std::net::Ipv4Addr| {
+        s.cli(&["CLUSTER", "NODES"])
+            .lines()
+            .find(|l| l.contains(&format!(" {ip}:6379@")))
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    let url = format!(
+        "redis-cluster://{}:6379?node={}:6379&node={}:6379",
+        hosts[0].ip, hosts[1].ip, hosts[2].ip
+    );
+    // Promoted: another master sees the cut one failed and the cluster ok
+    // again (its replica took the slots).
+    let promoted = || {
+        let s = &servers[1];
+        nodes_line(s, cut.ip).contains("fail")
+            && s.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+    };
+    failover_under_load(
+        &lab,
+        &client,
+        &node_hosts,
+        &url,
+        cut,
+        &promoted,
+        n,
+        "cluster master failover",
+        &["--redis-lost-grace", "60s"],
+    );
+    drop(servers);
+}
+
+/// Known gap, run by hand (`-- --ignored cluster_master`): it fails. The
+/// Cluster promotes the cut master's replica (the test sees it), but the
+/// nodes never become ready again (60 s): fred's command client keeps
+/// timing out, and the reconnection `lost` asks for every 3 s is never
+/// carried out (fred logs no cluster sync after it; the connection to the
+/// cut master is not blocked on a full send buffer). The Sentinel case
+/// works. Left for a fix in the engine's Cluster client.
+#[test]
+#[ignore]
+fn a_cluster_master_failover_under_load_rewrites_membership_and_pushes_flow_again() {
+    cluster_failover(
+        "a_cluster_master_failover_under_load_rewrites_membership_and_pushes_flow_again",
+        300,
+    );
 }
 
 const REDIS_PORT_STR: &str = "6379";

@@ -51,8 +51,8 @@ fn reachable(s: &Shared) -> bool {
         && s.writable.load(Ordering::Acquire)
 }
 
-/// Makes the command connection again when it is up but silent for
-/// [`SILENT`], at most once per [`SILENT`], on Sentinel and Cluster only.
+/// Makes the command connection again when it is up but silent (or its
+/// writes fail) for [`SILENT`], at most once per [`SILENT`], on Sentinel and Cluster only.
 ///
 /// A primary cut off by the network (packets dropped, nothing reset) keeps
 /// the connection open for ever: fred's own unresponsive check counts from
@@ -63,7 +63,11 @@ fn reachable(s: &Shared) -> bool {
 /// address again gains nothing, and the connection resumes when the link
 /// does.
 fn reconnect_if_silent(s: &Shared, away: Duration, forced: &mut Option<Instant>) {
-    let silent = s.redis.client.is_connected() && !s.responsive.load(Ordering::Acquire);
+    // Writes refused count too: a Sentinel primary demoted to a replica
+    // answers READONLY, a Cluster master cut off leaves its slots' writes
+    // unanswered while the probe's PING (to another master) is answered.
+    let silent = s.redis.client.is_connected()
+        && !(s.responsive.load(Ordering::Acquire) && s.writable.load(Ordering::Acquire));
     if !s.redis.fails_over || !silent || away < SILENT {
         return;
     }
