@@ -917,3 +917,55 @@ fn a_sentinel_failover_under_load_rewrites_membership_and_pushes_flow_again() {
         300,
     );
 }
+
+// ---------------------------------------------------------------------------
+// Node identity across hosts.
+
+/// Two nodes on different hosts, both on inner port 2900: B is told A's
+/// address by mistake (`--advertise-ip`), so it would have A's node id.
+/// B stops (exit status not 0); A, its clients and its partition are
+/// untouched; a third node on its own address joins as usual.
+#[test]
+fn a_node_advertising_another_hosts_address_is_refused() {
+    let test = "a_node_advertising_another_hosts_address_is_refused";
+    if !netns::available(test) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new();
+    let (redis_host, a_host, b_host, c_host, client) = (
+        lab.host("redis"),
+        lab.host("a"),
+        lab.host("b"),
+        lab.host("c"),
+        lab.host("client"),
+    );
+    let redis = lab.redis(&redis_host, &[]);
+    lab.run(&client, async {
+        let url = redis.url();
+        let args = ["--redis-url", &url, "--node-heartbeat", HEARTBEAT];
+        let a = lab.node(&a_host, &args);
+        a.wait_ready().await;
+        let mut on_a = Client::connect(&a.ws_url("")).await;
+        a.ok("join_group", json!({"client_id": on_a.id, "group": "g"}))
+            .await;
+        let a_ip = a_host.ip.to_string();
+        let mut wrong = args.to_vec();
+        wrong.extend(["--advertise-ip", &a_ip]);
+        let mut b = lab.node(&b_host, &wrong);
+        let status = b.wait_exit(Duration::from_secs(20)).await;
+        assert!(!status.success(), "B must stop: {status:?}");
+
+        let c = lab.node(&c_host, &args);
+        c.wait_ready().await;
+        assert_eq!(a.get_status(false, "/readyz").await, 200);
+        assert_eq!(
+            c.ok("get_client_id_list_by_group", json!({"group": "g"}))
+                .await,
+            json!([on_a.id])
+        );
+        c.ok("send_to_group", json!({"group": "g", "data": "still A's"}))
+            .await;
+        on_a.expect_text("still A's").await;
+    });
+}
