@@ -969,3 +969,111 @@ fn a_node_advertising_another_hosts_address_is_refused() {
         on_a.expect_text("still A's").await;
     });
 }
+
+// ---------------------------------------------------------------------------
+// A slow link.
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Node A's link limited to 1 Mbit/s (tbf, both ways) while ~1.6 Mbit/s of
+/// pushes for its client flow through B: A falls behind (its inbox full,
+/// the rest waits in Redis's output buffer), loses nothing, keeps its
+/// memory bounded, and catches up once the link is restored: the client
+/// gets every push once, in order. Figures printed.
+#[test]
+fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
+    let test = "a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing";
+    if !netns::available(test) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new();
+    let (redis_host, a_host, b_host, client) = (
+        lab.host("redis"),
+        lab.host("a"),
+        lab.host("b"),
+        lab.host("client"),
+    );
+    let redis = lab.redis(&redis_host, &[]);
+    lab.run(&client, async {
+        let url = redis.url();
+        // A grace longer than the test: a slow link is not a lost one.
+        let args = [
+            "--redis-url",
+            &url,
+            "--node-heartbeat",
+            HEARTBEAT,
+            "--redis-lost-grace",
+            "120s",
+        ];
+        let a = lab.node(&a_host, &args);
+        let b = lab.node(&b_host, &args);
+        a.wait_ready().await;
+        b.wait_ready().await;
+        let mut c = Client::connect(&a.ws_url("")).await;
+        b.ok("join_group", json!({"client_id": c.id, "group": "slow"}))
+            .await;
+        let rss_before = rss_kib(a.pid());
+
+        lab.slow(&a_host, "1mbit");
+        const PUSHES: usize = 400;
+        let body = "x".repeat(2000);
+        let started = Instant::now();
+        let pushes = async {
+            for i in 0..PUSHES {
+                let data = format!("{i:04}{body}");
+                b.ok("send_to_group", json!({"group": "slow", "data": data}))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            started.elapsed()
+        };
+        let mut got = Vec::new();
+        let delivered = std::sync::atomic::AtomicUsize::new(0);
+        let mut readiness = Vec::new();
+        let reader = async {
+            while got.len() < PUSHES {
+                match c.next_within(Duration::from_secs(60)).await {
+                    Some(common::Seen::Text(t)) => {
+                        got.push(t[..4].to_owned());
+                        delivered.store(got.len(), std::sync::atomic::Ordering::Relaxed);
+                    }
+                    other => panic!("after {}: {other:?}", got.len()),
+                }
+                if got.len() == PUSHES / 2 {
+                    readiness.push(a.get_status(false, "/readyz").await);
+                }
+            }
+        };
+        let restore = async {
+            // Slow for 8 s, then the link is restored.
+            tokio::time::sleep(Duration::from_secs(8)).await;
+            let page = a.get_text("/metrics").await;
+            let rss_slow = rss_kib(a.pid());
+            let by_then = delivered.load(std::sync::atomic::Ordering::Relaxed);
+            lab.unslow(&a_host);
+            (page, rss_slow, started.elapsed(), by_then)
+        };
+        let (sent_in, (), (page, rss_slow, restored_at, by_then)) = tokio::join!(pushes, reader, restore);
+        let done = started.elapsed();
+        let want: Vec<String> = (0..PUSHES).map(|i| format!("{i:04}")).collect();
+        assert_eq!(got, want, "every push once, in order");
+        assert_eq!(metric(&page, "gatecast_pubsub_dropped_total"), 0.0);
+        eprintln!(
+            "FIGURES slow link: {PUSHES} pushes of 2 KB sent in {sent_in:?} (~{:.1} Mbit/s), link restored at {restored_at:?} with {by_then} delivered, all delivered at {done:?}; A's RSS {rss_before} KiB before, {rss_slow} KiB while slow; /readyz mid-way {readiness:?}",
+            (PUSHES * 2004 * 8) as f64 / sent_in.as_secs_f64() / 1e6
+        );
+        assert!(
+            rss_slow < rss_before + 64 * 1024,
+            "bounded memory: {rss_before} -> {rss_slow} KiB"
+        );
+    });
+}
