@@ -300,6 +300,18 @@ pub struct Config {
     #[arg(long, env = "GATECAST_NODE_HEARTBEAT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub node_heartbeat: Duration,
 
+    // A node cut off from Redis (issue 32).
+    /// How long this node keeps its clients while it cannot reach Redis
+    /// (disconnected, not answering, or refusing writes). Past it the node
+    /// refuses new WebSocket handshakes and closes every client with 1001
+    /// `{"reason":"redis_lost","retry_ms":N}` (N spread over
+    /// --reconnect-window), so they move to nodes that can serve them;
+    /// clients that opted in to recovery go earlier, after 2.5
+    /// --node-heartbeat, if that comes first. 0: never (only the opted-in
+    /// clients go); else at least 1s.
+    #[arg(long, env = "GATECAST_REDIS_LOST_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub redis_lost_grace: Duration,
+
     // Resume records (docs/recovery.md section 2.1).
     /// How long a connection that opted in to recovery (`/ws?recover=1`)
     /// can be resumed, on any node, after it is gone (closed, drained, or
@@ -612,6 +624,13 @@ impl Config {
         self.validate_history()?;
         self.validate_presence()?;
         at_least("--node-heartbeat", self.node_heartbeat, MIN_NODE_HEARTBEAT)?;
+        if !self.redis_lost_grace.is_zero() {
+            at_least(
+                "--redis-lost-grace",
+                self.redis_lost_grace,
+                Duration::from_secs(1),
+            )?;
+        }
         at_least("--resume-window", self.resume_window, MIN_NODE_HEARTBEAT)?;
         at_least("--shutdown-grace", self.shutdown_grace, MIN_SHUTDOWN_GRACE)?;
         // The clients closed last still need time to answer and the node to
@@ -986,6 +1005,7 @@ mod tests {
             (&["--ping-interval", "0s"], "--ping-interval"),
             (&["--ping-timeout", "100ms"], "--ping-timeout"),
             (&["--shutdown-grace", "500ms"], "--shutdown-grace"),
+            (&["--redis-lost-grace", "500ms"], "--redis-lost-grace"),
             (
                 &["--ping-interval", "30s", "--ping-timeout", "30s"],
                 "--ping-timeout",
@@ -1003,6 +1023,8 @@ mod tests {
             &["--ping-interval", "100ms"],
             &["--ping-interval", "200ms", "--ping-timeout", "600ms"],
             &["--shutdown-grace", "1s"],
+            &["--redis-lost-grace", "1s"],
+            &["--redis-lost-grace", "0"],
         ] {
             validate(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }

@@ -172,6 +172,13 @@ pub struct Metrics {
     pub push_to_frame: PushToFrame,
     /// Admission control, evacuation and rebalancing.
     pub autoscale: crate::autoscale::metrics::AutoscaleMetrics,
+    // A node cut off from Redis (issue 32).
+    /// Connections closed with `redis_lost` (Redis unreachable past the
+    /// liveness TTL for opted-in ones, past `--redis-lost-grace` for all).
+    pub redis_lost_closes: Counter,
+    /// 1 while Redis has been unreachable for longer than
+    /// `--redis-lost-grace` (clients refused and closed).
+    pub redis_lost: Gauge,
 }
 
 impl Default for Metrics {
@@ -235,6 +242,8 @@ impl Metrics {
             ready: Gauge::default(),
             push_to_frame: Family::new_with_constructor(crate::push_latency::histogram),
             autoscale: Default::default(),
+            redis_lost_closes: Counter::default(),
+            redis_lost: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -485,6 +494,16 @@ impl Metrics {
             m.ready.clone(),
         );
         m.autoscale.register(r);
+        r.register(
+            "redis_lost_closes",
+            "Connections closed with redis_lost: Redis unreachable past the liveness TTL (opted-in) or --redis-lost-grace (all)",
+            m.redis_lost_closes.clone(),
+        );
+        r.register(
+            "redis_lost",
+            "1 while Redis is unreachable for longer than --redis-lost-grace (clients refused and closed)",
+            m.redis_lost.clone(),
+        );
         Metrics { registry, ..m }
     }
 

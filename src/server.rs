@@ -202,6 +202,8 @@ pub async fn run_with(
                     .map(|p| p.expose().to_owned()),
                 prefix: config.redis_prefix.clone(),
                 heartbeat: config.node_heartbeat,
+                lost_grace: config.redis_lost_grace,
+                reconnect_window: config.reconnect_window,
                 info: serde_json::json!({
                     "inner": node.addr().to_string(),
                     "public": public_addr.to_string(),

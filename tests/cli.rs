@@ -85,6 +85,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ("--rebalance-rate", "GATECAST_REBALANCE_RATE"),
         ("--rebalance-interval", "GATECAST_REBALANCE_INTERVAL"),
         ("--node-heartbeat", "GATECAST_NODE_HEARTBEAT"),
+        ("--redis-lost-grace", "GATECAST_REDIS_LOST_GRACE"),
         ("--resume-window", "GATECAST_RESUME_WINDOW"),
         ("--api-max-body-bytes", "GATECAST_API_MAX_BODY_BYTES"),
         ("--events", "GATECAST_EVENTS"),

@@ -82,7 +82,17 @@ async fn a_node_purged_while_cut_off_writes_its_clients_back() {
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let proxy = Proxy::start(redis.port).await;
-    let a = node(&proxy.url());
+    // Cut for less than --redis-lost-grace: A keeps its clients (past it
+    // A would close them all, tests/netns.rs).
+    let heartbeat = format!("{}ms", HEARTBEAT.as_millis());
+    let a = Node::start(&[
+        "--redis-url",
+        &proxy.url(),
+        "--node-heartbeat",
+        &heartbeat,
+        "--redis-lost-grace",
+        "120s",
+    ]);
     let b = node(&redis.url());
     a.wait_ready().await;
     b.wait_ready().await;

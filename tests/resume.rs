@@ -251,8 +251,10 @@ async fn a_node_cut_from_redis_closes_its_opted_in_clients_which_resume_elsewher
     let _serial = SERIAL.lock().await;
     let redis = RedisServer::start();
     let proxy = Proxy::start(redis.port).await;
+    // A grace longer than the test: clients that did not opt in stay
+    // within it (past it every client goes: tests/netns.rs).
     let nodes = vec![
-        node(&proxy.url(), &[]),
+        node(&proxy.url(), &["--redis-lost-grace", "120s"]),
         node(&redis.url(), &[]),
         node(&redis.url(), &[]),
     ];
@@ -262,7 +264,7 @@ async fn a_node_cut_from_redis_closes_its_opted_in_clients_which_resume_elsewher
     let (mut client, welcome) = opt_in(a, "").await;
     let (old, resume) = (client.id.clone(), token(&welcome));
     give_state(c, &old, "carol").await;
-    // A client that did not opt in: it stays, as before.
+    // A client that did not opt in: it stays within --redis-lost-grace.
     let mut plain = Client::connect(&a.ws_url("")).await;
     c.ok(
         "join_group",

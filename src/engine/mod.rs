@@ -46,6 +46,13 @@ pub trait Engine: Send + Sync + 'static {
     /// subscribed).
     fn is_ready(&self) -> bool;
 
+    /// Whether new WebSocket clients are refused: the Redis engine past
+    /// `--redis-lost-grace` without Redis (it is closing its clients so
+    /// they move to nodes that can serve them).
+    fn refuses_clients(&self) -> bool {
+        false
+    }
+
     /// Registers a connection of this node with its initial membership.
     async fn connect(
         &self,

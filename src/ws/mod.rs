@@ -100,6 +100,10 @@ pub async fn upgrade(
         let retry_ms = pick_retry_ms(gw.config.reconnect_window);
         return overloaded(&gw, Overloaded::Evacuating, retry_ms);
     }
+    if gw.engine.refuses_clients() {
+        let retry_ms = pick_retry_ms(gw.config.reconnect_window);
+        return overloaded(&gw, Overloaded::RedisLost, retry_ms);
+    }
     if let Some(value) = gw
         .limits
         .peers
@@ -383,6 +387,8 @@ enum Overloaded {
     Rate,
     /// `POST /api/evacuate`.
     Evacuating,
+    /// Redis unreachable past `--redis-lost-grace`.
+    RedisLost,
 }
 
 /// 503 with `Retry-After` and `{"error":"overloaded","retry_ms":N,...}`
@@ -399,6 +405,11 @@ fn overloaded(gw: &Gateway, why: Overloaded, retry_ms: u64) -> Response {
             "evacuating",
             "evacuating",
             "this node is being evacuated: retry after retry_ms (another node will take it)",
+        ),
+        Overloaded::RedisLost => (
+            "redis_lost",
+            "redis_lost",
+            "this node cannot reach Redis: retry after retry_ms (another node will take it)",
         ),
     };
     gw.metrics

@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+pub mod netns;
 pub mod proxy;
 pub mod recovery;
 pub mod redis;
@@ -116,6 +117,16 @@ pub fn gatecast_command() -> Command {
         .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
         // Through the environment, so a test may still pass the flag.
         .env("GATECAST_INNER_LISTEN", "127.0.0.1:0")
+        .args(["--advertise-ip", "127.0.0.1"]);
+    test_defaults(&mut command);
+    command
+}
+
+/// What every test node has, wherever it listens: suites' own admission,
+/// rebalancing and drain settings, JSON logs, no API key from the
+/// environment.
+pub fn test_defaults(command: &mut Command) {
+    command
         // Suites open hundreds of connections the moment a node is up, and
         // put clients on chosen nodes: admission control and rebalancing
         // are tested on their own (tests/autoscale.rs, tests/rebalance.rs).
@@ -125,10 +136,8 @@ pub fn gatecast_command() -> Command {
         // default spreads the drain over up to 10s (tests/shutdown.rs and
         // tests/autoscale.rs test the spread).
         .env("GATECAST_DRAIN_SPREAD", "0s")
-        .args(["--advertise-ip", "127.0.0.1"])
         .args(["--log-format", "json"])
         .env_remove("GATECAST_API_KEY");
-    command
 }
 
 impl Node {
@@ -523,6 +532,25 @@ impl Client {
                 Some(Ok(Message::Close(frame))) => Seen::Close(frame.map(|f| u16::from(f.code))),
                 Some(Ok(_)) => continue,
             };
+        }
+    }
+
+    /// The next message, close or end within `limit`, skipping pings;
+    /// `None` when nothing came.
+    pub async fn next_within(&mut self, limit: Duration) -> Option<Seen> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let item = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            return Some(match stream_item(item) {
+                None => Seen::Ended,
+                Some(Err(e)) => Seen::Broken(e),
+                Some(Ok(Message::Text(t))) => Seen::Text(t.to_string()),
+                Some(Ok(Message::Binary(b))) => Seen::Binary(b.to_vec()),
+                Some(Ok(Message::Close(frame))) => Seen::Close(frame.map(|f| u16::from(f.code))),
+                Some(Ok(_)) => continue,
+            });
         }
     }
 

@@ -34,6 +34,10 @@ pub struct Redis {
     pub subscriber: Subscriber,
     /// Redis Cluster: sharded pub/sub.
     pub sharded: bool,
+    /// Sentinel or Cluster: the server behind a connection may be replaced
+    /// by a failover, and a connection that went silent is made again to
+    /// find the new one (`lost`).
+    pub fails_over: bool,
     /// PUBLISH (and the history Function that publishes) is never retried
     /// (see [`Redis::publish`]).
     pub once: Options,
@@ -58,6 +62,7 @@ impl Redis {
             config.password = Some(password.to_owned());
         }
         let sharded = config.server.is_clustered();
+        let fails_over = sharded || config.server.is_sentinel();
         let mut builder = fred::types::Builder::from_config(config.clone());
         builder
             .with_config(|c| c.fail_fast = false)
@@ -90,6 +95,7 @@ impl Redis {
             client,
             subscriber,
             sharded,
+            fails_over,
             once: Options {
                 max_attempts: Some(1),
                 ..Default::default()

@@ -33,6 +33,7 @@ mod history;
 mod inbox;
 mod liveness;
 mod load;
+mod lost;
 mod membership;
 mod mirror;
 mod partition;
@@ -86,6 +87,10 @@ pub struct RedisSettings {
     pub prefix: String,
     /// `--node-heartbeat`.
     pub heartbeat: Duration,
+    /// `--redis-lost-grace`: how long clients stay while Redis is lost.
+    pub lost_grace: Duration,
+    /// `--reconnect-window`: `retry_ms` of the `redis_lost` closes.
+    pub reconnect_window: Duration,
     /// What this node publishes about itself in its liveness key.
     pub info: serde_json::Value,
     /// `--max-message-bytes`: larger pushes from Redis are refused too.
@@ -153,6 +158,9 @@ struct Shared {
     writable: AtomicBool,
     /// Presence on Redis Cluster: what this instance reported.
     holds: presence::Holds,
+    /// Redis unreachable for longer than `--redis-lost-grace` ([`lost`]):
+    /// new clients are refused and every client is closed.
+    lost: AtomicBool,
     /// Stops the background tasks.
     stop: CancellationToken,
     /// Trips when the node must stop (another live instance has its id).
@@ -218,6 +226,7 @@ impl RedisEngine {
             responsive: AtomicBool::new(true),
             writable: AtomicBool::new(true),
             holds: presence::Holds::default(),
+            lost: AtomicBool::new(false),
             stop: CancellationToken::new(),
             fatal,
         });
@@ -238,12 +247,7 @@ impl RedisEngine {
         if presence::polls(&shared) {
             spawn_critical("presence", fatal, stop, presence::run(shared.clone()));
         }
-        spawn_critical(
-            "redis lost",
-            fatal,
-            stop,
-            resume::redis_lost(shared.clone()),
-        );
+        spawn_critical("redis lost", fatal, stop, lost::run(shared.clone()));
         shared.redis.client.connect();
         // After the registration task listens, so the first connection's
         // events are seen too.
@@ -354,6 +358,10 @@ impl Engine for RedisEngine {
             && s.registered.load(Ordering::Acquire)
             && s.responsive.load(Ordering::Acquire)
             && s.writable.load(Ordering::Acquire)
+    }
+
+    fn refuses_clients(&self) -> bool {
+        self.shared.lost.load(Ordering::Acquire)
     }
 
     async fn connect(&self, id: ClientId, outbox: Arc<Outbox>, m: Membership) -> EngineResult<()> {

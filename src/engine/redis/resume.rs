@@ -7,23 +7,16 @@
 //! all on one Cluster slot and with no round trip of its own. Consuming
 //! one is the `take_resume` script: one round trip, atomic, single use.
 //!
-//! A node cut off from Redis is purged by the others after its liveness
-//! TTL; its clients would stay connected and miss every push. Past that
-//! time, [`redis_lost`] closes the connections that opted in to recovery,
-//! with a delay to come back after, so they resume on a node that works.
+//! A node cut off from Redis closes its opted-in connections so they
+//! resume on a node that works: see `lost`.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
-use fred::prelude::*;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::client::unavailable;
 use super::Shared;
 use crate::engine::{EngineError, EngineResult};
-use crate::frame::close_code;
 use crate::hub::Membership;
-use crate::recovery::resume::{jitter_ms, retry_reason, Refusal, Restored, Taken, Token, UidCheck};
+use crate::recovery::resume::{Refusal, Restored, Taken, Token, UidCheck};
 use crate::session::Session;
 
 /// Resumes asking Redis at once, per node. When a node dies its clients
@@ -37,12 +30,6 @@ pub const IN_FLIGHT: usize = 64;
 /// Longest a resume waits for its turn before the client is told to come
 /// back later (503, the token kept).
 const QUEUE_WAIT: Duration = Duration::from_secs(5);
-
-/// Shortest `retry_ms` in a `redis_lost` close.
-const RETRY_FROM: Duration = Duration::from_millis(250);
-/// `retry_ms` of `redis_lost` closes spread over this, so the clients do
-/// not all come back in the same instant.
-const RETRY_SPREAD: Duration = Duration::from_secs(3);
 
 impl Shared {
     /// Consumes the record `token` names (see `take_resume.lua`).
@@ -116,60 +103,4 @@ fn restored(reply: &[String]) -> Option<Restored> {
             session,
         },
     })
-}
-
-/// Closes this node's opted-in connections once it has been unable to
-/// reach Redis for longer than the others take to purge it (its liveness
-/// TTL, two heartbeats, plus the half heartbeat between two purge
-/// rounds): code 1001 with `{"reason":"redis_lost","retry_ms":N}`, N
-/// jittered per client. Connections that did not opt in stay, as before:
-/// they have nothing to resume with.
-pub async fn redis_lost(s: Arc<Shared>) {
-    let mut tick = tokio::time::interval(super::probe::PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let after = s.settings.heartbeat * 5 / 2;
-    let mut cut_since: Option<Instant> = None;
-    let mut closed = 0usize;
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            () = s.stop.cancelled() => return,
-        }
-        // Writes refused for as long (out of memory, read-only) fail the
-        // heartbeat too: the node is purged all the same.
-        let reachable = s.redis.client.is_connected()
-            && s.responsive.load(Ordering::Acquire)
-            && s.writable.load(Ordering::Acquire);
-        if reachable {
-            if closed > 0 {
-                tracing::info!(closed, "redis reachable again");
-            }
-            (cut_since, closed) = (None, 0);
-            continue;
-        }
-        if cut_since.get_or_insert_with(Instant::now).elapsed() < after {
-            continue;
-        }
-        let ids = s.resumable.ids();
-        if ids.is_empty() {
-            continue;
-        }
-        let mut now_closed = 0;
-        for id in ids {
-            let reason = retry_reason("redis_lost", jitter_ms(RETRY_FROM, RETRY_SPREAD));
-            if s.hub
-                .close_client(id, None, close_code::GOING_AWAY, &reason)
-            {
-                now_closed += 1;
-            }
-        }
-        if closed == 0 {
-            tracing::warn!(
-                connections = now_closed,
-                ?after,
-                "redis unreachable for longer than the liveness TTL: closing the connections that opted in to recovery, to resume on another node"
-            );
-        }
-        closed += now_closed;
-    }
 }

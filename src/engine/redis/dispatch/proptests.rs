@@ -78,6 +78,8 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
             password: None,
             prefix: "gatecast".into(),
             heartbeat: Duration::from_secs(1),
+            lost_grace: Duration::from_secs(10),
+            reconnect_window: Duration::from_secs(5),
             info: serde_json::json!({}),
             max_message_bytes: MAX_MESSAGE,
             max_list_items: MAX_LIST,
@@ -98,6 +100,7 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
         responsive: AtomicBool::new(true),
         writable: AtomicBool::new(true),
         holds: Default::default(),
+        lost: AtomicBool::new(false),
         stop: CancellationToken::new(),
         fatal: Fatal::new(),
     };
