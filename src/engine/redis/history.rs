@@ -307,9 +307,13 @@ mod tests {
         assert!(matches!(gate(6), Gate::Duplicate));
         assert!(matches!(gate(9), Gate::Repair { after: 6, .. }));
         assert!(matches!(gate(10), Gate::Held));
-        // Another epoch starts over.
+        // Another epoch starts over, after the pushes held for the old one.
+        match gaps.gate("u:a", "e2", 1, "gc:uid:a", b"y") {
+            Gate::Flush(held) => assert_eq!(held.len(), 2, "9 and 10"),
+            _ => panic!("the held push is delivered first"),
+        }
         assert!(matches!(
-            gaps.gate("u:a", "e2", 1, "gc:uid:a", b"x"),
+            gaps.gate("u:a", "e3", 1, "gc:uid:a", b"x"),
             Gate::Deliver
         ));
         gaps.forget("u:a");
@@ -477,7 +481,7 @@ impl Gaps {
         let track = match streams.get_mut(stream) {
             Some(t) if t.epoch == epoch => t,
             _ => {
-                streams.insert(
+                let old = streams.insert(
                     stream.to_owned(),
                     Track {
                         epoch: epoch.to_owned(),
@@ -485,7 +489,13 @@ impl Gaps {
                         held: None,
                     },
                 );
-                return Gate::Deliver;
+                // Pushes held behind a repair of the old epoch go out
+                // first (its repair, finding nothing held, ends), never
+                // dropped with the old track.
+                return match old.and_then(|t| t.held) {
+                    Some((_, held)) if !held.is_empty() => Gate::Flush(held),
+                    _ => Gate::Deliver,
+                };
             }
         };
         if let Some((_, held)) = &mut track.held {
