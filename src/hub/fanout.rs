@@ -207,6 +207,8 @@ struct Sender<'a> {
     latency: &'a PushLatency,
     accepted: Option<Accepted>,
     probes: [(Option<Probe>, usize); 2],
+    /// Both variants are one frame (see [`Sender::variant`]).
+    one_frame: bool,
 }
 
 impl<'a> Sender<'a> {
@@ -222,6 +224,7 @@ impl<'a> Sender<'a> {
             latency: &hub.push_latency,
             accepted: push_latency::current(),
             probes: [(None, 0); 2],
+            one_frame: false,
         }
     }
 
@@ -236,7 +239,15 @@ impl<'a> Sender<'a> {
             return frame.clone();
         }
         let frame = cell.get_or_init(make).clone();
-        if let Some(accepted) = self.accepted {
+        let other = match framed {
+            true => self.plain.get(),
+            false => self.framed.get(),
+        };
+        if other.is_some_and(|o| o.as_ptr() == frame.as_ptr()) {
+            // One frame for both (GatewayWorker's raw frames): the probe
+            // of the first counts the recipients of both.
+            self.one_frame = true;
+        } else if let Some(accepted) = self.accepted {
             self.probes[usize::from(framed)].0 = self.latency.register(&frame, accepted);
         }
         frame
@@ -266,6 +277,13 @@ impl<'a> Sender<'a> {
 
 impl Drop for Sender<'_> {
     fn drop(&mut self) {
+        let [(plain, plain_n), (framed, framed_n)] = self.probes;
+        if self.one_frame {
+            if let Some(probe) = plain.or(framed) {
+                self.latency.expect(probe, plain_n + framed_n);
+            }
+            return;
+        }
         for (probe, queued) in self.probes {
             if let Some(probe) = probe {
                 self.latency.expect(probe, queued);

@@ -750,6 +750,54 @@ mod tests {
     }
 
     #[test]
+    fn a_sampled_push_is_measured_at_each_recipient_then_frees_its_slot() {
+        use crate::push_latency::{self, Accepted};
+        let (hub, conns) = hub_with(3);
+        conns[2].1.set_framed();
+        let write_all = || {
+            for (_, outbox) in &conns {
+                let mut batch = VecDeque::new();
+                outbox.take(&mut batch);
+                for frame in &batch {
+                    hub.push_latency.written(frame);
+                }
+            }
+        };
+        let raw = Bytes::from(vec![0x81, 1, b'x']);
+        // Plain and framed variants, and GatewayWorker's raw frame, which
+        // is one frame for both: either way the slot frees once all three
+        // wrote theirs.
+        for same in [false, true] {
+            let plain = || raw.clone();
+            let framed = || match same {
+                true => raw.clone(),
+                false => Bytes::from(b"other".to_vec()),
+            };
+            let frames = super::fanout::Frames {
+                plain: &plain,
+                framed: &framed,
+                position: None,
+            };
+            let delivered = push_latency::with(Some(Accepted::now()), || {
+                hub.deliver_with(&crate::push::Target::All, &[], &frames)
+            });
+            assert_eq!(delivered.queued, 3);
+            assert!(hub.push_latency.active() > 0, "sampled");
+            write_all();
+            assert_eq!(hub.push_latency.active(), 0, "same frame: {same}");
+        }
+        // Without an accept time nothing is sampled.
+        hub.deliver(&Push {
+            target: crate::push::Target::All,
+            exclude: vec![],
+            message: Message::text("x"),
+            history: None,
+        });
+        assert_eq!(hub.push_latency.active(), 0);
+        write_all();
+    }
+
+    #[test]
     fn remove_leaves_uid_and_groups() {
         let (hub, conns) = hub_with(2);
         let (a, b) = (conns[0].0, conns[1].0);
