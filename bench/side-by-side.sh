@@ -20,6 +20,13 @@
 # every call went to node B, so A only delivered: friendlier.) Only idle
 # keeps clients on A and calls to B: it measures A's memory per connection
 # bound through another node; storm connects to node A.
+# GC_THREADS: tokio worker threads of each gatecast node in gc-redis2
+# (TOKIO_WORKER_THREADS; default: the cores divided by the 2 nodes, at
+# least 1, as two pods each limited to its share of the box get). A node
+# sizes its runtime to every core it sees, so two nodes on one box
+# otherwise run twice as many workers as cores, and on 2 cores that costs
+# 2-4x the CPU per broadcast delivery (docs/benchmarks.md, "Clusters as
+# users run them"). GC_THREADS=0 leaves the runtime's default.
 # CALLERS (default "4 16") is the number of HTTP calls the load generator
 # keeps in flight at once, in total over every node's API (not per node);
 # every scenario runs once per value, and the table has a row per value.
@@ -62,6 +69,7 @@ SETUPS=${SETUPS:-"limit node1 node2 gc-memory gc-redis1 gc-redis2"}
 SCENARIOS=${SCENARIOS:-"idle fanout broadcast unicast small fanout4k fanout64k storm fanout-redis"}
 REPEATS=${REPEATS:-1}
 CALLERS=${CALLERS:-"4 16"}
+GC_THREADS=${GC_THREADS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}
 BIG_WINDOW=${BIG_WINDOW:-4}
 STORM_CONC=${STORM_CONC:-100}
 RATIOS=${RATIOS:-"gc-redis2/node2 gc-redis1/limit gc-redis1/gc-memory"}
@@ -107,10 +115,14 @@ start() { # setup scenario
         ADDR=$both_ws; API=$both_api; OTHER_API=127.0.0.1:$B_API
       fi ;;
     gc-memory) $GC --listen "$ADDR" --api-listen "$API" "${gc[@]}" & PIDS=($!) ;;
-    gc-redis1|gc-redis2)
-      $GC --listen "$ADDR" --api-listen "$API" "${gc[@]}" --redis-url "$RURL" & PIDS=($!)
+    gc-redis1)
+      $GC --listen "$ADDR" --api-listen "$API" "${gc[@]}" --redis-url "$RURL" & PIDS=($!) ;;
+    gc-redis2)
+      # env execs gatecast: $! is the node's pid.
+      local threads=(); [ "$GC_THREADS" != 0 ] && threads=(TOKIO_WORKER_THREADS="$GC_THREADS")
+      env "${threads[@]}" $GC --listen "$ADDR" --api-listen "$API" "${gc[@]}" --redis-url "$RURL" & PIDS=($!)
       if [ "$1" = gc-redis2 ]; then
-        $GC --listen 127.0.0.1:$B_WS --api-listen 127.0.0.1:$B_API "${gc[@]}" --redis-url "$RURL" & PIDS+=($!)
+        env "${threads[@]}" $GC --listen 127.0.0.1:$B_WS --api-listen 127.0.0.1:$B_API "${gc[@]}" --redis-url "$RURL" & PIDS+=($!)
         ADDR=$both_ws; API=$both_api; OTHER_API=127.0.0.1:$B_API
       fi ;;
     gw1|gw2)

@@ -527,3 +527,61 @@ async fn the_metrics_of_spec_section_6_count_what_happened() {
     })
     .await;
 }
+
+/// One node at a time runs the purge round, the holder of a lease that
+/// lasts less than half a heartbeat (issue 33). Killed right after it took
+/// the lease, before its round, it is itself purged by the others within 3
+/// heartbeats (SPEC section 3): its lease expires and the next node to tick
+/// takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_purge_lease_holder_killed_mid_lease_is_purged_within_3_heartbeats() {
+    let mut c = three_nodes().await;
+    let redis = c.redis.as_ref().unwrap();
+    let mut clients = Vec::new();
+    for node in &c.nodes {
+        clients.push(Client::connect(&node.ws_url("")).await);
+    }
+    // Which node an instance id (the lease's value) belongs to: from each
+    // node's liveness record; node ids lead client ids.
+    let holder_of = |instance: &str| -> Option<usize> {
+        clients.iter().position(|client| {
+            let alive = redis.cli(&["GET", &format!("gatecast:{{{}}}:alive", &client.id[..12])]);
+            serde_json::from_str::<serde_json::Value>(alive.trim())
+                .is_ok_and(|v| v["instance"] == instance)
+        })
+    };
+    // Wait for a lease just taken (most of its 400 ms left), then kill its
+    // holder at once.
+    let deadline = std::time::Instant::now() + common::WAIT;
+    let doomed = loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fresh purge lease seen"
+        );
+        let ttl: i64 = redis
+            .cli(&["PTTL", "gatecast:purge"])
+            .trim()
+            .parse()
+            .unwrap_or(-2);
+        if ttl >= 300 {
+            let instance = redis.cli(&["GET", "gatecast:purge"]);
+            if let Some(i) = holder_of(instance.trim()) {
+                c.nodes[i].signal("KILL");
+                break i;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let killed = std::time::Instant::now();
+    let _ = c.nodes[doomed].wait_exit(common::WAIT).await;
+    let api = &c.nodes[(doomed + 1) % 3];
+    // Heartbeat 1 s: 3 heartbeats, plus a second of slack for a loaded
+    // machine (as a_killed_node_is_purged_and_the_others_keep_delivering).
+    let limit = Duration::from_secs(4).saturating_sub(killed.elapsed());
+    let id = clients[doomed].id.clone();
+    within("the lease holder purged", limit, || async {
+        api.ok("is_online", json!({"client_id": id})).await == false
+    })
+    .await;
+    assert_eq!(api.ok("get_all_client_count", json!({})).await, 2);
+}

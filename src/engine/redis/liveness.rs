@@ -207,8 +207,9 @@ async fn lease(s: &Shared, key: String, ttl: Duration) -> Result<bool, fred::err
 /// One purge round. The lease lasts a little less than the round's
 /// interval, so every node's next tick finds it free again and the first
 /// one takes it: rounds stay at most half a heartbeat apart, however many
-/// nodes there are, and a node that holds the lease and dies delays
-/// nothing (as when every node purged).
+/// nodes there are. A node that takes the lease and dies before its round
+/// delays the next one by less than half a heartbeat: a dead node is still
+/// purged within 3 heartbeats (SPEC section 3).
 async fn round(s: &Shared) -> Result<(), fred::error::Error> {
     let every = s.settings.heartbeat / 2;
     if !lease(s, s.keys.purge_lease(), every * 4 / 5).await? {
