@@ -358,6 +358,10 @@ impl Engine for RedisEngine {
             && s.registered.load(Ordering::Acquire)
             && s.responsive.load(Ordering::Acquire)
             && s.writable.load(Ordering::Acquire)
+            // A node refusing clients (`lost`) is not ready, even when its
+            // connections came back and registered before `lost` noticed
+            // (it then registers once more, and is ready after that).
+            && !s.lost.load(Ordering::Acquire)
     }
 
     fn refuses_clients(&self) -> bool {
