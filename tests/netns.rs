@@ -1093,6 +1093,18 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
         let want: Vec<String> = (0..PUSHES).map(|i| format!("{i:04}")).collect();
         assert_eq!(got, want, "every push once, in order");
         assert_eq!(metric(&page, "gatecast_pubsub_dropped_total"), 0.0);
+        // It said it was behind while slow, and says it caught up after.
+        assert_eq!(metric(&page, "gatecast_redis_subscriber_behind"), 1.0, "{page}");
+        let lag_slow = metric(&page, "gatecast_redis_subscriber_lag_seconds");
+        assert!(lag_slow >= 1.0, "lag while slow: {lag_slow}");
+        within("A says it caught up", Duration::from_secs(30), || async {
+            metric(&a.get_text("/metrics").await, "gatecast_redis_subscriber_behind") == 0.0
+        })
+        .await;
+        let caught_up = started.elapsed();
+        eprintln!(
+            "FIGURES slow link: lag {lag_slow} s at {restored_at:?}, behind until {caught_up:?};"
+        );
         eprintln!(
             "FIGURES slow link: {PUSHES} pushes of 2 KB sent in {sent_in:?} (~{:.1} Mbit/s), link restored at {restored_at:?} with {by_then} delivered, all delivered at {done:?}; A's RSS {rss_before} KiB before, {rss_slow} KiB while slow; /readyz mid-way {readiness:?}",
             (PUSHES * 2004 * 8) as f64 / sent_in.as_secs_f64() / 1e6
