@@ -93,3 +93,24 @@ pub async fn run(s: Arc<Shared>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lag_is_the_oldest_push_since_the_last_look() {
+        let lag = Lag::default();
+        let now = crate::push_latency::unix_us();
+        lag.observe(now - 3_000_000);
+        lag.observe(now - 1_000_000);
+        // A clock ahead of this node's counts as no lag, not a huge one.
+        lag.observe(now + 5_000_000);
+        let seen = lag.take();
+        assert!(
+            seen >= Duration::from_secs(3) && seen < Duration::from_secs(4),
+            "{seen:?}"
+        );
+        assert_eq!(lag.take(), Duration::ZERO);
+    }
+}
