@@ -179,6 +179,11 @@ pub struct Metrics {
     /// 1 while Redis has been unreachable for longer than
     /// `--redis-lost-grace` (clients refused and closed).
     pub redis_lost: Gauge,
+    // Behind on Redis pub/sub (issue 32).
+    /// 1 while pushes reach this node late (`engine::redis::behind`).
+    pub redis_subscriber_behind: Gauge,
+    /// Age of the oldest push dispatched in the last half second.
+    pub redis_subscriber_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -244,6 +249,8 @@ impl Metrics {
             autoscale: Default::default(),
             redis_lost_closes: Counter::default(),
             redis_lost: Gauge::default(),
+            redis_subscriber_behind: Gauge::default(),
+            redis_subscriber_lag: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -503,6 +510,17 @@ impl Metrics {
             "redis_lost",
             "1 while Redis is unreachable for longer than --redis-lost-grace (clients refused and closed)",
             m.redis_lost.clone(),
+        );
+        r.register(
+            "redis_subscriber_behind",
+            "1 while pushes reach this node from Redis pub/sub more than 1 s after their accept, or its inbox is full (slow link, or the node cannot keep up)",
+            m.redis_subscriber_behind.clone(),
+        );
+        r.register_with_unit(
+            "redis_subscriber_lag",
+            "Age of the oldest push dispatched from Redis pub/sub in the last half second (from its envelope's accept time)",
+            prometheus_client::registry::Unit::Seconds,
+            m.redis_subscriber_lag.clone(),
         );
         Metrics { registry, ..m }
     }

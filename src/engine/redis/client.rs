@@ -19,6 +19,20 @@ use crate::metrics::Metrics;
 /// 503 within its 2 s deadline).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_millis(1500);
 
+/// Data written to a Redis connection and not acknowledged by the peer
+/// for this long makes the kernel close the connection
+/// (`TCP_USER_TIMEOUT`).
+///
+/// A server cut off by the network (packets dropped, nothing reset) never
+/// acknowledges; once the socket's send buffer is full, fred's router
+/// waits on the write for ever, and with it every command, the forced
+/// reconnection `lost` asks for, and the cluster re-sync: a Cluster master
+/// cut off kept the nodes unready for good (issue 32). With the timeout the
+/// write fails, fred drops the connection and asks the Cluster (or the
+/// Sentinels) again. Longer than a slow link's queueing (acknowledgements
+/// still come on a slow link), shorter than `--redis-lost-grace`'s default.
+pub const UNACKED_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Commands waiting to be written, per client (all of its connections:
 /// one, or one per shard on Cluster).
 const COMMAND_BUFFER: usize = 1 << 16;
@@ -78,6 +92,7 @@ impl Redis {
                 // fred's queue of commands not yet written is unbounded by
                 // default; past this a command fails at once (a 503).
                 c.max_command_buffer_len = COMMAND_BUFFER;
+                c.tcp.user_timeout = Some(UNACKED_TIMEOUT);
             })
             // Retry forever: a node outlives any Redis outage.
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 1000, 2));

@@ -222,6 +222,9 @@ impl Shared {
         // Timed from the envelope's accept time when it has one (from
         // another node or a publisher); an envelope without is not timed.
         let accepted = e.ts.map(|unix_us| Accepted::Remote { unix_us });
+        if let Some(unix_us) = e.ts {
+            self.lag.observe(unix_us);
+        }
         push_latency::with(accepted, || self.deliver_to(channel, e, &frames, &exclude))
     }
 

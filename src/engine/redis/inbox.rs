@@ -13,7 +13,7 @@
 //! resyncs (see `subscriber`): loud, never silent.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -62,6 +62,8 @@ pub struct Inbox {
     ready: Condvar,
     control: Semaphore,
     bulk: Semaphore,
+    /// Times a connection had to wait on a full lane (see `behind`).
+    waits: AtomicU64,
 }
 
 #[derive(Default)]
@@ -78,6 +80,7 @@ impl Default for Inbox {
             ready: Condvar::new(),
             control: Semaphore::new(CONTROL_BYTES),
             bulk: Semaphore::new(BULK_BYTES),
+            waits: AtomicU64::new(0),
         }
     }
 }
@@ -119,6 +122,7 @@ impl Inbox {
                 false
             }
             Err(_) => {
+                self.waits.fetch_add(1, Ordering::Relaxed);
                 behind.store(true, Ordering::Release);
                 let acquired = budget.acquire_many(cost).await;
                 behind.store(false, Ordering::Release);
@@ -146,6 +150,17 @@ impl Inbox {
             self.ready.notify_one();
         }
         waited
+    }
+
+    /// Times a connection had to wait on a full lane, since the start.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    /// Bytes held by both lanes (queued or being handled).
+    pub fn queued_bytes(&self) -> usize {
+        (CONTROL_BYTES - self.control.available_permits().min(CONTROL_BYTES))
+            + (BULK_BYTES - self.bulk.available_permits().min(BULK_BYTES))
     }
 
     /// Ends the dispatcher (the node is stopping).

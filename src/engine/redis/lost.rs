@@ -57,7 +57,10 @@ fn reachable(s: &Shared) -> bool {
 /// A primary cut off by the network (packets dropped, nothing reset) keeps
 /// the connection open for ever: fred's own unresponsive check counts from
 /// the last write, and the probe writes a PING every half second, so it
-/// never fires. Made again, the connection asks the Sentinels for the
+/// never fires. (`TCP_USER_TIMEOUT`, `client::UNACKED_TIMEOUT`, closes it
+/// after 3 s of unacknowledged data, which the probe's PINGs always are;
+/// this is the same step, taken by the node itself, for a link where the
+/// kernel's timeout does not apply.) Made again, the connection asks the Sentinels for the
 /// primary (or the Cluster for its slot map), and the subscriber follows
 /// the command connection. A single server is left alone: the same
 /// address again gains nothing, and the connection resumes when the link

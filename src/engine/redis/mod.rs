@@ -27,6 +27,7 @@
 //! - Queries about other nodes' connections read their partitions
 //!   ([`queries`]).
 
+mod behind;
 mod client;
 mod dispatch;
 mod history;
@@ -161,6 +162,8 @@ struct Shared {
     /// Redis unreachable for longer than `--redis-lost-grace` ([`lost`]):
     /// new clients are refused and every client is closed.
     lost: AtomicBool,
+    /// The oldest push dispatched lately ([`behind`]).
+    lag: behind::Lag,
     /// Stops the background tasks.
     stop: CancellationToken,
     /// Trips when the node must stop (another live instance has its id).
@@ -227,6 +230,7 @@ impl RedisEngine {
             writable: AtomicBool::new(true),
             holds: presence::Holds::default(),
             lost: AtomicBool::new(false),
+            lag: behind::Lag::default(),
             stop: CancellationToken::new(),
             fatal,
         });
@@ -248,6 +252,7 @@ impl RedisEngine {
             spawn_critical("presence", fatal, stop, presence::run(shared.clone()));
         }
         spawn_critical("redis lost", fatal, stop, lost::run(shared.clone()));
+        spawn_critical("redis behind", fatal, stop, behind::run(shared.clone()));
         shared.redis.client.connect();
         // After the registration task listens, so the first connection's
         // events are seen too.
@@ -358,6 +363,10 @@ impl Engine for RedisEngine {
             && s.registered.load(Ordering::Acquire)
             && s.responsive.load(Ordering::Acquire)
             && s.writable.load(Ordering::Acquire)
+            // A node refusing clients (`lost`) is not ready, even when its
+            // connections came back and registered before `lost` noticed
+            // (it then registers once more, and is ready after that).
+            && !s.lost.load(Ordering::Acquire)
     }
 
     fn refuses_clients(&self) -> bool {

@@ -101,6 +101,7 @@ fn node() -> (Arc<Shared>, Vec<(ClientId, Arc<Outbox>)>) {
         writable: AtomicBool::new(true),
         holds: Default::default(),
         lost: AtomicBool::new(false),
+        lag: Default::default(),
         stop: CancellationToken::new(),
         fatal: Fatal::new(),
     };
