@@ -71,6 +71,8 @@ def main():
     a.add_argument("--pods", type=int, default=50)
     a.add_argument("--pod-cores", type=float, default=1.0, help="CPU limit per pod")
     a.add_argument("--pod-memory-mib", type=float, default=256, help="memory limit per pod")
+    a.add_argument("--memory-headroom", type=float, default=2.0,
+                   help="pod memory headroom for reconnect storms (docs/deploy.md: x2)")
     a.add_argument("--uid-pushes", type=float, default=10_000, help="send_to_uid per second")
     a.add_argument("--uid-connections", type=float, default=1.0,
                    help="connections per uid (devices), on different pods")
@@ -158,7 +160,7 @@ def main():
         print(f"| {part} | {name} | {value} |")
     limits = [
         ("pod CPU", pod_cores / o.pod_cores),
-        ("pod memory", mem_mib / o.pod_memory_mib),
+        ("pod memory (with headroom)", mem_mib * o.memory_headroom / o.pod_memory_mib),
         ("Redis CPU", redis_cores / o.redis_cores),
         ("Redis memory", redis_mem_gib / o.redis_memory_gib),
         ("Redis network out", redis_out_mbit / o.redis_network_mbit),
