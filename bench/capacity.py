@@ -32,10 +32,10 @@ CPU_US_PER_API_PUSH = 100.0
 # "Redis memory per connection": 923 B per connection bound to its own uid
 # and in one of 5 groups, empty session.
 REDIS_BYTES_PER_CONN = 923
-# "Redis CPU per PUBLISH by subscribing nodes": 0.53 us + 0.155 us per node
+# "Redis CPU per PUBLISH by subscribing nodes": 0.53 us + 0.15 us per node
 # following the channel.
 REDIS_US_PUBLISH = 0.53
-REDIS_US_PER_SUBSCRIBER = 0.155
+REDIS_US_PER_SUBSCRIBER = 0.15
 # "What history costs per push": FCALL gatecast_push 13.2 us per call
 # (usec_per_call; the publish to subscribers comes on top).
 REDIS_US_HISTORY = 13.2
