@@ -623,24 +623,7 @@ async fn a_node_reads_back_what_its_subscriber_missed_without_a_next_push() {
     online(&b, "ivy").await;
     send_uid(&b, "ivy", "one").await;
     assert_eq!(push(&mut c).await.offset(), 1);
-    redis.cli(&[
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 32768 32768 0",
-    ]);
-    let before = reconnects(&a).await;
-    send_uid(&b, "ivy", &"x".repeat(60_000)).await;
-    eventually("node A's subscriber dropped", || async {
-        reconnects(&a).await > before
-    })
-    .await;
-    redis.cli(&[
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 33554432 8388608 60",
-    ]);
+    lose_a_push_in_pubsub(&redis, &a, &b, "ivy").await;
     let p = push(&mut c).await;
     assert_eq!(
         (p.offset(), p.payload.len()),
@@ -663,29 +646,7 @@ async fn a_node_repairs_a_gap_in_a_stream_from_history() {
     online(&b, "gus").await;
     send_uid(&b, "gus", "one").await;
     assert_eq!(push(&mut c).await.offset(), 1);
-    // A 60 KB push is past the subscribers' hard limit even with the 16 KB
-    // Redis may put in a connection's own buffer (uncounted): Redis drops
-    // their connections, and the push with them (kept in history all the
-    // same). 40 KB was under the limit whenever that buffer was empty.
-    redis.cli(&[
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 32768 32768 0",
-    ]);
-    let before = reconnects(&a).await;
-    let big = "x".repeat(60_000);
-    send_uid(&b, "gus", &big).await;
-    eventually("node A's subscriber dropped", || async {
-        reconnects(&a).await > before
-    })
-    .await;
-    redis.cli(&[
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 33554432 8388608 60",
-    ]);
+    lose_a_push_in_pubsub(&redis, &a, &b, "gus").await;
     eventually("node A back on Redis", || async {
         a.get_status(false, "/readyz").await == 200
     })
@@ -709,6 +670,32 @@ async fn a_node_repairs_a_gap_in_a_stream_from_history() {
 }
 
 /// Times node's subscriber connections were replaced, all reasons.
+/// Pushes 60 KB to `uid` through `b` while Redis's pub/sub output limit is
+/// 32 KB, and waits until node `a`'s subscriber was dropped with it (the
+/// push is kept in history all the same); then restores the limit. 60 KB:
+/// past the limit even with the 16 KB Redis may put in a connection's own
+/// buffer, uncounted (40 KB was under it whenever that buffer was empty).
+async fn lose_a_push_in_pubsub(redis: &RedisServer, a: &Node, b: &Node, uid: &str) {
+    redis.cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 32768 32768 0",
+    ]);
+    let before = reconnects(a).await;
+    send_uid(b, uid, &"x".repeat(60_000)).await;
+    eventually("node A's subscriber dropped", || async {
+        reconnects(a).await > before
+    })
+    .await;
+    redis.cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 33554432 8388608 60",
+    ]);
+}
+
 async fn reconnects(node: &Node) -> f64 {
     node.get_text("/metrics")
         .await
