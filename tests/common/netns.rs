@@ -282,6 +282,60 @@ impl Lab {
             .output_within(WAIT);
     }
 
+    /// Opens `n` TCP connections to `to` from inside `host`, on a thread
+    /// that joined its namespace: a socket stays in the namespace it was
+    /// made in, so a runtime running elsewhere (in another host, through
+    /// [`Lab::run`]) can use them (`tokio::net::TcpStream::from_std`).
+    /// Clients on two hosts at once this way. Panics when one fails.
+    pub fn connect_from(
+        &self,
+        host: &Host,
+        to: std::net::SocketAddr,
+        n: usize,
+    ) -> Vec<std::net::TcpStream> {
+        let path = format!("/run/netns/{}", host.ns);
+        std::thread::scope(|scope| {
+            let thread = scope.spawn(move || {
+                enter(&path);
+                (0..n)
+                    .map(|i| {
+                        std::net::TcpStream::connect_timeout(&to, WAIT)
+                            .unwrap_or_else(|e| panic!("connection {i} to {to}: {e}"))
+                    })
+                    .collect()
+            });
+            match thread.join() {
+                Ok(out) => out,
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        })
+    }
+
+    /// Bytes waiting in the queue of the link toward `host` (the `tbf` of
+    /// [`Lab::slow`] on the bridge side): more than 0 while its link is
+    /// saturated.
+    pub fn backlog_toward(&self, host: &Host) -> u64 {
+        let out = root("tc")
+            .args(["-s", "qdisc", "show", "dev", &host.outer])
+            .output_within(WAIT);
+        // `... backlog 12345b 10p requeues 0`
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut words = text.split_whitespace();
+        words
+            .find(|w| *w == "backlog")
+            .and_then(|_| words.next())
+            .and_then(|b| {
+                // `45420b`, or `44Kb`, `1Mb` as some versions print it.
+                let b = b.trim_end_matches('b');
+                let (digits, unit) = match b.strip_suffix('K') {
+                    Some(d) => (d, 1024),
+                    None => b.strip_suffix('M').map_or((b, 1), |d| (d, 1 << 20)),
+                };
+                digits.parse::<u64>().ok().map(|v| v * unit)
+            })
+            .unwrap_or(0)
+    }
+
     /// Runs `future` to its end with every socket it opens inside `host`:
     /// on a runtime of its own whose threads all joined the host's
     /// namespace (threads inherit it from the one that builds the
