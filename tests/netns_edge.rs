@@ -64,10 +64,11 @@ async fn register_list(register: SocketAddr) -> BTreeSet<String> {
 }
 
 /// Runs tests/netns_edge/gatewayclient.php on `php` with the Register
-/// addresses and the client pairs; its exit status and its output (stdout
-/// then stderr). `GATECAST_GATEWAYCLIENT`, when set, passes through: the
-/// script then uses walkor/GatewayClient itself.
-async fn run_php(php: &Host, registers: &[String], pairs: &[[String; 2]]) -> (bool, String) {
+/// addresses and the client pairs: whether it exited 0, the JSON object it
+/// printed (what was answered, also when a call failed), and its stderr.
+/// `GATECAST_GATEWAYCLIENT`, when set, passes through: the script then
+/// uses walkor/GatewayClient itself.
+async fn run_php(php: &Host, registers: &[String], pairs: &[[String; 2]]) -> (bool, Value, String) {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/netns_edge/gatewayclient.php"
@@ -81,12 +82,16 @@ async fn run_php(php: &Host, registers: &[String], pairs: &[[String; 2]]) -> (bo
     let out = tokio::task::spawn_blocking(move || command.output_within(WAIT * 3))
         .await
         .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_str(stdout.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {stdout}{stderr}"));
+    (out.status.success(), json, stderr)
+}
+
+/// `get_all_client_count` through `node`'s API.
+async fn a_count(node: &Node) -> Value {
+    node.ok("get_all_client_count", json!({})).await
 }
 
 /// Where a client_id says its node is.
@@ -106,7 +111,9 @@ fn node_of(client_id: &str) -> SocketAddrV4 {
 /// Then a fourth node advertises 127.0.0.1 (a pod whose address was not
 /// found, or set wrong): the Register lists `127.0.0.1:2900`, its clients'
 /// ids point at loopback, and the PHP host, which reaches that address on
-/// itself, fails to drive them (the wrong-address case of docs/deploy.md).
+/// itself, fails to drive them (the wrong-address case of docs/deploy.md);
+/// a call to every node fails there too, and GatewayClient's counts leave
+/// that node's clients out without an error.
 #[test]
 fn gatewayclient_on_its_own_host_reaches_every_node_through_the_register() {
     let test = "gatewayclient_on_its_own_host_reaches_every_node_through_the_register";
@@ -178,10 +185,8 @@ fn gatewayclient_on_its_own_host_reaches_every_node_through_the_register() {
             .iter()
             .map(|h| register_of(h).to_string())
             .collect();
-        let (ok, text) = run_php(&php, &registers, &pairs).await;
-        assert!(ok, "php failed: {text}");
-        let out: Value = serde_json::from_str(text.lines().last().unwrap_or(""))
-            .unwrap_or_else(|e| panic!("{e}: {text}"));
+        let (ok, out, stderr) = run_php(&php, &registers, &pairs).await;
+        assert!(ok && out["done"] == true, "php failed: {out} {stderr}");
         eprintln!("gatewayclient.php ({}): {out}", out["library"]);
         assert_eq!(out["addresses"], json!(want), "from the Register");
         assert_eq!(out["count_all"], json!(6), "{out}");
@@ -220,8 +225,13 @@ fn gatewayclient_on_its_own_host_reaches_every_node_through_the_register() {
         let loopback = format!("127.0.0.1:{INNER_PORT}");
         let mut with_d = want.clone();
         with_d.insert(loopback.clone());
-        eventually("the Register lists D at 127.0.0.1", || async {
-            register_list(register_of(&node_hosts[0])).await == with_d
+        eventually("every Register lists D at 127.0.0.1", || async {
+            for h in &node_hosts {
+                if register_list(register_of(h)).await != with_d {
+                    return false;
+                }
+            }
+            true
         })
         .await;
         let on_d = Client::connect(&d.ws_url("")).await;
@@ -230,15 +240,27 @@ fn gatewayclient_on_its_own_host_reaches_every_node_through_the_register() {
             node_of(&on_d.id),
             SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, INNER_PORT)
         );
+        assert_eq!(a_count(&nodes[0]).await, 8);
+        // Driving its clients fails at the first call, naming the address.
         let mut with_pair = pairs.clone();
         with_pair.push([on_d.id.clone(), on_d2.id.clone()]);
-        let (ok, text) = run_php(&php, &registers, &with_pair).await;
-        eprintln!("gatewayclient.php with D at 127.0.0.1: ok {ok}: {text}");
-        assert!(!ok, "PHP cannot reach D's clients: {text}");
+        let (ok, out, stderr) = run_php(&php, &registers, &with_pair).await;
+        eprintln!("gatewayclient.php with D's clients: ok {ok}: {out} {stderr}");
+        assert!(!ok, "PHP cannot reach D's clients: {out}");
         assert!(
-            text.contains(&loopback),
-            "the failure names the loopback address: {text}"
+            stderr.contains(&loopback),
+            "the failure names the loopback address: {stderr}"
         );
+        // Only the other nodes' clients: what asks every node fails too, or
+        // (GatewayClient) leaves D out without an error.
+        let (ok, out, stderr) = run_php(&php, &registers, &pairs).await;
+        eprintln!("gatewayclient.php with D listed: ok {ok}: {out} {stderr}");
+        assert!(!ok, "a call to every node fails at D: {out}");
+        assert!(stderr.contains(&loopback), "{stderr}");
+        assert_eq!(out["addresses"], json!(with_d), "{out}");
+        if out["library"] == "GatewayClient" {
+            assert_eq!(out["count_all"], json!(6), "D's clients silently left out");
+        }
     });
 }
 
@@ -436,25 +458,37 @@ fn slow_link(test: &str, n_slow: usize, n_fast: usize, drain: Duration) {
             .zip(&seen)
             .map(|(ws, s)| tokio::spawn(read_slow(ws, s.clone(), started.clone(), drain)))
             .collect();
-        // The fast clients read on tasks of their own.
+        // The fast clients read on tasks of their own: every push until
+        // "end" (sent back), then on (answering the node's pings) until the
+        // test ends; a task that ends saw its connection end.
         let fast_got: Vec<_> = (0..n_fast)
             .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0)))
             .collect();
+        let mut fast_lists = Vec::new();
         let fast_readers: Vec<_> = fast
             .into_iter()
             .zip(&fast_got)
             .map(|(mut c, count)| {
                 let count = count.clone();
+                let (list, got_list) = tokio::sync::oneshot::channel();
+                fast_lists.push(got_list);
                 tokio::spawn(async move {
                     let mut got = Vec::new();
                     loop {
                         match c.next_within(Duration::from_secs(60)).await {
-                            Some(common::Seen::Text(t)) if t == "end" => return (got, c),
+                            Some(common::Seen::Text(t)) if t == "end" => break,
                             Some(common::Seen::Text(t)) => {
                                 got.push(t[..6].parse::<usize>().unwrap());
                                 count.store(got.len(), std::sync::atomic::Ordering::Relaxed);
                             }
                             other => panic!("fast client after {}: {other:?}", got.len()),
+                        }
+                    }
+                    let _ = list.send(got);
+                    loop {
+                        match c.next_within(Duration::from_secs(60)).await {
+                            None | Some(common::Seen::Text(_)) => {}
+                            other => return format!("{other:?}"),
                         }
                     }
                 })
@@ -545,14 +579,12 @@ fn slow_link(test: &str, n_slow: usize, n_fast: usize, drain: Duration) {
         a.ok("send_to_all", json!({"data": "end"})).await;
         let pushed_at = t0.elapsed();
         let want: Vec<usize> = (0..pushed).collect();
-        let mut fast = Vec::new();
-        for (k, reader) in fast_readers.into_iter().enumerate() {
-            let (got, client) = tokio::time::timeout(Duration::from_secs(30), reader)
+        for (k, list) in fast_lists.into_iter().enumerate() {
+            let got = tokio::time::timeout(Duration::from_secs(30), list)
                 .await
                 .expect("fast clients get everything in time")
-                .unwrap();
+                .expect("fast client's reader alive");
             assert_eq!(got, want, "fast client {k}: every push once, in order");
-            fast.push(client);
         }
         let fast_all_at = t0.elapsed();
         for reader in readers {
@@ -598,6 +630,12 @@ fn slow_link(test: &str, n_slow: usize, n_fast: usize, drain: Duration) {
             n_fast as f64,
             "the fast clients are still connected"
         );
+        for (k, reader) in fast_readers.into_iter().enumerate() {
+            if reader.is_finished() {
+                panic!("fast client {k} was let go: {}", reader.await.unwrap());
+            }
+            reader.abort();
+        }
         eprintln!(
             "FIGURES slow client link: {n_slow} slow + {n_fast} fast clients, {pushed} pushes of {PUSH_BYTES} B at ~20/s; all slow clients closed (metric) at {:?} after {} pushes; last push {pushed_at:?}, fast clients had everything at {fast_all_at:?}; slow clients' ends {:?}..{:?} (all drained at {drained_at:?}); pushes a slow client got: min {} median {} max {}; what they saw: {frames:?}; node RSS {rss_before} KiB before, max {rss_max} KiB",
             closed_at.map(|c| c.0),

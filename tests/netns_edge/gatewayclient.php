@@ -9,7 +9,8 @@
 //   group "g", y nothing.
 // With GATECAST_GATEWAYCLIENT=<dir of walkor/GatewayClient> it uses that
 // library (GatewayClient\Gateway); without, the tests' GatewayLite, which
-// speaks the same wire format. Prints what it saw as one JSON object.
+// speaks the same wire format. Prints what it saw as one JSON object, also
+// when a call fails half-way (then without "done").
 
 $registers = json_decode($argv[1], true);
 $clients = json_decode($argv[2], true);
@@ -47,6 +48,10 @@ function sorted($items): array
 }
 
 $out = ['library' => $library];
+// Printed even when a call dies half-way: what was answered until then.
+register_shutdown_function(function () use (&$out) {
+    echo json_encode($out), "\n";
+});
 $out['addresses'] = sorted($call('addresses'));
 
 // Membership written through each node's own inner address (the one in the
@@ -72,5 +77,4 @@ foreach ($clients as $k => [$x, $y]) {
 }
 $call('sendToGroup', 'g', 'to-g');
 $call('sendToAll', 'to-all');
-
-echo json_encode($out), "\n";
+$out['done'] = true;
