@@ -251,6 +251,19 @@ pub async fn run_with(
         events,
         fatal.clone(),
     ));
+
+    if node.addr().ip().is_loopback() && !inner_addr.ip().is_loopback() {
+        // The Register hands this address to GatewayClients and workers on
+        // other hosts, which would dial their own loopback (issue 32).
+        tracing::warn!(
+            advertised = %node.addr(),
+            inner = %inner_addr,
+            "advertising a loopback address while the inner port is open to other hosts: \
+             GatewayClients and BusinessWorkers on other hosts cannot reach this node's \
+             clients; set --advertise-ip to an address they reach (the pod IP)"
+        );
+    }
+
     tracing::info!(
         public = %public_addr,
         api = %api_addr,

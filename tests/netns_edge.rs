@@ -89,6 +89,65 @@ async fn run_php(php: &Host, registers: &[String], pairs: &[[String; 2]]) -> (bo
     (out.status.success(), json, stderr)
 }
 
+/// A node process, killed on drop.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A node on `host` started as [`Lab::node`] starts one, but whose log the
+/// test reads: the process, and its log lines (JSON) up to "listening".
+/// The rest of its log is echoed, as for every node.
+fn node_with_log(host: &Host, args: &[&str]) -> (Killed, Vec<Value>) {
+    use std::io::BufRead;
+    let mut command = host.command(env!("CARGO_BIN_EXE_gatecast"));
+    command
+        .args(["--listen", &format!("0.0.0.0:{}", netns::PUBLIC_PORT)])
+        .args(["--api-listen", &format!("0.0.0.0:{}", netns::API_PORT)])
+        .env("GATECAST_INNER_LISTEN", format!("0.0.0.0:{INNER_PORT}"))
+        .args(["--api-insecure", "--gateway-insecure"]);
+    common::test_defaults(&mut command);
+    let mut child = command
+        .args(["--log-level", "info"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gatecast starts");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let child = Killed(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            eprintln!("[node] {line}");
+            let value: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+            let listening = value["fields"]["message"] == "listening";
+            if let Some(t) = &tx {
+                let _ = t.send(value);
+            }
+            if listening {
+                tx = None;
+            }
+        }
+    });
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|e| panic!("no \"listening\" from the node: {e}: {lines:?}"));
+        let listening = line["fields"]["message"] == "listening";
+        lines.push(line);
+        if listening {
+            return (child, lines);
+        }
+    }
+}
+
 /// `get_all_client_count` through `node`'s API.
 async fn a_count(node: &Node) -> Value {
     node.ok("get_all_client_count", json!({})).await
@@ -109,8 +168,8 @@ fn node_of(client_id: &str) -> SocketAddrV4 {
 /// a client, a group and all reach the clients on every node, in order.
 ///
 /// Then a fourth node advertises 127.0.0.1 (a pod whose address was not
-/// found, or set wrong): the Register lists `127.0.0.1:2900`, its clients'
-/// ids point at loopback, and the PHP host, which reaches that address on
+/// found: no default route, no `--advertise-ip`), and warns about it: the
+/// Register lists `127.0.0.1:2900`, its clients' ids point at loopback, and the PHP host, which reaches that address on
 /// itself, fails to drive them (the wrong-address case of docs/deploy.md);
 /// a call to every node fails there too, and GatewayClient's counts leave
 /// that node's clients out without an error.
@@ -217,11 +276,19 @@ fn gatewayclient_on_its_own_host_reaches_every_node_through_the_register() {
             json!([xs[0].id])
         );
 
-        // A node advertising loopback: listed as 127.0.0.1:2900.
-        let mut wrong = args.to_vec();
-        wrong.extend(["--advertise-ip", "127.0.0.1"]);
-        let d = lab.node(&d_host, &wrong);
-        d.wait_ready().await;
+        // A node that finds no address of its own (no default route, no
+        // --advertise-ip) falls back to loopback, says so, and is listed
+        // as 127.0.0.1:2900.
+        d_host.sh("ip", &["route", "del", "default"]);
+        let (_d, d_log) = node_with_log(&d_host, &args);
+        let warned = d_log.iter().any(|l| {
+            l["level"] == "WARN"
+                && l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("advertising a loopback address"))
+        });
+        assert!(warned, "D warns that it advertises loopback: {d_log:?}");
+        let d_url = format!("ws://{}:{}/ws", d_host.ip, netns::PUBLIC_PORT);
         let loopback = format!("127.0.0.1:{INNER_PORT}");
         let mut with_d = want.clone();
         with_d.insert(loopback.clone());
@@ -234,8 +301,8 @@ fn gatewayclient_on_its_own_host_reaches_every_node_through_the_register() {
             true
         })
         .await;
-        let on_d = Client::connect(&d.ws_url("")).await;
-        let on_d2 = Client::connect(&d.ws_url("")).await;
+        let on_d = Client::connect(&d_url).await;
+        let on_d2 = Client::connect(&d_url).await;
         assert_eq!(
             node_of(&on_d.id),
             SocketAddrV4::new(std::net::Ipv4Addr::LOCALHOST, INNER_PORT)
