@@ -161,18 +161,18 @@ fn node_of(client_id: &str) -> SocketAddrV4 {
 
 /// Three nodes on hosts of their own, all on inner port 2900 with their
 /// own addresses and no `--advertise-ip`, each serving the Register; a PHP
-/// backend on a fourth host knows only Register addresses. Through them it
-/// gets every node's inner address (distinct real IPs, port 2900), binds
-/// and joins clients on every node through the address in their
+/// backend on a host of its own knows only Register addresses. Through
+/// them it gets every node's inner address (distinct real IPs, port 2900),
+/// binds and joins clients on every node through the address in their
 /// client_ids, asks the counts and uids (exact), and its pushes to a uid,
 /// a client, a group and all reach the clients on every node, in order.
 ///
 /// Then a fourth node advertises 127.0.0.1 (a pod whose address was not
 /// found: no default route, no `--advertise-ip`), and warns about it: the
-/// Register lists `127.0.0.1:2900`, its clients' ids point at loopback, and the PHP host, which reaches that address on
-/// itself, fails to drive them (the wrong-address case of docs/deploy.md);
-/// a call to every node fails there too, and GatewayClient's counts leave
-/// that node's clients out without an error.
+/// Register lists `127.0.0.1:2900`, its clients' ids point at loopback,
+/// and the PHP host, which dials its own loopback there, fails to drive
+/// them; a call to every node fails there too, and GatewayClient's counts
+/// leave that node's clients out without an error.
 #[test]
 fn gatewayclient_on_its_own_host_reaches_every_node_through_the_register() {
     let test = "gatewayclient_on_its_own_host_reaches_every_node_through_the_register";
