@@ -161,8 +161,8 @@ fn node_of(client_id: &str) -> SocketAddrV4 {
 
 /// Three nodes on hosts of their own, all on inner port 2900 with their
 /// own addresses and no `--advertise-ip`, each serving the Register; a PHP
-/// backend on a host of its own knows only Register addresses. Through
-/// them it gets every node's inner address (distinct real IPs, port 2900),
+/// backend on a host of its own knows only Register addresses (the first
+/// of them refusing: it takes the next). Through them it gets every node's inner address (distinct real IPs, port 2900),
 /// binds and joins clients on every node through the address in their
 /// client_ids, asks the counts and uids (exact), and its pushes to a uid,
 /// a client, a group and all reach the clients on every node, in order.
@@ -238,9 +238,10 @@ fn gatewayclient_on_its_own_host_reaches_every_node_through_the_register() {
             .zip(&ys)
             .map(|(x, y)| [x.id.clone(), y.id.clone()])
             .collect();
-        // GatewayClient takes the first Register it reaches: C's, then A's
-        // (as a list of Service addresses would be).
-        let registers: Vec<String> = [&node_hosts[2], &node_hosts[0]]
+        // GatewayClient takes the first Register it reaches (a list, as of
+        // Service addresses): the first here has none (the Redis host
+        // refuses), so C's.
+        let registers: Vec<String> = [&redis_host, &node_hosts[2], &node_hosts[0]]
             .iter()
             .map(|h| register_of(h).to_string())
             .collect();

@@ -4,7 +4,8 @@
 // drives clients on every node through them.
 //
 // usage: php gatewayclient.php '<registers JSON>' '<clients JSON>'
-//   registers: ["ip:port", ...] (GatewayClient's registerAddress)
+//   registers: ["ip:port", ...] (GatewayClient's registerAddress: the
+//   first that answers is used)
 //   clients: [[x, y], ...] two client_ids per node; x gets uid "u<k>" and
 //   group "g", y nothing.
 // With GATECAST_GATEWAYCLIENT=<dir of walkor/GatewayClient> it uses that
@@ -30,7 +31,20 @@ if ($dir) {
     $call = fn(string $method, ...$args) => G::$method(...$args);
 } else {
     require __DIR__ . '/../gatewayworker/GatewayLite.php';
-    $lite = new GatewayLite($registers[0]);
+    // The first Register that answers, as GatewayClient picks one.
+    $lite = null;
+    foreach ($registers as $register) {
+        try {
+            $candidate = new GatewayLite($register);
+            $candidate->addresses();
+            $lite = $candidate;
+            break;
+        } catch (Exception $e) {
+        }
+    }
+    if ($lite === null) {
+        throw new Exception('no Register answers: ' . json_encode($registers));
+    }
     $library = 'GatewayLite';
     $call = function (string $method, ...$args) use ($lite) {
         if ($method === 'getAllClientIdCount') {
