@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use axum::routing::post;
 use axum::Router;
+use common::events::{field, Entry};
 use common::{eventually, webhook, Client, Cluster, Engine, Node, OutputWithin};
 use fred::prelude::*;
-use fred::types::Value as RedisValue;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -24,16 +22,6 @@ async fn connect_with_headers(url: &str) -> Client {
         .headers_mut()
         .insert("user-agent", "events-test/1".parse().unwrap());
     Client::connect_request(request).await
-}
-
-type Entry = (String, HashMap<String, RedisValue>);
-
-fn field(entry: &Entry, name: &str) -> String {
-    entry
-        .1
-        .get(name)
-        .and_then(|v| v.as_string())
-        .unwrap_or_default()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
