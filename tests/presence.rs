@@ -11,6 +11,7 @@ use std::time::Duration;
 use common::events::{events, events_flowing, field, redis_client_url, Entry};
 use common::redis::RedisServer;
 use common::{within, Client, Node, OutputWithin};
+use futures_util::StreamExt;
 use serde_json::json;
 
 /// `n` nodes with presence events on the Redis (or Redis Cluster) at
@@ -189,15 +190,21 @@ async fn killed_node(url: &str) {
     // of 20 groups; "shared" has members on node 0 too, which stays.
     let victim = &nodes[2];
     let clients = common::connect_many(&victim.ws_url(""), UIDS).await;
-    for (i, c) in clients.iter().enumerate() {
-        bind(&nodes[0], c, &format!("u{i}")).await;
-        nodes[1]
-            .ok(
-                "join_group",
-                json!({"client_id": c.id, "group": format!("g{}", i % GROUPS)}),
-            )
-            .await;
-    }
+    // Each client's bind and join on their own, 20 clients at a time.
+    futures_util::stream::iter(clients.iter().enumerate())
+        .for_each_concurrent(20, |(i, c)| {
+            let nodes = &nodes;
+            async move {
+                bind(&nodes[0], c, &format!("u{i}")).await;
+                nodes[1]
+                    .ok(
+                        "join_group",
+                        json!({"client_id": c.id, "group": format!("g{}", i % GROUPS)}),
+                    )
+                    .await;
+            }
+        })
+        .await;
     let keeper = Client::connect(&nodes[0].ws_url("")).await;
     nodes[1]
         .ok("join_group", json!({"client_id": keeper.id, "group": "g0"}))
@@ -690,60 +697,67 @@ type Measured = (bool, HashMap<String, u64>, HashMap<String, u64>);
 
 /// Redis commands (summed over every server) for `N` clients, each with a
 /// uid and a group of its own, bound and joined through the other node,
-/// then closed; presence off, then on (`--presence-grace 0s`).
+/// then closed; presence off, then on (`--presence-grace 0s`). The two
+/// runs have a Redis and nodes of their own: they run at once.
 async fn measure(cluster: bool, n: usize) -> Vec<Measured> {
+    let runs = [false, true].map(|on| tokio::spawn(measure_one(cluster, n, on)));
     let mut measured = Vec::new();
-    for on in [false, true] {
-        let single = (!cluster).then(RedisServer::start);
-        let many = cluster.then(common::redis::RedisCluster::start);
-        let (url, servers): (String, Vec<&RedisServer>) = match (&single, &many) {
-            (Some(s), _) => (s.url(), vec![s]),
-            (_, Some(c)) => (c.url(), c.servers.iter().collect()),
-            _ => unreachable!(),
-        };
-        let resetstat = || {
-            for s in &servers {
-                s.cli(&["CONFIG", "RESETSTAT"]);
-            }
-        };
-        let mut args = vec!["--redis-url", &url, "--node-heartbeat", "1s", "--events"];
-        if on {
-            args.extend(["--presence-events", "uid,group", "--presence-grace", "0s"]);
-        }
-        let nodes: Vec<Node> = (0..2).map(|_| Node::start(&args)).collect();
-        common::ready(&nodes).await;
-        resetstat();
-        let clients = common::connect_many(&nodes[0].ws_url(""), n).await;
-        for (i, c) in clients.iter().enumerate() {
-            bind(&nodes[1], c, &format!("u{i}")).await;
-            nodes[1]
-                .ok(
-                    "join_group",
-                    json!({"client_id": c.id, "group": format!("g{i}")}),
-                )
-                .await;
-        }
-        within("all mirrored", Duration::from_secs(20), || async {
-            nodes[1].ok("get_all_uid_count", json!({})).await == json!(n)
-        })
-        .await;
-        let joined = commandstats_of(&servers);
-        resetstat();
-        for c in clients {
-            c.close().await;
-        }
-        within("all gone", Duration::from_secs(20), || async {
-            nodes[1].ok("get_all_client_count", json!({})).await == json!(0)
-        })
-        .await;
-        let closed = commandstats_of(&servers);
-        measured.push((on, joined, closed));
+    for run in runs {
+        measured.push(run.await.unwrap());
     }
     for (on, joined, closed) in &measured {
         eprintln!("cluster {cluster}, presence {on}: per connect+bind+join: {joined:?}");
         eprintln!("cluster {cluster}, presence {on}: per close: {closed:?}");
     }
     measured
+}
+
+/// One run of [`measure`]: presence `on` or off.
+async fn measure_one(cluster: bool, n: usize, on: bool) -> Measured {
+    let single = (!cluster).then(RedisServer::start);
+    let many = cluster.then(common::redis::RedisCluster::start);
+    let (url, servers): (String, Vec<&RedisServer>) = match (&single, &many) {
+        (Some(s), _) => (s.url(), vec![s]),
+        (_, Some(c)) => (c.url(), c.servers.iter().collect()),
+        _ => unreachable!(),
+    };
+    let resetstat = || {
+        for s in &servers {
+            s.cli(&["CONFIG", "RESETSTAT"]);
+        }
+    };
+    let mut args = vec!["--redis-url", &url, "--node-heartbeat", "1s", "--events"];
+    if on {
+        args.extend(["--presence-events", "uid,group", "--presence-grace", "0s"]);
+    }
+    let nodes: Vec<Node> = (0..2).map(|_| Node::start(&args)).collect();
+    common::ready(&nodes).await;
+    resetstat();
+    let clients = common::connect_many(&nodes[0].ws_url(""), n).await;
+    for (i, c) in clients.iter().enumerate() {
+        bind(&nodes[1], c, &format!("u{i}")).await;
+        nodes[1]
+            .ok(
+                "join_group",
+                json!({"client_id": c.id, "group": format!("g{i}")}),
+            )
+            .await;
+    }
+    within("all mirrored", Duration::from_secs(20), || async {
+        nodes[1].ok("get_all_uid_count", json!({})).await == json!(n)
+    })
+    .await;
+    let joined = commandstats_of(&servers);
+    resetstat();
+    for c in clients {
+        c.close().await;
+    }
+    within("all gone", Duration::from_secs(20), || async {
+        nodes[1].ok("get_all_client_count", json!({})).await == json!(0)
+    })
+    .await;
+    let closed = commandstats_of(&servers);
+    (on, joined, closed)
 }
 
 fn calls(m: &HashMap<String, u64>, command: &str) -> u64 {

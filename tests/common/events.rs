@@ -45,10 +45,11 @@ pub async fn events(redis: &fred::clients::Client, kinds: &[&str]) -> Vec<Entry>
 }
 
 /// Waits until each node's events reach the stream (a node is ready before
-/// its events connection is up; its writer waits for it, bounded).
+/// its events connection is up; its writer waits for it, bounded). The
+/// nodes are probed at once, each on its own.
 pub async fn events_flowing(nodes: &[Node], redis: &fred::clients::Client) {
     super::ready(nodes).await;
-    for node in nodes {
+    let flowing = nodes.iter().map(|node| {
         within("events flowing", Duration::from_secs(20), || async {
             let probe = Client::connect(&node.ws_url("")).await;
             let id = probe.id.clone();
@@ -59,6 +60,6 @@ pub async fn events_flowing(nodes: &[Node], redis: &fred::clients::Client) {
                 .iter()
                 .any(|e| field(e, "client_id") == id)
         })
-        .await;
-    }
+    });
+    futures_util::future::join_all(flowing).await;
 }
