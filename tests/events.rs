@@ -5,7 +5,7 @@ mod common;
 
 use axum::routing::post;
 use axum::Router;
-use common::events::{field, Entry};
+use common::events::{field, redis_client_url, Entry};
 use common::{eventually, webhook, Client, Cluster, Engine, Node, OutputWithin};
 use fred::prelude::*;
 use serde_json::{json, Value};
@@ -27,10 +27,7 @@ async fn connect_with_headers(url: &str) -> Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_appended_to_the_redis_stream_in_order() {
     let c = Cluster::start(Engine::Redis, &["--events"]).await;
-    let redis = Builder::from_config(Config::from_url(&c.redis.as_ref().unwrap().url()).unwrap())
-        .build()
-        .unwrap();
-    redis.init().await.unwrap();
+    let redis = redis_client_url(&c.redis.as_ref().unwrap().url()).await;
 
     let mut a = connect_with_headers(&c.nodes[0].ws_url("?room=7&lang=en")).await;
     c.nodes[2]
@@ -378,10 +375,7 @@ async fn events_of_a_node_ready_before_its_events_redis_wait_for_it() {
     // the Redis comes up within the wait.
     let client = Client::connect(&node.ws_url("")).await;
     let events = RedisServer::start_on(port);
-    let redis = Builder::from_config(Config::from_url(&events.url()).unwrap())
-        .build()
-        .unwrap();
-    redis.init().await.unwrap();
+    let redis = redis_client_url(&events.url()).await;
     let id = client.id.clone();
     eventually("the first connect event", || async {
         let entries: Vec<Entry> = redis
