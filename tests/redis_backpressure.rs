@@ -601,6 +601,20 @@ async fn a_subscriber_connection_gone_silent_makes_the_node_unready_until_it_ans
     a.expect_text("back").await;
 }
 
+/// A Redis without a pub/sub output-buffer limit: it keeps a whole flood
+/// for a paused node, which reads it after SIGCONT.
+fn redis_keeping_every_backlog() -> RedisServer {
+    let redis = RedisServer::start();
+    let unlimited = [
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 0 0 0",
+    ];
+    assert_eq!(redis.cli(&unlimited).trim(), "OK");
+    redis
+}
+
 /// Pushes to client_ids of `node_id` that no connection has: cheap for
 /// Redis and for the node, so a flood of them is long only by its count.
 fn node_flood(node_id: &str, n: usize) -> Vec<(String, Vec<u8>)> {
@@ -615,15 +629,7 @@ fn node_flood(node_id: &str, n: usize) -> Vec<(String, Vec<u8>)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_overtakes_a_flood_of_pushes_on_the_node_channel() {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start();
-    // Redis keeps the whole flood for the paused node.
-    let unlimited = [
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 0 0 0",
-    ];
-    assert_eq!(redis.cli(&unlimited).trim(), "OK");
+    let redis = redis_keeping_every_backlog();
     let n = nodes(&redis.url(), 2, &["--node-heartbeat", "10s"]);
     ready(&n).await;
     let a = Client::connect(&n[0].ws_url("")).await;
@@ -839,14 +845,7 @@ async fn a_million_replies_fail_no_unrelated_command() {
 /// works them off, and the replies go out in few messages.
 async fn owed_replies_fail_no_unrelated_command(commands: u64) {
     let _serial = SERIAL.lock().await;
-    let redis = RedisServer::start();
-    let unlimited = [
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 0 0 0",
-    ];
-    assert_eq!(redis.cli(&unlimited).trim(), "OK");
+    let redis = redis_keeping_every_backlog();
     let n = nodes(&redis.url(), 1, &["--node-heartbeat", "10s"]);
     ready(&n).await;
     let a = Client::connect(&n[0].ws_url("")).await;
