@@ -697,67 +697,62 @@ type Measured = (bool, HashMap<String, u64>, HashMap<String, u64>);
 
 /// Redis commands (summed over every server) for `N` clients, each with a
 /// uid and a group of its own, bound and joined through the other node,
-/// then closed; presence off, then on (`--presence-grace 0s`). The two
-/// runs have a Redis and nodes of their own: they run at once.
+/// then closed; presence off, then on (`--presence-grace 0s`). One after
+/// the other, not at once: the Cluster test compares the two runs' script
+/// calls, which depend on how each run's writes batch.
 async fn measure(cluster: bool, n: usize) -> Vec<Measured> {
-    let runs = [false, true].map(|on| tokio::spawn(measure_one(cluster, n, on)));
     let mut measured = Vec::new();
-    for run in runs {
-        measured.push(run.await.unwrap());
+    for on in [false, true] {
+        let single = (!cluster).then(RedisServer::start);
+        let many = cluster.then(common::redis::RedisCluster::start);
+        let (url, servers): (String, Vec<&RedisServer>) = match (&single, &many) {
+            (Some(s), _) => (s.url(), vec![s]),
+            (_, Some(c)) => (c.url(), c.servers.iter().collect()),
+            _ => unreachable!(),
+        };
+        let resetstat = || {
+            for s in &servers {
+                s.cli(&["CONFIG", "RESETSTAT"]);
+            }
+        };
+        let mut args = vec!["--redis-url", &url, "--node-heartbeat", "1s", "--events"];
+        if on {
+            args.extend(["--presence-events", "uid,group", "--presence-grace", "0s"]);
+        }
+        let nodes: Vec<Node> = (0..2).map(|_| Node::start(&args)).collect();
+        common::ready(&nodes).await;
+        resetstat();
+        let clients = common::connect_many(&nodes[0].ws_url(""), n).await;
+        for (i, c) in clients.iter().enumerate() {
+            bind(&nodes[1], c, &format!("u{i}")).await;
+            nodes[1]
+                .ok(
+                    "join_group",
+                    json!({"client_id": c.id, "group": format!("g{i}")}),
+                )
+                .await;
+        }
+        within("all mirrored", Duration::from_secs(20), || async {
+            nodes[1].ok("get_all_uid_count", json!({})).await == json!(n)
+        })
+        .await;
+        let joined = commandstats_of(&servers);
+        resetstat();
+        for c in clients {
+            c.close().await;
+        }
+        within("all gone", Duration::from_secs(20), || async {
+            nodes[1].ok("get_all_client_count", json!({})).await == json!(0)
+        })
+        .await;
+        let closed = commandstats_of(&servers);
+        measured.push((on, joined, closed));
     }
     for (on, joined, closed) in &measured {
         eprintln!("cluster {cluster}, presence {on}: per connect+bind+join: {joined:?}");
         eprintln!("cluster {cluster}, presence {on}: per close: {closed:?}");
     }
     measured
-}
-
-/// One run of [`measure`]: presence `on` or off.
-async fn measure_one(cluster: bool, n: usize, on: bool) -> Measured {
-    let single = (!cluster).then(RedisServer::start);
-    let many = cluster.then(common::redis::RedisCluster::start);
-    let (url, servers): (String, Vec<&RedisServer>) = match (&single, &many) {
-        (Some(s), _) => (s.url(), vec![s]),
-        (_, Some(c)) => (c.url(), c.servers.iter().collect()),
-        _ => unreachable!(),
-    };
-    let resetstat = || {
-        for s in &servers {
-            s.cli(&["CONFIG", "RESETSTAT"]);
-        }
-    };
-    let mut args = vec!["--redis-url", &url, "--node-heartbeat", "1s", "--events"];
-    if on {
-        args.extend(["--presence-events", "uid,group", "--presence-grace", "0s"]);
-    }
-    let nodes: Vec<Node> = (0..2).map(|_| Node::start(&args)).collect();
-    common::ready(&nodes).await;
-    resetstat();
-    let clients = common::connect_many(&nodes[0].ws_url(""), n).await;
-    for (i, c) in clients.iter().enumerate() {
-        bind(&nodes[1], c, &format!("u{i}")).await;
-        nodes[1]
-            .ok(
-                "join_group",
-                json!({"client_id": c.id, "group": format!("g{i}")}),
-            )
-            .await;
-    }
-    within("all mirrored", Duration::from_secs(20), || async {
-        nodes[1].ok("get_all_uid_count", json!({})).await == json!(n)
-    })
-    .await;
-    let joined = commandstats_of(&servers);
-    resetstat();
-    for c in clients {
-        c.close().await;
-    }
-    within("all gone", Duration::from_secs(20), || async {
-        nodes[1].ok("get_all_client_count", json!({})).await == json!(0)
-    })
-    .await;
-    let closed = commandstats_of(&servers);
-    (on, joined, closed)
 }
 
 fn calls(m: &HashMap<String, u64>, command: &str) -> u64 {
