@@ -6,13 +6,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use common::gatewayworker::{register_node_args, PhpWorker};
 use common::redis::RedisServer;
 use common::{eventually, metric, Client, Node, Seen, WAIT};
 use futures_util::SinkExt;
@@ -344,78 +342,6 @@ async fn a_draining_node_sends_the_close_events() {
     assert!(node.wait_exit(WAIT).await.success());
 }
 
-/// A real PHP BusinessWorker process (tests/gatewayworker/worker.php).
-struct PhpWorker {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    name: String,
-}
-
-impl PhpWorker {
-    fn start(register: SocketAddr, name: &str) -> PhpWorker {
-        let script = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/gatewayworker/worker.php"
-        );
-        let mut child = Command::new("php")
-            .args([script, &register.to_string(), name, SECRET])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("php runs (scripts/test installs php8.2-cli)");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        let tag = name.to_owned();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                eprintln!("[{tag}] {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        PhpWorker {
-            child,
-            lines,
-            name: name.to_owned(),
-        }
-    }
-
-    /// Waits (bounded) for an output line starting with `prefix`.
-    async fn expect_line(&self, prefix: &str) -> String {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            match self.lines.recv_timeout(left.min(Duration::from_millis(50))) {
-                Ok(line) if line.starts_with(prefix) => return line,
-                Ok(_) => {}
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    assert!(
-                        std::time::Instant::now() < deadline,
-                        "{} never printed {prefix:?}",
-                        self.name
-                    );
-                    tokio::task::yield_now().await;
-                }
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    panic!("{} exited before printing {prefix:?}", self.name)
-                }
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PhpWorker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 /// The next echo a client gets, as JSON.
 async fn echo(client: &mut Client) -> Json {
     match client.next().await {
@@ -432,24 +358,21 @@ async fn echo(client: &mut Client) -> Json {
 async fn php_businessworkers_run_events_php_over_two_nodes() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--register-listen",
-        "127.0.0.1:0",
-        "--gateway-secret-key",
-        SECRET,
-        // The Redis Stream of events keeps working beside the workers.
-        "--events",
-    ];
+    let args = register_node_args(
+        &url,
+        &[
+            "--gateway-secret-key",
+            SECRET,
+            // The Redis Stream of events keeps working beside the workers.
+            "--events",
+        ],
+    );
     let first = Node::start(&args);
     first.wait_ready().await;
     let register = first.register.expect("register address");
     let mut workers = [
-        PhpWorker::start(register, "alpha"),
-        PhpWorker::start(register, "beta"),
+        PhpWorker::start(register, "alpha", SECRET),
+        PhpWorker::start(register, "beta", SECRET),
     ];
     workers_connected(&first, 2.0).await;
     // A replica that joins later: the Register tells the workers, and they
@@ -628,19 +551,10 @@ async fn an_oversized_event_is_dropped_and_the_worker_kept() {
 async fn the_purging_node_tells_workers_of_a_killed_node_s_closes() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--register-listen",
-        "127.0.0.1:0",
-        "--gateway-secret-key",
-        SECRET,
-    ];
+    let args = register_node_args(&url, &["--gateway-secret-key", SECRET]);
     let survivor = Node::start(&args);
     survivor.wait_ready().await;
-    let worker = PhpWorker::start(survivor.register.expect("register"), "gamma");
+    let worker = PhpWorker::start(survivor.register.expect("register"), "gamma", SECRET);
     let victim = Node::start(&args);
     victim.wait_ready().await;
     for n in [&survivor, &victim] {

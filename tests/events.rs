@@ -3,13 +3,11 @@
 
 mod common;
 
-use std::collections::HashMap;
-
 use axum::routing::post;
 use axum::Router;
+use common::events::{field, redis_client_url, Entry};
 use common::{eventually, webhook, Client, Cluster, Engine, Node, OutputWithin};
 use fred::prelude::*;
-use fred::types::Value as RedisValue;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -26,23 +24,10 @@ async fn connect_with_headers(url: &str) -> Client {
     Client::connect_request(request).await
 }
 
-type Entry = (String, HashMap<String, RedisValue>);
-
-fn field(entry: &Entry, name: &str) -> String {
-    entry
-        .1
-        .get(name)
-        .and_then(|v| v.as_string())
-        .unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_are_appended_to_the_redis_stream_in_order() {
     let c = Cluster::start(Engine::Redis, &["--events"]).await;
-    let redis = Builder::from_config(Config::from_url(&c.redis.as_ref().unwrap().url()).unwrap())
-        .build()
-        .unwrap();
-    redis.init().await.unwrap();
+    let redis = redis_client_url(&c.redis.as_ref().unwrap().url()).await;
 
     let mut a = connect_with_headers(&c.nodes[0].ws_url("?room=7&lang=en")).await;
     c.nodes[2]
@@ -390,10 +375,7 @@ async fn events_of_a_node_ready_before_its_events_redis_wait_for_it() {
     // the Redis comes up within the wait.
     let client = Client::connect(&node.ws_url("")).await;
     let events = RedisServer::start_on(port);
-    let redis = Builder::from_config(Config::from_url(&events.url()).unwrap())
-        .build()
-        .unwrap();
-    redis.init().await.unwrap();
+    let redis = redis_client_url(&events.url()).await;
     let id = client.id.clone();
     eventually("the first connect event", || async {
         let entries: Vec<Entry> = redis

@@ -8,6 +8,7 @@ mod common;
 use std::net::SocketAddr;
 
 use bytes::{Bytes, BytesMut};
+use common::gatewayworker::register_node_args;
 use common::redis::RedisServer;
 use common::{eventually, Client, Node, OutputWithin};
 use gatecast::gatewayworker::php::{self, Value};
@@ -259,16 +260,7 @@ async fn a_wrong_secret_key_or_garbage_closes_only_that_connection() {
 async fn a_php_backend_drives_two_nodes_through_the_register() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--register-listen",
-        "127.0.0.1:0",
-        "--gateway-secret-key",
-        "php-gateway-secret-key-01",
-    ];
+    let args = register_node_args(&url, &["--gateway-secret-key", "php-gateway-secret-key-01"]);
     let nodes = [Node::start(&args), Node::start(&args)];
     for n in &nodes {
         n.wait_ready().await;

@@ -8,45 +8,20 @@ mod common;
 use std::collections::HashMap;
 use std::time::Duration;
 
+use common::events::{events, events_flowing, field, redis_client_url, Entry};
 use common::redis::RedisServer;
 use common::{within, Client, Node, OutputWithin};
-use fred::prelude::*;
-use fred::types::Value as RedisValue;
+use futures_util::StreamExt;
 use serde_json::json;
 
-type Entry = (String, HashMap<String, RedisValue>);
-
-fn field(entry: &Entry, name: &str) -> String {
-    entry
-        .1
-        .get(name)
-        .and_then(|v| v.as_string())
-        .unwrap_or_default()
-}
-
-async fn redis_client(server: &RedisServer) -> fred::clients::Client {
-    redis_client_url(&server.url()).await
-}
-
-/// A client of the Redis (or Redis Cluster) at `url`.
-async fn redis_client_url(url: &str) -> fred::clients::Client {
-    let redis = Builder::from_config(Config::from_url(url).unwrap())
-        .build()
-        .unwrap();
-    redis.init().await.unwrap();
-    redis
-}
-
-/// The stream's entries of the given types, in stream order.
-async fn events(redis: &fred::clients::Client, kinds: &[&str]) -> Vec<Entry> {
-    let entries: Vec<Entry> = redis
-        .xrange("gatecast:events", "-", "+", None)
-        .await
-        .unwrap();
-    entries
-        .into_iter()
-        .filter(|e| kinds.contains(&field(e, "type").as_str()))
-        .collect()
+/// `n` nodes with presence events on the Redis (or Redis Cluster) at
+/// `url`, and a reader of their events stream, once every node's events
+/// reach it.
+async fn presence_nodes(url: &str, n: usize, grace: &str) -> (Vec<Node>, fred::clients::Client) {
+    let nodes = nodes_on(url, n, grace);
+    let redis = redis_client_url(url).await;
+    events_flowing(&nodes, &redis).await;
+    (nodes, redis)
 }
 
 /// The close events of connections bound to a uid (not the probes of
@@ -58,11 +33,6 @@ async fn bound_closes(redis: &fred::clients::Client) -> Vec<Entry> {
 }
 
 const PRESENCE: [&str; 4] = ["online", "offline", "occupied", "vacated"];
-
-/// `n` nodes on `server` with presence events and `grace`.
-fn nodes(server: &RedisServer, n: usize, grace: &str) -> Vec<Node> {
-    nodes_on(&server.url(), n, grace)
-}
 
 /// `n` nodes on the Redis (or Redis Cluster) at `url`.
 fn nodes_on(url: &str, n: usize, grace: &str) -> Vec<Node> {
@@ -81,25 +51,6 @@ fn nodes_on(url: &str, n: usize, grace: &str) -> Vec<Node> {
             ])
         })
         .collect()
-}
-
-/// Waits until each node's events reach the stream (a node is ready before
-/// its events connection is up; its writer waits for it, bounded).
-async fn events_flowing(nodes: &[Node], redis: &fred::clients::Client) {
-    common::ready(nodes).await;
-    for node in nodes {
-        within("events flowing", Duration::from_secs(20), || async {
-            let probe = Client::connect(&node.ws_url("")).await;
-            let id = probe.id.clone();
-            probe.close().await;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            events(redis, &["connect"])
-                .await
-                .iter()
-                .any(|e| field(e, "client_id") == id)
-        })
-        .await;
-    }
 }
 
 async fn bind(api: &Node, client: &Client, uid: &str) {
@@ -122,9 +73,7 @@ async fn on_redis_cluster_a_uid_on_three_nodes_is_online_once_and_offline_once()
 /// A uid connected on 3 nodes: one online; closing two: nothing; closing
 /// the last: one offline, after the grace.
 async fn three_nodes(url: &str) {
-    let nodes = nodes_on(url, 3, "1s");
-    let redis = redis_client_url(url).await;
-    events_flowing(&nodes, &redis).await;
+    let (nodes, redis) = presence_nodes(url, 3, "1s").await;
 
     let mut clients = Vec::new();
     for node in &nodes {
@@ -191,9 +140,7 @@ async fn three_nodes(url: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_within_the_grace_produces_no_event() {
     let server = RedisServer::start();
-    let nodes = nodes(&server, 2, "3s");
-    let redis = redis_client(&server).await;
-    events_flowing(&nodes, &redis).await;
+    let (nodes, redis) = presence_nodes(&server.url(), 2, "3s").await;
 
     let a = Client::connect(&nodes[0].ws_url("")).await;
     bind(&nodes[1], &a, "bob").await;
@@ -237,23 +184,27 @@ async fn a_killed_node_s_uids_go_offline_and_its_closes_are_emitted_once() {
 async fn killed_node(url: &str) {
     const UIDS: usize = 100;
     const GROUPS: usize = 20;
-    let nodes = nodes_on(url, 3, "500ms");
-    let redis = redis_client_url(url).await;
-    events_flowing(&nodes, &redis).await;
+    let (nodes, redis) = presence_nodes(url, 3, "500ms").await;
 
     // Node 2 holds the only connection of 100 uids and the only members
     // of 20 groups; "shared" has members on node 0 too, which stays.
     let victim = &nodes[2];
     let clients = common::connect_many(&victim.ws_url(""), UIDS).await;
-    for (i, c) in clients.iter().enumerate() {
-        bind(&nodes[0], c, &format!("u{i}")).await;
-        nodes[1]
-            .ok(
-                "join_group",
-                json!({"client_id": c.id, "group": format!("g{}", i % GROUPS)}),
-            )
-            .await;
-    }
+    // Each client's bind and join on their own, 20 clients at a time.
+    futures_util::stream::iter(clients.iter().enumerate())
+        .for_each_concurrent(20, |(i, c)| {
+            let nodes = &nodes;
+            async move {
+                bind(&nodes[0], c, &format!("u{i}")).await;
+                nodes[1]
+                    .ok(
+                        "join_group",
+                        json!({"client_id": c.id, "group": format!("g{}", i % GROUPS)}),
+                    )
+                    .await;
+            }
+        })
+        .await;
     let keeper = Client::connect(&nodes[0].ws_url("")).await;
     nodes[1]
         .ok("join_group", json!({"client_id": keeper.id, "group": "g0"}))
@@ -320,9 +271,7 @@ async fn killed_node(url: &str) {
 /// whichever node's script runs first. The events alternate strictly (by
 /// `seq`) and end in the true state. Returns how many transitions.
 async fn race(url: &str, total: usize, secs: u64) -> usize {
-    let nodes = nodes_on(url, 2, "0s");
-    let redis = redis_client_url(url).await;
-    events_flowing(&nodes, &redis).await;
+    let (nodes, redis) = presence_nodes(url, 2, "0s").await;
 
     const CHURNERS: usize = 4;
     let each = total / CHURNERS;
@@ -468,7 +417,7 @@ async fn only_names_with_a_watched_prefix_have_presence_events() {
             ])
         })
         .collect();
-    let redis = redis_client(&server).await;
+    let redis = redis_client_url(&url).await;
     events_flowing(&nodes, &redis).await;
     let a = Client::connect(&nodes[0].ws_url("")).await;
     let b = Client::connect(&nodes[1].ws_url("")).await;
@@ -522,9 +471,7 @@ async fn only_names_with_a_watched_prefix_have_presence_events() {
 async fn on_redis_cluster_a_node_reports_its_names_again_after_presence_keys_are_lost() {
     let cluster = common::redis::RedisCluster::start();
     let url = cluster.url();
-    let nodes = nodes_on(&url, 2, "0s");
-    let redis = redis_client_url(&url).await;
-    events_flowing(&nodes, &redis).await;
+    let (nodes, redis) = presence_nodes(&url, 2, "0s").await;
     let c = Client::connect(&nodes[0].ws_url("")).await;
     bind(&nodes[1], &c, "zoe").await;
     within("online", Duration::from_secs(10), || async {
@@ -750,7 +697,9 @@ type Measured = (bool, HashMap<String, u64>, HashMap<String, u64>);
 
 /// Redis commands (summed over every server) for `N` clients, each with a
 /// uid and a group of its own, bound and joined through the other node,
-/// then closed; presence off, then on (`--presence-grace 0s`).
+/// then closed; presence off, then on (`--presence-grace 0s`). One after
+/// the other, not at once: the Cluster test compares the two runs' script
+/// calls, which depend on how each run's writes batch.
 async fn measure(cluster: bool, n: usize) -> Vec<Measured> {
     let mut measured = Vec::new();
     for on in [false, true] {
@@ -927,9 +876,7 @@ async fn on_redis_cluster_a_drain_whose_clients_come_back_produces_no_event() {
 }
 
 async fn drain(url: &str) {
-    let mut nodes = nodes_on(url, 2, "3s");
-    let redis = redis_client_url(url).await;
-    events_flowing(&nodes, &redis).await;
+    let (mut nodes, redis) = presence_nodes(url, 2, "3s").await;
 
     let a = Client::connect(&nodes[0].ws_url("")).await;
     bind(&nodes[1], &a, "frank").await;

@@ -8,6 +8,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::gatewayworker::register_node_args;
 use common::redis::RedisServer;
 use common::{eventually, metric, Node, WAIT};
 use serde_json::{json, Value};
@@ -161,14 +162,7 @@ async fn worker_connect_gets_this_nodes_inner_address() {
 async fn a_kept_connection_follows_nodes_leaving_the_cluster() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--register-listen",
-        "127.0.0.1:0",
-    ];
+    let args = register_node_args(&url, &[]);
     let a = Node::start(&args);
     let mut b = Node::start(&args);
     a.wait_ready().await;
@@ -328,16 +322,7 @@ async fn nodes_forged_in_redis_are_not_listed_with_a_key() {
         redis.cli(&["SET", &alive, &record, "PX", "120000"]);
     }
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--register-listen",
-        "127.0.0.1:0",
-        "--gateway-secret-key",
-        KEY,
-    ];
+    let args = register_node_args(&url, &["--gateway-secret-key", KEY]);
     let a = Node::start(&args);
     a.wait_ready().await;
     let mut worker = RegisterClient::connect(register_addr(&a)).await;
@@ -466,14 +451,7 @@ async fn connection_caps_refuse_the_excess_and_count_it_by_cap() {
 async fn a_killed_node_leaves_the_list_once_purged() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--register-listen",
-        "127.0.0.1:0",
-    ];
+    let args = register_node_args(&url, &[]);
     let nodes: Vec<Node> = (0..3).map(|_| Node::start(&args)).collect();
     common::ready(&nodes).await;
     let all: BTreeSet<String> = nodes.iter().map(inner).collect();
@@ -544,14 +522,7 @@ async fn per_node_rate(redis: &RedisServer, nodes: &[Node], window: Duration) ->
 async fn idle_redis_commands_per_node_do_not_grow_with_the_nodes() {
     let redis = RedisServer::start();
     let url = redis.url();
-    let args = [
-        "--redis-url",
-        url.as_str(),
-        "--node-heartbeat",
-        "1s",
-        "--register-listen",
-        "127.0.0.1:0",
-    ];
+    let args = register_node_args(&url, &[]);
     let window = Duration::from_secs(6);
     let mut nodes: Vec<Node> = (0..3).map(|_| Node::start(&args)).collect();
     common::ready(&nodes).await;

@@ -18,15 +18,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use parking_lot::RwLock;
 
-use crate::frame::close_code;
 use crate::ids::ClientId;
 use crate::outbox::{Limits, Outbox};
 use crate::session::{self, Session, SessionError};
 
 mod fanout;
+mod sweep;
 
 pub use fanout::Frames;
 
@@ -432,31 +431,6 @@ impl Hub {
         }
     }
 
-    /// Sends `ping` to every connection and closes those silent for longer
-    /// than `timeout_ms` (code 1000), those that left a frame or message
-    /// unfinished for longer than `message_timeout_ms` (code 1008), and
-    /// those whose token expired (4001, after what is queued).
-    pub fn sweep(&self, ping: Option<&Bytes>, timeout_ms: u64, message_timeout_ms: u64) {
-        let now = self.now_ms();
-        for shard in self.shards.iter() {
-            for local in shard.read().conns.values() {
-                let outbox = &local.outbox;
-                let slow = outbox
-                    .incomplete_since()
-                    .is_some_and(|t| now.saturating_sub(t) > message_timeout_ms);
-                if slow {
-                    outbox.close(close_code::POLICY, "message too slow", true);
-                } else if now.saturating_sub(outbox.last_seen()) > timeout_ms {
-                    outbox.close(close_code::NORMAL, "ping timeout", true);
-                } else if outbox.expired(now) {
-                    outbox.close(close_code::TOKEN_EXPIRED, "token expired", false);
-                } else if let Some(ping) = ping {
-                    let _ = local.outbox.push(ping.clone(), &self.limits);
-                }
-            }
-        }
-    }
-
     /// Every local connection holding an unfinished client message: since
     /// when, how many bytes, and its outbox (to close it).
     pub fn incomplete(&self) -> Vec<Incomplete> {
@@ -670,6 +644,7 @@ mod tests {
     use super::*;
     use crate::ids::{IdMinter, NodeId};
     use crate::push::{Message, Push, Target};
+    use bytes::Bytes;
     use std::collections::VecDeque;
 
     fn hub_with(n: usize) -> (Hub, Vec<(ClientId, Arc<Outbox>)>) {

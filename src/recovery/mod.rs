@@ -3,12 +3,14 @@
 //!
 //! [`resume`] holds resume tokens and records (uid, groups and session
 //! restored under the new client_id); [`history`] the bounded history of
-//! pushes per stream and the replay; [`positions`] the client's last
-//! position per stream; [`framing`] the header framing of pushes.
+//! pushes per stream; [`replay`] the replay a resuming connection gets;
+//! [`positions`] the client's last position per stream; [`framing`] the
+//! header framing of pushes.
 
 pub mod framing;
 pub mod history;
 pub mod positions;
+pub mod replay;
 pub mod resume;
 
 /// The recovery parameters of `/ws`, raw: `recover=1`, `resume=<token>`,

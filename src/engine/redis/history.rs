@@ -187,15 +187,21 @@ impl Shared {
     }
 
     async fn read_since(&self, stream: &str, offset: u64) -> EngineResult<HistoryRead> {
+        let reply = self.call_since(stream, offset).await?;
+        Ok(self.parse_since(reply))
+    }
+
+    /// The history function's reply for `stream` after `offset` (epoch,
+    /// top, entries), as Redis sent it: for a resume's read and for the
+    /// gap repair's.
+    async fn call_since(&self, stream: &str, offset: u64) -> EngineResult<Value> {
         self.check()?;
         let channel = self
             .stream_channel(stream)
             .ok_or_else(|| unavailable("not a stream"))?;
         let (_, _, since_fn) = function_names(self.keys.prefix());
-        let reply = self
-            .fcall(&since_fn, channel, vec![Value::from(offset as i64)])
-            .await?;
-        Ok(self.parse_since(reply))
+        self.fcall(&since_fn, channel, vec![Value::from(offset as i64)])
+            .await
     }
 
     fn parse_since(&self, reply: Value) -> HistoryRead {
@@ -651,14 +657,7 @@ impl Shared {
 
     /// The raw entries of `stream` after `offset`.
     async fn read_raw(&self, stream: &str, offset: u64) -> EngineResult<Vec<bytes::Bytes>> {
-        self.check()?;
-        let channel = self
-            .stream_channel(stream)
-            .ok_or_else(|| unavailable("not a stream"))?;
-        let (_, _, since_fn) = function_names(self.keys.prefix());
-        let reply = self
-            .fcall(&since_fn, channel, vec![Value::from(offset as i64)])
-            .await?;
+        let reply = self.call_since(stream, offset).await?;
         let Value::Array(mut parts) = reply else {
             return Ok(Vec::new());
         };
