@@ -187,9 +187,7 @@ impl Config {
         Ok(())
     }
 
-    /// The GatewayWorker ports: a key (strong unless
-    /// --gateway-weak-key-ok) whenever they are reachable from other hosts.
-    /// `--history-*` (issue 27).
+    /// `--presence-events` and `--presence-prefixes` (issue 31).
     fn validate_presence(&self) -> Result<(), String> {
         let presence = self.presence();
         if let Some(bad) = self
@@ -210,6 +208,7 @@ impl Config {
         Ok(())
     }
 
+    /// `--history-*` (issue 27).
     fn validate_history(&self) -> Result<(), String> {
         if !(1..=10_000).contains(&self.history_size) {
             return Err("--history-size must be between 1 and 10000".into());
@@ -217,6 +216,8 @@ impl Config {
         at_least("--history-ttl", self.history_ttl, Duration::from_secs(1))
     }
 
+    /// The GatewayWorker ports: a key (strong unless
+    /// --gateway-weak-key-ok) whenever they are reachable from other hosts.
     fn validate_gateway(&self) -> Result<(), String> {
         let key = self.gateway_secret_key.as_str();
         if !key.is_empty() && !self.gateway_weak_key_ok {
