@@ -39,6 +39,7 @@ here=bench
 log() { echo "[$(date -u +%FT%TZ) load $(cut -d' ' -f1-3 /proc/loadavg)] $*" | tee -a "$OUT/log"; }
 rss() { awk '/VmRSS/ {print $2}' /proc/$1/status; }
 cpu() { awk '{print $14 + $15}' /proc/$1/stat; }   # ticks (1/100 s)
+sys() { awk '{print $15}' /proc/$1/stat; }         # of which in the kernel
 rcli() { redis-cli -p $RPORT "$@"; }
 rinfo() { rcli info "$1" | tr -d '\r' | awk -F: -v k="$2" '$1 == k {print $2}'; }
 rcpu() { rcli info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.3f", s}'; }
@@ -121,25 +122,25 @@ collect() {  # signal every holder, wait for its next report, merge them
 collect >/dev/null   # clears what arrived so far
 # send_to_all: single pushes, then a burst.
 for b in $(seq $BCAST); do
-  c0=0; for p in "${pids[@]}"; do c0=$((c0 + $(cpu $p))); done; rc0=$(rcpu)
+  c0=0; s0=0; for p in "${pids[@]}"; do c0=$((c0 + $(cpu $p))); s0=$((s0 + $(sys $p))); done; rc0=$(rcpu)
   log "send_to_all $b: $($BENCH push --api "$apis" --to all --count 1 --tag A)"
   sleep 5
-  c1=0; for p in "${pids[@]}"; do c1=$((c1 + $(cpu $p))); done; rc1=$(rcpu)
-  log "nodes' CPU $(( (c1 - c0) * 10 )) ms, redis $(echo "($rc1 - $rc0) * 1000" | bc) ms (5 s window)"
+  c1=0; s1=0; for p in "${pids[@]}"; do c1=$((c1 + $(cpu $p))); s1=$((s1 + $(sys $p))); done; rc1=$(rcpu)
+  log "nodes' CPU $(( (c1 - c0) * 10 )) ms (kernel $(( (s1 - s0) * 10 )) ms), redis $(echo "($rc1 - $rc0) * 1000" | bc) ms (5 s window)"
   collect
 done
-c0=0; for p in "${pids[@]}"; do c0=$((c0 + $(cpu $p))); done; rc0=$(rcpu)
+c0=0; s0=0; for p in "${pids[@]}"; do c0=$((c0 + $(cpu $p))); s0=$((s0 + $(sys $p))); done; rc0=$(rcpu)
 log "send_to_all burst: $($BENCH push --api "$apis" --to all --count $BURST --callers 4 --tag B)"
 sleep 8
-c1=0; for p in "${pids[@]}"; do c1=$((c1 + $(cpu $p))); done; rc1=$(rcpu)
-log "nodes' CPU $(( (c1 - c0) * 10 )) ms, redis $(echo "($rc1 - $rc0) * 1000" | bc) ms (8 s window)"
+c1=0; s1=0; for p in "${pids[@]}"; do c1=$((c1 + $(cpu $p))); s1=$((s1 + $(sys $p))); done; rc1=$(rcpu)
+log "nodes' CPU $(( (c1 - c0) * 10 )) ms (kernel $(( (s1 - s0) * 10 )) ms), redis $(echo "($rc1 - $rc0) * 1000" | bc) ms (8 s window)"
 collect
 # pushes to uids at RATE.
-c0=0; for p in "${pids[@]}"; do c0=$((c0 + $(cpu $p))); done; rc0=$(rcpu)
+c0=0; s0=0; for p in "${pids[@]}"; do c0=$((c0 + $(cpu $p))); s0=$((s0 + $(sys $p))); done; rc0=$(rcpu)
 log "send_to_uid at $RATE/s: $($BENCH push --api "$apis" --to uid --rate $RATE --count $((RATE * PUSH_SECONDS)) --callers 64 --targets $CLIENTS --tag U)"
 sleep 3
-c1=0; for p in "${pids[@]}"; do c1=$((c1 + $(cpu $p))); done; rc1=$(rcpu)
-log "nodes' CPU $(( (c1 - c0) * 10 )) ms, redis $(echo "($rc1 - $rc0) * 1000" | bc) ms"
+c1=0; s1=0; for p in "${pids[@]}"; do c1=$((c1 + $(cpu $p))); s1=$((s1 + $(sys $p))); done; rc1=$(rcpu)
+log "nodes' CPU $(( (c1 - c0) * 10 )) ms (kernel $(( (s1 - s0) * 10 )) ms), redis $(echo "($rc1 - $rc0) * 1000" | bc) ms"
 collect
 echo "| node | RSS after the pushes KiB | bytes per connection |" | tee "$OUT/rss-pushed.md"
 echo "| --- | --- | --- |" | tee -a "$OUT/rss-pushed.md"
