@@ -18,7 +18,8 @@
 #     through every node's API in turn: push-to-frame p50/p99 (the send
 #     time travels in the payload; every process reads the same clock);
 #   - every query kind, QREPS times each (default 20) over the nodes'
-#     APIs in turn: curl's time_total, median and max, and the answer size.
+#     APIs in turn: curl's time_total, median and max, and the answer size;
+#   - then the nodes' CPU each second for IDLE_SECONDS (default 30), idle.
 # Every step is logged with the UTC time and /proc/loadavg. Node threads:
 # TOKIO_WORKER_THREADS=THREADS (default 1: six nodes share the box's
 # cores; docs/benchmarks.md "Clusters as users run them").
@@ -181,6 +182,16 @@ query get_all_client_id_list '{}'
 query get_all_uid_list '{}'
 query get_all_client_sessions '{}'
 log "queries done"
+# Idle: the nodes' CPU each second for IDLE_SECONDS (default 30): a node
+# pings all its connections at once every --ping-interval (25 s).
+prev=0; for p in "${pids[@]}"; do prev=$((prev + $(cpu $p))); done
+series=()
+for t in $(seq ${IDLE_SECONDS:-30}); do
+  sleep 1
+  now=0; for p in "${pids[@]}"; do now=$((now + $(cpu $p))); done
+  series+=($(( (now - prev) * 10 ))); prev=$now
+done
+log "idle: nodes' CPU per second, ms: ${series[*]}"
 echo "| node | RSS at the end KiB |" > "$OUT/rss-end.md"
 for i in $(seq 0 $((NODES - 1))); do echo "| $i | $(rss ${pids[$i]}) |" >> "$OUT/rss-end.md"; done
 cat "$OUT/rss-end.md"
