@@ -9,6 +9,7 @@ usage: hold-report.py N FILE...   merges every holder's N-th report line
   that span.
        hold-report.py ready FILE...   sums the holders' `ready` lines.
 """
+import itertools
 import json
 import sys
 
@@ -38,7 +39,8 @@ def main():
             "failed": sum(r["failed"] for r in ready),
             "commands": sum(r["commands"] for r in ready),
             "command_errors": sum(r["command_errors"] for r in ready),
-            "failed_per_round": [sum(x) for x in zip(*[r.get("failed_per_round", []) for r in ready])],
+            "failed_per_round": [sum(x) for x in itertools.zip_longest(
+                *[r.get("failed_per_round", []) for r in ready], fillvalue=0)],
             "connect_seconds_max": max(r["connect_seconds"] for r in ready),
             "bind_seconds_max": max(r["bind_seconds"] for r in ready),
             "errors": errors,
