@@ -44,8 +44,9 @@ addrs=$(for i in $(seq 0 $((NODES - 1))); do printf '127.0.0.1:%s,' $((PORT0 + 1
 pids=(); holders=(); rpids=()
 stop() {
   [ "$BASHPID" = "$$" ] || return 0   # not in a pipeline's subshell
-  [ ${#holders[@]} -gt 0 ] && kill "${holders[@]}" 2>/dev/null
-  [ ${#pids[@]} -gt 0 ] && kill "${pids[@]}" 2>/dev/null
+  # Clients first, then the nodes (each removes its partition), then Redis.
+  [ ${#holders[@]} -gt 0 ] && { kill "${holders[@]}"; wait "${holders[@]}"; } 2>/dev/null
+  [ ${#pids[@]} -gt 0 ] && { kill "${pids[@]}"; wait "${pids[@]}"; } 2>/dev/null
   [ ${#rpids[@]} -gt 0 ] && kill "${rpids[@]}" 2>/dev/null
   wait 2>/dev/null; holders=(); pids=(); rpids=()
 }
