@@ -19,6 +19,7 @@
 
 mod churn;
 mod deliver;
+mod hold;
 mod idle;
 mod util;
 
@@ -140,6 +141,13 @@ enum Cmd {
         #[arg(long, default_value_t = 100)]
         size: usize,
     },
+    /// Many clients held over several nodes, each bound to a uid and in a
+    /// few groups; times stamped pushes per tag, reports on SIGUSR1
+    /// (bench/100k.sh).
+    Hold(hold::HoldOptions),
+    /// Stamped pushes for `hold`'s clients, through the APIs, at a rate or
+    /// as fast as the callers go.
+    Push(hold::PushOptions),
     /// Connect/push/disconnect churn over several nodes (bench/soak.sh).
     Churn {
         /// The nodes' public addresses, comma-separated.
@@ -195,6 +203,8 @@ async fn main() {
     util::SOURCE_NET.store(args.source_net, std::sync::atomic::Ordering::Relaxed);
     match args.command {
         Cmd::Idle(options) => idle::run(options).await,
+        Cmd::Hold(options) => hold::hold(options).await,
+        Cmd::Push(options) => hold::push(options).await,
         Cmd::Storm {
             addr,
             count,
