@@ -674,24 +674,31 @@ async fn ping_sweeper(gw: Arc<Gateway>, stop: CancellationToken) {
         .min(message_timeout / 4)
         .max(std::time::Duration::from_millis(10));
     let ping = frame::encode(frame::Opcode::Ping, b"");
+    // Each tick pings one share of the connections, so a connection is
+    // pinged once per `interval` (rounded up to whole ticks), and a node's
+    // pings are spread over the interval rather than written in one burst.
+    let phases = u32::try_from(interval.as_millis().div_ceil(tick.as_millis().max(1)))
+        .unwrap_or(u32::MAX)
+        .max(1);
+    let mut phase = 0;
     let mut ticker = tokio::time::interval(tick);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut next_ping = tokio::time::Instant::now() + interval;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             () = stop.cancelled() => return,
         }
-        let now = tokio::time::Instant::now();
-        let send_ping = now >= next_ping;
-        if send_ping {
-            next_ping = now + interval;
-        }
         gw.metrics
             .partial_bytes
             .set(i64::try_from(gw.partial.used()).unwrap_or(i64::MAX));
+        let pings = crate::hub::Pings {
+            frame: &ping,
+            phase,
+            phases,
+        };
+        phase = (phase + 1) % phases;
         gw.hub.sweep(
-            send_ping.then_some(&ping),
+            Some(pings),
             timeout.as_millis() as u64,
             message_timeout.as_millis() as u64,
         );

@@ -28,6 +28,7 @@ mod fanout;
 mod sweep;
 
 pub use fanout::Frames;
+pub use sweep::Pings;
 
 /// One local connection's state.
 #[derive(Debug)]
