@@ -1031,12 +1031,16 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
     let redis = lab.redis(&redis_host, &[]);
     lab.run(&client, async {
         let url = redis.url();
-        // A grace longer than the test: a slow link is not a lost one.
+        // A grace longer than the test: a slow link is not a lost one. The
+        // default heartbeat (5 s, liveness TTL 10 s): the lab's 1 s (TTL
+        // 2 s) is shorter than two retransmissions of a lost segment on a
+        // link whose queue holds 400 ms, so B purged A now and then and A
+        // was unready while it wrote itself back over the slow link.
         let args = [
             "--redis-url",
             &url,
             "--node-heartbeat",
-            HEARTBEAT,
+            "5s",
             "--redis-lost-grace",
             "120s",
         ];
@@ -1049,6 +1053,7 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
             .await;
         let rss_before = rss_kib(a.pid());
 
+        let watch = netns::ReadyWatch::start(&a_host);
         lab.slow(&a_host, "1mbit");
         const PUSHES: usize = 400;
         let body = "x".repeat(2000);
@@ -1090,6 +1095,14 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
         };
         let (sent_in, (), (page, rss_slow, restored_at, by_then)) = tokio::join!(pushes, reader, restore);
         let done = started.elapsed();
+        let (unready, polls) = watch.finish();
+        eprintln!("FIGURES slow link: /readyz polled {polls} times from A's own host, not 200: {unready:?}");
+        // A slow link is not a lost one: A stays ready throughout (its
+        // probe's PING on a connection of its own, and late answers taken
+        // while the subscriber still hears from Redis).
+        assert!(polls > 50, "{polls} polls");
+        assert_eq!(unready, Vec::new(), "A ready throughout the slow link");
+        assert!(metric(&page, "gatecast_redis_probe_late_total") >= 0.0);
         let want: Vec<String> = (0..PUSHES).map(|i| format!("{i:04}")).collect();
         assert_eq!(got, want, "every push once, in order");
         assert_eq!(metric(&page, "gatecast_pubsub_dropped_total"), 0.0);

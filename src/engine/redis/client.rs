@@ -41,6 +41,10 @@ const COMMAND_BUFFER: usize = 1 << 16;
 pub struct Redis {
     /// Commands, scripts and PUBLISH.
     pub client: Client,
+    /// The readiness probe's PINGs, on a connection of their own (one per
+    /// master on Cluster): a PING never waits behind the commands and
+    /// PUBLISHes queued on `client` (`probe`).
+    pub probe: Client,
     /// Subscriptions and the messages that arrive on them: connections of
     /// our own, read with back-pressure ([`Subscriber`]). It keeps no set
     /// of channels: after a reconnection the mirror's resync subscribes
@@ -97,6 +101,9 @@ impl Redis {
             // Retry forever: a node outlives any Redis outage.
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 1000, 2));
         let client = builder.build().map_err(|e| e.to_string())?;
+        // The same settings: it follows a Sentinel failover or the Cluster's
+        // slot map on its own.
+        let probe = builder.build().map_err(|e| e.to_string())?;
         let subscriber = Subscriber::new(
             &config,
             client.clone(),
@@ -108,6 +115,7 @@ impl Redis {
         )?;
         Ok(Redis {
             client,
+            probe,
             subscriber,
             sharded,
             fails_over,

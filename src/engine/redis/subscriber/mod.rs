@@ -163,6 +163,20 @@ impl Subscriber {
         self.inner.connected.load(Ordering::Acquire)
     }
 
+    /// Whether a connection of the subscriber read something from Redis
+    /// within `window`: Redis is alive and sending, however late its
+    /// answers to commands come (the readiness probe, `probe`). False when
+    /// not connected, or when the connections are being changed.
+    pub fn heard_within(&self, window: Duration) -> bool {
+        if !self.is_connected() {
+            return false;
+        }
+        let Ok(conns) = self.inner.conns.try_lock() else {
+            return false;
+        };
+        conns.values().any(|c| c.silent_for() < window)
+    }
+
     /// Fires each time the subscriber is connected (again): every
     /// subscription must then be written (again).
     pub fn reconnect_rx(&self) -> broadcast::Receiver<()> {
