@@ -579,7 +579,7 @@ fn full_size_a_node_cut_from_redis_for_30s_with_2000_clients() {
 /// (membership written just before the cut included, which the replica may
 /// not have had), are all ready again, and pushes flow; what was lost in
 /// the window is counted (at most once without history). Figures printed.
-fn sentinel_failover(test: &str, n: usize) {
+fn sentinel_failover(test: &str, load: Load, extra: &[&str]) {
     if !netns::available(test) {
         return;
     }
@@ -633,33 +633,75 @@ fn sentinel_failover(test: &str, n: usize) {
         &client,
         &node_hosts,
         &url,
-        &primary_host,
-        &promoted,
-        n,
+        Fault::cut(&lab, &primary_host, &promoted),
+        load,
         "sentinel failover",
-        &[],
+        extra,
     );
     drop(sentinels);
     drop(replica);
     drop(primary);
 }
 
+/// What a test under load does to Redis, and how it knows Redis is whole
+/// again.
+struct Fault<'a> {
+    /// Starts the fault (cuts a host's link, or migrates slots); may block.
+    start: Box<dyn Fn() + Sync + 'a>,
+    /// Whether it is over (the replica promoted; a migration finished).
+    over: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl<'a> Fault<'a> {
+    /// `host`'s link cut; over when `promoted` says so.
+    fn cut(lab: &'a Lab, host: &'a Host, promoted: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        Fault {
+            start: Box::new(move || lab.link_down(host)),
+            over: promoted,
+        }
+    }
+}
+
+/// The load of a test, and what it requires.
+#[derive(Clone, Copy)]
+struct Load {
+    /// Clients, spread over the three nodes.
+    n: usize,
+    /// Pushes a second (to a group of n/10 members each), through the
+    /// nodes in turn.
+    rate: u32,
+    /// Membership commands must all succeed during the fault, and every
+    /// node must stay ready throughout (a slot migration); otherwise they
+    /// are counted and retried after it (a failover).
+    strict: bool,
+}
+
+impl Load {
+    /// `n` clients and ~50 pushes a second; a failover.
+    fn failover(n: usize) -> Load {
+        Load {
+            n,
+            rate: 50,
+            strict: false,
+        }
+    }
+}
+
 /// The part of a failover test after the set-up: nodes on `node_hosts`
-/// on `url`, `n` clients, pushes; `cut` loses its link until `promoted`
-/// says the failover happened; checks and figures (see
-/// [`sentinel_failover`]).
+/// on `url`, `load.n` clients, pushes; the fault starts and lasts until
+/// it is over; checks and figures (see [`sentinel_failover`]).
 #[allow(clippy::too_many_arguments)]
 fn failover_under_load(
     lab: &Lab,
     client: &Host,
     node_hosts: &[Host],
     url: &str,
-    cut_host: &Host,
-    promoted_now: &(dyn Fn() -> bool + Sync),
-    n: usize,
+    fault: Fault,
+    load: Load,
     what: &str,
     extra: &[&str],
 ) {
+    let n = load.n;
     lab.run(client, async {
         let mut args = vec!["--redis-url", url, "--node-heartbeat", HEARTBEAT];
         args.extend_from_slice(extra);
@@ -702,14 +744,45 @@ fn failover_under_load(
         // Pushes through every node in turn, ~50 a second: (number, node,
         // when, accepted).
         let log = Mutex::new(Vec::<(u64, usize, Instant, bool)>::new());
+        // `per_tick` pushes at once every 20 ms (1 for 50 a second).
+        let per_tick = (load.rate / 50).max(1) as u64;
         let pusher = async {
             let mut k = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             while !stop.is_cancelled() {
-                let params = json!({"group": format!("g{}", k % 10), "data": format!("p{k}")});
-                let node = (k % 3) as usize;
-                let status = nodes[node].call("send_to_group", params).await.0;
-                log.lock().unwrap().push((k, node, Instant::now(), status == 200));
-                k += 1;
+                tick.tick().await;
+                let sends = (k..k + per_tick).map(|k| {
+                    let params = json!({"group": format!("g{}", k % 10), "data": format!("p{k}")});
+                    let node = (k % 3) as usize;
+                    let log = &log;
+                    let nodes = &nodes;
+                    async move {
+                        let status = nodes[node].call("send_to_group", params).await.0;
+                        log.lock().unwrap().push((k, node, Instant::now(), status == 200));
+                    }
+                });
+                futures_util::future::join_all(sends).await;
+                k += per_tick;
+            }
+        };
+        // Membership commands the whole time: one client after another
+        // joins `churn`, through the nodes in turn; the ids that failed.
+        let churned = Mutex::new((0usize, Vec::<(String, usize, u16)>::new()));
+        let churn = async {
+            let mut j = 0;
+            while !stop.is_cancelled() && j < n {
+                let node = j % 3;
+                let params = json!({"client_id": ids[j], "group": "churn"});
+                let (status, _) = nodes[node].call("join_group", params).await;
+                {
+                    let mut c = churned.lock().unwrap();
+                    c.0 = j + 1;
+                    if status != 200 {
+                        c.1.push((ids[j].clone(), node, status));
+                    }
+                }
+                j += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
@@ -723,10 +796,11 @@ fn failover_under_load(
                 .map(|id| json!({"method": "join_group", "params": {"client_id": id, "group": "late"}}))
                 .collect();
             batch_ok(&nodes[2], late).await;
+            let watches: Vec<_> = node_hosts.iter().map(netns::ReadyWatch::start).collect();
             let cut = Instant::now();
-            lab.link_down(cut_host);
-            within("the replica is promoted", Duration::from_secs(30), || async {
-                promoted_now()
+            tokio::task::block_in_place(|| (fault.start)());
+            within("the fault is over (the replica promoted, the slots moved)", Duration::from_secs(30), || async {
+                (fault.over)()
             })
             .await;
             let promoted = cut.elapsed();
@@ -741,13 +815,38 @@ fn failover_under_load(
             let ready = cut.elapsed();
             // Pushes flow for a while on the new primary.
             tokio::time::sleep(Duration::from_secs(3)).await;
+            let unready: Vec<usize> = watches.into_iter().map(|w| w.finish().0.len()).collect();
             stop.cancel();
             // The last pushes reach their clients before they stop reading.
             tokio::time::sleep(Duration::from_secs(2)).await;
             stop_readers.cancel();
-            (cut, promoted, ready)
+            (cut, promoted, ready, unready)
         };
-        let (_, (), (cut, promoted, ready)) = tokio::join!(readers, pusher, control);
+        let (_, (), (), (cut, promoted, ready, unready)) =
+            tokio::join!(readers, pusher, churn, control);
+        let (churn_tried, churn_failed) = churned.into_inner().unwrap();
+        eprintln!(
+            "FIGURES {what}: /readyz polled every 100 ms on each node's host: not 200 {unready:?} times; membership commands during the test: {churn_tried} join_group, {} refused: {churn_failed:?}",
+            churn_failed.len()
+        );
+        if load.strict {
+            assert_eq!(unready, vec![0; nodes.len()], "every node ready throughout");
+            assert_eq!(churn_failed, Vec::new(), "every membership command worked");
+        }
+        // The refused ones again, now: they must work.
+        for (id, node, _) in &churn_failed {
+            nodes[*node]
+                .ok("join_group", json!({"client_id": id, "group": "churn"}))
+                .await;
+        }
+        for node in &nodes {
+            let members = node
+                .ok("get_client_id_list_by_group", json!({"group": "churn"}))
+                .await;
+            let mut want: Vec<String> = ids[..churn_tried].to_vec();
+            want.sort();
+            assert_eq!(sorted_strings(&members), want, "group churn");
+        }
 
         // What got through: a push is delivered when every member of its
         // group got it.
@@ -781,9 +880,28 @@ fn failover_under_load(
             .filter(|(_, _, at, ok)| *at > cut && !*ok)
             .map(|(_, _, at, _)| *at - cut)
             .max();
+        // The longest stretch after the cut with no push delivered (by
+        // when their calls returned).
+        let mut delivered_at: Vec<Duration> = log
+            .iter()
+            .filter(|(k, _, at, ok)| *at > cut && *ok && delivered(*k))
+            .map(|(_, _, at, _)| *at - cut)
+            .collect();
+        delivered_at.sort();
+        let longest_gap = delivered_at
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .chain(delivered_at.first().copied())
+            .max();
+        eprintln!("FIGURES {what}: longest stretch after the cut without a delivered push: {longest_gap:?}");
+        if load.strict {
+            let gap = longest_gap.expect("pushes delivered after the cut");
+            assert!(gap < Duration::from_secs(5), "pushes stalled for {gap:?}");
+        }
         eprintln!(
-            "FIGURES {what}, {n} clients, {} pushes (~50/s): replica promoted {promoted:?} after the cut; every node ready {ready:?} after; first push delivered after the cut at {flowing_again:?}; last push refused at {last_refused:?}; {refused} refused (503), {} accepted but not delivered to every member: {accepted_lost:?}",
+            "FIGURES {what}, {n} clients, {} pushes (~{}/s): replica promoted {promoted:?} after the cut; every node ready {ready:?} after; first push delivered after the cut at {flowing_again:?}; last push refused at {last_refused:?}; {refused} refused (503), {} accepted but not delivered to every member: {accepted_lost:?}",
             log.len(),
+            load.rate,
             accepted_lost.len()
         );
         assert!(ready < Duration::from_secs(60));
@@ -911,9 +1029,8 @@ fn cluster_failover(test: &str, n: usize) {
         &client,
         &node_hosts,
         &url,
-        cut,
-        &promoted,
-        n,
+        Fault::cut(&lab, cut, &promoted),
+        Load::failover(n),
         "cluster master failover",
         &["--redis-lost-grace", "60s"],
     );
@@ -934,13 +1051,210 @@ fn a_cluster_master_failover_under_load_rewrites_membership_and_pushes_flow_agai
     );
 }
 
+/// The id of the node on `host` (its address and the inner port, hex).
+fn node_id(host: &Host) -> String {
+    format!("{:08x}{INNER_PORT:04x}", u32::from(host.ip))
+}
+
+/// Whether a `CLUSTER NODES` line owns `slot`.
+fn owns(line: &str, slot: u16) -> bool {
+    line.split_whitespace()
+        .skip(8)
+        .any(|r| match r.split_once('-') {
+            Some((a, b)) => match (a.parse::<u16>(), b.parse::<u16>()) {
+                (Ok(a), Ok(b)) => (a..=b).contains(&slot),
+                _ => false,
+            },
+            None => r.parse::<u16>() == Ok(slot),
+        })
+}
+
+/// Moves `slot` with its keys from its master to the next one of
+/// `masters` (hosts of Redis on port 6379, masters only), as `redis-cli
+/// --cluster reshard` does: the target IMPORTING, the source MIGRATING,
+/// the keys moved `batch` at a time with MIGRATE (a pause between
+/// batches, so the load meets a slot half moved), then SETSLOT NODE on
+/// every master. Returns the keys moved.
+fn migrate_slot(masters: &[Host], slot: u16, batch: usize, pause: Duration) -> usize {
+    let cli = |h: &Host, args: &[&str]| -> String {
+        let mut all = vec!["-p", REDIS_PORT_STR];
+        all.extend_from_slice(args);
+        h.sh("redis-cli", &all)
+    };
+    let ids: Vec<String> = masters
+        .iter()
+        .map(|h| cli(h, &["CLUSTER", "MYID"]))
+        .collect();
+    let owner = masters
+        .iter()
+        .position(|h| {
+            cli(h, &["CLUSTER", "NODES"])
+                .lines()
+                .any(|l| l.contains("myself") && owns(l, slot))
+        })
+        .expect("an owner of the slot");
+    let to = (owner + 1) % masters.len();
+    let (src, dst) = (&masters[owner], &masters[to]);
+    let s = slot.to_string();
+    assert_eq!(
+        cli(dst, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &ids[owner]]),
+        "OK"
+    );
+    assert_eq!(
+        cli(src, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &ids[to]]),
+        "OK"
+    );
+    let dst_ip = dst.ip.to_string();
+    let mut moved = 0;
+    loop {
+        let keys = cli(src, &["CLUSTER", "GETKEYSINSLOT", &s, &batch.to_string()]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let mut args = vec!["MIGRATE", &dst_ip, REDIS_PORT_STR, "", "0", "5000", "KEYS"];
+        args.extend(keys.iter().copied());
+        let answer = cli(src, &args);
+        assert!(answer == "OK" || answer == "NOKEY", "MIGRATE: {answer}");
+        moved += keys.len();
+        std::thread::sleep(pause);
+    }
+    // The target first, then the source, then the others (as redis-cli).
+    assert_eq!(
+        cli(dst, &["CLUSTER", "SETSLOT", &s, "NODE", &ids[to]]),
+        "OK"
+    );
+    assert_eq!(
+        cli(src, &["CLUSTER", "SETSLOT", &s, "NODE", &ids[to]]),
+        "OK"
+    );
+    for (i, other) in masters.iter().enumerate() {
+        if i != owner && i != to {
+            cli(other, &["CLUSTER", "SETSLOT", &s, "NODE", &ids[to]]);
+        }
+    }
+    moved
+}
+
+/// A Redis Cluster of three masters, each on its own host; three nodes
+/// with `load.n` clients (uid `u<i>`, group `g<i % 10>`) and pushes on
+/// sharded pub/sub; the slots of node A's partition (its membership
+/// keys), of A's node channel and of group g0's channel are migrated with
+/// their keys while pushes and membership commands flow. Shows: every
+/// node stays ready, every membership command works (ASK and MOVED
+/// followed), pushes flow on, what is lost in the window is counted, and
+/// the queries are exact after.
+fn cluster_slot_migration(test: &str, load: Load) {
+    if !netns::available(test) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new();
+    let hosts: Vec<Host> = (1..=3).map(|i| lab.host(&format!("r{i}"))).collect();
+    let node_hosts: Vec<Host> = ["a", "b", "c"].iter().map(|r| lab.host(r)).collect();
+    let client = lab.host("client");
+    let servers: Vec<_> = hosts
+        .iter()
+        .map(|h| {
+            lab.redis(
+                h,
+                &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = hosts.iter().map(|h| format!("{}:6379", h.ip)).collect();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(addrs.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+    hosts[0].sh("redis-cli", &create);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for s in &servers {
+        while !s.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(Instant::now() < deadline, "cluster not ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let slot_of = |key: &str| -> u16 {
+        servers[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .expect("a slot")
+    };
+    let a = node_id(&node_hosts[0]);
+    let mut slots = vec![
+        slot_of(&format!("{{{a}}}")),
+        slot_of(&format!("gatecast:node:{a}")),
+        slot_of("gatecast:group:g0"),
+    ];
+    slots.dedup();
+    // The migration runs on a thread of its own while the load goes on;
+    // over when it has finished.
+    let migration: Mutex<Option<std::thread::JoinHandle<usize>>> = Mutex::new(None);
+    let start = || {
+        let (masters, slots) = (hosts.clone(), slots.clone());
+        let thread = std::thread::spawn(move || {
+            slots
+                .iter()
+                .map(|slot| migrate_slot(&masters, *slot, 10, Duration::from_millis(100)))
+                .sum::<usize>()
+        });
+        *migration.lock().unwrap() = Some(thread);
+    };
+    let over = || {
+        migration
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|t| t.is_finished())
+    };
+    let url = format!(
+        "redis-cluster://{}:6379?node={}:6379&node={}:6379",
+        hosts[0].ip, hosts[1].ip, hosts[2].ip
+    );
+    failover_under_load(
+        &lab,
+        &client,
+        &node_hosts,
+        &url,
+        Fault {
+            start: Box::new(start),
+            over: &over,
+        },
+        load,
+        "cluster slot migration",
+        &[],
+    );
+    let thread = migration.lock().unwrap().take().expect("the migration ran");
+    let moved = match thread.join() {
+        Ok(moved) => moved,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    eprintln!("FIGURES cluster slot migration: slots {slots:?} migrated, {moved} keys moved");
+    // A's partition was among them: its membership keys moved.
+    assert!(moved >= load.n / 3, "{moved} keys moved");
+    drop(servers);
+}
+
+#[test]
+fn a_cluster_slot_migration_under_load_keeps_membership_and_pushes_flowing() {
+    cluster_slot_migration(
+        "a_cluster_slot_migration_under_load_keeps_membership_and_pushes_flowing",
+        Load {
+            n: 150,
+            rate: 50,
+            strict: true,
+        },
+    );
+}
+
 const REDIS_PORT_STR: &str = "6379";
 
 #[test]
 fn a_sentinel_failover_under_load_rewrites_membership_and_pushes_flow_again() {
     sentinel_failover(
         "a_sentinel_failover_under_load_rewrites_membership_and_pushes_flow_again",
-        300,
+        Load::failover(300),
+        &[],
     );
 }
 

@@ -97,6 +97,19 @@ impl Redis {
                 // default; past this a command fails at once (a 503).
                 c.max_command_buffer_len = COMMAND_BUFFER;
                 c.tcp.user_timeout = Some(UNACKED_TIMEOUT);
+                // fred follows an ASK (a Cluster slot being migrated) by
+                // writing ASKING and reading the next frame of the
+                // connection as its answer, while other commands are in
+                // flight on it: that frame is another command's reply, and
+                // every reply after it goes to the wrong caller or none
+                // (timeouts, then a reconnection; seen in a reshard under
+                // load, issue 32). So fred follows no redirection: a MOVED
+                // still updates its slot map, an ASK or MOVED fails the
+                // command, which did not run, and the engine sends it
+                // again (`migrating`).
+                if sharded {
+                    c.max_redirections = 0;
+                }
             })
             // Retry forever: a node outlives any Redis outage.
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 1000, 2));
@@ -121,6 +134,15 @@ impl Redis {
             fails_over,
             once: Options {
                 max_attempts: Some(1),
+                // An ASK (a slot being migrated) answered to a command
+                // with no attempt left made fred drop and make again every
+                // connection of the client, failing every command in
+                // flight (issue 32, a reshard under load). Without
+                // redirections the command fails alone, and was not run:
+                // `publish` sends it again. (The client follows none on
+                // Cluster anyway, see `build`; this covers a bare PUBLISH
+                // to a single server too, where it changes nothing.)
+                max_redirections: Some(0),
                 ..Default::default()
             },
         })
@@ -154,16 +176,54 @@ impl Redis {
                 .cached_cluster_state()
                 .and_then(|s| s.get_server(slot).cloned())
         };
-        let before = owner();
-        match client.spublish(channel.clone(), bytes.clone()).await {
-            Err(e) if owner() != before => {
-                tracing::debug!(error = %e, slot, "slot moved: publishing again");
-                client.spublish(channel, bytes).await
+        //
+        // A slot being migrated answers ASK, which fails the command (no
+        // redirection allowed, see `once`) without running it: sent again
+        // until the slot's migration is over, within MIGRATION_WAIT.
+        let started = std::time::Instant::now();
+        let mut before = owner();
+        loop {
+            match client.spublish(channel.clone(), bytes.clone()).await {
+                Err(e) if owner() != before => {
+                    tracing::debug!(error = %e, slot, "slot moved: publishing again");
+                    before = owner();
+                }
+                Err(e) if redirected(&e) && started.elapsed() < MIGRATION_WAIT => {
+                    tracing::debug!(error = %e, slot, "slot being migrated: publishing again");
+                    tokio::time::sleep(MIGRATION_RETRY).await;
+                }
+                result => return result,
             }
-            result => result,
         }
     }
 }
+
+/// Whether `e` says a Redis Cluster slot is being migrated and the
+/// command did not run: `TRYAGAIN` (a multi-key command whose keys are
+/// split between the two masters for now), `ASK`, or fred giving up on an
+/// `ASK` redirection (it has no attempt left for the `ASKING` it needs).
+/// Such a command can be sent again safely a moment later.
+pub fn migrating(e: &fred::error::Error) -> bool {
+    let details = e.details();
+    details.starts_with("TRYAGAIN")
+        || details.starts_with("ASK ")
+        || (*e.kind() == fred::error::ErrorKind::Routing && details == "Max attempts reached.")
+        || redirected(e)
+}
+
+/// Whether fred failed `e` on a redirection it was not allowed to follow
+/// (`once`): Redis did not run the command.
+fn redirected(e: &fred::error::Error) -> bool {
+    *e.kind() == fred::error::ErrorKind::Routing && e.details() == "Too many redirections."
+}
+
+/// How long a command refused because its slot is being migrated (a
+/// Cluster reshard) is sent again: within the API's 2 s deadline, with
+/// the command timeout.
+pub const MIGRATION_WAIT: Duration = Duration::from_millis(500);
+
+/// Pause between two such sends.
+pub const MIGRATION_RETRY: Duration = Duration::from_millis(20);
 
 /// A Redis error as the engine reports it.
 pub fn unavailable(e: impl std::fmt::Display) -> super::EngineError {
