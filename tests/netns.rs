@@ -643,6 +643,17 @@ fn sentinel_failover(test: &str, load: Load, extra: &[&str]) {
     drop(primary);
 }
 
+/// The payload of a text frame: after the header of an opted-in
+/// connection's push (`<header>\n<payload>`), the whole frame otherwise;
+/// none for a control frame of an opted-in connection (`recovered`...).
+fn payload(text: &str) -> Option<String> {
+    match text.split_once('\n') {
+        Some((_, payload)) => Some(payload.to_owned()),
+        None if text.starts_with("{\"type\"") => None,
+        None => Some(text.to_owned()),
+    }
+}
+
 /// What a test under load does to Redis, and how it knows Redis is whole
 /// again.
 struct Fault<'a> {
@@ -674,6 +685,14 @@ struct Load {
     /// node must stay ready throughout (a slot migration); otherwise they
     /// are counted and retried after it (a failover).
     strict: bool,
+    /// Groups the clients are in (client i in `g<i % groups>`).
+    groups: usize,
+    /// Clients opted in to recovery (`?recover=1`) and every push to a
+    /// group kept in history (`--history-streams g:`): then no accepted
+    /// push may be lost.
+    history: bool,
+    /// `--node-heartbeat`.
+    heartbeat: &'static str,
 }
 
 impl Load {
@@ -683,6 +702,9 @@ impl Load {
             n,
             rate: 50,
             strict: false,
+            groups: 10,
+            history: false,
+            heartbeat: HEARTBEAT,
         }
     }
 }
@@ -703,8 +725,13 @@ fn failover_under_load(
 ) {
     let n = load.n;
     lab.run(client, async {
-        let mut args = vec!["--redis-url", url, "--node-heartbeat", HEARTBEAT];
+        let mut args = vec!["--redis-url", url, "--node-heartbeat", load.heartbeat];
         args.extend_from_slice(extra);
+        if load.history {
+            args.extend(["--history-streams", "g:", "--history-size", "1000"]);
+        }
+        let query = if load.history { "?recover=1" } else { "" };
+        let groups = load.groups;
         let nodes: Vec<Node> = node_hosts.iter().map(|h| lab.node(h, &args)).collect();
         for node in &nodes {
             node.wait_ready().await;
@@ -712,12 +739,12 @@ fn failover_under_load(
         // Clients spread over the nodes, bound and joined through another.
         let mut clients = Vec::new();
         for i in 0..n {
-            clients.push(Client::connect(&nodes[i % 3].ws_url("")).await);
+            clients.push(Client::connect(&nodes[i % 3].ws_url(query)).await);
         }
         let mut commands = Vec::new();
         for (i, c) in clients.iter().enumerate() {
             commands.push(json!({"method": "bind_uid", "params": {"client_id": c.id, "uid": format!("u{i}")}}));
-            commands.push(json!({"method": "join_group", "params": {"client_id": c.id, "group": format!("g{}", i % 10)}}));
+            commands.push(json!({"method": "join_group", "params": {"client_id": c.id, "group": format!("g{}", i % groups)}}));
         }
         batch_ok(&nodes[1], commands).await;
 
@@ -732,7 +759,9 @@ fn failover_under_load(
                     loop {
                         tokio::select! {
                             seen = c.next_within(Duration::from_secs(120)) => match seen {
-                                Some(common::Seen::Text(t)) => received.lock().unwrap().push(t),
+                                Some(common::Seen::Text(t)) => {
+                                    received.lock().unwrap().extend(payload(&t));
+                                }
                                 other => panic!("client {i}: {other:?}"),
                             },
                             () = stop.cancelled() => return,
@@ -753,7 +782,7 @@ fn failover_under_load(
             while !stop.is_cancelled() {
                 tick.tick().await;
                 let sends = (k..k + per_tick).map(|k| {
-                    let params = json!({"group": format!("g{}", k % 10), "data": format!("p{k}")});
+                    let params = json!({"group": format!("g{}", k % groups as u64), "data": format!("p{k}")});
                     let node = (k % 3) as usize;
                     let log = &log;
                     let nodes = &nodes;
@@ -862,7 +891,8 @@ fn failover_under_load(
         let log = log.into_inner().unwrap();
         let delivered = |k: u64| {
             let text = format!("p{k}");
-            (0..n).filter(|i| (*i as u64) % 10 == k % 10).all(|i| got[i].contains(&text))
+            let g = groups as u64;
+            (0..n).filter(|i| (*i as u64) % g == k % g).all(|i| got[i].contains(&text))
         };
         let accepted_lost: Vec<u64> = log
             .iter()
@@ -905,6 +935,11 @@ fn failover_under_load(
             accepted_lost.len()
         );
         assert!(ready < Duration::from_secs(60));
+        if load.history {
+            // Kept in history: a push the API accepted reaches every member
+            // (the nodes read back what their subscribers missed).
+            assert_eq!(accepted_lost, Vec::<u64>::new(), "accepted pushes lost with history on");
+        }
 
         // Membership on the new primary exact, the late joins included:
         // the nodes wrote their partitions there again.
@@ -930,9 +965,9 @@ fn failover_under_load(
         }
         for c in clients.iter_mut().take(50) {
             let mut got: Vec<String> = Vec::new();
-            for _ in 0..3 {
+            while got.len() < 3 {
                 match c.next().await {
-                    common::Seen::Text(t) => got.push(t),
+                    common::Seen::Text(t) => got.extend(payload(&t)),
                     other => panic!("{other:?}"),
                 }
             }
@@ -1240,9 +1275,8 @@ fn a_cluster_slot_migration_under_load_keeps_membership_and_pushes_flowing() {
     cluster_slot_migration(
         "a_cluster_slot_migration_under_load_keeps_membership_and_pushes_flowing",
         Load {
-            n: 150,
-            rate: 50,
             strict: true,
+            ..Load::failover(150)
         },
     );
 }
@@ -1254,6 +1288,59 @@ fn a_sentinel_failover_under_load_rewrites_membership_and_pushes_flow_again() {
     sentinel_failover(
         "a_sentinel_failover_under_load_rewrites_membership_and_pushes_flow_again",
         Load::failover(300),
+        &[],
+    );
+}
+
+/// The same failover with every client opted in to recovery and every
+/// push to a group kept in history: no push the API accepted is lost. On
+/// the default heartbeat (5 s): the nodes close opted-in clients only
+/// after 2.5 heartbeats without Redis (they would resume elsewhere), and
+/// the failover is shorter, so this shows the nodes reading back from
+/// history what their subscribers missed (gap repair).
+#[test]
+fn a_sentinel_failover_with_history_loses_no_accepted_push() {
+    sentinel_failover(
+        "a_sentinel_failover_with_history_loses_no_accepted_push",
+        Load {
+            history: true,
+            heartbeat: "5s",
+            ..Load::failover(300)
+        },
+        &[],
+    );
+}
+
+/// The size: 3 nodes, 3,000 clients (in 300 groups of 10), 1,000
+/// pushes a second. Run by hand:
+/// `cargo test --release --test netns -- --ignored full_size_a_sentinel`.
+#[test]
+#[ignore]
+fn full_size_a_sentinel_failover_with_3000_clients_at_1000_pushes_a_second() {
+    sentinel_failover(
+        "full_size_a_sentinel_failover_with_3000_clients_at_1000_pushes_a_second",
+        Load {
+            rate: 1000,
+            groups: 300,
+            ..Load::failover(3000)
+        },
+        &[],
+    );
+}
+
+/// The same with recovery and history on.
+#[test]
+#[ignore]
+fn full_size_a_sentinel_failover_with_history_3000_clients_at_1000_pushes_a_second() {
+    sentinel_failover(
+        "full_size_a_sentinel_failover_with_history_3000_clients_at_1000_pushes_a_second",
+        Load {
+            rate: 1000,
+            groups: 300,
+            history: true,
+            heartbeat: "5s",
+            ..Load::failover(3000)
+        },
         &[],
     );
 }
