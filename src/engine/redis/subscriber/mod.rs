@@ -535,8 +535,13 @@ fn note(inner: &Inner, event: Event, moved: &mut Vec<String>, lost: &mut Option<
             why,
             behind,
         } if generation == inner.generation.load(Ordering::Acquire) => {
+            // Behind: waiting on the inbox, or pushes arriving late (a
+            // slow link: the node reads as fast as the link goes). Redis
+            // closing a connection whose output it had not sent yet
+            // resets it, so a read error counts too.
+            let late = inner.metrics.redis_subscriber_behind.get() == 1;
             let reason = match why {
-                conn::Ended::Closed if behind => "closed_behind",
+                conn::Ended::Closed | conn::Ended::Error if behind || late => "closed_behind",
                 why => why.label(),
             };
             tracing::warn!(
