@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::netns::{self, Host, Lab, INNER_PORT};
-use common::{metric, within, Client, Node};
+use common::{metric, within, Client, Node, OutputWithin};
 use futures_util::StreamExt;
 use gatecast::ids::ClientId;
 use serde_json::{json, Value};
@@ -1201,7 +1201,13 @@ fn cluster_slot_migration(test: &str, load: Load) {
     let mut create = vec!["--cluster", "create"];
     create.extend(addrs.iter().map(String::as_str));
     create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
-    hosts[0].sh("redis-cli", &create);
+    // Longer than the usual 10 s: on a loaded box `--cluster create` waits
+    // for the masters to agree for longer (seen once).
+    let out = hosts[0]
+        .command("redis-cli")
+        .args(&create)
+        .output_within(Duration::from_secs(30));
+    assert!(out.status.success(), "redis-cli {create:?}: {out:?}");
     let deadline = Instant::now() + Duration::from_secs(30);
     for s in &servers {
         while !s.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
