@@ -798,10 +798,20 @@ fn failover_under_load(
         // Membership commands the whole time: one client after another
         // joins `churn`, through the nodes in turn; the ids that failed.
         let churned = Mutex::new((0usize, Vec::<(String, usize, u16)>::new()));
+        // And queries: the members of a group, through the nodes in turn
+        // (answered, refused).
+        let queried = Mutex::new((0usize, 0usize));
         let churn = async {
             let mut j = 0;
             while !stop.is_cancelled() && j < n {
                 let node = j % 3;
+                let params = json!({"group": format!("g{}", j % groups)});
+                let (status, _) = nodes[node].call("get_client_id_list_by_group", params).await;
+                {
+                    let mut q = queried.lock().unwrap();
+                    q.0 += 1;
+                    q.1 += usize::from(status != 200);
+                }
                 let params = json!({"client_id": ids[j], "group": "churn"});
                 let (status, _) = nodes[node].call("join_group", params).await;
                 {
@@ -854,13 +864,15 @@ fn failover_under_load(
         let (_, (), (), (cut, promoted, ready, unready)) =
             tokio::join!(readers, pusher, churn, control);
         let (churn_tried, churn_failed) = churned.into_inner().unwrap();
+        let (queries, queries_refused) = queried.into_inner().unwrap();
         eprintln!(
-            "FIGURES {what}: /readyz polled every 100 ms on each node's host: not 200 {unready:?} times; membership commands during the test: {churn_tried} join_group, {} refused: {churn_failed:?}",
+            "FIGURES {what}: /readyz polled every 100 ms on each node's host: not 200 {unready:?} times; membership commands during the test: {churn_tried} join_group, {} refused: {churn_failed:?}; group queries: {queries}, {queries_refused} refused",
             churn_failed.len()
         );
         if load.strict {
             assert_eq!(unready, vec![0; nodes.len()], "every node ready throughout");
             assert_eq!(churn_failed, Vec::new(), "every membership command worked");
+            assert_eq!(queries_refused, 0, "every group query answered");
         }
         // The refused ones again, now: they must work.
         for (id, node, _) in &churn_failed {

@@ -225,6 +225,25 @@ pub const MIGRATION_WAIT: Duration = Duration::from_millis(500);
 /// Pause between two such sends.
 pub const MIGRATION_RETRY: Duration = Duration::from_millis(20);
 
+/// Runs `command` again while it is refused because its slot is being
+/// migrated (see [`migrating`]), within [`MIGRATION_WAIT`]: for reads,
+/// which fred no longer follows through an ASK.
+pub async fn again<T, F, Fut>(mut command: F) -> Result<T, fred::error::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match command().await {
+            Err(e) if migrating(&e) && started.elapsed() < MIGRATION_WAIT => {
+                tokio::time::sleep(MIGRATION_RETRY).await;
+            }
+            result => return result,
+        }
+    }
+}
+
 /// A Redis error as the engine reports it.
 pub fn unavailable(e: impl std::fmt::Display) -> super::EngineError {
     super::EngineError::Unavailable(format!("redis: {e}"))
