@@ -184,6 +184,10 @@ pub struct Metrics {
     pub redis_subscriber_behind: Gauge,
     /// Age of the oldest push dispatched in the last half second.
     pub redis_subscriber_lag: Gauge<f64, std::sync::atomic::AtomicU64>,
+    // The readiness probe on a slow link (issue 32).
+    /// PINGs answered past the probe's timeout while the subscriber kept
+    /// reading from Redis (a slow link, not a hang): the node stayed ready.
+    pub redis_probe_late: Counter,
 }
 
 impl Default for Metrics {
@@ -251,6 +255,7 @@ impl Metrics {
             redis_lost: Gauge::default(),
             redis_subscriber_behind: Gauge::default(),
             redis_subscriber_lag: Gauge::default(),
+            redis_probe_late: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -521,6 +526,11 @@ impl Metrics {
             "Age of the oldest push dispatched from Redis pub/sub in the last half second (from its envelope's accept time)",
             prometheus_client::registry::Unit::Seconds,
             m.redis_subscriber_lag.clone(),
+        );
+        r.register(
+            "redis_probe_late",
+            "Readiness PINGs answered past their 1 s timeout while pub/sub traffic from Redis kept flowing (a slow link, not a hung Redis): the node stayed ready",
+            m.redis_probe_late.clone(),
         );
         Metrics { registry, ..m }
     }

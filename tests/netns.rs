@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::netns::{self, Host, Lab, INNER_PORT};
-use common::{metric, within, Client, Node};
+use common::{metric, within, Client, Node, OutputWithin};
 use futures_util::StreamExt;
 use gatecast::ids::ClientId;
 use serde_json::{json, Value};
@@ -579,7 +579,7 @@ fn full_size_a_node_cut_from_redis_for_30s_with_2000_clients() {
 /// (membership written just before the cut included, which the replica may
 /// not have had), are all ready again, and pushes flow; what was lost in
 /// the window is counted (at most once without history). Figures printed.
-fn sentinel_failover(test: &str, n: usize) {
+fn sentinel_failover(test: &str, load: Load, extra: &[&str]) {
     if !netns::available(test) {
         return;
     }
@@ -633,36 +633,105 @@ fn sentinel_failover(test: &str, n: usize) {
         &client,
         &node_hosts,
         &url,
-        &primary_host,
-        &promoted,
-        n,
+        Fault::cut(&lab, &primary_host, &promoted),
+        load,
         "sentinel failover",
-        &[],
+        extra,
     );
     drop(sentinels);
     drop(replica);
     drop(primary);
 }
 
+/// The payload of a text frame: after the header of an opted-in
+/// connection's push (`<header>\n<payload>`), the whole frame otherwise;
+/// none for a control frame of an opted-in connection (`recovered`...).
+fn payload(text: &str) -> Option<String> {
+    match text.split_once('\n') {
+        Some((_, payload)) => Some(payload.to_owned()),
+        None if text.starts_with("{\"type\"") => None,
+        None => Some(text.to_owned()),
+    }
+}
+
+/// What a test under load does to Redis, and how it knows Redis is whole
+/// again.
+struct Fault<'a> {
+    /// Starts the fault (cuts a host's link, or migrates slots); may block.
+    start: Box<dyn Fn() + Sync + 'a>,
+    /// Whether it is over (the replica promoted; a migration finished).
+    over: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl<'a> Fault<'a> {
+    /// `host`'s link cut; over when `promoted` says so.
+    fn cut(lab: &'a Lab, host: &'a Host, promoted: &'a (dyn Fn() -> bool + Sync)) -> Self {
+        Fault {
+            start: Box::new(move || lab.link_down(host)),
+            over: promoted,
+        }
+    }
+}
+
+/// The load of a test, and what it requires.
+#[derive(Clone, Copy)]
+struct Load {
+    /// Clients, spread over the three nodes.
+    n: usize,
+    /// Pushes a second (to a group of n/10 members each), through the
+    /// nodes in turn.
+    rate: u32,
+    /// Membership commands must all succeed during the fault, and every
+    /// node must stay ready throughout (a slot migration); otherwise they
+    /// are counted and retried after it (a failover).
+    strict: bool,
+    /// Groups the clients are in (client i in `g<i % groups>`).
+    groups: usize,
+    /// Clients opted in to recovery (`?recover=1`) and every push to a
+    /// group kept in history (`--history-streams g:`): then no accepted
+    /// push may be lost.
+    history: bool,
+    /// `--node-heartbeat`.
+    heartbeat: &'static str,
+}
+
+impl Load {
+    /// `n` clients and ~50 pushes a second; a failover.
+    fn failover(n: usize) -> Load {
+        Load {
+            n,
+            rate: 50,
+            strict: false,
+            groups: 10,
+            history: false,
+            heartbeat: HEARTBEAT,
+        }
+    }
+}
+
 /// The part of a failover test after the set-up: nodes on `node_hosts`
-/// on `url`, `n` clients, pushes; `cut` loses its link until `promoted`
-/// says the failover happened; checks and figures (see
-/// [`sentinel_failover`]).
+/// on `url`, `load.n` clients, pushes; the fault starts and lasts until
+/// it is over; checks and figures (see [`sentinel_failover`]).
 #[allow(clippy::too_many_arguments)]
 fn failover_under_load(
     lab: &Lab,
     client: &Host,
     node_hosts: &[Host],
     url: &str,
-    cut_host: &Host,
-    promoted_now: &(dyn Fn() -> bool + Sync),
-    n: usize,
+    fault: Fault,
+    load: Load,
     what: &str,
     extra: &[&str],
 ) {
+    let n = load.n;
     lab.run(client, async {
-        let mut args = vec!["--redis-url", url, "--node-heartbeat", HEARTBEAT];
+        let mut args = vec!["--redis-url", url, "--node-heartbeat", load.heartbeat];
         args.extend_from_slice(extra);
+        if load.history {
+            args.extend(["--history-streams", "g:", "--history-size", "1000"]);
+        }
+        let query = if load.history { "?recover=1" } else { "" };
+        let groups = load.groups;
         let nodes: Vec<Node> = node_hosts.iter().map(|h| lab.node(h, &args)).collect();
         for node in &nodes {
             node.wait_ready().await;
@@ -670,12 +739,12 @@ fn failover_under_load(
         // Clients spread over the nodes, bound and joined through another.
         let mut clients = Vec::new();
         for i in 0..n {
-            clients.push(Client::connect(&nodes[i % 3].ws_url("")).await);
+            clients.push(Client::connect(&nodes[i % 3].ws_url(query)).await);
         }
         let mut commands = Vec::new();
         for (i, c) in clients.iter().enumerate() {
             commands.push(json!({"method": "bind_uid", "params": {"client_id": c.id, "uid": format!("u{i}")}}));
-            commands.push(json!({"method": "join_group", "params": {"client_id": c.id, "group": format!("g{}", i % 10)}}));
+            commands.push(json!({"method": "join_group", "params": {"client_id": c.id, "group": format!("g{}", i % groups)}}));
         }
         batch_ok(&nodes[1], commands).await;
 
@@ -690,7 +759,9 @@ fn failover_under_load(
                     loop {
                         tokio::select! {
                             seen = c.next_within(Duration::from_secs(120)) => match seen {
-                                Some(common::Seen::Text(t)) => received.lock().unwrap().push(t),
+                                Some(common::Seen::Text(t)) => {
+                                    received.lock().unwrap().extend(payload(&t));
+                                }
                                 other => panic!("client {i}: {other:?}"),
                             },
                             () = stop.cancelled() => return,
@@ -702,14 +773,55 @@ fn failover_under_load(
         // Pushes through every node in turn, ~50 a second: (number, node,
         // when, accepted).
         let log = Mutex::new(Vec::<(u64, usize, Instant, bool)>::new());
+        // `per_tick` pushes at once every 20 ms (1 for 50 a second).
+        let per_tick = (load.rate / 50).max(1) as u64;
         let pusher = async {
             let mut k = 0u64;
+            let mut tick = tokio::time::interval(Duration::from_millis(20));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
             while !stop.is_cancelled() {
-                let params = json!({"group": format!("g{}", k % 10), "data": format!("p{k}")});
-                let node = (k % 3) as usize;
-                let status = nodes[node].call("send_to_group", params).await.0;
-                log.lock().unwrap().push((k, node, Instant::now(), status == 200));
-                k += 1;
+                tick.tick().await;
+                let sends = (k..k + per_tick).map(|k| {
+                    let params = json!({"group": format!("g{}", k % groups as u64), "data": format!("p{k}")});
+                    let node = (k % 3) as usize;
+                    let log = &log;
+                    let nodes = &nodes;
+                    async move {
+                        let status = nodes[node].call("send_to_group", params).await.0;
+                        log.lock().unwrap().push((k, node, Instant::now(), status == 200));
+                    }
+                });
+                futures_util::future::join_all(sends).await;
+                k += per_tick;
+            }
+        };
+        // Membership commands the whole time: one client after another
+        // joins `churn`, through the nodes in turn; the ids that failed.
+        let churned = Mutex::new((0usize, Vec::<(String, usize, u16)>::new()));
+        // And queries: the members of a group, through the nodes in turn
+        // (answered, refused).
+        let queried = Mutex::new((0usize, 0usize));
+        let churn = async {
+            let mut j = 0;
+            while !stop.is_cancelled() && j < n {
+                let node = j % 3;
+                let params = json!({"group": format!("g{}", j % groups)});
+                let (status, _) = nodes[node].call("get_client_id_list_by_group", params).await;
+                {
+                    let mut q = queried.lock().unwrap();
+                    q.0 += 1;
+                    q.1 += usize::from(status != 200);
+                }
+                let params = json!({"client_id": ids[j], "group": "churn"});
+                let (status, _) = nodes[node].call("join_group", params).await;
+                {
+                    let mut c = churned.lock().unwrap();
+                    c.0 = j + 1;
+                    if status != 200 {
+                        c.1.push((ids[j].clone(), node, status));
+                    }
+                }
+                j += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         };
@@ -723,10 +835,11 @@ fn failover_under_load(
                 .map(|id| json!({"method": "join_group", "params": {"client_id": id, "group": "late"}}))
                 .collect();
             batch_ok(&nodes[2], late).await;
+            let watches: Vec<_> = node_hosts.iter().map(netns::ReadyWatch::start).collect();
             let cut = Instant::now();
-            lab.link_down(cut_host);
-            within("the replica is promoted", Duration::from_secs(30), || async {
-                promoted_now()
+            tokio::task::block_in_place(|| (fault.start)());
+            within("the fault is over (the replica promoted, the slots moved)", Duration::from_secs(30), || async {
+                (fault.over)()
             })
             .await;
             let promoted = cut.elapsed();
@@ -741,13 +854,40 @@ fn failover_under_load(
             let ready = cut.elapsed();
             // Pushes flow for a while on the new primary.
             tokio::time::sleep(Duration::from_secs(3)).await;
+            let unready: Vec<usize> = watches.into_iter().map(|w| w.finish().0.len()).collect();
             stop.cancel();
             // The last pushes reach their clients before they stop reading.
             tokio::time::sleep(Duration::from_secs(2)).await;
             stop_readers.cancel();
-            (cut, promoted, ready)
+            (cut, promoted, ready, unready)
         };
-        let (_, (), (cut, promoted, ready)) = tokio::join!(readers, pusher, control);
+        let (_, (), (), (cut, promoted, ready, unready)) =
+            tokio::join!(readers, pusher, churn, control);
+        let (churn_tried, churn_failed) = churned.into_inner().unwrap();
+        let (queries, queries_refused) = queried.into_inner().unwrap();
+        eprintln!(
+            "FIGURES {what}: /readyz polled every 100 ms on each node's host: not 200 {unready:?} times; membership commands during the test: {churn_tried} join_group, {} refused: {churn_failed:?}; group queries: {queries}, {queries_refused} refused",
+            churn_failed.len()
+        );
+        if load.strict {
+            assert_eq!(unready, vec![0; nodes.len()], "every node ready throughout");
+            assert_eq!(churn_failed, Vec::new(), "every membership command worked");
+            assert_eq!(queries_refused, 0, "every group query answered");
+        }
+        // The refused ones again, now: they must work.
+        for (id, node, _) in &churn_failed {
+            nodes[*node]
+                .ok("join_group", json!({"client_id": id, "group": "churn"}))
+                .await;
+        }
+        for node in &nodes {
+            let members = node
+                .ok("get_client_id_list_by_group", json!({"group": "churn"}))
+                .await;
+            let mut want: Vec<String> = ids[..churn_tried].to_vec();
+            want.sort();
+            assert_eq!(sorted_strings(&members), want, "group churn");
+        }
 
         // What got through: a push is delivered when every member of its
         // group got it.
@@ -763,7 +903,8 @@ fn failover_under_load(
         let log = log.into_inner().unwrap();
         let delivered = |k: u64| {
             let text = format!("p{k}");
-            (0..n).filter(|i| (*i as u64) % 10 == k % 10).all(|i| got[i].contains(&text))
+            let g = groups as u64;
+            (0..n).filter(|i| (*i as u64) % g == k % g).all(|i| got[i].contains(&text))
         };
         let accepted_lost: Vec<u64> = log
             .iter()
@@ -781,12 +922,36 @@ fn failover_under_load(
             .filter(|(_, _, at, ok)| *at > cut && !*ok)
             .map(|(_, _, at, _)| *at - cut)
             .max();
+        // The longest stretch after the cut with no push delivered (by
+        // when their calls returned).
+        let mut delivered_at: Vec<Duration> = log
+            .iter()
+            .filter(|(k, _, at, ok)| *at > cut && *ok && delivered(*k))
+            .map(|(_, _, at, _)| *at - cut)
+            .collect();
+        delivered_at.sort();
+        let longest_gap = delivered_at
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .chain(delivered_at.first().copied())
+            .max();
+        eprintln!("FIGURES {what}: longest stretch after the cut without a delivered push: {longest_gap:?}");
+        if load.strict {
+            let gap = longest_gap.expect("pushes delivered after the cut");
+            assert!(gap < Duration::from_secs(5), "pushes stalled for {gap:?}");
+        }
         eprintln!(
-            "FIGURES {what}, {n} clients, {} pushes (~50/s): replica promoted {promoted:?} after the cut; every node ready {ready:?} after; first push delivered after the cut at {flowing_again:?}; last push refused at {last_refused:?}; {refused} refused (503), {} accepted but not delivered to every member: {accepted_lost:?}",
+            "FIGURES {what}, {n} clients, {} pushes (~{}/s): replica promoted {promoted:?} after the cut; every node ready {ready:?} after; first push delivered after the cut at {flowing_again:?}; last push refused at {last_refused:?}; {refused} refused (503), {} accepted but not delivered to every member: {accepted_lost:?}",
             log.len(),
+            load.rate,
             accepted_lost.len()
         );
         assert!(ready < Duration::from_secs(60));
+        if load.history {
+            // Kept in history: a push the API accepted reaches every member
+            // (the nodes read back what their subscribers missed).
+            assert_eq!(accepted_lost, Vec::<u64>::new(), "accepted pushes lost with history on");
+        }
 
         // Membership on the new primary exact, the late joins included:
         // the nodes wrote their partitions there again.
@@ -812,9 +977,9 @@ fn failover_under_load(
         }
         for c in clients.iter_mut().take(50) {
             let mut got: Vec<String> = Vec::new();
-            for _ in 0..3 {
+            while got.len() < 3 {
                 match c.next().await {
-                    common::Seen::Text(t) => got.push(t),
+                    common::Seen::Text(t) => got.extend(payload(&t)),
                     other => panic!("{other:?}"),
                 }
             }
@@ -911,9 +1076,8 @@ fn cluster_failover(test: &str, n: usize) {
         &client,
         &node_hosts,
         &url,
-        cut,
-        &promoted,
-        n,
+        Fault::cut(&lab, cut, &promoted),
+        Load::failover(n),
         "cluster master failover",
         &["--redis-lost-grace", "60s"],
     );
@@ -934,13 +1098,268 @@ fn a_cluster_master_failover_under_load_rewrites_membership_and_pushes_flow_agai
     );
 }
 
+/// The id of the node on `host` (its address and the inner port, hex).
+fn node_id(host: &Host) -> String {
+    format!("{:08x}{INNER_PORT:04x}", u32::from(host.ip))
+}
+
+/// Whether a `CLUSTER NODES` line owns `slot`.
+fn owns(line: &str, slot: u16) -> bool {
+    line.split_whitespace()
+        .skip(8)
+        .any(|r| match r.split_once('-') {
+            Some((a, b)) => match (a.parse::<u16>(), b.parse::<u16>()) {
+                (Ok(a), Ok(b)) => (a..=b).contains(&slot),
+                _ => false,
+            },
+            None => r.parse::<u16>() == Ok(slot),
+        })
+}
+
+/// Moves `slot` with its keys from its master to the next one of
+/// `masters` (hosts of Redis on port 6379, masters only), as `redis-cli
+/// --cluster reshard` does: the target IMPORTING, the source MIGRATING,
+/// the keys moved `batch` at a time with MIGRATE (a pause between
+/// batches, so the load meets a slot half moved), then SETSLOT NODE on
+/// every master. Returns the keys moved.
+fn migrate_slot(masters: &[Host], slot: u16, batch: usize, pause: Duration) -> usize {
+    let cli = |h: &Host, args: &[&str]| -> String {
+        let mut all = vec!["-p", REDIS_PORT_STR];
+        all.extend_from_slice(args);
+        h.sh("redis-cli", &all)
+    };
+    let ids: Vec<String> = masters
+        .iter()
+        .map(|h| cli(h, &["CLUSTER", "MYID"]))
+        .collect();
+    let owner = masters
+        .iter()
+        .position(|h| {
+            cli(h, &["CLUSTER", "NODES"])
+                .lines()
+                .any(|l| l.contains("myself") && owns(l, slot))
+        })
+        .expect("an owner of the slot");
+    let to = (owner + 1) % masters.len();
+    let (src, dst) = (&masters[owner], &masters[to]);
+    let s = slot.to_string();
+    assert_eq!(
+        cli(dst, &["CLUSTER", "SETSLOT", &s, "IMPORTING", &ids[owner]]),
+        "OK"
+    );
+    assert_eq!(
+        cli(src, &["CLUSTER", "SETSLOT", &s, "MIGRATING", &ids[to]]),
+        "OK"
+    );
+    let dst_ip = dst.ip.to_string();
+    let mut moved = 0;
+    loop {
+        let keys = cli(src, &["CLUSTER", "GETKEYSINSLOT", &s, &batch.to_string()]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if keys.is_empty() {
+            break;
+        }
+        let mut args = vec!["MIGRATE", &dst_ip, REDIS_PORT_STR, "", "0", "5000", "KEYS"];
+        args.extend(keys.iter().copied());
+        let answer = cli(src, &args);
+        assert!(answer == "OK" || answer == "NOKEY", "MIGRATE: {answer}");
+        moved += keys.len();
+        std::thread::sleep(pause);
+    }
+    // The target first, then the source, then the others (as redis-cli).
+    assert_eq!(
+        cli(dst, &["CLUSTER", "SETSLOT", &s, "NODE", &ids[to]]),
+        "OK"
+    );
+    assert_eq!(
+        cli(src, &["CLUSTER", "SETSLOT", &s, "NODE", &ids[to]]),
+        "OK"
+    );
+    for (i, other) in masters.iter().enumerate() {
+        if i != owner && i != to {
+            cli(other, &["CLUSTER", "SETSLOT", &s, "NODE", &ids[to]]);
+        }
+    }
+    moved
+}
+
+/// A Redis Cluster of three masters, each on its own host; three nodes
+/// with `load.n` clients (uid `u<i>`, group `g<i % 10>`) and pushes on
+/// sharded pub/sub; the slots of node A's partition (its membership
+/// keys), of A's node channel and of group g0's channel are migrated with
+/// their keys while pushes and membership commands flow. Shows: every
+/// node stays ready, every membership command works (ASK and MOVED
+/// followed), pushes flow on, what is lost in the window is counted, and
+/// the queries are exact after.
+fn cluster_slot_migration(test: &str, load: Load) {
+    if !netns::available(test) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new();
+    let hosts: Vec<Host> = (1..=3).map(|i| lab.host(&format!("r{i}"))).collect();
+    let node_hosts: Vec<Host> = ["a", "b", "c"].iter().map(|r| lab.host(r)).collect();
+    let client = lab.host("client");
+    let servers: Vec<_> = hosts
+        .iter()
+        .map(|h| {
+            lab.redis(
+                h,
+                &["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"],
+            )
+        })
+        .collect();
+    let addrs: Vec<String> = hosts.iter().map(|h| format!("{}:6379", h.ip)).collect();
+    let mut create = vec!["--cluster", "create"];
+    create.extend(addrs.iter().map(String::as_str));
+    create.extend(["--cluster-replicas", "0", "--cluster-yes"]);
+    // Longer than the usual 10 s: on a loaded box `--cluster create` waits
+    // for the masters to agree for longer (seen once).
+    let out = hosts[0]
+        .command("redis-cli")
+        .args(&create)
+        .output_within(Duration::from_secs(30));
+    assert!(out.status.success(), "redis-cli {create:?}: {out:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for s in &servers {
+        while !s.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok") {
+            assert!(Instant::now() < deadline, "cluster not ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let slot_of = |key: &str| -> u16 {
+        servers[0]
+            .cli(&["CLUSTER", "KEYSLOT", key])
+            .parse()
+            .expect("a slot")
+    };
+    let a = node_id(&node_hosts[0]);
+    let mut slots = vec![
+        slot_of(&format!("{{{a}}}")),
+        slot_of(&format!("gatecast:node:{a}")),
+        slot_of("gatecast:group:g0"),
+    ];
+    slots.dedup();
+    // The migration runs on a thread of its own while the load goes on;
+    // over when it has finished.
+    let migration: Mutex<Option<std::thread::JoinHandle<usize>>> = Mutex::new(None);
+    let start = || {
+        let (masters, slots) = (hosts.clone(), slots.clone());
+        let thread = std::thread::spawn(move || {
+            slots
+                .iter()
+                .map(|slot| migrate_slot(&masters, *slot, 10, Duration::from_millis(100)))
+                .sum::<usize>()
+        });
+        *migration.lock().unwrap() = Some(thread);
+    };
+    let over = || {
+        migration
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|t| t.is_finished())
+    };
+    let url = format!(
+        "redis-cluster://{}:6379?node={}:6379&node={}:6379",
+        hosts[0].ip, hosts[1].ip, hosts[2].ip
+    );
+    failover_under_load(
+        &lab,
+        &client,
+        &node_hosts,
+        &url,
+        Fault {
+            start: Box::new(start),
+            over: &over,
+        },
+        load,
+        "cluster slot migration",
+        &[],
+    );
+    let thread = migration.lock().unwrap().take().expect("the migration ran");
+    let moved = match thread.join() {
+        Ok(moved) => moved,
+        Err(panic) => std::panic::resume_unwind(panic),
+    };
+    eprintln!("FIGURES cluster slot migration: slots {slots:?} migrated, {moved} keys moved");
+    // A's partition was among them: its membership keys moved.
+    assert!(moved >= load.n / 3, "{moved} keys moved");
+    drop(servers);
+}
+
+#[test]
+fn a_cluster_slot_migration_under_load_keeps_membership_and_pushes_flowing() {
+    cluster_slot_migration(
+        "a_cluster_slot_migration_under_load_keeps_membership_and_pushes_flowing",
+        Load {
+            strict: true,
+            ..Load::failover(150)
+        },
+    );
+}
+
 const REDIS_PORT_STR: &str = "6379";
 
 #[test]
 fn a_sentinel_failover_under_load_rewrites_membership_and_pushes_flow_again() {
     sentinel_failover(
         "a_sentinel_failover_under_load_rewrites_membership_and_pushes_flow_again",
-        300,
+        Load::failover(300),
+        &[],
+    );
+}
+
+/// The same failover with every client opted in to recovery and every
+/// push to a group kept in history: no push the API accepted is lost. On
+/// the default heartbeat (5 s): the nodes close opted-in clients only
+/// after 2.5 heartbeats without Redis (they would resume elsewhere), and
+/// the failover is shorter, so this shows the nodes reading back from
+/// history what their subscribers missed (gap repair).
+#[test]
+fn a_sentinel_failover_with_history_loses_no_accepted_push() {
+    sentinel_failover(
+        "a_sentinel_failover_with_history_loses_no_accepted_push",
+        Load {
+            history: true,
+            heartbeat: "5s",
+            ..Load::failover(300)
+        },
+        &[],
+    );
+}
+
+/// The issue's size: 3 nodes, 3,000 clients (in 300 groups of 10), 1,000
+/// pushes a second. Run by hand:
+/// `cargo test --release --test netns -- --ignored full_size_a_sentinel`.
+#[test]
+#[ignore]
+fn full_size_a_sentinel_failover_with_3000_clients_at_1000_pushes_a_second() {
+    sentinel_failover(
+        "full_size_a_sentinel_failover_with_3000_clients_at_1000_pushes_a_second",
+        Load {
+            rate: 1000,
+            groups: 300,
+            ..Load::failover(3000)
+        },
+        &[],
+    );
+}
+
+/// The same with recovery and history on.
+#[test]
+#[ignore]
+fn full_size_a_sentinel_failover_with_history_3000_clients_at_1000_pushes_a_second() {
+    sentinel_failover(
+        "full_size_a_sentinel_failover_with_history_3000_clients_at_1000_pushes_a_second",
+        Load {
+            rate: 1000,
+            groups: 300,
+            history: true,
+            heartbeat: "5s",
+            ..Load::failover(3000)
+        },
+        &[],
     );
 }
 
@@ -1031,12 +1450,16 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
     let redis = lab.redis(&redis_host, &[]);
     lab.run(&client, async {
         let url = redis.url();
-        // A grace longer than the test: a slow link is not a lost one.
+        // A grace longer than the test: a slow link is not a lost one. The
+        // default heartbeat (5 s, liveness TTL 10 s): the lab's 1 s (TTL
+        // 2 s) is shorter than two retransmissions of a lost segment on a
+        // link whose queue holds 400 ms, so B purged A now and then and A
+        // was unready while it wrote itself back over the slow link.
         let args = [
             "--redis-url",
             &url,
             "--node-heartbeat",
-            HEARTBEAT,
+            "5s",
             "--redis-lost-grace",
             "120s",
         ];
@@ -1049,6 +1472,7 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
             .await;
         let rss_before = rss_kib(a.pid());
 
+        let watch = netns::ReadyWatch::start(&a_host);
         lab.slow(&a_host, "1mbit");
         const PUSHES: usize = 400;
         let body = "x".repeat(2000);
@@ -1090,6 +1514,14 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
         };
         let (sent_in, (), (page, rss_slow, restored_at, by_then)) = tokio::join!(pushes, reader, restore);
         let done = started.elapsed();
+        let (unready, polls) = watch.finish();
+        eprintln!("FIGURES slow link: /readyz polled {polls} times from A's own host, not 200: {unready:?}");
+        // A slow link is not a lost one: A stays ready throughout (its
+        // probe's PING on a connection of its own, and late answers taken
+        // while the subscriber still hears from Redis).
+        assert!(polls > 50, "{polls} polls");
+        assert_eq!(unready, Vec::new(), "A ready throughout the slow link");
+        assert!(metric(&page, "gatecast_redis_probe_late_total") >= 0.0);
         let want: Vec<String> = (0..PUSHES).map(|i| format!("{i:04}")).collect();
         assert_eq!(got, want, "every push once, in order");
         assert_eq!(metric(&page, "gatecast_pubsub_dropped_total"), 0.0);
@@ -1114,4 +1546,163 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
             "bounded memory: {rss_before} -> {rss_slow} KiB"
         );
     });
+}
+
+/// Node A's link limited to 1 Mbit/s while ~3 Mbit/s of pushes for its
+/// (opted-in) client flow through B, on a Redis whose pub/sub output
+/// buffer limit is low (`client-output-buffer-limit pubsub 256kb 128kb 1`):
+/// Redis closes A's subscriber. A says so (counted as `closed_behind`,
+/// logged), connects again, subscribes again, keeps its memory bounded,
+/// and once the link is restored delivers again, in order, never twice.
+/// With `whole`, its client must also have every push: A reads back from
+/// history what its subscriber missed. That fails today (see
+/// [`a_slow_node_cut_at_the_pubsub_output_buffer_limit_loses_nothing_with_history`]).
+fn slow_past_the_output_buffer_limit(test: &str, whole: bool) {
+    if !netns::available(test) {
+        return;
+    }
+    let _serial = serial();
+    let lab = Lab::new();
+    let (redis_host, a_host, b_host, client) = (
+        lab.host("redis"),
+        lab.host("a"),
+        lab.host("b"),
+        lab.host("client"),
+    );
+    let redis = lab.redis(
+        &redis_host,
+        &["--client-output-buffer-limit", "pubsub 256kb 128kb 1"],
+    );
+    lab.run(&client, async {
+        let url = redis.url();
+        let args = [
+            "--redis-url",
+            &url,
+            "--node-heartbeat",
+            "5s",
+            "--redis-lost-grace",
+            "120s",
+            "--history-streams",
+            "g:",
+            "--history-size",
+            "2000",
+        ];
+        let a = lab.node(&a_host, &args);
+        let b = lab.node(&b_host, &args);
+        a.wait_ready().await;
+        b.wait_ready().await;
+        let mut c = Client::connect(&a.ws_url("?recover=1")).await;
+        b.ok("join_group", json!({"client_id": c.id, "group": "slow"}))
+            .await;
+        let rss_before = rss_kib(a.pid());
+
+        lab.slow(&a_host, "1mbit");
+        const PUSHES: usize = 600;
+        let body = "x".repeat(2000);
+        let started = Instant::now();
+        let pushes = async {
+            for i in 0..PUSHES {
+                let data = format!("{i:04}{body}");
+                b.ok("send_to_group", json!({"group": "slow", "data": data}))
+                    .await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            started.elapsed()
+        };
+        // Every payload until "after", the push sent once the link is back.
+        let mut got = Vec::new();
+        let reader = async {
+            loop {
+                match c.next_within(Duration::from_secs(60)).await {
+                    Some(common::Seen::Text(t)) => match payload(&t) {
+                        Some(p) if p == "after" => {
+                            got.push(p);
+                            return;
+                        }
+                        Some(p) => got.push(p[..4].to_owned()),
+                        None => {}
+                    },
+                    other => panic!("after {}: {other:?}", got.len()),
+                }
+            }
+        };
+        let closed = r#"gatecast_redis_subscriber_reconnects_total{reason="closed_behind"}"#;
+        let control = async {
+            // Slow until Redis closed the subscriber, and 4 s more (the
+            // node reconnects and reads back over the slow link), then the
+            // link is restored.
+            within("redis closes A's subscriber", Duration::from_secs(60), || async {
+                metric(&a.get_text("/metrics").await, closed) >= 1.0
+            })
+            .await;
+            let cut_at = started.elapsed();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            let rss_slow = rss_kib(a.pid());
+            let page_slow = a.get_text("/metrics").await;
+            lab.unslow(&a_host);
+            let restored_at = started.elapsed();
+            a.wait_ready().await;
+            let ready_at = started.elapsed();
+            // The next push on the stream shows the gap; A reads it back.
+            b.ok("send_to_group", json!({"group": "slow", "data": "after"}))
+                .await;
+            (cut_at, rss_slow, page_slow, restored_at, ready_at)
+        };
+        let (sent_in, (), (cut_at, rss_slow, page_slow, restored_at, ready_at)) =
+            tokio::join!(pushes, reader, control);
+        let done = started.elapsed();
+        let page = a.get_text("/metrics").await;
+        let mut want: Vec<String> = (0..PUSHES).map(|i| format!("{i:04}")).collect();
+        want.push("after".into());
+        let missing = want.iter().filter(|w| !got.contains(w)).count();
+        eprintln!(
+            "FIGURES output buffer limit: {PUSHES} pushes of 2 KB sent in {sent_in:?} (~{:.1} Mbit/s); subscriber closed by redis by {cut_at:?} ({} times in all, {} while slow); link restored at {restored_at:?}, A ready at {ready_at:?}; all delivered at {done:?}; {} received before the restoration's push, {missing} missing at the end; gap repairs {}; A's RSS {rss_before} KiB before, {rss_slow} KiB while slow",
+            (PUSHES * 2004 * 8) as f64 / sent_in.as_secs_f64() / 1e6,
+            metric(&page, closed),
+            metric(&page_slow, closed),
+            got.len() - 1,
+            metric(&page, "gatecast_history_gap_repairs_total"),
+        );
+        assert!(metric(&page, closed) >= 1.0, "{page}");
+        // In order, never twice; "after" last.
+        assert!(got.windows(2).all(|w| w[0] < w[1] || w[1] == "after"), "{got:?}");
+        assert_eq!(got.last().map(String::as_str), Some("after"));
+        if whole {
+            assert_eq!(got, want, "every push once, in order");
+            assert!(
+                metric(&page, "gatecast_history_gap_repairs_total") >= 1.0,
+                "read back from history: {page}"
+            );
+        }
+        assert!(
+            rss_slow < rss_before + 64 * 1024,
+            "bounded memory: {rss_before} -> {rss_slow} KiB"
+        );
+    });
+}
+
+#[test]
+fn a_slow_node_cut_at_the_pubsub_output_buffer_limit_reconnects_and_delivers_again() {
+    slow_past_the_output_buffer_limit(
+        "a_slow_node_cut_at_the_pubsub_output_buffer_limit_reconnects_and_delivers_again",
+        false,
+    );
+}
+
+/// Not in CI: after the subscriber's reconnection the node reads back
+/// from history what it missed with one read, bounded by the command
+/// timeout (1.5 s); on a 1 Mbit/s link ~0.6 MB of missed pushes often take
+/// longer ("history not read back after a reconnection", logged in most
+/// runs). A later push that shows a gap gets it read back, and this test
+/// passed 6 of 6 runs; but with the link restored ~2 s after the close it
+/// failed once (293 of 600 never read back, even after a later push:
+/// src/engine/redis/history.rs, `repair_followed`). Run by hand:
+/// `cargo test --test netns -- --ignored loses_nothing_with_history`.
+#[test]
+#[ignore]
+fn a_slow_node_cut_at_the_pubsub_output_buffer_limit_loses_nothing_with_history() {
+    slow_past_the_output_buffer_limit(
+        "a_slow_node_cut_at_the_pubsub_output_buffer_limit_loses_nothing_with_history",
+        true,
+    );
 }

@@ -575,3 +575,82 @@ impl Drop for NsRedis {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Polls a node's `/readyz` from inside its own host (over the host's
+/// loopback, so a slowed or cut link does not delay the poll itself)
+/// every 100 ms on a thread of its own, until dropped.
+pub struct ReadyWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(Duration, u16)>>>,
+}
+
+impl ReadyWatch {
+    /// Starts polling `http://127.0.0.1:<API_PORT>/readyz` inside `host`.
+    pub fn start(host: &Host) -> ReadyWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let path = format!("/run/netns/{}", host.ns);
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            enter(&path);
+            let started = std::time::Instant::now();
+            let mut seen = Vec::new();
+            while !flag.load(Ordering::Acquire) {
+                seen.push((started.elapsed(), readyz_status()));
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            seen
+        });
+        ReadyWatch {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops polling; every answer other than 200 with when it came
+    /// (since the start), and how many polls there were.
+    pub fn finish(mut self) -> (Vec<(Duration, u16)>, usize) {
+        self.stop.store(true, Ordering::Release);
+        let seen = self
+            .thread
+            .take()
+            .map(|t| t.join().unwrap_or_default())
+            .unwrap_or_default();
+        let polls = seen.len();
+        (seen.into_iter().filter(|(_, s)| *s != 200).collect(), polls)
+    }
+}
+
+impl Drop for ReadyWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One `GET /readyz` on this thread's loopback: the status, 0 when it
+/// failed (bounded by 1 s timeouts).
+fn readyz_status() -> u16 {
+    use std::io::{Read, Write};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], API_PORT));
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return 0;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+    if stream
+        .write_all(b"GET /readyz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .is_err()
+    {
+        return 0;
+    }
+    let mut head = [0u8; 12];
+    if stream.read_exact(&mut head).is_err() {
+        return 0;
+    }
+    std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}

@@ -41,6 +41,10 @@ const COMMAND_BUFFER: usize = 1 << 16;
 pub struct Redis {
     /// Commands, scripts and PUBLISH.
     pub client: Client,
+    /// The readiness probe's PINGs, on a connection of their own (one per
+    /// master on Cluster): a PING never waits behind the commands and
+    /// PUBLISHes queued on `client` (`probe`).
+    pub probe: Client,
     /// Subscriptions and the messages that arrive on them: connections of
     /// our own, read with back-pressure ([`Subscriber`]). It keeps no set
     /// of channels: after a reconnection the mirror's resync subscribes
@@ -93,10 +97,26 @@ impl Redis {
                 // default; past this a command fails at once (a 503).
                 c.max_command_buffer_len = COMMAND_BUFFER;
                 c.tcp.user_timeout = Some(UNACKED_TIMEOUT);
+                // fred follows an ASK (a Cluster slot being migrated) by
+                // writing ASKING and reading the next frame of the
+                // connection as its answer, while other commands are in
+                // flight on it: that frame is another command's reply, and
+                // every reply after it goes to the wrong caller or none
+                // (timeouts, then a reconnection; seen in a reshard under
+                // load, issue 32). So fred follows no redirection: a MOVED
+                // still updates its slot map, an ASK or MOVED fails the
+                // command, which did not run, and the engine sends it
+                // again (`migrating`).
+                if sharded {
+                    c.max_redirections = 0;
+                }
             })
             // Retry forever: a node outlives any Redis outage.
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 1000, 2));
         let client = builder.build().map_err(|e| e.to_string())?;
+        // The same settings: it follows a Sentinel failover or the Cluster's
+        // slot map on its own.
+        let probe = builder.build().map_err(|e| e.to_string())?;
         let subscriber = Subscriber::new(
             &config,
             client.clone(),
@@ -108,11 +128,21 @@ impl Redis {
         )?;
         Ok(Redis {
             client,
+            probe,
             subscriber,
             sharded,
             fails_over,
             once: Options {
                 max_attempts: Some(1),
+                // An ASK (a slot being migrated) answered to a command
+                // with no attempt left made fred drop and make again every
+                // connection of the client, failing every command in
+                // flight (issue 32, a reshard under load). Without
+                // redirections the command fails alone, and was not run:
+                // `publish` sends it again. (The client follows none on
+                // Cluster anyway, see `build`; this covers a bare PUBLISH
+                // to a single server too, where it changes nothing.)
+                max_redirections: Some(0),
                 ..Default::default()
             },
         })
@@ -146,13 +176,70 @@ impl Redis {
                 .cached_cluster_state()
                 .and_then(|s| s.get_server(slot).cloned())
         };
-        let before = owner();
-        match client.spublish(channel.clone(), bytes.clone()).await {
-            Err(e) if owner() != before => {
-                tracing::debug!(error = %e, slot, "slot moved: publishing again");
-                client.spublish(channel, bytes).await
+        //
+        // A slot being migrated answers ASK, which fails the command (no
+        // redirection allowed, see `once`) without running it: sent again
+        // until the slot's migration is over, within MIGRATION_WAIT.
+        let started = std::time::Instant::now();
+        let mut before = owner();
+        loop {
+            match client.spublish(channel.clone(), bytes.clone()).await {
+                Err(e) if owner() != before => {
+                    tracing::debug!(error = %e, slot, "slot moved: publishing again");
+                    before = owner();
+                }
+                Err(e) if redirected(&e) && started.elapsed() < MIGRATION_WAIT => {
+                    tracing::debug!(error = %e, slot, "slot being migrated: publishing again");
+                    tokio::time::sleep(MIGRATION_RETRY).await;
+                }
+                result => return result,
             }
-            result => result,
+        }
+    }
+}
+
+/// Whether `e` says a Redis Cluster slot is being migrated and the
+/// command did not run: `TRYAGAIN` (a multi-key command whose keys are
+/// split between the two masters for now), `ASK`, or fred giving up on an
+/// `ASK` redirection (it has no attempt left for the `ASKING` it needs).
+/// Such a command can be sent again safely a moment later.
+pub fn migrating(e: &fred::error::Error) -> bool {
+    let details = e.details();
+    details.starts_with("TRYAGAIN")
+        || details.starts_with("ASK ")
+        || (*e.kind() == fred::error::ErrorKind::Routing && details == "Max attempts reached.")
+        || redirected(e)
+}
+
+/// Whether fred failed `e` on a redirection it was not allowed to follow
+/// (`once`): Redis did not run the command.
+fn redirected(e: &fred::error::Error) -> bool {
+    *e.kind() == fred::error::ErrorKind::Routing && e.details() == "Too many redirections."
+}
+
+/// How long a command refused because its slot is being migrated (a
+/// Cluster reshard) is sent again: within the API's 2 s deadline, with
+/// the command timeout.
+pub const MIGRATION_WAIT: Duration = Duration::from_millis(500);
+
+/// Pause between two such sends.
+pub const MIGRATION_RETRY: Duration = Duration::from_millis(20);
+
+/// Runs `command` again while it is refused because its slot is being
+/// migrated (see [`migrating`]), within [`MIGRATION_WAIT`]: for reads,
+/// which fred no longer follows through an ASK.
+pub async fn again<T, F, Fut>(mut command: F) -> Result<T, fred::error::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, fred::error::Error>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        match command().await {
+            Err(e) if migrating(&e) && started.elapsed() < MIGRATION_WAIT => {
+                tokio::time::sleep(MIGRATION_RETRY).await;
+            }
+            result => return result,
         }
     }
 }

@@ -82,12 +82,14 @@ fn reconnect_if_silent(s: &Shared, away: Duration, forced: &mut Option<Instant>)
         silent = ?away,
         "redis connection silent: connecting again, asking the sentinels or the cluster where the primary is now"
     );
-    let client = s.redis.client.clone();
-    // The reconnection goes on in fred after the wait; the wait is bounded
-    // only so this task never waits on it.
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(SILENT, client.force_reconnection()).await;
-    });
+    // The probe's connection too: it went to the same server.
+    for client in [s.redis.client.clone(), s.redis.probe.clone()] {
+        // The reconnection goes on in fred after the wait; the wait is
+        // bounded only so this task never waits on it.
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(SILENT, client.force_reconnection()).await;
+        });
+    }
 }
 
 /// The task: watches reachability every probe period and closes what the

@@ -37,6 +37,14 @@ use crate::ids::{ClientId, NodeId};
 const RETRY_AFTER: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 
+/// Pause before a batch refused because its slot is being migrated (a
+/// Cluster reshard) is written again; the node stays ready meanwhile.
+const MIGRATION_RETRY: Duration = Duration::from_millis(20);
+
+/// A slot left migrating for longer than this (a reshard stopped half
+/// way) is a failure like any other: the node turns unready.
+const MIGRATION_STUCK: Duration = Duration::from_secs(10);
+
 /// While Redis is away, how often the mirror looks again for a connection
 /// (a resync asked for at the reconnection is then written at once, not at
 /// the next heartbeat tick).
@@ -358,6 +366,8 @@ pub async fn run(s: Arc<Shared>) {
     let mut tick = tokio::time::interval(s.settings.heartbeat / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut retry_after = RETRY_AFTER;
+    // Since when writes fail only because a Cluster slot is being migrated.
+    let mut migrating_since: Option<Instant> = None;
     // Something is waiting for Redis to be connected.
     let mut waiting = false;
     loop {
@@ -422,9 +432,26 @@ pub async fn run(s: Arc<Shared>) {
                         s.repair_followed();
                     }
                     retry_after = RETRY_AFTER;
+                    migrating_since = None;
                     s.writable.store(true, Ordering::Release);
                     s.mirror.written();
                     answer(&s, &mut batch, Ok(()), &refused).await;
+                }
+                Err(Failure::Redis(e))
+                    if super::client::migrating(&e)
+                        && migrating_since.get_or_insert_with(Instant::now).elapsed()
+                            < MIGRATION_STUCK =>
+                {
+                    // A reshard moving this partition's slot: Redis is
+                    // fine and nothing was written. Written again in a
+                    // moment; its callers wait (within their deadline),
+                    // and the node stays ready.
+                    tracing::debug!(error = %e, "partition's slot being migrated: writing again");
+                    s.mirror.restore(batch);
+                    tokio::select! {
+                        () = tokio::time::sleep(MIGRATION_RETRY) => {}
+                        () = s.stop.cancelled() => return,
+                    }
                 }
                 Err(failure) => {
                     let reason = match failure {

@@ -254,6 +254,7 @@ impl RedisEngine {
         spawn_critical("redis lost", fatal, stop, lost::run(shared.clone()));
         spawn_critical("redis behind", fatal, stop, behind::run(shared.clone()));
         shared.redis.client.connect();
+        shared.redis.probe.connect();
         // After the registration task listens, so the first connection's
         // events are seen too.
         shared.redis.subscriber.connect(shared.stop.clone());
@@ -701,5 +702,6 @@ impl Engine for RedisEngine {
         s.redis.subscriber.quit().await;
         s.inbox.close();
         let _ = s.redis.client.quit().await;
+        let _ = tokio::time::timeout(client::COMMAND_TIMEOUT, s.redis.probe.quit()).await;
     }
 }

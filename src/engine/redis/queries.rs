@@ -53,9 +53,8 @@ impl Shared {
     async fn remote_field(&self, id: ClientId, hash: &str) -> EngineResult<Option<String>> {
         self.check()?;
         let key = self.keys.partition_key(id.node(), hash, "");
-        self.redis
-            .client
-            .hget(key, id.to_string())
+        let c = &self.redis.client;
+        super::client::again(|| c.hget(key.clone(), id.to_string()))
             .await
             .map_err(unavailable)
     }
@@ -99,7 +98,10 @@ impl Shared {
         let keys = nodes
             .into_iter()
             .map(|n| self.keys.partition_key(n, suffix, name));
-        try_join_all(keys.map(query)).await.map_err(unavailable)
+        let query = &query;
+        try_join_all(keys.map(|k| super::client::again(move || query(k.clone()))))
+            .await
+            .map_err(unavailable)
     }
 
     /// The members of a set of every other node's partition, each with one

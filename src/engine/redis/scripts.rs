@@ -12,6 +12,8 @@ use fred::error::Error;
 use fred::types::scripts::Script;
 use fred::types::{FromValue, MultipleKeys, MultipleValues};
 
+use super::client::{migrating, MIGRATION_RETRY, MIGRATION_WAIT};
+
 /// One script, run by its hash.
 #[derive(Debug)]
 pub struct Lua {
@@ -44,6 +46,27 @@ impl Lua {
     {
         let keys: MultipleKeys = keys.into();
         let args: MultipleValues = args.try_into().map_err(Into::into)?;
+        // A slot being migrated (a reshard): the script did not run; sent
+        // again until the keys are on one master, within MIGRATION_WAIT.
+        let started = std::time::Instant::now();
+        loop {
+            match self.once(client, keys.clone(), args.clone()).await {
+                Err(e) if migrating(&e) && started.elapsed() < MIGRATION_WAIT => {
+                    tracing::debug!(error = %e, "slot being migrated: running the script again");
+                    tokio::time::sleep(MIGRATION_RETRY).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One run (and one more after loading it, on `NOSCRIPT`).
+    async fn once<R: FromValue>(
+        &self,
+        client: &Client,
+        keys: MultipleKeys,
+        args: MultipleValues,
+    ) -> Result<R, Error> {
         match self
             .script
             .evalsha(client, keys.clone(), args.clone())

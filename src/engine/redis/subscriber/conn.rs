@@ -213,6 +213,12 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Time since the last frame read from Redis on this connection.
+    pub fn silent_for(&self) -> Duration {
+        let since = self.shared.last_read.load(Ordering::Acquire);
+        Duration::from_millis(self.shared.now().saturating_sub(since))
+    }
+
     /// Connects, logs in (and on Sentinel checks the server is a primary)
     /// and starts the connection's reader and writer.
     pub async fn open(

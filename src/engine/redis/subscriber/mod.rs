@@ -163,6 +163,20 @@ impl Subscriber {
         self.inner.connected.load(Ordering::Acquire)
     }
 
+    /// Whether a connection of the subscriber read something from Redis
+    /// within `window`: Redis is alive and sending, however late its
+    /// answers to commands come (the readiness probe, `probe`). False when
+    /// not connected, or when the connections are being changed.
+    pub fn heard_within(&self, window: Duration) -> bool {
+        if !self.is_connected() {
+            return false;
+        }
+        let Ok(conns) = self.inner.conns.try_lock() else {
+            return false;
+        };
+        conns.values().any(|c| c.silent_for() < window)
+    }
+
     /// Fires each time the subscriber is connected (again): every
     /// subscription must then be written (again).
     pub fn reconnect_rx(&self) -> broadcast::Receiver<()> {
@@ -521,8 +535,13 @@ fn note(inner: &Inner, event: Event, moved: &mut Vec<String>, lost: &mut Option<
             why,
             behind,
         } if generation == inner.generation.load(Ordering::Acquire) => {
+            // Behind: waiting on the inbox, or pushes arriving late (a
+            // slow link: the node reads as fast as the link goes). Redis
+            // closing a connection whose output it had not sent yet
+            // resets it, so a read error counts too.
+            let late = inner.metrics.redis_subscriber_behind.get() == 1;
             let reason = match why {
-                conn::Ended::Closed if behind => "closed_behind",
+                conn::Ended::Closed | conn::Ended::Error if behind || late => "closed_behind",
                 why => why.label(),
             };
             tracing::warn!(
