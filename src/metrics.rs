@@ -93,6 +93,9 @@ pub struct Metrics {
     /// Gaps in a stream's offsets this node read back from history
     /// (recovery, issue 27).
     pub history_gap_repairs: Counter,
+    /// Gaps history could not be read back for: the stream's opted-in
+    /// clients were closed to resume from their positions.
+    pub history_gap_unrepaired: Counter,
     /// Pub/sub messages dropped because this node fell behind Redis.
     pub pubsub_dropped: Counter,
     /// Subscriber connections lost and made again, by why.
@@ -218,6 +221,7 @@ impl Metrics {
             pubsub_received: Counter::default(),
             pubsub_malformed: Counter::default(),
             history_gap_repairs: Counter::default(),
+            history_gap_unrepaired: Counter::default(),
             pubsub_dropped: Counter::default(),
             redis_subscriber_reconnects: Family::default(),
             redis_resubscribed: Counter::default(),
@@ -339,6 +343,11 @@ impl Metrics {
             "history_gap_repairs",
             "Gaps in a stream's offsets read back from history by this node",
             m.history_gap_repairs.clone(),
+        );
+        r.register(
+            "history_gap_unrepaired",
+            "Gaps not read back from history; the stream's opted-in clients were closed to resume",
+            m.history_gap_unrepaired.clone(),
         );
         r.register(
             "pubsub_dropped",

@@ -1591,7 +1591,10 @@ fn slow_past_the_output_buffer_limit(test: &str, whole: bool) {
         let b = lab.node(&b_host, &args);
         a.wait_ready().await;
         b.wait_ready().await;
-        let mut c = Client::connect(&a.ws_url("?recover=1")).await;
+        // Opted in only for the whole variant: a node that cannot read a
+        // gap back closes its opted-in clients to resume (never a silent
+        // gap), and this test's client does not resume.
+        let mut c = Client::connect(&a.ws_url(if whole { "?recover=1" } else { "" })).await;
         b.ok("join_group", json!({"client_id": c.id, "group": "slow"}))
             .await;
         let rss_before = rss_kib(a.pid());
@@ -1611,9 +1614,14 @@ fn slow_past_the_output_buffer_limit(test: &str, whole: bool) {
         };
         // Every payload until "after", the push sent once the link is back.
         let mut got = Vec::new();
+        let mut told_to_resume = false;
         let reader = async {
             loop {
                 match c.next_within(Duration::from_secs(60)).await {
+                    Some(common::Seen::Close(Some(1001))) if whole => {
+                        told_to_resume = true;
+                        return;
+                    }
                     Some(common::Seen::Text(t)) => match payload(&t) {
                         Some(p) if p == "after" => {
                             got.push(p);
@@ -1666,8 +1674,13 @@ fn slow_past_the_output_buffer_limit(test: &str, whole: bool) {
         assert!(metric(&page, closed) >= 1.0, "{page}");
         // In order, never twice; "after" last.
         assert!(got.windows(2).all(|w| w[0] < w[1] || w[1] == "after"), "{got:?}");
-        assert_eq!(got.last().map(String::as_str), Some("after"));
-        if whole {
+        assert!(told_to_resume || got.last().map(String::as_str) == Some("after"));
+        if whole && told_to_resume {
+            // The read-back failed on the slow link: what came before the
+            // close has no gap, and the client was told to resume.
+            assert!(got.iter().zip(&want).all(|(g, w)| g == w), "{got:?}");
+            eprintln!("FIGURES output buffer limit: closed 1001 to resume after {} pushes", got.len());
+        } else if whole {
             assert_eq!(got, want, "every push once, in order");
             assert!(
                 metric(&page, "gatecast_history_gap_repairs_total") >= 1.0,
@@ -1689,14 +1702,14 @@ fn a_slow_node_cut_at_the_pubsub_output_buffer_limit_reconnects_and_delivers_aga
     );
 }
 
-/// Not in CI: after the subscriber's reconnection the node reads back
-/// from history what it missed with one read, bounded by the command
-/// timeout (1.5 s); on a 1 Mbit/s link ~0.6 MB of missed pushes often take
-/// longer ("history not read back after a reconnection", logged in most
-/// runs). A later push that shows a gap gets it read back, and this test
-/// passed 6 of 6 runs; but with the link restored ~2 s after the close it
-/// failed once (293 of 600 never read back, even after a later push:
-/// src/engine/redis/history.rs, `repair_followed`). Run by hand:
+/// Not in CI: the same with an opted-in client. After the subscriber's
+/// reconnection the node reads back from history what it missed (3 tries
+/// of at most 2 s, within 5 s); on a 1 Mbit/s link ~0.6 MB of missed
+/// pushes often take longer. Then the node closes the client with 1001
+/// (`history_gap`) to resume from its position rather than deliver past
+/// the gap; this test passes when every push came once, in order, or the
+/// client was closed so with no gap before the close. (Before the fix, one
+/// run lost 293 of 600 pushes without a word.) Run by hand:
 /// `cargo test --test netns -- --ignored loses_nothing_with_history`.
 #[test]
 #[ignore]

@@ -8,6 +8,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
+use common::proxy::Proxy;
 use common::recovery::{self as positions, split, Framed};
 use common::redis::RedisServer;
 use common::{eventually, Client, Node, Seen, WAIT};
@@ -666,6 +667,70 @@ async fn a_node_repairs_a_gap_in_a_stream_from_history() {
             &a.get_text("/metrics").await,
             "gatecast_history_gap_repairs_total"
         ) >= 1.0
+    );
+}
+
+/// A gap history cannot be read back for is never silent. Node A's reads
+/// of history stall past every try (its Redis behind a proxy that holds
+/// each `gatecast_since`), so after its subscriber lost a push A closes
+/// its opted-in client with 1001 (`history_gap`) instead of moving on
+/// without the push; the client's resume on B gets the push, recovered.
+/// Before, A gave up the read after one try and the push was lost for
+/// good to that client, which was never told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_history_cannot_be_read_for_closes_opted_in_clients_to_resume() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port).await;
+    let proxied = proxy.url();
+    // The default heartbeat: stalled writes on A's command connection must
+    // not outlast its liveness record.
+    let a = Node::start(&[
+        "--redis-url",
+        proxied.as_str(),
+        "--client-jwt-secret",
+        SECRET,
+        "--history-streams",
+        "u:",
+    ]);
+    let b = redis_node(&redis, &["--history-streams", "u:"]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut c = connect(&a, "hal", &[], None).await;
+    online(&b, "hal").await;
+    send_uid(&b, "hal", "one").await;
+    let one = push(&mut c).await;
+    assert_eq!(one.offset(), 1);
+
+    // The FCALL's argument, not the library's source (FUNCTION LOAD holds
+    // the name too, and A loads the library again after a reconnection).
+    proxy.stall_each(b"\r\ngatecast_since\r\n", std::time::Duration::from_secs(3));
+    lose_a_push_in_pubsub(&redis, &a, &b, "hal").await;
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.next().await {
+                Seen::Close(code) => return code,
+                Seen::Text(t) if !t.contains('\n') => continue,
+                other => panic!("expected A to close its client, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("A closes its opted-in client when the gap cannot be read");
+    assert_eq!(code, Some(1001));
+    proxy.disarm();
+    assert!(
+        common::metric(
+            &a.get_text("/metrics").await,
+            "gatecast_history_gap_unrepaired_total"
+        ) >= 1.0
+    );
+
+    let mut c = connect(&b, "hal", &[], Some(&at(&[("u:hal", &one)]))).await;
+    let p = push(&mut c).await;
+    assert_eq!((p.offset(), p.payload.len()), (2, 60_000), "the lost push");
+    assert_eq!(
+        control(&mut c, "recovered after the replay").await,
+        json!({"type": "recovered", "streams": {"u:hal": true}})
     );
 }
 

@@ -31,8 +31,15 @@ pub struct Proxy {
     trap: Trap,
 }
 
-/// A stall armed for the next node-to-Redis bytes holding a pattern.
-type Trap = Arc<Mutex<Option<(Vec<u8>, Duration)>>>;
+/// A stall armed for node-to-Redis bytes holding a pattern: the next
+/// ones only, or (`each`) every one until disarmed.
+type Trap = Arc<Mutex<Option<Stall>>>;
+
+struct Stall {
+    pattern: Vec<u8>,
+    stall: Duration,
+    each: bool,
+}
 
 impl Proxy {
     /// Starts forwarding to the Redis on `redis_port`.
@@ -83,7 +90,26 @@ impl Proxy {
     /// that follow on that connection) for `stall` before forwarding them:
     /// one command stalled as a Redis busy for a moment stalls it.
     pub fn stall_next(&self, pattern: &[u8], stall: Duration) {
-        *self.trap.lock().unwrap() = Some((pattern.to_vec(), stall));
+        self.arm(pattern, stall, false);
+    }
+
+    /// As [`Proxy::stall_next`], for every such write until
+    /// [`Proxy::disarm`]: a command Redis is always too slow to answer.
+    pub fn stall_each(&self, pattern: &[u8], stall: Duration) {
+        self.arm(pattern, stall, true);
+    }
+
+    /// Stalls nothing more.
+    pub fn disarm(&self) {
+        *self.trap.lock().unwrap() = None;
+    }
+
+    fn arm(&self, pattern: &[u8], stall: Duration, each: bool) {
+        *self.trap.lock().unwrap() = Some(Stall {
+            pattern: pattern.to_vec(),
+            stall,
+            each,
+        });
     }
 
     /// Forwards node to Redis (`up`) and Redis to node (`down`) or not.
@@ -113,10 +139,16 @@ async fn pump(
         };
         let stall = trap.as_ref().and_then(|t| {
             let mut armed = t.lock().unwrap();
-            let hit = armed
-                .as_ref()
-                .is_some_and(|(p, _)| buf[..n].windows(p.len()).any(|w| w == p));
-            hit.then(|| armed.take().map(|(_, d)| d)).flatten()
+            let hit = armed.as_ref().filter(|s| {
+                buf[..n]
+                    .windows(s.pattern.len())
+                    .any(|w| w == s.pattern.as_slice())
+            })?;
+            let stall = hit.stall;
+            if !hit.each {
+                *armed = None;
+            }
+            Some(stall)
         });
         if let Some(stall) = stall {
             tokio::time::sleep(stall).await;

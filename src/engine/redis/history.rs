@@ -17,10 +17,12 @@ use super::client::unavailable;
 use super::envelope::{Envelope, EnvelopeRef, Op};
 use super::{ids_to_strings, Shared};
 use crate::engine::{EngineError, EngineResult};
+use crate::frame::close_code;
 use crate::push::{Message, Push, Target};
 use crate::recovery::history::{
     group_stream, uid_stream, Entry, HistoryRead, HistorySettings, ALL_STREAM,
 };
+use crate::recovery::resume::{jitter_ms, retry_reason};
 
 const SOURCE: &str = include_str!("functions/history.lua");
 
@@ -384,9 +386,18 @@ mod tests {
 /// gives up on that gap and delivers what it holds.
 const MAX_HELD: usize = 10_000;
 
-/// How long a gap's read may take before the node delivers what it holds
-/// without it.
+/// How long one try of a gap's read may take.
 const REPAIR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Tries of a gap's read before the node gives the stream's opted-in
+/// clients up to their own resume.
+const REPAIR_TRIES: u32 = 3;
+
+/// Pause after a refused read before the next try.
+const REPAIR_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Shortest `retry_ms` in a `history_gap` close.
+const GAP_RETRY_FROM: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Gap repair at the node: per stream, the last offset this node
 /// delivered. A push whose offset jumps past the next one (its pub/sub
@@ -432,7 +443,7 @@ const MAX_RECONNECT_REPAIRS: usize = 4096;
 const RECONNECT_REPAIRS_AT_ONCE: usize = 32;
 
 /// How long the streams read back after a reconnection may be held in
-/// all; past it each delivers what it holds without its read.
+/// all; past it a stream not read is given up to its clients' resume.
 const RECONNECT_REPAIR_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Most streams tracked; past it tracking starts over (no repair for a
@@ -568,19 +579,15 @@ impl Shared {
             let each = |(stream, after, repair): (String, u64, u64)| {
                 let s = s.clone();
                 async move {
-                    let read = tokio::time::timeout_at(until, s.read_raw(&stream, after)).await;
-                    let missing = match read {
-                        Ok(Ok(entries)) => entries,
-                        Ok(Err(e)) => {
-                            tracing::warn!(%stream, error = %e, "history not read back after a reconnection");
-                            Vec::new()
+                    match s.read_gap(&stream, after, until).await {
+                        Some(missing) => {
+                            if !missing.is_empty() {
+                                s.metrics.history_gap_repairs.inc();
+                            }
+                            s.finish_repair(&stream, repair, missing);
                         }
-                        Err(_) => Vec::new(),
-                    };
-                    if !missing.is_empty() {
-                        s.metrics.history_gap_repairs.inc();
+                        None => s.give_up_repair(&stream, repair),
                     }
-                    s.finish_repair(&stream, repair, missing);
                 }
             };
             futures_util::stream::iter(holds)
@@ -597,20 +604,78 @@ impl Shared {
         self.metrics.history_gap_repairs.inc();
         let s = self.clone();
         runtime.spawn(async move {
-            let read = tokio::time::timeout(REPAIR_TIMEOUT, s.read_raw(&stream, after)).await;
-            let missing = match read {
-                Ok(Ok(entries)) => entries,
-                Ok(Err(e)) => {
-                    tracing::warn!(%stream, error = %e, "history gap not read");
-                    Vec::new()
-                }
-                Err(_) => {
-                    tracing::warn!(%stream, "history gap not read in time");
-                    Vec::new()
-                }
-            };
-            s.finish_repair(&stream, repair, missing);
+            let until = tokio::time::Instant::now() + REPAIR_TIMEOUT * REPAIR_TRIES;
+            match s.read_gap(&stream, after, until).await {
+                Some(missing) => s.finish_repair(&stream, repair, missing),
+                None => s.give_up_repair(&stream, repair),
+            }
         });
+    }
+
+    /// Reads `stream`'s gap after `after`: up to [`REPAIR_TRIES`] tries,
+    /// each within [`REPAIR_TIMEOUT`], all before `until`. `None` when no
+    /// try answered.
+    async fn read_gap(
+        &self,
+        stream: &str,
+        after: u64,
+        until: tokio::time::Instant,
+    ) -> Option<Vec<bytes::Bytes>> {
+        for attempt in 1..=REPAIR_TRIES {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                break;
+            }
+            let read = tokio::time::timeout_at(until.min(now + REPAIR_TIMEOUT), async {
+                self.read_raw(stream, after).await
+            })
+            .await;
+            match read {
+                Ok(Ok(entries)) => return Some(entries),
+                Ok(Err(e)) => {
+                    tracing::warn!(%stream, attempt, error = %e, "history gap not read");
+                    // A refusal comes back at once: a pause before the next.
+                    tokio::time::sleep_until(until.min(now + REPAIR_PAUSE)).await;
+                }
+                Err(_) => tracing::warn!(%stream, attempt, "history gap not read in time"),
+            }
+        }
+        None
+    }
+
+    /// The gap of `stream` could not be read: its opted-in clients here
+    /// are closed with `{"reason":"history_gap","retry_ms":N}`, so they
+    /// resume from their own positions (the resume reads history again, and
+    /// says `recovered: false` if it cannot), never a silent gap. The held
+    /// pushes then go to the others, who get pushes at most once anyway.
+    fn give_up_repair(&self, stream: &str, repair: u64) {
+        let ids = if stream == ALL_STREAM {
+            self.hub.client_ids()
+        } else if let Some(uid) = stream.strip_prefix("u:") {
+            self.hub.client_ids_by_uid(uid)
+        } else if let Some(group) = stream.strip_prefix("g:") {
+            self.hub.group_client_ids(group)
+        } else {
+            Vec::new()
+        };
+        let mut closed = 0;
+        for id in ids {
+            if self.hub.framed_member(id, stream).is_none() {
+                continue;
+            }
+            let retry_ms = jitter_ms(GAP_RETRY_FROM, self.settings.reconnect_window);
+            let reason = retry_reason("history_gap", retry_ms);
+            if self.hub.close_if_open(id, close_code::GOING_AWAY, &reason) {
+                closed += 1;
+            }
+        }
+        self.metrics.history_gap_unrepaired.inc();
+        tracing::warn!(
+            %stream,
+            closed,
+            "history gap not read back: closing the stream's opted-in clients here to resume from their positions"
+        );
+        self.finish_repair(stream, repair, Vec::new());
     }
 
     /// Delivers the gap's entries then the held pushes, in offset order,
