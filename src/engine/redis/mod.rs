@@ -550,6 +550,10 @@ impl Engine for RedisEngine {
         self.shared.client_ids_by_uid(&uid).await
     }
 
+    async fn is_uid_online(&self, uid: String) -> EngineResult<bool> {
+        self.shared.is_uid_online(&uid).await
+    }
+
     async fn group_client_ids(&self, group: String) -> EngineResult<Vec<ClientId>> {
         self.shared.group_client_ids(&group).await
     }
