@@ -238,6 +238,7 @@ impl RedisEngine {
         shared.gaps.set_runtime(tokio::runtime::Handle::current());
         dispatch::start(&shared, inbox.clone())
             .map_err(|e| format!("cannot start the dispatcher threads: {e}"))?;
+        dispatch::set_direct(&shared, &inbox);
         let (fatal, stop) = (&shared.fatal, &shared.stop);
         spawn_critical(
             "registration",
