@@ -14,7 +14,8 @@
 //!   connections of its own into a bounded [`inbox`], and stops reading
 //!   while it is full (back-pressure, never a drop). One thread, the
 //!   [`dispatch`]er, takes every message and delivers it without waiting on
-//!   anything, this node's own channel first.
+//!   anything, this node's own channel first; a reader handles a message of
+//!   a uid, node or reply channel itself when nothing is queued before it.
 //! - Ownership: a membership change for a client on another node is a
 //!   command to that node ([`rpc`]), answered once mirrored
 //!   ([`membership`]).
