@@ -71,7 +71,9 @@ for r in $(seq "$REPEATS"); do
     for part in $PARTS; do
       case $part in
         max)
-          # Its own Redis and ports: side-by-side.sh starts both.
+          # Its own Redis and ports: side-by-side.sh starts both, and
+          # refuses to start while the last one's Redis is still stopping.
+          for _ in $(seq 50); do redis-cli -p $((RPORT + 1)) ping >/dev/null 2>&1 || break; sleep 0.1; done
           GC=$bin GATECAST_WRITE_DELAY=$delay SETUPS="limit gc-redis1" SCENARIOS=broadcast REPEATS=1 \
             RATIOS="gc-redis1/limit" PORT_BASE=$((PORT_BASE + 20)) RPORT=$((RPORT + 1)) NET=$(( net % 200 + 1 )) \
             LIMIT=${LIMIT:-bench/peers/limit/target/release/limit-server} BENCH=$BENCH \
