@@ -88,6 +88,10 @@ pub struct Metrics {
     pub redis_write_failures: Counter,
     /// Pub/sub messages received from Redis.
     pub pubsub_received: Counter,
+    /// Of those, handled by the subscriber's reader itself, without the
+    /// dispatcher thread (issue 33: uid, node and reply channels while
+    /// the inbox is idle).
+    pub pubsub_direct: Counter,
     /// Pub/sub messages that could not be decoded and were skipped.
     pub pubsub_malformed: Counter,
     /// Gaps in a stream's offsets this node read back from history
@@ -219,6 +223,7 @@ impl Metrics {
             redis_reconnects: Counter::default(),
             redis_write_failures: Counter::default(),
             pubsub_received: Counter::default(),
+            pubsub_direct: Counter::default(),
             pubsub_malformed: Counter::default(),
             history_gap_repairs: Counter::default(),
             history_gap_unrepaired: Counter::default(),
@@ -333,6 +338,11 @@ impl Metrics {
             "pubsub_received",
             "Pub/sub messages received from Redis",
             m.pubsub_received.clone(),
+        );
+        r.register(
+            "pubsub_direct",
+            "Pub/sub messages handled by the subscriber's reader without the dispatcher thread (uid, node and reply channels while nothing is queued)",
+            m.pubsub_direct.clone(),
         );
         r.register(
             "pubsub_malformed",

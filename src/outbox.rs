@@ -123,13 +123,31 @@ impl Outbox {
         limits: &Limits,
         admits: impl FnOnce() -> bool,
     ) -> Result<bool, Overflow> {
+        let (queued, wake) = self.push_held(frame, limits, admits)?;
+        if wake {
+            self.wake();
+        }
+        Ok(queued)
+    }
+
+    /// [`push_if`](Self::push_if) without waking the writer: returns
+    /// whether the frame was queued and whether the writer needs a wake-up
+    /// (the queue was empty), which the caller then makes with
+    /// [`wake_writer`](Self::wake_writer), now or a moment later
+    /// (`--write-delay`). An overflow still wakes it at once, to close.
+    pub fn push_held(
+        &self,
+        frame: Bytes,
+        limits: &Limits,
+        admits: impl FnOnce() -> bool,
+    ) -> Result<(bool, bool), Overflow> {
         let mut state = self.state.lock();
         if !admits() {
-            return Ok(false);
+            return Ok((false, false));
         }
         if state.close.is_some() {
             // Closing: what is pushed now would never be read.
-            return Ok(false);
+            return Ok((false, false));
         }
         let too_many = state.frames.len() >= limits.frames;
         let too_big =
@@ -152,10 +170,12 @@ impl Outbox {
         drop(state);
         // The writer drains until empty before it waits again, so only the
         // empty -> non-empty transition needs a wake-up.
-        if was_empty {
-            self.wake();
-        }
-        Ok(true)
+        Ok((true, was_empty))
+    }
+
+    /// Wakes the writer for frames [`push_held`](Self::push_held) queued.
+    pub fn wake_writer(&self) {
+        self.wake();
     }
 
     /// Asks the writer to close the connection, after the frames already
@@ -228,6 +248,12 @@ impl Outbox {
     fn wake(&self) {
         self.flags.fetch_or(WOKEN, Ordering::Release);
         self.waker.wake();
+    }
+
+    /// Whether the writer was woken since it last looked (tests).
+    #[cfg(test)]
+    pub(crate) fn was_woken(&self) -> bool {
+        self.flags.load(Ordering::Acquire) & WOKEN != 0
     }
 
     fn take_woken(&self) -> bool {

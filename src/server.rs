@@ -171,8 +171,12 @@ pub async fn run_with(
             bytes: config.client_queue_bytes,
         })
         .with_max_session_bytes(config.max_session_bytes)
-        .with_push_latency(metrics.push_latency()),
+        .with_push_latency(metrics.push_latency())
+        .with_write_delay(config.write_delay),
     );
+    if let Some(held) = hub.held_wakes() {
+        tokio::spawn(held.clone().run());
+    }
     let history = crate::recovery::history::HistorySettings::new(
         config.history_size,
         config.history_ttl,

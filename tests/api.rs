@@ -23,6 +23,7 @@ engine_suite!(
     offline_client_ids_are_no_ops,
     batch_runs_commands_in_order,
     a_burst_of_many_pushes_arrives_whole_and_in_order,
+    is_uid_online_is_exact_on_every_node_and_local_answers_skip_redis,
 );
 
 // The same suite on Sentinel and on Redis Cluster (every key and channel
@@ -241,6 +242,81 @@ async fn uid_binding_and_queries(engine: Engine) {
         json!(null)
     );
     assert_eq!(api.ok("is_uid_online", json!({"uid": "u2"})).await, false);
+}
+
+/// Reads of membership sets Redis served so far (`INFO commandstats`):
+/// what a cluster-wide uid query costs per other node.
+fn set_reads(redis: &common::redis::RedisServer) -> u64 {
+    redis
+        .cli(&["INFO", "commandstats"])
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?;
+            let read = ["smembers", "scard", "exists", "sismember"].contains(&name);
+            read.then(|| calls.parse::<u64>().ok()).flatten()
+        })
+        .sum()
+}
+
+/// `is_uid_online` answers exactly on every node, whether the uid is bound
+/// on the node asked, on another node, on none, or was just unbound or
+/// left; and a node that holds the uid answers from memory (issue 33: it
+/// read the node set and every other node's member set of the uid, three
+/// reads per call with three nodes, even then).
+async fn is_uid_online_is_exact_on_every_node_and_local_answers_skip_redis(engine: Engine) {
+    let c = Cluster::start(engine, &[]).await;
+    let a = c.client().await;
+    let api = c.api();
+    let online = |uid: &'static str| {
+        let nodes = &c.nodes;
+        async move {
+            let mut answers = Vec::new();
+            for node in nodes {
+                answers.push(node.ok("is_uid_online", json!({ "uid": uid })).await);
+            }
+            answers
+        }
+    };
+    let everywhere = |b: bool| vec![json!(b); c.nodes.len()];
+    assert_eq!(online("u").await, everywhere(false), "bound nowhere");
+    api.ok("bind_uid", json!({"client_id": a.id, "uid": "u"}))
+        .await;
+    // Asked on the node holding it, and (Redis) on the two that do not.
+    assert_eq!(online("u").await, everywhere(true), "bound on one node");
+    assert_eq!(online("other").await, everywhere(false), "another uid");
+    if let Some(redis) = &c.redis {
+        let holder = c.client_node();
+        let before = set_reads(redis);
+        for _ in 0..50 {
+            assert_eq!(holder.ok("is_uid_online", json!({"uid": "u"})).await, true);
+        }
+        let reads = set_reads(redis) - before;
+        // 150 before (SMEMBERS of the node set and of 2 partitions per
+        // call); what is left is the nodes' other work meanwhile.
+        assert!(
+            reads < 25,
+            "50 calls on the node holding the uid read Redis {reads} times"
+        );
+        // The others still ask Redis, and see it.
+        let before = set_reads(redis);
+        assert_eq!(api.ok("is_uid_online", json!({"uid": "u"})).await, true);
+        assert!(set_reads(redis) > before, "another node asked Redis");
+    }
+    // Just unbound (through another node): false everywhere at once.
+    api.ok("unbind_uid", json!({"client_id": a.id, "uid": "u"}))
+        .await;
+    assert_eq!(online("u").await, everywhere(false), "just unbound");
+    // Bound again, then the client leaves.
+    api.ok("bind_uid", json!({"client_id": a.id, "uid": "u"}))
+        .await;
+    assert_eq!(online("u").await, everywhere(true), "bound again");
+    a.close().await;
+    eventually(
+        "the uid is offline on every node once its client left",
+        || async { online("u").await == everywhere(false) },
+    )
+    .await;
 }
 
 async fn group_membership_and_queries(engine: Engine) {

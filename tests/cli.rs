@@ -71,6 +71,7 @@ fn help_lists_every_option_with_its_environment_variable() {
         ),
         ("--trusted-proxies", "GATECAST_TRUSTED_PROXIES"),
         ("--client-queue-bytes", "GATECAST_CLIENT_QUEUE_BYTES"),
+        ("--write-delay", "GATECAST_WRITE_DELAY"),
         ("--ping-interval", "GATECAST_PING_INTERVAL"),
         ("--ping-timeout", "GATECAST_PING_TIMEOUT"),
         ("--message-timeout", "GATECAST_MESSAGE_TIMEOUT"),
@@ -141,6 +142,13 @@ fn options_come_from_the_environment_and_bad_values_are_refused() {
         .output_within(WAIT);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--ping-interval"));
+
+    // A write delay is a moment, not a schedule.
+    let out = gatecast()
+        .env("GATECAST_WRITE_DELAY", "1s")
+        .output_within(WAIT);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--write-delay"));
 
     // Two nodes cannot share an inner port: the second fails fast.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

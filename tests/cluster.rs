@@ -585,3 +585,76 @@ async fn the_purge_lease_holder_killed_mid_lease_is_purged_within_3_heartbeats()
     .await;
     assert_eq!(api.ok("get_all_client_count", json!({})).await, 2);
 }
+
+/// Pushes to a uid or a client arriving from Redis while the inbox is
+/// idle are handled by the subscriber's reader itself, one thread
+/// hand-off less (issue 33, `gatecast_pubsub_direct_total`); group and
+/// `all` pushes go through the dispatcher thread. Mixed in one pipelined
+/// burst on one channel order after another, every push still arrives
+/// once and in Redis's order: a cheap message never overtakes one queued
+/// before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uid_and_client_pushes_skip_the_dispatcher_and_keep_redis_order() {
+    let c = three_nodes().await;
+    let mut a = Client::connect(&c.nodes[0].ws_url("")).await;
+    let api = &c.nodes[2];
+    api.ok("bind_uid", json!({"client_id": a.id, "uid": "u"}))
+        .await;
+    api.ok("join_group", json!({"client_id": a.id, "group": "g"}))
+        .await;
+    let node = &c.nodes[0];
+    let direct = || async {
+        metric(
+            &node.get_text("/metrics").await,
+            "gatecast_pubsub_direct_total",
+        )
+    };
+    // One at a time: each finds the inbox idle.
+    let before = direct().await;
+    for n in 0..5 {
+        api.ok(
+            "send_to_uid",
+            json!({"uid": "u", "data": format!("uid {n}")}),
+        )
+        .await;
+        a.expect_text(&format!("uid {n}")).await;
+    }
+    api.ok(
+        "send_to_client",
+        json!({"client_id": a.id, "data": "client"}),
+    )
+    .await;
+    a.expect_text("client").await;
+    assert!(
+        direct().await - before >= 6.0,
+        "pushes to a uid and a client went through the dispatcher thread"
+    );
+    // A burst mixing the channels, written back to back.
+    let redis = c.redis.as_ref().unwrap();
+    let fred = Builder::from_config(Config::from_url(&redis.url()).unwrap())
+        .build()
+        .unwrap();
+    fred.init().await.unwrap();
+    let channels = [
+        "gatecast:group:g".to_owned(),
+        "gatecast:uid:u".to_owned(),
+        format!("gatecast:node:{}", &a.id[..12]),
+        "gatecast:all".to_owned(),
+    ];
+    let pipeline = fred.pipeline();
+    for n in 0..400 {
+        let mut push = Envelope::new(Op::Push);
+        push.data = Some(format!("burst {n}").into());
+        if n % 4 == 2 {
+            push.client_ids = vec![a.id.clone()];
+        }
+        let _: () = pipeline
+            .publish(channels[n % 4].as_str(), push.encode())
+            .await
+            .unwrap();
+    }
+    let _: Vec<i64> = pipeline.all().await.unwrap();
+    for n in 0..400 {
+        a.expect_text(&format!("burst {n}")).await;
+    }
+}

@@ -27,6 +27,7 @@ engine_suite!(
     jwt_is_required_and_checked_when_a_secret_is_set,
     jwt_claims_bind_uid_groups_and_session,
     rs256_and_es256_tokens_with_a_public_key,
+    a_write_delay_sends_the_pushes_of_a_moment_in_one_write,
 );
 
 // The same on Sentinel and on Redis Cluster.
@@ -61,6 +62,65 @@ fn hs256(secret: &str, claims: &Value) -> String {
         &EncodingKey::from_secret(secret.as_bytes()),
     )
     .unwrap()
+}
+
+/// Data segments the client's socket received so far (`tcpi_data_segs_in`
+/// of TCP_INFO): over loopback, with Nagle off on the node, one per write
+/// of the node's.
+fn data_segments_in(client: &mut Client) -> u32 {
+    use std::os::fd::AsRawFd;
+    let fd = match client.stream().get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp) => tcp.as_raw_fd(),
+        _ => panic!("a plain TCP client"),
+    };
+    // struct tcp_info (linux/tcp.h): tcpi_data_segs_in is the u32 at 152.
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    let got = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert!(got == 0 && len >= 160, "TCP_INFO: {got}, {len} bytes");
+    u32::from_ne_bytes(info[152..156].try_into().unwrap())
+}
+
+/// `--write-delay`: the pushes that reach a connection within the delay
+/// go out in one write, whole and in order. With Redis they come through
+/// another node's API, one PUBLISH after another, so the Redis engine's
+/// path holds the wake-ups as the API's local fan-out does. Counted as the
+/// TCP data segments the client received: 20 pushes through Redis, each
+/// written at once, came as ~20; held for 100ms they come in one write per
+/// flush the batch spans (a loaded machine spreads it over more).
+async fn a_write_delay_sends_the_pushes_of_a_moment_in_one_write(engine: Engine) {
+    let c = Cluster::start(engine, &["--write-delay", "100ms"]).await;
+    let mut a = c.client().await;
+    let commands: Vec<Value> = (0..20)
+        .map(|i| {
+            json!({"method": "send_to_client",
+                   "params": {"client_id": a.id, "data": format!("m{i}")}})
+        })
+        .collect();
+    let (before, started) = (data_segments_in(&mut a), std::time::Instant::now());
+    let (status, _) = c.api().call("batch", json!({ "commands": commands })).await;
+    assert_eq!(status, 200);
+    for i in 0..20 {
+        a.expect_text(&format!("m{i}")).await;
+    }
+    let writes = data_segments_in(&mut a) - before;
+    let flushes = started.elapsed().as_millis() as u32 / 100 + 1;
+    eprintln!("20 pushes: {writes} segments, within {flushes} write delays");
+    assert!(
+        writes <= 2 * flushes,
+        "20 pushes within {flushes} write delays came in {writes} segments"
+    );
+    // Pongs are not held.
+    a.send_text(r#"{"type":"ping"}"#).await;
+    a.expect_text(r#"{"type":"pong"}"#).await;
 }
 
 async fn text_ping_is_answered_with_text_pong(engine: Engine) {

@@ -157,13 +157,37 @@ impl Books {
     }
 }
 
+/// What `throughput` pushes.
+pub struct Shape {
+    /// Groups; 0: every push to all.
+    pub groups: usize,
+    /// Clients per group (or in all).
+    pub group_size: usize,
+    /// Pushes per group (or in all).
+    pub pushes: usize,
+    /// Payload bytes.
+    pub size: usize,
+    /// Pushes per second on a fixed schedule; 0: as fast as the callers go.
+    pub rate: u64,
+}
+
 /// Pushes to groups (`groups` > 0, `group_size` clients each) or to all
 /// (`groups` = 0, `group_size` clients): `pushes` per group (or in all),
-/// `size` bytes each, round robin over the groups. Each payload starts with
-/// the push's number, so the readers know when a push has reached every
-/// recipient (its latency; a place free in the window). Prints one JSON
-/// line.
-pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usize, size: usize) {
+/// `size` bytes each, round robin over the groups, at `rate` a second if
+/// given. Each payload starts with the push's number, so the readers know
+/// when a push has reached every recipient (its latency; a place free in
+/// the window). Prints one JSON line.
+pub async fn throughput(t: Target, shape: Shape) {
+    let Shape {
+        groups,
+        group_size,
+        pushes,
+        size,
+        rate,
+    } = shape;
+    if rate > 0 && t.mode == Mode::Batch {
+        exit("--rate schedules single pushes: not with --mode batch");
+    }
     if t.window > 0 && t.mode == Mode::Batch {
         exit("--window counts single pushes: not with --mode batch");
     }
@@ -223,6 +247,10 @@ pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usi
                     let (pusher, books, sent, stalled) = (&pusher, &books, &sent, &stalled);
                     let (to, data) = push_of(n);
                     async move {
+                        if rate > 0 {
+                            let due = started + Duration::from_secs_f64(n as f64 / rate as f64);
+                            tokio::time::sleep_until(due.into()).await;
+                        }
                         if stalled.load(Ordering::Relaxed) {
                             return;
                         }
@@ -306,6 +334,7 @@ pub async fn throughput(t: Target, groups: usize, group_size: usize, pushes: usi
             "mode": format!("{:?}", t.mode).to_lowercase(),
             "via": format!("{:?}", t.via).to_lowercase(),
             "window": t.window,
+            "rate": rate,
             "callers": t.callers,
             "apis": t.api.len(),
             "nodes": t.addrs.len(),

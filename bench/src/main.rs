@@ -140,6 +140,11 @@ enum Cmd {
         /// Payload size in bytes.
         #[arg(long, default_value_t = 100)]
         size: usize,
+        /// Pushes per second, sent on a fixed schedule (a push whose
+        /// time came while every caller was busy goes when one frees up,
+        /// and its latency counts from then); 0: as fast as the callers go.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
     /// Many clients held over several nodes, each bound to a uid and in a
     /// few groups; times stamped pushes per tag, reports on SIGUSR1
@@ -176,6 +181,11 @@ enum Cmd {
         /// Payload size in bytes.
         #[arg(long, default_value_t = 100)]
         size: usize,
+        /// Pushes per second, sent on a fixed schedule (a push whose
+        /// time came while every caller was busy goes when one frees up,
+        /// and its latency counts from then); 0: as fast as the callers go.
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
     },
     /// Latency of pushes to uids at a fixed rate (the send time travels in
     /// the payload).
@@ -217,13 +227,33 @@ async fn main() {
             groups,
             pushes,
             size,
-        } => deliver::throughput(target.target(), groups.max(1), group_size, pushes, size).await,
+            rate,
+        } => {
+            let shape = deliver::Shape {
+                groups: groups.max(1),
+                group_size,
+                pushes,
+                size,
+                rate,
+            };
+            deliver::throughput(target.target(), shape).await
+        }
         Cmd::Broadcast {
             target,
             clients,
             pushes,
             size,
-        } => deliver::throughput(target.target(), 0, clients, pushes, size).await,
+            rate,
+        } => {
+            let shape = deliver::Shape {
+                groups: 0,
+                group_size: clients,
+                pushes,
+                size,
+                rate,
+            };
+            deliver::throughput(target.target(), shape).await
+        }
         Cmd::Unicast {
             target,
             clients,

@@ -321,7 +321,7 @@ pub async fn call(gw: &Gateway, method: &str, params: Value) -> Result<Value, Ap
         }
         "is_uid_online" => {
             let p: UidParam = parse(params)?;
-            json!(!engine.client_ids_by_uid(p.uid.0).await?.is_empty())
+            json!(engine.is_uid_online(p.uid.0).await?)
         }
         "get_client_id_by_uid" => {
             let p: UidParam = parse(params)?;

@@ -277,6 +277,10 @@ impl Engine for MemoryEngine {
         Ok(self.hub.client_ids_by_uid(&uid))
     }
 
+    async fn is_uid_online(&self, uid: String) -> EngineResult<bool> {
+        Ok(self.hub.has_uid(&uid))
+    }
+
     async fn group_client_ids(&self, group: String) -> EngineResult<Vec<ClientId>> {
         Ok(self.hub.group_client_ids(&group))
     }

@@ -95,6 +95,10 @@ pub trait Engine: Send + Sync + 'static {
     async fn session_of(&self, id: ClientId) -> EngineResult<Option<Session>>;
     /// The connections bound to `uid`.
     async fn client_ids_by_uid(&self, uid: String) -> EngineResult<Vec<ClientId>>;
+    /// Whether any connection, on any node, is bound to `uid`.
+    async fn is_uid_online(&self, uid: String) -> EngineResult<bool> {
+        Ok(!self.client_ids_by_uid(uid).await?.is_empty())
+    }
     /// The members of `group`.
     async fn group_client_ids(&self, group: String) -> EngineResult<Vec<ClientId>>;
     /// How many members `group` has.

@@ -3,12 +3,13 @@
 
 use std::cell::OnceCell;
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{Hub, Local};
+use super::{HeldWakes, Hub, Local};
 use crate::ids::ClientId;
-use crate::outbox::Limits;
+use crate::outbox::{Limits, Outbox};
 use crate::push::{Delivered, Push, Target};
 use crate::push_latency::{self, Accepted, Probe, PushLatency};
 use crate::recovery::framing::{self, PositionRef};
@@ -209,6 +210,10 @@ struct Sender<'a> {
     probes: [(Option<Probe>, usize); 2],
     /// Both variants are one frame (see [`Sender::variant`]).
     one_frame: bool,
+    /// `--write-delay`: where the writers' wake-ups go, and those of this
+    /// push, handed over at once when it is done.
+    held_wakes: Option<&'a HeldWakes>,
+    to_wake: Vec<Arc<Outbox>>,
 }
 
 impl<'a> Sender<'a> {
@@ -225,6 +230,8 @@ impl<'a> Sender<'a> {
             accepted: push_latency::current(),
             probes: [(None, 0); 2],
             one_frame: false,
+            held_wakes: hub.held_wakes().map(|h| &**h),
+            to_wake: Vec::new(),
         }
     }
 
@@ -264,7 +271,19 @@ impl<'a> Sender<'a> {
         // Not one already given by this connection's replay: checked under
         // the outbox's lock, where the replay sets it (history::replay).
         let admits = || position.is_none_or(|p| replays.admits(id, p));
-        match local.outbox.push_if(frame, self.limits, admits) {
+        let pushed = match self.held_wakes {
+            None => local.outbox.push_if(frame, self.limits, admits),
+            Some(_) => local
+                .outbox
+                .push_held(frame, self.limits, admits)
+                .map(|(queued, wake)| {
+                    if wake {
+                        self.to_wake.push(local.outbox.clone());
+                    }
+                    queued
+                }),
+        };
+        match pushed {
             Ok(queued) => {
                 self.out.queued += 1;
                 // A probe waits only for the writes that will happen.
@@ -277,6 +296,9 @@ impl<'a> Sender<'a> {
 
 impl Drop for Sender<'_> {
     fn drop(&mut self) {
+        if let Some(held) = self.held_wakes {
+            held.hold(&mut self.to_wake);
+        }
         let [(plain, plain_n), (framed, framed_n)] = self.probes;
         if self.one_frame {
             if let Some(probe) = plain.or(framed) {

@@ -26,9 +26,11 @@ use crate::session::{self, Session, SessionError};
 
 mod fanout;
 mod sweep;
+mod wakes;
 
 pub use fanout::Frames;
 pub use sweep::Pings;
+pub use wakes::HeldWakes;
 
 /// One local connection's state.
 #[derive(Debug)]
@@ -81,6 +83,9 @@ pub struct Hub {
     /// Push-to-frame probes: frames registered at fan-out, measured by
     /// the writers.
     pub push_latency: crate::push_latency::PushLatency,
+    /// `--write-delay`: writers' wake-ups held and made together; `None`
+    /// when off.
+    held_wakes: Option<Arc<HeldWakes>>,
 }
 
 /// A connection with an unfinished client message (see [`Hub::incomplete`]).
@@ -105,7 +110,20 @@ impl Hub {
             replays: Arc::default(),
             inner_pushes: Default::default(),
             push_latency: Default::default(),
+            held_wakes: None,
         }
+    }
+
+    /// This hub, holding its fan-outs' wake-ups of writers for `delay`
+    /// (`--write-delay`; 0: off). [`HeldWakes::run`] must then run.
+    pub fn with_write_delay(mut self, delay: Duration) -> Self {
+        self.held_wakes = (!delay.is_zero()).then(|| Arc::new(HeldWakes::new(delay)));
+        self
+    }
+
+    /// The held wake-ups, when `--write-delay` is on.
+    pub fn held_wakes(&self) -> Option<&Arc<HeldWakes>> {
+        self.held_wakes.as_ref()
     }
 
     /// This hub, measuring push-to-frame latency into `probes`' histograms.

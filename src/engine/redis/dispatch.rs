@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use super::envelope::{peek_origin, EnvelopeRef, Op};
 use super::history::Gate;
-use super::inbox::{Batch, Inbox};
+use super::inbox::{Batch, Direct, Inbox};
 use super::keys::Channel;
 use super::membership::Change;
 use super::Shared;
@@ -35,6 +35,42 @@ pub fn start(s: &Arc<Shared>, inbox: Arc<Inbox>) -> std::io::Result<()> {
     spawn_critical_thread("gatecast-dispatch", &s.fatal, &s.stop, move || {
         dispatch_all(&shared, &inbox)
     })
+}
+
+/// Lets the subscriber's readers handle the messages of uid, node and
+/// reply channels themselves while the inbox is idle: a push to a uid or
+/// a client from another node, and a reply to this node's command, then
+/// go from the reader's task straight to the connection's (on the same
+/// worker thread) instead of through this thread. Group and `all`
+/// channels, which may reach every connection, stay on this thread.
+pub fn set_direct(s: &Arc<Shared>, inbox: &Inbox) {
+    inbox.set_direct(Box::new(Inline {
+        keys: s.keys.clone(),
+        shared: Arc::downgrade(s),
+    }));
+}
+
+/// [`set_direct`]'s handler; `Weak`: the inbox is the shared state's.
+struct Inline {
+    keys: super::keys::Keys,
+    shared: std::sync::Weak<Shared>,
+}
+
+impl Direct for Inline {
+    fn cheap(&self, channel: &[u8]) -> bool {
+        let channel = std::str::from_utf8(channel).ok();
+        matches!(
+            channel.and_then(|c| self.keys.parse_channel(c)),
+            Some(Channel::Uid(_) | Channel::Node(_) | Channel::Reply(_))
+        )
+    }
+
+    fn handle(&self, channel: &[u8], payload: &[u8]) {
+        if let Some(s) = self.shared.upgrade() {
+            s.metrics.pubsub_direct.inc();
+            s.on_message(channel, payload);
+        }
+    }
 }
 
 fn dispatch_all(s: &Arc<Shared>, inbox: &Inbox) {

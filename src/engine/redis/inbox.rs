@@ -14,6 +14,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -56,6 +57,17 @@ pub struct Message {
     cost: u32,
 }
 
+/// Handles a message on the subscriber connection's own task, when it is
+/// cheap and nothing is queued before it (see [`Inbox::set_direct`]).
+pub trait Direct: Send + Sync {
+    /// Whether a message on `channel` reaches few connections (a uid's,
+    /// this node's or its reply channel), so handling it on the reader's
+    /// task holds that task for no longer than a read.
+    fn cheap(&self, channel: &[u8]) -> bool;
+    /// Handles it, as the dispatcher would.
+    fn handle(&self, channel: &[u8], payload: &[u8]);
+}
+
 /// The two lanes and their budgets.
 pub struct Inbox {
     state: Mutex<State>,
@@ -64,6 +76,8 @@ pub struct Inbox {
     bulk: Semaphore,
     /// Times a connection had to wait on a full lane (see `behind`).
     waits: AtomicU64,
+    /// Cheap messages handled by their reader when the inbox is idle.
+    direct: OnceLock<Box<dyn Direct>>,
 }
 
 #[derive(Default)]
@@ -71,6 +85,9 @@ struct State {
     control: VecDeque<Message>,
     bulk: VecDeque<Message>,
     closed: bool,
+    /// Messages are being handled (a batch by the dispatcher, or one by
+    /// its reader): nothing else may start, so order is kept.
+    busy: bool,
 }
 
 impl Default for Inbox {
@@ -81,6 +98,7 @@ impl Default for Inbox {
             control: Semaphore::new(CONTROL_BYTES),
             bulk: Semaphore::new(BULK_BYTES),
             waits: AtomicU64::new(0),
+            direct: OnceLock::new(),
         }
     }
 }
@@ -103,9 +121,49 @@ impl Inbox {
         }
     }
 
+    /// Lets readers handle cheap messages themselves while nothing is
+    /// queued or being handled: one thread hand-off less (reader task to
+    /// dispatcher thread) on the path of a push to a uid or a client, and
+    /// of a reply (issue 33, cross-node latency). Set once.
+    pub fn set_direct(&self, direct: Box<dyn Direct>) {
+        let _ = self.direct.set(direct);
+    }
+
+    /// Handles the message on the caller's task if it is cheap and the
+    /// inbox is idle (empty, nothing being handled); false if it must be
+    /// queued.
+    fn try_direct(&self, channel: &[u8], payload: &[u8]) -> bool {
+        let Some(direct) = self.direct.get() else {
+            return false;
+        };
+        if !direct.cheap(channel) {
+            return false;
+        }
+        {
+            let mut state = self.state.lock();
+            let idle = !state.busy && state.control.is_empty() && state.bulk.is_empty();
+            if !idle || state.closed {
+                return false;
+            }
+            state.busy = true;
+        }
+        direct.handle(channel, payload);
+        let mut state = self.state.lock();
+        state.busy = false;
+        let queued = !state.control.is_empty() || !state.bulk.is_empty();
+        drop(state);
+        if queued {
+            // Queued meanwhile, behind this one: the dispatcher's turn.
+            self.ready.notify_one();
+        }
+        true
+    }
+
     /// Adds a message, waiting while its lane is full. `behind` is true
     /// while it waits (the connection's probe then knows a silence is this
-    /// node's doing, not Redis's). Returns whether it had to wait.
+    /// node's doing, not Redis's). Returns whether it had to wait. A cheap
+    /// message is handled at once instead when the inbox is idle (see
+    /// [`Inbox::set_direct`]).
     pub async fn push(
         &self,
         lane: Lane,
@@ -113,6 +171,9 @@ impl Inbox {
         payload: Bytes,
         behind: &AtomicBool,
     ) -> bool {
+        if self.try_direct(&channel, &payload) {
+            return false;
+        }
         let (budget, most) = self.budget(lane);
         // A message larger than the whole lane still goes through, alone.
         let cost = (MESSAGE_OVERHEAD + channel.len() + payload.len()).min(most) as u32;
@@ -177,7 +238,9 @@ impl Inbox {
     pub fn take(&self, batch: &mut Batch, idle_after: Duration, mut idle: impl FnMut()) -> bool {
         let mut state = self.state.lock();
         let mut idled = false;
-        while state.control.is_empty() && state.bulk.is_empty() && !state.closed {
+        // Also while a reader handles a message itself: what was queued
+        // meanwhile comes after it.
+        while (state.busy || (state.control.is_empty() && state.bulk.is_empty())) && !state.closed {
             if idled {
                 self.ready.wait(&mut state);
             } else if self.ready.wait_for(&mut state, idle_after).timed_out() {
@@ -188,6 +251,7 @@ impl Inbox {
         if state.closed {
             return false;
         }
+        state.busy = true;
         for message in state.control.drain(..) {
             batch.control_cost += message.cost as usize;
             batch.messages.push(message);
@@ -211,6 +275,7 @@ impl Inbox {
     /// read on.
     pub fn release(&self, batch: &mut Batch) {
         batch.messages.clear();
+        self.state.lock().busy = false;
         self.control
             .add_permits(std::mem::take(&mut batch.control_cost));
         self.bulk.add_permits(std::mem::take(&mut batch.bulk_cost));

@@ -14,7 +14,8 @@
 //!   connections of its own into a bounded [`inbox`], and stops reading
 //!   while it is full (back-pressure, never a drop). One thread, the
 //!   [`dispatch`]er, takes every message and delivers it without waiting on
-//!   anything, this node's own channel first.
+//!   anything, this node's own channel first; a reader handles a message of
+//!   a uid, node or reply channel itself when nothing is queued before it.
 //! - Ownership: a membership change for a client on another node is a
 //!   command to that node ([`rpc`]), answered once mirrored
 //!   ([`membership`]).
@@ -238,6 +239,7 @@ impl RedisEngine {
         shared.gaps.set_runtime(tokio::runtime::Handle::current());
         dispatch::start(&shared, inbox.clone())
             .map_err(|e| format!("cannot start the dispatcher threads: {e}"))?;
+        dispatch::set_direct(&shared, &inbox);
         let (fatal, stop) = (&shared.fatal, &shared.stop);
         spawn_critical(
             "registration",
@@ -549,6 +551,10 @@ impl Engine for RedisEngine {
 
     async fn client_ids_by_uid(&self, uid: String) -> EngineResult<Vec<ClientId>> {
         self.shared.client_ids_by_uid(&uid).await
+    }
+
+    async fn is_uid_online(&self, uid: String) -> EngineResult<bool> {
+        self.shared.is_uid_online(&uid).await
     }
 
     async fn group_client_ids(&self, group: String) -> EngineResult<Vec<ClientId>> {

@@ -188,6 +188,25 @@ impl Shared {
         Ok(ids)
     }
 
+    /// Whether `uid` is bound anywhere: a uid bound here is answered from
+    /// the hub without asking Redis (issue 33: every node's member set was
+    /// read even then); otherwise the other nodes' sets are counted (SCARD,
+    /// not their members).
+    pub(super) async fn is_uid_online(&self, uid: &str) -> EngineResult<bool> {
+        if self.hub.has_uid(uid) {
+            // As every uid query: once its subscription matches the hub, so
+            // a push sent next through another node reaches it (free when
+            // settled, the common case).
+            self.settled(Follow::Uid(uid.to_owned())).await?;
+            return Ok(true);
+        }
+        let c = &self.redis.client;
+        let counts: Vec<u64> = self
+            .per_node(suffix::UID_MEMBERS, uid, |k| c.scard(k))
+            .await?;
+        Ok(counts.iter().any(|n| *n > 0))
+    }
+
     pub(super) async fn group_client_ids(&self, group: &str) -> EngineResult<Vec<ClientId>> {
         self.settled(Follow::Group(group.to_owned())).await?;
         let mut ids = self.hub.group_client_ids(group);
