@@ -734,6 +734,94 @@ async fn a_gap_history_cannot_be_read_for_closes_opted_in_clients_to_resume() {
     );
 }
 
+/// A gap older than the history is not passed silently either. With one
+/// push kept per stream, node A loses two pushes while its Redis is
+/// paused (a 60 KB push past the pub/sub output limit drops its
+/// subscriber, then one more push trims the first from history); once
+/// back, A reads back only the second, sees the hole, and closes its
+/// opted-in client with 1001 before anything past the hole reaches it.
+/// The client's resume on B is told `recovered: false`. Before, A
+/// delivered the second push after the first as if nothing was missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_older_than_the_history_closes_opted_in_clients_to_resume() {
+    let redis = RedisServer::start();
+    let proxy = Proxy::start(redis.port).await;
+    let proxied = proxy.url();
+    let a = Node::start(&[
+        "--redis-url",
+        proxied.as_str(),
+        "--client-jwt-secret",
+        SECRET,
+        "--history-streams",
+        "u:",
+        "--history-size",
+        "1",
+    ]);
+    let b = redis_node(&redis, &["--history-streams", "u:", "--history-size", "1"]);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut c = connect(&a, "ida", &[], None).await;
+    online(&b, "ida").await;
+    send_uid(&b, "ida", "one").await;
+    let one = push(&mut c).await;
+    assert_eq!(one.offset(), 1);
+
+    let subscribers = || {
+        redis
+            .cli(&["CLIENT", "LIST", "TYPE", "pubsub"])
+            .lines()
+            .count()
+    };
+    let before = subscribers();
+    proxy.set(false, false);
+    redis.cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 32768 32768 0",
+    ]);
+    send_uid(&b, "ida", &"x".repeat(60_000)).await;
+    eventually("Redis dropped A's subscriber", || async {
+        subscribers() < before
+    })
+    .await;
+    send_uid(&b, "ida", "three").await;
+    redis.cli(&[
+        "CONFIG",
+        "SET",
+        "client-output-buffer-limit",
+        "pubsub 33554432 8388608 60",
+    ]);
+    proxy.set(true, true);
+
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.next().await {
+                Seen::Close(code) => return code,
+                Seen::Text(t) if !t.contains('\n') => continue,
+                other => panic!("expected A to close its client, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("A closes its opted-in client at the hole");
+    assert_eq!(code, Some(1001));
+    assert!(
+        common::metric(
+            &a.get_text("/metrics").await,
+            "gatecast_history_gap_unrepaired_total"
+        ) >= 1.0
+    );
+
+    let mut c = connect(&b, "ida", &[], Some(&at(&[("u:ida", &one)]))).await;
+    let v = control(&mut c, "nothing to replay from a trimmed history").await;
+    assert_eq!(v["type"], "position", "{v}");
+    assert_eq!(
+        control(&mut c, "recovered").await,
+        json!({"type": "recovered", "streams": {"u:ida": false}})
+    );
+}
+
 /// Times node's subscriber connections were replaced, all reasons.
 /// Pushes 60 KB to `uid` through `b` while Redis's pub/sub output limit is
 /// 32 KB, and waits until node `a`'s subscriber was dropped with it (the

@@ -649,6 +649,19 @@ impl Shared {
     /// says `recovered: false` if it cannot), never a silent gap. The held
     /// pushes then go to the others, who get pushes at most once anyway.
     fn give_up_repair(&self, stream: &str, repair: u64) {
+        let closed = self.close_opted_in(stream);
+        self.metrics.history_gap_unrepaired.inc();
+        tracing::warn!(
+            %stream,
+            closed,
+            "history gap not read back: closing the stream's opted-in clients here to resume from their positions"
+        );
+        self.finish_repair_told(stream, repair, Vec::new(), true);
+    }
+
+    /// Closes this node's connections in `stream` that opted in to
+    /// recovery with `{"reason":"history_gap","retry_ms":N}`; how many.
+    fn close_opted_in(&self, stream: &str) -> usize {
         let ids = if stream == ALL_STREAM {
             self.hub.client_ids()
         } else if let Some(uid) = stream.strip_prefix("u:") {
@@ -669,19 +682,29 @@ impl Shared {
                 closed += 1;
             }
         }
-        self.metrics.history_gap_unrepaired.inc();
-        tracing::warn!(
-            %stream,
-            closed,
-            "history gap not read back: closing the stream's opted-in clients here to resume from their positions"
-        );
-        self.finish_repair(stream, repair, Vec::new());
+        closed
     }
 
     /// Delivers the gap's entries then the held pushes, in offset order,
     /// under the tracker's lock (so the dispatcher holds newer pushes of the
     /// stream meanwhile).
     fn finish_repair(&self, stream: &str, repair: u64, missing: Vec<bytes::Bytes>) {
+        self.finish_repair_told(stream, repair, missing, false);
+    }
+
+    /// [`Shared::finish_repair`]; `told`: the stream's opted-in clients
+    /// were closed already. When what was read and held still skips an
+    /// offset (the gap is older than the history: trimmed or expired), the
+    /// opted-in clients are closed to resume before anything past the hole
+    /// reaches them: their resume says `recovered: false`, never a silent
+    /// gap.
+    fn finish_repair_told(
+        &self,
+        stream: &str,
+        repair: u64,
+        missing: Vec<bytes::Bytes>,
+        told: bool,
+    ) {
         let mut streams = self.gaps.streams.lock();
         let Some(track) = streams.get_mut(stream) else {
             return;
@@ -694,8 +717,12 @@ impl Shared {
             return;
         }
         let channel = self.stream_channel(stream).unwrap_or_default();
-        let mut last = track.last;
         let epoch = track.epoch.clone();
+        // What goes out, in order: this epoch's entries past the last
+        // offset delivered, each once.
+        let mut last = track.last;
+        let mut hole = false;
+        let mut out = Vec::new();
         let all = missing
             .into_iter()
             .map(|raw| (channel.clone(), raw))
@@ -710,8 +737,24 @@ impl Shared {
             if ep != epoch || o <= last {
                 continue;
             }
+            hole |= o > last + 1;
             last = o;
-            if let Some(c) = self.keys.parse_channel(&channel) {
+            out.push((channel, raw));
+        }
+        if hole && !told {
+            let closed = self.close_opted_in(stream);
+            self.metrics.history_gap_unrepaired.inc();
+            tracing::warn!(
+                %stream,
+                closed,
+                "history gap older than the history: closing the stream's opted-in clients here to resume (not recovered)"
+            );
+        }
+        for (channel, raw) in &out {
+            let Ok(e) = EnvelopeRef::decode(raw) else {
+                continue;
+            };
+            if let Some(c) = self.keys.parse_channel(channel) {
                 if let Err(reason) = self.deliver_now(c, &e) {
                     tracing::debug!(reason, "a repaired push was skipped");
                 }
