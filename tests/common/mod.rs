@@ -927,12 +927,17 @@ impl RawClient {
         n > 0
     }
 
-    /// The next frame from the server (bounded wait); `None` at end of
-    /// stream.
+    /// The next frame from the server (bounded wait), skipping its pings:
+    /// a node pings a share of its connections on each sweep, so a ping
+    /// may come at any moment, even right after the welcome. `None` at end
+    /// of stream.
     pub async fn read_frame(&mut self) -> Option<RawFrame> {
         loop {
             if let Some((frame, used)) = parse_server_frame(&self.buf) {
                 self.buf.drain(..used);
+                if frame.opcode == 9 {
+                    continue;
+                }
                 return Some(frame);
             }
             if !self.fill().await {
