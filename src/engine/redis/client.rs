@@ -211,6 +211,15 @@ pub fn migrating(e: &fred::error::Error) -> bool {
         || redirected(e)
 }
 
+/// As [`migrating`], but only what Redis itself answers for a slot being
+/// migrated (never fred's "Max attempts reached.", which a lost master
+/// gives too): for the mirror, which keeps the node ready while it writes
+/// again, and must not do so through an outage.
+pub fn refused_mid_migration(e: &fred::error::Error) -> bool {
+    let details = e.details();
+    details.starts_with("TRYAGAIN") || details.starts_with("ASK ") || redirected(e)
+}
+
 /// Whether fred failed `e` on a redirection it was not allowed to follow
 /// (`once`): Redis did not run the command.
 fn redirected(e: &fred::error::Error) -> bool {

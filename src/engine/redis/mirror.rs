@@ -438,7 +438,7 @@ pub async fn run(s: Arc<Shared>) {
                     answer(&s, &mut batch, Ok(()), &refused).await;
                 }
                 Err(Failure::Redis(e))
-                    if super::client::migrating(&e)
+                    if super::client::refused_mid_migration(&e)
                         && migrating_since.get_or_insert_with(Instant::now).elapsed()
                             < MIGRATION_STUCK =>
                 {
