@@ -670,6 +670,81 @@ async fn a_node_repairs_a_gap_in_a_stream_from_history() {
     );
 }
 
+/// Node A with its Redis behind a proxy (on the default heartbeat: stalled
+/// or paused writes on its connections must not outlast its liveness
+/// record), node B straight on Redis, both with `history`; an opted-in
+/// client of uid `uid` on A that got its first push (returned).
+struct GapLab {
+    redis: RedisServer,
+    proxy: Proxy,
+    a: Node,
+    b: Node,
+    client: Client,
+    first: Framed,
+}
+
+impl GapLab {
+    async fn start(uid: &str, history: &[&str]) -> GapLab {
+        let redis = RedisServer::start();
+        let proxy = Proxy::start(redis.port).await;
+        let proxied = proxy.url();
+        let mut args = vec![
+            "--redis-url",
+            proxied.as_str(),
+            "--client-jwt-secret",
+            SECRET,
+        ];
+        args.extend_from_slice(history);
+        let a = Node::start(&args);
+        let b = redis_node(&redis, history);
+        a.wait_ready().await;
+        b.wait_ready().await;
+        let mut client = connect(&a, uid, &[], None).await;
+        online(&b, uid).await;
+        send_uid(&b, uid, "one").await;
+        let first = push(&mut client).await;
+        assert_eq!(first.offset(), 1);
+        GapLab {
+            redis,
+            proxy,
+            a,
+            b,
+            client,
+            first,
+        }
+    }
+
+    /// The client is closed with 1001 by A (control frames before it are
+    /// skipped; a push there would be one past the gap), and A counted a
+    /// gap it could not repair.
+    async fn closed_at_the_gap(&mut self, why: &str) {
+        let code = tokio::time::timeout(WAIT, async {
+            loop {
+                match self.client.next().await {
+                    Seen::Close(code) => return code,
+                    Seen::Text(t) if !t.contains('\n') => continue,
+                    other => panic!("expected A to close its client, got {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect(why);
+        assert_eq!(code, Some(1001));
+        assert!(
+            common::metric(
+                &self.a.get_text("/metrics").await,
+                "gatecast_history_gap_unrepaired_total"
+            ) >= 1.0
+        );
+    }
+
+    /// The client's resume on B from its first push.
+    async fn resume_on_b(&self, uid: &str) -> Client {
+        let stream = format!("u:{uid}");
+        connect(&self.b, uid, &[], Some(&at(&[(&stream, &self.first)]))).await
+    }
+}
+
 /// A gap history cannot be read back for is never silent. Node A's reads
 /// of history stall past every try (its Redis behind a proxy that holds
 /// each `gatecast_since`), so after its subscriber lost a push A closes
@@ -679,53 +754,17 @@ async fn a_node_repairs_a_gap_in_a_stream_from_history() {
 /// good to that client, which was never told.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_history_cannot_be_read_for_closes_opted_in_clients_to_resume() {
-    let redis = RedisServer::start();
-    let proxy = Proxy::start(redis.port).await;
-    let proxied = proxy.url();
-    // The default heartbeat: stalled writes on A's command connection must
-    // not outlast its liveness record.
-    let a = Node::start(&[
-        "--redis-url",
-        proxied.as_str(),
-        "--client-jwt-secret",
-        SECRET,
-        "--history-streams",
-        "u:",
-    ]);
-    let b = redis_node(&redis, &["--history-streams", "u:"]);
-    a.wait_ready().await;
-    b.wait_ready().await;
-    let mut c = connect(&a, "hal", &[], None).await;
-    online(&b, "hal").await;
-    send_uid(&b, "hal", "one").await;
-    let one = push(&mut c).await;
-    assert_eq!(one.offset(), 1);
-
+    let mut lab = GapLab::start("hal", &["--history-streams", "u:"]).await;
     // The FCALL's argument, not the library's source (FUNCTION LOAD holds
     // the name too, and A loads the library again after a reconnection).
-    proxy.stall_each(b"\r\ngatecast_since\r\n", std::time::Duration::from_secs(3));
-    lose_a_push_in_pubsub(&redis, &a, &b, "hal").await;
-    let code = tokio::time::timeout(WAIT, async {
-        loop {
-            match c.next().await {
-                Seen::Close(code) => return code,
-                Seen::Text(t) if !t.contains('\n') => continue,
-                other => panic!("expected A to close its client, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("A closes its opted-in client when the gap cannot be read");
-    assert_eq!(code, Some(1001));
-    proxy.disarm();
-    assert!(
-        common::metric(
-            &a.get_text("/metrics").await,
-            "gatecast_history_gap_unrepaired_total"
-        ) >= 1.0
-    );
+    lab.proxy
+        .stall_each(b"\r\ngatecast_since\r\n", std::time::Duration::from_secs(3));
+    lose_a_push_in_pubsub(&lab.redis, &lab.a, &lab.b, "hal").await;
+    lab.closed_at_the_gap("A closes its opted-in client when the gap cannot be read")
+        .await;
+    lab.proxy.disarm();
 
-    let mut c = connect(&b, "hal", &[], Some(&at(&[("u:hal", &one)]))).await;
+    let mut c = lab.resume_on_b("hal").await;
     let p = push(&mut c).await;
     assert_eq!((p.offset(), p.payload.len()), (2, 60_000), "the lost push");
     assert_eq!(
@@ -744,28 +783,9 @@ async fn a_gap_history_cannot_be_read_for_closes_opted_in_clients_to_resume() {
 /// delivered the second push after the first as if nothing was missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_gap_older_than_the_history_closes_opted_in_clients_to_resume() {
-    let redis = RedisServer::start();
-    let proxy = Proxy::start(redis.port).await;
-    let proxied = proxy.url();
-    let a = Node::start(&[
-        "--redis-url",
-        proxied.as_str(),
-        "--client-jwt-secret",
-        SECRET,
-        "--history-streams",
-        "u:",
-        "--history-size",
-        "1",
-    ]);
-    let b = redis_node(&redis, &["--history-streams", "u:", "--history-size", "1"]);
-    a.wait_ready().await;
-    b.wait_ready().await;
-    let mut c = connect(&a, "ida", &[], None).await;
-    online(&b, "ida").await;
-    send_uid(&b, "ida", "one").await;
-    let one = push(&mut c).await;
-    assert_eq!(one.offset(), 1);
-
+    let history = ["--history-streams", "u:", "--history-size", "1"];
+    let mut lab = GapLab::start("ida", &history).await;
+    let redis = &lab.redis;
     let subscribers = || {
         redis
             .cli(&["CLIENT", "LIST", "TYPE", "pubsub"])
@@ -773,53 +793,37 @@ async fn a_gap_older_than_the_history_closes_opted_in_clients_to_resume() {
             .count()
     };
     let before = subscribers();
-    proxy.set(false, false);
-    redis.cli(&[
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 32768 32768 0",
-    ]);
-    send_uid(&b, "ida", &"x".repeat(60_000)).await;
+    lab.proxy.set(false, false);
+    pubsub_limit(redis, true);
+    send_uid(&lab.b, "ida", &"x".repeat(60_000)).await;
     eventually("Redis dropped A's subscriber", || async {
         subscribers() < before
     })
     .await;
-    send_uid(&b, "ida", "three").await;
-    redis.cli(&[
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 33554432 8388608 60",
-    ]);
-    proxy.set(true, true);
+    send_uid(&lab.b, "ida", "three").await;
+    pubsub_limit(redis, false);
+    lab.proxy.set(true, true);
+    lab.closed_at_the_gap("A closes its opted-in client at the hole")
+        .await;
 
-    let code = tokio::time::timeout(WAIT, async {
-        loop {
-            match c.next().await {
-                Seen::Close(code) => return code,
-                Seen::Text(t) if !t.contains('\n') => continue,
-                other => panic!("expected A to close its client, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("A closes its opted-in client at the hole");
-    assert_eq!(code, Some(1001));
-    assert!(
-        common::metric(
-            &a.get_text("/metrics").await,
-            "gatecast_history_gap_unrepaired_total"
-        ) >= 1.0
-    );
-
-    let mut c = connect(&b, "ida", &[], Some(&at(&[("u:ida", &one)]))).await;
+    let mut c = lab.resume_on_b("ida").await;
     let v = control(&mut c, "nothing to replay from a trimmed history").await;
     assert_eq!(v["type"], "position", "{v}");
     assert_eq!(
         control(&mut c, "recovered").await,
         json!({"type": "recovered", "streams": {"u:ida": false}})
     );
+}
+
+/// Redis's pub/sub output buffer limit: 32 KB (`low`), so one larger push
+/// drops a subscriber, or back to Redis's default.
+fn pubsub_limit(redis: &RedisServer, low: bool) {
+    let limit = if low {
+        "pubsub 32768 32768 0"
+    } else {
+        "pubsub 33554432 8388608 60"
+    };
+    redis.cli(&["CONFIG", "SET", "client-output-buffer-limit", limit]);
 }
 
 /// Times node's subscriber connections were replaced, all reasons.
@@ -829,24 +833,14 @@ async fn a_gap_older_than_the_history_closes_opted_in_clients_to_resume() {
 /// past the limit even with the 16 KB Redis may put in a connection's own
 /// buffer, uncounted (40 KB was under it whenever that buffer was empty).
 async fn lose_a_push_in_pubsub(redis: &RedisServer, a: &Node, b: &Node, uid: &str) {
-    redis.cli(&[
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 32768 32768 0",
-    ]);
+    pubsub_limit(redis, true);
     let before = reconnects(a).await;
     send_uid(b, uid, &"x".repeat(60_000)).await;
     eventually("node A's subscriber dropped", || async {
         reconnects(a).await > before
     })
     .await;
-    redis.cli(&[
-        "CONFIG",
-        "SET",
-        "client-output-buffer-limit",
-        "pubsub 33554432 8388608 60",
-    ]);
+    pubsub_limit(redis, false);
 }
 
 async fn reconnects(node: &Node) -> f64 {
