@@ -12,7 +12,7 @@
 use std::sync::Arc;
 
 use super::envelope::{peek_origin, EnvelopeRef, Op};
-use super::history::Gate;
+use super::gaps::Gate;
 use super::inbox::{Batch, Direct, Inbox};
 use super::keys::Channel;
 use super::membership::Change;
@@ -119,7 +119,7 @@ impl Shared {
             (envelope.op, envelope.s, envelope.e, envelope.o)
         {
             // A push kept in history: delivered in offset order, gaps read
-            // back (`history::Gaps`).
+            // back (`gaps::Gaps`).
             let name = std::str::from_utf8(raw_channel).unwrap_or_default();
             match self.gaps.gate(stream, epoch, offset, name, bytes) {
                 Gate::Deliver => {}

@@ -31,6 +31,7 @@
 mod behind;
 mod client;
 mod dispatch;
+mod gaps;
 mod history;
 mod inbox;
 mod liveness;
@@ -148,7 +149,7 @@ struct Shared {
     /// History reads in flight, shared by concurrent resumes.
     reads: history::Reads,
     /// Offsets delivered per stream, for gap repair.
-    gaps: history::Gaps,
+    gaps: gaps::Gaps,
     /// The partition and subscriptions were written since the last
     /// (re)connection: the node is ready.
     registered: AtomicBool,
@@ -225,7 +226,7 @@ impl RedisEngine {
             resumable: Default::default(),
             resumes: tokio::sync::Semaphore::new(resume::IN_FLIGHT),
             reads: history::Reads::default(),
-            gaps: history::Gaps::default(),
+            gaps: gaps::Gaps::default(),
             registered: AtomicBool::new(false),
             responsive: AtomicBool::new(true),
             writable: AtomicBool::new(true),

@@ -1,0 +1,442 @@
+//! Gap repair at the node: per stream kept in history, the last offset
+//! this node delivered, the pushes held while a gap is read back from
+//! history, and what is done when it cannot be (the opted-in clients are
+//! closed to resume; docs/recovery.md section 3). The history itself, its
+//! Functions and the resume's reads are in `history`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fred::types::Value;
+use parking_lot::Mutex;
+
+use super::envelope::EnvelopeRef;
+use super::Shared;
+use crate::engine::EngineResult;
+use crate::frame::close_code;
+use crate::recovery::history::{group_stream, uid_stream, ALL_STREAM};
+use crate::recovery::resume::{jitter_ms, retry_reason};
+
+/// Most pushes of one stream held while its gap is read; past it the node
+/// gives up on that gap and delivers what it holds.
+const MAX_HELD: usize = 10_000;
+
+/// How long one try of a gap's read may take.
+const REPAIR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Tries of a gap's read before the node gives the stream's opted-in
+/// clients up to their own resume.
+const REPAIR_TRIES: u32 = 3;
+
+/// Pause after a refused read before the next try.
+const REPAIR_PAUSE: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Shortest `retry_ms` in a `history_gap` close.
+const GAP_RETRY_FROM: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Gap repair at the node: per stream, the last offset this node
+/// delivered. A push whose offset jumps past the next one (its pub/sub
+/// connection dropped messages, or was replaced) holds the stream's pushes
+/// while the node reads the gap from history once, for all its clients, then
+/// delivers the gap and the held pushes in order. A push at or below the last
+/// offset is a duplicate and is dropped.
+#[derive(Default)]
+pub struct Gaps {
+    streams: Mutex<HashMap<String, Track>>,
+    /// The runtime repairs run on (the dispatcher is a plain thread).
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
+    repairs: std::sync::atomic::AtomicU64,
+}
+
+struct Track {
+    epoch: String,
+    last: u64,
+    /// Held while a repair runs: its number and the pushes (channel, raw
+    /// envelope) in arrival order.
+    held: Option<(u64, Vec<(String, bytes::Bytes)>)>,
+}
+
+/// What to do with a push kept in history.
+pub enum Gate {
+    /// Deliver it now.
+    Deliver,
+    /// Already delivered.
+    Duplicate,
+    /// Held behind a repair.
+    Held,
+    /// Held; read the gap after `after` (repair number `repair`).
+    Repair { after: u64, repair: u64 },
+    /// Held pushes to deliver now, then this one (too many held).
+    Flush(Vec<(String, bytes::Bytes)>),
+}
+
+/// Most streams read back after the subscriber connection was replaced;
+/// the others are repaired when their next push shows the gap.
+const MAX_RECONNECT_REPAIRS: usize = 4096;
+
+/// Reads at once of those.
+const RECONNECT_REPAIRS_AT_ONCE: usize = 32;
+
+/// How long the streams read back after a reconnection may be held in
+/// all; past it a stream not read is given up to its clients' resume.
+const RECONNECT_REPAIR_WINDOW: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Most streams tracked; past it tracking starts over (no repair for a
+/// moment, never a wrong one).
+const MAX_TRACKED: usize = 200_000;
+
+impl Gaps {
+    /// The runtime repairs (and other work of the dispatcher) run on.
+    pub fn runtime(&self) -> Option<&tokio::runtime::Handle> {
+        self.runtime.get()
+    }
+
+    /// Remembers the runtime repairs are spawned on.
+    pub fn set_runtime(&self, handle: tokio::runtime::Handle) {
+        let _ = self.runtime.set(handle);
+    }
+
+    /// Holds every tracked stream not being repaired already (at most
+    /// `most`) for a repair after its last offset: (stream, after, repair).
+    fn hold_all(&self, most: usize) -> Vec<(String, u64, u64)> {
+        let mut streams = self.streams.lock();
+        let mut out = Vec::new();
+        for (stream, track) in streams.iter_mut() {
+            if out.len() >= most {
+                break;
+            }
+            if track.held.is_some() {
+                continue;
+            }
+            let repair = self
+                .repairs
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            track.held = Some((repair, Vec::new()));
+            out.push((stream.clone(), track.last, repair));
+        }
+        out
+    }
+
+    /// Forgets what this node delivered on `stream`: it starts following
+    /// the stream now, and what was published before is not its clients'.
+    pub fn forget(&self, stream: &str) {
+        self.streams.lock().remove(stream);
+    }
+
+    /// Decides about a push at (`stream`, `epoch`, `offset`) arriving on
+    /// `channel` as `raw`.
+    pub fn gate(&self, stream: &str, epoch: &str, offset: u64, channel: &str, raw: &[u8]) -> Gate {
+        let mut streams = self.streams.lock();
+        if streams.len() >= MAX_TRACKED && !streams.contains_key(stream) {
+            streams.retain(|_, t| t.held.is_some());
+        }
+        let track = match streams.get_mut(stream) {
+            Some(t) if t.epoch == epoch => t,
+            _ => {
+                let old = streams.insert(
+                    stream.to_owned(),
+                    Track {
+                        epoch: epoch.to_owned(),
+                        last: offset,
+                        held: None,
+                    },
+                );
+                // Pushes held behind a repair of the old epoch go out
+                // first (its repair, finding nothing held, ends), never
+                // dropped with the old track.
+                return match old.and_then(|t| t.held) {
+                    Some((_, held)) if !held.is_empty() => Gate::Flush(held),
+                    _ => Gate::Deliver,
+                };
+            }
+        };
+        if let Some((_, held)) = &mut track.held {
+            held.push((channel.to_owned(), bytes::Bytes::copy_from_slice(raw)));
+            if held.len() > MAX_HELD {
+                let held = track.held.take().map(|(_, h)| h).unwrap_or_default();
+                track.last = offset;
+                // The last one is this push: the caller delivers it.
+                let mut held = held;
+                held.pop();
+                return Gate::Flush(held);
+            }
+            return Gate::Held;
+        }
+        if offset <= track.last {
+            return Gate::Duplicate;
+        }
+        if offset == track.last + 1 {
+            track.last = offset;
+            return Gate::Deliver;
+        }
+        let repair = self
+            .repairs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let after = track.last;
+        track.held = Some((
+            repair,
+            vec![(channel.to_owned(), bytes::Bytes::copy_from_slice(raw))],
+        ));
+        Gate::Repair { after, repair }
+    }
+}
+
+impl Shared {
+    /// This node starts following `channel` for a member that just came:
+    /// what the stream carried before is not its clients' to repair.
+    pub(super) fn forget_gaps(&self, channel: &str) {
+        let stream = match self.keys.parse_channel(channel) {
+            Some(super::keys::Channel::Uid(u)) => uid_stream(u),
+            Some(super::keys::Channel::Group(g)) => group_stream(g),
+            _ => return,
+        };
+        self.gaps.forget(&stream);
+    }
+
+    /// After the subscriber connection was replaced and every channel
+    /// subscribed again: reads back, for each stream this node delivered
+    /// (up to [`MAX_RECONNECT_REPAIRS`]), what was published after its
+    /// last offset while the connection was away, and delivers it then,
+    /// not at the stream's next push (which may never come). Pushes of
+    /// those streams arriving meanwhile wait behind, as for any repair.
+    pub(super) fn repair_followed(self: &Arc<Self>) {
+        let Some(runtime) = self.gaps.runtime.get() else {
+            return;
+        };
+        let holds = self.gaps.hold_all(MAX_RECONNECT_REPAIRS);
+        if holds.is_empty() {
+            return;
+        }
+        let s = self.clone();
+        let until = tokio::time::Instant::now() + RECONNECT_REPAIR_WINDOW;
+        runtime.spawn(async move {
+            use futures_util::StreamExt;
+            let each = |(stream, after, repair): (String, u64, u64)| {
+                let s = s.clone();
+                async move {
+                    match s.read_gap(&stream, after, until).await {
+                        Some(missing) => {
+                            if !missing.is_empty() {
+                                s.metrics.history_gap_repairs.inc();
+                            }
+                            s.finish_repair(&stream, repair, missing);
+                        }
+                        None => s.give_up_repair(&stream, repair),
+                    }
+                }
+            };
+            futures_util::stream::iter(holds)
+                .for_each_concurrent(RECONNECT_REPAIRS_AT_ONCE, each)
+                .await;
+        });
+    }
+
+    /// Starts the repair of `stream`'s gap after `after`.
+    pub(super) fn spawn_repair(self: &Arc<Self>, stream: String, after: u64, repair: u64) {
+        let Some(runtime) = self.gaps.runtime.get() else {
+            return;
+        };
+        self.metrics.history_gap_repairs.inc();
+        let s = self.clone();
+        runtime.spawn(async move {
+            let until = tokio::time::Instant::now() + REPAIR_TIMEOUT * REPAIR_TRIES;
+            match s.read_gap(&stream, after, until).await {
+                Some(missing) => s.finish_repair(&stream, repair, missing),
+                None => s.give_up_repair(&stream, repair),
+            }
+        });
+    }
+
+    /// Reads `stream`'s gap after `after`: up to [`REPAIR_TRIES`] tries,
+    /// each within [`REPAIR_TIMEOUT`], all before `until`. `None` when no
+    /// try answered.
+    async fn read_gap(
+        &self,
+        stream: &str,
+        after: u64,
+        until: tokio::time::Instant,
+    ) -> Option<Vec<bytes::Bytes>> {
+        for attempt in 1..=REPAIR_TRIES {
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                break;
+            }
+            let read = tokio::time::timeout_at(until.min(now + REPAIR_TIMEOUT), async {
+                self.read_raw(stream, after).await
+            })
+            .await;
+            match read {
+                Ok(Ok(entries)) => return Some(entries),
+                Ok(Err(e)) => {
+                    tracing::warn!(%stream, attempt, error = %e, "history gap not read");
+                    // A refusal comes back at once: a pause before the next.
+                    tokio::time::sleep_until(until.min(now + REPAIR_PAUSE)).await;
+                }
+                Err(_) => tracing::warn!(%stream, attempt, "history gap not read in time"),
+            }
+        }
+        None
+    }
+
+    /// The gap of `stream` could not be read: its opted-in clients here
+    /// are closed with `{"reason":"history_gap","retry_ms":N}`, so they
+    /// resume from their own positions (the resume reads history again, and
+    /// says `recovered: false` if it cannot), never a silent gap. The held
+    /// pushes then go to the others, who get pushes at most once anyway.
+    fn give_up_repair(&self, stream: &str, repair: u64) {
+        let closed = self.close_opted_in(stream);
+        self.metrics.history_gap_unrepaired.inc();
+        tracing::warn!(
+            %stream,
+            closed,
+            "history gap not read back: closing the stream's opted-in clients here to resume from their positions"
+        );
+        self.finish_repair_told(stream, repair, Vec::new(), true);
+    }
+
+    /// Closes this node's connections in `stream` that opted in to
+    /// recovery with `{"reason":"history_gap","retry_ms":N}`; how many.
+    fn close_opted_in(&self, stream: &str) -> usize {
+        let ids = if stream == ALL_STREAM {
+            self.hub.client_ids()
+        } else if let Some(uid) = stream.strip_prefix("u:") {
+            self.hub.client_ids_by_uid(uid)
+        } else if let Some(group) = stream.strip_prefix("g:") {
+            self.hub.group_client_ids(group)
+        } else {
+            Vec::new()
+        };
+        let mut closed = 0;
+        for id in ids {
+            if self.hub.framed_member(id, stream).is_none() {
+                continue;
+            }
+            let retry_ms = jitter_ms(GAP_RETRY_FROM, self.settings.reconnect_window);
+            let reason = retry_reason("history_gap", retry_ms);
+            if self.hub.close_if_open(id, close_code::GOING_AWAY, &reason) {
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Delivers the gap's entries then the held pushes, in offset order,
+    /// under the tracker's lock (so the dispatcher holds newer pushes of the
+    /// stream meanwhile).
+    fn finish_repair(&self, stream: &str, repair: u64, missing: Vec<bytes::Bytes>) {
+        self.finish_repair_told(stream, repair, missing, false);
+    }
+
+    /// [`Shared::finish_repair`]; `told`: the stream's opted-in clients
+    /// were closed already. When what was read and held still skips an
+    /// offset (the gap is older than the history: trimmed or expired), the
+    /// opted-in clients are closed to resume before anything past the hole
+    /// reaches them: their resume says `recovered: false`, never a silent
+    /// gap.
+    fn finish_repair_told(
+        &self,
+        stream: &str,
+        repair: u64,
+        missing: Vec<bytes::Bytes>,
+        told: bool,
+    ) {
+        let mut streams = self.gaps.streams.lock();
+        let Some(track) = streams.get_mut(stream) else {
+            return;
+        };
+        let Some((number, held)) = track.held.take() else {
+            return;
+        };
+        if number != repair {
+            track.held = Some((number, held));
+            return;
+        }
+        let channel = self.stream_channel(stream).unwrap_or_default();
+        let epoch = track.epoch.clone();
+        // What goes out, in order: this epoch's entries past the last
+        // offset delivered, each once.
+        let mut last = track.last;
+        let mut hole = false;
+        let mut out = Vec::new();
+        let all = missing
+            .into_iter()
+            .map(|raw| (channel.clone(), raw))
+            .chain(held);
+        for (channel, raw) in all {
+            let Ok(e) = EnvelopeRef::decode(&raw) else {
+                continue;
+            };
+            let (Some(o), Some(ep)) = (e.o, e.e) else {
+                continue;
+            };
+            if ep != epoch || o <= last {
+                continue;
+            }
+            hole |= o > last + 1;
+            last = o;
+            out.push((channel, raw));
+        }
+        if hole && !told {
+            let closed = self.close_opted_in(stream);
+            self.metrics.history_gap_unrepaired.inc();
+            tracing::warn!(
+                %stream,
+                closed,
+                "history gap older than the history: closing the stream's opted-in clients here to resume (not recovered)"
+            );
+        }
+        for (channel, raw) in &out {
+            let Ok(e) = EnvelopeRef::decode(raw) else {
+                continue;
+            };
+            if let Some(c) = self.keys.parse_channel(channel) {
+                if let Err(reason) = self.deliver_now(c, &e) {
+                    tracing::debug!(reason, "a repaired push was skipped");
+                }
+            }
+        }
+        track.last = last;
+    }
+
+    /// The raw entries of `stream` after `offset`.
+    async fn read_raw(&self, stream: &str, offset: u64) -> EngineResult<Vec<bytes::Bytes>> {
+        let reply = self.call_since(stream, offset).await?;
+        let Value::Array(mut parts) = reply else {
+            return Ok(Vec::new());
+        };
+        let Some(Value::Array(items)) = parts.pop() else {
+            return Ok(Vec::new());
+        };
+        Ok(items
+            .into_iter()
+            .filter_map(|v| v.as_bytes().map(bytes::Bytes::copy_from_slice))
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_gate_delivers_in_order_holds_behind_a_gap_and_drops_duplicates() {
+        let gaps = Gaps::default();
+        let gate = |o: u64| gaps.gate("u:a", "e1", o, "gc:uid:a", b"x");
+        assert!(matches!(gate(5), Gate::Deliver));
+        assert!(matches!(gate(6), Gate::Deliver));
+        assert!(matches!(gate(6), Gate::Duplicate));
+        assert!(matches!(gate(9), Gate::Repair { after: 6, .. }));
+        assert!(matches!(gate(10), Gate::Held));
+        // Another epoch starts over, after the pushes held for the old one.
+        match gaps.gate("u:a", "e2", 1, "gc:uid:a", b"y") {
+            Gate::Flush(held) => assert_eq!(held.len(), 2, "9 and 10"),
+            _ => panic!("the held push is delivered first"),
+        }
+        assert!(matches!(
+            gaps.gate("u:a", "e3", 1, "gc:uid:a", b"x"),
+            Gate::Deliver
+        ));
+        gaps.forget("u:a");
+        assert!(matches!(gate(40), Gate::Deliver));
+    }
+}
