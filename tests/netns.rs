@@ -1516,11 +1516,19 @@ fn a_node_on_a_slow_link_falls_behind_and_catches_up_losing_nothing() {
         let done = started.elapsed();
         let (unready, polls) = watch.finish();
         eprintln!("FIGURES slow link: /readyz polled {polls} times from A's own host, not 200: {unready:?}");
-        // A slow link is not a lost one: A stays ready throughout (its
-        // probe's PING on a connection of its own, and late answers taken
-        // while the subscriber still hears from Redis).
+        // A slow link is not a lost one: A stays ready (its probe's PING on
+        // a connection of its own, and late answers taken while the
+        // subscriber still hears from Redis). Where a lost segment stalls
+        // both the PING and the subscriber past a second, /readyz may say
+        // 503 for a moment; never for as long as the manifests' readiness
+        // probe needs to take the pod out of its Service (two failures, 5 s
+        // apart: k8s/deployment.yaml, the helm chart).
         assert!(polls > 50, "{polls} polls");
-        assert_eq!(unready, Vec::new(), "A ready throughout the slow link");
+        let longest = netns::longest_unready(&unready);
+        assert!(
+            longest < Duration::from_secs(5),
+            "A unready for {longest:?} on a slow link: {unready:?}"
+        );
         assert!(metric(&page, "gatecast_redis_probe_late_total") >= 0.0);
         let want: Vec<String> = (0..PUSHES).map(|i| format!("{i:04}")).collect();
         assert_eq!(got, want, "every push once, in order");

@@ -620,6 +620,25 @@ impl ReadyWatch {
     }
 }
 
+/// The longest stretch of `/readyz` answers other than 200 in what
+/// [`ReadyWatch::finish`] returned: answers at most 250 ms apart (polls
+/// are 100 ms apart) are one stretch, which lasts from its first to its
+/// last answer plus one poll.
+pub fn longest_unready(unready: &[(Duration, u16)]) -> Duration {
+    let mut longest = Duration::ZERO;
+    let mut start: Option<(Duration, Duration)> = None;
+    for &(at, _) in unready {
+        start = match start {
+            Some((first, last)) if at - last <= Duration::from_millis(250) => Some((first, at)),
+            _ => Some((at, at)),
+        };
+        if let Some((first, last)) = start {
+            longest = longest.max(last - first + Duration::from_millis(100));
+        }
+    }
+    longest
+}
+
 impl Drop for ReadyWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
