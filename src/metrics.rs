@@ -100,6 +100,10 @@ pub struct Metrics {
     /// Gaps history could not be read back for: the stream's opted-in
     /// clients were closed to resume from their positions.
     pub history_gap_unrepaired: Counter,
+    /// Streams whose history went back (Redis lost its last pushes and
+    /// gave their offsets out again): a new epoch, opted-in clients closed
+    /// to resume.
+    pub history_went_back: Counter,
     /// Pub/sub messages dropped because this node fell behind Redis.
     pub pubsub_dropped: Counter,
     /// Subscriber connections lost and made again, by why.
@@ -227,6 +231,7 @@ impl Metrics {
             pubsub_malformed: Counter::default(),
             history_gap_repairs: Counter::default(),
             history_gap_unrepaired: Counter::default(),
+            history_went_back: Counter::default(),
             pubsub_dropped: Counter::default(),
             redis_subscriber_reconnects: Family::default(),
             redis_resubscribed: Counter::default(),
@@ -358,6 +363,11 @@ impl Metrics {
             "history_gap_unrepaired",
             "Gaps not read back from history; the stream's opted-in clients were closed to resume",
             m.history_gap_unrepaired.clone(),
+        );
+        r.register(
+            "history_went_back",
+            "Streams whose history Redis lost the last pushes of (a failover, an older copy): given a new epoch",
+            m.history_went_back.clone(),
         );
         r.register(
             "pubsub_dropped",

@@ -815,6 +815,89 @@ async fn a_gap_older_than_the_history_closes_opted_in_clients_to_resume() {
     );
 }
 
+/// A Redis that comes back without its last pushes gives their offsets
+/// out again in the same epoch: here it is restarted from a snapshot older
+/// than two pushes (a Sentinel failover to a replica that had not got them,
+/// or an AOF written once a second, does the same). Before, node A took
+/// the new pushes at those offsets for duplicates of the lost ones and
+/// dropped them for every client, without a word. Now A, which delivered
+/// the lost pushes, sees the history went back: its opted-in client is
+/// closed with `history_gap` and its resume says `recovered: false` under a
+/// new epoch; its plain client gets the next push; nothing new is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_that_went_back_gets_a_new_epoch_and_drops_nothing_new() {
+    let mut redis = RedisServer::start();
+    let history = ["--history-streams", "u:"];
+    let a = redis_node(&redis, &history);
+    let b = redis_node(&redis, &history);
+    a.wait_ready().await;
+    b.wait_ready().await;
+    let mut kim = connect(&a, "kim", &[], None).await;
+    let mut lee = Client::connect(&a.ws_url(&format!("?token={}", token("lee", &[])))).await;
+    online(&b, "kim").await;
+    online(&b, "lee").await;
+    let mut seen = Vec::new();
+    for (i, text) in ["one", "two", "three"].into_iter().enumerate() {
+        if i == 1 {
+            redis.cli(&["SAVE"]);
+        }
+        send_uid(&b, "kim", text).await;
+        send_uid(&b, "lee", text).await;
+        seen.push(push(&mut kim).await);
+        assert_eq!(lee.next().await, Seen::Text(text.into()));
+    }
+    assert_eq!(seen[2].offset(), 3);
+
+    // Back from the snapshot: both streams at offset 1 in the same epoch.
+    let port = redis.port;
+    let dir = redis.dir().to_string_lossy().into_owned();
+    redis.stop();
+    let _redis = RedisServer::start_with(port, &["--dir", &dir]);
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            match kim.next().await {
+                Seen::Close(code) => return code,
+                Seen::Text(t) if !t.contains('\n') => continue,
+                other => panic!("expected A to close its opted-in client, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("A closes its opted-in client when the history went back");
+    assert_eq!(code, Some(1001));
+    assert!(
+        common::metric(
+            &a.get_text("/metrics").await,
+            "gatecast_history_went_back_total"
+        ) >= 1.0
+    );
+
+    a.wait_ready().await;
+    b.wait_ready().await;
+    online(&b, "lee").await;
+    send_uid(&b, "lee", "four").await;
+    assert_eq!(
+        lee.next().await,
+        Seen::Text("four".into()),
+        "a push after the restart reaches the plain client across Redis"
+    );
+
+    let pos = at(&[("u:kim", &seen[2])]);
+    let mut kim = connect(&b, "kim", &[], Some(&pos)).await;
+    let v = control(&mut kim, "the stream's new position").await;
+    assert_eq!(v["type"], "position", "{v}");
+    let epoch = v["e"].as_str().unwrap().to_owned();
+    assert_ne!(epoch, seen[2].epoch(), "a new epoch");
+    assert_eq!(
+        control(&mut kim, "recovered").await,
+        json!({"type": "recovered", "streams": {"u:kim": false}})
+    );
+    online(&a, "kim").await;
+    send_uid(&a, "kim", "five").await;
+    let p = push(&mut kim).await;
+    assert_eq!((p.epoch(), p.text().as_str()), (epoch, "five"));
+}
+
 /// Redis's pub/sub output buffer limit: 32 KB (`low`), so one larger push
 /// drops a subscriber, or back to Redis's default.
 fn pubsub_limit(redis: &RedisServer, low: bool) {

@@ -165,6 +165,11 @@ impl RedisServer {
         dir
     }
 
+    /// Its working directory (where `SAVE` writes `dump.rdb`).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     /// `redis://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)

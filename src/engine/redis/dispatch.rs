@@ -121,8 +121,10 @@ impl Shared {
             // A push kept in history: delivered in offset order, gaps read
             // back (`gaps::Gaps`).
             let name = std::str::from_utf8(raw_channel).unwrap_or_default();
-            match self.gaps.gate(stream, epoch, offset, name, bytes) {
+            let t = envelope.t.unwrap_or(0);
+            match self.gaps.gate(stream, (epoch, offset, t), name, bytes) {
                 Gate::Deliver => {}
+                Gate::Rewound { epoch } => self.history_went_back(stream, epoch),
                 Gate::Duplicate | Gate::Held => return,
                 Gate::Repair { after, repair } => {
                     return self.spawn_repair(stream.to_owned(), after, repair)

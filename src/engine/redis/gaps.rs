@@ -1,8 +1,9 @@
 //! Gap repair at the node: per stream kept in history, the last offset
 //! this node delivered, the pushes held while a gap is read back from
 //! history, and what is done when it cannot be (the opted-in clients are
-//! closed to resume; docs/recovery.md section 3). The history itself, its
-//! Functions and the resume's reads are in `history`.
+//! closed to resume; docs/recovery.md section 3), or when the history went
+//! back (a failover or a restart lost its last pushes: a new epoch). The
+//! history itself, its Functions and the resume's reads are in `history`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -39,7 +40,10 @@ const GAP_RETRY_FROM: std::time::Duration = std::time::Duration::from_millis(100
 /// connection dropped messages, or was replaced) holds the stream's pushes
 /// while the node reads the gap from history once, for all its clients, then
 /// delivers the gap and the held pushes in order. A push at or below the last
-/// offset is a duplicate and is dropped.
+/// offset is a duplicate and is dropped, unless Redis stamped it later than
+/// the last one delivered: then the history went back (a failover to a
+/// replica that had not the last pushes, a restart from an older snapshot)
+/// and offsets are being given out again (see [`Gate::Rewound`]).
 #[derive(Default)]
 pub struct Gaps {
     streams: Mutex<HashMap<String, Track>>,
@@ -51,6 +55,9 @@ pub struct Gaps {
 struct Track {
     epoch: String,
     last: u64,
+    /// When Redis appended the last push delivered (its `t`, ms): a push
+    /// at or below `last` stamped later is not a duplicate.
+    last_t: u64,
     /// Held while a repair runs: its number and the pushes (channel, raw
     /// envelope) in arrival order.
     held: Option<(u64, Vec<(String, bytes::Bytes)>)>,
@@ -68,6 +75,25 @@ pub enum Gate {
     Repair { after: u64, repair: u64 },
     /// Held pushes to deliver now, then this one (too many held).
     Flush(Vec<(String, bytes::Bytes)>),
+    /// Deliver it: its offset was given out before, in the same epoch, to
+    /// an earlier push. The history went back; the caller starts a new
+    /// epoch for the stream and closes its opted-in clients here to resume.
+    Rewound { epoch: String },
+}
+
+/// A push is new at (`offset`, `t`) after the last one delivered at
+/// (`last`, `last_t`): a later offset, or (the history went back) an
+/// offset given out again, stamped later.
+fn is_new(offset: u64, t: u64, last: u64, last_t: u64) -> bool {
+    offset > last || t > last_t
+}
+
+/// What a gap's read found: the stream's epoch (none when it keeps
+/// nothing), its latest offset, and the raw entries.
+struct GapRead {
+    epoch: Option<String>,
+    top: u64,
+    entries: Vec<bytes::Bytes>,
 }
 
 /// Most streams read back after the subscriber connection was replaced;
@@ -123,9 +149,15 @@ impl Gaps {
         self.streams.lock().remove(stream);
     }
 
-    /// Decides about a push at (`stream`, `epoch`, `offset`) arriving on
-    /// `channel` as `raw`.
-    pub fn gate(&self, stream: &str, epoch: &str, offset: u64, channel: &str, raw: &[u8]) -> Gate {
+    /// Decides about a push at (`stream`, `epoch`, `offset`), appended by
+    /// Redis at `t` (ms), arriving on `channel` as `raw`.
+    pub fn gate(
+        &self,
+        stream: &str,
+        (epoch, offset, t): (&str, u64, u64),
+        channel: &str,
+        raw: &[u8],
+    ) -> Gate {
         let mut streams = self.streams.lock();
         if streams.len() >= MAX_TRACKED && !streams.contains_key(stream) {
             streams.retain(|_, t| t.held.is_some());
@@ -138,6 +170,7 @@ impl Gaps {
                     Track {
                         epoch: epoch.to_owned(),
                         last: offset,
+                        last_t: t,
                         held: None,
                     },
                 );
@@ -155,6 +188,7 @@ impl Gaps {
             if held.len() > MAX_HELD {
                 let held = track.held.take().map(|(_, h)| h).unwrap_or_default();
                 track.last = offset;
+                track.last_t = track.last_t.max(t);
                 // The last one is this push: the caller delivers it.
                 let mut held = held;
                 held.pop();
@@ -163,10 +197,18 @@ impl Gaps {
             return Gate::Held;
         }
         if offset <= track.last {
-            return Gate::Duplicate;
+            if !is_new(offset, t, track.last, track.last_t) {
+                return Gate::Duplicate;
+            }
+            track.last = offset;
+            track.last_t = t;
+            return Gate::Rewound {
+                epoch: track.epoch.clone(),
+            };
         }
         if offset == track.last + 1 {
             track.last = offset;
+            track.last_t = track.last_t.max(t);
             return Gate::Deliver;
         }
         let repair = self
@@ -215,11 +257,11 @@ impl Shared {
                 let s = s.clone();
                 async move {
                     match s.read_gap(&stream, after, until).await {
-                        Some(missing) => {
-                            if !missing.is_empty() {
+                        Some(read) => {
+                            if !read.entries.is_empty() {
                                 s.metrics.history_gap_repairs.inc();
                             }
-                            s.finish_repair(&stream, repair, missing);
+                            s.finish_repair(&stream, repair, Some(read));
                         }
                         None => s.give_up_repair(&stream, repair),
                     }
@@ -241,7 +283,7 @@ impl Shared {
         runtime.spawn(async move {
             let until = tokio::time::Instant::now() + REPAIR_TIMEOUT * REPAIR_TRIES;
             match s.read_gap(&stream, after, until).await {
-                Some(missing) => s.finish_repair(&stream, repair, missing),
+                Some(read) => s.finish_repair(&stream, repair, Some(read)),
                 None => s.give_up_repair(&stream, repair),
             }
         });
@@ -249,13 +291,28 @@ impl Shared {
 
     /// Reads `stream`'s gap after `after`: up to [`REPAIR_TRIES`] tries,
     /// each within [`REPAIR_TIMEOUT`], all before `until`. `None` when no
-    /// try answered.
+    /// try answered. When the stream's latest offset is below `after`
+    /// (its history went back), the whole history is read instead: what
+    /// was appended since the node last delivered is told by its time.
     async fn read_gap(
         &self,
         stream: &str,
         after: u64,
         until: tokio::time::Instant,
-    ) -> Option<Vec<bytes::Bytes>> {
+    ) -> Option<GapRead> {
+        let read = self.read_gap_after(stream, after, until).await?;
+        if read.epoch.is_none() || read.top >= after {
+            return Some(read);
+        }
+        self.read_gap_after(stream, 0, until).await
+    }
+
+    async fn read_gap_after(
+        &self,
+        stream: &str,
+        after: u64,
+        until: tokio::time::Instant,
+    ) -> Option<GapRead> {
         for attempt in 1..=REPAIR_TRIES {
             let now = tokio::time::Instant::now();
             if now >= until {
@@ -266,7 +323,7 @@ impl Shared {
             })
             .await;
             match read {
-                Ok(Ok(entries)) => return Some(entries),
+                Ok(Ok(read)) => return Some(read),
                 Ok(Err(e)) => {
                     tracing::warn!(%stream, attempt, error = %e, "history gap not read");
                     // A refusal comes back at once: a pause before the next.
@@ -283,7 +340,7 @@ impl Shared {
     /// resume from their own positions (the resume reads history again, and
     /// says `recovered: false` if it cannot), never a silent gap. The held
     /// pushes then go to the others, who get pushes at most once anyway.
-    fn give_up_repair(&self, stream: &str, repair: u64) {
+    fn give_up_repair(self: &Arc<Self>, stream: &str, repair: u64) {
         let closed = self.close_opted_in(stream);
         self.metrics.history_gap_unrepaired.inc();
         tracing::warn!(
@@ -291,7 +348,7 @@ impl Shared {
             closed,
             "history gap not read back: closing the stream's opted-in clients here to resume from their positions"
         );
-        self.finish_repair_told(stream, repair, Vec::new(), true);
+        self.finish_repair_told(stream, repair, None, true);
     }
 
     /// Closes this node's connections in `stream` that opted in to
@@ -323,8 +380,8 @@ impl Shared {
     /// Delivers the gap's entries then the held pushes, in offset order,
     /// under the tracker's lock (so the dispatcher holds newer pushes of the
     /// stream meanwhile).
-    fn finish_repair(&self, stream: &str, repair: u64, missing: Vec<bytes::Bytes>) {
-        self.finish_repair_told(stream, repair, missing, false);
+    fn finish_repair(self: &Arc<Self>, stream: &str, repair: u64, read: Option<GapRead>) {
+        self.finish_repair_told(stream, repair, read, false);
     }
 
     /// [`Shared::finish_repair`]; `told`: the stream's opted-in clients
@@ -332,12 +389,15 @@ impl Shared {
     /// offset (the gap is older than the history: trimmed or expired), the
     /// opted-in clients are closed to resume before anything past the hole
     /// reaches them: their resume says `recovered: false`, never a silent
-    /// gap.
+    /// gap. When the history went back (the read's latest offset is below
+    /// the last one delivered, or a push reuses an offset), what Redis
+    /// appended since is delivered and the stream gets a new epoch
+    /// ([`Shared::history_went_back`]).
     fn finish_repair_told(
-        &self,
+        self: &Arc<Self>,
         stream: &str,
         repair: u64,
-        missing: Vec<bytes::Bytes>,
+        read: Option<GapRead>,
         told: bool,
     ) {
         let mut streams = self.gaps.streams.lock();
@@ -353,12 +413,17 @@ impl Shared {
         }
         let channel = self.stream_channel(stream).unwrap_or_default();
         let epoch = track.epoch.clone();
-        // What goes out, in order: this epoch's entries past the last
-        // offset delivered, each once.
-        let mut last = track.last;
+        let mut went_back = read
+            .as_ref()
+            .is_some_and(|r| r.epoch.as_deref() == Some(epoch.as_str()) && r.top < track.last);
+        // What goes out, in order: this epoch's entries not delivered yet,
+        // each once.
+        let (mut last, mut last_t) = (track.last, track.last_t);
         let mut hole = false;
         let mut out = Vec::new();
-        let all = missing
+        let all = read
+            .map(|r| r.entries)
+            .unwrap_or_default()
             .into_iter()
             .map(|raw| (channel.clone(), raw))
             .chain(held);
@@ -369,11 +434,14 @@ impl Shared {
             let (Some(o), Some(ep)) = (e.o, e.e) else {
                 continue;
             };
-            if ep != epoch || o <= last {
+            let t = e.t.unwrap_or(0);
+            if ep != epoch || !is_new(o, t, last, last_t) {
                 continue;
             }
-            hole |= o > last + 1;
+            went_back |= o <= last;
+            hole |= o > last + 1 && !went_back;
             last = o;
+            last_t = last_t.max(t);
             out.push((channel, raw));
         }
         if hole && !told {
@@ -396,21 +464,83 @@ impl Shared {
             }
         }
         track.last = last;
+        track.last_t = last_t;
+        drop(streams);
+        if went_back {
+            self.history_went_back(stream, epoch);
+        }
     }
 
-    /// The raw entries of `stream` after `offset`.
-    async fn read_raw(&self, stream: &str, offset: u64) -> EngineResult<Vec<bytes::Bytes>> {
+    /// `stream`'s history went back in `epoch`: Redis lost its last pushes
+    /// (a failover to a replica that had not got them, a restart from an
+    /// older snapshot or AOF) and gives their offsets out again. The stream
+    /// gets a new epoch (once, whichever node sees it first), so no position
+    /// a client holds from the lost pushes is taken for a position in the
+    /// new ones; then its opted-in clients here are closed with
+    /// `history_gap` to resume, which says `recovered: false`.
+    pub(super) fn history_went_back(self: &Arc<Self>, stream: &str, epoch: String) {
+        let Some(runtime) = self.gaps.runtime.get() else {
+            return;
+        };
+        self.metrics.history_went_back.inc();
+        let (s, stream) = (self.clone(), stream.to_owned());
+        runtime.spawn(async move {
+            let until = tokio::time::Instant::now() + REPAIR_TIMEOUT * REPAIR_TRIES;
+            let mut renewed = None;
+            for attempt in 1..=REPAIR_TRIES {
+                let now = tokio::time::Instant::now();
+                if now >= until {
+                    break;
+                }
+                let call = s.new_epoch(&stream, &epoch);
+                match tokio::time::timeout_at(until.min(now + REPAIR_TIMEOUT), call).await {
+                    Ok(Ok(by_this_node)) => {
+                        renewed = Some(by_this_node);
+                        break;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(%stream, attempt, error = %e, "new epoch not written");
+                        tokio::time::sleep_until(until.min(now + REPAIR_PAUSE)).await;
+                    }
+                    Err(_) => tracing::warn!(%stream, attempt, "new epoch not written in time"),
+                }
+            }
+            let closed = s.close_opted_in(&stream);
+            tracing::warn!(
+                %stream,
+                %epoch,
+                ?renewed,
+                closed,
+                "history went back (redis lost its last pushes: a failover or a restart from an older copy): a new epoch, the stream's opted-in clients here closed to resume (not recovered)"
+            );
+        });
+    }
+
+    /// The entries of `stream` after `offset`, with its epoch and latest
+    /// offset.
+    async fn read_raw(&self, stream: &str, offset: u64) -> EngineResult<GapRead> {
         let reply = self.call_since(stream, offset).await?;
         let Value::Array(mut parts) = reply else {
-            return Ok(Vec::new());
+            return Ok(GapRead {
+                epoch: None,
+                top: 0,
+                entries: Vec::new(),
+            });
         };
-        let Some(Value::Array(items)) = parts.pop() else {
-            return Ok(Vec::new());
+        let entries = match parts.pop() {
+            Some(Value::Array(items)) => items
+                .into_iter()
+                .filter_map(|v| v.as_bytes().map(bytes::Bytes::copy_from_slice))
+                .collect(),
+            _ => Vec::new(),
         };
-        Ok(items
-            .into_iter()
-            .filter_map(|v| v.as_bytes().map(bytes::Bytes::copy_from_slice))
-            .collect())
+        let top = parts.pop().and_then(|v| v.as_u64()).unwrap_or(0);
+        let epoch = parts.pop().and_then(|v| v.as_string());
+        Ok(GapRead {
+            epoch,
+            top,
+            entries,
+        })
     }
 }
 
@@ -421,22 +551,42 @@ mod tests {
     #[test]
     fn the_gate_delivers_in_order_holds_behind_a_gap_and_drops_duplicates() {
         let gaps = Gaps::default();
-        let gate = |o: u64| gaps.gate("u:a", "e1", o, "gc:uid:a", b"x");
+        // Redis stamps each push (ms); a duplicate carries its first stamp.
+        let gate = |o: u64| gaps.gate("u:a", ("e1", o, 1000 + o), "gc:uid:a", b"x");
         assert!(matches!(gate(5), Gate::Deliver));
         assert!(matches!(gate(6), Gate::Deliver));
         assert!(matches!(gate(6), Gate::Duplicate));
+        assert!(matches!(gate(5), Gate::Duplicate));
         assert!(matches!(gate(9), Gate::Repair { after: 6, .. }));
         assert!(matches!(gate(10), Gate::Held));
         // Another epoch starts over, after the pushes held for the old one.
-        match gaps.gate("u:a", "e2", 1, "gc:uid:a", b"y") {
+        match gaps.gate("u:a", ("e2", 1, 2000), "gc:uid:a", b"y") {
             Gate::Flush(held) => assert_eq!(held.len(), 2, "9 and 10"),
             _ => panic!("the held push is delivered first"),
         }
         assert!(matches!(
-            gaps.gate("u:a", "e3", 1, "gc:uid:a", b"x"),
+            gaps.gate("u:a", ("e3", 1, 3000), "gc:uid:a", b"x"),
             Gate::Deliver
         ));
         gaps.forget("u:a");
         assert!(matches!(gate(40), Gate::Deliver));
+    }
+
+    #[test]
+    fn an_offset_given_out_again_later_is_the_history_going_back() {
+        let gaps = Gaps::default();
+        let gate = |o: u64, t: u64| gaps.gate("g:x", ("e1", o, t), "gc:group:x", b"x");
+        assert!(matches!(gate(1, 100), Gate::Deliver));
+        assert!(matches!(gate(2, 200), Gate::Deliver));
+        assert!(matches!(gate(3, 300), Gate::Deliver));
+        // Redis lost 2 and 3 (a failover): the next push is 2 again, later.
+        match gate(2, 5000) {
+            Gate::Rewound { epoch } => assert_eq!(epoch, "e1"),
+            _ => panic!("a reused offset stamped later is not a duplicate"),
+        }
+        // It is followed from there; its own duplicate is one.
+        assert!(matches!(gate(2, 5000), Gate::Duplicate));
+        assert!(matches!(gate(1, 100), Gate::Duplicate));
+        assert!(matches!(gate(3, 5100), Gate::Deliver));
     }
 }

@@ -29,14 +29,32 @@ const SOURCE: &str = include_str!("functions/history.lua");
 /// recovers.
 const META_TTL_SECS: u64 = 24 * 3600;
 
-/// The name of the Function library and its functions for `prefix`: only
-/// letters, digits and `_` (`gatecast` → `gatecast_push`).
-pub fn function_names(prefix: &str) -> (String, String, String) {
+/// The names of the history Function library and its functions.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FunctionNames {
+    /// The library.
+    pub lib: String,
+    /// Append and publish a push.
+    pub push: String,
+    /// Read a stream after an offset.
+    pub since: String,
+    /// Give a stream whose history went back a new epoch.
+    pub new_epoch: String,
+}
+
+/// The names for `prefix`: only letters, digits and `_` (`gatecast` →
+/// `gatecast_push`).
+pub fn function_names(prefix: &str) -> FunctionNames {
     let lib: String = prefix
         .chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect();
-    (lib.clone(), format!("{lib}_push"), format!("{lib}_since"))
+    FunctionNames {
+        push: format!("{lib}_push"),
+        since: format!("{lib}_since"),
+        new_epoch: format!("{lib}_new_epoch"),
+        lib,
+    }
 }
 
 fn lua_string(s: &str) -> String {
@@ -50,7 +68,12 @@ fn lua_string(s: &str) -> String {
 
 /// The library's source for this node's options.
 pub fn library(prefix: &str, settings: &HistorySettings, sharded: bool) -> String {
-    let (lib, push, since) = function_names(prefix);
+    let FunctionNames {
+        lib,
+        push,
+        since,
+        new_epoch,
+    } = function_names(prefix);
     let source = SOURCE
         .replace("__PREFIX__", &lua_string(prefix))
         .replace("__SIZE__", &settings.size.to_string())
@@ -67,7 +90,8 @@ pub fn library(prefix: &str, settings: &HistorySettings, sharded: bool) -> Strin
                 .to_string(),
         )
         .replace("__PUSH_NAME__", &format!("'{push}'"))
-        .replace("__SINCE_NAME__", &format!("'{since}'"));
+        .replace("__SINCE_NAME__", &format!("'{since}'"))
+        .replace("__NEW_EPOCH_NAME__", &format!("'{new_epoch}'"));
     format!("#!lua name={lib}\n{source}")
 }
 
@@ -141,7 +165,7 @@ impl Shared {
             Target::All => sends.push((self.keys.all_channel(), ALL_STREAM.into(), e.encode())),
             Target::Client(_) | Target::Clients(_) => return Err(unavailable("not a stream")),
         }
-        let (_, push_fn, _) = function_names(self.keys.prefix());
+        let push_fn = function_names(self.keys.prefix()).push;
         let calls = sends.into_iter().map(|(channel, stream, bytes)| {
             let push_fn = &push_fn;
             async move {
@@ -199,9 +223,21 @@ impl Shared {
         let channel = self
             .stream_channel(stream)
             .ok_or_else(|| unavailable("not a stream"))?;
-        let (_, _, since_fn) = function_names(self.keys.prefix());
+        let since_fn = function_names(self.keys.prefix()).since;
         self.fcall(&since_fn, channel, vec![Value::from(offset as i64)])
             .await
+    }
+
+    /// Gives `stream` a new epoch if it is still at `epoch` (its history
+    /// went back): whether this call renewed it.
+    pub(super) async fn new_epoch(&self, stream: &str, epoch: &str) -> EngineResult<bool> {
+        self.check()?;
+        let channel = self
+            .stream_channel(stream)
+            .ok_or_else(|| unavailable("not a stream"))?;
+        let name = function_names(self.keys.prefix()).new_epoch;
+        let reply = self.fcall(&name, channel, vec![Value::from(epoch)]).await?;
+        Ok(reply.as_u64() == Some(1))
     }
 
     fn parse_since(&self, reply: Value) -> HistoryRead {
@@ -344,11 +380,12 @@ mod tests {
     fn names_and_the_library_follow_the_prefix() {
         assert_eq!(
             function_names("app1:gc"),
-            (
-                "app1_gc".into(),
-                "app1_gc_push".into(),
-                "app1_gc_since".into()
-            )
+            FunctionNames {
+                lib: "app1_gc".into(),
+                push: "app1_gc_push".into(),
+                since: "app1_gc_since".into(),
+                new_epoch: "app1_gc_new_epoch".into(),
+            }
         );
         let lib = library("gate]]cast", &HistorySettings::default(), true);
         assert!(lib.starts_with("#!lua name=gate__cast\n"));

@@ -115,5 +115,28 @@ local function since(keys, args)
   return {m[1], top, entries}
 end
 
+-- A new epoch for a stream whose history went back (Redis lost its last
+-- pushes: a failover to a replica without them, a restart from an older
+-- copy) and gives their offsets out again, if it is still at ARGV[1]: a
+-- node that delivered the lost pushes saw it. The entries go with the old
+-- epoch, as when the meta is missing. 1 if renewed, 0 if not (another node
+-- did it, or the stream moved on).
+local function new_epoch(keys, args)
+  local channel = keys[1]
+  if not (channel and stream_of(channel)) then
+    return redis.error_reply('ERR gatecast: not a uid, group or all channel of prefix ' .. PREFIX)
+  end
+  local meta, list = keys_of(channel)
+  local epoch = redis.call('HGET', meta, 'e')
+  if not epoch or epoch ~= args[1] then return 0 end
+  local t = redis.call('TIME')
+  local fresh = string.sub(redis.sha1hex(channel .. ':' .. epoch .. ':' .. t[1] .. ':' .. t[2]), 1, 16)
+  redis.call('DEL', list)
+  redis.call('HSET', meta, 'e', fresh, 'o', 0)
+  redis.call('EXPIRE', meta, META_TTL)
+  return 1
+end
+
 redis.register_function(__PUSH_NAME__, push)
+redis.register_function(__NEW_EPOCH_NAME__, new_epoch)
 redis.register_function{function_name = __SINCE_NAME__, callback = since, flags = {'no-writes'}}
