@@ -898,6 +898,65 @@ async fn a_history_that_went_back_gets_a_new_epoch_and_drops_nothing_new() {
     assert_eq!((p.epoch(), p.text().as_str()), (epoch, "five"));
 }
 
+/// The same, when the stream has passed the node's last offset again by
+/// the time the node is back on Redis: node A (behind a proxy, paused
+/// while Redis restarts from the older snapshot) finds, at the offset it
+/// delivered last, a push stamped later than the one it delivered. It
+/// delivers every push appended since the restart to its plain client,
+/// in order, and closes its opted-in client to resume. Before, A read
+/// from its last offset on: the plain client missed the pushes that
+/// reused the lost offsets and got only the one past them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_that_went_back_and_moved_past_the_node_is_read_whole() {
+    let mut lab = GapLab::start("kai", &["--history-streams", "u:"]).await;
+    let mut lee = Client::connect(&lab.a.ws_url(&format!("?token={}", token("lea", &[])))).await;
+    online(&lab.b, "lea").await;
+    send_uid(&lab.b, "lea", "one").await;
+    assert_eq!(lee.next().await, Seen::Text("one".into()));
+    lab.redis.cli(&["SAVE"]);
+    for text in ["two", "three"] {
+        send_uid(&lab.b, "kai", text).await;
+        send_uid(&lab.b, "lea", text).await;
+        push(&mut lab.client).await;
+        assert_eq!(lee.next().await, Seen::Text(text.into()));
+    }
+
+    lab.proxy.set(false, false);
+    let (port, dir) = (lab.redis.port, lab.redis.dir().to_owned());
+    lab.redis.stop();
+    let dir = dir.to_string_lossy().into_owned();
+    let _old = std::mem::replace(
+        &mut lab.redis,
+        RedisServer::start_with(port, &["--dir", &dir]),
+    );
+    lab.b.wait_ready().await;
+    // Offsets 2, 3 and 4 again, in the same epoch, while A is away.
+    for text in ["new2", "new3", "new4"] {
+        send_uid(&lab.b, "lea", text).await;
+        send_uid(&lab.b, "kai", text).await;
+    }
+    lab.proxy.set(true, true);
+    for text in ["new2", "new3", "new4"] {
+        assert_eq!(
+            lee.next().await,
+            Seen::Text(text.into()),
+            "every push appended since the restart, in order"
+        );
+    }
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            match lab.client.next().await {
+                Seen::Close(code) => return code,
+                Seen::Text(_) | Seen::Binary(_) => continue,
+                other => panic!("expected A to close its opted-in client, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("A closes its opted-in client when the history went back");
+    assert_eq!(code, Some(1001));
+}
+
 /// Redis's pub/sub output buffer limit: 32 KB (`low`), so one larger push
 /// drops a subscriber, or back to Redis's default.
 fn pubsub_limit(redis: &RedisServer, low: bool) {

@@ -72,7 +72,7 @@ pub enum Gate {
     /// Held behind a repair.
     Held,
     /// Held; read the gap after `after` (repair number `repair`).
-    Repair { after: u64, repair: u64 },
+    Repair { after: Mark, repair: u64 },
     /// Held pushes to deliver now, then this one (too many held).
     Flush(Vec<(String, bytes::Bytes)>),
     /// Deliver it: its offset was given out before, in the same epoch, to
@@ -86,6 +86,16 @@ pub enum Gate {
 /// offset given out again, stamped later.
 fn is_new(offset: u64, t: u64, last: u64, last_t: u64) -> bool {
     offset > last || t > last_t
+}
+
+/// Where a node was on a stream: the last offset it delivered and when
+/// Redis appended that push (ms).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mark {
+    /// The offset.
+    pub last: u64,
+    /// Its time.
+    pub last_t: u64,
 }
 
 /// What a gap's read found: the stream's epoch (none when it keeps
@@ -111,6 +121,15 @@ const RECONNECT_REPAIR_WINDOW: std::time::Duration = std::time::Duration::from_s
 /// moment, never a wrong one).
 const MAX_TRACKED: usize = 200_000;
 
+impl Track {
+    fn mark(&self) -> Mark {
+        Mark {
+            last: self.last,
+            last_t: self.last_t,
+        }
+    }
+}
+
 impl Gaps {
     /// The runtime repairs (and other work of the dispatcher) run on.
     pub fn runtime(&self) -> Option<&tokio::runtime::Handle> {
@@ -124,7 +143,7 @@ impl Gaps {
 
     /// Holds every tracked stream not being repaired already (at most
     /// `most`) for a repair after its last offset: (stream, after, repair).
-    fn hold_all(&self, most: usize) -> Vec<(String, u64, u64)> {
+    fn hold_all(&self, most: usize) -> Vec<(String, Mark, u64)> {
         let mut streams = self.streams.lock();
         let mut out = Vec::new();
         for (stream, track) in streams.iter_mut() {
@@ -138,7 +157,7 @@ impl Gaps {
                 .repairs
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             track.held = Some((repair, Vec::new()));
-            out.push((stream.clone(), track.last, repair));
+            out.push((stream.clone(), track.mark(), repair));
         }
         out
     }
@@ -214,7 +233,7 @@ impl Gaps {
         let repair = self
             .repairs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let after = track.last;
+        let after = track.mark();
         track.held = Some((
             repair,
             vec![(channel.to_owned(), bytes::Bytes::copy_from_slice(raw))],
@@ -253,7 +272,7 @@ impl Shared {
         let until = tokio::time::Instant::now() + RECONNECT_REPAIR_WINDOW;
         runtime.spawn(async move {
             use futures_util::StreamExt;
-            let each = |(stream, after, repair): (String, u64, u64)| {
+            let each = |(stream, after, repair): (String, Mark, u64)| {
                 let s = s.clone();
                 async move {
                     match s.read_gap(&stream, after, until).await {
@@ -274,7 +293,7 @@ impl Shared {
     }
 
     /// Starts the repair of `stream`'s gap after `after`.
-    pub(super) fn spawn_repair(self: &Arc<Self>, stream: String, after: u64, repair: u64) {
+    pub(super) fn spawn_repair(self: &Arc<Self>, stream: String, after: Mark, repair: u64) {
         let Some(runtime) = self.gaps.runtime.get() else {
             return;
         };
@@ -291,17 +310,24 @@ impl Shared {
 
     /// Reads `stream`'s gap after `after`: up to [`REPAIR_TRIES`] tries,
     /// each within [`REPAIR_TIMEOUT`], all before `until`. `None` when no
-    /// try answered. When the stream's latest offset is below `after`
-    /// (its history went back), the whole history is read instead: what
-    /// was appended since the node last delivered is told by its time.
+    /// try answered. The read starts at `after`'s own offset, to see that
+    /// it is still the push the node delivered: when Redis holds a later
+    /// push there, or its latest offset is below `after`, the history went
+    /// back, and the whole history is read instead (what was appended since
+    /// the node's last delivery is told by its time).
     async fn read_gap(
         &self,
         stream: &str,
-        after: u64,
+        after: Mark,
         until: tokio::time::Instant,
     ) -> Option<GapRead> {
-        let read = self.read_gap_after(stream, after, until).await?;
-        if read.epoch.is_none() || read.top >= after {
+        let from = after.last.saturating_sub(1);
+        let read = self.read_gap_after(stream, from, until).await?;
+        let restamped = read.entries.first().is_some_and(|raw| {
+            EnvelopeRef::decode(raw)
+                .is_ok_and(|e| e.o == Some(after.last) && e.t.unwrap_or(0) > after.last_t)
+        });
+        if read.epoch.is_none() || (read.top >= after.last && !restamped) {
             return Some(read);
         }
         self.read_gap_after(stream, 0, until).await
@@ -557,7 +583,16 @@ mod tests {
         assert!(matches!(gate(6), Gate::Deliver));
         assert!(matches!(gate(6), Gate::Duplicate));
         assert!(matches!(gate(5), Gate::Duplicate));
-        assert!(matches!(gate(9), Gate::Repair { after: 6, .. }));
+        assert!(matches!(
+            gate(9),
+            Gate::Repair {
+                after: Mark {
+                    last: 6,
+                    last_t: 1006
+                },
+                ..
+            }
+        ));
         assert!(matches!(gate(10), Gate::Held));
         // Another epoch starts over, after the pushes held for the old one.
         match gaps.gate("u:a", ("e2", 1, 2000), "gc:uid:a", b"y") {
