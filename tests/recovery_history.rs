@@ -47,6 +47,33 @@ async fn control(c: &mut Client, why: &str) -> Value {
     }
 }
 
+/// What may come before a close [`closed_going_away`] waits for.
+#[derive(Clone, Copy)]
+enum Before {
+    /// Control frames only: a push there would be one past a gap.
+    Controls,
+    /// Any frame (pushes delivered before the close).
+    Anything,
+}
+
+/// Waits for `c` to be closed with 1001 by its node (`why` says what
+/// closes it), skipping what `before` allows.
+async fn closed_going_away(c: &mut Client, before: Before, why: &str) {
+    let code = tokio::time::timeout(WAIT, async {
+        loop {
+            match (c.next().await, before) {
+                (Seen::Close(code), _) => return code,
+                (Seen::Text(t), Before::Controls) if !t.contains('\n') => continue,
+                (Seen::Text(_) | Seen::Binary(_), Before::Anything) => continue,
+                (other, _) => panic!("{why}: expected a close, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect(why);
+    assert_eq!(code, Some(1001), "{why}");
+}
+
 async fn push(c: &mut Client) -> Framed {
     match next(c).await {
         Got::Push(p) => p,
@@ -718,18 +745,7 @@ impl GapLab {
     /// skipped; a push there would be one past the gap), and A counted a
     /// gap it could not repair.
     async fn closed_at_the_gap(&mut self, why: &str) {
-        let code = tokio::time::timeout(WAIT, async {
-            loop {
-                match self.client.next().await {
-                    Seen::Close(code) => return code,
-                    Seen::Text(t) if !t.contains('\n') => continue,
-                    other => panic!("expected A to close its client, got {other:?}"),
-                }
-            }
-        })
-        .await
-        .expect(why);
-        assert_eq!(code, Some(1001));
+        closed_going_away(&mut self.client, Before::Controls, why).await;
         assert!(
             common::metric(
                 &self.a.get_text("/metrics").await,
@@ -853,18 +869,12 @@ async fn a_history_that_went_back_gets_a_new_epoch_and_drops_nothing_new() {
     let dir = redis.dir().to_string_lossy().into_owned();
     redis.stop();
     let _redis = RedisServer::start_with(port, &["--dir", &dir]);
-    let code = tokio::time::timeout(WAIT, async {
-        loop {
-            match kim.next().await {
-                Seen::Close(code) => return code,
-                Seen::Text(t) if !t.contains('\n') => continue,
-                other => panic!("expected A to close its opted-in client, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("A closes its opted-in client when the history went back");
-    assert_eq!(code, Some(1001));
+    closed_going_away(
+        &mut kim,
+        Before::Controls,
+        "A closes its opted-in client when the history went back",
+    )
+    .await;
     assert!(
         common::metric(
             &a.get_text("/metrics").await,
@@ -943,18 +953,12 @@ async fn a_history_that_went_back_and_moved_past_the_node_is_read_whole() {
             "every push appended since the restart, in order"
         );
     }
-    let code = tokio::time::timeout(WAIT, async {
-        loop {
-            match lab.client.next().await {
-                Seen::Close(code) => return code,
-                Seen::Text(_) | Seen::Binary(_) => continue,
-                other => panic!("expected A to close its opted-in client, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("A closes its opted-in client when the history went back");
-    assert_eq!(code, Some(1001));
+    closed_going_away(
+        &mut lab.client,
+        Before::Anything,
+        "A closes its opted-in client when the history went back",
+    )
+    .await;
 }
 
 /// Redis's pub/sub output buffer limit: 32 KB (`low`), so one larger push
