@@ -25,10 +25,12 @@ use crate::outbox::{Limits, Outbox};
 use crate::session::{self, Session, SessionError};
 
 mod fanout;
+mod members;
 mod sweep;
 mod wakes;
 
 pub use fanout::Frames;
+use members::Members;
 pub use sweep::Pings;
 pub use wakes::HeldWakes;
 
@@ -61,7 +63,9 @@ pub struct Membership {
 struct Index {
     conns: HashMap<ClientId, Local>,
     uids: HashMap<String, Vec<ClientId>>,
-    groups: HashMap<String, HashSet<ClientId>>,
+    /// Boxed names: a slot is 16 bytes smaller than with a `String`, and
+    /// a group is a slot in every shard that holds one of its members.
+    groups: HashMap<Box<str>, Members>,
 }
 
 /// Shards of the index. A power of two well above the core count, so two
@@ -180,7 +184,11 @@ impl Hub {
             index.link_uid(uid, id);
         }
         for group in &groups {
-            index.groups.entry(group.clone()).or_default().insert(id);
+            index
+                .groups
+                .entry(group.as_str().into())
+                .or_default()
+                .insert(id);
         }
         index.conns.insert(
             id,
@@ -280,7 +288,7 @@ impl Hub {
         // push would reserve room for four (96 bytes each connection).
         local.groups.reserve_exact(1);
         local.groups.push(group.to_owned());
-        index.groups.entry(group.to_owned()).or_default().insert(id);
+        index.groups.entry(group.into()).or_default().insert(id);
         Some(true)
     }
 
@@ -311,7 +319,7 @@ impl Hub {
                     local.groups.retain(|g| g != group);
                 }
             }
-            out.extend(members);
+            out.extend(members.iter().copied());
         }
         out
     }
@@ -480,7 +488,7 @@ impl Hub {
 
     /// The groups that have at least one local member.
     pub fn groups(&self) -> Vec<String> {
-        self.distinct_keys(|index, out| out.extend(index.groups.keys().cloned()))
+        self.distinct_keys(|index, out| out.extend(index.groups.keys().map(|g| g.to_string())))
     }
 
     /// Whether a local connection is bound to `uid`.
@@ -535,7 +543,7 @@ impl Hub {
     pub fn group_client_count(&self, group: &str) -> usize {
         self.shards
             .iter()
-            .map(|s| s.read().groups.get(group).map_or(0, HashSet::len))
+            .map(|s| s.read().groups.get(group).map_or(0, Members::len))
             .sum()
     }
 
