@@ -84,7 +84,9 @@ for p in $A_WS $A_API $B_WS $B_API; do
 done
 redis-server --port "$RPORT" --save '' --appendonly no --bind 127.0.0.1 --loglevel warning >/dev/null & rpid=$!
 PIDS=()
-trap 'kill "${PIDS[@]}" $rpid 2>/dev/null; rm -f "$results"' EXIT
+# Waits for Redis to exit: a run started right after this one finds its
+# port free (the check above refused it while this Redis still shut down).
+trap 'kill "${PIDS[@]}" $rpid 2>/dev/null; wait $rpid 2>/dev/null; rm -f "$results"' EXIT
 for _ in $(seq 50); do redis-cli -p "$RPORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 RURL=redis://127.0.0.1:$RPORT
 . bench/peers/gatewayworker/gw.sh
