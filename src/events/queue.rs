@@ -137,16 +137,25 @@ impl Events {
         (events, rx)
     }
 
-    /// Queues an event; drops it (counted) when it is larger than
-    /// `--events-max-bytes`, or when the sink is too far behind, by count
-    /// or by bytes, or when its connection holds its share of the queue.
-    pub fn emit(&self, event: Event, metrics: &Metrics) {
+    /// The event's size, or `None` (counted as too large and dropped)
+    /// past `--events-max-bytes`.
+    fn size_within_bound(&self, event: &Event, metrics: &Metrics) -> Option<usize> {
         let size = event.approx_size();
         if size > self.max_event_bytes {
             metrics.events_too_large.inc();
             metrics.events_dropped.inc();
-            return;
+            return None;
         }
+        Some(size)
+    }
+
+    /// Queues an event; drops it (counted) when it is larger than
+    /// `--events-max-bytes`, or when the sink is too far behind, by count
+    /// or by bytes, or when its connection holds its share of the queue.
+    pub fn emit(&self, event: Event, metrics: &Metrics) {
+        let Some(size) = self.size_within_bound(&event, metrics) else {
+            return;
+        };
         let client = event.client_id;
         // Close and presence events have no share to keep: presence ones
         // all count for one pseudo-connection (the node's number 0).
@@ -170,12 +179,9 @@ impl Events {
     /// background tasks (a dead node's close events, presence transitions),
     /// never for a connection.
     pub async fn emit_wait(&self, event: Event, metrics: &Metrics, limit: Duration) {
-        let size = event.approx_size();
-        if size > self.max_event_bytes {
-            metrics.events_too_large.inc();
-            metrics.events_dropped.inc();
+        let Some(size) = self.size_within_bound(&event, metrics) else {
             return;
-        }
+        };
         let client = event.client_id;
         let deadline = tokio::time::Instant::now() + limit;
         // The byte bound: wait for the sink to take some.
